@@ -1,0 +1,3 @@
+from dermtool.cli import app
+
+app(prog_name="dermtool")
