@@ -42,3 +42,167 @@ def main(
     ),
 ) -> None:
     """dermtool command line."""
+
+
+@app.command("preprocess")
+def preprocess_cli(
+    images: Path = typer.Argument(..., help="Folder of images (.jpg .png .tif .bmp), or a folder holding images/, masks/, labels.csv."),
+    out: Path = typer.Option(..., "--out", "-o", help="Cache folder to write (created)."),
+    masks: Optional[Path] = typer.Option(None, "--masks", help="Folder of <image_id>_segmentation.png masks. Found automatically for the two known layouts."),
+    labels: Optional[Path] = typer.Option(None, "--labels", help="ISIC 2017 Part 3 label CSV (image_id,melanoma,seborrheic_keratosis). Found automatically for the two known layouts."),
+    size: int = typer.Option(256, "--size", min=8, help="Side of the square the model predicts."),
+    fit: str = typer.Option("squash", "--fit", help="pad: keep the aspect ratio, zero-pad to a square; squash: stretch the whole frame to a square."),
+    border: float = typer.Option(0.0, "--border", min=0.0, max=1.0, help="With --fit pad: extra zero border on each side, as a fraction of the long side."),
+    margin: int = typer.Option(0, "--margin", min=0, help="Reflected border for valid-convolution models (the thesis U-Net: 92 at --size 388)."),
+    workers: int = typer.Option(0, "--workers", min=0, help="Decoding threads (0: one per core, at most 8)."),
+    strict: bool = typer.Option(False, "--strict", help="Exit with code 1 when the data check finds any problem."),
+) -> None:
+    """Decode, fit and stack images (and masks, labels) into a fast, memory-mapped training cache.
+
+    Writes OUT/images.tif, OUT/masks.tif, OUT/manifest.csv (image_id, class, original size,
+    transform) and OUT/cache.json. Running it again on unchanged inputs reuses the cache.
+    The ISIC 2017 layout as downloaded (ISIC-2017_Training_Data, ..._Part1_GroundTruth,
+    ..._Part3_GroundTruth.csv) is recognised.
+    """
+    from dermtool.data import build_cache, resolve_layout
+    from dermtool.report import print_cache_report
+
+    if fit not in ("pad", "squash"):
+        fail(f"--fit must be pad or squash, not {fit!r}.")
+    for p, what in ((images, "images folder"), (masks, "masks folder")):
+        if p is not None and not p.is_dir():
+            fail(f"{p}: {what} not found.")
+    if labels is not None and not labels.is_file():
+        fail(f"{labels}: label CSV not found.")
+    try:
+        layout = resolve_layout(images, masks, labels)
+        report = build_cache(layout, out, size=size, fit=fit, border=border, margin=margin,
+                             workers=workers, progress=sys.stderr.isatty())
+    except InputError as exc:
+        fail(str(exc))
+    print_cache_report(report, layout, out)
+    if report.failed and report.n_images == 0:
+        fail(f"{layout.images}: none of the images could be read.")
+    if report.failed or (strict and report.problems):
+        raise typer.Exit(1)
+
+
+_SCORE_HELP = (
+    "Score predictions against ground truth with the ISIC 2017 conventions.\n\n"
+    "[bold]Classification[/] (the two CSVs, ISIC 2017 Part 3 format, values in [0, 1]): "
+    "without a nevus column, nevus = 1 - melanoma - seborrheic_keratosis (a truth row with both "
+    "0 is a nevus). The class of a row is the argmax over (melanoma, seborrheic_keratosis, "
+    "nevus), an exact tie going to the earlier one. Reports per-class SE/SP/ACC (one-vs-all), "
+    "ROC AUC on the probabilities, balanced accuracy BACC = mean of the sensitivities, and the "
+    "confusion matrix.\n\n"
+    "[bold]Segmentation[/] (--pred-masks with --truth-masks): masks are matched by the name "
+    "<image_id>_segmentation.png and binarised at > 128, as the ISIC scorer does. Every truth "
+    "mask is scored: both masks empty -> Jaccard 1.0; a missing prediction -> 0, counted. "
+    "Reports the mean Jaccard (JAC), Dice, and the ISIC 2018 thresholded Jaccard (an image "
+    "under 0.65 counts 0).\n\n"
+    "With both tasks: mean performance = (JAC + BACC) / 2. "
+    "Bad input exits with code 2 and one sentence naming the file."
+)
+
+
+@app.command("score", help=_SCORE_HELP)
+def score_cli(
+    pred_csv: Path = typer.Argument(
+        ..., metavar="PRED_CSV", show_default=False,
+        help="Predictions CSV: image_id,melanoma,seborrheic_keratosis[,nevus].",
+    ),
+    truth_csv: Path = typer.Argument(
+        ..., metavar="TRUTH_CSV", show_default=False,
+        help="Ground-truth CSV in the same ISIC 2017 Part 3 format.",
+    ),
+    pred_masks: Optional[Path] = typer.Option(
+        None, "--pred-masks", metavar="DIR", help="Folder of predicted <image_id>_segmentation.png."
+    ),
+    truth_masks: Optional[Path] = typer.Option(
+        None, "--truth-masks", metavar="DIR", help="Folder of truth <image_id>_segmentation.png.",
+    ),
+    json_file: Optional[Path] = typer.Option(
+        None, "--json", metavar="FILE", help="Also write every number, per image too, as JSON.",
+    ),
+    bootstrap: int = typer.Option(
+        0, "--bootstrap", min=0, metavar="N",
+        help="Resample the images N times for 95 % intervals of JAC and BACC (0: none).",
+    ),
+    seed: int = typer.Option(0, "--seed", help="Seed of the bootstrap resampling."),
+) -> None:
+    """Score predictions against ground truth with the ISIC 2017 conventions."""
+    from rich.console import Console
+    from rich.markup import escape
+
+    from dermtool.score import render, score, write_json
+
+    # Paths are checked in score() rather than by typer's exists=True, so that a missing file
+    # gets the same one-line message as every other bad input.
+    try:
+        result = score(pred_csv, truth_csv, pred_masks, truth_masks, bootstrap=bootstrap, seed=seed)
+    except InputError as exc:
+        fail(escape(str(exc)))  # a path may contain "[...]", which is not rich markup
+    render(result, Console())
+    if json_file is not None:
+        try:
+            write_json(result, json_file)
+        except OSError as exc:
+            fail(escape(f"Cannot write the JSON file {json_file} ({exc.strerror})."))
+
+
+@app.command("train")
+def train_cli(
+    train_cache: Path = typer.Argument(..., help="Training cache written by dermtool preprocess."),
+    val: Optional[Path] = typer.Option(None, "--val", help="Validation cache; scored every epoch with the metrics of dermtool score, and used to pick the best epoch."),
+    task: str = typer.Option("joint", "--task", help="seg (U-Net mask), cls (classifier on the U-Net encoder) or joint (both heads, one encoder)."),
+    out: Path = typer.Option(..., "--out", "-o", help="Run folder to write (config.json, weights, history.csv, logs/)."),
+    preset: str = typer.Option("compact", "--preset", help="compact: same-padded, batch-norm, ~2 M parameters, CPU-friendly; thesis: the thesis U-Net (valid convs, 572 -> 388)."),
+    size: Optional[int] = typer.Option(None, "--size", help="Override the preset's output size (the square the model predicts)."),
+    base_filters: Optional[int] = typer.Option(None, "--base-filters", help="Override the width of the first level (doubles each level)."),
+    depth: Optional[int] = typer.Option(None, "--depth", help="Override the number of pooling levels."),
+    fit: Optional[str] = typer.Option(None, "--fit", help="Override pad | squash (must match the cache)."),
+    epochs: int = typer.Option(50, "--epochs", min=1, help="Total epochs (with --resume: the total to reach)."),
+    batch_size: int = typer.Option(16, "--batch-size", min=1),
+    learning_rate: float = typer.Option(1e-3, "--learning-rate", help="Adam learning rate; multiplied by 0.8 after 5 epochs without a better validation loss."),
+    alpha: float = typer.Option(0.5, "--alpha", min=0.0, max=1.0, help="Joint loss alpha * L_seg + (1 - alpha) * L_cls."),
+    dice: bool = typer.Option(False, "--dice/--no-dice", help="Segmentation loss BCE + (1 - soft Dice) instead of BCE alone."),
+    augment: str = typer.Option("flips+color", "--augment", help="none | flips (8 rotations/flips) | flips+color (plus mild colour jitter)."),
+    seed: int = typer.Option(0, "--seed", help="Seed for weights, shuffling and augmentation; recorded in config.json."),
+    init_from: Optional[Path] = typer.Option(None, "--init-from", help="Run folder whose layers are copied where names and shapes match (e.g. a seg run's encoder into cls/joint)."),
+    freeze: str = typer.Option("none", "--freeze", help="encoder | decoder | none: layers kept fixed while training."),
+    resume: bool = typer.Option(False, "--resume", help="Continue the run in --out from its last completed epoch."),
+    mixed_precision: bool = typer.Option(False, "--mixed-precision", help="float16 compute on a GPU (outputs stay float32)."),
+    strategy: str = typer.Option("default", "--strategy", help="default | mirrored (all GPUs of this machine) | multiworker (several machines, TF_CONFIG)."),
+) -> None:
+    """Train a seg, cls or joint model; checkpoints every epoch, resumable with --resume.
+
+    Example: dermtool train cache/train --val cache/val --task joint --out runs/joint --epochs 40
+    """
+    from dermtool.config import TrainConfig, preset_config
+
+    if not (train_cache / "cache.json").is_file():
+        fail(f"{train_cache}: not a dermtool cache (no cache.json); run dermtool preprocess first.")
+    if val is not None and not (val / "cache.json").is_file():
+        fail(f"{val}: not a dermtool cache (no cache.json); run dermtool preprocess first.")
+    if init_from is not None and not (init_from / "config.json").is_file():
+        fail(f"{init_from}: not a run folder (no config.json).")
+    choices = {"task": (task, ("seg", "cls", "joint")), "freeze": (freeze, ("encoder", "decoder", "none")),
+               "augment": (augment, ("none", "flips", "flips+color")),
+               "strategy": (strategy, ("default", "mirrored", "multiworker"))}
+    for name, (value, allowed) in choices.items():
+        if value not in allowed:
+            fail(f"--{name} must be one of {', '.join(allowed)}, not {value!r}.")
+    try:
+        cfg = preset_config(preset, task, size=size, base_filters=base_filters, depth=depth, fit=fit)
+        tcfg = TrainConfig(
+            epochs=epochs, batch_size=batch_size, learning_rate=learning_rate, alpha=alpha,
+            seg_loss="bce+dice" if dice else "bce", augment=augment, seed=seed,
+            mixed_precision=mixed_precision, strategy=strategy, freeze=freeze,
+            init_from=str(init_from or ""), command="dermtool " + " ".join(sys.argv[1:]),
+        )
+        from dermtool.train import train
+
+        train(cfg, tcfg, train_cache, val, out, resume=resume, log=lambda m: console.print(m, highlight=False),
+              progress=sys.stderr.isatty())
+    except InputError as exc:
+        fail(str(exc))

@@ -1,0 +1,156 @@
+"""Frozen configuration dataclasses, saved as `config.json` beside a model's weights.
+
+A model folder describes itself: inference rebuilds the network, its input geometry, the
+normalisation and the post-processing from `config.json` alone.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+from dermtool import CLASS_NAMES
+from dermtool.errors import InputError
+
+TASKS = ("seg", "cls", "joint")
+PRESETS = ("thesis", "compact")
+FITS = ("pad", "squash")
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """Architecture, input geometry and output conventions of one model.
+
+    `size` is the side of the region whose pixels the model predicts (the "content" square the
+    image is fitted into). Valid-convolution models lose `margin` pixels on each side, so their
+    input is `size + 2 * margin`; same-padded models have margin 0.
+    """
+
+    task: str = "joint"
+    preset: str = "compact"
+    size: int = 256
+    base_filters: int = 16
+    depth: int = 4
+    padding: str = "same"  # "same" or "valid" (thesis)
+    batch_norm: bool = True
+    dropout: float = 0.1
+    cls_head: str = "global"  # "global" (pooling) or "dense" (thesis: maxpool-flatten-1024)
+    cls_pool_size: int = 2
+    cls_dense_units: int = 1024
+    fit: str = "squash"  # "pad" or "squash"
+    border: float = 0.0  # extra border around the padded square, fraction of its side
+    normalization: str = "divide255"
+    threshold: float = 0.5
+    class_names: tuple = CLASS_NAMES
+
+    def __post_init__(self):
+        if self.task not in TASKS:
+            raise InputError(f"unknown task {self.task!r}; choose one of {', '.join(TASKS)}.")
+        if self.fit not in FITS:
+            raise InputError(f"unknown fit mode {self.fit!r}; choose pad or squash.")
+        if self.padding not in ("same", "valid"):
+            raise InputError(f"unknown padding {self.padding!r}; choose same or valid.")
+        if self.padding == "same" and self.size % (2**self.depth):
+            raise InputError(f"size {self.size} must be a multiple of 2**depth = {2 ** self.depth}.")
+        object.__setattr__(self, "class_names", tuple(self.class_names))
+
+    @property
+    def has_seg(self) -> bool:
+        return self.task in ("seg", "joint")
+
+    @property
+    def has_cls(self) -> bool:
+        return self.task in ("cls", "joint")
+
+    @property
+    def margin(self) -> int:
+        """Pixels lost on each side by valid convolutions (0 for same padding)."""
+        if self.padding == "same":
+            return 0
+        return valid_unet_margin(self.size, self.depth)
+
+    @property
+    def input_size(self) -> int:
+        return self.size + 2 * self.margin
+
+
+def valid_unet_margin(output_size: int, depth: int) -> int:
+    """Margin of a valid-convolution U-Net whose output is `output_size` (thesis: 388 -> 92)."""
+    s = output_size
+    for _ in range(depth):  # decoder, walked backwards: two 3x3 convs then a 2x up-convolution
+        s += 4
+        if s % 2:
+            raise InputError(f"size {output_size} does not fit a valid U-Net of depth {depth}.")
+        s //= 2
+    s += 4  # bottleneck convs
+    for _ in range(depth):  # encoder, backwards: pool then two convs
+        s = s * 2 + 4
+    return (s - output_size) // 2
+
+
+def preset_config(preset: str, task: str, **overrides) -> ModelConfig:
+    """The named architecture preset with optional overrides (None values are ignored)."""
+    if preset == "thesis":
+        base = dict(
+            preset="thesis", size=388, base_filters=32, depth=4, padding="valid",
+            batch_norm=False, dropout=0.2, cls_head="dense", fit="pad", border=0.0,
+        )
+    elif preset == "compact":
+        base = dict(
+            preset="compact", size=256, base_filters=16, depth=4, padding="same",
+            batch_norm=True, dropout=0.1, cls_head="global", fit="squash",
+        )
+    else:
+        raise InputError(f"unknown preset {preset!r}; choose thesis or compact.")
+    base.update({k: v for k, v in overrides.items() if v is not None})
+    return ModelConfig(task=task, **base)
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """How a model is trained; saved in the run folder's `config.json`."""
+
+    epochs: int = 50
+    batch_size: int = 16
+    learning_rate: float = 1e-3
+    lr_factor: float = 0.8
+    lr_patience: int = 5
+    alpha: float = 0.5
+    seg_loss: str = "bce"  # "bce" or "bce+dice"
+    class_weights: tuple = ()
+    augment: str = "flips+color"  # "none", "flips", "flips+color"
+    seed: int = 0
+    mixed_precision: bool = False
+    strategy: str = "default"
+    freeze: str = "none"
+    init_from: str = ""
+    command: str = ""
+
+
+def save_config(path: Path, model: ModelConfig, train: TrainConfig | None = None, **extra) -> None:
+    payload = {"model": dataclasses.asdict(model)}
+    if train is not None:
+        payload["train"] = dataclasses.asdict(train)
+    payload.update(extra)
+    tmp = Path(path).with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(payload, indent=2) + "\n")
+    tmp.replace(path)
+
+
+def load_config(path: Path) -> tuple[ModelConfig, TrainConfig | None, dict]:
+    """Read `config.json`; returns (model config, train config or None, the raw dict)."""
+    path = Path(path)
+    if path.is_dir():
+        path = path / "config.json"
+    try:
+        raw = json.loads(path.read_text())
+        model = ModelConfig(**raw["model"])
+        train = TrainConfig(**raw["train"]) if "train" in raw else None
+    except FileNotFoundError:
+        raise InputError(f"{path}: no config.json here; is this a model folder written by dermtool train?")
+    except (json.JSONDecodeError, KeyError, TypeError) as exc:
+        raise InputError(f"{path}: not a valid dermtool config ({exc}).")
+    return model, train, raw
+

@@ -1,0 +1,339 @@
+"""Finding images, masks and labels on disk, and the preprocessed training cache.
+
+A cache folder holds
+    images.tif     uint8 (N, in, in, 3) stack, uncompressed, memory-mappable
+    masks.tif      uint8 (N, size, size) stack of {0, 1} (only when masks were given)
+    manifest.csv   image_id, label, class, orig_h, orig_w, has_mask, transform fields
+    cache.json     size, fit, border, margin, and a fingerprint of the inputs for reuse
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from dermtool import CLASS_NAMES
+from dermtool.errors import InputError
+from dermtool.preprocess import IMAGE_EXTENSIONS, Transform
+
+# Files the ISIC downloads keep beside the images that are not images to segment.
+_NOT_IMAGES = ("_superpixels", "_segmentation")
+
+
+def image_id_of(path: Path) -> str:
+    return Path(path).stem
+
+
+def find_images(folder: Path) -> list[Path]:
+    """Images in `folder` (not recursive), sorted by name; ISIC side files are skipped."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise InputError(f"{folder}: not a folder of images.")
+    found = [
+        p for p in folder.iterdir()
+        if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS
+        and not p.stem.endswith(_NOT_IMAGES) and not p.name.startswith(".")
+    ]
+    return sorted(found, key=lambda p: p.name)
+
+
+@dataclass(frozen=True)
+class Layout:
+    images: Path
+    masks: Path | None
+    labels: Path | None
+
+
+def resolve_layout(images: Path, masks: Path | None = None, labels: Path | None = None) -> Layout:
+    """Fill in mask folder and label CSV for the two layouts dermtool knows.
+
+    - `DIR/images`, `DIR/masks`, `DIR/labels.csv` (the development copy); `images` may be DIR
+      itself or DIR/images.
+    - ISIC 2017 as downloaded: `ISIC-2017_Training_Data/`, `ISIC-2017_Training_Part1_GroundTruth/`,
+      `ISIC-2017_Training_Part3_GroundTruth.csv` side by side.
+    Explicit `masks` / `labels` always win.
+    """
+    images = Path(images)
+    if (images / "images").is_dir():
+        images = images / "images"
+    parent = images.parent
+    if masks is None:
+        for cand in (parent / "masks", parent / images.name.replace("_Data", "_Part1_GroundTruth")):
+            if cand != images and cand.is_dir():
+                masks = cand
+                break
+    if labels is None:
+        for cand in (parent / "labels.csv", parent / (images.name.replace("_Data", "_Part3_GroundTruth") + ".csv")):
+            if cand.is_file():
+                labels = cand
+                break
+    return Layout(images, masks, labels)
+
+
+def truth_class(row: np.ndarray) -> int:
+    """Class index from a (melanoma, seborrheic_keratosis, nevus) row: argmax, ties to melanoma."""
+    return int(np.argmax(row))
+
+
+# --------------------------------------------------------------------------- the cache
+
+MANIFEST_FIELDS = ["image_id", "label", "class_index", "has_mask", "source"] + list(Transform.__dataclass_fields__)
+
+
+@dataclass
+class Cache:
+    """A loaded training cache; arrays are memory-mapped, not read into memory."""
+
+    folder: Path
+    images: np.ndarray
+    masks: np.ndarray | None
+    ids: list[str]
+    labels: np.ndarray  # int class index, -1 where unknown
+    has_mask: np.ndarray
+    transforms: list[Transform]
+    meta: dict
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    @property
+    def size(self) -> int:
+        return int(self.meta["size"])
+
+    @property
+    def fit(self) -> str:
+        return self.meta["fit"]
+
+
+def load_cache(folder: Path) -> Cache:
+    """Open a cache written by `dermtool preprocess`."""
+    import tifffile
+
+    folder = Path(folder)
+    meta_path = folder / "cache.json"
+    if not meta_path.is_file():
+        raise InputError(f"{folder}: not a dermtool cache (no cache.json); run dermtool preprocess first.")
+    meta = json.loads(meta_path.read_text())
+    rows = list(csv.DictReader(open(folder / "manifest.csv", newline="")))
+    images = tifffile.memmap(folder / "images.tif", mode="r")
+    masks = tifffile.memmap(folder / "masks.tif", mode="r") if (folder / "masks.tif").is_file() else None
+    if images.shape[0] != len(rows):
+        raise InputError(f"{folder}: images.tif holds {images.shape[0]} images but manifest.csv {len(rows)} rows.")
+    return Cache(
+        folder=folder,
+        images=images,
+        masks=masks,
+        ids=[r["image_id"] for r in rows],
+        labels=np.array([int(r["class_index"]) for r in rows], dtype=np.int64),
+        has_mask=np.array([r["has_mask"] == "1" for r in rows]),
+        transforms=[Transform.from_dict(r) for r in rows],
+        meta=meta,
+    )
+
+
+def label_name(index: int) -> str:
+    return CLASS_NAMES[index] if index >= 0 else ""
+
+
+# --------------------------------------------------------------------------- building it
+
+
+@dataclass
+class ItemResult:
+    image_id: str
+    source: str
+    image: np.ndarray | None = None
+    mask: np.ndarray | None = None
+    transform: Transform | None = None
+    error: str = ""
+    mask_problem: str = ""  # "size" or "nonbinary"
+
+
+def _process_one(path: Path, mask_path: Path | None, size: int, fit: str, border: float,
+                 margin: int) -> ItemResult:
+    from dermtool.io import read_mask
+    from dermtool.preprocess import fit_mask, prepare
+
+    item = ItemResult(image_id_of(path), str(path))
+    try:
+        item.image, item.transform = prepare(path, size, fit, border, margin)
+        if mask_path is not None:
+            raw = _read_mask_raw(mask_path)
+            t = item.transform
+            if raw.shape[:2] != (t.orig_h, t.orig_w):
+                item.mask_problem = "size"
+            elif not np.isin(raw, (0, 255)).all():
+                item.mask_problem = "nonbinary"
+            mask = read_mask(mask_path)
+            if mask.shape != (t.orig_h, t.orig_w):  # still usable: scale it onto the image's grid
+                from dermtool.preprocess import _resize
+
+                mask = _resize(mask.astype(np.float32), t.orig_h, t.orig_w) >= 0.5
+            item.mask = fit_mask(mask, t)
+    except InputError as exc:
+        item.error = str(exc)
+    return item
+
+
+def _read_mask_raw(path: Path) -> np.ndarray:
+    from PIL import Image
+
+    try:
+        with Image.open(path) as img:
+            arr = np.asarray(img)
+    except Exception as exc:
+        raise InputError(f"{path}: not a readable mask image ({exc}).")
+    return arr if arr.ndim == 2 else arr[..., 0]
+
+
+def _fingerprint(paths: list[Path], params: dict) -> str:
+    import hashlib
+
+    h = hashlib.sha1(json.dumps(params, sort_keys=True).encode())
+    for p in paths:
+        st = p.stat()
+        h.update(f"{p.name}|{st.st_size}|{int(st.st_mtime)}\n".encode())
+    return h.hexdigest()
+
+
+@dataclass
+class CacheReport:
+    """What `build_cache` did and what it found wrong with the data."""
+
+    n_images: int = 0
+    reused: bool = False
+    failed: list = None  # (file, message)
+    no_mask: list = None
+    no_label: list = None
+    mask_size_mismatch: list = None
+    mask_nonbinary: list = None
+    both_labels: list = None
+    duplicate_ids: list = None
+    seconds: float = 0.0
+
+    def __post_init__(self):
+        for name in ("failed", "no_mask", "no_label", "mask_size_mismatch", "mask_nonbinary",
+                     "both_labels", "duplicate_ids"):
+            if getattr(self, name) is None:
+                setattr(self, name, [])
+
+    @property
+    def problems(self) -> int:
+        return sum(len(getattr(self, n)) for n in ("failed", "no_mask", "no_label", "mask_size_mismatch",
+                                                   "mask_nonbinary", "both_labels", "duplicate_ids"))
+
+
+def build_cache(layout: Layout, out: Path, size: int = 256, fit: str = "squash", border: float = 0.0,
+                margin: int = 0, workers: int = 0, progress: bool = True) -> CacheReport:
+    """Preprocess a folder into a cache (see the module docstring). Reuses a matching cache.
+
+    Unreadable images are skipped and listed in the report; everything else is still done.
+    """
+    import os
+    import time
+    from concurrent.futures import ThreadPoolExecutor
+
+    import tifffile
+    from tqdm import tqdm
+
+    from dermtool.io import find_masks, read_class_csv
+
+    started = time.perf_counter()
+    out = Path(out)
+    report = CacheReport()
+    paths = find_images(layout.images)
+    if not paths:
+        raise InputError(f"{layout.images}: no images (*.jpg, *.png, *.tif, *.bmp) in this folder.")
+    by_id: dict[str, Path] = {}
+    for p in paths:
+        if image_id_of(p) in by_id:
+            report.duplicate_ids.append(f"{p.name} and {by_id[image_id_of(p)].name}")
+            continue
+        by_id[image_id_of(p)] = p
+    paths = list(by_id.values())
+    masks = find_masks(layout.masks) if layout.masks else {}
+    labels = read_class_csv(layout.labels, role="truth") if layout.labels else {}
+    params = dict(size=size, fit=fit, border=border, margin=margin,
+                  masks=str(layout.masks), labels=str(layout.labels))
+    fingerprint = _fingerprint(paths + sorted(masks.values()) + ([layout.labels] if layout.labels else []), params)
+    meta_path = out / "cache.json"
+    if meta_path.is_file() and json.loads(meta_path.read_text()).get("fingerprint") == fingerprint:
+        report.reused = True
+        report.n_images = len(load_cache(out))
+        report.seconds = time.perf_counter() - started
+        return report
+
+    out.mkdir(parents=True, exist_ok=True)
+    for name in ("cache.json", "manifest.csv", "images.tif", "masks.tif"):
+        (out / name).unlink(missing_ok=True)  # a stale cache must never look valid
+    n = len(paths)
+    in_size = size + 2 * margin
+    tmp_images, tmp_masks = out / "images.tif.tmp", out / "masks.tif.tmp"
+    img_stack = tifffile.memmap(tmp_images, shape=(n, in_size, in_size, 3), dtype=np.uint8, photometric="rgb")
+    mask_stack = tifffile.memmap(tmp_masks, shape=(n, size, size), dtype=np.uint8) if masks else None
+    rows, k = [], 0
+    workers = workers or min(8, os.cpu_count() or 1)
+    with ThreadPoolExecutor(max_workers=workers) as pool:
+        jobs = pool.map(lambda p: _process_one(p, masks.get(image_id_of(p)), size, fit, border, margin), paths)
+        bar = tqdm(jobs, total=n, unit="img", desc="preprocess", disable=not progress, leave=False)
+        for item in bar:
+            if item.error:
+                report.failed.append((item.source, item.error))
+                continue
+            img_stack[k] = item.image
+            has_mask = item.mask is not None
+            if mask_stack is not None and has_mask:
+                mask_stack[k] = item.mask
+            if layout.masks and not has_mask:
+                report.no_mask.append(item.image_id)
+            if item.mask_problem == "size":
+                report.mask_size_mismatch.append(item.image_id)
+            elif item.mask_problem == "nonbinary":
+                report.mask_nonbinary.append(item.image_id)
+            cls, label = -1, ""
+            if item.image_id in labels:
+                row = labels[item.image_id]
+                if row[0] >= 0.5 and row[1] >= 0.5:
+                    report.both_labels.append(item.image_id)
+                cls = truth_class(row)
+                label = CLASS_NAMES[cls]
+            elif layout.labels:
+                report.no_label.append(item.image_id)
+            rows.append({"image_id": item.image_id, "label": label, "class_index": cls,
+                         "has_mask": int(has_mask), "source": item.source, **item.transform.to_dict()})
+            k += 1
+    img_stack.flush()
+    del img_stack
+    if mask_stack is not None:
+        mask_stack.flush()
+        del mask_stack
+    if k < n:  # failures left unused slots at the end: rewrite compactly
+        _truncate_stack(tmp_images, k)
+        if masks:
+            _truncate_stack(tmp_masks, k)
+    tmp_images.replace(out / "images.tif")
+    if masks:
+        tmp_masks.replace(out / "masks.tif")
+    with open(out / "manifest.csv.tmp", "w", newline="") as fh:
+        writer = csv.DictWriter(fh, fieldnames=MANIFEST_FIELDS)
+        writer.writeheader()
+        writer.writerows(rows)
+    (out / "manifest.csv.tmp").replace(out / "manifest.csv")
+    meta = dict(params, n_images=k, fingerprint=fingerprint, input_size=in_size)
+    (out / "cache.json.tmp").write_text(json.dumps(meta, indent=2) + "\n")
+    (out / "cache.json.tmp").replace(meta_path)  # written last: its presence marks a complete cache
+    report.n_images = k
+    report.seconds = time.perf_counter() - started
+    return report
+
+
+def _truncate_stack(path: Path, k: int) -> None:
+    import tifffile
+
+    data = np.array(tifffile.memmap(path, mode="r")[:k])
+    path.unlink()
+    tifffile.imwrite(path, data, photometric="rgb" if data.ndim == 4 else None)

@@ -1,0 +1,169 @@
+"""Reading and writing the files dermtool exchanges with users: label CSVs and mask PNGs.
+
+Every reader checks its input at the edge and raises `InputError` with one sentence that names
+the file (and row) and the problem, so the CLI can print it without a traceback.
+"""
+
+from __future__ import annotations
+
+import csv
+import math
+import os
+from pathlib import Path
+
+import numpy as np
+
+from dermtool import CLASS_NAMES
+from dermtool.errors import InputError
+
+#: Columns every ISIC 2017 Part 3 CSV must carry; `nevus` is optional.
+REQUIRED_COLUMNS = ("image_id", "melanoma", "seborrheic_keratosis")
+#: ISIC naming of a segmentation mask: `<image_id>_segmentation.png`.
+MASK_SUFFIX = "_segmentation.png"
+#: The ISIC scorer binarises 8-bit masks with `value > 128`.
+MASK_THRESHOLD = 128
+
+
+def read_class_csv(path: Path, *, role: str = "truth") -> dict[str, np.ndarray]:
+    """Read an ISIC 2017 Part 3 CSV (`image_id,melanoma,seborrheic_keratosis[,nevus]`).
+
+    Without a `nevus` column, nevus = 1 - melanoma - seborrheic_keratosis, clipped at 0 (a truth
+    row with both 0 is a nevus). Extra columns (such as dermtool's `label`) are ignored.
+
+    Args:
+        path: the CSV file.
+        role: "truth" or "predictions"; only used to word error messages.
+
+    Returns:
+        image_id -> float64 array (melanoma, seborrheic_keratosis, nevus), in file order.
+
+    Raises:
+        InputError: missing/empty file, missing columns, duplicate ids, or a value that is
+            empty, non-numeric, NaN or outside [0, 1].
+    """
+    path = Path(path)
+    what = f"{role} CSV {path}"
+    if not path.is_file():
+        raise InputError(f"The {what} does not exist or is not a file.")
+    try:
+        with path.open(newline="", encoding="utf-8-sig") as handle:
+            rows = list(csv.reader(handle))
+    except (OSError, UnicodeDecodeError, csv.Error) as err:
+        raise InputError(f"The {what} cannot be read as CSV text ({err}).") from None
+    rows = [row for row in rows if any(cell.strip() for cell in row)]
+    if not rows:
+        raise InputError(f"The {what} is empty; expected a header {','.join(REQUIRED_COLUMNS)}.")
+    header = [cell.strip() for cell in rows[0]]
+    missing = [name for name in REQUIRED_COLUMNS if name not in header]
+    if missing:
+        raise InputError(
+            f"The {what} lacks the column(s) {', '.join(missing)}; "
+            f"its header is {','.join(header)}."
+        )
+    if len(rows) == 1:
+        raise InputError(f"The {what} has a header but no rows.")
+    value_columns = [name for name in CLASS_NAMES if name in header]
+    index = {name: header.index(name) for name in ("image_id", *value_columns)}
+    result: dict[str, np.ndarray] = {}
+    for line, row in enumerate(rows[1:], start=2):
+        result_id, values = _parse_row(row, index, value_columns, what, line)
+        if result_id in result:
+            raise InputError(f"The {what} repeats image_id {result_id} at row {line}.")
+        result[result_id] = values
+    return result
+
+
+def _parse_row(
+    row: list[str], index: dict[str, int], value_columns: list[str], what: str, line: int
+) -> tuple[str, np.ndarray]:
+    """One CSV row -> (image_id, [mel, sk, nevus]); `line` is the 1-based file line."""
+    if len(row) <= max(index.values()):
+        raise InputError(f"The {what} has too few fields at row {line}.")
+    image_id = row[index["image_id"]].strip()
+    if not image_id:
+        raise InputError(f"The {what} has an empty image_id at row {line}.")
+    values = {}
+    for name in value_columns:
+        cell = row[index[name]].strip()
+        try:
+            value = float(cell)
+        except ValueError:
+            raise InputError(
+                f"The {what} has a non-numeric {name} value {cell!r} at row {line} ({image_id})."
+            ) from None
+        if math.isnan(value) or not 0.0 <= value <= 1.0:
+            raise InputError(
+                f"The {what} has {name} = {cell} at row {line} ({image_id}); "
+                "values must be numbers in [0, 1]."
+            )
+        values[name] = value
+    if "nevus" not in values:
+        values["nevus"] = max(0.0, 1.0 - values["melanoma"] - values["seborrheic_keratosis"])
+    return image_id, np.array([values[name] for name in CLASS_NAMES], dtype=np.float64)
+
+
+def read_mask(path: Path) -> np.ndarray:
+    """Read a mask image as a boolean HxW array, foreground = value > 128 (the ISIC rule).
+
+    A mask with colour channels (RGB, RGBA, grey+alpha) uses its first channel; a palette image
+    is converted to its colours first, and a 1-bit image counts as 0/255.
+
+    Raises:
+        InputError: the file is missing or is not a readable image.
+    """
+    from PIL import Image, UnidentifiedImageError  # deferred: only mask scoring needs Pillow
+
+    path = Path(path)
+    try:
+        with Image.open(path) as image:
+            if image.mode == "P":
+                image = image.convert("RGBA" if "transparency" in image.info else "RGB")
+            elif image.mode == "1":
+                image = image.convert("L")
+            array = np.asarray(image)
+    except FileNotFoundError:
+        raise InputError(f"The mask file {path} does not exist.") from None
+    except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as err:
+        raise InputError(f"The mask file {path} is not a readable image ({err}).") from None
+    if array.ndim == 3:
+        array = array[..., 0]
+    if array.ndim != 2:
+        raise InputError(f"The mask file {path} has shape {array.shape}; expected a 2-D image.")
+    return array > MASK_THRESHOLD
+
+
+def find_masks(folder: Path) -> dict[str, Path]:
+    """Map image_id -> mask path for every `<image_id>_segmentation.png` in `folder`.
+
+    Raises:
+        InputError: `folder` is not a directory.
+    """
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise InputError(f"The mask folder {folder} does not exist or is not a folder.")
+    return {
+        path.name[: -len(MASK_SUFFIX)]: path
+        for path in sorted(folder.iterdir())
+        if path.name.endswith(MASK_SUFFIX) and len(path.name) > len(MASK_SUFFIX)
+    }
+
+
+def write_csv_atomic(path: Path, header: list[str], rows: list[list]) -> None:
+    """Write a CSV so that readers never see a half-written file.
+
+    The rows go to a temporary file in the same folder, which then replaces `path` with
+    `os.replace` (atomic on one file system).
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    # A plain open() (not mkstemp) so the file gets the usual umask permissions, not 0600.
+    tmp_path = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        with tmp_path.open("w", newline="", encoding="utf-8") as handle:
+            writer = csv.writer(handle, lineterminator="\n")
+            writer.writerow(header)
+            writer.writerows(rows)
+        os.replace(tmp_path, path)
+    except BaseException:
+        tmp_path.unlink(missing_ok=True)
+        raise

@@ -1,0 +1,77 @@
+"""Losses: segmentation (BCE, optionally + Dice), class-weighted cross-entropy, and the joint mix."""
+
+from __future__ import annotations
+
+import keras
+import numpy as np
+from keras import ops
+
+
+def class_weights_from_labels(labels: np.ndarray, n_classes: int = 3) -> np.ndarray:
+    """W_c = N / (n_classes * n_c) (thesis eq. 12); a class absent from the labels gets weight 0."""
+    labels = np.asarray(labels)
+    labels = labels[labels >= 0]
+    counts = np.bincount(labels, minlength=n_classes).astype(np.float64)
+    with np.errstate(divide="ignore"):
+        weights = np.where(counts > 0, len(labels) / (n_classes * counts), 0.0)
+    return weights
+
+
+@keras.saving.register_keras_serializable(package="dermtool")
+class SegmentationLoss(keras.losses.Loss):
+    """Pixel binary cross-entropy, plus (1 - soft Dice) per image when `dice=True`."""
+
+    def __init__(self, dice: bool = False, name: str = "seg_loss", **kwargs):
+        super().__init__(name=name, **kwargs)
+        self.dice = dice
+
+    def call(self, y_true, y_pred):
+        y_true = ops.cast(y_true, y_pred.dtype)
+        eps = keras.config.epsilon()
+        p = ops.clip(y_pred, eps, 1.0 - eps)
+        bce = -ops.mean(y_true * ops.log(p) + (1.0 - y_true) * ops.log(1.0 - p), axis=(1, 2, 3))
+        if not self.dice:
+            return bce
+        inter = ops.sum(y_true * y_pred, axis=(1, 2, 3))
+        total = ops.sum(y_true, axis=(1, 2, 3)) + ops.sum(y_pred, axis=(1, 2, 3))
+        # +1 keeps the gradient defined on lesion-free images; a training loss, not a metric
+        soft_dice = (2.0 * inter + 1.0) / (total + 1.0)
+        return bce + (1.0 - soft_dice)
+
+    def get_config(self):
+        return {**super().get_config(), "dice": self.dice}
+
+
+@keras.saving.register_keras_serializable(package="dermtool")
+class WeightedCategoricalCrossentropy(keras.losses.Loss):
+    """Categorical cross-entropy where each sample is weighted by its true class's weight."""
+
+    def __init__(self, class_weights=(1.0, 1.0, 1.0), name: str = "cls_loss", **kwargs):
+        super().__init__(name=name, **kwargs)
+        self.class_weights = [float(w) for w in class_weights]
+
+    def call(self, y_true, y_pred):
+        y_true = ops.cast(y_true, y_pred.dtype)
+        eps = keras.config.epsilon()
+        ce = -ops.sum(y_true * ops.log(ops.clip(y_pred, eps, 1.0)), axis=-1)
+        w = ops.sum(y_true * ops.convert_to_tensor(self.class_weights, dtype=y_pred.dtype), axis=-1)
+        return ce * w
+
+    def get_config(self):
+        return {**super().get_config(), "class_weights": self.class_weights}
+
+
+def build_losses(has_seg: bool, has_cls: bool, alpha: float, dice: bool, class_weights) -> tuple[dict, dict]:
+    """Loss and loss-weight dicts for `model.compile`: alpha * L_seg + (1 - alpha) * L_cls.
+
+    The thesis writes the joint loss with (alpha - 1), a sign slip that would reward a worse
+    classifier; (1 - alpha) is what is meant and what is used here.
+    """
+    losses, weights = {}, {}
+    if has_seg:
+        losses["seg"] = SegmentationLoss(dice=dice)
+        weights["seg"] = alpha if has_cls else 1.0
+    if has_cls:
+        losses["cls"] = WeightedCategoricalCrossentropy(class_weights)
+        weights["cls"] = (1.0 - alpha) if has_seg else 1.0
+    return losses, weights

@@ -1,0 +1,229 @@
+"""Segmentation and classification metrics as plain numpy functions.
+
+This is the one implementation used by `dermtool score`, by training's validation and by the
+benchmarks. The conventions follow the ISIC challenge scorer:
+
+- masks are boolean arrays; Jaccard and Dice are 1.0 when both masks are empty (no epsilon
+  smoothing anywhere, so the empty case is decided here, in the open);
+- the ISIC 2018 thresholded Jaccard counts an image whose Jaccard is below 0.65 as 0;
+- classes are indices into `dermtool.CLASS_NAMES` (melanoma, seborrheic_keratosis, nevus); a
+  confusion matrix has true classes as rows and predicted classes as columns;
+- balanced accuracy is the mean of the per-class sensitivities, over the classes that occur in
+  the truth (a class with no true cases has no sensitivity);
+- ROC AUC is the rank (Mann-Whitney) statistic with ties counted half, equal to the area under
+  the trapezoidal ROC curve.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import numpy as np
+
+#: The ISIC 2018 Task 1 threshold: an image with Jaccard below it scores 0.
+JAC_THRESHOLD = 0.65
+
+
+def _overlap_counts(pred: np.ndarray, truth: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Return (intersection, union) pixel counts over the last two axes."""
+    pred = np.asarray(pred, dtype=bool)
+    truth = np.asarray(truth, dtype=bool)
+    if pred.shape != truth.shape:
+        raise ValueError(f"mask shapes differ: prediction {pred.shape}, truth {truth.shape}")
+    intersection = np.logical_and(pred, truth).sum(axis=(-2, -1))
+    union = np.logical_or(pred, truth).sum(axis=(-2, -1))
+    return intersection, union
+
+
+def jaccard_batch(pred: np.ndarray, truth: np.ndarray) -> np.ndarray:
+    """Jaccard index |P ∩ T| / |P ∪ T| of each mask pair in a batch (..., H, W).
+
+    A pair of empty masks scores 1.0: nothing to find and nothing found is a perfect answer
+    (the ISIC scorer's rule).
+
+    Returns:
+        float64 array with the batch shape (a 0-d array for a single H x W pair).
+    """
+    intersection, union = _overlap_counts(pred, truth)
+    # np.maximum only keeps the division defined; where union == 0 the 1.0 rule decides.
+    return np.where(union == 0, 1.0, intersection / np.maximum(union, 1)).astype(np.float64)
+
+
+def jaccard(pred: np.ndarray, truth: np.ndarray) -> float:
+    """Jaccard index |P ∩ T| / |P ∪ T| of two boolean masks of equal shape.
+
+    Both masks empty -> 1.0 (documented rule, no smoothing). Prediction empty but truth not
+    (or the reverse) -> 0.0.
+    """
+    return float(jaccard_batch(pred, truth))
+
+
+def dice(pred: np.ndarray, truth: np.ndarray) -> float:
+    """Dice coefficient 2|P ∩ T| / (|P| + |T|) of two boolean masks of equal shape.
+
+    Both masks empty -> 1.0, as for `jaccard`. Dice = 2J / (1 + J) for the same pair.
+    """
+    intersection, union = _overlap_counts(pred, truth)
+    total = int(intersection) + int(union)  # |P| + |T| = |P ∩ T| + |P ∪ T|
+    return 1.0 if total == 0 else 2.0 * int(intersection) / total
+
+
+def thresholded_jaccard(jacs: np.ndarray, threshold: float = JAC_THRESHOLD) -> float:
+    """Mean of per-image Jaccard values where an image below `threshold` counts 0 (ISIC 2018).
+
+    An image at exactly the threshold keeps its value. Returns nan for no images.
+    """
+    jacs = np.asarray(jacs, dtype=np.float64)
+    if jacs.size == 0:
+        return float("nan")
+    return float(np.where(jacs < threshold, 0.0, jacs).mean())
+
+
+def to_labels(probabilities: np.ndarray) -> np.ndarray:
+    """Class index per row of an (N, 3) array of (melanoma, seborrheic_keratosis, nevus) scores.
+
+    The class is the argmax; an exact tie goes to the earlier class in that order.
+    """
+    return np.argmax(np.asarray(probabilities), axis=1)
+
+
+def confusion_matrix(y_true: np.ndarray, y_pred: np.ndarray, n_classes: int = 3) -> np.ndarray:
+    """Counts of (true class, predicted class): rows are true, columns are predicted.
+
+    Args:
+        y_true, y_pred: integer class indices in [0, n_classes), equal length.
+
+    Returns:
+        int64 array of shape (n_classes, n_classes).
+    """
+    y_true = np.asarray(y_true, dtype=np.int64).ravel()
+    y_pred = np.asarray(y_pred, dtype=np.int64).ravel()
+    if y_true.shape != y_pred.shape:
+        raise ValueError(f"label counts differ: {y_true.size} true, {y_pred.size} predicted")
+    for name, labels in (("true", y_true), ("predicted", y_pred)):
+        if labels.size and (labels.min() < 0 or labels.max() >= n_classes):
+            raise ValueError(f"{name} labels must lie in [0, {n_classes})")
+    flat = np.bincount(y_true * n_classes + y_pred, minlength=n_classes * n_classes)
+    return flat.reshape(n_classes, n_classes)
+
+
+def _ratio(numerator: int, denominator: int) -> float:
+    """numerator / denominator, nan when the denominator is 0 (the rate is undefined)."""
+    return numerator / denominator if denominator else float("nan")
+
+
+def per_class_stats(cm: np.ndarray) -> list[dict]:
+    """One-vs-all statistics of each class from a confusion matrix (rows true, columns predicted).
+
+    For class k: TP = cm[k, k]; FN = rest of row k; FP = rest of column k; TN = everything else.
+    sensitivity = TP / (TP + FN), specificity = TN / (TN + FP), accuracy = (TP + TN) / N.
+    A rate whose denominator is 0 (no true cases, or no negatives) is nan, never a guess.
+
+    Returns:
+        a list, one dict per class in matrix order, with keys
+        tp, tn, fp, fn (int) and sensitivity, specificity, accuracy (float).
+    """
+    cm = np.asarray(cm, dtype=np.int64)
+    total = int(cm.sum())
+    stats = []
+    for k in range(cm.shape[0]):
+        tp = int(cm[k, k])
+        fn = int(cm[k, :].sum()) - tp
+        fp = int(cm[:, k].sum()) - tp
+        tn = total - tp - fn - fp
+        stats.append(
+            {
+                "tp": tp,
+                "tn": tn,
+                "fp": fp,
+                "fn": fn,
+                "sensitivity": _ratio(tp, tp + fn),
+                "specificity": _ratio(tn, tn + fp),
+                "accuracy": _ratio(tp + tn, total),
+            }
+        )
+    return stats
+
+
+def balanced_accuracy(cm: np.ndarray) -> float:
+    """Mean of the per-class sensitivities (recall), over the classes present in the truth.
+
+    A class with no true cases has no sensitivity and is left out of the mean, as the ISIC
+    scorer does. Returns nan for an empty matrix.
+    """
+    cm = np.asarray(cm, dtype=np.int64)
+    support = cm.sum(axis=1)
+    present = support > 0
+    if not present.any():
+        return float("nan")
+    return float(np.mean(np.diag(cm)[present] / support[present]))
+
+
+def accuracy(cm: np.ndarray) -> float:
+    """Categorical accuracy: the fraction of cases on the diagonal (nan when empty)."""
+    cm = np.asarray(cm, dtype=np.int64)
+    return _ratio(int(np.trace(cm)), int(cm.sum()))
+
+
+def _average_ranks(values: np.ndarray) -> np.ndarray:
+    """1-based ranks of `values`, tied values sharing the mean of their ranks."""
+    _, inverse, counts = np.unique(values, return_inverse=True, return_counts=True)
+    last_rank = np.cumsum(counts)  # rank of the last member of each group of equal values
+    mean_rank = last_rank - (counts - 1) / 2.0
+    return mean_rank[inverse.ravel()]
+
+
+def roc_auc(y_true_binary: np.ndarray, scores: np.ndarray) -> float:
+    """Area under the ROC curve, as the probability that a positive outscores a negative.
+
+    Computed from ranks (Mann-Whitney U / (n_pos * n_neg)); a positive and a negative with
+    equal scores count half. This equals the trapezoidal area under the ROC curve (scikit-learn's
+    `roc_auc_score`, used by the ISIC 2017 scorer).
+
+    Returns:
+        the AUC, or nan when only one class is present (the AUC is undefined).
+    """
+    y_true = np.asarray(y_true_binary).astype(bool).ravel()
+    scores = np.asarray(scores, dtype=np.float64).ravel()
+    if y_true.shape != scores.shape:
+        raise ValueError(f"lengths differ: {y_true.size} labels, {scores.size} scores")
+    n_pos = int(y_true.sum())
+    n_neg = y_true.size - n_pos
+    if n_pos == 0 or n_neg == 0:
+        return float("nan")
+    ranks = _average_ranks(scores)
+    u_statistic = ranks[y_true].sum() - n_pos * (n_pos + 1) / 2.0
+    return float(u_statistic / (n_pos * n_neg))
+
+
+def bootstrap_ci(
+    statistic: Callable[[np.ndarray], float],
+    n_items: int,
+    n_resamples: int,
+    seed: int = 0,
+    level: float = 0.95,
+) -> tuple[float, float]:
+    """Percentile bootstrap confidence interval of a statistic over resampled items (images).
+
+    Args:
+        statistic: maps an index array (items drawn with replacement) to a number, e.g.
+            `lambda idx: jacs[idx].mean()`. Resamples where it is nan are skipped.
+        n_items: how many items there are to draw from.
+        n_resamples: how many bootstrap resamples to draw.
+        seed: seed of the random generator; the same seed gives the same interval.
+        level: coverage of the interval (0.95 -> the 2.5th and 97.5th percentiles).
+
+    Returns:
+        (low, high), or (nan, nan) when there is nothing to resample.
+    """
+    if n_items <= 0 or n_resamples <= 0:
+        return float("nan"), float("nan")
+    rng = np.random.default_rng(seed)
+    draws = rng.integers(0, n_items, size=(n_resamples, n_items))
+    values = np.array([statistic(indices) for indices in draws], dtype=np.float64)
+    values = values[~np.isnan(values)]
+    if values.size == 0:
+        return float("nan"), float("nan")
+    tail = (1.0 - level) / 2.0 * 100.0
+    low, high = np.percentile(values, [tail, 100.0 - tail])
+    return float(low), float(high)

@@ -1,0 +1,113 @@
+"""Networks built from a ModelConfig with the Keras Functional API.
+
+The encoder is built once and shared: `build_model` puts the segmentation head (U-Net decoder),
+the classification head, or both (joint) on the same encoder tensors. Every layer is named
+(`enc_block2_conv1`, `dec_block1_up`, `seg_head`, `cls_dense`) so weights can be moved between
+variants by name (`--init-from`).
+"""
+
+from __future__ import annotations
+
+import keras
+from keras import layers
+
+from dermtool.config import ModelConfig
+
+SEG_OUTPUT = "seg"
+CLS_OUTPUT = "cls"
+
+
+def _conv_block(x, filters: int, cfg: ModelConfig, name: str, dropout: float = 0.0):
+    for i in (1, 2):
+        x = layers.Conv2D(filters, 3, padding=cfg.padding, use_bias=not cfg.batch_norm,
+                          kernel_initializer="he_normal", name=f"{name}_conv{i}")(x)
+        if cfg.batch_norm:
+            x = layers.BatchNormalization(name=f"{name}_bn{i}")(x)
+        x = layers.Activation("relu", name=f"{name}_relu{i}")(x)
+        if i == 1 and dropout:
+            x = layers.Dropout(dropout, name=f"{name}_dropout")(x)
+    return x
+
+
+def _normalize(x, cfg: ModelConfig):
+    """Model input is raw 0-255 RGB; normalisation lives inside the model so it is never skipped."""
+    if cfg.normalization == "divide255":
+        return layers.Rescaling(1.0 / 255.0, name="normalize")(x)
+    if cfg.normalization == "center":
+        return layers.Rescaling(1.0 / 127.5, offset=-1.0, name="normalize")(x)
+    raise ValueError(f"unknown normalization {cfg.normalization!r}")
+
+
+def build_encoder(cfg: ModelConfig):
+    """Input tensor, list of skip tensors (fine to coarse) and the bottleneck tensor."""
+    inputs = keras.Input((cfg.input_size, cfg.input_size, 3), name="image")
+    x = _normalize(inputs, cfg)
+    skips = []
+    for level in range(cfg.depth):
+        x = _conv_block(x, cfg.base_filters * 2**level, cfg, f"enc_block{level + 1}", cfg.dropout)
+        skips.append(x)
+        x = layers.MaxPooling2D(2, name=f"enc_block{level + 1}_pool")(x)
+    x = _conv_block(x, cfg.base_filters * 2**cfg.depth, cfg, "bottleneck", cfg.dropout)
+    return inputs, skips, x
+
+
+def _crop_to(skip, target, name: str):
+    """Centre-crop a skip connection to the decoder's spatial size (valid convolutions)."""
+    diff = skip.shape[1] - target.shape[1]
+    if diff == 0:
+        return skip
+    return layers.Cropping2D(diff // 2, name=name)(skip)
+
+
+def build_seg_head(cfg: ModelConfig, skips, bottleneck):
+    x = bottleneck
+    for level in reversed(range(cfg.depth)):
+        filters = cfg.base_filters * 2**level
+        block = f"dec_block{level + 1}"
+        x = layers.Conv2DTranspose(filters, 2, strides=2, name=f"{block}_up")(x)
+        skip = _crop_to(skips[level], x, f"{block}_crop")
+        x = layers.Concatenate(name=f"{block}_concat")([skip, x])
+        x = _conv_block(x, filters, cfg, block)
+    # float32 output even under mixed precision: sigmoid and the loss need the range
+    return layers.Conv2D(1, 1, activation="sigmoid", dtype="float32", name=SEG_OUTPUT)(x)
+
+
+def build_cls_head(cfg: ModelConfig, bottleneck):
+    x = bottleneck
+    if cfg.cls_head == "dense":  # the thesis head
+        x = layers.MaxPooling2D(cfg.cls_pool_size, name="cls_pool")(x)
+        x = layers.Flatten(name="cls_flatten")(x)
+        x = layers.Dropout(0.5, name="cls_dropout1")(x)
+        x = layers.Dense(cfg.cls_dense_units, activation="relu", name="cls_dense")(x)
+        x = layers.Dropout(0.5, name="cls_dropout2")(x)
+    else:
+        avg = layers.GlobalAveragePooling2D(name="cls_avgpool")(x)
+        mx = layers.GlobalMaxPooling2D(name="cls_maxpool")(x)
+        x = layers.Concatenate(name="cls_concat")([avg, mx])
+        x = layers.Dropout(0.3, name="cls_dropout1")(x)
+        x = layers.Dense(128, activation="relu", name="cls_dense")(x)
+        x = layers.Dropout(0.3, name="cls_dropout2")(x)
+    return layers.Dense(len(cfg.class_names), activation="softmax", dtype="float32", name=CLS_OUTPUT)(x)
+
+
+def build_model(cfg: ModelConfig) -> keras.Model:
+    """The seg, cls or joint network of `cfg.task` on one shared encoder.
+
+    Outputs are a dict keyed by "seg" (N, size, size, 1 lesion probability) and/or "cls"
+    (N, 3 class probabilities, order `cfg.class_names`).
+    """
+    inputs, skips, bottleneck = build_encoder(cfg)
+    outputs = {}
+    if cfg.has_seg:
+        outputs[SEG_OUTPUT] = build_seg_head(cfg, skips, bottleneck)
+    if cfg.has_cls:
+        outputs[CLS_OUTPUT] = build_cls_head(cfg, bottleneck)
+    return keras.Model(inputs, outputs, name=f"dermtool_{cfg.preset}_{cfg.task}")
+
+
+def encoder_layer_names(model: keras.Model) -> list[str]:
+    return [l.name for l in model.layers if l.name.startswith(("enc_", "bottleneck"))]
+
+
+def decoder_layer_names(model: keras.Model) -> list[str]:
+    return [l.name for l in model.layers if l.name.startswith("dec_") or l.name == SEG_OUTPUT]

@@ -1,0 +1,203 @@
+"""Geometry: decode an image, fit it into the model's square, and map outputs back exactly.
+
+One path serves training (the cache) and inference. The forward transform is
+
+    original H x W  --(scale s, keep aspect: "pad" | stretch: "squash")-->  inner h x w
+    inner h x w     --(centre in a size x size square, zeros around)-->       content square
+    content square  --(reflect `margin` px on each side, valid-conv models)--> model input
+
+and `restore` undoes it: crop the inner rectangle out of a size x size output and resize it
+to H x W. Every image's `Transform` is recorded so the inverse needs nothing else.
+"""
+
+from __future__ import annotations
+
+import warnings
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, ImageFile
+
+from dermtool.errors import InputError
+
+# A truncated JPEG must be reported, not silently padded with grey.
+ImageFile.LOAD_TRUNCATED_IMAGES = False
+Image.MAX_IMAGE_PIXELS = 200_000_000  # dermoscopy frames reach ~30 MP; refuse only absurd files
+
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".tif", ".tiff", ".bmp")
+
+
+@dataclass(frozen=True)
+class Transform:
+    """How one image was fitted into the model's square; enough to invert it."""
+
+    orig_h: int
+    orig_w: int
+    size: int  # side of the content square the model predicts
+    margin: int  # reflected border added on each side for valid-convolution models
+    top: int  # offset of the inner rectangle inside the content square
+    left: int
+    inner_h: int
+    inner_w: int
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "Transform":
+        return cls(**{k: int(d[k]) for k in cls.__dataclass_fields__})
+
+
+def plan_transform(orig_h: int, orig_w: int, size: int, fit: str, border: float = 0.0,
+                   margin: int = 0) -> Transform:
+    """The transform that fits an `orig_h` x `orig_w` image into a `size` square.
+
+    Args:
+        fit: "pad" keeps the aspect ratio (the long side fills the square minus `border`);
+            "squash" stretches the whole frame to the square.
+        border: for "pad", extra zero border on each side as a fraction of the long side.
+        margin: reflected pixels on each side for valid-convolution models.
+    """
+    if fit == "squash":
+        return Transform(orig_h, orig_w, size, margin, 0, 0, size, size)
+    if fit != "pad":
+        raise InputError(f"unknown fit mode {fit!r}; choose pad or squash.")
+    long_side = max(orig_h, orig_w) * (1.0 + 2.0 * border)
+    scale = size / long_side
+    inner_h = max(1, min(size, round(orig_h * scale)))
+    inner_w = max(1, min(size, round(orig_w * scale)))
+    return Transform(orig_h, orig_w, size, margin, (size - inner_h) // 2, (size - inner_w) // 2,
+                     inner_h, inner_w)
+
+
+def _to_rgb_array(img: Image.Image) -> np.ndarray:
+    """8-bit RGB from grayscale, RGBA, palette, CMYK or 16-bit images."""
+    if img.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
+        arr = np.asarray(img, dtype=np.float64)
+        top = 65535.0 if arr.max() > 255 else 255.0
+        arr = np.clip(arr / top * 255.0 + 0.5, 0, 255).astype(np.uint8)
+        return np.repeat(arr[..., None], 3, axis=2)
+    if img.mode in ("RGBA", "LA", "PA") or (img.mode == "P" and "transparency" in img.info):
+        img = img.convert("RGBA")
+        background = Image.new("RGBA", img.size, (0, 0, 0, 255))
+        img = Image.alpha_composite(background, img)
+    return np.asarray(img.convert("RGB"))
+
+
+def _tiff_to_rgb(path: Path) -> np.ndarray:
+    import tifffile
+
+    arr = tifffile.imread(path)
+    if arr.ndim == 3 and arr.shape[0] in (3, 4) and arr.shape[-1] not in (3, 4):
+        arr = np.moveaxis(arr, 0, -1)  # planar (C, H, W) storage
+    if arr.dtype != np.uint8:
+        arr = arr.astype(np.float64)
+        top = 65535.0 if arr.max() > 255 else (1.0 if arr.max() <= 1.0 else 255.0)
+        arr = np.clip(arr / top * 255.0 + 0.5, 0, 255).astype(np.uint8)
+    if arr.ndim == 2:
+        arr = np.repeat(arr[..., None], 3, axis=2)
+    if arr.ndim != 3 or arr.shape[-1] not in (1, 2, 3, 4):
+        raise InputError(f"{path}: unsupported TIFF layout {arr.shape}.")
+    if arr.shape[-1] in (1, 2):
+        arr = np.repeat(arr[..., :1], 3, axis=2)
+    return np.ascontiguousarray(arr[..., :3])
+
+
+def load_image(path: Path, min_size: tuple[int, int] | None = None) -> tuple[np.ndarray, tuple[int, int]]:
+    """Decode an image as 8-bit RGB, at reduced size when that is enough.
+
+    Args:
+        min_size: (height, width) the caller will resize to; JPEGs are then decoded with DCT
+            scaling (1/2, 1/4, 1/8) to the smallest size still at least this large, which is
+            what makes 30-megapixel files cheap.
+    Returns:
+        (pixels, (original height, original width)).
+    Raises:
+        InputError naming the file when it is missing, truncated or not an image.
+    """
+    path = Path(path)
+    try:
+        if path.suffix.lower() in (".tif", ".tiff"):
+            arr = _tiff_to_rgb(path)
+            return arr, arr.shape[:2]
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # palette/EXIF chatter; real failures raise below
+            with Image.open(path) as img:
+                orig_w, orig_h = img.size
+                if min_size is not None and img.format == "JPEG":
+                    img.draft("RGB", (max(1, min_size[1]), max(1, min_size[0])))
+                img.load()
+                return _to_rgb_array(img), (orig_h, orig_w)
+    except InputError:
+        raise
+    except FileNotFoundError:
+        raise InputError(f"{path}: file not found.")
+    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as exc:
+        raise InputError(f"{path}: not a readable image ({_short(exc)}).")
+
+
+def _short(exc: Exception) -> str:
+    text = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+    return text[:120]
+
+
+def inner_size_for(path: Path, size: int, fit: str, border: float = 0.0) -> tuple[int, int]:
+    """(h, w) an image will be resized to, read from its header only (for JPEG draft)."""
+    try:
+        with Image.open(path) as img:
+            w, h = img.size
+    except Exception:  # the real decode reports the problem with the file's name
+        return size, size
+    t = plan_transform(h, w, size, fit, border)
+    return t.inner_h, t.inner_w
+
+
+def _resize(arr: np.ndarray, h: int, w: int, resample=Image.BILINEAR) -> np.ndarray:
+    if arr.shape[0] == h and arr.shape[1] == w:
+        return arr
+    mode = "F" if arr.dtype == np.float32 else None
+    if arr.ndim == 3:
+        return np.asarray(Image.fromarray(arr).resize((w, h), resample))
+    return np.asarray(Image.fromarray(arr, mode=mode).resize((w, h), resample))
+
+
+def fit_image(pixels: np.ndarray, t: Transform) -> np.ndarray:
+    """Pixels (any size with the original aspect) -> model input, uint8 (in, in, 3)."""
+    inner = _resize(pixels, t.inner_h, t.inner_w)
+    square = np.zeros((t.size, t.size, 3), np.uint8)
+    square[t.top:t.top + t.inner_h, t.left:t.left + t.inner_w] = inner
+    if t.margin:
+        square = np.pad(square, ((t.margin, t.margin), (t.margin, t.margin), (0, 0)), mode="reflect")
+    return square
+
+
+def fit_mask(mask: np.ndarray, t: Transform) -> np.ndarray:
+    """Boolean mask at the original size -> uint8 {0, 1} mask of the content square."""
+    soft = _resize(mask.astype(np.float32), t.inner_h, t.inner_w)
+    square = np.zeros((t.size, t.size), np.uint8)
+    square[t.top:t.top + t.inner_h, t.left:t.left + t.inner_w] = soft >= 0.5
+    return square
+
+
+def restore(output: np.ndarray, t: Transform) -> np.ndarray:
+    """A content-square output (size x size, float) -> float32 map at the original size.
+
+    Bilinear, so a probability map stays a probability map and a binary mask restored as
+    float and thresholded at 0.5 gets smooth edges instead of blocky ones.
+    """
+    if output.shape[0] != t.size:  # a same-padded model predicts its margin too: drop it
+        m = (output.shape[0] - t.size) // 2
+        output = output[m:m + t.size, m:m + t.size]
+    inner = np.ascontiguousarray(output[t.top:t.top + t.inner_h, t.left:t.left + t.inner_w],
+                                 dtype=np.float32)
+    return _resize(inner, t.orig_h, t.orig_w).astype(np.float32, copy=False)
+
+
+def prepare(path: Path, size: int, fit: str, border: float = 0.0,
+            margin: int = 0) -> tuple[np.ndarray, Transform]:
+    """Read one image file and return (model input uint8, its transform)."""
+    inner_hw = inner_size_for(path, size, fit, border)
+    pixels, (orig_h, orig_w) = load_image(path, min_size=inner_hw)
+    t = plan_transform(orig_h, orig_w, size, fit, border, margin)
+    return fit_image(pixels, t), t

@@ -1,0 +1,39 @@
+"""Terminal reports (rich) shared by the commands."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from rich.console import Console
+from rich.table import Table
+
+console = Console(stderr=True)
+
+
+def print_cache_report(report, layout, out: Path) -> None:
+    """Summary of `dermtool preprocess`: what was written and what the data check found."""
+    if report.reused:
+        console.print(f"[green]cache up to date[/]: {out} ({report.n_images} images, reused)")
+        return
+    rate = report.n_images / report.seconds if report.seconds else 0.0
+    console.print(f"[green]wrote[/] {out}: {report.n_images} images in {report.seconds:.1f} s ({rate:.1f} images/s)")
+    console.print(f"  images: {layout.images}   masks: {layout.masks or '-'}   labels: {layout.labels or '-'}")
+    table = Table(title="data check", show_header=True, header_style="bold")
+    table.add_column("check")
+    table.add_column("count", justify="right")
+    table.add_column("examples")
+    checks = [
+        ("unreadable / truncated files (skipped)", report.failed),
+        ("duplicate image ids (second skipped)", report.duplicate_ids),
+        ("images without a mask", report.no_mask),
+        ("images without a label", report.no_label),
+        ("mask size differs from its image (rescaled)", report.mask_size_mismatch),
+        ("mask not binary (binarised at > 128)", report.mask_nonbinary),
+        ("label rows with melanoma = seborrheic_keratosis = 1", report.both_labels),
+    ]
+    for name, items in checks:
+        shown = ", ".join(str(i[0] if isinstance(i, tuple) else i) for i in items[:3])
+        table.add_row(name, str(len(items)), shown + (" ..." if len(items) > 3 else ""))
+    console.print(table)
+    for source, message in report.failed:
+        console.print(f"[red]skipped[/] {message}", highlight=False)

@@ -1,0 +1,264 @@
+"""Score predictions against ground truth: read CSVs and mask folders, call metrics, report.
+
+`score()` returns a plain dict whose keys scripts depend on (written by `dermtool score --json`);
+`render()` draws the same numbers as rich tables.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from rich.table import Table
+
+from dermtool import CLASS_NAMES
+from dermtool import io, metrics
+from dermtool.errors import InputError
+
+#: How many missing ids an error message lists before "..." (keeps it one readable sentence).
+_IDS_SHOWN = 3
+#: Class names as table labels, short enough for an 80-column terminal.
+_SHORT_NAMES = {"seborrheic_keratosis": "seb. keratosis"}
+
+
+def score(
+    pred_csv: Path | None,
+    truth_csv: Path | None,
+    pred_masks: Path | None = None,
+    truth_masks: Path | None = None,
+    bootstrap: int = 0,
+    seed: int = 0,
+) -> dict[str, Any]:
+    """Score classification (two CSVs) and/or segmentation (two mask folders).
+
+    Args:
+        pred_csv, truth_csv: ISIC 2017 Part 3 CSVs; both None skips classification.
+        pred_masks, truth_masks: folders of `<image_id>_segmentation.png`; both None skips
+            segmentation. Every truth mask is scored; a missing prediction scores 0.
+        bootstrap: number of bootstrap resamples of the images for 95 % intervals of JAC and
+            BACC (0: no intervals).
+        seed: seed of the bootstrap.
+
+    Returns:
+        {"segmentation": dict | None, "classification": dict | None,
+         "mean_performance": (JAC + BACC) / 2 or None, "bootstrap": dict | None}.
+
+    Raises:
+        InputError: any bad input, with one sentence naming the file.
+    """
+    if (pred_csv is None) != (truth_csv is None):
+        raise InputError("Classification needs both a predictions CSV and a truth CSV.")
+    if (pred_masks is None) != (truth_masks is None):
+        raise InputError("Segmentation needs both --pred-masks and --truth-masks folders.")
+    if pred_csv is None and pred_masks is None:
+        raise InputError("Nothing to score: give two CSVs and/or two mask folders.")
+    if bootstrap < 0:
+        raise InputError(f"--bootstrap must be 0 or more, not {bootstrap}.")
+    classification = None
+    if pred_csv is not None:
+        classification = score_classification(pred_csv, truth_csv, bootstrap=bootstrap, seed=seed)
+    segmentation = None
+    if pred_masks is not None:
+        segmentation = score_segmentation(pred_masks, truth_masks, bootstrap=bootstrap, seed=seed)
+    mean_performance = None
+    if classification is not None and segmentation is not None:
+        # Thesis eq. 11: one number for the joint task.
+        mean_performance = (segmentation["jac"] + classification["bacc"]) / 2.0
+    return _plain(
+        {
+            "segmentation": segmentation,
+            "classification": classification,
+            "mean_performance": mean_performance,
+            "bootstrap": {"n_resamples": bootstrap, "seed": seed} if bootstrap else None,
+        }
+    )
+
+
+def score_classification(
+    pred_csv: Path, truth_csv: Path, bootstrap: int = 0, seed: int = 0
+) -> dict[str, Any]:
+    """Classification metrics of every truth image; the predictions must cover all of them.
+
+    True and predicted classes are the argmax over (melanoma, seborrheic_keratosis, nevus).
+    Prediction rows for images not in the truth are ignored.
+    """
+    truth = io.read_class_csv(Path(truth_csv), role="truth")
+    pred = io.read_class_csv(Path(pred_csv), role="predictions")
+    ids = list(truth)
+    missing = [image_id for image_id in ids if image_id not in pred]
+    if missing:
+        raise InputError(
+            f"The predictions CSV {pred_csv} has no row for {len(missing)} image(s) of the "
+            f"truth CSV {truth_csv}: {_some(missing)}."
+        )
+    truth_probs = np.stack([truth[image_id] for image_id in ids])
+    pred_probs = np.stack([pred[image_id] for image_id in ids])
+    y_true = metrics.to_labels(truth_probs)
+    y_pred = metrics.to_labels(pred_probs)
+    cm = metrics.confusion_matrix(y_true, y_pred, n_classes=len(CLASS_NAMES))
+    per_class = {}
+    for k, (name, stats) in enumerate(zip(CLASS_NAMES, metrics.per_class_stats(cm))):
+        stats["auc"] = metrics.roc_auc(y_true == k, pred_probs[:, k])
+        per_class[name] = stats
+    result = {
+        "bacc": metrics.balanced_accuracy(cm),
+        "accuracy": metrics.accuracy(cm),
+        "n_images": len(ids),
+        "classes": list(CLASS_NAMES),
+        "confusion": cm.tolist(),
+        "per_class": per_class,
+        "per_image": {
+            image_id: {"true": CLASS_NAMES[t], "pred": CLASS_NAMES[p]}
+            for image_id, t, p in zip(ids, y_true, y_pred)
+        },
+        "bacc_ci95": None,
+    }
+    if bootstrap:
+        result["bacc_ci95"] = metrics.bootstrap_ci(
+            lambda idx: metrics.balanced_accuracy(
+                metrics.confusion_matrix(y_true[idx], y_pred[idx], n_classes=len(CLASS_NAMES))
+            ),
+            len(ids),
+            bootstrap,
+            seed=seed,
+        )
+    return result
+
+
+def score_segmentation(
+    pred_masks: Path, truth_masks: Path, bootstrap: int = 0, seed: int = 0
+) -> dict[str, Any]:
+    """Segmentation metrics over every truth mask in `truth_masks`.
+
+    A truth mask without a prediction scores JAC = Dice = 0 and is counted in `n_missing`;
+    a prediction of another size than its truth mask is an error (never a silent resize).
+    """
+    for folder, role in ((pred_masks, "predicted"), (truth_masks, "truth")):
+        if not Path(folder).is_dir():
+            raise InputError(f"The {role} mask folder {folder} does not exist or is not a folder.")
+    truth_paths = io.find_masks(Path(truth_masks))
+    pred_paths = io.find_masks(Path(pred_masks))
+    if not truth_paths:
+        raise InputError(
+            f"The truth mask folder {truth_masks} has no files named <image_id>{io.MASK_SUFFIX}."
+        )
+    jacs, dices = [], []
+    n_missing = n_empty_pred = 0
+    for image_id, truth_path in truth_paths.items():
+        truth = io.read_mask(truth_path)
+        if image_id not in pred_paths:
+            n_missing += 1
+            jacs.append(0.0)
+            dices.append(0.0)
+            continue
+        pred = _read_pred_mask(pred_paths[image_id], truth_path, truth.shape)
+        n_empty_pred += int(truth.any() and not pred.any())
+        jacs.append(metrics.jaccard(pred, truth))
+        dices.append(metrics.dice(pred, truth))
+    jac_values = np.array(jacs)
+    result = {
+        "jac": float(jac_values.mean()),
+        "dice": float(np.mean(dices)),
+        "jac_thresholded": metrics.thresholded_jaccard(jac_values),
+        "frac_below_065": float(np.mean(jac_values < metrics.JAC_THRESHOLD)),
+        "n_images": len(jacs),
+        "n_missing": n_missing,
+        "n_empty_pred": n_empty_pred,
+        "per_image": dict(zip(truth_paths, jacs)),
+        "jac_ci95": None,
+    }
+    if bootstrap:
+        result["jac_ci95"] = metrics.bootstrap_ci(
+            lambda idx: jac_values[idx].mean(), len(jacs), bootstrap, seed=seed
+        )
+    return result
+
+
+def _read_pred_mask(pred_path: Path, truth_path: Path, shape: tuple[int, ...]) -> np.ndarray:
+    """Read a predicted mask and check that its size matches the truth mask's."""
+    pred = io.read_mask(pred_path)
+    if pred.shape != shape:
+        raise InputError(
+            f"The predicted mask {pred_path} is {pred.shape[1]}x{pred.shape[0]} pixels but its "
+            f"truth mask {truth_path} is {shape[1]}x{shape[0]}; masks must be at the original "
+            "image size."
+        )
+    return pred
+
+
+def _some(ids: list[str]) -> str:
+    """The first few ids, comma separated, with "..." when there are more."""
+    shown = ", ".join(ids[:_IDS_SHOWN])
+    return shown + (", ..." if len(ids) > _IDS_SHOWN else "")
+
+
+def _plain(value: Any) -> Any:
+    """Turn numpy scalars, tuples and nan into JSON-ready Python values (nan -> None)."""
+    if isinstance(value, dict):
+        return {str(key): _plain(item) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain(item) for item in value]
+    if isinstance(value, (np.integer, np.bool_)):
+        return int(value)
+    if isinstance(value, (float, np.floating)):
+        return None if math.isnan(value) else float(value)
+    return value
+
+
+def write_json(result: dict[str, Any], path: Path) -> None:
+    """Write a `score()` result as indented JSON (null for undefined numbers)."""
+    Path(path).write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
+
+
+def _fmt(value: float | None, digits: int = 4) -> str:
+    return "n/a" if value is None else f"{value:.{digits}f}"
+
+
+def _fmt_ci(ci: list[float] | None) -> str:
+    return "" if not ci or None in ci else f"[{ci[0]:.4f}, {ci[1]:.4f}]"
+
+
+def render(result: dict[str, Any], console) -> None:
+    """Print a `score()` result as rich tables on `console` (a `rich.console.Console`)."""
+    seg, cls = result["segmentation"], result["classification"]
+    if seg is not None:
+        table = Table(title=f"Segmentation ({seg['n_images']} images)", title_justify="left")
+        table.add_column("metric")
+        table.add_column("value", justify="right")
+        table.add_column("95 % CI", justify="right")
+        table.add_row("Jaccard (mean)", _fmt(seg["jac"]), _fmt_ci(seg["jac_ci95"]))
+        table.add_row("Dice (mean)", _fmt(seg["dice"]), "")
+        table.add_row("thresholded Jaccard (ISIC 2018)", _fmt(seg["jac_thresholded"]), "")
+        table.add_row("images with Jaccard < 0.65", _fmt(seg["frac_below_065"], 3), "")
+        table.add_row("missing predictions (scored 0)", str(seg["n_missing"]), "")
+        table.add_row("empty predictions, lesion in truth", str(seg["n_empty_pred"]), "")
+        console.print(table)
+    if cls is not None:
+        _render_classification(cls, console)
+    if result["mean_performance"] is not None:
+        console.print(f"mean performance (JAC + BACC) / 2 = {_fmt(result['mean_performance'])}")
+
+
+def _render_classification(cls: dict[str, Any], console) -> None:
+    title = (
+        f"Classification ({cls['n_images']} images): BACC {_fmt(cls['bacc'])} "
+        f"{_fmt_ci(cls['bacc_ci95'])}  accuracy {_fmt(cls['accuracy'])}"
+    )
+    table = Table(title=title, title_justify="left")
+    for column in ("class", "SE", "SP", "ACC", "AUC", "TP", "FN", "FP", "TN"):
+        table.add_column(column, justify="left" if column == "class" else "right")
+    for name, stats in cls["per_class"].items():
+        rates = [_fmt(stats[key]) for key in ("sensitivity", "specificity", "accuracy", "auc")]
+        counts = [str(stats[key]) for key in ("tp", "fn", "fp", "tn")]
+        table.add_row(_SHORT_NAMES.get(name, name), *rates, *counts)
+    console.print(table)
+    confusion = Table(title="Confusion matrix (rows true, columns predicted)", title_justify="left")
+    confusion.add_column("")
+    for name in cls["classes"]:
+        confusion.add_column(_SHORT_NAMES.get(name, name), justify="right")
+    for name, row in zip(cls["classes"], cls["confusion"]):
+        confusion.add_row(_SHORT_NAMES.get(name, name), *map(str, row))
+    console.print(confusion)

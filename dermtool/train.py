@@ -1,0 +1,398 @@
+"""One training loop for the seg, cls and joint variants.
+
+`train(model_cfg, train_cfg, train_cache, val_cache, out_dir)` writes a run folder:
+
+    config.json          model + train config (rebuilds the model for inference)
+    best.weights.h5      the epoch chosen on validation (JAC / BACC / mean performance)
+    last.weights.h5      the latest epoch, with optimizer.npz and state.json for --resume
+    history.csv          one row per epoch: losses, validation metrics, learning rate, seconds
+    logs/                TensorBoard
+    command.txt          the exact command line
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+import time
+from dataclasses import asdict, replace
+from pathlib import Path
+
+import keras
+import numpy as np
+
+from dermtool.augment import augment_batch
+from dermtool.config import ModelConfig, TrainConfig, load_config, save_config
+from dermtool.data import Cache, load_cache
+from dermtool.errors import InputError
+
+HISTORY_FIELDS = ["epoch", "loss", "seg_loss", "cls_loss", "val_loss", "val_jac", "val_bacc",
+                  "val_mean_performance", "val_mel_sensitivity", "lr", "seconds", "best"]
+
+
+def check_cache(cache: Cache, cfg: ModelConfig, needs_masks: bool, needs_labels: bool, log) -> bool:
+    """Whether batches must be resized on the fly; raises when the cache cannot serve the model."""
+    where = cache.folder
+    if needs_masks and (cache.masks is None or not cache.has_mask.all()):
+        raise InputError(f"{where}: this task needs a mask for every image; preprocess with --masks.")
+    if needs_labels and (cache.labels < 0).any():
+        missing = [cache.ids[i] for i in np.flatnonzero(cache.labels < 0)[:3]]
+        raise InputError(f"{where}: this task needs a label for every image (missing e.g. {', '.join(missing)}).")
+    if cache.fit != cfg.fit or int(cache.meta.get("margin", 0)) != cfg.margin:
+        raise InputError(
+            f"{where}: cache made with fit={cache.fit}, margin={cache.meta.get('margin', 0)} but the model needs "
+            f"fit={cfg.fit}, margin={cfg.margin}; run dermtool preprocess --fit {cfg.fit} --size {cfg.size} "
+            f"--margin {cfg.margin}.")
+    if cache.size != cfg.size:
+        if cfg.margin:
+            raise InputError(f"{where}: cache size {cache.size} differs from the model's {cfg.size}; "
+                             f"preprocess again with --size {cfg.size}.")
+        log(f"note: {where} holds {cache.size} px images; resizing each batch to {cfg.size} px on the fly "
+            f"(preprocess with --size {cfg.size} to skip this work)")
+        return True
+    return False
+
+
+def _resize_batch(arr: np.ndarray, size: int, is_mask: bool) -> np.ndarray:
+    from dermtool.preprocess import _resize
+
+    if is_mask:
+        return np.stack([_resize(m.astype(np.float32), size, size) >= 0.5 for m in arr]).astype(np.uint8)
+    return np.stack([_resize(np.ascontiguousarray(a), size, size) for a in arr])
+
+
+def make_batches(cache: Cache, cfg: ModelConfig, indices: np.ndarray, resize: bool):
+    """Raw batch (uint8 images, {0,1} masks or None, int labels) for the given indices."""
+    idx = np.sort(indices)  # sorted reads are sequential on the memory map
+    images = np.asarray(cache.images[idx])
+    masks = np.asarray(cache.masks[idx]) if (cfg.has_seg and cache.masks is not None) else None
+    if resize:
+        images = _resize_batch(images, cfg.input_size, False)
+        masks = None if masks is None else _resize_batch(masks, cfg.size, True)
+    return images, masks, cache.labels[idx]
+
+
+def _targets(cfg: ModelConfig, masks, labels, aug_masks=None) -> dict:
+    y = {}
+    if cfg.has_seg:
+        m = masks if aug_masks is None else aug_masks
+        y["seg"] = m[..., None].astype(np.float32)
+    if cfg.has_cls:
+        y["cls"] = np.eye(len(cfg.class_names), dtype=np.float32)[labels]
+    return y
+
+
+def training_sequence(cache: Cache, cfg: ModelConfig, tcfg: TrainConfig, resize: bool, first_epoch: int = 0):
+    """A keras PyDataset: shuffled each epoch, augmented per sample.
+
+    Randomness is drawn from generators seeded by (seed, epoch, batch), so every epoch differs,
+    a seeded run repeats exactly, and a resumed run continues as if never stopped.
+    """
+
+    class Batches(keras.utils.PyDataset):
+        def __init__(self):
+            super().__init__(workers=1, use_multiprocessing=False)
+            self.epoch = first_epoch
+
+        def __len__(self):
+            return math.ceil(len(cache) / tcfg.batch_size)
+
+        def __getitem__(self, i):
+            order = np.random.default_rng([tcfg.seed, self.epoch]).permutation(len(cache))
+            take = order[i * tcfg.batch_size:(i + 1) * tcfg.batch_size]
+            images, masks, labels = make_batches(cache, cfg, take, resize)
+            # input and target are centred squares, so one dihedral map aligns both (valid models too)
+            rng = np.random.default_rng([tcfg.seed, self.epoch, i])
+            x, aug_masks, _ = augment_batch(images, masks, rng, tcfg.augment)
+            return x, _targets(cfg, masks, labels, aug_masks)
+
+        def on_epoch_end(self):
+            self.epoch += 1
+
+    return Batches()
+
+
+def predict_cache(model, cache: Cache, cfg: ModelConfig, resize: bool, batch_size: int = 16) -> dict:
+    """Model outputs over a whole cache, in order: {"seg": (N, s, s), "cls": (N, 3)}."""
+    segs, clss = [], []
+    for start in range(0, len(cache), batch_size):
+        idx = np.arange(start, min(start + batch_size, len(cache)))
+        images, _, _ = make_batches(cache, cfg, idx, resize)
+        out = model(images.astype(np.float32), training=False)
+        if "seg" in out:
+            segs.append(np.asarray(out["seg"])[..., 0])
+        if "cls" in out:
+            clss.append(np.asarray(out["cls"]))
+    return {k: np.concatenate(v) for k, v in (("seg", segs), ("cls", clss)) if v}
+
+
+def validation_metrics(pred: dict, cache: Cache, cfg: ModelConfig, resize: bool) -> dict:
+    """Per-image JAC and BACC with the same functions `dermtool score` uses."""
+    from dermtool.metrics import balanced_accuracy, confusion_matrix, jaccard, per_class_stats
+
+    result = {}
+    if "seg" in pred:
+        truth = np.asarray(cache.masks) if not resize else _resize_batch(np.asarray(cache.masks), cfg.size, True)
+        jacs = [jaccard(p >= cfg.threshold, t.astype(bool)) for p, t in zip(pred["seg"], truth)]
+        result["val_jac"] = float(np.mean(jacs))
+    if "cls" in pred:
+        cm = confusion_matrix(cache.labels, np.argmax(pred["cls"], axis=1), len(cfg.class_names))
+        result["val_bacc"] = float(balanced_accuracy(cm))
+        result["val_mel_sensitivity"] = float(per_class_stats(cm)[0]["sensitivity"])
+    if "val_jac" in result and "val_bacc" in result:
+        result["val_mean_performance"] = (result["val_jac"] + result["val_bacc"]) / 2
+    return result
+
+
+def selection_metric(cfg: ModelConfig) -> str:
+    return {"seg": "val_jac", "cls": "val_bacc", "joint": "val_mean_performance"}[cfg.task]
+
+
+def _strategy(name: str):
+    import tensorflow as tf
+
+    if name == "mirrored":
+        return tf.distribute.MirroredStrategy()
+    if name == "multiworker":
+        return tf.distribute.MultiWorkerMirroredStrategy()
+    if name == "default":
+        return tf.distribute.get_strategy()
+    raise InputError(f"unknown strategy {name!r}; choose default, mirrored or multiworker.")
+
+
+def _save_optimizer(optimizer, path: Path) -> None:
+    arrays = {f"v{i}": np.asarray(v) for i, v in enumerate(optimizer.variables)}
+    tmp = path.with_name(path.name + ".tmp.npz")
+    np.savez(tmp, **arrays)
+    tmp.replace(path)
+
+
+def _load_optimizer(optimizer, model, path: Path) -> None:
+    optimizer.build(model.trainable_variables)
+    saved = np.load(path)
+    if len(saved.files) != len(optimizer.variables):
+        raise InputError(f"{path}: optimizer state does not match this model; cannot resume.")
+    for i, v in enumerate(optimizer.variables):
+        v.assign(saved[f"v{i}"])
+
+
+def transfer_weights(model, source_dir: Path, freeze: str, log) -> list[str]:
+    """Copy layers with matching names and shapes from another run's best weights."""
+    src_cfg, _, _ = load_config(source_dir)
+    from dermtool.models import build_model
+
+    source = build_model(src_cfg)
+    source.load_weights(str(weights_file(source_dir)))
+    copied = []
+    src_layers = {l.name: l for l in source.layers}
+    for layer in model.layers:
+        other = src_layers.get(layer.name)
+        if other is None or not layer.weights:
+            continue
+        if [w.shape for w in layer.weights] != [w.shape for w in other.weights]:
+            continue
+        layer.set_weights(other.get_weights())
+        copied.append(layer.name)
+    log(f"init-from {source_dir}: copied {len(copied)} layers")
+    return copied
+
+
+def apply_freeze(model, freeze: str) -> None:
+    from dermtool.models import decoder_layer_names, encoder_layer_names
+
+    names = {"encoder": encoder_layer_names(model), "decoder": decoder_layer_names(model)}.get(freeze, [])
+    for layer in model.layers:
+        if layer.name in names:
+            layer.trainable = False
+
+
+def weights_file(run_dir: Path) -> Path:
+    """The weights a model folder is used with: best epoch of a run, or a bundled model."""
+    run_dir = Path(run_dir)
+    for name in ("best.weights.h5", "model.weights.h5", "last.weights.h5"):
+        if (run_dir / name).is_file():
+            return run_dir / name
+    raise InputError(f"{run_dir}: no weights (best.weights.h5 or model.weights.h5) in this folder.")
+
+
+def train(cfg: ModelConfig, tcfg: TrainConfig, train_cache: Path, val_cache: Path | None, out_dir: Path,
+          resume: bool = False, log=print, progress: bool = True) -> Path:
+    """Train and validate every epoch; returns the run folder. See the module docstring."""
+    out_dir = Path(out_dir)
+    state_path = out_dir / "state.json"
+    if resume:
+        if not state_path.is_file():
+            raise InputError(f"{out_dir}: nothing to resume (no state.json); start without --resume.")
+        cfg, saved_tcfg, _ = load_config(out_dir)
+        tcfg = replace(saved_tcfg, epochs=tcfg.epochs or saved_tcfg.epochs)
+    elif state_path.is_file():
+        raise InputError(f"{out_dir}: already holds a run; use --resume to continue it or choose another --out.")
+
+    import tensorflow as tf
+
+    keras.utils.set_random_seed(tcfg.seed)
+    gpus = tf.config.list_physical_devices("GPU")
+    if tcfg.mixed_precision:
+        if gpus:
+            keras.mixed_precision.set_global_policy("mixed_float16")
+        else:
+            log("note: --mixed-precision needs a GPU; training in float32 on the CPU")
+    log(f"devices: {len(gpus)} GPU(s)" if gpus else "devices: CPU")
+
+    tr = load_cache(train_cache)
+    va = load_cache(val_cache) if val_cache else None
+    resize_tr = check_cache(tr, cfg, cfg.has_seg, cfg.has_cls, log)
+    resize_va = check_cache(va, cfg, cfg.has_seg, cfg.has_cls, log) if va is not None else False
+
+    weights = tuple(tcfg.class_weights)
+    if cfg.has_cls and not weights:
+        from dermtool.losses import class_weights_from_labels
+
+        weights = tuple(round(float(w), 6) for w in class_weights_from_labels(tr.labels, len(cfg.class_names)))
+        tcfg = replace(tcfg, class_weights=weights)
+    if cfg.has_cls:
+        log("class weights W_c = N / (3 n_c): " + ", ".join(f"{n} {w:.3f}" for n, w in zip(cfg.class_names, weights)))
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    save_config(out_dir / "config.json", cfg, tcfg)
+    if tcfg.command:
+        with open(out_dir / "command.txt", "a") as fh:
+            fh.write(tcfg.command + "\n")
+
+    from dermtool.losses import build_losses
+    from dermtool.models import build_model
+
+    strategy = _strategy(tcfg.strategy)
+    with strategy.scope():
+        model = build_model(cfg)
+        if tcfg.init_from and not resume:
+            transfer_weights(model, Path(tcfg.init_from), tcfg.freeze, log)
+        apply_freeze(model, tcfg.freeze)
+        losses, loss_weights = build_losses(cfg.has_seg, cfg.has_cls, tcfg.alpha,
+                                            tcfg.seg_loss == "bce+dice", weights or (1, 1, 1))
+        optimizer = keras.optimizers.Adam(tcfg.learning_rate)
+        model.compile(optimizer=optimizer, loss=losses, loss_weights=loss_weights)
+
+    state = {"epoch": 0, "lr": tcfg.learning_rate, "wait": 0, "best_val_loss": None,
+             "best_metric": None, "best_epoch": None}
+    if resume:
+        state = json.loads(state_path.read_text())
+        model.load_weights(str(out_dir / "last.weights.h5"))
+        _load_optimizer(optimizer, model, out_dir / "optimizer.npz")
+        log(f"resuming {out_dir} after epoch {state['epoch']} (lr {state['lr']:.3g})")
+    optimizer.learning_rate.assign(state["lr"])
+    if state["epoch"] >= tcfg.epochs:
+        log(f"{out_dir}: all {tcfg.epochs} epochs already done")
+        return out_dir
+
+    batches = training_sequence(tr, cfg, tcfg, resize_tr, first_epoch=state["epoch"])
+    metric_name = selection_metric(cfg)
+    callback = EpochEnd(model, cfg, tcfg, va, resize_va, losses, loss_weights, out_dir, state, metric_name, log)
+    callbacks = [callback]
+    try:
+        import tensorboard  # noqa: F401  (keras needs it to write summaries)
+
+        callbacks.append(keras.callbacks.TensorBoard(str(out_dir / "logs"), write_graph=False, update_freq="epoch"))
+    except ImportError:
+        log("note: tensorboard is not installed; no TensorBoard logs (history.csv has every number)")
+    model.fit(batches, epochs=tcfg.epochs, initial_epoch=state["epoch"], verbose=1 if progress else 0,
+              callbacks=callbacks)
+    log(f"done: best epoch {state['best_epoch']} ({metric_name} {state['best_metric']}) -> {out_dir / 'best.weights.h5'}")
+    return out_dir
+
+
+class EpochEnd(keras.callbacks.Callback):
+    """Validation with the scorer's metrics, LR plateau, checkpoints and history, every epoch."""
+
+    def __init__(self, model, cfg, tcfg, val, resize_val, losses, loss_weights, out_dir, state, metric_name, log):
+        super().__init__()
+        self.m, self.cfg, self.tcfg, self.val, self.resize_val = model, cfg, tcfg, val, resize_val
+        self.losses, self.loss_weights = losses, loss_weights
+        self.out_dir, self.state, self.metric_name, self.log = out_dir, state, metric_name, log
+        self.started = time.perf_counter()
+
+    def on_epoch_begin(self, epoch, logs=None):
+        self.started = time.perf_counter()
+
+    def _val_loss(self, pred: dict) -> float:
+        total = 0.0
+        truth = {}
+        if "seg" in pred:
+            masks = np.asarray(self.val.masks)
+            if self.resize_val:
+                masks = _resize_batch(masks, self.cfg.size, True)
+            truth["seg"] = masks[..., None].astype(np.float32)
+        if "cls" in pred:
+            truth["cls"] = np.eye(len(self.cfg.class_names), dtype=np.float32)[self.val.labels]
+        for key, fn in self.losses.items():
+            p = pred[key][..., None] if key == "seg" else pred[key]
+            total += self.loss_weights[key] * float(fn(truth[key], p))
+        return total
+
+    def on_epoch_end(self, epoch, logs=None):
+        logs = dict(logs or {})
+        row = {"epoch": epoch + 1, "loss": logs.get("loss"), "seg_loss": logs.get("seg_loss"),
+               "cls_loss": logs.get("cls_loss"), "lr": float(np.asarray(self.m.optimizer.learning_rate))}
+        st = self.state
+        if self.val is not None:
+            pred = predict_cache(self.m, self.val, self.cfg, self.resize_val)
+            row.update(validation_metrics(pred, self.val, self.cfg, self.resize_val))
+            row["val_loss"] = self._val_loss(pred)
+            monitored = row["val_loss"]
+        else:
+            monitored = row["loss"]
+        # learning-rate plateau (x0.8 after 5 epochs without a better validation loss)
+        if st["best_val_loss"] is None or monitored < st["best_val_loss"]:
+            st["best_val_loss"], st["wait"] = monitored, 0
+        else:
+            st["wait"] += 1
+            if st["wait"] >= self.tcfg.lr_patience:
+                st["lr"] = st["lr"] * self.tcfg.lr_factor
+                self.m.optimizer.learning_rate.assign(st["lr"])
+                st["wait"] = 0
+                self.log(f"learning rate reduced to {st['lr']:.3g}")
+        score = row.get(self.metric_name, -monitored)
+        improved = st["best_metric"] is None or score > st["best_metric"]
+        if improved:
+            st["best_metric"], st["best_epoch"] = float(score), epoch + 1
+            _atomic_save_weights(self.m, self.out_dir / "best.weights.h5")
+        row["best"] = int(improved)
+        row["seconds"] = round(time.perf_counter() - self.started, 1)
+        _atomic_save_weights(self.m, self.out_dir / "last.weights.h5")
+        _save_optimizer(self.m.optimizer, self.out_dir / "optimizer.npz")
+        st["epoch"] = epoch + 1
+        _append_history(self.out_dir / "history.csv", row)
+        tmp = self.out_dir / "state.json.tmp"
+        tmp.write_text(json.dumps(st, indent=2))
+        tmp.replace(self.out_dir / "state.json")  # written last: it marks a complete epoch
+        self.log(_summary(row))
+
+
+def _atomic_save_weights(model, path: Path) -> None:
+    tmp = path.with_name(path.name.replace(".weights.h5", ".tmp.weights.h5"))
+    model.save_weights(str(tmp))
+    tmp.replace(path)
+
+
+def _append_history(path: Path, row: dict) -> None:
+    new = not path.is_file()
+    with open(path, "a", newline="") as fh:
+        writer = csv.DictWriter(fh, fieldnames=HISTORY_FIELDS, extrasaction="ignore")
+        if new:
+            writer.writeheader()
+        writer.writerow({k: ("" if v is None else (round(v, 5) if isinstance(v, float) else v)) for k, v in row.items()})
+
+
+def _summary(row: dict) -> str:
+    parts = [f"epoch {row['epoch']}", f"loss {row['loss']:.4f}"]
+    for key, label in (("val_loss", "val_loss"), ("val_jac", "JAC"), ("val_bacc", "BACC"),
+                       ("val_mean_performance", "mean"), ("val_mel_sensitivity", "mel SE")):
+        if row.get(key) is not None:
+            parts.append(f"{label} {row[key]:.4f}")
+    parts += [f"lr {row['lr']:.3g}", f"{row['seconds']:.0f}s", "*best*" if row["best"] else ""]
+    return "  ".join(p for p in parts if p)
+
+
+def config_summary(cfg: ModelConfig, tcfg: TrainConfig) -> str:
+    return json.dumps({"model": asdict(cfg), "train": asdict(tcfg)}, indent=1)

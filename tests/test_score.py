@@ -1,0 +1,384 @@
+"""`dermtool score`: the numbers on a case worked by hand, the JSON schema, and every bad input
+through the real command (exit code 2, one sentence naming the file)."""
+
+from __future__ import annotations
+
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+from typer.testing import CliRunner
+
+from dermtool import io
+from dermtool.cli import app
+from dermtool.score import score
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+ISIC_VAL = REPO_ROOT.parent / "shared" / "data" / "isic2017" / "val"
+
+# --- the hand-worked case -----------------------------------------------------------------
+# Classification: the confusion matrix of tests/test_metrics.py (BACC 29/45, accuracy 6/10).
+TRUE_CLASSES = [0, 0, 0, 1, 1, 2, 2, 2, 2, 2]
+# (melanoma, seborrheic_keratosis, nevus); argmax per row = 0,1,2,1,1,2,2,0,2,1.
+PRED_PROBS = [
+    (0.7, 0.2, 0.1), (0.3, 0.6, 0.1), (0.3, 0.1, 0.6), (0.1, 0.8, 0.1), (0.2, 0.5, 0.3),
+    (0.1, 0.1, 0.8), (0.3, 0.2, 0.5), (0.6, 0.1, 0.3), (0.2, 0.3, 0.5), (0.1, 0.6, 0.3),
+]
+# AUCs by pair counting (ties half): melanoma 18/21, SK 14/16, nevus 20/25.
+AUC_HAND = {"melanoma": 6 / 7, "seborrheic_keratosis": 7 / 8, "nevus": 4 / 5}
+IDS = [f"ISIC_{i:07d}" for i in range(len(TRUE_CLASSES))]
+
+# Segmentation: four truth masks.
+#   ISIC_0000000: the 1/3 pair of test_metrics        -> JAC 1/3, Dice 1/2
+#   ISIC_0000001: both empty                          -> 1, 1
+#   ISIC_0000002: truth lesion, no prediction file    -> 0, 0 (missing)
+#   ISIC_0000003: truth lesion, empty prediction      -> 0, 0
+# JAC = (1/3 + 1 + 0 + 0) / 4 = 1/3; Dice = 1.5 / 4; thresholded = 1/4; 3 of 4 below 0.65.
+MASK_A_PRED = np.array([[1, 1, 0], [1, 1, 0], [0, 0, 0]], dtype=bool)
+MASK_A_TRUTH = np.array([[0, 1, 1], [0, 1, 1], [0, 0, 0]], dtype=bool)
+MASK_PLUS = np.array([[0, 1, 0], [1, 1, 1], [0, 1, 0]], dtype=bool)
+EMPTY = np.zeros((3, 3), dtype=bool)
+
+runner = CliRunner()
+
+
+def write_csv(path: Path, header: list[str], rows: list[list]) -> Path:
+    path.write_text("\n".join(",".join(map(str, row)) for row in [header, *rows]) + "\n")
+    return path
+
+
+def write_mask(path: Path, mask: np.ndarray) -> Path:
+    Image.fromarray(np.where(mask, 255, 0).astype(np.uint8)).save(path)
+    return path
+
+
+@pytest.fixture
+def hand_case(tmp_path: Path) -> dict[str, Path]:
+    """The hand-worked case on disk: truth.csv (ISIC format), pred.csv (dermtool format with
+    nevus and label columns), truth_masks/ and pred_masks/."""
+    truth_rows = [[i, float(c == 0), float(c == 1)] for i, c in zip(IDS, TRUE_CLASSES)]
+    pred_rows = [[i, *p, "x"] for i, p in zip(IDS, PRED_PROBS)]
+    truth_dir, pred_dir = tmp_path / "truth_masks", tmp_path / "pred_masks"
+    truth_dir.mkdir()
+    pred_dir.mkdir()
+    truth_masks = [MASK_A_TRUTH, EMPTY, MASK_PLUS, MASK_PLUS]
+    pred_masks = {0: MASK_A_PRED, 1: EMPTY, 3: EMPTY, 9: MASK_PLUS}  # 9 has no truth: ignored
+    for k, mask in enumerate(truth_masks):
+        write_mask(truth_dir / f"{IDS[k]}_segmentation.png", mask)
+    for k, mask in pred_masks.items():
+        write_mask(pred_dir / f"{IDS[k]}_segmentation.png", mask)
+    (truth_dir / "README.txt").write_text("not a mask, and not named like one")
+    return {
+        "truth": write_csv(tmp_path / "truth.csv", list(io.REQUIRED_COLUMNS), truth_rows),
+        "pred": write_csv(
+            tmp_path / "pred.csv",
+            ["image_id", "melanoma", "seborrheic_keratosis", "nevus", "label"],
+            pred_rows,
+        ),
+        "truth_masks": truth_dir,
+        "pred_masks": pred_dir,
+        "dir": tmp_path,
+    }
+
+
+def run_score(case: dict[str, Path], *extra: str, masks: bool = True):
+    args = ["score", str(case["pred"]), str(case["truth"])]
+    if masks:
+        args += ["--pred-masks", str(case["pred_masks"]), "--truth-masks", str(case["truth_masks"])]
+    return runner.invoke(app, [*args, *extra])
+
+
+# --- numbers ------------------------------------------------------------------------------
+
+
+def test_score_hand_case_through_cli_json(hand_case):
+    json_path = hand_case["dir"] / "out" / "score.json"
+    json_path.parent.mkdir()
+    result = run_score(hand_case, "--json", str(json_path))
+    assert result.exit_code == 0, result.output
+    assert "Jaccard" in result.output and "BACC" in result.output
+    report = json.loads(json_path.read_text())
+
+    seg = report["segmentation"]
+    assert seg["jac"] == pytest.approx(1 / 3)
+    assert seg["dice"] == pytest.approx(1.5 / 4)
+    assert seg["jac_thresholded"] == pytest.approx(1 / 4)
+    assert seg["frac_below_065"] == pytest.approx(3 / 4)
+    assert (seg["n_images"], seg["n_missing"], seg["n_empty_pred"]) == (4, 1, 1)
+    assert seg["per_image"] == pytest.approx(dict(zip(IDS[:4], [1 / 3, 1.0, 0.0, 0.0])))
+
+    cls = report["classification"]
+    assert cls["bacc"] == pytest.approx(29 / 45)
+    assert cls["accuracy"] == pytest.approx(0.6)
+    assert cls["n_images"] == 10
+    assert cls["confusion"] == [[1, 1, 1], [0, 2, 0], [1, 1, 3]]
+    mel = cls["per_class"]["melanoma"]
+    assert (mel["tp"], mel["fn"], mel["fp"], mel["tn"]) == (1, 2, 1, 6)
+    assert mel["sensitivity"] == pytest.approx(1 / 3)
+    assert mel["specificity"] == pytest.approx(6 / 7)
+    assert mel["accuracy"] == pytest.approx(0.7)
+    for name, auc in AUC_HAND.items():
+        assert cls["per_class"][name]["auc"] == pytest.approx(auc), name
+    assert cls["per_image"][IDS[7]] == {"true": "nevus", "pred": "melanoma"}
+    assert report["mean_performance"] == pytest.approx((1 / 3 + 29 / 45) / 2)
+
+
+def test_json_keys_are_the_documented_schema(hand_case):
+    report = score(hand_case["pred"], hand_case["truth"], hand_case["pred_masks"],
+                   hand_case["truth_masks"])
+    assert {"segmentation", "classification", "mean_performance"} <= set(report)
+    assert {"jac", "dice", "jac_thresholded", "frac_below_065", "n_images", "n_missing",
+            "per_image"} <= set(report["segmentation"])
+    assert {"bacc", "accuracy", "n_images", "confusion", "per_class",
+            "per_image"} <= set(report["classification"])
+    assert set(report["classification"]["per_class"]) == {
+        "melanoma", "seborrheic_keratosis", "nevus"}
+    for stats in report["classification"]["per_class"].values():
+        assert set(stats) == {"sensitivity", "specificity", "accuracy", "auc",
+                              "tp", "tn", "fp", "fn"}
+    json.dumps(report, allow_nan=False)  # plain JSON: no nan, no numpy types
+
+
+def test_nevus_is_derived_when_the_column_is_absent(hand_case):
+    # ISIC-format predictions: nevus = 1 - mel - sk gives the same argmax as the explicit column.
+    rows = [[i, p[0], p[1]] for i, p in zip(IDS, PRED_PROBS)]
+    write_csv(hand_case["pred"], list(io.REQUIRED_COLUMNS), rows)
+    report = score(hand_case["pred"], hand_case["truth"])
+    assert report["classification"]["confusion"] == [[1, 1, 1], [0, 2, 0], [1, 1, 3]]
+    assert report["segmentation"] is None and report["mean_performance"] is None
+    np.testing.assert_allclose(io.read_class_csv(hand_case["pred"])[IDS[4]], [0.2, 0.5, 0.3])
+
+
+def test_undefined_numbers_are_null_in_json(hand_case):
+    # Only melanoma and nevus in the truth: SK has no sensitivity and no AUC.
+    write_csv(hand_case["truth"], list(io.REQUIRED_COLUMNS),
+              [[i, float(k < 3), 0.0] for k, i in enumerate(IDS)])
+    report = score(hand_case["pred"], hand_case["truth"])
+    sk = report["classification"]["per_class"]["seborrheic_keratosis"]
+    assert sk["sensitivity"] is None and sk["auc"] is None
+    assert sk["specificity"] == pytest.approx(6 / 10)
+
+
+def test_bootstrap_is_seeded(hand_case):
+    kwargs = dict(pred_masks=hand_case["pred_masks"], truth_masks=hand_case["truth_masks"])
+    first = score(hand_case["pred"], hand_case["truth"], bootstrap=200, seed=3, **kwargs)
+    again = score(hand_case["pred"], hand_case["truth"], bootstrap=200, seed=3, **kwargs)
+    assert first["segmentation"]["jac_ci95"] == again["segmentation"]["jac_ci95"]
+    assert first["classification"]["bacc_ci95"] == again["classification"]["bacc_ci95"]
+    low, high = first["segmentation"]["jac_ci95"]
+    assert 0.0 <= low <= 1 / 3 <= high <= 1.0
+    low, high = first["classification"]["bacc_ci95"]
+    assert low <= 29 / 45 <= high
+    assert score(hand_case["pred"], hand_case["truth"])["classification"]["bacc_ci95"] is None
+
+
+def test_read_mask_binarises_above_128_and_uses_the_first_channel(tmp_path):
+    grey = np.array([[0, 128, 129], [255, 200, 1]], dtype=np.uint8)
+    Image.fromarray(grey).save(tmp_path / "grey.png")
+    expected = [[False, False, True], [True, True, False]]
+    assert io.read_mask(tmp_path / "grey.png").tolist() == expected
+    rgb = np.zeros((2, 3, 3), dtype=np.uint8)
+    rgb[..., 0] = grey
+    rgb[..., 1] = 255  # other channels are ignored
+    Image.fromarray(rgb).save(tmp_path / "rgb.png")
+    assert io.read_mask(tmp_path / "rgb.png").tolist() == expected
+    Image.fromarray(grey > 128).save(tmp_path / "bits.png")  # 1-bit PNG
+    assert io.read_mask(tmp_path / "bits.png").tolist() == expected
+
+
+def test_write_csv_atomic_leaves_only_the_file(tmp_path):
+    target = tmp_path / "sub" / "predictions.csv"
+    io.write_csv_atomic(target, ["image_id", "melanoma"], [["a", 0.25]])
+    io.write_csv_atomic(target, ["image_id", "melanoma"], [["b", 0.5]])
+    assert target.read_text() == "image_id,melanoma\nb,0.5\n"
+    assert [p.name for p in target.parent.iterdir()] == ["predictions.csv"]
+
+
+# --- bad input: exit 2, one sentence naming the file ----------------------------------------
+
+
+def _bad_truth_rows(case, rows, header=("image_id", "melanoma", "seborrheic_keratosis")):
+    write_csv(case["truth"], list(header), rows)
+    return case["truth"]
+
+
+def _bad_pred_text(case, text):
+    case["pred"].write_text(text)
+    return case["pred"]
+
+
+def _garbage_mask(case, folder):
+    path = case[folder] / f"{IDS[0]}_segmentation.png"
+    path.write_text("this is not a PNG")
+    return path
+
+
+def _big_pred_mask(case):
+    return write_mask(case["pred_masks"] / f"{IDS[0]}_segmentation.png", np.zeros((4, 3), bool))
+
+
+BAD_INPUTS = {
+    "missing predictions CSV": (lambda c: c["pred"].unlink() or c["pred"], "does not exist"),
+    "missing truth CSV": (lambda c: c["truth"].unlink() or c["truth"], "does not exist"),
+    "missing column": (
+        lambda c: _bad_pred_text(c, "image_id,melanoma\nISIC_0000000,0.5\n"),
+        "lacks the column(s) seborrheic_keratosis",
+    ),
+    "duplicate id": (
+        lambda c: _bad_truth_rows(c, [[IDS[0], 1.0, 0.0], [IDS[1], 0.0, 0.0], [IDS[0], 0, 1]]),
+        "repeats image_id ISIC_0000000 at row 4",
+    ),
+    "nan value": (
+        lambda c: _bad_truth_rows(c, [[IDS[0], 1.0, 0.0], [IDS[1], "nan", 0.0]]),
+        "melanoma = nan at row 3",
+    ),
+    "value above 1": (
+        lambda c: _bad_pred_text(c, "image_id,melanoma,seborrheic_keratosis\nISIC_0000000,1.5,0\n"),
+        "melanoma = 1.5 at row 2",
+    ),
+    "negative value": (
+        lambda c: _bad_truth_rows(c, [[IDS[0], 0.0, -0.2]]),
+        "seborrheic_keratosis = -0.2 at row 2",
+    ),
+    "non-numeric value": (
+        lambda c: _bad_truth_rows(c, [[IDS[0], "yes", 0.0]]),
+        "non-numeric melanoma value 'yes' at row 2",
+    ),
+    "empty file": (lambda c: _bad_pred_text(c, ""), "is empty"),
+    "header only": (
+        lambda c: _bad_pred_text(c, "image_id,melanoma,seborrheic_keratosis\n"), "no rows"
+    ),
+    "truth id absent from predictions": (
+        lambda c: _bad_pred_text(c, "image_id,melanoma,seborrheic_keratosis\nISIC_0000000,1,0\n"),
+        "has no row for 9 image(s)",
+    ),
+    "non-image prediction mask": (lambda c: _garbage_mask(c, "pred_masks"), "not a readable image"),
+    "non-image truth mask": (lambda c: _garbage_mask(c, "truth_masks"), "not a readable image"),
+    "prediction of another size": (_big_pred_mask, "is 3x4 pixels but its truth mask"),
+    "missing mask folder": (
+        lambda c: (c["pred_masks"].rename(c["dir"] / "elsewhere"), c["pred_masks"])[1],
+        "predicted mask folder",
+    ),
+}
+
+
+@pytest.mark.parametrize("problem", list(BAD_INPUTS))
+def test_bad_input_exits_2_with_one_sentence_naming_the_file(hand_case, problem):
+    make_bad, fragment = BAD_INPUTS[problem]
+    bad_path = make_bad(hand_case)
+    result = run_score(hand_case)
+    assert result.exit_code == 2, result.output
+    message = result.stderr.strip()
+    assert message.startswith("error:"), message
+    assert "\n" not in message and "Traceback" not in result.output
+    assert str(bad_path) in message
+    assert fragment in message
+    assert result.exception is None or isinstance(result.exception, SystemExit)
+
+
+def test_one_mask_folder_without_the_other_is_refused(hand_case):
+    result = runner.invoke(
+        app, ["score", str(hand_case["pred"]), str(hand_case["truth"]),
+              "--pred-masks", str(hand_case["pred_masks"])]
+    )
+    assert result.exit_code == 2
+    assert "--truth-masks" in result.stderr
+
+
+def test_a_truth_folder_without_masks_is_refused(hand_case):
+    empty = hand_case["dir"] / "empty"
+    empty.mkdir()
+    result = runner.invoke(
+        app, ["score", str(hand_case["pred"]), str(hand_case["truth"]),
+              "--pred-masks", str(hand_case["pred_masks"]), "--truth-masks", str(empty)]
+    )
+    assert result.exit_code == 2
+    assert str(empty) in result.stderr and "_segmentation.png" in result.stderr
+
+
+def test_paths_with_brackets_are_printed_literally(hand_case):
+    odd = hand_case["dir"] / "[bold]run"
+    odd.mkdir()
+    result = runner.invoke(app, ["score", str(odd / "pred.csv"), str(hand_case["truth"])])
+    assert result.exit_code == 2
+    assert str(odd / "pred.csv") in result.stderr
+
+
+def test_python_m_dermtool_score_subprocess(hand_case):
+    command = [sys.executable, "-m", "dermtool", "score", str(hand_case["pred"]),
+               str(hand_case["truth"])]
+    ok = subprocess.run(command, capture_output=True, text=True, timeout=120)
+    assert ok.returncode == 0, ok.stderr
+    assert "BACC 0.6444" in ok.stdout
+    hand_case["pred"].unlink()
+    bad = subprocess.run(command, capture_output=True, text=True, timeout=120)
+    assert bad.returncode == 2
+    assert bad.stderr.count("\n") == 1 and str(hand_case["pred"]) in bad.stderr
+
+
+def test_scoring_does_not_import_tensorflow():
+    # `dermtool score` must start fast and work without the deep-learning stack.
+    code = "import sys, dermtool.cli, dermtool.score; print('tensorflow' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.stdout.strip() == "False", out.stderr
+
+
+# --- real data: the validation masks against a perturbed copy ------------------------------
+
+
+def _perturb(mask: np.ndarray, k: int) -> np.ndarray | None:
+    """Erode, shift or drop a truth mask, depending on its index."""
+    from scipy import ndimage
+
+    if k % 10 == 9:
+        return None  # no prediction at all
+    if k % 2 == 0:
+        return ndimage.binary_erosion(mask, iterations=1 + k % 7)
+    dy, dx = 3 + k % 9, -(2 + k % 5)
+    shifted = np.zeros_like(mask)
+    shifted[dy:, : mask.shape[1] + dx] = mask[: mask.shape[0] - dy, -dx:]
+    return shifted
+
+
+def _jaccard_by_sets(pred_file: Path | None, truth_file: Path) -> float:
+    """Independent Jaccard: skimage's reader and sets of flat pixel indices."""
+    from skimage import io as skio
+
+    truth = set(np.flatnonzero(skio.imread(truth_file) >= 129).tolist())
+    if pred_file is None:
+        return 0.0
+    pred = set(np.flatnonzero(skio.imread(pred_file) >= 129).tolist())
+    return 1.0 if not pred | truth else len(pred & truth) / len(pred | truth)
+
+
+@pytest.mark.skipif(not ISIC_VAL.is_dir(), reason="needs ../shared/data/isic2017/val")
+def test_real_masks_against_perturbed_copy(tmp_path):
+    truth_dir = ISIC_VAL / "masks"
+    pred_dir = tmp_path / "pred"
+    pred_dir.mkdir()
+    independent = []
+    for k, truth_file in enumerate(sorted(truth_dir.glob("*_segmentation.png"))):
+        pred = _perturb(np.asarray(Image.open(truth_file)) > 128, k)
+        pred_file = None
+        if pred is not None:
+            pred_file = write_mask(pred_dir / truth_file.name, pred)
+        independent.append(_jaccard_by_sets(pred_file, truth_file))
+    report = score(None, None, pred_dir, truth_dir, bootstrap=200, seed=0)
+    seg = report["segmentation"]
+    independent = np.array(independent)
+    assert seg["n_images"] == len(independent) == 150
+    assert seg["n_missing"] == 15
+    assert seg["jac"] == pytest.approx(independent.mean(), abs=1e-12)
+    assert seg["jac_thresholded"] == pytest.approx(
+        np.mean([j if j >= 0.65 else 0.0 for j in independent]), abs=1e-12)
+    assert seg["frac_below_065"] == pytest.approx(np.mean(independent < 0.65))
+    # The perturbation is real but moderate: neither a perfect score nor nonsense.
+    assert 0.4 < seg["jac"] < 0.95
+    low, high = seg["jac_ci95"]
+    assert low < seg["jac"] < high
+    assert not any(math.isnan(v) for v in seg["per_image"].values())
