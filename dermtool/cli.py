@@ -206,3 +206,76 @@ def train_cli(
               progress=sys.stderr.isatty())
     except InputError as exc:
         fail(str(exc))
+
+
+def _parse_shard(value: str) -> tuple[int, int]:
+    try:
+        k, n = (int(v) for v in value.split("/"))
+    except ValueError:
+        fail(f"--shard must look like K/N (e.g. 2/4), not {value!r}.")
+    if not (1 <= k <= n):
+        fail(f"--shard {value}: K must be between 1 and N.")
+    return k, n
+
+
+@app.command("infer")
+def infer_cli(
+    images: Path = typer.Argument(..., help="Folder of images (.jpg .jpeg .png .tif .tiff .bmp, any size)."),
+    out: Path = typer.Option(..., "--out", "-o", help="Output folder: <image_id>_segmentation.png masks and predictions.csv."),
+    model: Optional[Path] = typer.Option(None, "--model", "-m", help="A run folder of dermtool train, or a bundled model folder. Default: the bundled model."),
+    batch_size: int = typer.Option(8, "--batch-size", min=1, help="Images per model call."),
+    tta: bool = typer.Option(False, "--tta", help="Test-time augmentation: average over 4 flips (4x the model time)."),
+    threshold: Optional[float] = typer.Option(None, "--threshold", min=0.0, max=1.0, help="Lesion probability threshold (default: the model's, 0.5)."),
+    closing_radius: int = typer.Option(3, "--closing-radius", min=0, help="Radius (model pixels) of the morphological closing; 0 switches it off."),
+    largest: bool = typer.Option(True, "--largest-component/--all-components", help="Keep only the largest connected component."),
+    fill_holes: bool = typer.Option(True, "--fill-holes/--no-fill-holes", help="Fill holes inside the lesion."),
+    probabilities: bool = typer.Option(False, "--probabilities", help="Also write <image_id>_probability.tif (float32 lesion probability, original size)."),
+    overlay: bool = typer.Option(False, "--overlay", help="Also write <image_id>_overlay.jpg: the contour and predicted class drawn on the image."),
+    resume: bool = typer.Option(False, "--resume", help="Skip images whose outputs are already complete in OUT."),
+    shard: str = typer.Option("1/1", "--shard", help="Process only part K of N (stable by file name); writes predictions.part-K-of-N.csv. Concatenate the parts to merge."),
+    workers: int = typer.Option(0, "--workers", min=0, help="Decode/write threads (0: automatic)."),
+) -> None:
+    """Segment and classify every image of a folder.
+
+    Writes OUT/<image_id>_segmentation.png (8-bit 0/255, the original size, ISIC naming) and
+    OUT/predictions.csv (image_id,melanoma,seborrheic_keratosis,nevus,label — readable by
+    dermtool score and, by its first three columns, the ISIC 2017 scorer), plus OUT/infer.json
+    with the run summary and the post-processing used: threshold → closing → largest component
+    → hole filling → restore to the original size. Unreadable files are reported and skipped;
+    the exit code is 1 when any image failed.
+    """
+    from dermtool.infer import InferOptions, predict_folder
+    from dermtool.postprocess import PostprocessConfig
+
+    if not images.is_dir():
+        fail(f"{images}: images folder not found.")
+    if model is not None and not (model / "config.json").is_file():
+        fail(f"{model}: not a model folder (no config.json).")
+    k_n = _parse_shard(shard)
+    try:
+        if threshold is None:
+            from dermtool.config import load_config
+            from dermtool.infer import default_model_dir
+
+            threshold = load_config(model or default_model_dir())[0].threshold
+        opts = InferOptions(
+            batch_size=batch_size, tta=tta, probabilities=probabilities, overlay=overlay, resume=resume,
+            shard=k_n, workers=workers,
+            post=PostprocessConfig(threshold=threshold, closing_radius=closing_radius,
+                                   largest_component=largest, fill_holes=fill_holes),
+        )
+        summary = predict_folder(images, out, model, opts, progress=sys.stderr.isatty(),
+                                 log=lambda m: console.print(m, highlight=False))
+    except InputError as exc:
+        fail(str(exc))
+    for source, message in summary.failed:
+        console.print(f"[red]failed[/] {message}", highlight=False, soft_wrap=True)
+    console.print(
+        f"{'[yellow]interrupted[/]' if summary.interrupted else '[green]done[/]'}: {summary.done} images, "
+        f"{summary.skipped} skipped (already done), {len(summary.failed)} failed, "
+        f"{summary.images_per_second:.1f} images/s on {summary.device}; model {summary.model}; outputs in {out}",
+        highlight=False, soft_wrap=True)
+    if summary.interrupted:
+        raise typer.Exit(130)
+    if summary.failed:
+        raise typer.Exit(1)

@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
-import keras
 import numpy as np
-from keras import ops
+
+from dermtool import _tf
+
+_tf.load()
+import keras  # noqa: E402
+from keras import ops  # noqa: E402
 
 
 def class_weights_from_labels(labels: np.ndarray, n_classes: int = 3) -> np.ndarray:

@@ -8,8 +8,12 @@ variants by name (`--init-from`).
 
 from __future__ import annotations
 
-import keras
-from keras import layers
+from dermtool import _tf
+
+_tf.load()
+
+import keras  # noqa: E402  (after the quiet TensorFlow import)
+from keras import layers  # noqa: E402
 
 from dermtool.config import ModelConfig
 

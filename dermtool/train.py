@@ -19,8 +19,12 @@ import time
 from dataclasses import asdict, replace
 from pathlib import Path
 
-import keras
 import numpy as np
+
+from dermtool import _tf
+
+_tf.load()
+import keras  # noqa: E402
 
 from dermtool.augment import augment_batch
 from dermtool.config import ModelConfig, TrainConfig, load_config, save_config

@@ -1,0 +1,322 @@
+"""Batched inference over a folder: masks at the original size and a predictions CSV.
+
+Decoding (reduced-size JPEG decode, fit to the model square) runs in a thread pool a few
+batches ahead of the model, and post-processing plus writing run in another, so the cores stay
+busy; memory holds only the batches in flight, whatever the folder size. Every file is written
+under a temporary name and renamed, so an interrupted run leaves whole files or none.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import time
+from collections import deque
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from dermtool import CLASS_NAMES
+from dermtool.config import ModelConfig, load_config
+from dermtool.data import find_images, image_id_of
+from dermtool.errors import InputError
+from dermtool.io import write_csv_atomic
+from dermtool.postprocess import PostprocessConfig, postprocess
+from dermtool.preprocess import Transform, prepare, restore
+
+PREDICTIONS = "predictions.csv"
+MASK_SUFFIX = "_segmentation.png"
+
+
+@dataclass
+class InferOptions:
+    batch_size: int = 8
+    tta: bool = False
+    post: PostprocessConfig = field(default_factory=PostprocessConfig)
+    probabilities: bool = False
+    overlay: bool = False
+    resume: bool = False
+    shard: tuple[int, int] = (1, 1)
+    workers: int = 0
+
+
+@dataclass
+class InferSummary:
+    done: int = 0
+    skipped: int = 0
+    failed: list = field(default_factory=list)  # (file, message)
+    seconds: float = 0.0
+    load_seconds: float = 0.0
+    model: str = ""
+    device: str = ""
+    interrupted: bool = False
+
+    @property
+    def images_per_second(self) -> float:
+        return self.done / self.seconds if self.seconds else 0.0
+
+
+def default_model_dir() -> Path:
+    """The bundled default model: installed package data, else the checkout's weights/."""
+    here = Path(__file__).resolve().parent
+    for root in (here / "weights", here.parent / "weights"):
+        if root.is_dir():
+            for cand in sorted(root.iterdir()):
+                if (cand / "config.json").is_file():
+                    return cand
+    raise InputError("no bundled model found (weights/ is empty); pass --model RUN_DIR.")
+
+
+def load_model(model_dir: Path):
+    """Rebuild the network from `config.json` and load its weights; returns (model, config)."""
+    from dermtool.models import build_model
+    from dermtool.train import weights_file
+
+    cfg, _, _ = load_config(model_dir)
+    model = build_model(cfg)
+    path = weights_file(model_dir)
+    try:
+        model.load_weights(str(path))
+    except Exception as exc:  # h5 mismatch: wrong architecture or a damaged file
+        raise InputError(f"{path}: weights do not fit the model in config.json ({str(exc)[:120]}).")
+    return model, cfg
+
+
+def select_images(images_dir: Path, shard: tuple[int, int] = (1, 1)) -> list[Path]:
+    """Images of the folder, sorted by name; shard (k, n) keeps every n-th from the k-th (1-based)."""
+    k, n = shard
+    if not (1 <= k <= n):
+        raise InputError(f"--shard {k}/{n}: K must be between 1 and N.")
+    return [p for i, p in enumerate(find_images(images_dir)) if i % n == k - 1]
+
+
+def _run_model(model, x: np.ndarray, tta: bool) -> dict:
+    """Model outputs for a batch; with `tta`, averaged over the 4 flips (undone on the masks)."""
+    flips = [(False, False), (True, False), (False, True), (True, True)] if tta else [(False, False)]
+    acc: dict = {}
+    for lr, ud in flips:
+        xi = x[:, :, ::-1] if lr else x
+        xi = xi[:, ::-1] if ud else xi
+        out = model.predict_on_batch(np.ascontiguousarray(xi))
+        for key, val in out.items():
+            val = np.asarray(val, dtype=np.float32)
+            if key == "seg":
+                val = val[..., 0]
+                val = val[:, :, ::-1] if lr else val
+                val = val[:, ::-1] if ud else val
+            acc[key] = acc.get(key, 0) + val / len(flips)
+    return acc
+
+
+def _write_atomic(path: Path, writer) -> None:
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        writer(tmp)
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+
+
+def _save_png(path: Path, mask: np.ndarray) -> None:
+    from PIL import Image
+
+    _write_atomic(path, lambda t: Image.fromarray(mask.astype(np.uint8) * 255).save(t, format="PNG"))
+
+
+def _save_tiff(path: Path, prob: np.ndarray) -> None:
+    import tifffile
+
+    _write_atomic(path, lambda t: tifffile.imwrite(t, prob.astype(np.float32)))
+
+
+def _save_overlay(path: Path, source: Path, mask: np.ndarray, label: str) -> None:
+    from PIL import Image, ImageDraw
+    from skimage.segmentation import find_boundaries
+
+    from dermtool.preprocess import load_image
+
+    pixels, _ = load_image(source)
+    if pixels.shape[:2] != mask.shape:
+        return
+    edge = find_boundaries(mask, mode="outer")
+    thick = max(1, round(max(mask.shape) / 300))
+    if thick > 1:
+        from scipy import ndimage
+
+        edge = ndimage.binary_dilation(edge, iterations=thick - 1)
+    out = pixels.copy()
+    out[edge] = (0, 255, 0)
+    img = Image.fromarray(out)
+    if label:
+        draw = ImageDraw.Draw(img)
+        draw.rectangle((0, 0, 8 * len(label) + 12, 20), fill=(0, 0, 0))
+        draw.text((6, 4), label, fill=(255, 255, 255))
+    _write_atomic(path, lambda t: img.save(t, format="JPEG", quality=90))
+
+
+def _finish_one(image_id: str, source: Path, t: Transform, seg, cls, cfg: ModelConfig,
+                opts: InferOptions, out_dir: Path) -> list | None:
+    """Post-process and write one image's files; returns its CSV row (or None for seg-only)."""
+    label = CLASS_NAMES[int(np.argmax(cls))] if cls is not None else ""
+    if seg is not None:
+        mask_small = postprocess(seg, opts.post)
+        # restore the clean mask as a soft map, then threshold: smooth edges at any scale-up
+        mask = restore(mask_small.astype(np.float32), t) >= 0.5
+        if opts.probabilities:
+            _save_tiff(out_dir / f"{image_id}_probability.tif", restore(seg, t))
+        if opts.overlay:
+            _save_overlay(out_dir / f"{image_id}_overlay.jpg", source, mask, label)
+        _save_png(out_dir / f"{image_id}{MASK_SUFFIX}", mask)  # last: marks the image as done
+    if cls is None:
+        return [image_id]
+    return [image_id] + [f"{p:.6f}" for p in cls] + [label]
+
+
+def predictions_name(shard: tuple[int, int]) -> str:
+    """predictions.csv, or predictions.part-K-of-N.csv for a shard (concatenate them to merge)."""
+    return PREDICTIONS if shard == (1, 1) else f"predictions.part-{shard[0]}-of-{shard[1]}.csv"
+
+
+def _csv_header(cfg: ModelConfig) -> list[str]:
+    return ["image_id"] + list(cfg.class_names) + ["label"] if cfg.has_cls else ["image_id"]
+
+
+def _read_rows(path: Path, width: int) -> dict[str, list]:
+    """Rows of an earlier (possibly interrupted) run, keyed by image id; broken lines dropped."""
+    rows: dict[str, list] = {}
+    if not path.is_file():
+        return rows
+    with open(path, newline="") as fh:
+        for i, row in enumerate(csv.reader(fh)):
+            if i == 0 and row and row[0] == "image_id":
+                continue
+            if len(row) == width and row[0]:
+                rows[row[0]] = row
+    return rows
+
+
+def _is_done(image_id: str, cfg: ModelConfig, rows: dict, out_dir: Path) -> bool:
+    if cfg.has_seg and not (out_dir / f"{image_id}{MASK_SUFFIX}").is_file():
+        return False
+    return image_id in rows
+
+
+def _device() -> str:
+    import tensorflow as tf
+
+    gpus = tf.config.list_physical_devices("GPU")
+    return f"{len(gpus)} GPU(s)" if gpus else "CPU"
+
+
+def predict_folder(images_dir: Path, out_dir: Path, model_dir: Path | None = None,
+                   opts: InferOptions = InferOptions(), progress: bool = True, log=print) -> InferSummary:
+    """Run a model over a folder; see the module docstring. Returns a summary."""
+    from tqdm import tqdm
+
+    started = time.perf_counter()
+    model_dir = Path(model_dir) if model_dir else default_model_dir()
+    paths = select_images(images_dir, opts.shard)
+    model, cfg = load_model(model_dir)
+    summary_load = time.perf_counter() - started
+    started = time.perf_counter()  # images/s counts the pipeline, not the one-off model load
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    summary = InferSummary(model=str(model_dir), device=_device(), load_seconds=summary_load)
+    header = _csv_header(cfg)
+    csv_path = out_dir / predictions_name(opts.shard)
+    partial_path = out_dir / f".{csv_path.stem}.partial.csv"  # appended per image: survives a kill
+    rows = _read_rows(csv_path, len(header)) if opts.resume else {}
+    rows.update(_read_rows(partial_path, len(header)) if opts.resume else {})
+    todo = [p for p in paths if not (opts.resume and _is_done(image_id_of(p), cfg, rows, out_dir))]
+    summary.skipped = len(paths) - len(todo)
+    if not opts.resume:
+        rows = {}
+    workers = opts.workers or min(8, max(2, os.cpu_count() or 1))
+    partial = open(partial_path, "a" if opts.resume else "w", newline="")
+    partial_writer = csv.writer(partial)
+    bar = tqdm(total=len(todo), unit="img", desc="infer", disable=not progress, leave=False)
+
+    def load(path: Path):
+        try:
+            x, t = prepare(path, cfg.size, cfg.fit, cfg.border, cfg.margin)
+            return path, x, t, ""
+        except InputError as exc:
+            return path, None, None, str(exc)
+
+    batches = [todo[i:i + opts.batch_size] for i in range(0, len(todo), opts.batch_size)]
+    try:
+        with ThreadPoolExecutor(workers) as decode_pool, ThreadPoolExecutor(workers) as write_pool:
+            ahead: deque = deque()
+            writes: deque = deque()
+            it = iter(batches)
+            for batch in it:
+                ahead.append([decode_pool.submit(load, p) for p in batch])
+                if len(ahead) >= 3:  # keep a few batches decoding while the model runs
+                    break
+            while ahead:
+                loaded = [f.result() for f in ahead.popleft()]
+                nxt = next(it, None)
+                if nxt is not None:
+                    ahead.append([decode_pool.submit(load, p) for p in nxt])
+                good = [item for item in loaded if not item[3]]
+                for path, _, _, err in loaded:
+                    if err:
+                        summary.failed.append((str(path), err))
+                        bar.update(1)
+                if not good:
+                    continue
+                out = _run_model(model, np.stack([g[1] for g in good]).astype(np.float32), opts.tta)
+                for j, (path, _, t, _) in enumerate(good):
+                    seg = out["seg"][j] if "seg" in out else None
+                    cls = out["cls"][j] if "cls" in out else None
+                    writes.append((path, write_pool.submit(_finish_one, image_id_of(path), path, t, seg, cls,
+                                                           cfg, opts, out_dir)))
+                while writes and (len(writes) > 4 * opts.batch_size or writes[0][1].done()):
+                    _collect(writes.popleft(), summary, rows, partial, partial_writer, bar)
+            while writes:
+                _collect(writes.popleft(), summary, rows, partial, partial_writer, bar)
+    except KeyboardInterrupt:
+        summary.interrupted = True
+    finally:
+        bar.close()
+        partial.close()
+        ordered = [rows[image_id_of(p)] for p in paths if image_id_of(p) in rows]
+        extra = [r for k, r in rows.items() if k not in {image_id_of(p) for p in paths}]
+        write_csv_atomic(csv_path, header, extra + ordered)
+        partial_path.unlink(missing_ok=True)
+        summary.seconds = time.perf_counter() - started
+        _write_run_json(out_dir, summary, cfg, opts)
+    return summary
+
+
+def _collect(item, summary: InferSummary, rows: dict, partial, writer, bar) -> None:
+    path, future = item
+    try:
+        row = future.result()
+    except InputError as exc:
+        summary.failed.append((str(path), str(exc)))
+    except OSError as exc:
+        summary.failed.append((str(path), f"{path}: could not write its outputs ({exc})."))
+    else:
+        rows[row[0]] = row
+        writer.writerow(row)
+        partial.flush()
+        summary.done += 1
+    bar.update(1)
+
+
+def _write_run_json(out_dir: Path, summary: InferSummary, cfg: ModelConfig, opts: InferOptions) -> None:
+    record = {
+        "model": summary.model, "task": cfg.task, "device": summary.device,
+        "done": summary.done, "skipped": summary.skipped, "failed": [f for f, _ in summary.failed],
+        "seconds": round(summary.seconds, 2), "model_load_seconds": round(summary.load_seconds, 2),
+        "images_per_second": round(summary.images_per_second, 2),
+        "interrupted": summary.interrupted, "tta": opts.tta, "postprocess": opts.post.to_dict(),
+        "shard": f"{opts.shard[0]}/{opts.shard[1]}",
+    }
+    name = "infer.json" if opts.shard == (1, 1) else f"infer.shard{opts.shard[0]}of{opts.shard[1]}.json"
+    _write_atomic(out_dir / name, lambda t: t.write_text(json.dumps(record, indent=2) + "\n"))

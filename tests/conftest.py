@@ -1,0 +1,51 @@
+"""Shared fixtures: synthetic dermoscopy data made on the fly, and the real ISIC copy when present."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from dermtool.synthetic import make_lesion, write_dataset
+
+#: Varied sizes (landscape, portrait, square, odd sides) and every input format. Five sizes
+#: against four formats so that each format meets several sizes.
+SYNTHETIC_SIZES = [(120, 160), (161, 97), (96, 96), (150, 225), (75, 131)]
+SYNTHETIC_FORMATS = ("jpg", "png", "tif", "bmp")
+
+
+@pytest.fixture(scope="session")
+def synthetic_dataset(tmp_path_factory) -> Path:
+    """12 synthetic images in the development layout (images/, masks/, labels.csv).
+
+    Session-scoped and shared: tests that modify files must use `synthetic_copy`.
+    """
+    folder = tmp_path_factory.mktemp("synthetic") / "data"
+    return write_dataset(folder, 12, rng_seed=2017, sizes=SYNTHETIC_SIZES, formats=SYNTHETIC_FORMATS)
+
+
+@pytest.fixture
+def synthetic_copy(synthetic_dataset, tmp_path) -> Path:
+    """A private, writable copy of `synthetic_dataset`."""
+    return Path(shutil.copytree(synthetic_dataset, tmp_path / "data"))
+
+
+@pytest.fixture
+def lesion():
+    """Factory: `lesion(h, w, seed=0, cls=None)` -> (rgb uint8, mask bool, class index)."""
+
+    def make(h: int, w: int, seed: int = 0, cls: int | None = None):
+        return make_lesion(h, w, np.random.default_rng(seed), cls=cls)
+
+    return make
+
+
+@pytest.fixture(scope="session")
+def isic_dir() -> Path:
+    """The development copy of ISIC 2017 (`../shared/data/isic2017`); skips the test when absent."""
+    path = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "isic2017"
+    if not path.is_dir():
+        pytest.skip(f"real ISIC 2017 data not found at {path}")
+    return path
