@@ -64,6 +64,8 @@ def preprocess_cli(
     The ISIC 2017 layout as downloaded (ISIC-2017_Training_Data, ..._Part1_GroundTruth,
     ..._Part3_GroundTruth.csv) is recognised.
     """
+    from rich.markup import escape
+
     from dermtool.data import build_cache, resolve_layout
     from dermtool.report import print_cache_report
 
@@ -71,18 +73,20 @@ def preprocess_cli(
         fail(f"--fit must be pad or squash, not {fit!r}.")
     for p, what in ((images, "images folder"), (masks, "masks folder")):
         if p is not None and not p.is_dir():
-            fail(f"{p}: {what} not found.")
+            fail(escape(f"{p}: {what} not found."))
     if labels is not None and not labels.is_file():
-        fail(f"{labels}: label CSV not found.")
+        fail(escape(f"{labels}: label CSV not found."))
+    if out.exists() and not out.is_dir():
+        fail(escape(f"{out}: exists and is not a folder; --out must be a cache folder."))
     try:
         layout = resolve_layout(images, masks, labels)
         report = build_cache(layout, out, size=size, fit=fit, border=border, margin=margin,
                              workers=workers, progress=sys.stderr.isatty())
     except InputError as exc:
-        fail(str(exc))
+        fail(escape(str(exc)))
+    except OSError as exc:  # e.g. --out on a read-only or full disk
+        fail(escape(f"{exc.filename or out}: cannot write the cache ({exc.strerror or exc})."))
     print_cache_report(report, layout, out)
-    if report.failed and report.n_images == 0:
-        fail(f"{layout.images}: none of the images could be read.")
     if report.failed or (strict and report.problems):
         raise typer.Exit(1)
 

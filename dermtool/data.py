@@ -60,18 +60,28 @@ def resolve_layout(images: Path, masks: Path | None = None, labels: Path | None 
     images = Path(images)
     if (images / "images").is_dir():
         images = images / "images"
+    elif images.is_dir() and not _has_images(images):
+        # the folder the ISIC zips were unpacked into: use its one *_Data folder
+        data_dirs = [d for d in images.iterdir() if d.is_dir() and d.name.endswith("_Data")]
+        if len(data_dirs) == 1:
+            images = data_dirs[0]
     parent = images.parent
+    isic = images.name.endswith("_Data")
     if masks is None:
-        for cand in (parent / "masks", parent / images.name.replace("_Data", "_Part1_GroundTruth")):
-            if cand != images and cand.is_dir():
-                masks = cand
-                break
+        cands = [parent / "masks"]
+        if isic:
+            cands.append(parent / (images.name[:-len("_Data")] + "_Part1_GroundTruth"))
+        masks = next((c for c in cands if c != images and c.is_dir()), None)
     if labels is None:
-        for cand in (parent / "labels.csv", parent / (images.name.replace("_Data", "_Part3_GroundTruth") + ".csv")):
-            if cand.is_file():
-                labels = cand
-                break
+        cands = [parent / "labels.csv"]
+        if isic:
+            cands.append(parent / (images.name[:-len("_Data")] + "_Part3_GroundTruth.csv"))
+        labels = next((c for c in cands if c.is_file()), None)
     return Layout(images, masks, labels)
+
+
+def _has_images(folder: Path) -> bool:
+    return any(p.suffix.lower() in IMAGE_EXTENSIONS for p in folder.iterdir() if p.is_file())
 
 
 def truth_class(row: np.ndarray) -> int:
@@ -176,6 +186,8 @@ def _process_one(path: Path, mask_path: Path | None, size: int, fit: str, border
             item.mask = fit_mask(mask, t)
     except InputError as exc:
         item.error = str(exc)
+    except Exception as exc:  # one odd file must not stop the other 1999; it is listed instead
+        item.error = f"{path}: could not be preprocessed ({type(exc).__name__}: {exc})."
     return item
 
 
@@ -187,7 +199,8 @@ def _read_mask_raw(path: Path) -> np.ndarray:
             arr = np.asarray(img)
     except Exception as exc:
         raise InputError(f"{path}: not a readable mask image ({exc}).")
-    return arr if arr.ndim == 2 else arr[..., 0]
+    arr = arr if arr.ndim == 2 else arr[..., 0]
+    return arr.astype(np.uint8) * 255 if arr.dtype == bool else arr  # 1-bit PNGs are binary too
 
 
 def _fingerprint(paths: list[Path], params: dict) -> str:
@@ -196,8 +209,13 @@ def _fingerprint(paths: list[Path], params: dict) -> str:
     h = hashlib.sha1(json.dumps(params, sort_keys=True).encode())
     for p in paths:
         st = p.stat()
-        h.update(f"{p.name}|{st.st_size}|{int(st.st_mtime)}\n".encode())
+        # nanoseconds: a file rewritten within the same second must still count as changed
+        h.update(f"{p.name}|{st.st_size}|{st.st_mtime_ns}\n".encode())
     return h.hexdigest()
+
+
+_CHECKS = ("failed", "no_mask", "no_label", "mask_size_mismatch", "mask_nonbinary", "both_labels",
+           "duplicate_ids")
 
 
 @dataclass
@@ -216,15 +234,22 @@ class CacheReport:
     seconds: float = 0.0
 
     def __post_init__(self):
-        for name in ("failed", "no_mask", "no_label", "mask_size_mismatch", "mask_nonbinary",
-                     "both_labels", "duplicate_ids"):
+        for name in _CHECKS:
             if getattr(self, name) is None:
                 setattr(self, name, [])
 
     @property
     def problems(self) -> int:
-        return sum(len(getattr(self, n)) for n in ("failed", "no_mask", "no_label", "mask_size_mismatch",
-                                                   "mask_nonbinary", "both_labels", "duplicate_ids"))
+        return sum(len(getattr(self, n)) for n in _CHECKS)
+
+    def checks(self) -> dict:
+        """The data-check lists, JSON-ready (kept in cache.json so a reused cache reports them too)."""
+        return {n: [list(i) if isinstance(i, tuple) else i for i in getattr(self, n)] for n in _CHECKS}
+
+    def restore_checks(self, checks: dict) -> None:
+        for n in _CHECKS:
+            items = checks.get(n, [])
+            setattr(self, n, [tuple(i) if isinstance(i, list) else i for i in items])
 
 
 def build_cache(layout: Layout, out: Path, size: int = 256, fit: str = "squash", border: float = 0.0,
@@ -261,9 +286,14 @@ def build_cache(layout: Layout, out: Path, size: int = 256, fit: str = "squash",
                   masks=str(layout.masks), labels=str(layout.labels))
     fingerprint = _fingerprint(paths + sorted(masks.values()) + ([layout.labels] if layout.labels else []), params)
     meta_path = out / "cache.json"
-    if meta_path.is_file() and json.loads(meta_path.read_text()).get("fingerprint") == fingerprint:
+    try:
+        old_meta = json.loads(meta_path.read_text()) if meta_path.is_file() else {}
+    except ValueError:  # a damaged cache.json: rebuild rather than fail
+        old_meta = {}
+    if old_meta.get("fingerprint") == fingerprint:
         report.reused = True
         report.n_images = len(load_cache(out))
+        report.restore_checks(old_meta.get("check", {}))
         report.seconds = time.perf_counter() - started
         return report
 
@@ -311,6 +341,11 @@ def build_cache(layout: Layout, out: Path, size: int = 256, fit: str = "squash",
     if mask_stack is not None:
         mask_stack.flush()
         del mask_stack
+    if k == 0:
+        tmp_images.unlink()
+        tmp_masks.unlink(missing_ok=True)
+        raise InputError(f"{layout.images}: none of the {n} images could be read "
+                         f"(first: {report.failed[0][1].rstrip('.')}).")
     if k < n:  # failures left unused slots at the end: rewrite compactly
         _truncate_stack(tmp_images, k)
         if masks:
@@ -323,7 +358,7 @@ def build_cache(layout: Layout, out: Path, size: int = 256, fit: str = "squash",
         writer.writeheader()
         writer.writerows(rows)
     (out / "manifest.csv.tmp").replace(out / "manifest.csv")
-    meta = dict(params, n_images=k, fingerprint=fingerprint, input_size=in_size)
+    meta = dict(params, n_images=k, fingerprint=fingerprint, input_size=in_size, check=report.checks())
     (out / "cache.json.tmp").write_text(json.dumps(meta, indent=2) + "\n")
     (out / "cache.json.tmp").replace(meta_path)  # written last: its presence marks a complete cache
     report.n_images = k

@@ -248,10 +248,10 @@ def predict_folder(images_dir: Path, out_dir: Path, model_dir: Path | None = Non
             return path, None, None, str(exc)
 
     batches = [todo[i:i + opts.batch_size] for i in range(0, len(todo), opts.batch_size)]
+    writes: deque = deque()  # (path, future of its CSV row), in submission order
     try:
         with ThreadPoolExecutor(workers) as decode_pool, ThreadPoolExecutor(workers) as write_pool:
             ahead: deque = deque()
-            writes: deque = deque()
             it = iter(batches)
             for batch in it:
                 ahead.append([decode_pool.submit(load, p) for p in batch])
@@ -281,6 +281,11 @@ def predict_folder(images_dir: Path, out_dir: Path, model_dir: Path | None = Non
                 _collect(writes.popleft(), summary, rows, partial, partial_writer, bar)
     except KeyboardInterrupt:
         summary.interrupted = True
+        # Leaving the pools waited for the writes already submitted: their files are on disk,
+        # so their rows go into the CSV too, which then lists exactly the images written.
+        for path, future in writes:
+            if not isinstance(future.exception(), KeyboardInterrupt):
+                _collect((path, future), summary, rows, partial, partial_writer, bar)
     finally:
         bar.close()
         partial.close()

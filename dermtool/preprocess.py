@@ -71,26 +71,30 @@ def plan_transform(orig_h: int, orig_w: int, size: int, fit: str, border: float 
                      inner_h, inner_w)
 
 
-def _to_rgb_array(img: Image.Image) -> np.ndarray:
+def _to_rgb_image(img: Image.Image) -> Image.Image:
     """8-bit RGB from grayscale, RGBA, palette, CMYK or 16-bit images."""
+    if img.mode == "RGB":
+        return img
     if img.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
         arr = np.asarray(img, dtype=np.float64)
         top = 65535.0 if arr.max() > 255 else 255.0
         arr = np.clip(arr / top * 255.0 + 0.5, 0, 255).astype(np.uint8)
-        return np.repeat(arr[..., None], 3, axis=2)
+        return Image.fromarray(np.repeat(arr[..., None], 3, axis=2))
     if img.mode in ("RGBA", "LA", "PA") or (img.mode == "P" and "transparency" in img.info):
         img = img.convert("RGBA")
         background = Image.new("RGBA", img.size, (0, 0, 0, 255))
         img = Image.alpha_composite(background, img)
-    return np.asarray(img.convert("RGB"))
+    return img.convert("RGB")
 
 
 def _tiff_to_rgb(path: Path) -> np.ndarray:
     import tifffile
 
-    arr = tifffile.imread(path)
-    if arr.ndim == 3 and arr.shape[0] in (3, 4) and arr.shape[-1] not in (3, 4):
-        arr = np.moveaxis(arr, 0, -1)  # planar (C, H, W) storage
+    with tifffile.TiffFile(path) as tif:
+        series = tif.series[0]
+        arr, axes = series.asarray(), series.axes
+    if axes.endswith("SYX"):  # planar (C, H, W) storage; the tags say so, the shape cannot
+        arr = np.moveaxis(arr, -3, -1)
     if arr.dtype != np.uint8:
         arr = arr.astype(np.float64)
         top = 65535.0 if arr.max() > 255 else (1.0 if arr.max() <= 1.0 else 255.0)
@@ -104,23 +108,27 @@ def _tiff_to_rgb(path: Path) -> np.ndarray:
     return np.ascontiguousarray(arr[..., :3])
 
 
-def load_image(path: Path, min_size: tuple[int, int] | None = None) -> tuple[np.ndarray, tuple[int, int]]:
+def load_image(path: Path, min_size: tuple[int, int] | None = None,
+               resize_to: tuple[int, int] | None = None) -> tuple[np.ndarray, tuple[int, int]]:
     """Decode an image as 8-bit RGB, at reduced size when that is enough.
 
     Args:
         min_size: (height, width) the caller will resize to; JPEGs are then decoded with DCT
             scaling (1/2, 1/4, 1/8) to the smallest size still at least this large, which is
             what makes 30-megapixel files cheap.
+        resize_to: (height, width) to resize to (bilinear, anti-aliased) before the pixels
+            become an array; also implies `min_size`.
     Returns:
         (pixels, (original height, original width)).
     Raises:
         InputError naming the file when it is missing, truncated or not an image.
     """
     path = Path(path)
+    min_size = min_size or resize_to
     try:
         if path.suffix.lower() in (".tif", ".tiff"):
             arr = _tiff_to_rgb(path)
-            return arr, arr.shape[:2]
+            return (arr if resize_to is None else _resize(arr, *resize_to)), arr.shape[:2]
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # palette/EXIF chatter; real failures raise below
             with Image.open(path) as img:
@@ -128,7 +136,11 @@ def load_image(path: Path, min_size: tuple[int, int] | None = None) -> tuple[np.
                 if min_size is not None and img.format == "JPEG":
                     img.draft("RGB", (max(1, min_size[1]), max(1, min_size[0])))
                 img.load()
-                return _to_rgb_array(img), (orig_h, orig_w)
+                rgb = _to_rgb_image(img)
+                if resize_to is not None and rgb.size != (resize_to[1], resize_to[0]):
+                    # resized as a PIL image: skips two full-size array copies per file
+                    rgb = rgb.resize((resize_to[1], resize_to[0]), Image.BILINEAR)
+                return np.asarray(rgb), (orig_h, orig_w)
     except InputError:
         raise
     except FileNotFoundError:
@@ -142,13 +154,13 @@ def _short(exc: Exception) -> str:
     return text[:120]
 
 
-def inner_size_for(path: Path, size: int, fit: str, border: float = 0.0) -> tuple[int, int]:
-    """(h, w) an image will be resized to, read from its header only (for JPEG draft)."""
+def inner_size_for(path: Path, size: int, fit: str, border: float = 0.0) -> tuple[int, int] | None:
+    """(h, w) an image will be resized to, read from its header only; None if Pillow cannot."""
     try:
         with Image.open(path) as img:
             w, h = img.size
     except Exception:  # the real decode reports the problem with the file's name
-        return size, size
+        return None
     t = plan_transform(h, w, size, fit, border)
     return t.inner_h, t.inner_w
 
@@ -198,6 +210,6 @@ def prepare(path: Path, size: int, fit: str, border: float = 0.0,
             margin: int = 0) -> tuple[np.ndarray, Transform]:
     """Read one image file and return (model input uint8, its transform)."""
     inner_hw = inner_size_for(path, size, fit, border)
-    pixels, (orig_h, orig_w) = load_image(path, min_size=inner_hw)
+    pixels, (orig_h, orig_w) = load_image(path, resize_to=inner_hw)
     t = plan_transform(orig_h, orig_w, size, fit, border, margin)
     return fit_image(pixels, t), t

@@ -87,34 +87,51 @@ def _targets(cfg: ModelConfig, masks, labels, aug_masks=None) -> dict:
     return y
 
 
-def training_sequence(cache: Cache, cfg: ModelConfig, tcfg: TrainConfig, resize: bool, first_epoch: int = 0):
-    """A keras PyDataset: shuffled each epoch, augmented per sample.
+def training_batch(cache: Cache, cfg: ModelConfig, tcfg: TrainConfig, resize: bool, epoch: int, step: int):
+    """Batch `step` of `epoch`: (float32 images, targets dict), shuffled and augmented.
 
-    Randomness is drawn from generators seeded by (seed, epoch, batch), so every epoch differs,
-    a seeded run repeats exactly, and a resumed run continues as if never stopped.
+    A pure function of (seed, epoch, step): every epoch is shuffled and augmented differently,
+    a seeded run repeats exactly, and a resumed run continues as if it had never stopped.
     """
+    order = np.random.default_rng([tcfg.seed, epoch]).permutation(len(cache))
+    take = order[step * tcfg.batch_size:(step + 1) * tcfg.batch_size]
+    images, masks, labels = make_batches(cache, cfg, take, resize)
+    # input and target are centred squares, so one dihedral map aligns both (valid models too)
+    rng = np.random.default_rng([tcfg.seed, epoch, step])
+    x, aug_masks, _ = augment_batch(images, masks, rng, tcfg.augment)
+    return x, _targets(cfg, masks, labels, aug_masks)
 
-    class Batches(keras.utils.PyDataset):
-        def __init__(self):
-            super().__init__(workers=1, use_multiprocessing=False)
-            self.epoch = first_epoch
 
-        def __len__(self):
-            return math.ceil(len(cache) / tcfg.batch_size)
+def training_dataset(cache: Cache, cfg: ModelConfig, tcfg: TrainConfig, resize: bool, first_epoch: int = 0):
+    """tf.data stream of (epoch, step) -> `training_batch` for all remaining epochs.
 
-        def __getitem__(self, i):
-            order = np.random.default_rng([tcfg.seed, self.epoch]).permutation(len(cache))
-            take = order[i * tcfg.batch_size:(i + 1) * tcfg.batch_size]
-            images, masks, labels = make_batches(cache, cfg, take, resize)
-            # input and target are centred squares, so one dihedral map aligns both (valid models too)
-            rng = np.random.default_rng([tcfg.seed, self.epoch, i])
-            x, aug_masks, _ = augment_batch(images, masks, rng, tcfg.augment)
-            return x, _targets(cfg, masks, labels, aug_masks)
+    One stream across epochs (fit with steps_per_epoch), so batches prepared ahead of time
+    always belong to the epoch they are trained in.
+    """
+    import tensorflow as tf
 
-        def on_epoch_end(self):
-            self.epoch += 1
+    steps = math.ceil(len(cache) / tcfg.batch_size)
+    keys = [k for k in ("seg", "cls") if (k == "seg" and cfg.has_seg) or (k == "cls" and cfg.has_cls)]
 
-    return Batches()
+    def load(epoch, step):
+        x, y = training_batch(cache, cfg, tcfg, resize, int(epoch), int(step))
+        return (x, *[y[k] for k in keys])
+
+    def shape(*arrays):
+        x = arrays[0]
+        x.set_shape((None, cfg.input_size, cfg.input_size, 3))
+        y = dict(zip(keys, arrays[1:]))
+        if "seg" in y:
+            y["seg"].set_shape((None, cfg.size, cfg.size, 1))
+        if "cls" in y:
+            y["cls"].set_shape((None, len(cfg.class_names)))
+        return x, y
+
+    pairs = tf.data.Dataset.range(first_epoch, tcfg.epochs).flat_map(
+        lambda e: tf.data.Dataset.range(steps).map(lambda s: (e, s)))
+    ds = pairs.map(lambda e, s: tf.numpy_function(load, [e, s], [tf.float32] * (1 + len(keys))),
+                   num_parallel_calls=2, deterministic=True)
+    return ds.map(shape).prefetch(2), steps
 
 
 def predict_cache(model, cache: Cache, cfg: ModelConfig, resize: bool, batch_size: int = 16) -> dict:
@@ -165,8 +182,13 @@ def _strategy(name: str):
     raise InputError(f"unknown strategy {name!r}; choose default, mirrored or multiworker.")
 
 
-def _save_optimizer(optimizer, path: Path) -> None:
-    arrays = {f"v{i}": np.asarray(v) for i, v in enumerate(optimizer.variables)}
+def _save_optimizer(model, path: Path) -> None:
+    """Adam's slots and step count, beside last.weights.h5, so --resume continues the same optimizer.
+
+    (Dropout's random stream is not carried over: a resumed run draws different dropout masks,
+    so it matches an uninterrupted one closely but not bit for bit when dropout > 0.)
+    """
+    arrays = {f"v{i}": np.asarray(v) for i, v in enumerate(model.optimizer.variables)}
     tmp = path.with_name(path.name + ".tmp.npz")
     np.savez(tmp, **arrays)
     tmp.replace(path)
@@ -290,7 +312,7 @@ def train(cfg: ModelConfig, tcfg: TrainConfig, train_cache: Path, val_cache: Pat
         log(f"{out_dir}: all {tcfg.epochs} epochs already done")
         return out_dir
 
-    batches = training_sequence(tr, cfg, tcfg, resize_tr, first_epoch=state["epoch"])
+    batches, steps = training_dataset(tr, cfg, tcfg, resize_tr, first_epoch=state["epoch"])
     metric_name = selection_metric(cfg)
     callback = EpochEnd(model, cfg, tcfg, va, resize_va, losses, loss_weights, out_dir, state, metric_name, log)
     callbacks = [callback]
@@ -300,8 +322,8 @@ def train(cfg: ModelConfig, tcfg: TrainConfig, train_cache: Path, val_cache: Pat
         callbacks.append(keras.callbacks.TensorBoard(str(out_dir / "logs"), write_graph=False, update_freq="epoch"))
     except ImportError:
         log("note: tensorboard is not installed; no TensorBoard logs (history.csv has every number)")
-    model.fit(batches, epochs=tcfg.epochs, initial_epoch=state["epoch"], verbose=1 if progress else 0,
-              callbacks=callbacks)
+    model.fit(batches, epochs=tcfg.epochs, initial_epoch=state["epoch"], steps_per_epoch=steps,
+              verbose=1 if progress else 0, callbacks=callbacks)
     log(f"done: best epoch {state['best_epoch']} ({metric_name} {state['best_metric']}) -> {out_dir / 'best.weights.h5'}")
     return out_dir
 
@@ -364,7 +386,7 @@ class EpochEnd(keras.callbacks.Callback):
         row["best"] = int(improved)
         row["seconds"] = round(time.perf_counter() - self.started, 1)
         _atomic_save_weights(self.m, self.out_dir / "last.weights.h5")
-        _save_optimizer(self.m.optimizer, self.out_dir / "optimizer.npz")
+        _save_optimizer(self.m, self.out_dir / "optimizer.npz")
         st["epoch"] = epoch + 1
         _append_history(self.out_dir / "history.csv", row)
         tmp = self.out_dir / "state.json.tmp"

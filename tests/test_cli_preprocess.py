@@ -1,0 +1,106 @@
+"""`dermtool preprocess` run as a user runs it: files written and exit codes."""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import pytest
+from typer.testing import CliRunner
+
+from dermtool.cli import app
+
+SIZE = "48"
+
+
+def run(*args: str):
+    return CliRunner().invoke(app, ["preprocess", *map(str, args)])
+
+
+def one_line_error(result) -> str:
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error:"), result.stderr
+    assert "Traceback" not in result.output
+    return lines[0]
+
+
+def test_writes_the_cache_then_reuses_it(synthetic_dataset, tmp_path):
+    out = tmp_path / "cache"
+    result = run(synthetic_dataset, "--out", out, "--size", SIZE, "--fit", "pad", "--margin", "4")
+    assert result.exit_code == 0, result.output
+    assert sorted(p.name for p in out.iterdir()) == ["cache.json", "images.tif", "manifest.csv", "masks.tif"]
+    meta = json.loads((out / "cache.json").read_text())
+    assert (meta["size"], meta["fit"], meta["margin"], meta["n_images"]) == (48, "pad", 4, 12)
+    rows = list(csv.DictReader(open(out / "manifest.csv")))
+    assert len(rows) == 12 and rows[0]["image_id"] == "SYN_0000000" and rows[0]["label"] == "melanoma"
+    assert "12 images" in result.stderr
+    again = run(synthetic_dataset, "--out", out, "--size", SIZE, "--fit", "pad", "--margin", "4")
+    assert again.exit_code == 0 and "up to date" in again.stderr
+
+
+def test_skipped_file_exits_1_and_names_it(synthetic_copy, tmp_path):
+    broken = synthetic_copy / "images" / "SYN_0000004.jpg"
+    broken.write_bytes(broken.read_bytes()[:500])
+    result = run(synthetic_copy, "--out", tmp_path / "cache", "--size", SIZE)
+    assert result.exit_code == 1
+    assert "SYN_0000004.jpg" in result.stderr
+    assert json.loads((tmp_path / "cache" / "cache.json").read_text())["n_images"] == 11
+    # the same inputs give the same answer when the cache is reused
+    again = run(synthetic_copy, "--out", tmp_path / "cache", "--size", SIZE)
+    assert again.exit_code == 1 and "SYN_0000004.jpg" in again.stderr
+
+
+def test_strict_fails_on_data_problems(synthetic_copy, tmp_path):
+    (synthetic_copy / "masks" / "SYN_0000002_segmentation.png").unlink()
+    assert run(synthetic_copy, "--out", tmp_path / "a", "--size", SIZE).exit_code == 0
+    result = run(synthetic_copy, "--out", tmp_path / "b", "--size", SIZE, "--strict")
+    assert result.exit_code == 1 and "SYN_0000002" in result.stderr
+
+
+@pytest.mark.parametrize("case", ["images", "masks", "labels", "fit", "out_is_file", "bad_csv", "unreadable"])
+def test_bad_input_exits_2_with_one_line(synthetic_dataset, tmp_path, case):
+    args = [synthetic_dataset, "--out", tmp_path / "cache", "--size", SIZE]
+    expect = str(tmp_path)
+    if case == "images":
+        args[0] = tmp_path / "no_such_folder"
+    elif case == "masks":
+        args += ["--masks", tmp_path / "no_masks"]
+    elif case == "labels":
+        args += ["--labels", tmp_path / "no.csv"]
+    elif case == "fit":
+        args += ["--fit", "crop"]
+        expect = "crop"
+    elif case == "out_is_file":
+        (tmp_path / "cache").write_text("")
+    elif case == "bad_csv":
+        (tmp_path / "bad.csv").write_text("image_id,mel\nSYN_0000000,1\n")
+        args += ["--labels", tmp_path / "bad.csv"]
+        expect = "bad.csv"
+    elif case == "unreadable":
+        (tmp_path / "imgs").mkdir()
+        (tmp_path / "imgs" / "x.jpg").write_bytes(b"nope")
+        args[0] = tmp_path / "imgs"
+        expect = "x.jpg"
+    result = run(*args)
+    assert result.exit_code == 2
+    assert expect in one_line_error(result)
+
+
+def test_python_dash_m_entry_point(synthetic_dataset, tmp_path):
+    env = dict(os.environ, COLUMNS="200")
+    proc = subprocess.run([sys.executable, "-m", "dermtool", "preprocess", str(synthetic_dataset / "images"),
+                           "--out", str(tmp_path / "c"), "--size", SIZE, "--workers", "1"],
+                          capture_output=True, text=True, env=env, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert (tmp_path / "c" / "cache.json").is_file() and "data check" in proc.stderr
+
+
+@pytest.mark.skipif(shutil.which("dermtool") is None, reason="dermtool script not installed")
+def test_bad_path_through_the_installed_script(tmp_path):
+    proc = subprocess.run(["dermtool", "preprocess", str(tmp_path / "missing"), "--out", str(tmp_path / "c")],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and proc.stderr.count("\n") == 1 and "missing" in proc.stderr

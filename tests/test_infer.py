@@ -1,0 +1,452 @@
+"""`dermtool infer` through the real command on a folder of synthetic images of varied sizes and
+formats, with untrained tiny models (no training needed: the files are what is tested).
+
+Checked: the outputs of every good image (original size, binary masks, CSV rows), bad files
+reported while the rest is done, --resume, --shard, seg-only and cls-only models,
+--probabilities, --overlay, the run summary, `dermtool score` on the output, bad paths, and
+that an interruption leaves whole files only.
+"""
+
+from __future__ import annotations
+
+import csv
+import io as _io
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import tifffile
+from PIL import Image
+from typer.testing import CliRunner
+
+from dermtool import CLASS_NAMES, io
+from dermtool.cli import app
+from dermtool.config import preset_config, save_config
+from dermtool.infer import InferOptions, predict_folder, select_images
+from dermtool.models import build_model
+from dermtool.synthetic import make_lesion
+
+runner = CliRunner()
+
+#: image file -> (height, width) of the original: aspect ratios from 1:2.1 to 1.7:1, odd sides,
+#: a JPEG big enough to be decoded at reduced size, and every format with its odd cases.
+GOOD = {
+    "alpha.png": (90, 90),  # RGBA, partly transparent
+    "bitmap.bmp": (50, 70),
+    "deep.tif": (64, 80),  # 16-bit RGB
+    "gray.png": (75, 131),  # 8-bit grayscale
+    "large.jpg": (600, 800),  # decoded at 1/8 scale for a 32 px model
+    "panorama.JPG": (200, 420),  # upper-case extension
+    "tall.jpeg": (161, 97),
+    "wide.jpg": (120, 160),
+}
+BAD = ("corrupt.jpg", "cut.jpg")  # random bytes; a JPEG truncated to half its bytes
+IDS = sorted(Path(name).stem for name in GOOD)
+HEADER = ["image_id", *CLASS_NAMES, "label"]
+
+
+# --- fixtures -------------------------------------------------------------------------------
+
+
+def _centre_seg_head(model, size: int) -> None:
+    """Shift the untrained seg head's bias so that a quarter of a lesion image's pixels pass 0.5
+    (a blob over part of the image after the closing); a bare random init may mark all or
+    none, which would make the mask checks vacuous."""
+    rgb = make_lesion(size, size, np.random.default_rng(0))[0]
+    prob = np.clip(model.predict_on_batch(rgb[None].astype(np.float32))["seg"], 1e-6, 1 - 1e-6)
+    kernel, bias = model.get_layer("seg").get_weights()
+    model.get_layer("seg").set_weights([kernel, bias - np.percentile(np.log(prob / (1 - prob)), 75)])
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory) -> dict[str, Path]:
+    """Model folders (config.json + best.weights.h5) of tiny untrained joint, seg and cls nets."""
+    root = tmp_path_factory.mktemp("models")
+    folders = {}
+    for task in ("joint", "seg", "cls"):
+        folder = root / task
+        folder.mkdir()
+        cfg = preset_config("compact", task, size=32, base_filters=4, depth=2)
+        save_config(folder / "config.json", cfg)
+        model = build_model(cfg)
+        if cfg.has_seg:
+            _centre_seg_head(model, cfg.size)
+        model.save_weights(str(folder / "best.weights.h5"))
+        folders[task] = folder
+    return folders
+
+
+@pytest.fixture(scope="module")
+def dataset(tmp_path_factory) -> dict:
+    """The input folder (images/), truth masks (masks/) and truth classes of the good images."""
+    root = tmp_path_factory.mktemp("infer_data")
+    images, masks = root / "images", root / "masks"
+    images.mkdir()
+    masks.mkdir()
+    classes = {}
+    for k, (name, (h, w)) in enumerate(GOOD.items()):
+        rgb, mask, cls = make_lesion(h, w, np.random.default_rng(k), cls=k % 3)
+        path = images / name
+        if name == "alpha.png":
+            alpha = np.full((h, w), 255, np.uint8)
+            alpha[: h // 6] = 0
+            Image.fromarray(np.dstack([rgb, alpha]), "RGBA").save(path)
+        elif name == "gray.png":
+            Image.fromarray(rgb).convert("L").save(path)
+        elif name == "deep.tif":
+            tifffile.imwrite(path, rgb.astype(np.uint16) * 257, photometric="rgb")
+        elif path.suffix.lower() in (".jpg", ".jpeg"):
+            Image.fromarray(rgb).save(path, format="JPEG", quality=90)
+        else:
+            Image.fromarray(rgb).save(path)
+        Image.fromarray(mask.astype(np.uint8) * 255).save(masks / f"{path.stem}_segmentation.png")
+        classes[path.stem] = cls
+    (images / "corrupt.jpg").write_bytes(np.random.default_rng(99).bytes(3000))
+    buf = _io.BytesIO()
+    Image.fromarray(make_lesion(150, 200, np.random.default_rng(7))[0]).save(buf, "JPEG", quality=90)
+    (images / "cut.jpg").write_bytes(buf.getvalue()[: len(buf.getvalue()) // 2])
+    (images / "readme.txt").write_text("not an image: ignored, not failed")
+    return {"images": images, "masks": masks, "classes": classes, "root": root}
+
+
+def infer(*args):
+    return runner.invoke(app, ["infer", *map(str, args)])
+
+
+@pytest.fixture(scope="module")
+def joint_run(models, dataset, tmp_path_factory):
+    """One full run of the joint model, shared by the read-only checks below."""
+    out = tmp_path_factory.mktemp("joint_run") / "out"
+    result = infer(dataset["images"], "--out", out, "--model", models["joint"], "--batch-size", 3)
+    return result, out
+
+
+def read_csv(path: Path) -> list[list[str]]:
+    with open(path, newline="") as fh:
+        return list(csv.reader(fh))
+
+
+def rows_by_id(path: Path) -> dict[str, list[str]]:
+    return {row[0]: row for row in read_csv(path)[1:]}
+
+
+def assert_no_temp_files(folder: Path) -> None:
+    leftovers = [p.name for p in folder.iterdir() if p.name.startswith(".") or ".tmp" in p.name]
+    assert leftovers == []
+
+
+def assert_whole_pngs(folder: Path) -> None:
+    for path in folder.glob("*_segmentation.png"):
+        with Image.open(path) as img:
+            img.load()  # raises on a truncated file
+
+
+# --- one full run -----------------------------------------------------------------------------
+
+
+def test_bad_files_are_named_and_the_rest_is_done(joint_run):
+    result, out = joint_run
+    assert result.exit_code == 1, result.output
+    for name in BAD:
+        assert name in result.output
+    assert "readme.txt" not in result.output
+    assert f"{len(GOOD)} images" in result.output and f"{len(BAD)} failed" in result.output
+
+
+def test_masks_are_binary_at_the_original_size(joint_run):
+    _, out = joint_run
+    masks = sorted(p.name for p in out.glob("*_segmentation.png"))
+    assert masks == [f"{i}_segmentation.png" for i in IDS]
+    values = set()
+    for name, (h, w) in GOOD.items():
+        with Image.open(out / f"{Path(name).stem}_segmentation.png") as img:
+            assert img.mode == "L" and img.size == (w, h)
+            arr = np.asarray(img)
+        assert set(np.unique(arr)) <= {0, 255}
+        values |= set(np.unique(arr).tolist())
+    assert values == {0, 255}  # not vacuous: the untrained net does mark some lesion
+
+
+def test_csv_rows_match_the_images(joint_run):
+    _, out = joint_run
+    rows = read_csv(out / "predictions.csv")
+    assert rows[0] == HEADER
+    assert [r[0] for r in rows[1:]] == IDS  # sorted by file name, bad files absent
+    for row in rows[1:]:
+        probs = np.array(row[1:4], dtype=float)
+        assert ((probs >= 0) & (probs <= 1)).all()
+        assert probs.sum() == pytest.approx(1.0, abs=1e-5)
+        assert row[4] == CLASS_NAMES[int(np.argmax(probs))]
+
+
+def test_run_summary_records_counts_and_postprocessing(joint_run, models):
+    _, out = joint_run
+    summary = json.loads((out / "infer.json").read_text())
+    assert summary["done"] == len(GOOD) and summary["skipped"] == 0
+    assert sorted(Path(f).name for f in summary["failed"]) == sorted(BAD)
+    assert summary["model"] == str(models["joint"]) and summary["task"] == "joint"
+    assert summary["images_per_second"] > 0 and not summary["interrupted"]
+    assert summary["postprocess"] == {"threshold": 0.5, "closing_radius": 3,
+                                      "largest_component": True, "fill_holes": True}
+
+
+def test_no_temp_files_are_left(joint_run):
+    assert_no_temp_files(joint_run[1])
+
+
+def test_score_reads_the_output(joint_run, dataset, tmp_path):
+    _, out = joint_run
+    truth = tmp_path / "truth.csv"
+    classes = dataset["classes"]
+    truth.write_text("image_id,melanoma,seborrheic_keratosis\n" + "".join(
+        f"{i},{float(classes[i] == 0)},{float(classes[i] == 1)}\n" for i in IDS))
+    report = tmp_path / "score.json"
+    result = runner.invoke(app, ["score", str(out / "predictions.csv"), str(truth), "--pred-masks", str(out),
+                                 "--truth-masks", str(dataset["masks"]), "--json", str(report)])
+    assert result.exit_code == 0, result.output
+    scored = json.loads(report.read_text())
+    assert scored["classification"]["n_images"] == len(IDS)
+    assert scored["segmentation"]["n_images"] == len(IDS) and scored["segmentation"]["n_missing"] == 0
+    labels = {r[0]: CLASS_NAMES.index(r[4]) for r in read_csv(out / "predictions.csv")[1:]}
+    hits = sum(labels[i] == classes[i] for i in IDS)
+    assert scored["classification"]["accuracy"] == pytest.approx(hits / len(IDS))
+
+
+def test_default_model_is_used_without_model_option(models, dataset, tmp_path, monkeypatch):
+    import dermtool.infer
+
+    monkeypatch.setattr(dermtool.infer, "default_model_dir", lambda: models["seg"])
+    result = infer(dataset["images"], "--out", tmp_path / "out")
+    assert result.exit_code == 1, result.output
+    assert json.loads((tmp_path / "out" / "infer.json").read_text())["model"] == str(models["seg"])
+
+
+# --- resume -----------------------------------------------------------------------------------
+
+
+def test_resume_skips_complete_images_and_redoes_incomplete_ones(joint_run, models, dataset, tmp_path):
+    out = Path(shutil.copytree(joint_run[1], tmp_path / "out"))  # copy2 keeps the mtimes
+    before = rows_by_id(out / "predictions.csv")
+    (out / "wide_segmentation.png").unlink()  # mask gone: redo
+    rows = [r for r in read_csv(out / "predictions.csv") if r[0] != "gray"]  # row gone: redo
+    with open(out / "predictions.csv", "w", newline="") as fh:
+        csv.writer(fh).writerows(rows)
+    kept = [i for i in IDS if i not in ("wide", "gray")]
+    mtimes = {i: (out / f"{i}_segmentation.png").stat().st_mtime_ns for i in kept}
+
+    result = infer(dataset["images"], "--out", out, "--model", models["joint"], "--resume")
+    assert result.exit_code == 1, result.output  # the bad files are tried again and fail again
+    assert "2 images, 6 skipped" in result.output
+    summary = json.loads((out / "infer.json").read_text())
+    assert (summary["done"], summary["skipped"], len(summary["failed"])) == (2, 6, 2)
+    assert {i: (out / f"{i}_segmentation.png").stat().st_mtime_ns for i in kept} == mtimes
+    assert (out / "wide_segmentation.png").is_file()
+    after = rows_by_id(out / "predictions.csv")
+    assert sorted(after) == IDS
+    for i in kept:
+        assert after[i] == before[i]
+    for i in ("wide", "gray"):
+        np.testing.assert_allclose(np.array(after[i][1:4], float), np.array(before[i][1:4], float), atol=1e-5)
+    assert_no_temp_files(out)
+
+
+# --- shards -----------------------------------------------------------------------------------
+
+
+def test_shards_are_disjoint_cover_the_folder_and_concatenate(joint_run, models, dataset, tmp_path):
+    out = tmp_path / "out"
+    names = sorted(p.name for p in dataset["images"].iterdir() if p.suffix != ".txt")
+    for k in (1, 2):  # two processes sharing one output folder
+        result = infer(dataset["images"], "--out", out, "--model", models["joint"], "--shard", f"{k}/2")
+        assert result.exit_code == 1, result.output
+        assert [n for n in BAD if n in result.output] == [n for n in BAD if n in names[k - 1::2]]
+    parts = [read_csv(out / f"predictions.part-{k}-of-2.csv") for k in (1, 2)]
+    assert parts[0][0] == parts[1][0] == HEADER
+    ids = [{r[0] for r in part[1:]} for part in parts]
+    assert ids[0] and ids[1] and not ids[0] & ids[1]
+    assert ids[0] | ids[1] == set(IDS)
+    # stable by file name: shard 1 takes the 1st, 3rd, ... file of the sorted folder
+    assert ids[0] == {Path(n).stem for n in names[0::2]} - {Path(n).stem for n in BAD}
+    merged = {r[0]: r for part in parts for r in part[1:]}
+    full = rows_by_id(joint_run[1] / "predictions.csv")
+    assert sorted(merged) == sorted(full)
+    for i, row in merged.items():  # other batches, same numbers up to float noise
+        assert row[4] == full[i][4]
+        np.testing.assert_allclose(np.array(row[1:4], float), np.array(full[i][1:4], float), atol=1e-5)
+    assert sorted(p.name for p in out.glob("*_segmentation.png")) == [f"{i}_segmentation.png" for i in IDS]
+    assert (out / "infer.shard1of2.json").is_file() and (out / "infer.shard2of2.json").is_file()
+    assert not (out / "predictions.csv").exists()
+    assert_no_temp_files(out)
+
+
+def test_select_images_shards_partition_any_folder(tmp_path):
+    for i in range(11):
+        (tmp_path / f"img_{i:02d}.jpg").write_bytes(b"")
+    everything = select_images(tmp_path)
+    for n in (1, 2, 3, 5, 11, 12):
+        parts = [select_images(tmp_path, (k, n)) for k in range(1, n + 1)]
+        assert sorted(p for part in parts for p in part) == everything
+        assert sum(len(part) for part in parts) == len(everything)
+
+
+# --- model variants and optional outputs ----------------------------------------------------
+
+
+def test_seg_only_model_writes_no_class_columns(models, dataset, tmp_path):
+    out = tmp_path / "out"
+    result = infer(dataset["images"], "--out", out, "--model", models["seg"])
+    assert result.exit_code == 1, result.output
+    rows = read_csv(out / "predictions.csv")
+    assert rows[0] == ["image_id"] and [r for r in rows[1:]] == [[i] for i in IDS]
+    assert len(list(out.glob("*_segmentation.png"))) == len(GOOD)
+
+
+def test_cls_only_model_writes_no_masks(models, dataset, tmp_path):
+    out = tmp_path / "out"
+    result = infer(dataset["images"], "--out", out, "--model", models["cls"])
+    assert result.exit_code == 1, result.output
+    rows = read_csv(out / "predictions.csv")
+    assert rows[0] == HEADER and [r[0] for r in rows[1:]] == IDS
+    assert not list(out.glob("*.png"))
+    assert json.loads((out / "infer.json").read_text())["done"] == len(GOOD)
+
+
+def test_probabilities_and_overlays(models, dataset, tmp_path):
+    out = tmp_path / "out"
+    result = infer(dataset["images"], "--out", out, "--model", models["joint"], "--probabilities", "--overlay")
+    assert result.exit_code == 1, result.output
+    for name, (h, w) in GOOD.items():
+        stem = Path(name).stem
+        prob = tifffile.imread(out / f"{stem}_probability.tif")
+        assert prob.dtype == np.float32 and prob.shape == (h, w)
+        assert prob.min() >= 0.0 and prob.max() <= 1.0
+        with Image.open(out / f"{stem}_overlay.jpg") as img:
+            assert img.format == "JPEG" and img.size == (w, h) and img.mode == "RGB"
+    assert len(list(out.glob("*_probability.tif"))) == len(list(out.glob("*_overlay.jpg"))) == len(GOOD)
+    assert_no_temp_files(out)
+
+
+def test_postprocessing_switches_are_recorded(models, dataset, tmp_path):
+    out = tmp_path / "out"
+    result = infer(dataset["images"], "--out", out, "--model", models["seg"], "--threshold", 0.4,
+                   "--closing-radius", 0, "--all-components", "--no-fill-holes")
+    assert result.exit_code == 1, result.output
+    assert json.loads((out / "infer.json").read_text())["postprocess"] == {
+        "threshold": 0.4, "closing_radius": 0, "largest_component": False, "fill_holes": False}
+
+
+# --- bad paths: exit 2 and one line --------------------------------------------------------------
+
+
+@pytest.mark.parametrize("case", ["no_images", "no_model", "model_without_weights", "bad_shard", "shard_range"])
+def test_bad_paths_and_options_exit_2_with_one_line(case, models, dataset, tmp_path):
+    out = tmp_path / "out"
+    empty_model = tmp_path / "empty_model"
+    empty_model.mkdir()
+    shutil.copy(models["joint"] / "config.json", empty_model)
+    args = {
+        "no_images": [tmp_path / "missing", "--out", out, "--model", models["joint"]],
+        "no_model": [dataset["images"], "--out", out, "--model", tmp_path / "no_such_model"],
+        "model_without_weights": [dataset["images"], "--out", out, "--model", empty_model],
+        "bad_shard": [dataset["images"], "--out", out, "--model", models["joint"], "--shard", "two"],
+        "shard_range": [dataset["images"], "--out", out, "--model", models["joint"], "--shard", "3/2"],
+    }[case]
+    result = infer(*args)
+    assert result.exit_code == 2, result.output
+    lines = result.output.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error:"), result.output
+    assert "Traceback" not in result.output
+
+
+def test_missing_folder_through_the_installed_entry_point(tmp_path):
+    """The real process: one line on stderr, nothing on stdout, exit code 2."""
+    proc = subprocess.run([sys.executable, "-m", "dermtool", "infer", str(tmp_path / "missing"),
+                           "--out", str(tmp_path / "out")], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2
+    assert proc.stdout == "" and len(proc.stderr.strip().splitlines()) == 1
+    assert str(tmp_path / "missing") in proc.stderr
+    assert not (tmp_path / "out").exists()
+
+
+# --- interruption -----------------------------------------------------------------------------
+
+
+def _check_whole_outputs(out: Path) -> dict[str, list[str]]:
+    """The CSV parses (also with the scorer's reader), matches the masks, and nothing is partial."""
+    rows = read_csv(out / "predictions.csv")
+    assert rows[0] == HEADER and all(len(r) == len(HEADER) for r in rows)
+    written = {r[0] for r in rows[1:]}
+    if written:
+        assert set(io.read_class_csv(out / "predictions.csv", role="predictions")) == written
+    assert {p.name[: -len("_segmentation.png")] for p in out.glob("*_segmentation.png")} == written
+    assert_whole_pngs(out)
+    assert_no_temp_files(out)
+    return rows_by_id(out / "predictions.csv")
+
+
+def test_interrupt_between_batches_leaves_whole_files_and_resumes(models, dataset, tmp_path, monkeypatch):
+    import dermtool.infer
+
+    real_run = dermtool.infer._run_model
+    calls = []
+
+    def run_then_interrupt(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return real_run(*args, **kwargs)
+
+    monkeypatch.setattr(dermtool.infer, "_run_model", run_then_interrupt)
+    out = tmp_path / "out"
+    opts = InferOptions(batch_size=2)
+    summary = predict_folder(dataset["images"], out, models["joint"], opts, progress=False)
+    assert summary.interrupted
+    assert json.loads((out / "infer.json").read_text())["interrupted"] is True
+    done = _check_whole_outputs(out)
+    assert sorted(done) == ["alpha", "bitmap"]  # the first batch, written before the interrupt
+
+    monkeypatch.setattr(dermtool.infer, "_run_model", real_run)
+    summary = predict_folder(dataset["images"], out, models["joint"], InferOptions(resume=True), progress=False)
+    assert (summary.skipped, summary.done, summary.interrupted) == (2, len(GOOD) - 2, False)
+    assert sorted(_check_whole_outputs(out)) == IDS
+
+
+def test_interrupt_inside_a_png_write_leaves_no_partial_file(models, dataset, tmp_path, monkeypatch):
+    """Ctrl-C while a mask's bytes are half on disk: that mask does not appear at all."""
+    real_save = Image.Image.save
+    saves = []
+
+    def save_half_then_interrupt(self, fp, format=None, **params):
+        if format == "PNG":
+            saves.append(fp)
+            if len(saves) == 3:
+                buf = _io.BytesIO()
+                real_save(self, buf, format="PNG")
+                Path(fp).write_bytes(buf.getvalue()[: len(buf.getvalue()) // 2])
+                raise KeyboardInterrupt
+        return real_save(self, fp, format=format, **params)
+
+    monkeypatch.setattr(Image.Image, "save", save_half_then_interrupt)
+    out = tmp_path / "out"
+    summary = predict_folder(dataset["images"], out, models["joint"], InferOptions(batch_size=2, workers=1),
+                             progress=False)
+    assert summary.interrupted and len(saves) >= 3
+    done = _check_whole_outputs(out)
+    assert len(done) < len(GOOD)
+
+
+def test_interrupt_through_the_cli_exits_130(models, dataset, tmp_path, monkeypatch):
+    import dermtool.infer
+
+    def interrupt(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(dermtool.infer, "_run_model", interrupt)
+    result = infer(dataset["images"], "--out", tmp_path / "out", "--model", models["joint"])
+    assert result.exit_code == 130, result.output
+    assert "interrupted" in result.output
+    assert read_csv(tmp_path / "out" / "predictions.csv") == [HEADER]
