@@ -272,6 +272,8 @@ def infer_cli(
                                  log=lambda m: console.print(m, highlight=False))
     except InputError as exc:
         fail(str(exc))
+    except KeyboardInterrupt:  # during model loading: nothing was written yet
+        fail("interrupted before any image was processed.", 130)
     for source, message in summary.failed:
         console.print(f"[red]failed[/] {message}", highlight=False, soft_wrap=True)
     console.print(

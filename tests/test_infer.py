@@ -396,7 +396,7 @@ def test_interrupt_between_batches_leaves_whole_files_and_resumes(models, datase
 
     def run_then_interrupt(*args, **kwargs):
         calls.append(1)
-        if len(calls) == 2:
+        if len(calls) == 3:  # call 1 is the warm-up on zeros, call 2 the first batch
             raise KeyboardInterrupt
         return real_run(*args, **kwargs)
 
@@ -442,8 +442,14 @@ def test_interrupt_inside_a_png_write_leaves_no_partial_file(models, dataset, tm
 def test_interrupt_through_the_cli_exits_130(models, dataset, tmp_path, monkeypatch):
     import dermtool.infer
 
+    real_run = dermtool.infer._run_model
+    calls = []
+
     def interrupt(*args, **kwargs):
-        raise KeyboardInterrupt
+        calls.append(1)
+        if len(calls) == 2:  # after the warm-up call, at the first batch
+            raise KeyboardInterrupt
+        return real_run(*args, **kwargs)
 
     monkeypatch.setattr(dermtool.infer, "_run_model", interrupt)
     result = infer(dataset["images"], "--out", tmp_path / "out", "--model", models["joint"])
