@@ -8,6 +8,7 @@ from typing import Optional
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 
 from dermtool import __version__
 from dermtool.errors import InputError
@@ -25,7 +26,8 @@ console = Console(stderr=True)
 
 def fail(message: str, code: int = 2) -> None:
     """Print one sentence (no traceback) and exit with `code`."""
-    console.print(f"[bold red]error:[/] {message}", highlight=False, soft_wrap=True)
+    # escaped: a path may contain "[...]", which rich would otherwise read as markup
+    console.print(f"[bold red]error:[/] {escape(message)}", highlight=False, soft_wrap=True)
     raise typer.Exit(code)
 
 
@@ -64,8 +66,6 @@ def preprocess_cli(
     The ISIC 2017 layout as downloaded (ISIC-2017_Training_Data, ..._Part1_GroundTruth,
     ..._Part3_GroundTruth.csv) is recognised.
     """
-    from rich.markup import escape
-
     from dermtool.data import build_cache, resolve_layout
     from dermtool.report import print_cache_report
 
@@ -73,85 +73,22 @@ def preprocess_cli(
         fail(f"--fit must be pad or squash, not {fit!r}.")
     for p, what in ((images, "images folder"), (masks, "masks folder")):
         if p is not None and not p.is_dir():
-            fail(escape(f"{p}: {what} not found."))
+            fail(f"{p}: {what} not found.")
     if labels is not None and not labels.is_file():
-        fail(escape(f"{labels}: label CSV not found."))
+        fail(f"{labels}: label CSV not found.")
     if out.exists() and not out.is_dir():
-        fail(escape(f"{out}: exists and is not a folder; --out must be a cache folder."))
+        fail(f"{out}: exists and is not a folder; --out must be a cache folder.")
     try:
         layout = resolve_layout(images, masks, labels)
         report = build_cache(layout, out, size=size, fit=fit, border=border, margin=margin,
                              workers=workers, progress=sys.stderr.isatty())
     except InputError as exc:
-        fail(escape(str(exc)))
+        fail(str(exc))
     except OSError as exc:  # e.g. --out on a read-only or full disk
-        fail(escape(f"{exc.filename or out}: cannot write the cache ({exc.strerror or exc})."))
+        fail(f"{exc.filename or out}: cannot write the cache ({exc.strerror or exc}).")
     print_cache_report(report, layout, out)
     if report.failed or (strict and report.problems):
         raise typer.Exit(1)
-
-
-_SCORE_HELP = (
-    "Score predictions against ground truth with the ISIC 2017 conventions.\n\n"
-    "[bold]Classification[/] (the two CSVs, ISIC 2017 Part 3 format, values in [0, 1]): "
-    "without a nevus column, nevus = 1 - melanoma - seborrheic_keratosis (a truth row with both "
-    "0 is a nevus). The class of a row is the argmax over (melanoma, seborrheic_keratosis, "
-    "nevus), an exact tie going to the earlier one. Reports per-class SE/SP/ACC (one-vs-all), "
-    "ROC AUC on the probabilities, balanced accuracy BACC = mean of the sensitivities, and the "
-    "confusion matrix.\n\n"
-    "[bold]Segmentation[/] (--pred-masks with --truth-masks): masks are matched by the name "
-    "<image_id>_segmentation.png and binarised at > 128, as the ISIC scorer does. Every truth "
-    "mask is scored: both masks empty -> Jaccard 1.0; a missing prediction -> 0, counted. "
-    "Reports the mean Jaccard (JAC), Dice, and the ISIC 2018 thresholded Jaccard (an image "
-    "under 0.65 counts 0).\n\n"
-    "With both tasks: mean performance = (JAC + BACC) / 2. "
-    "Bad input exits with code 2 and one sentence naming the file."
-)
-
-
-@app.command("score", help=_SCORE_HELP)
-def score_cli(
-    pred_csv: Path = typer.Argument(
-        ..., metavar="PRED_CSV", show_default=False,
-        help="Predictions CSV: image_id,melanoma,seborrheic_keratosis[,nevus].",
-    ),
-    truth_csv: Path = typer.Argument(
-        ..., metavar="TRUTH_CSV", show_default=False,
-        help="Ground-truth CSV in the same ISIC 2017 Part 3 format.",
-    ),
-    pred_masks: Optional[Path] = typer.Option(
-        None, "--pred-masks", metavar="DIR", help="Folder of predicted <image_id>_segmentation.png."
-    ),
-    truth_masks: Optional[Path] = typer.Option(
-        None, "--truth-masks", metavar="DIR", help="Folder of truth <image_id>_segmentation.png.",
-    ),
-    json_file: Optional[Path] = typer.Option(
-        None, "--json", metavar="FILE", help="Also write every number, per image too, as JSON.",
-    ),
-    bootstrap: int = typer.Option(
-        0, "--bootstrap", min=0, metavar="N",
-        help="Resample the images N times for 95 % intervals of JAC and BACC (0: none).",
-    ),
-    seed: int = typer.Option(0, "--seed", help="Seed of the bootstrap resampling."),
-) -> None:
-    """Score predictions against ground truth with the ISIC 2017 conventions."""
-    from rich.console import Console
-    from rich.markup import escape
-
-    from dermtool.score import render, score, write_json
-
-    # Paths are checked in score() rather than by typer's exists=True, so that a missing file
-    # gets the same one-line message as every other bad input.
-    try:
-        result = score(pred_csv, truth_csv, pred_masks, truth_masks, bootstrap=bootstrap, seed=seed)
-    except InputError as exc:
-        fail(escape(str(exc)))  # a path may contain "[...]", which is not rich markup
-    render(result, Console())
-    if json_file is not None:
-        try:
-            write_json(result, json_file)
-        except OSError as exc:
-            fail(escape(f"Cannot write the JSON file {json_file} ({exc.strerror})."))
 
 
 @app.command("train")
@@ -285,3 +222,64 @@ def infer_cli(
         raise typer.Exit(130)
     if summary.failed:
         raise typer.Exit(1)
+
+
+_SCORE_HELP = (
+    "Score predictions against ground truth with the ISIC 2017 conventions.\n\n"
+    "[bold]Classification[/] (the two CSVs, ISIC 2017 Part 3 format, values in [0, 1]): "
+    "without a nevus column, nevus = 1 - melanoma - seborrheic_keratosis (a truth row with both "
+    "0 is a nevus). The class of a row is the argmax over (melanoma, seborrheic_keratosis, "
+    "nevus), an exact tie going to the earlier one. Reports per-class SE/SP/ACC (one-vs-all), "
+    "ROC AUC on the probabilities, balanced accuracy BACC = mean of the sensitivities, and the "
+    "confusion matrix.\n\n"
+    "[bold]Segmentation[/] (--pred-masks with --truth-masks): masks are matched by the name "
+    "<image_id>_segmentation.png and binarised at > 128, as the ISIC scorer does. Every truth "
+    "mask is scored: both masks empty -> Jaccard 1.0; a missing prediction -> 0, counted. "
+    "Reports the mean Jaccard (JAC), Dice, and the ISIC 2018 thresholded Jaccard (an image "
+    "under 0.65 counts 0).\n\n"
+    "With both tasks: mean performance = (JAC + BACC) / 2. "
+    "Bad input exits with code 2 and one sentence naming the file."
+)
+
+
+@app.command("score", help=_SCORE_HELP)
+def score_cli(
+    pred_csv: Path = typer.Argument(
+        ..., metavar="PRED_CSV", show_default=False,
+        help="Predictions CSV: image_id,melanoma,seborrheic_keratosis[,nevus].",
+    ),
+    truth_csv: Path = typer.Argument(
+        ..., metavar="TRUTH_CSV", show_default=False,
+        help="Ground-truth CSV in the same ISIC 2017 Part 3 format.",
+    ),
+    pred_masks: Optional[Path] = typer.Option(
+        None, "--pred-masks", metavar="DIR", help="Folder of predicted <image_id>_segmentation.png."
+    ),
+    truth_masks: Optional[Path] = typer.Option(
+        None, "--truth-masks", metavar="DIR", help="Folder of truth <image_id>_segmentation.png.",
+    ),
+    json_file: Optional[Path] = typer.Option(
+        None, "--json", metavar="FILE", help="Also write every number, per image too, as JSON.",
+    ),
+    bootstrap: int = typer.Option(
+        0, "--bootstrap", min=0, metavar="N",
+        help="Resample the images N times for 95 % intervals of JAC and BACC (0: none).",
+    ),
+    seed: int = typer.Option(0, "--seed", help="Seed of the bootstrap resampling."),
+) -> None:
+    """Score predictions against ground truth with the ISIC 2017 conventions."""
+    from rich.console import Console
+    from dermtool.score import render, score, write_json
+
+    # Paths are checked in score() rather than by typer's exists=True, so that a missing file
+    # gets the same one-line message as every other bad input.
+    try:
+        result = score(pred_csv, truth_csv, pred_masks, truth_masks, bootstrap=bootstrap, seed=seed)
+    except InputError as exc:
+        fail(str(exc))  # a path may contain "[...]", which is not rich markup
+    render(result, Console())
+    if json_file is not None:
+        try:
+            write_json(result, json_file)
+        except OSError as exc:
+            fail(f"Cannot write the JSON file {json_file} ({exc.strerror}).")
