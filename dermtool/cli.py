@@ -31,6 +31,28 @@ def fail(message: str, code: int = 2) -> None:
     raise typer.Exit(code)
 
 
+def _command_line(ctx: typer.Context) -> str:
+    """The running command with every option spelled out, so a run can be repeated exactly."""
+    import shlex
+
+    import click
+
+    parts = ["dermtool", ctx.info_name]
+    for param in ctx.command.params:
+        value = ctx.params.get(param.name)
+        if value is None or not isinstance(param, click.Option):
+            if isinstance(param, click.Argument) and value is not None:
+                parts.append(shlex.quote(str(value)))
+            continue
+        if param.is_flag:
+            flag = param.opts[0] if value else (param.secondary_opts[0] if param.secondary_opts else None)
+            if flag:
+                parts.append(flag)
+        else:
+            parts += [param.opts[0], shlex.quote(str(value))]
+    return " ".join(parts)
+
+
 def _version_callback(value: bool) -> None:
     if value:
         typer.echo(f"dermtool {__version__}")
@@ -93,6 +115,7 @@ def preprocess_cli(
 
 @app.command("train")
 def train_cli(
+    ctx: typer.Context,
     train_cache: Path = typer.Argument(..., help="Training cache written by dermtool preprocess."),
     val: Optional[Path] = typer.Option(None, "--val", help="Validation cache; scored every epoch with the metrics of dermtool score, and used to pick the best epoch."),
     task: str = typer.Option("joint", "--task", help="seg (U-Net mask), cls (classifier on the U-Net encoder) or joint (both heads, one encoder)."),
@@ -139,7 +162,7 @@ def train_cli(
             epochs=epochs, batch_size=batch_size, learning_rate=learning_rate, alpha=alpha,
             seg_loss="bce+dice" if dice else "bce", augment=augment, seed=seed,
             mixed_precision=mixed_precision, strategy=strategy, freeze=freeze,
-            init_from=str(init_from or ""), command="dermtool " + " ".join(sys.argv[1:]),
+            init_from=str(init_from or ""), command=_command_line(ctx),
         )
         from dermtool.train import train
 

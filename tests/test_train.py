@@ -175,7 +175,8 @@ def test_train_cli_writes_a_run_and_rejects_bad_options(caches, tmp_path):
     result = runner.invoke(app, args)
     assert result.exit_code == 0, result.output
     assert (out / "best.weights.h5").is_file()
-    assert "train" in (out / "command.txt").read_text()
+    command = (out / "command.txt").read_text()
+    assert command.startswith("dermtool train ") and "--epochs 1" in command and "--task joint" in command
     bad = runner.invoke(app, args[:4] + ["--task", "both", "--out", str(tmp_path / "x")])
     assert bad.exit_code == 2 and "--task" in bad.output
     missing = runner.invoke(app, ["train", str(tmp_path / "nope"), "--out", str(tmp_path / "y")])
