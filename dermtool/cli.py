@@ -35,16 +35,14 @@ def _command_line(ctx: typer.Context) -> str:
     """The running command with every option spelled out, so a run can be repeated exactly."""
     import shlex
 
-    import click
-
     parts = ["dermtool", ctx.info_name]
     for param in ctx.command.params:
         value = ctx.params.get(param.name)
-        if value is None or not isinstance(param, click.Option):
-            if isinstance(param, click.Argument) and value is not None:
-                parts.append(shlex.quote(str(value)))
+        if value is None:
             continue
-        if param.is_flag:
+        if param.param_type_name == "argument":
+            parts.append(shlex.quote(str(value)))
+        elif param.is_flag:
             flag = param.opts[0] if value else (param.secondary_opts[0] if param.secondary_opts else None)
             if flag:
                 parts.append(flag)
