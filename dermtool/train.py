@@ -422,3 +422,23 @@ def _summary(row: dict) -> str:
 
 def config_summary(cfg: ModelConfig, tcfg: TrainConfig) -> str:
     return json.dumps({"model": asdict(cfg), "train": asdict(tcfg)}, indent=1)
+
+
+def export_model(run_dir: Path, out_dir: Path) -> Path:
+    """Copy a run's best epoch into a slim model folder (config.json + model.weights.h5).
+
+    Checkpoints carry the optimizer's slots too (three times the weights' size); a model
+    folder for inference needs only the network.
+    """
+    from dermtool.models import build_model
+
+    cfg, tcfg, _ = load_config(run_dir)
+    model = build_model(cfg)
+    model.load_weights(str(weights_file(run_dir)))
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    model.save_weights(str(out_dir / "model.weights.h5"))
+    state = json.loads((Path(run_dir) / "state.json").read_text()) if (Path(run_dir) / "state.json").is_file() else {}
+    save_config(out_dir / "config.json", cfg, tcfg, best_epoch=state.get("best_epoch"),
+                best_metric=state.get("best_metric"))
+    return out_dir

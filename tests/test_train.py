@@ -188,3 +188,18 @@ def test_train_config_records_the_class_weights(caches, tmp_path):
     _, tcfg, _ = load_config(out)
     labels = load_cache(caches).labels
     np.testing.assert_allclose(tcfg.class_weights, class_weights_from_labels(labels), atol=1e-6)
+
+
+def test_export_keeps_the_network_and_drops_the_optimizer(caches, tmp_path):
+    from dermtool.infer import load_model
+    from dermtool.train import export_model
+
+    out = run(caches, tmp_path / "run", "joint", epochs=1)
+    slim = export_model(out, tmp_path / "slim")
+    assert (slim / "model.weights.h5").stat().st_size < (out / "best.weights.h5").stat().st_size
+    a, _ = load_model(slim)
+    b, cfg = load_model(out)
+    x = np.random.default_rng(0).uniform(0, 255, (2, SIZE, SIZE, 3)).astype(np.float32)
+    for key in ("seg", "cls"):
+        np.testing.assert_array_equal(np.asarray(a.predict_on_batch(x)[key]), np.asarray(b.predict_on_batch(x)[key]))
+    assert load_config(slim)[0] == cfg
