@@ -160,7 +160,7 @@ class ItemResult:
     mask: np.ndarray | None = None
     transform: Transform | None = None
     error: str = ""
-    mask_problem: str = ""  # "size" or "nonbinary"
+    mask_problem: str = ""  # "size", "nonbinary" or "empty"
 
 
 def _process_one(path: Path, mask_path: Path | None, size: int, fit: str, border: float,
@@ -179,6 +179,8 @@ def _process_one(path: Path, mask_path: Path | None, size: int, fit: str, border
             elif not np.isin(raw, (0, 255)).all():
                 item.mask_problem = "nonbinary"
             mask = read_mask(mask_path)
+            if raw.any() and not mask.any():  # e.g. a 0/1 mask: > 128 leaves nothing
+                item.mask_problem = "empty"
             if mask.shape != (t.orig_h, t.orig_w):  # still usable: scale it onto the image's grid
                 from dermtool.preprocess import _resize
 
@@ -214,8 +216,8 @@ def _fingerprint(paths: list[Path], params: dict) -> str:
     return h.hexdigest()
 
 
-_CHECKS = ("failed", "no_mask", "no_label", "mask_size_mismatch", "mask_nonbinary", "both_labels",
-           "duplicate_ids")
+_CHECKS = ("failed", "no_mask", "no_label", "mask_size_mismatch", "mask_nonbinary", "mask_empty",
+           "both_labels", "duplicate_ids")
 
 
 @dataclass
@@ -229,6 +231,7 @@ class CacheReport:
     no_label: list = None
     mask_size_mismatch: list = None
     mask_nonbinary: list = None
+    mask_empty: list = None
     both_labels: list = None
     duplicate_ids: list = None
     seconds: float = 0.0
@@ -324,6 +327,8 @@ def build_cache(layout: Layout, out: Path, size: int = 256, fit: str = "squash",
                 report.mask_size_mismatch.append(item.image_id)
             elif item.mask_problem == "nonbinary":
                 report.mask_nonbinary.append(item.image_id)
+            elif item.mask_problem == "empty":
+                report.mask_empty.append(item.image_id)
             cls, label = -1, ""
             if item.image_id in labels:
                 row = labels[item.image_id]

@@ -35,6 +35,7 @@ def print_cache_report(report, layout, out: Path) -> None:
         ("images without a label", report.no_label),
         ("mask size differs from its image (rescaled)", report.mask_size_mismatch),
         ("mask not binary (binarised at > 128)", report.mask_nonbinary),
+        ("mask empty after binarising at > 128 (0/1 values?)", report.mask_empty),
         ("label rows with melanoma = seborrheic_keratosis = 1", report.both_labels),
     ]
     for name, items in checks:

@@ -205,6 +205,9 @@ def messy(tmp_path_factory, synthetic_dataset):
     grey[grey == 255] = 200
     grey[:5, :5] = 100
     Image.fromarray(grey).save(masks / "SYN_0000001_segmentation.png")
+    # 6: a 0/1-valued mask, which binarising at > 128 empties
+    one = (np.asarray(Image.open(masks / "SYN_0000006_segmentation.png")) > 128).astype(np.uint8)
+    Image.fromarray(one).save(masks / "SYN_0000006_segmentation.png")
     # 2: no mask; 3: no label row; 5: melanoma and seborrheic keratosis both 1
     (masks / "SYN_0000002_segmentation.png").unlink()
     rows = [r for r in csv.reader(open(root / "labels.csv"))][1:]
@@ -232,6 +235,12 @@ def test_check_non_binary_mask_is_binarised_above_128(messy):
     assert report.mask_nonbinary == ["SYN_0000001"]
     grey = np.asarray(Image.open(root / "masks" / "SYN_0000001_segmentation.png")) > 128
     assert np.array_equal(load_cache(out).masks[1], fit_mask(grey, load_cache(out).transforms[1]))
+
+
+def test_check_zero_one_mask_is_reported_as_empty(messy):
+    root, out, report = messy
+    assert report.mask_empty == ["SYN_0000006"]
+    assert report.mask_nonbinary == ["SYN_0000001"]  # reported once, as the worse problem
 
 
 def test_check_missing_mask_and_label(messy):
@@ -262,7 +271,7 @@ def test_check_unreadable_files_are_skipped_and_the_rest_cached(messy):
     assert report.n_images == len(cache) == 10
     assert cache.ids == [i for i in _ids(12) if i not in ("SYN_0000008", "SYN_0000009")]
     assert cache.images.shape[0] == cache.masks.shape[0] == 10
-    assert report.problems == 8
+    assert report.problems == 9
 
 
 def test_reused_cache_reports_the_same_problems(messy):
