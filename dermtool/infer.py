@@ -298,8 +298,10 @@ def predict_folder(images_dir: Path, out_dir: Path, model_dir: Path | None = Non
     finally:
         bar.close()
         partial.close()
-        ordered = [rows[image_id_of(p)] for p in paths if image_id_of(p) in rows]
-        extra = [r for k, r in rows.items() if k not in {image_id_of(p) for p in paths}]
+        ids = [image_id_of(p) for p in paths]
+        in_folder = set(ids)
+        ordered = [rows[i] for i in ids if i in rows]
+        extra = [r for k, r in rows.items() if k not in in_folder]  # earlier runs' rows, kept on --resume
         write_csv_atomic(csv_path, header, extra + ordered)
         partial_path.unlink(missing_ok=True)
         summary.seconds = time.perf_counter() - started
