@@ -322,7 +322,7 @@ def train(cfg: ModelConfig, tcfg: TrainConfig, train_cache: Path, val_cache: Pat
         callbacks.append(keras.callbacks.TensorBoard(str(out_dir / "logs"), write_graph=False, update_freq="epoch"))
     except ImportError:
         log("note: tensorboard is not installed; no TensorBoard logs (history.csv has every number)")
-    model.fit(batches, epochs=tcfg.epochs, initial_epoch=state["epoch"], steps_per_epoch=steps,
+    model.fit(batches, epochs=tcfg.epochs, initial_epoch=state["epoch"], steps_per_epoch=steps, shuffle=False,
               verbose=1 if progress else 0, callbacks=callbacks)
     log(f"done: best epoch {state['best_epoch']} ({metric_name} {state['best_metric']}) -> {out_dir / 'best.weights.h5'}")
     return out_dir
