@@ -22,7 +22,8 @@ VARIANTS = {
     "+ closing": ["--all-components", "--no-fill-holes"],
     "+ largest component": ["--no-fill-holes"],
     "+ hole filling (default)": [],
-    "default + TTA (4 flips)": ["--tta"],
+    "default + TTA 4 (flips)": ["--tta", "4"],
+    "default + TTA 8 (dihedral)": ["--tta", "8"],
 }
 
 

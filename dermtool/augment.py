@@ -23,6 +23,17 @@ def dihedral(x: np.ndarray, k: int) -> np.ndarray:
     return x
 
 
+def undo_dihedral(x: np.ndarray, k: int) -> np.ndarray:
+    """The inverse of `dihedral(., k)`: undo the flips, then the transpose."""
+    if k & 1:
+        x = x[:, ::-1]
+    if k & 2:
+        x = x[::-1]
+    if k & 4:
+        x = np.swapaxes(x, 0, 1)
+    return x
+
+
 def augment_batch(images: np.ndarray, masks: np.ndarray | None, rng: np.random.Generator,
                   mode: str = "flips+color") -> tuple[np.ndarray, np.ndarray | None, np.ndarray]:
     """Augment a batch; image and mask of a sample get the same geometric transform.

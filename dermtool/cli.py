@@ -186,7 +186,7 @@ def infer_cli(
     out: Path = typer.Option(..., "--out", "-o", help="Output folder: <image_id>_segmentation.png masks and predictions.csv."),
     model: Optional[Path] = typer.Option(None, "--model", "-m", help="A run folder of dermtool train, or a bundled model folder. Default: the bundled model."),
     batch_size: int = typer.Option(8, "--batch-size", min=1, help="Images per model call."),
-    tta: bool = typer.Option(False, "--tta", help="Test-time augmentation: average over 4 flips (4x the model time)."),
+    tta: int = typer.Option(1, "--tta", help="Test-time augmentation: average the model over 1 (off), 4 (flips) or 8 (flips and transposes) views; costs that many times the model time."),
     threshold: Optional[float] = typer.Option(None, "--threshold", min=0.0, max=1.0, help="Lesion probability threshold (default: the model's, 0.5)."),
     closing_radius: int = typer.Option(3, "--closing-radius", min=0, help="Radius (model pixels) of the morphological closing; 0 switches it off."),
     largest: bool = typer.Option(True, "--largest-component/--all-components", help="Keep only the largest connected component."),
@@ -214,6 +214,8 @@ def infer_cli(
     if model is not None and not (model / "config.json").is_file():
         fail(f"{model}: not a model folder (no config.json).")
     k_n = _parse_shard(shard)
+    if tta not in (1, 4, 8):
+        fail(f"--tta must be 1, 4 or 8, not {tta}.")
     try:
         if threshold is None:
             from dermtool.config import load_config

@@ -20,6 +20,7 @@ from pathlib import Path
 import numpy as np
 
 from dermtool import CLASS_NAMES
+from dermtool.augment import dihedral, undo_dihedral
 from dermtool.config import ModelConfig, load_config
 from dermtool.data import find_images, image_id_of
 from dermtool.errors import InputError
@@ -34,7 +35,7 @@ MASK_SUFFIX = "_segmentation.png"
 @dataclass
 class InferOptions:
     batch_size: int = 8
-    tta: bool = False
+    tta: int = 1  # 1 (off), 4 (flips) or 8 (flips and transposes)
     post: PostprocessConfig = field(default_factory=PostprocessConfig)
     probabilities: bool = False
     overlay: bool = False
@@ -93,27 +94,26 @@ def select_images(images_dir: Path, shard: tuple[int, int] = (1, 1)) -> list[Pat
     return [p for i, p in enumerate(find_images(images_dir)) if i % n == k - 1]
 
 
-def _run_model(model, x: np.ndarray, tta: bool, batch_size: int | None = None) -> dict:
-    """Model outputs for a batch; with `tta`, averaged over the 4 flips (undone on the masks).
+def _run_model(model, x: np.ndarray, tta: int = 1, batch_size: int | None = None) -> dict:
+    """Model outputs for a batch, averaged over `tta` symmetries of the square (1, 4 or 8).
 
-    A short last batch is padded to `batch_size` so the traced graph is reused, not rebuilt.
+    4 = the flips, 8 = flips and transposes (the model trained on all 8); each mask is mapped
+    back before averaging. A short last batch is padded to `batch_size` so the traced graph is
+    reused, not rebuilt.
     """
     n = x.shape[0]
     if batch_size and n < batch_size:
         x = np.concatenate([x, np.zeros((batch_size - n, *x.shape[1:]), x.dtype)])
-    flips = [(False, False), (True, False), (False, True), (True, True)] if tta else [(False, False)]
+    codes = {1: [0], 4: [0, 1, 2, 3], 8: list(range(8))}[int(tta) or 1]
     acc: dict = {}
-    for lr, ud in flips:
-        xi = x[:, :, ::-1] if lr else x
-        xi = xi[:, ::-1] if ud else xi
-        out = model.predict_on_batch(np.ascontiguousarray(xi))
+    for k in codes:
+        xi = np.ascontiguousarray(np.stack([dihedral(img, k) for img in x])) if k else x
+        out = model.predict_on_batch(xi)
         for key, val in out.items():
             val = np.asarray(val, dtype=np.float32)
             if key == "seg":
-                val = val[..., 0]
-                val = val[:, :, ::-1] if lr else val
-                val = val[:, ::-1] if ud else val
-            acc[key] = acc.get(key, 0) + val / len(flips)
+                val = np.stack([undo_dihedral(v, k) for v in val[..., 0]])
+            acc[key] = acc.get(key, 0) + val / len(codes)
     return {k: v[:n] for k, v in acc.items()}
 
 
