@@ -123,7 +123,7 @@ def train_cli(
     base_filters: Optional[int] = typer.Option(None, "--base-filters", help="Override the width of the first level (doubles each level)."),
     depth: Optional[int] = typer.Option(None, "--depth", help="Override the number of pooling levels."),
     fit: Optional[str] = typer.Option(None, "--fit", help="Override pad | squash (must match the cache)."),
-    epochs: int = typer.Option(50, "--epochs", min=1, help="Total epochs (with --resume: the total to reach)."),
+    epochs: Optional[int] = typer.Option(None, "--epochs", min=1, help="Total epochs [default: 50; with --resume: the run's own, or the new total to reach]."),
     batch_size: int = typer.Option(16, "--batch-size", min=1),
     learning_rate: float = typer.Option(1e-3, "--learning-rate", help="Adam learning rate; multiplied by 0.8 after 5 epochs without a better validation loss."),
     alpha: float = typer.Option(0.5, "--alpha", min=0.0, max=1.0, help="Joint loss alpha * L_seg + (1 - alpha) * L_cls."),
@@ -157,7 +157,7 @@ def train_cli(
     try:
         cfg = preset_config(preset, task, size=size, base_filters=base_filters, depth=depth, fit=fit)
         tcfg = TrainConfig(
-            epochs=epochs, batch_size=batch_size, learning_rate=learning_rate, alpha=alpha,
+            epochs=epochs or (0 if resume else 50), batch_size=batch_size, learning_rate=learning_rate, alpha=alpha,
             seg_loss="bce+dice" if dice else "bce", augment=augment, seed=seed,
             mixed_precision=mixed_precision, strategy=strategy, freeze=freeze,
             init_from=str(init_from or ""), command=_command_line(ctx),

@@ -247,10 +247,13 @@ def train(cfg: ModelConfig, tcfg: TrainConfig, train_cache: Path, val_cache: Pat
     """Train and validate every epoch; returns the run folder. See the module docstring."""
     out_dir = Path(out_dir)
     state_path = out_dir / "state.json"
+    command = tcfg.command
     if resume:
         if not state_path.is_file():
             raise InputError(f"{out_dir}: nothing to resume (no state.json); start without --resume.")
         cfg, saved_tcfg, _ = load_config(out_dir)
+        # the run's own settings (config.json keeps the original command); only the epoch total
+        # may be raised, and command.txt gets this resume command too
         tcfg = replace(saved_tcfg, epochs=tcfg.epochs or saved_tcfg.epochs)
     elif state_path.is_file():
         raise InputError(f"{out_dir}: already holds a run; use --resume to continue it or choose another --out.")
@@ -282,9 +285,9 @@ def train(cfg: ModelConfig, tcfg: TrainConfig, train_cache: Path, val_cache: Pat
 
     out_dir.mkdir(parents=True, exist_ok=True)
     save_config(out_dir / "config.json", cfg, tcfg)
-    if tcfg.command:
+    if command:
         with open(out_dir / "command.txt", "a") as fh:
-            fh.write(tcfg.command + "\n")
+            fh.write(command + "\n")
 
     from dermtool.losses import build_losses
     from dermtool.models import build_model

@@ -177,6 +177,12 @@ def test_train_cli_writes_a_run_and_rejects_bad_options(caches, tmp_path):
     assert (out / "best.weights.h5").is_file()
     command = (out / "command.txt").read_text()
     assert command.startswith("dermtool train ") and "--epochs 1" in command and "--task joint" in command
+    # --resume without --epochs keeps the run's own total (here: 1, already done)
+    again = runner.invoke(app, ["train", str(caches), "--out", str(out), "--resume"])
+    assert again.exit_code == 0, again.output
+    assert len(history(out)) == 1 and load_config(out)[1].epochs == 1
+    lines = (out / "command.txt").read_text().splitlines()
+    assert len(lines) == 2 and "--resume" in lines[1].split() and "--resume" not in load_config(out)[1].command
     bad = runner.invoke(app, args[:4] + ["--task", "both", "--out", str(tmp_path / "x")])
     assert bad.exit_code == 2 and "--task" in bad.output
     missing = runner.invoke(app, ["train", str(tmp_path / "nope"), "--out", str(tmp_path / "y")])
