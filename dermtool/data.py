@@ -145,9 +145,6 @@ def load_cache(folder: Path) -> Cache:
     )
 
 
-def label_name(index: int) -> str:
-    return CLASS_NAMES[index] if index >= 0 else ""
-
 
 # --------------------------------------------------------------------------- building it
 

@@ -16,7 +16,7 @@ import csv
 import json
 import math
 import time
-from dataclasses import asdict, replace
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -421,10 +421,6 @@ def _summary(row: dict) -> str:
             parts.append(f"{label} {row[key]:.4f}")
     parts += [f"lr {row['lr']:.3g}", f"{row['seconds']:.0f}s", "*best*" if row["best"] else ""]
     return "  ".join(p for p in parts if p)
-
-
-def config_summary(cfg: ModelConfig, tcfg: TrainConfig) -> str:
-    return json.dumps({"model": asdict(cfg), "train": asdict(tcfg)}, indent=1)
 
 
 def export_model(run_dir: Path, out_dir: Path) -> Path:
