@@ -92,3 +92,15 @@ def test_none_leaves_the_batch_alone_and_unknown_mode_is_rejected():
     assert np.array_equal(out, images) and out_masks is masks and not codes.any()
     with pytest.raises(ValueError, match="rotate"):
         augment_batch(images, masks, batch_rng(0, 0, 0), "rotate")
+
+
+def test_undo_dihedral_inverts_every_symmetry():
+    from dermtool.augment import dihedral, undo_dihedral
+
+    x = np.arange(4 * 4 * 2).reshape(4, 4, 2)
+    seen = set()
+    for k in range(8):
+        y = dihedral(x, k)
+        seen.add(y.tobytes())
+        np.testing.assert_array_equal(undo_dihedral(y, k), x)
+    assert len(seen) == 8
