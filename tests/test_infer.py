@@ -342,7 +342,8 @@ def test_postprocessing_switches_are_recorded(models, dataset, tmp_path):
 # --- bad paths: exit 2 and one line --------------------------------------------------------------
 
 
-@pytest.mark.parametrize("case", ["no_images", "no_model", "model_without_weights", "bad_shard", "shard_range"])
+@pytest.mark.parametrize("case", ["no_images", "no_model", "model_without_weights", "bad_shard", "shard_range",
+                                  "bad_tta"])
 def test_bad_paths_and_options_exit_2_with_one_line(case, models, dataset, tmp_path):
     out = tmp_path / "out"
     empty_model = tmp_path / "empty_model"
@@ -354,12 +355,29 @@ def test_bad_paths_and_options_exit_2_with_one_line(case, models, dataset, tmp_p
         "model_without_weights": [dataset["images"], "--out", out, "--model", empty_model],
         "bad_shard": [dataset["images"], "--out", out, "--model", models["joint"], "--shard", "two"],
         "shard_range": [dataset["images"], "--out", out, "--model", models["joint"], "--shard", "3/2"],
+        "bad_tta": [dataset["images"], "--out", out, "--model", models["joint"], "--tta", "3"],
     }[case]
     result = infer(*args)
     assert result.exit_code == 2, result.output
     lines = result.output.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error:"), result.output
     assert "Traceback" not in result.output
+
+
+def test_tta_averages_the_views_with_each_mask_mapped_back(models):
+    import dermtool.infer
+
+    class Echo:
+        """A 'model' whose mask is its input's red channel: TTA must give the identity back."""
+
+        def predict_on_batch(self, x):
+            return {"seg": x[..., :1] / 255.0, "cls": np.tile([0.2, 0.3, 0.5], (len(x), 1))}
+
+    x = np.random.default_rng(0).uniform(0, 255, (3, 8, 8, 3)).astype(np.float32)
+    for views in (1, 4, 8):
+        out = dermtool.infer._run_model(Echo(), x, views, batch_size=4)
+        np.testing.assert_allclose(out["seg"], x[..., 0] / 255.0, rtol=1e-6)
+        assert out["cls"].shape == (3, 3)
 
 
 def test_missing_folder_through_the_installed_entry_point(tmp_path):
