@@ -217,11 +217,6 @@ def infer_cli(
     if tta not in (1, 4, 8):
         fail(f"--tta must be 1, 4 or 8, not {tta}.")
     try:
-        if threshold is None:
-            from dermtool.config import load_config
-            from dermtool.infer import default_model_dir
-
-            threshold = load_config(model or default_model_dir())[0].threshold
         opts = InferOptions(
             batch_size=batch_size, tta=tta, probabilities=probabilities, overlay=overlay, resume=resume,
             shard=k_n, workers=workers,

@@ -14,7 +14,7 @@ import os
 import time
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -227,6 +227,8 @@ def predict_folder(images_dir: Path, out_dir: Path, model_dir: Path | None = Non
     model_dir = Path(model_dir) if model_dir else default_model_dir()
     paths = select_images(images_dir, opts.shard)
     model, cfg = load_model(model_dir)
+    if opts.post.threshold is None:
+        opts = replace(opts, post=replace(opts.post, threshold=cfg.threshold))
     # one call on zeros traces the graph now, so the first real batch is not the slow one
     _run_model(model, np.zeros((opts.batch_size, cfg.input_size, cfg.input_size, 3), np.float32), False)
     summary_load = time.perf_counter() - started

@@ -17,7 +17,7 @@ from skimage.morphology import disk
 
 @dataclass(frozen=True)
 class PostprocessConfig:
-    threshold: float = 0.5
+    threshold: float | None = 0.5  # None: the model's own (config.json), filled in by infer
     closing_radius: int = 3  # pixels at model resolution; 0 switches closing off
     largest_component: bool = True
     fill_holes: bool = True
