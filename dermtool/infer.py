@@ -161,7 +161,8 @@ def _save_overlay(path: Path, source: Path, mask: np.ndarray, label: str) -> Non
     img = Image.fromarray(out)
     if label:
         draw = ImageDraw.Draw(img)
-        draw.rectangle((0, 0, 8 * len(label) + 12, 20), fill=(0, 0, 0))
+        left, top, right, bottom = draw.textbbox((6, 4), label)
+        draw.rectangle((0, 0, right + 6, bottom + 4), fill=(0, 0, 0))
         draw.text((6, 4), label, fill=(255, 255, 255))
     _write_atomic(path, lambda t: img.save(t, format="JPEG", quality=90))
 
