@@ -162,20 +162,20 @@ class ItemResult:
 
 def _process_one(path: Path, mask_path: Path | None, size: int, fit: str, border: float,
                  margin: int) -> ItemResult:
-    from dermtool.io import read_mask
+    from dermtool.io import MASK_THRESHOLD, read_mask_values
     from dermtool.preprocess import fit_mask, prepare
 
     item = ItemResult(image_id_of(path), str(path))
     try:
         item.image, item.transform = prepare(path, size, fit, border, margin)
         if mask_path is not None:
-            raw = _read_mask_raw(mask_path)
+            raw = read_mask_values(mask_path)
             t = item.transform
             if raw.shape[:2] != (t.orig_h, t.orig_w):
                 item.mask_problem = "size"
             elif not np.isin(raw, (0, 255)).all():
                 item.mask_problem = "nonbinary"
-            mask = read_mask(mask_path)
+            mask = raw > MASK_THRESHOLD
             if raw.any() and not mask.any():  # e.g. a 0/1 mask: > 128 leaves nothing
                 item.mask_problem = "empty"
             if mask.shape != (t.orig_h, t.orig_w):  # still usable: scale it onto the image's grid
@@ -188,18 +188,6 @@ def _process_one(path: Path, mask_path: Path | None, size: int, fit: str, border
     except Exception as exc:  # one odd file must not stop the other 1999; it is listed instead
         item.error = f"{path}: could not be preprocessed ({type(exc).__name__}: {exc})."
     return item
-
-
-def _read_mask_raw(path: Path) -> np.ndarray:
-    from PIL import Image
-
-    try:
-        with Image.open(path) as img:
-            arr = np.asarray(img)
-    except Exception as exc:
-        raise InputError(f"{path}: not a readable mask image ({exc}).")
-    arr = arr if arr.ndim == 2 else arr[..., 0]
-    return arr.astype(np.uint8) * 255 if arr.dtype == bool else arr  # 1-bit PNGs are binary too
 
 
 def _fingerprint(paths: list[Path], params: dict) -> str:

@@ -105,6 +105,15 @@ def _parse_row(
 def read_mask(path: Path) -> np.ndarray:
     """Read a mask image as a boolean HxW array, foreground = value > 128 (the ISIC rule).
 
+    Raises:
+        InputError: the file is missing or is not a readable image.
+    """
+    return read_mask_values(path) > MASK_THRESHOLD
+
+
+def read_mask_values(path: Path) -> np.ndarray:
+    """A mask image's values as an HxW array, before binarising (for checks on the data).
+
     A mask with colour channels (RGB, RGBA, grey+alpha) uses its first channel; a palette image
     is converted to its colours first, and a 1-bit image counts as 0/255.
 
@@ -129,7 +138,7 @@ def read_mask(path: Path) -> np.ndarray:
         array = array[..., 0]
     if array.ndim != 2:
         raise InputError(f"The mask file {path} has shape {array.shape}; expected a 2-D image.")
-    return array > MASK_THRESHOLD
+    return array
 
 
 def find_masks(folder: Path) -> dict[str, Path]:

@@ -148,17 +148,30 @@ def predict_cache(model, cache: Cache, cfg: ModelConfig, resize: bool, batch_siz
     return {k: np.concatenate(v) for k, v in (("seg", segs), ("cls", clss)) if v}
 
 
-def validation_metrics(pred: dict, cache: Cache, cfg: ModelConfig, resize: bool) -> dict:
-    """Per-image JAC and BACC with the same functions `dermtool score` uses."""
+def validation_targets(cache: Cache, cfg: ModelConfig, resize: bool) -> dict:
+    """Truth of a validation cache at the model's output size, read once for the whole run."""
+    labels = cache.labels if cfg.has_cls else None
+    masks = None
+    if cfg.has_seg:
+        masks = np.asarray(cache.masks)
+        if resize:
+            masks = _resize_batch(masks, cfg.size, True)
+    return _targets(cfg, masks, labels)
+
+
+def validation_metrics(pred: dict, truth: dict, cfg: ModelConfig) -> dict:
+    """Per-image JAC and BACC with the same functions `dermtool score` uses.
+
+    `truth` is `validation_targets(...)`: {"seg": (N, s, s, 1) {0, 1}, "cls": (N, 3) one-hot}.
+    """
     from dermtool.metrics import balanced_accuracy, confusion_matrix, jaccard, per_class_stats
 
     result = {}
     if "seg" in pred:
-        truth = np.asarray(cache.masks) if not resize else _resize_batch(np.asarray(cache.masks), cfg.size, True)
-        jacs = [jaccard(p >= cfg.threshold, t.astype(bool)) for p, t in zip(pred["seg"], truth)]
+        jacs = [jaccard(p >= cfg.threshold, t[..., 0] >= 0.5) for p, t in zip(pred["seg"], truth["seg"])]
         result["val_jac"] = float(np.mean(jacs))
     if "cls" in pred:
-        cm = confusion_matrix(cache.labels, np.argmax(pred["cls"], axis=1), len(cfg.class_names))
+        cm = confusion_matrix(np.argmax(truth["cls"], axis=1), np.argmax(pred["cls"], axis=1), len(cfg.class_names))
         result["val_bacc"] = float(balanced_accuracy(cm))
         result["val_mel_sensitivity"] = float(per_class_stats(cm)[0]["sensitivity"])
     if "val_jac" in result and "val_bacc" in result:
@@ -340,23 +353,16 @@ class EpochEnd(keras.callbacks.Callback):
         self.losses, self.loss_weights = losses, loss_weights
         self.out_dir, self.state, self.metric_name, self.log = out_dir, state, metric_name, log
         self.started = time.perf_counter()
+        self.truth = validation_targets(val, cfg, resize_val) if val is not None else None
 
     def on_epoch_begin(self, epoch, logs=None):
         self.started = time.perf_counter()
 
     def _val_loss(self, pred: dict) -> float:
         total = 0.0
-        truth = {}
-        if "seg" in pred:
-            masks = np.asarray(self.val.masks)
-            if self.resize_val:
-                masks = _resize_batch(masks, self.cfg.size, True)
-            truth["seg"] = masks[..., None].astype(np.float32)
-        if "cls" in pred:
-            truth["cls"] = np.eye(len(self.cfg.class_names), dtype=np.float32)[self.val.labels]
         for key, fn in self.losses.items():
             p = pred[key][..., None] if key == "seg" else pred[key]
-            total += self.loss_weights[key] * float(fn(truth[key], p))
+            total += self.loss_weights[key] * float(fn(self.truth[key], p))
         return total
 
     def on_epoch_end(self, epoch, logs=None):
@@ -366,7 +372,7 @@ class EpochEnd(keras.callbacks.Callback):
         st = self.state
         if self.val is not None:
             pred = predict_cache(self.m, self.val, self.cfg, self.resize_val)
-            row.update(validation_metrics(pred, self.val, self.cfg, self.resize_val))
+            row.update(validation_metrics(pred, self.truth, self.cfg))
             row["val_loss"] = self._val_loss(pred)
             monitored = row["val_loss"]
         else:
