@@ -1,4 +1,4 @@
-"""What post-processing and test-time augmentation do to a model's validation scores.
+"""What post-processing, the mask threshold and test-time augmentation do to a model's validation scores.
 
 Runs the real `dermtool infer` once per variant on a validation folder and scores each with
 `dermtool score`, printing one table (JAC, thresholded JAC, Dice, BACC, melanoma SE, mean
@@ -22,6 +22,9 @@ VARIANTS = {
     "+ closing": ["--all-components", "--no-fill-holes"],
     "+ largest component": ["--no-fill-holes"],
     "+ hole filling (default)": [],
+    "default, threshold 0.3": ["--threshold", "0.3"],
+    "default, threshold 0.4": ["--threshold", "0.4"],
+    "default, threshold 0.6": ["--threshold", "0.6"],
     "default + TTA 4 (flips)": ["--tta", "4"],
     "default + TTA 8 (dihedral)": ["--tta", "8"],
 }
