@@ -1,9 +1,10 @@
 """Does averaging two models' lesion probabilities beat either model alone?
 
-Runs the real `dermtool infer --probabilities` with each model on a validation folder, then
-post-processes each model's probability maps and their mean with the default post-processing
-(dermtool.postprocess) and prints the mean per-image Jaccard (dermtool.metrics) of all three.
-Used to decide whether bundling two models and averaging them is worth twice the inference time.
+Loads both models the way `dermtool infer` does, predicts each validation image with both, and
+turns each model's probability map and their mean into a mask with infer's own path
+(dermtool.postprocess defaults at the model's size, then restore_mask to the original size).
+Prints the mean per-image Jaccard (dermtool.metrics) of all three. Used to decide whether
+bundling two models and averaging them is worth twice the inference time.
 
     python bench/ensemble_check.py weights/isic2017-joint-160 runs/joint160-a08
 """
@@ -11,17 +12,16 @@ Used to decide whether bundling two models and averaging them is worth twice the
 from __future__ import annotations
 
 import argparse
-import subprocess
-import sys
-import tempfile
 from pathlib import Path
 
 import numpy as np
-import tifffile
 
+from dermtool.data import find_images, image_id_of
+from dermtool.infer import load_model
 from dermtool.io import read_mask
 from dermtool.metrics import jaccard
-from dermtool.postprocess import PostprocessConfig, postprocess
+from dermtool.postprocess import postprocess
+from dermtool.preprocess import prepare, restore_mask
 
 
 def main() -> None:
@@ -34,21 +34,18 @@ def main() -> None:
     if not (args.val / "images").is_dir():
         print(f"skipped: no validation data at {args.val}")
         return
-    with tempfile.TemporaryDirectory() as tmp:
-        outs = []
-        for i, model in enumerate((args.model_a, args.model_b)):
-            out = Path(tmp) / f"m{i}"
-            subprocess.run([sys.executable, "-m", "dermtool", "infer", str(args.val / "images"), "--out", str(out),
-                            "--model", str(model), "--probabilities"], check=True, capture_output=True)
-            outs.append(out)
-        scores = {"model A": [], "model B": [], "mean of A and B": []}
-        for prob_a in sorted(outs[0].glob("*_probability.tif")):
-            image_id = prob_a.name[: -len("_probability.tif")]
-            a = tifffile.imread(prob_a)
-            b = tifffile.imread(outs[1] / prob_a.name)
-            truth = read_mask(args.val / "masks" / f"{image_id}_segmentation.png")
-            for name, prob in (("model A", a), ("model B", b), ("mean of A and B", (a + b) / 2)):
-                scores[name].append(jaccard(postprocess(prob, PostprocessConfig()), truth))
+    (model_a, cfg), (model_b, cfg_b) = load_model(args.model_a), load_model(args.model_b)
+    geometry = (cfg.size, cfg.fit, cfg.border, cfg.margin)
+    if geometry != (cfg_b.size, cfg_b.fit, cfg_b.border, cfg_b.margin) or not (cfg.has_seg and cfg_b.has_seg):
+        raise SystemExit("both models must segment and share size, fit, border and margin")
+    scores = {"model A": [], "model B": [], "mean of A and B": []}
+    for path in find_images(args.val / "images"):
+        x, t = prepare(path, *geometry)
+        a = np.asarray(model_a.predict_on_batch(x[None].astype(np.float32))["seg"])[0, ..., 0]
+        b = np.asarray(model_b.predict_on_batch(x[None].astype(np.float32))["seg"])[0, ..., 0]
+        truth = read_mask(args.val / "masks" / f"{image_id_of(path)}_segmentation.png")
+        for name, prob in (("model A", a), ("model B", b), ("mean of A and B", (a + b) / 2)):
+            scores[name].append(jaccard(restore_mask(postprocess(prob), t), truth))
     print(f"A = {args.model_a}, B = {args.model_b}, {len(scores['model A'])} validation images")
     print("| masks from | mean JAC |\n|---|---:|")
     for name, values in scores.items():
