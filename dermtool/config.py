@@ -15,7 +15,8 @@ from dermtool import CLASS_NAMES
 from dermtool.errors import InputError
 
 TASKS = ("seg", "cls", "joint")
-PRESETS = ("thesis", "compact")
+ENCODERS = ("unet", "efficientnet-lite0")
+PRESETS = ("thesis", "compact", "lite0")
 FITS = ("pad", "squash")
 
 
@@ -30,6 +31,8 @@ class ModelConfig:
 
     task: str = "joint"
     preset: str = "compact"
+    encoder: str = "unet"  # "unet" (the thesis's encoder, from scratch) or "efficientnet-lite0"
+    pretrained: bool = False  # ImageNet weights loaded into the encoder before training
     size: int = 256
     base_filters: int = 16
     depth: int = 4
@@ -52,6 +55,14 @@ class ModelConfig:
             raise InputError(f"unknown fit mode {self.fit!r}; choose pad or squash.")
         if self.padding not in ("same", "valid"):
             raise InputError(f"unknown padding {self.padding!r}; choose same or valid.")
+        if self.encoder not in ENCODERS:
+            raise InputError(f"unknown encoder {self.encoder!r}; choose one of {', '.join(ENCODERS)}.")
+        if self.encoder != "unet" and (self.padding != "same" or self.size % 32 or self.depth != 5
+                                       or self.normalization != "lite"):
+            raise InputError(f"the {self.encoder} encoder needs --preset lite0 (same padding, depth 5, its own "
+                             f"normalisation) and a size that is a multiple of 32 (got {self.size}).")
+        if self.pretrained and self.encoder == "unet":
+            raise InputError("--pretrained needs a pretrained encoder: add --encoder efficientnet-lite0.")
         if self.padding == "same" and self.size % (2**self.depth):
             raise InputError(f"size {self.size} must be a multiple of 2**depth = {2 ** self.depth}.")
         object.__setattr__(self, "class_names", tuple(self.class_names))
@@ -102,8 +113,15 @@ def preset_config(preset: str, task: str, **overrides) -> ModelConfig:
             preset="compact", size=256, base_filters=16, depth=4, padding="same",
             batch_norm=True, dropout=0.1, cls_head="global", fit="squash",
         )
+    elif preset == "lite0":
+        # ImageNet EfficientNet-Lite0 encoder (5 downsamplings) under a light U-Net decoder
+        base = dict(
+            preset="lite0", encoder="efficientnet-lite0", pretrained=True, size=192, base_filters=12,
+            depth=5, padding="same", batch_norm=True, dropout=0.0, cls_head="linear", fit="squash",
+            normalization="lite",
+        )
     else:
-        raise InputError(f"unknown preset {preset!r}; choose thesis or compact.")
+        raise InputError(f"unknown preset {preset!r}; choose one of {', '.join(PRESETS)}.")
     base.update({k: v for k, v in overrides.items() if v is not None})
     return ModelConfig(task=task, **base)
 
@@ -121,6 +139,9 @@ class TrainConfig:
     seg_loss: str = "bce"  # "bce" or "bce+dice"
     class_weights: tuple = ()
     augment: str = "flips+color"  # "none", "flips", "flips+color"
+    sampler: str = "proportional"  # "proportional" or "balanced" (dermtool.dataset)
+    steps_per_epoch: int = 0  # 0: one pass over the training images
+    schedule: str = "plateau"  # "plateau" (x lr_factor after lr_patience epochs) or "cosine"
     seed: int = 0
     mixed_precision: bool = False
     strategy: str = "default"

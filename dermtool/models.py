@@ -39,6 +39,10 @@ def _normalize(x, cfg: ModelConfig):
         return layers.Rescaling(1.0 / 255.0, name="normalize")(x)
     if cfg.normalization == "center":
         return layers.Rescaling(1.0 / 127.5, offset=-1.0, name="normalize")(x)
+    if cfg.normalization == "lite":  # what the ImageNet Lite weights were trained on
+        from dermtool.pretrained import lite0_normalize
+
+        return lite0_normalize(x)
     raise ValueError(f"unknown normalization {cfg.normalization!r}")
 
 
@@ -46,6 +50,13 @@ def build_encoder(cfg: ModelConfig):
     """Input tensor, list of skip tensors (fine to coarse) and the bottleneck tensor."""
     inputs = keras.Input((cfg.input_size, cfg.input_size, 3), name="image")
     x = _normalize(inputs, cfg)
+    if cfg.encoder == "efficientnet-lite0":
+        from dermtool.pretrained import build_lite0_features
+
+        # the Lite0 trunk gives skips at 1/2 .. 1/16 and 1280 features at 1/32; the full-resolution
+        # skip is the normalised image itself, so the decoder's last level still sees pixels
+        skips, bottleneck = build_lite0_features(x)
+        return inputs, [x] + skips, bottleneck
     skips = []
     for level in range(cfg.depth):
         x = _conv_block(x, cfg.base_filters * 2**level, cfg, f"enc_block{level + 1}", cfg.dropout)
@@ -84,6 +95,9 @@ def build_cls_head(cfg: ModelConfig, bottleneck):
         x = layers.Dropout(0.5, name="cls_dropout1")(x)
         x = layers.Dense(cfg.cls_dense_units, activation="relu", name="cls_dense")(x)
         x = layers.Dropout(0.5, name="cls_dropout2")(x)
+    elif cfg.cls_head == "linear":  # a pretrained encoder's features need only a linear read-out
+        x = layers.GlobalAveragePooling2D(name="cls_avgpool")(x)
+        x = layers.Dropout(0.3, name="cls_dropout1")(x)
     else:
         avg = layers.GlobalAveragePooling2D(name="cls_avgpool")(x)
         mx = layers.GlobalMaxPooling2D(name="cls_maxpool")(x)
@@ -107,6 +121,15 @@ def build_model(cfg: ModelConfig) -> keras.Model:
     if cfg.has_cls:
         outputs[CLS_OUTPUT] = build_cls_head(cfg, bottleneck)
     return keras.Model(inputs, outputs, name=f"dermtool_{cfg.preset}_{cfg.task}")
+
+
+def load_pretrained(model: keras.Model, cfg: ModelConfig, log=None) -> int:
+    """Put the encoder's ImageNet weights into a freshly built model (cfg.pretrained)."""
+    if cfg.encoder != "efficientnet-lite0":
+        return 0
+    from dermtool.pretrained import load_lite0_imagenet
+
+    return load_lite0_imagenet(model, log=log)
 
 
 def encoder_layer_names(model: keras.Model) -> list[str]:

