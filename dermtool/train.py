@@ -31,8 +31,6 @@ from dermtool.config import ModelConfig, TrainConfig, load_config, save_config
 from dermtool.data import Cache, load_cache
 from dermtool.errors import InputError
 
-HISTORY_FIELDS = ["epoch", "loss", "seg_loss", "cls_loss", "val_loss", "val_jac", "val_bacc",
-                  "val_mean_performance", "val_mel_sensitivity", "lr", "seconds", "best"]
 
 
 def check_cache(cache: Cache, cfg: ModelConfig, needs_masks: bool, needs_labels: bool, log) -> bool:
@@ -77,44 +75,79 @@ def make_batches(cache: Cache, cfg: ModelConfig, indices: np.ndarray, resize: bo
     return images, masks, cache.labels[idx]
 
 
-def _targets(cfg: ModelConfig, masks, labels, aug_masks=None) -> dict:
+def _targets(cfg: ModelConfig, masks, labels) -> dict:
+    """Model targets; a missing mask (MISSING_MASK) becomes -1 and a missing label (-1) a zero row,
+    which the losses skip (dermtool.losses)."""
+    from dermtool.dataset import MISSING_MASK
+
     y = {}
     if cfg.has_seg:
-        m = masks if aug_masks is None else aug_masks
-        y["seg"] = m[..., None].astype(np.float32)
+        seg = masks[..., None].astype(np.float32)
+        seg[masks[..., None] == MISSING_MASK] = -1.0
+        y["seg"] = seg
     if cfg.has_cls:
-        y["cls"] = np.eye(len(cfg.class_names), dtype=np.float32)[labels]
+        labels = np.asarray(labels)
+        onehot = np.zeros((len(labels), len(cfg.class_names)), np.float32)
+        known = labels >= 0
+        onehot[np.flatnonzero(known), labels[known]] = 1.0
+        y["cls"] = onehot
     return y
 
 
-def training_batch(cache: Cache, cfg: ModelConfig, tcfg: TrainConfig, resize: bool, epoch: int, step: int):
-    """Batch `step` of `epoch`: (float32 images, targets dict), shuffled and augmented.
+class BatchSource:
+    """Batch `step` of `epoch` as a pure function of (seed, epoch, step).
 
-    A pure function of (seed, epoch, step): every epoch is shuffled and augmented differently,
-    a seeded run repeats exactly, and a resumed run continues as if it had never stopped.
+    Every epoch is shuffled (or sampled) and augmented differently, a seeded run repeats
+    exactly, and a resumed run continues as if it had never stopped.
     """
-    order = np.random.default_rng([tcfg.seed, epoch]).permutation(len(cache))
-    take = order[step * tcfg.batch_size:(step + 1) * tcfg.batch_size]
-    images, masks, labels = make_batches(cache, cfg, take, resize)
-    # input and target are centred squares, so one dihedral map aligns both (valid models too)
-    rng = np.random.default_rng([tcfg.seed, epoch, step])
-    x, aug_masks, _ = augment_batch(images, masks, rng, tcfg.augment)
-    return x, _targets(cfg, masks, labels, aug_masks)
+
+    def __init__(self, data, cfg: ModelConfig, tcfg: TrainConfig, steps: int):
+        self.data, self.cfg, self.tcfg, self.steps = data, cfg, tcfg, steps
+        self._epoch, self._order = None, None
+
+    def order(self, epoch: int) -> np.ndarray:
+        from dermtool.dataset import epoch_indices
+
+        if self._epoch != epoch:  # one draw per epoch, not per batch
+            self._order = epoch_indices(self.data, self.tcfg.sampler, self.tcfg.seed, epoch, self.steps,
+                                        self.tcfg.batch_size)
+            self._epoch = epoch
+        return self._order
+
+    def batch(self, epoch: int, step: int):
+        bs = self.tcfg.batch_size
+        take = self.order(epoch)[step * bs:(step + 1) * bs]
+        images, masks, labels = self.data.read(take, self.cfg)
+        # input and target are centred squares, so one dihedral map aligns both (valid models too)
+        rng = np.random.default_rng([self.tcfg.seed, epoch, step])
+        x, aug_masks, _ = augment_batch(images, masks, rng, self.tcfg.augment)
+        return x, _targets(self.cfg, aug_masks, labels)
 
 
-def training_dataset(cache: Cache, cfg: ModelConfig, tcfg: TrainConfig, resize: bool, first_epoch: int = 0):
-    """tf.data stream of (epoch, step) -> `training_batch` for all remaining epochs.
+def training_batch(cache: Cache, cfg: ModelConfig, tcfg: TrainConfig, resize: bool, epoch: int, step: int):
+    """Batch `step` of `epoch` from a single cache (see BatchSource)."""
+    from dermtool.dataset import TrainingSet, steps_per_epoch
+
+    data = TrainingSet([cache], [resize])
+    return BatchSource(data, cfg, tcfg, steps_per_epoch(len(data), tcfg.batch_size, tcfg.steps_per_epoch)).batch(epoch, step)
+
+
+def training_dataset(data, cfg: ModelConfig, tcfg: TrainConfig, first_epoch: int = 0):
+    """tf.data stream of (epoch, step) -> batch for all remaining epochs, and the steps per epoch.
 
     One stream across epochs (fit with steps_per_epoch), so batches prepared ahead of time
     always belong to the epoch they are trained in.
     """
     import tensorflow as tf
 
-    steps = math.ceil(len(cache) / tcfg.batch_size)
+    from dermtool.dataset import steps_per_epoch
+
+    steps = steps_per_epoch(len(data), tcfg.batch_size, tcfg.steps_per_epoch)
+    source = BatchSource(data, cfg, tcfg, steps)
     keys = [k for k in ("seg", "cls") if (k == "seg" and cfg.has_seg) or (k == "cls" and cfg.has_cls)]
 
     def load(epoch, step):
-        x, y = training_batch(cache, cfg, tcfg, resize, int(epoch), int(step))
+        x, y = source.batch(int(epoch), int(step))
         return (x, *[y[k] for k in keys])
 
     def shape(*arrays):
@@ -129,9 +162,10 @@ def training_dataset(cache: Cache, cfg: ModelConfig, tcfg: TrainConfig, resize: 
 
     pairs = tf.data.Dataset.range(first_epoch, tcfg.epochs).flat_map(
         lambda e: tf.data.Dataset.range(steps).map(lambda s: (e, s)))
+    # one worker: BatchSource caches the epoch's order and is not shared across threads
     ds = pairs.map(lambda e, s: tf.numpy_function(load, [e, s], [tf.float32] * (1 + len(keys))),
-                   num_parallel_calls=2, deterministic=True)
-    return ds.map(shape).prefetch(2), steps
+                   num_parallel_calls=1, deterministic=True)
+    return ds.map(shape).prefetch(4), steps
 
 
 def predict_cache(model, cache: Cache, cfg: ModelConfig, resize: bool, batch_size: int = 16) -> dict:
@@ -149,33 +183,49 @@ def predict_cache(model, cache: Cache, cfg: ModelConfig, resize: bool, batch_siz
 
 
 def validation_targets(cache: Cache, cfg: ModelConfig, resize: bool) -> dict:
-    """Truth of a validation cache at the model's output size, read once for the whole run."""
+    """Truth of a validation cache at the model's output size, read once for the whole run.
+
+    Images without a mask (or label) get the missing marker and are left out of JAC (or BACC).
+    """
+    from dermtool.dataset import MISSING_MASK
+
     labels = cache.labels if cfg.has_cls else None
     masks = None
     if cfg.has_seg:
-        masks = np.asarray(cache.masks)
-        if resize:
-            masks = _resize_batch(masks, cfg.size, True)
+        if cache.masks is None:
+            masks = np.full((len(cache), cfg.size, cfg.size), MISSING_MASK, np.uint8)
+        else:
+            masks = np.asarray(cache.masks)
+            if resize:
+                masks = _resize_batch(masks, cfg.size, True)
+            masks = np.where(cache.has_mask[:, None, None], masks, MISSING_MASK).astype(np.uint8)
     return _targets(cfg, masks, labels)
 
 
-def validation_metrics(pred: dict, truth: dict, cfg: ModelConfig) -> dict:
-    """Per-image JAC and BACC with the same functions `dermtool score` uses.
+def validation_metrics(pred: dict, truth: dict, cfg: ModelConfig, prefix: str = "val_") -> dict:
+    """Per-image JAC, BACC and melanoma AUC with the same functions `dermtool score` uses.
 
-    `truth` is `validation_targets(...)`: {"seg": (N, s, s, 1) {0, 1}, "cls": (N, 3) one-hot}.
+    `truth` is `validation_targets(...)`: {"seg": (N, s, s, 1) {0, 1, -1 missing}, "cls": (N, 3)
+    one-hot, all-zero when missing}. Images whose truth is missing are left out.
     """
-    from dermtool.metrics import balanced_accuracy, confusion_matrix, jaccard, per_class_stats
+    from dermtool.metrics import balanced_accuracy, confusion_matrix, jaccard, per_class_stats, roc_auc
 
     result = {}
     if "seg" in pred:
-        jacs = [jaccard(p >= cfg.threshold, t[..., 0] >= 0.5) for p, t in zip(pred["seg"], truth["seg"])]
-        result["val_jac"] = float(np.mean(jacs))
+        jacs = [jaccard(p >= cfg.threshold, t[..., 0] >= 0.5) for p, t in zip(pred["seg"], truth["seg"])
+                if t.min() >= 0]
+        if jacs:
+            result[prefix + "jac"] = float(np.mean(jacs))
     if "cls" in pred:
-        cm = confusion_matrix(np.argmax(truth["cls"], axis=1), np.argmax(pred["cls"], axis=1), len(cfg.class_names))
-        result["val_bacc"] = float(balanced_accuracy(cm))
-        result["val_mel_sensitivity"] = float(per_class_stats(cm)[0]["sensitivity"])
-    if "val_jac" in result and "val_bacc" in result:
-        result["val_mean_performance"] = (result["val_jac"] + result["val_bacc"]) / 2
+        known = truth["cls"].sum(axis=1) > 0
+        if known.any():
+            true_cls = np.argmax(truth["cls"][known], axis=1)
+            cm = confusion_matrix(true_cls, np.argmax(pred["cls"][known], axis=1), len(cfg.class_names))
+            result[prefix + "bacc"] = float(balanced_accuracy(cm))
+            result[prefix + "mel_sensitivity"] = float(per_class_stats(cm)[0]["sensitivity"])
+            result[prefix + "mel_auc"] = float(roc_auc(true_cls == 0, pred["cls"][known][:, 0]))
+    if prefix + "jac" in result and prefix + "bacc" in result:
+        result[prefix + "mean_performance"] = (result[prefix + "jac"] + result[prefix + "bacc"]) / 2
     return result
 
 
@@ -255,10 +305,49 @@ def weights_file(run_dir: Path) -> Path:
     raise InputError(f"{run_dir}: no weights (best.weights.h5 or model.weights.h5) in this folder.")
 
 
-def train(cfg: ModelConfig, tcfg: TrainConfig, train_cache: Path, val_cache: Path | None, out_dir: Path,
+def _as_list(paths) -> list[Path]:
+    if paths is None:
+        return []
+    if isinstance(paths, (str, Path)):
+        return [Path(paths)]
+    return [Path(p) for p in paths]
+
+
+def load_training_set(paths: list[Path], cfg: ModelConfig, log):
+    """Open the training caches as one TrainingSet; each must fit the model, together they must
+    hold what the task trains on (masks for seg, labels for cls)."""
+    from dermtool.dataset import TrainingSet
+
+    caches = [load_cache(p) for p in paths]
+    resize = [check_cache(c, cfg, False, False, log) for c in caches]
+    data = TrainingSet(caches, resize)
+    names = ", ".join(str(p) for p in paths)
+    if cfg.has_seg and not data.has_mask.any():
+        raise InputError(f"{names}: no image has a mask, and task {cfg.task} trains a mask head; "
+                         "preprocess with --masks.")
+    if cfg.has_cls and not (data.labels >= 0).any():
+        raise InputError(f"{names}: no image has a label, and task {cfg.task} trains a classifier; "
+                         "preprocess with --labels.")
+    if len(caches) > 1 or not data.has_mask.all() or not (data.labels >= 0).all():
+        log(f"training data: {len(data)} images from {len(caches)} cache(s); "
+            f"{int(data.has_mask.sum())} with a mask, {int((data.labels >= 0).sum())} with a label")
+    return data
+
+
+def _validation_prefixes(n: int) -> list[str]:
+    """History column prefixes: val_ for the first validation set, val2_, val3_ ... for the others."""
+    return ["val_"] + [f"val{k + 1}_" for k in range(1, n)]
+
+
+def train(cfg: ModelConfig, tcfg: TrainConfig, train_cache, val_cache, out_dir: Path,
           resume: bool = False, log=print, progress: bool = True) -> Path:
-    """Train and validate every epoch; returns the run folder. See the module docstring."""
+    """Train and validate every epoch; returns the run folder. See the module docstring.
+
+    `train_cache` and `val_cache` are one path or a list of paths (several caches train as one
+    set; every validation set is scored every epoch and the epochs are chosen on their mean).
+    """
     out_dir = Path(out_dir)
+    train_paths, val_paths = _as_list(train_cache), _as_list(val_cache)
     state_path = out_dir / "state.json"
     command = tcfg.command
     if resume:
@@ -282,19 +371,22 @@ def train(cfg: ModelConfig, tcfg: TrainConfig, train_cache: Path, val_cache: Pat
             log("note: --mixed-precision needs a GPU; training in float32 on the CPU")
     log(f"devices: {len(gpus)} GPU(s)" if gpus else "devices: CPU")
 
-    tr = load_cache(train_cache)
-    va = load_cache(val_cache) if val_cache else None
-    resize_tr = check_cache(tr, cfg, cfg.has_seg, cfg.has_cls, log)
-    resize_va = check_cache(va, cfg, cfg.has_seg, cfg.has_cls, log) if va is not None else False
+    data = load_training_set(train_paths, cfg, log)
+    vals = [load_cache(p) for p in val_paths]
+    resize_va = [check_cache(v, cfg, False, False, log) for v in vals]
 
     weights = tuple(tcfg.class_weights)
     if cfg.has_cls and not weights:
         from dermtool.losses import class_weights_from_labels
 
-        weights = tuple(round(float(w), 6) for w in class_weights_from_labels(tr.labels, len(cfg.class_names)))
+        if tcfg.sampler == "balanced":  # the sampler balances the classes already
+            weights = (1.0,) * len(cfg.class_names)
+        else:
+            weights = tuple(round(float(w), 6) for w in class_weights_from_labels(data.labels, len(cfg.class_names)))
         tcfg = replace(tcfg, class_weights=weights)
     if cfg.has_cls:
-        log("class weights W_c = N / (3 n_c): " + ", ".join(f"{n} {w:.3f}" for n, w in zip(cfg.class_names, weights)))
+        how = "balanced sampler, so uniform" if tcfg.sampler == "balanced" else "W_c = N / (3 n_c)"
+        log(f"class weights ({how}): " + ", ".join(f"{n} {w:.3f}" for n, w in zip(cfg.class_names, weights)))
 
     out_dir.mkdir(parents=True, exist_ok=True)
     save_config(out_dir / "config.json", cfg, tcfg)
@@ -303,11 +395,13 @@ def train(cfg: ModelConfig, tcfg: TrainConfig, train_cache: Path, val_cache: Pat
             fh.write(command + "\n")
 
     from dermtool.losses import build_losses
-    from dermtool.models import build_model
+    from dermtool.models import build_model, load_pretrained
 
     strategy = _strategy(tcfg.strategy)
     with strategy.scope():
         model = build_model(cfg)
+        if cfg.pretrained and not resume and not tcfg.init_from:
+            load_pretrained(model, cfg, log=log)
         if tcfg.init_from and not resume:
             transfer_weights(model, Path(tcfg.init_from), tcfg.freeze, log)
         apply_freeze(model, tcfg.freeze)
@@ -328,9 +422,10 @@ def train(cfg: ModelConfig, tcfg: TrainConfig, train_cache: Path, val_cache: Pat
         log(f"{out_dir}: all {tcfg.epochs} epochs already done")
         return out_dir
 
-    batches, steps = training_dataset(tr, cfg, tcfg, resize_tr, first_epoch=state["epoch"])
+    batches, steps = training_dataset(data, cfg, tcfg, first_epoch=state["epoch"])
     metric_name = selection_metric(cfg)
-    callback = EpochEnd(model, cfg, tcfg, va, resize_va, losses, loss_weights, out_dir, state, metric_name, log)
+    callback = EpochEnd(model, cfg, tcfg, list(zip(vals, resize_va)), losses, loss_weights, out_dir, state,
+                        metric_name, log)
     callbacks = [callback]
     try:
         import tensorboard  # noqa: F401  (keras needs it to write summaries)
@@ -344,25 +439,37 @@ def train(cfg: ModelConfig, tcfg: TrainConfig, train_cache: Path, val_cache: Pat
     return out_dir
 
 
-class EpochEnd(keras.callbacks.Callback):
-    """Validation with the scorer's metrics, LR plateau, checkpoints and history, every epoch."""
+def cosine_lr(base: float, epoch: int, epochs: int, warmup: int = 1) -> float:
+    """Learning rate of `epoch` (0-based): linear warm-up over `warmup` epochs, then cosine to 0."""
+    if epoch < warmup:
+        return base * (epoch + 1) / (warmup + 1)
+    t = (epoch - warmup) / max(1, epochs - warmup)
+    return base * 0.5 * (1.0 + math.cos(math.pi * t))
 
-    def __init__(self, model, cfg, tcfg, val, resize_val, losses, loss_weights, out_dir, state, metric_name, log):
+
+class EpochEnd(keras.callbacks.Callback):
+    """Validation with the scorer's metrics, LR schedule, checkpoints and history, every epoch."""
+
+    def __init__(self, model, cfg, tcfg, vals, losses, loss_weights, out_dir, state, metric_name, log):
         super().__init__()
-        self.m, self.cfg, self.tcfg, self.val, self.resize_val = model, cfg, tcfg, val, resize_val
+        self.m, self.cfg, self.tcfg, self.vals = model, cfg, tcfg, vals
         self.losses, self.loss_weights = losses, loss_weights
         self.out_dir, self.state, self.metric_name, self.log = out_dir, state, metric_name, log
         self.started = time.perf_counter()
-        self.truth = validation_targets(val, cfg, resize_val) if val is not None else None
+        self.truths = [validation_targets(v, cfg, r) for v, r in vals]
+        self.prefixes = _validation_prefixes(len(vals))
 
     def on_epoch_begin(self, epoch, logs=None):
         self.started = time.perf_counter()
+        if self.tcfg.schedule == "cosine":
+            self.state["lr"] = cosine_lr(self.tcfg.learning_rate, epoch, self.tcfg.epochs)
+            self.m.optimizer.learning_rate.assign(self.state["lr"])
 
-    def _val_loss(self, pred: dict) -> float:
+    def _val_loss(self, pred: dict, truth: dict) -> float:
         total = 0.0
         for key, fn in self.losses.items():
             p = pred[key][..., None] if key == "seg" else pred[key]
-            total += self.loss_weights[key] * float(fn(self.truth[key], p))
+            total += self.loss_weights[key] * float(fn(truth[key], p))
         return total
 
     def on_epoch_end(self, epoch, logs=None):
@@ -370,24 +477,24 @@ class EpochEnd(keras.callbacks.Callback):
         row = {"epoch": epoch + 1, "loss": logs.get("loss"), "seg_loss": logs.get("seg_loss"),
                "cls_loss": logs.get("cls_loss"), "lr": float(np.asarray(self.m.optimizer.learning_rate))}
         st = self.state
-        if self.val is not None:
-            pred = predict_cache(self.m, self.val, self.cfg, self.resize_val)
-            row.update(validation_metrics(pred, self.truth, self.cfg))
-            row["val_loss"] = self._val_loss(pred)
-            monitored = row["val_loss"]
+        if self.vals:
+            scores, val_losses = [], []
+            for (val, resize), truth, prefix in zip(self.vals, self.truths, self.prefixes):
+                pred = predict_cache(self.m, val, self.cfg, resize)
+                row.update(validation_metrics(pred, truth, self.cfg, prefix))
+                row[prefix + "loss"] = self._val_loss(pred, truth)
+                val_losses.append(row[prefix + "loss"])
+                name = prefix + self.metric_name[len("val_"):]
+                if name in row:
+                    scores.append(row[name])
+            monitored = float(np.mean(val_losses))
+            # several validation sets: epochs are chosen on the mean of their selection metrics
+            score = float(np.mean(scores)) if scores else -monitored
         else:
             monitored = row["loss"]
-        # learning-rate plateau (x0.8 after 5 epochs without a better validation loss)
-        if st["best_val_loss"] is None or monitored < st["best_val_loss"]:
-            st["best_val_loss"], st["wait"] = monitored, 0
-        else:
-            st["wait"] += 1
-            if st["wait"] >= self.tcfg.lr_patience:
-                st["lr"] = st["lr"] * self.tcfg.lr_factor
-                self.m.optimizer.learning_rate.assign(st["lr"])
-                st["wait"] = 0
-                self.log(f"learning rate reduced to {st['lr']:.3g}")
-        score = row.get(self.metric_name, -monitored)
+            score = -monitored
+        if self.tcfg.schedule == "plateau":
+            self._plateau(monitored)
         improved = st["best_metric"] is None or score > st["best_metric"]
         if improved:
             st["best_metric"], st["best_epoch"] = float(score), epoch + 1
@@ -397,11 +504,24 @@ class EpochEnd(keras.callbacks.Callback):
         _atomic_save_weights(self.m, self.out_dir / "last.weights.h5")
         _save_optimizer(self.m, self.out_dir / "optimizer.npz")
         st["epoch"] = epoch + 1
-        _append_history(self.out_dir / "history.csv", row)
+        _append_history(self.out_dir / "history.csv", row, self.prefixes if self.vals else [])
         tmp = self.out_dir / "state.json.tmp"
         tmp.write_text(json.dumps(st, indent=2))
         tmp.replace(self.out_dir / "state.json")  # written last: it marks a complete epoch
-        self.log(_summary(row))
+        self.log(_summary(row, self.prefixes if self.vals else []))
+
+    def _plateau(self, monitored: float) -> None:
+        """Learning rate x lr_factor after lr_patience epochs without a better validation loss."""
+        st = self.state
+        if st["best_val_loss"] is None or monitored < st["best_val_loss"]:
+            st["best_val_loss"], st["wait"] = monitored, 0
+            return
+        st["wait"] += 1
+        if st["wait"] >= self.tcfg.lr_patience:
+            st["lr"] = st["lr"] * self.tcfg.lr_factor
+            self.m.optimizer.learning_rate.assign(st["lr"])
+            st["wait"] = 0
+            self.log(f"learning rate reduced to {st['lr']:.3g}")
 
 
 def _atomic_save_weights(model, path: Path) -> None:
@@ -410,21 +530,33 @@ def _atomic_save_weights(model, path: Path) -> None:
     tmp.replace(path)
 
 
-def _append_history(path: Path, row: dict) -> None:
+VAL_FIELDS = ["loss", "jac", "bacc", "mean_performance", "mel_sensitivity", "mel_auc"]
+
+
+def history_fields(prefixes: list[str]) -> list[str]:
+    fields = ["epoch", "loss", "seg_loss", "cls_loss"]
+    for p in prefixes or ["val_"]:
+        fields += [p + f for f in VAL_FIELDS]
+    return fields + ["lr", "seconds", "best"]
+
+
+def _append_history(path: Path, row: dict, prefixes: list[str]) -> None:
     new = not path.is_file()
     with open(path, "a", newline="") as fh:
-        writer = csv.DictWriter(fh, fieldnames=HISTORY_FIELDS, extrasaction="ignore")
+        writer = csv.DictWriter(fh, fieldnames=history_fields(prefixes), extrasaction="ignore")
         if new:
             writer.writeheader()
         writer.writerow({k: ("" if v is None else (round(v, 5) if isinstance(v, float) else v)) for k, v in row.items()})
 
 
-def _summary(row: dict) -> str:
+def _summary(row: dict, prefixes: list[str]) -> str:
     parts = [f"epoch {row['epoch']}", f"loss {row['loss']:.4f}"]
-    for key, label in (("val_loss", "val_loss"), ("val_jac", "JAC"), ("val_bacc", "BACC"),
-                       ("val_mean_performance", "mean"), ("val_mel_sensitivity", "mel SE")):
-        if row.get(key) is not None:
-            parts.append(f"{label} {row[key]:.4f}")
+    for p in prefixes:
+        tag = "" if p == "val_" else p[:-1] + " "
+        for key, label in (("loss", "val_loss"), ("jac", "JAC"), ("bacc", "BACC"), ("mean_performance", "mean"),
+                           ("mel_sensitivity", "mel SE"), ("mel_auc", "mel AUC")):
+            if row.get(p + key) is not None:
+                parts.append(f"{tag}{label} {row[p + key]:.4f}")
     parts += [f"lr {row['lr']:.3g}", f"{row['seconds']:.0f}s", "*best*" if row["best"] else ""]
     return "  ".join(p for p in parts if p)
 

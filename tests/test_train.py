@@ -137,12 +137,13 @@ def test_training_batches_differ_between_epochs_but_repeat_under_the_seed(caches
 
 
 def test_the_training_stream_serves_each_epoch_its_own_batches(caches):
+    from dermtool.dataset import TrainingSet
     from dermtool.train import training_batch, training_dataset
 
     cache = load_cache(caches)
     cfg = tiny("seg")
     tcfg = TrainConfig(batch_size=4, seed=1, epochs=3, augment="flips")
-    ds, steps = training_dataset(cache, cfg, tcfg, False, first_epoch=1)
+    ds, steps = training_dataset(TrainingSet([cache], [False]), cfg, tcfg, first_epoch=1)
     got = [x.numpy() for x, _ in ds]
     assert len(got) == 2 * steps
     np.testing.assert_array_equal(got[steps], training_batch(cache, cfg, tcfg, False, epoch=2, step=0)[0])

@@ -1,0 +1,72 @@
+"""Train / validation split by lesion, so no lesion is on both sides.
+
+HAM10000 has several images of many lesions (its 1,113 melanoma images are 614 lesions); a
+split by image would put near-copies of one lesion on both sides and flatter validation.
+`split_by_group` assigns whole groups (lesion_id) to one side, stratified by class, and is a
+pure function of its inputs and the seed, so anyone can rebuild the same split.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections import defaultdict
+from pathlib import Path
+
+import numpy as np
+
+from dermtool import CLASS_NAMES
+
+
+def split_by_group(ids: list[str], groups: list[str], classes: list[str], fraction: float,
+                   seed: int = 0) -> tuple[list[str], list[str]]:
+    """(train ids, val ids): about `fraction` of the groups of each class go to validation.
+
+    Args:
+        ids: image ids.
+        groups: the group (lesion_id) of each image; an empty group means the image is its own.
+        classes: the class name of each image ("" when unlabelled); a group takes the class of
+            its first labelled image, so stratification counts lesions, not images.
+        fraction: share of each class's groups for validation (at least one group per class
+            that has two or more).
+        seed: the shuffle's seed.
+    """
+    members: dict[str, list[str]] = defaultdict(list)
+    group_class: dict[str, str] = {}
+    for image_id, group, cls in zip(ids, groups, classes):
+        g = group or f"image:{image_id}"
+        members[g].append(image_id)
+        if cls and not group_class.get(g):
+            group_class[g] = cls
+    by_class: dict[str, list[str]] = defaultdict(list)
+    for g in sorted(members):
+        by_class[group_class.get(g, "")].append(g)
+    rng = np.random.default_rng(seed)
+    val_groups: set[str] = set()
+    for cls in sorted(by_class):
+        gs = by_class[cls]
+        n_val = math.ceil(fraction * len(gs)) if len(gs) > 1 else 0
+        for i in rng.permutation(len(gs))[:n_val]:
+            val_groups.add(gs[i])
+    val = sorted(i for g in val_groups for i in members[g])
+    val_set = set(val)
+    train = sorted(i for i in ids if i not in val_set)
+    return train, val
+
+
+def write_split(out: Path, train: list[str], val: list[str], info: dict) -> None:
+    """OUT/train.txt and OUT/val.txt (one id a line) and OUT/split.json (how it was made)."""
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    for name, ids in (("train.txt", train), ("val.txt", val)):
+        tmp = out / (name + ".tmp")
+        tmp.write_text("".join(i + "\n" for i in ids))
+        tmp.replace(out / name)
+    (out / "split.json").write_text(json.dumps({**info, "n_train": len(train), "n_val": len(val)}, indent=2) + "\n")
+
+
+def class_names_of(ids: list[str], labels: dict) -> list[str]:
+    """Class name per id from a read_class_csv dict ("" for ids without a row)."""
+    from dermtool.data import truth_class
+
+    return [CLASS_NAMES[truth_class(labels[i])] if i in labels else "" for i in ids]
