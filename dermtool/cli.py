@@ -87,7 +87,7 @@ def preprocess_cli(
     ..._Part3_GroundTruth.csv) is recognised.
     """
     from dermtool.data import build_cache, resolve_layout
-    from dermtool.report import print_cache_report
+    from dermtool.report import failed_checks, print_cache_report
 
     if fit not in ("pad", "squash"):
         fail(f"--fit must be pad or squash, not {fit!r}.")
@@ -106,8 +106,13 @@ def preprocess_cli(
         fail(str(exc))
     except OSError as exc:  # e.g. --out on a read-only or full disk
         fail(f"{exc.filename or out}: cannot write the cache ({exc.strerror or exc}).")
+    except KeyboardInterrupt:
+        fail(f"interrupted: {out} holds no cache and no temporary files (a cache is only ever written "
+             "whole); run the same command again to build it.", 130)
     print_cache_report(report, layout, out)
-    if report.failed or (strict and report.problems):
+    if strict and report.problems:
+        fail(f"--strict: the data check found {failed_checks(report)}.", 1)
+    if report.failed:
         raise typer.Exit(1)
 
 
