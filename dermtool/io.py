@@ -22,6 +22,14 @@ REQUIRED_COLUMNS = ("image_id", "melanoma", "seborrheic_keratosis")
 MASK_SUFFIX = "_segmentation.png"
 #: The ISIC scorer binarises 8-bit masks with `value > 128`.
 MASK_THRESHOLD = 128
+#: How many ids an error message lists before "..." (keeps it one readable sentence).
+_IDS_SHOWN = 3
+
+
+def first_few(ids: list[str]) -> str:
+    """The first few ids, comma separated, with "..." when there are more."""
+    shown = ", ".join(ids[:_IDS_SHOWN])
+    return shown + (", ..." if len(ids) > _IDS_SHOWN else "")
 
 
 def read_class_csv(path: Path, *, role: str = "truth") -> dict[str, np.ndarray]:

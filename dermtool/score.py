@@ -18,8 +18,6 @@ from dermtool import CLASS_NAMES
 from dermtool import io, metrics
 from dermtool.errors import InputError
 
-#: How many missing ids an error message lists before "..." (keeps it one readable sentence).
-_IDS_SHOWN = 3
 #: Class names as table labels, short enough for an 80-column terminal.
 _SHORT_NAMES = {"seborrheic_keratosis": "seb. keratosis"}
 
@@ -92,7 +90,7 @@ def score_classification(
     if missing:
         raise InputError(
             f"The predictions CSV {pred_csv} has no row for {len(missing)} image(s) of the "
-            f"truth CSV {truth_csv}: {_some(missing)}."
+            f"truth CSV {truth_csv}: {io.first_few(missing)}."
         )
     truth_probs = np.stack([truth[image_id] for image_id in ids])
     pred_probs = np.stack([pred[image_id] for image_id in ids])
@@ -197,12 +195,6 @@ def _check_same_size(pred: np.ndarray, truth: np.ndarray, pred_path: Path, truth
             f"truth mask {truth_path} is {truth.shape[1]}x{truth.shape[0]}; masks must be at the "
             "original image size."
         )
-
-
-def _some(ids: list[str]) -> str:
-    """The first few ids, comma separated, with "..." when there are more."""
-    shown = ", ".join(ids[:_IDS_SHOWN])
-    return shown + (", ..." if len(ids) > _IDS_SHOWN else "")
 
 
 def _plain(value: Any) -> Any:
