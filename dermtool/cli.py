@@ -94,7 +94,7 @@ def preprocess_cli(
     ..._Part3_GroundTruth.csv) is recognised.
     """
     from dermtool.data import build_cache, resolve_layout
-    from dermtool.report import print_cache_report
+    from dermtool.report import failed_checks, print_cache_report
 
     if fit not in ("pad", "squash"):
         fail(f"--fit must be pad or squash, not {fit!r}.")
@@ -103,8 +103,7 @@ def preprocess_cli(
             fail(f"{p}: {what} not found.")
     if labels is not None and not labels.is_file():
         fail(f"{labels}: label CSV not found.")
-    if out.exists() and not out.is_dir():
-        fail(f"{out}: exists and is not a folder; --out must be a cache folder.")
+    check_out_folder(out, "a cache folder")
     if ids is not None and not ids.is_file():
         fail(f"{ids}: id list not found.")
     try:
@@ -118,8 +117,13 @@ def preprocess_cli(
         fail(str(exc))
     except OSError as exc:  # e.g. --out on a read-only or full disk
         fail(f"{exc.filename or out}: cannot write the cache ({exc.strerror or exc}).")
+    except KeyboardInterrupt:
+        fail(f"interrupted: {out} holds no cache and no temporary files (a cache is only ever written "
+             "whole); run the same command again to build it.", 130)
     print_cache_report(report, layout, out)
-    if report.failed or (strict and report.problems):
+    if strict and report.problems:
+        fail(f"--strict: the data check found {failed_checks(report)}.", 1)
+    if report.failed:
         raise typer.Exit(1)
 
 
@@ -231,6 +235,18 @@ def train_cli(
         fail(str(exc))
 
 
+def check_range(option: str, value: float, low: float, high: float, reason: str) -> None:
+    """Fail with one sentence unless low <= value <= high; `reason` says why the range is what it is."""
+    if not low <= value <= high:
+        fail(f"{option} must be between {low} and {high} ({reason}), not {value}.")
+
+
+def check_out_folder(out: Path, what: str) -> None:
+    """--out must be a folder (or not exist yet): a file there is named, not a traceback."""
+    if out.exists() and not out.is_dir():
+        fail(f"{out}: exists and is not a folder; --out must be {what}.")
+
+
 def _parse_shard(value: str) -> tuple[int, int]:
     try:
         k, n = (int(v) for v in value.split("/"))
@@ -246,17 +262,17 @@ def infer_cli(
     images: Path = typer.Argument(..., help="Folder of images (.jpg .jpeg .png .tif .tiff .bmp, any size)."),
     out: Path = typer.Option(..., "--out", "-o", help="Output folder: <image_id>_segmentation.png masks and predictions.csv."),
     model: Optional[Path] = typer.Option(None, "--model", "-m", help="A run folder of dermtool train, or a bundled model folder. Default: the bundled model."),
-    batch_size: int = typer.Option(8, "--batch-size", min=1, help="Images per model call."),
+    batch_size: int = typer.Option(8, "--batch-size", help="Images per model call (at most the number of images; 1-1024)."),
     tta: int = typer.Option(1, "--tta", help="Test-time augmentation: average the model over 1 (off), 4 (flips) or 8 (flips and transposes) views; costs that many times the model time."),
-    threshold: Optional[float] = typer.Option(None, "--threshold", min=0.0, max=1.0, help="Lesion probability threshold (default: the model's, 0.5)."),
-    closing_radius: int = typer.Option(3, "--closing-radius", min=0, help="Radius (model pixels) of the morphological closing; 0 switches it off."),
+    threshold: Optional[float] = typer.Option(None, "--threshold", help="Lesion probability threshold, 0-1 (default: the model's, 0.5)."),
+    closing_radius: int = typer.Option(3, "--closing-radius", help="Radius (model pixels, 0-32) of the morphological closing; 0 switches it off."),
     largest: bool = typer.Option(True, "--largest-component/--all-components", help="Keep only the largest connected component."),
     fill_holes: bool = typer.Option(True, "--fill-holes/--no-fill-holes", help="Fill holes inside the lesion."),
     probabilities: bool = typer.Option(False, "--probabilities", help="Also write <image_id>_probability.tif (float32 lesion probability, original size)."),
     overlay: bool = typer.Option(False, "--overlay", help="Also write <image_id>_overlay.jpg: the contour and predicted class drawn on the image."),
     resume: bool = typer.Option(False, "--resume", help="Skip images whose outputs are already complete in OUT."),
-    shard: str = typer.Option("1/1", "--shard", help="Process only part K of N (stable by file name); writes predictions.part-K-of-N.csv. Concatenate the parts to merge."),
-    workers: int = typer.Option(0, "--workers", min=0, help="Decode/write threads (0: automatic)."),
+    shard: str = typer.Option("1/1", "--shard", help="Process only part K of N (by a hash of the image id); writes predictions.part-K-of-N.csv. dermtool merge OUT joins the parts."),
+    workers: int = typer.Option(0, "--workers", help="Decode/write threads (0: automatic; at most 64)."),
 ) -> None:
     """Segment and classify every image of a folder.
 
@@ -265,7 +281,9 @@ def infer_cli(
     dermtool score and, by its first three columns, the ISIC 2017 scorer), plus OUT/infer.json
     with the run summary and the post-processing used: threshold → closing → largest component
     → hole filling → restore to the original size. Unreadable files are reported and skipped;
-    the exit code is 1 when any image failed.
+    of two files with one image id (a.jpg, a.png) the first by name is used and the other named;
+    the exit code is 1 when any image failed or was skipped so. --resume refuses a folder written
+    with another model or other settings.
     """
     from dermtool.infer import InferOptions, predict_folder
     from dermtool.postprocess import PostprocessConfig
@@ -274,9 +292,18 @@ def infer_cli(
         fail(f"{images}: images folder not found.")
     if model is not None and not (model / "config.json").is_file():
         fail(f"{model}: not a model folder (no config.json).")
+    check_out_folder(out, "an output folder")
     k_n = _parse_shard(shard)
     if tta not in (1, 4, 8):
         fail(f"--tta must be 1, 4 or 8, not {tta}.")
+    check_range("--batch-size", batch_size, 1, 1024,
+                "images per model call; larger batches run no faster and need over 10 GB of memory")
+    if threshold is not None:
+        check_range("--threshold", threshold, 0, 1, "a lesion probability")
+    check_range("--closing-radius", closing_radius, 0, 32,
+                "model pixels; a wider closing joins areas over 64 px apart, 40 % of the bundled model's "
+                "160 px square, and costs seconds and hundreds of MB per image")
+    check_range("--workers", workers, 0, 64, "threads, each holding decoded images; more only add memory")
     try:
         opts = InferOptions(
             batch_size=batch_size, tta=tta, probabilities=probabilities, overlay=overlay, resume=resume,
@@ -291,7 +318,10 @@ def infer_cli(
     except KeyboardInterrupt:  # during model loading: nothing was written yet
         fail("interrupted before any image was processed.", 130)
     for source, message in summary.failed:
-        console.print(f"[red]failed[/] {message}", highlight=False, soft_wrap=True)
+        console.print(f"[red]failed[/] {escape(message)}", highlight=False, soft_wrap=True)
+    for skipped, used in summary.duplicates:
+        console.print(escape(f"skipped {skipped}: same image id {skipped.stem!r} as {used.name}, which is "
+                             "used instead; rename one of them to infer both."), highlight=False, soft_wrap=True)
     console.print(
         f"{'[yellow]interrupted[/]' if summary.interrupted else '[green]done[/]'}: {summary.done} images, "
         f"{summary.skipped} skipped (already done), {len(summary.failed)} failed, "
@@ -299,7 +329,38 @@ def infer_cli(
         highlight=False, soft_wrap=True)
     if summary.interrupted:
         raise typer.Exit(130)
-    if summary.failed:
+    if summary.failed or summary.duplicates:
+        raise typer.Exit(1)
+
+
+@app.command("merge")
+def merge_cli(
+    out: Path = typer.Argument(..., help="The --out folder that infer --shard K/N wrote all N parts to."),
+    images: Optional[Path] = typer.Option(None, "--images", help="The images folder whose every id must have a row. Default: the one the shards' infer records name."),
+) -> None:
+    """Join predictions.part-K-of-N.csv into predictions.csv, checking every image id appears exactly once.
+
+    Refuses (exit 2, naming the file) a missing part, parts of different N, parts written with
+    another model or other settings, an id in two rows, and an image of the folder that no part
+    holds (added after its shard ran: rerun that shard with --resume). Images that failed in
+    their shard are listed and give exit code 1.
+    """
+    from dermtool.shards import merge
+
+    if images is not None and not images.is_dir():
+        fail(f"{images}: images folder not found.")
+    try:
+        result = merge(out, images)
+    except InputError as exc:
+        fail(str(exc))
+    for source in result.failed:
+        console.print(escape(f"no row for {source}: it failed in its shard"), highlight=False, soft_wrap=True)
+    checked = (f"every image of {result.images} has one{' but those that failed' if result.failed else ''}"
+               if result.images else
+               "not checked against an images folder (pass --images to check that none is missing)")
+    console.print(escape(f"merged {result.parts} parts: {result.rows} rows in {out / 'predictions.csv'}; {checked}"),
+                  highlight=False, soft_wrap=True)
+    if result.failed:
         raise typer.Exit(1)
 
 

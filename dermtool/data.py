@@ -28,6 +28,22 @@ def image_id_of(path: Path) -> str:
     return Path(path).stem
 
 
+def unique_ids(paths: list[Path]) -> tuple[list[Path], list[tuple[Path, Path]]]:
+    """Keep the first file of each image id (in the given order, i.e. by name when sorted).
+
+    Returns:
+        (kept paths, [(skipped path, the kept path with its id)]): `a.jpg` and `a.png` are
+        one id, and two outputs named `a` would overwrite each other.
+    """
+    by_id: dict[str, Path] = {}
+    skipped = []
+    for p in paths:
+        first = by_id.setdefault(image_id_of(p), p)
+        if first is not p:
+            skipped.append((p, first))
+    return list(by_id.values()), skipped
+
+
 def find_images(folder: Path) -> list[Path]:
     """Images in `folder` (not recursive), sorted by name; ISIC side files are skipped."""
     folder = Path(folder)
@@ -181,12 +197,12 @@ class ItemResult:
     mask: np.ndarray | None = None
     transform: Transform | None = None
     error: str = ""
-    mask_problem: str = ""  # "size", "nonbinary" or "empty"
+    mask_problem: str = ""  # "size", "zero_one", "nonbinary" or "empty"
 
 
 def _process_one(path: Path, mask_path: Path | None, size: int, fit: str, border: float,
                  margin: int) -> ItemResult:
-    from dermtool.io import MASK_THRESHOLD, read_mask_values
+    from dermtool.io import binarise_mask, is_zero_one, read_mask_values
     from dermtool.preprocess import fit_mask, prepare
 
     item = ItemResult(image_id_of(path), str(path))
@@ -197,10 +213,12 @@ def _process_one(path: Path, mask_path: Path | None, size: int, fit: str, border
             t = item.transform
             if raw.shape[:2] != (t.orig_h, t.orig_w):
                 item.mask_problem = "size"
+            elif is_zero_one(raw):
+                item.mask_problem = "zero_one"
             elif not np.isin(raw, (0, 255)).all():
                 item.mask_problem = "nonbinary"
-            mask = raw > MASK_THRESHOLD
-            if raw.any() and not mask.any():  # e.g. a 0/1 mask: > 128 leaves nothing
+            mask = binarise_mask(raw)
+            if raw.any() and not mask.any():  # e.g. grey levels all at 128 or below
                 item.mask_problem = "empty"
             if mask.shape != (t.orig_h, t.orig_w):  # still usable: scale it onto the image's grid
                 from dermtool.preprocess import _resize
@@ -225,8 +243,10 @@ def _fingerprint(paths: list[Path], params: dict) -> str:
     return h.hexdigest()
 
 
-_CHECKS = ("failed", "no_mask", "no_label", "mask_size_mismatch", "mask_nonbinary", "mask_empty",
-           "both_labels", "duplicate_ids")
+_CHECKS = ("failed", "no_mask", "no_label", "labels_without_image", "mask_size_mismatch", "mask_zero_one",
+           "mask_nonbinary", "mask_empty", "both_labels", "duplicate_ids")
+#: Changes when the way a mask is read changes, so that caches built the old way are rebuilt.
+_MASK_RULE = "0/1 masks as 0/1, else > 128"
 
 
 @dataclass
@@ -238,7 +258,9 @@ class CacheReport:
     failed: list = None  # (file, message)
     no_mask: list = None
     no_label: list = None
+    labels_without_image: list = None
     mask_size_mismatch: list = None
+    mask_zero_one: list = None
     mask_nonbinary: list = None
     mask_empty: list = None
     both_labels: list = None
@@ -264,6 +286,16 @@ class CacheReport:
             setattr(self, n, [tuple(i) if isinstance(i, list) else i for i in items])
 
 
+def _keep_ids(paths: list[Path], labels: dict, ids: list[str], folder: Path) -> tuple[list[Path], dict]:
+    """Only the images (and label rows) of an id list; an id with no image is an error."""
+    keep = set(ids)
+    missing = sorted(keep - {image_id_of(p) for p in paths})
+    if missing:
+        raise InputError(f"{len(missing)} id(s) of the id list have no image in {folder} "
+                         f"(e.g. {', '.join(missing[:3])}).")
+    return [p for p in paths if image_id_of(p) in keep], {k: v for k, v in labels.items() if k in keep}
+
+
 def build_cache(layout: Layout, out: Path, size: int = 256, fit: str = "squash", border: float = 0.0,
                 margin: int = 0, workers: int = 0, progress: bool = True, ids: list[str] | None = None) -> CacheReport:
     """Preprocess a folder into a cache (see the module docstring). Reuses a matching cache.
@@ -271,12 +303,7 @@ def build_cache(layout: Layout, out: Path, size: int = 256, fit: str = "squash",
     Unreadable images are skipped and listed in the report; everything else is still done.
     `ids` keeps only those image ids (e.g. one side of `dermtool split`).
     """
-    import os
     import time
-    from concurrent.futures import ThreadPoolExecutor
-
-    import tifffile
-    from tqdm import tqdm
 
     from dermtool.io import find_masks, read_class_csv
 
@@ -286,26 +313,18 @@ def build_cache(layout: Layout, out: Path, size: int = 256, fit: str = "squash",
     paths = find_images(layout.images)
     if not paths:
         raise InputError(f"{layout.images}: no images (*.jpg, *.png, *.tif, *.bmp) in this folder.")
-    by_id: dict[str, Path] = {}
-    for p in paths:
-        if image_id_of(p) in by_id:
-            report.duplicate_ids.append(f"{p.name} and {by_id[image_id_of(p)].name}")
-            continue
-        by_id[image_id_of(p)] = p
+    paths, duplicates = unique_ids(paths)
+    report.duplicate_ids = [f"{p.name} and {first.name}" for p, first in duplicates]
+    labels = read_class_csv(layout.labels, role="labels") if layout.labels else {}
     if ids is not None:
-        missing = sorted(set(ids) - set(by_id))
-        if missing:
-            raise InputError(f"{len(missing)} id(s) of the id list have no image in {layout.images} "
-                             f"(e.g. {', '.join(missing[:3])}).")
-        keep = set(ids)
-        by_id = {k: v for k, v in by_id.items() if k in keep}
-    paths = list(by_id.values())
+        paths, labels = _keep_ids(paths, labels, ids, layout.images)
     lesions = read_lesion_ids(layout.metadata) if layout.metadata else {}
     masks = find_masks(layout.masks) if layout.masks else {}
-    labels = read_class_csv(layout.labels, role="truth") if layout.labels else {}
+    image_ids = {image_id_of(p) for p in paths}
+    report.labels_without_image = [i for i in labels if i not in image_ids]
     params = dict(size=size, fit=fit, border=border, margin=margin,
-                  masks=str(layout.masks), labels=str(layout.labels), metadata=str(layout.metadata),
-                  ids=len(ids) if ids is not None else None)
+                  masks=str(layout.masks), labels=str(layout.labels), mask_rule=_MASK_RULE,
+                  metadata=str(layout.metadata), ids=len(ids) if ids is not None else None)
     fingerprint = _fingerprint(paths + sorted(masks.values()) + [p for p in (layout.labels, layout.metadata) if p],
                                params)
     meta_path = out / "cache.json"
@@ -321,76 +340,105 @@ def build_cache(layout: Layout, out: Path, size: int = 256, fit: str = "squash",
         return report
 
     out.mkdir(parents=True, exist_ok=True)
-    for name in ("cache.json", "manifest.csv", "images.tif", "masks.tif"):
+    for name in _CACHE_FILES:
         (out / name).unlink(missing_ok=True)  # a stale cache must never look valid
-    n = len(paths)
-    in_size = size + 2 * margin
+    try:
+        rows = _fill_stacks(layout, out, paths, masks, labels, report, size, fit, border, margin, workers, progress)
+        for row in rows:
+            row["lesion_id"] = lesions.get(row["image_id"], "")
+        _write_manifest(out, rows)
+        meta = dict(params, n_images=len(rows), fingerprint=fingerprint, input_size=size + 2 * margin,
+                    check=report.checks())
+        (out / "cache.json.tmp").write_text(json.dumps(meta, indent=2) + "\n")
+        (out / "cache.json.tmp").replace(meta_path)  # written last: its presence marks a complete cache
+    except BaseException:
+        # Ctrl-C or a failure: no temp file stays behind, nor a cache that is not whole
+        for name in _CACHE_FILES[1:] + _TMP_FILES:
+            (out / name).unlink(missing_ok=True)
+        raise
+    report.n_images = len(rows)
+    report.seconds = time.perf_counter() - started
+    return report
+
+
+#: cache.json first: written last, it marks the others as complete.
+_CACHE_FILES = ("cache.json", "manifest.csv", "images.tif", "masks.tif")
+_TMP_FILES = ("images.tif.tmp", "masks.tif.tmp", "manifest.csv.tmp", "cache.json.tmp")
+
+
+def _fill_stacks(layout: Layout, out: Path, paths: list[Path], masks: dict, labels: dict, report: CacheReport,
+                 size: int, fit: str, border: float, margin: int, workers: int, progress: bool) -> list[dict]:
+    """Decode every image (and mask) on `workers` threads into OUT/images.tif and masks.tif,
+    filling in the data check; returns the manifest rows of the images that were read."""
+    import os
+    from concurrent.futures import ThreadPoolExecutor
+
+    import tifffile
+    from tqdm import tqdm
+
+    from dermtool.io import both_classes
+
+    n, in_size = len(paths), size + 2 * margin
     tmp_images, tmp_masks = out / "images.tif.tmp", out / "masks.tif.tmp"
     img_stack = tifffile.memmap(tmp_images, shape=(n, in_size, in_size, 3), dtype=np.uint8, photometric="rgb")
     mask_stack = tifffile.memmap(tmp_masks, shape=(n, size, size), dtype=np.uint8,
                                   photometric="minisblack") if masks else None
-    rows, k = [], 0
-    workers = workers or min(8, os.cpu_count() or 1)
-    with ThreadPoolExecutor(max_workers=workers) as pool:
+    rows = []
+    with ThreadPoolExecutor(max_workers=workers or min(8, os.cpu_count() or 1)) as pool:
         jobs = pool.map(lambda p: _process_one(p, masks.get(image_id_of(p)), size, fit, border, margin), paths)
-        bar = tqdm(jobs, total=n, unit="img", desc="preprocess", disable=not progress, leave=False)
-        for item in bar:
-            if item.error:
-                report.failed.append((item.source, item.error))
-                continue
-            img_stack[k] = item.image
-            has_mask = item.mask is not None
-            if mask_stack is not None and has_mask:
-                mask_stack[k] = item.mask
-            if layout.masks and not has_mask:
-                report.no_mask.append(item.image_id)
-            if item.mask_problem == "size":
-                report.mask_size_mismatch.append(item.image_id)
-            elif item.mask_problem == "nonbinary":
-                report.mask_nonbinary.append(item.image_id)
-            elif item.mask_problem == "empty":
-                report.mask_empty.append(item.image_id)
-            cls, label = -1, ""
-            if item.image_id in labels:
-                row = labels[item.image_id]
-                if row[0] >= 0.5 and row[1] >= 0.5:
-                    report.both_labels.append(item.image_id)
-                cls = truth_class(row)
-                label = CLASS_NAMES[cls]
-            elif layout.labels:
-                report.no_label.append(item.image_id)
-            rows.append({"image_id": item.image_id, "label": label, "class_index": cls,
-                         "has_mask": int(has_mask), "source": item.source,
-                         "lesion_id": lesions.get(item.image_id, ""), **item.transform.to_dict()})
-            k += 1
+        try:
+            for item in tqdm(jobs, total=n, unit="img", desc="preprocess", disable=not progress, leave=False):
+                if item.error:
+                    report.failed.append((item.source, item.error))
+                    continue
+                k = len(rows)
+                img_stack[k] = item.image
+                has_mask = item.mask is not None
+                if mask_stack is not None and has_mask:
+                    mask_stack[k] = item.mask
+                if layout.masks and not has_mask:
+                    report.no_mask.append(item.image_id)
+                if item.mask_problem:
+                    problem = "mask_size_mismatch" if item.mask_problem == "size" else f"mask_{item.mask_problem}"
+                    getattr(report, problem).append(item.image_id)
+                cls, label = -1, ""
+                if item.image_id in labels:
+                    row = labels[item.image_id]
+                    if both_classes(row[0], row[1]):
+                        report.both_labels.append(item.image_id)
+                    cls = truth_class(row)
+                    label = CLASS_NAMES[cls]
+                elif layout.labels:
+                    report.no_label.append(item.image_id)
+                rows.append({"image_id": item.image_id, "label": label, "class_index": cls,
+                             "has_mask": int(has_mask), "source": item.source, **item.transform.to_dict()})
+        except BaseException:
+            pool.shutdown(wait=False, cancel_futures=True)  # Ctrl-C stops now, not after every image
+            raise
     img_stack.flush()
     del img_stack
     if mask_stack is not None:
         mask_stack.flush()
         del mask_stack
-    if k == 0:
-        tmp_images.unlink()
-        tmp_masks.unlink(missing_ok=True)
+    if not rows:
         raise InputError(f"{layout.images}: none of the {n} images could be read "
                          f"(first: {report.failed[0][1].rstrip('.')}).")
-    if k < n:  # failures left unused slots at the end: rewrite compactly
-        _truncate_stack(tmp_images, k)
+    if len(rows) < n:  # failures left unused slots at the end: rewrite compactly
+        _truncate_stack(tmp_images, len(rows))
         if masks:
-            _truncate_stack(tmp_masks, k)
+            _truncate_stack(tmp_masks, len(rows))
     tmp_images.replace(out / "images.tif")
     if masks:
         tmp_masks.replace(out / "masks.tif")
+    return rows
+
+
+def _write_manifest(out: Path, rows: list[dict]) -> None:
     with open(out / "manifest.csv.tmp", "w", newline="") as fh:
         writer = csv.DictWriter(fh, fieldnames=MANIFEST_FIELDS)
         writer.writeheader()
         writer.writerows(rows)
     (out / "manifest.csv.tmp").replace(out / "manifest.csv")
-    meta = dict(params, n_images=k, fingerprint=fingerprint, input_size=in_size, check=report.checks())
-    (out / "cache.json.tmp").write_text(json.dumps(meta, indent=2) + "\n")
-    (out / "cache.json.tmp").replace(meta_path)  # written last: its presence marks a complete cache
-    report.n_images = k
-    report.seconds = time.perf_counter() - started
-    return report
 
 
 def _truncate_stack(path: Path, k: int) -> None:

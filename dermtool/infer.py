@@ -22,13 +22,13 @@ import numpy as np
 from dermtool import CLASS_NAMES
 from dermtool.augment import dihedral, undo_dihedral
 from dermtool.config import ModelConfig, load_config
-from dermtool.data import find_images, image_id_of
+from dermtool.data import find_images, image_id_of, unique_ids
 from dermtool.errors import InputError
 from dermtool.io import write_csv_atomic
 from dermtool.postprocess import PostprocessConfig, postprocess
 from dermtool.preprocess import Transform, prepare, restore, restore_mask
+from dermtool.shards import differing_settings, predictions_name, record_name, shard_of
 
-PREDICTIONS = "predictions.csv"
 MASK_SUFFIX = "_segmentation.png"
 
 
@@ -49,6 +49,7 @@ class InferSummary:
     done: int = 0
     skipped: int = 0
     failed: list = field(default_factory=list)  # (file, message)
+    duplicates: list = field(default_factory=list)  # (skipped file, the file used for its id)
     seconds: float = 0.0
     load_seconds: float = 0.0
     model: str = ""
@@ -87,11 +88,26 @@ def load_model(model_dir: Path):
 
 
 def select_images(images_dir: Path, shard: tuple[int, int] = (1, 1)) -> list[Path]:
-    """Images of the folder, sorted by name; shard (k, n) keeps every n-th from the k-th (1-based)."""
+    """Images of the folder, sorted by name; shard (k, n) keeps those whose id hashes to k
+    (`shards.shard_of`), so a file's shard does not depend on the other files."""
     k, n = shard
     if not (1 <= k <= n):
         raise InputError(f"--shard {k}/{n}: K must be between 1 and N.")
-    return [p for i, p in enumerate(find_images(images_dir)) if i % n == k - 1]
+    return [p for p in find_images(images_dir) if shard_of(image_id_of(p), n) == k]
+
+
+def model_fingerprint(model_dir: Path) -> str:
+    """sha1 of config.json and the weights: the same model wherever its folder lies."""
+    import hashlib
+
+    from dermtool.train import weights_file
+
+    h = hashlib.sha1()
+    for path in (Path(model_dir) / "config.json", weights_file(model_dir)):
+        with open(path, "rb") as fh:
+            for chunk in iter(lambda: fh.read(1 << 20), b""):
+                h.update(chunk)
+    return h.hexdigest()
 
 
 def _run_model(model, x: np.ndarray, tta: int = 1, batch_size: int | None = None) -> dict:
@@ -183,11 +199,6 @@ def _finish_one(image_id: str, source: Path, t: Transform, seg, cls, cfg: ModelC
     return [image_id] + [f"{p:.6f}" for p in cls] + [label]
 
 
-def predictions_name(shard: tuple[int, int]) -> str:
-    """predictions.csv, or predictions.part-K-of-N.csv for a shard (concatenate them to merge)."""
-    return PREDICTIONS if shard == (1, 1) else f"predictions.part-{shard[0]}-of-{shard[1]}.csv"
-
-
 def _csv_header(cfg: ModelConfig) -> list[str]:
     return ["image_id"] + list(cfg.class_names) + ["label"] if cfg.has_cls else ["image_id"]
 
@@ -226,26 +237,35 @@ def predict_folder(images_dir: Path, out_dir: Path, model_dir: Path | None = Non
 
     started = time.perf_counter()
     model_dir = Path(model_dir) if model_dir else default_model_dir()
-    paths = select_images(images_dir, opts.shard)
+    out_dir = Path(out_dir)
+    # one id, one output: of a.jpg and a.png only the first by name is used, so no two
+    # images ever write (or race for) the same files
+    paths, duplicates = unique_ids(select_images(images_dir, opts.shard))
     model, cfg = load_model(model_dir)
     if opts.post.threshold is None:
         opts = replace(opts, post=replace(opts.post, threshold=cfg.threshold))
-    # one call on zeros traces the graph now, so the first real batch is not the slow one
-    _run_model(model, np.zeros((opts.batch_size, cfg.input_size, cfg.input_size, 3), np.float32), False)
-    summary_load = time.perf_counter() - started
-    started = time.perf_counter()  # images/s counts the pipeline, not the one-off model load
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    summary = InferSummary(model=str(model_dir), device=_device(), load_seconds=summary_load)
+    summary = InferSummary(model=str(model_dir), duplicates=duplicates)
+    record = _run_record(images_dir, model_fingerprint(model_dir), summary, cfg, opts)
+    if opts.resume:
+        _check_resume(out_dir / record_name(opts.shard), record, out_dir)
     header = _csv_header(cfg)
     csv_path = out_dir / predictions_name(opts.shard)
     partial_path = out_dir / f".{csv_path.stem}.partial.csv"  # appended per image: survives a kill
     rows = _read_rows(csv_path, len(header)) if opts.resume else {}
     rows.update(_read_rows(partial_path, len(header)) if opts.resume else {})
     todo = [p for p in paths if not (opts.resume and _is_done(image_id_of(p), cfg, rows, out_dir))]
-    summary.skipped = len(paths) - len(todo)
     if not opts.resume:
         rows = {}
+    # never pad beyond the images there are: memory follows the work, not --batch-size
+    batch_size = max(1, min(opts.batch_size, len(todo)))
+    if todo:  # one call on zeros traces the graph now, so the first real batch is not the slow one
+        _run_model(model, np.zeros((batch_size, cfg.input_size, cfg.input_size, 3), np.float32), False)
+    summary.load_seconds = time.perf_counter() - started
+    started = time.perf_counter()  # images/s counts the pipeline, not the one-off model load
+    summary.device, summary.skipped = _device(), len(paths) - len(todo)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    # the settings are on disk before any output, so even a killed run can be checked on --resume
+    _write_run_json(out_dir / record_name(opts.shard), record, summary, running=True)
     workers = opts.workers or min(8, max(2, os.cpu_count() or 1))
     partial = open(partial_path, "a" if opts.resume else "w", newline="")
     partial_writer = csv.writer(partial)
@@ -258,7 +278,7 @@ def predict_folder(images_dir: Path, out_dir: Path, model_dir: Path | None = Non
         except InputError as exc:
             return path, None, None, str(exc)
 
-    batches = [todo[i:i + opts.batch_size] for i in range(0, len(todo), opts.batch_size)]
+    batches = [todo[i:i + batch_size] for i in range(0, len(todo), batch_size)]
     writes: deque = deque()  # (path, future of its CSV row), in submission order
     try:
         with ThreadPoolExecutor(workers) as decode_pool, ThreadPoolExecutor(workers) as write_pool:
@@ -280,14 +300,13 @@ def predict_folder(images_dir: Path, out_dir: Path, model_dir: Path | None = Non
                         bar.update(1)
                 if not good:
                     continue
-                out = _run_model(model, np.stack([g[1] for g in good]).astype(np.float32), opts.tta,
-                                 opts.batch_size)
+                out = _run_model(model, np.stack([g[1] for g in good]).astype(np.float32), opts.tta, batch_size)
                 for j, (path, _, t, _) in enumerate(good):
                     seg = out["seg"][j] if "seg" in out else None
                     cls = out["cls"][j] if "cls" in out else None
                     writes.append((path, write_pool.submit(_finish_one, image_id_of(path), path, t, seg, cls,
                                                            cfg, opts, out_dir)))
-                while writes and (len(writes) > 4 * opts.batch_size or writes[0][1].done()):
+                while writes and (len(writes) > 4 * batch_size or writes[0][1].done()):
                     _collect(writes.popleft(), summary, rows, partial, partial_writer, bar)
             while writes:
                 _collect(writes.popleft(), summary, rows, partial, partial_writer, bar)
@@ -308,7 +327,7 @@ def predict_folder(images_dir: Path, out_dir: Path, model_dir: Path | None = Non
         write_csv_atomic(csv_path, header, extra + ordered)
         partial_path.unlink(missing_ok=True)
         summary.seconds = time.perf_counter() - started
-        _write_run_json(out_dir, summary, cfg, opts)
+        _write_run_json(out_dir / record_name(opts.shard), record, summary, running=False)
     return summary
 
 
@@ -328,14 +347,35 @@ def _collect(item, summary: InferSummary, rows: dict, partial, writer, bar) -> N
     bar.update(1)
 
 
-def _write_run_json(out_dir: Path, summary: InferSummary, cfg: ModelConfig, opts: InferOptions) -> None:
-    record = {
-        "model": summary.model, "task": cfg.task, "device": summary.device,
-        "done": summary.done, "skipped": summary.skipped, "failed": [f for f, _ in summary.failed],
-        "seconds": round(summary.seconds, 2), "model_load_seconds": round(summary.load_seconds, 2),
-        "images_per_second": round(summary.images_per_second, 2),
-        "interrupted": summary.interrupted, "tta": opts.tta, "postprocess": opts.post.to_dict(),
-        "shard": f"{opts.shard[0]}/{opts.shard[1]}",
+def _run_record(images_dir: Path, model_sha1: str, summary: InferSummary, cfg: ModelConfig,
+                opts: InferOptions) -> dict:
+    """The settings of a run, as infer.json records them (the counts are added when written)."""
+    return {
+        "model": summary.model, "model_sha1": model_sha1, "task": cfg.task, "images": str(Path(images_dir).resolve()),
+        "tta": opts.tta, "postprocess": opts.post.to_dict(), "probabilities": opts.probabilities,
+        "overlay": opts.overlay, "shard": f"{opts.shard[0]}/{opts.shard[1]}",
     }
-    name = "infer.json" if opts.shard == (1, 1) else f"infer.shard{opts.shard[0]}of{opts.shard[1]}.json"
-    _write_atomic(out_dir / name, lambda t: t.write_text(json.dumps(record, indent=2) + "\n"))
+
+
+def _check_resume(record_path: Path, record: dict, out_dir: Path) -> None:
+    """--resume only continues the same run: another model or other settings would fill the
+    rest of the folder with different outputs under one infer.json."""
+    try:
+        earlier = json.loads(record_path.read_text())
+    except (OSError, ValueError):
+        return  # no (readable) record: nothing to compare with
+    diffs = differing_settings(earlier, record)
+    if diffs:
+        raise InputError(f"{record_path}: --resume would mix two runs in {out_dir}, {'; '.join(diffs)}; "
+                         "resume with the run's settings, or write to another --out.")
+
+
+def _write_run_json(path: Path, record: dict, summary: InferSummary, running: bool) -> None:
+    record = dict(
+        record, device=summary.device, running=running,
+        done=summary.done, skipped=summary.skipped, failed=[f for f, _ in summary.failed],
+        duplicates=[str(p) for p, _ in summary.duplicates],
+        seconds=round(summary.seconds, 2), model_load_seconds=round(summary.load_seconds, 2),
+        images_per_second=round(summary.images_per_second, 2), interrupted=summary.interrupted,
+    )
+    _write_atomic(path, lambda t: t.write_text(json.dumps(record, indent=2) + "\n"))

@@ -22,6 +22,14 @@ REQUIRED_COLUMNS = ("image_id", "melanoma", "seborrheic_keratosis")
 MASK_SUFFIX = "_segmentation.png"
 #: The ISIC scorer binarises 8-bit masks with `value > 128`.
 MASK_THRESHOLD = 128
+#: How many ids an error message lists before "..." (keeps it one readable sentence).
+_IDS_SHOWN = 3
+
+
+def first_few(ids: list[str]) -> str:
+    """The first few ids, comma separated, with "..." when there are more."""
+    shown = ", ".join(ids[:_IDS_SHOWN])
+    return shown + (", ..." if len(ids) > _IDS_SHOWN else "")
 
 
 def read_class_csv(path: Path, *, role: str = "truth") -> dict[str, np.ndarray]:
@@ -32,14 +40,16 @@ def read_class_csv(path: Path, *, role: str = "truth") -> dict[str, np.ndarray]:
 
     Args:
         path: the CSV file.
-        role: "truth" or "predictions"; only used to word error messages.
+        role: "truth" (scoring: a row with both melanoma and seborrheic_keratosis is refused),
+            "labels" (training labels: such a row is left to the data check of preprocess) or
+            "predictions"; also words the error messages.
 
     Returns:
         image_id -> float64 array (melanoma, seborrheic_keratosis, nevus), in file order.
 
     Raises:
-        InputError: missing/empty file, missing columns, duplicate ids, or a value that is
-            empty, non-numeric, NaN or outside [0, 1].
+        InputError: missing/empty file, missing columns, duplicate ids, a value that is
+            empty, non-numeric, NaN or outside [0, 1], or (role "truth") both classes in a row.
     """
     path = Path(path)
     what = f"{role} CSV {path}"
@@ -69,6 +79,11 @@ def read_class_csv(path: Path, *, role: str = "truth") -> dict[str, np.ndarray]:
         result_id, values = _parse_row(row, index, value_columns, what, line)
         if result_id in result:
             raise InputError(f"The {what} repeats image_id {result_id} at row {line}.")
+        if role == "truth" and both_classes(values[0], values[1]):
+            raise InputError(
+                f"The {what} has melanoma = {values[0]:g}, seborrheic_keratosis = {values[1]:g} at "
+                f"row {line} ({result_id}); a truth row names one diagnosis, so set the other to 0."
+            )
         result[result_id] = values
     return result
 
@@ -102,13 +117,30 @@ def _parse_row(
     return image_id, np.array([values[name] for name in CLASS_NAMES], dtype=np.float64)
 
 
+def both_classes(melanoma: float, seborrheic_keratosis: float) -> bool:
+    """A truth row that names both diagnoses (each at 0.5 or more): ambiguous, never silently
+    counted as the first of them."""
+    return melanoma >= 0.5 and seborrheic_keratosis >= 0.5
+
+
 def read_mask(path: Path) -> np.ndarray:
-    """Read a mask image as a boolean HxW array, foreground = value > 128 (the ISIC rule).
+    """Read a mask image as a boolean HxW array; see `binarise_mask` for the rule.
 
     Raises:
         InputError: the file is missing or is not a readable image.
     """
-    return read_mask_values(path) > MASK_THRESHOLD
+    return binarise_mask(read_mask_values(path))
+
+
+def is_zero_one(values: np.ndarray) -> bool:
+    """True for a mask stored as 0/1 (a common export): a lesion of 1s on 0, no other value."""
+    return bool(values.any()) and int(values.max()) == 1 and int(values.min()) == 0
+
+
+def binarise_mask(values: np.ndarray) -> np.ndarray:
+    """Mask values -> boolean foreground: value > 128 (the ISIC rule), except that a 0/1 mask
+    (see `is_zero_one`) has foreground = 1, because > 128 would silently read it as empty."""
+    return values == 1 if is_zero_one(values) else values > MASK_THRESHOLD
 
 
 def read_mask_values(path: Path) -> np.ndarray:

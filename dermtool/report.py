@@ -10,6 +10,26 @@ from rich.table import Table
 
 console = Console(stderr=True)
 
+#: The data check of `dermtool preprocess`: CacheReport field -> what it means, as printed.
+CHECK_TITLES = {
+    "failed": "unreadable / truncated files (skipped)",
+    "duplicate_ids": "duplicate image ids (second skipped)",
+    "no_mask": "images without a mask",
+    "no_label": "images without a label",
+    "labels_without_image": "label ids without an image",
+    "mask_size_mismatch": "mask size differs from its image (rescaled)",
+    "mask_zero_one": "mask stored as 0/1 (read as 1 = lesion)",
+    "mask_nonbinary": "mask not binary (binarised at > 128)",
+    "mask_empty": "mask empty after binarising at > 128",
+    "both_labels": "label rows with melanoma = seborrheic_keratosis = 1 (counted as melanoma)",
+}
+
+
+def failed_checks(report) -> str:
+    """The checks that found something, as "title (count)", for `--strict`'s one-line error."""
+    return "; ".join(f"{title} ({len(getattr(report, check))})"
+                     for check, title in CHECK_TITLES.items() if getattr(report, check))
+
 
 def print_cache_report(report, layout, out: Path) -> None:
     """Summary of `dermtool preprocess`: what was written and what the data check found."""
@@ -28,17 +48,8 @@ def print_cache_report(report, layout, out: Path) -> None:
     table.add_column("check")
     table.add_column("count", justify="right")
     table.add_column("examples")
-    checks = [
-        ("unreadable / truncated files (skipped)", report.failed),
-        ("duplicate image ids (second skipped)", report.duplicate_ids),
-        ("images without a mask", report.no_mask),
-        ("images without a label", report.no_label),
-        ("mask size differs from its image (rescaled)", report.mask_size_mismatch),
-        ("mask not binary (binarised at > 128)", report.mask_nonbinary),
-        ("mask empty after binarising at > 128 (0/1 values?)", report.mask_empty),
-        ("label rows with melanoma = seborrheic_keratosis = 1", report.both_labels),
-    ]
-    for name, items in checks:
+    for check, name in CHECK_TITLES.items():
+        items = getattr(report, check)
         shown = ", ".join(Path(i[0]).name if isinstance(i, tuple) else str(i) for i in items[:3])
         table.add_row(name, str(len(items)), escape(shown) + (" ..." if len(items) > 3 else ""))
     console.print(table)

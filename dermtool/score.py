@@ -18,8 +18,6 @@ from dermtool import CLASS_NAMES
 from dermtool import io, metrics
 from dermtool.errors import InputError
 
-#: How many missing ids an error message lists before "..." (keeps it one readable sentence).
-_IDS_SHOWN = 3
 #: Class names as table labels, short enough for an 80-column terminal.
 _SHORT_NAMES = {"seborrheic_keratosis": "seb. keratosis"}
 
@@ -92,7 +90,7 @@ def score_classification(
     if missing:
         raise InputError(
             f"The predictions CSV {pred_csv} has no row for {len(missing)} image(s) of the "
-            f"truth CSV {truth_csv}: {_some(missing)}."
+            f"truth CSV {truth_csv}: {io.first_few(missing)}."
         )
     truth_probs = np.stack([truth[image_id] for image_id in ids])
     pred_probs = np.stack([pred[image_id] for image_id in ids])
@@ -135,6 +133,8 @@ def score_segmentation(
 
     A truth mask without a prediction scores JAC = Dice = 0 and is counted in `n_missing`;
     a prediction of another size than its truth mask is an error (never a silent resize).
+    Masks stored as 0/1 are read with foreground = 1 (`io.binarise_mask`) and counted in
+    `n_zero_one_masks`, truth and predictions together.
     """
     for folder, role in ((pred_masks, "predicted"), (truth_masks, "truth")):
         if not Path(folder).is_dir():
@@ -146,15 +146,18 @@ def score_segmentation(
             f"The truth mask folder {truth_masks} has no files named <image_id>{io.MASK_SUFFIX}."
         )
     jacs, dices = [], []
-    n_missing = n_empty_pred = 0
+    n_missing = n_empty_pred = n_zero_one = 0
     for image_id, truth_path in truth_paths.items():
-        truth = io.read_mask(truth_path)
+        truth, zero_one = _read_mask(truth_path)
+        n_zero_one += zero_one
         if image_id not in pred_paths:
             n_missing += 1
             jacs.append(0.0)
             dices.append(0.0)
             continue
-        pred = _read_pred_mask(pred_paths[image_id], truth_path, truth.shape)
+        pred, zero_one = _read_mask(pred_paths[image_id])
+        n_zero_one += zero_one
+        _check_same_size(pred, truth, pred_paths[image_id], truth_path)
         n_empty_pred += int(truth.any() and not pred.any())
         jacs.append(metrics.jaccard(pred, truth))
         dices.append(metrics.dice(pred, truth))
@@ -167,6 +170,7 @@ def score_segmentation(
         "n_images": len(jacs),
         "n_missing": n_missing,
         "n_empty_pred": n_empty_pred,
+        "n_zero_one_masks": n_zero_one,
         "per_image": dict(zip(truth_paths, jacs)),
         "jac_ci95": None,
     }
@@ -177,22 +181,20 @@ def score_segmentation(
     return result
 
 
-def _read_pred_mask(pred_path: Path, truth_path: Path, shape: tuple[int, ...]) -> np.ndarray:
-    """Read a predicted mask and check that its size matches the truth mask's."""
-    pred = io.read_mask(pred_path)
-    if pred.shape != shape:
+def _read_mask(path: Path) -> tuple[np.ndarray, bool]:
+    """A mask as booleans, and whether it was stored as 0/1."""
+    values = io.read_mask_values(path)
+    return io.binarise_mask(values), io.is_zero_one(values)
+
+
+def _check_same_size(pred: np.ndarray, truth: np.ndarray, pred_path: Path, truth_path: Path) -> None:
+    """A prediction must be at its truth mask's size: never resized silently."""
+    if pred.shape != truth.shape:
         raise InputError(
             f"The predicted mask {pred_path} is {pred.shape[1]}x{pred.shape[0]} pixels but its "
-            f"truth mask {truth_path} is {shape[1]}x{shape[0]}; masks must be at the original "
-            "image size."
+            f"truth mask {truth_path} is {truth.shape[1]}x{truth.shape[0]}; masks must be at the "
+            "original image size."
         )
-    return pred
-
-
-def _some(ids: list[str]) -> str:
-    """The first few ids, comma separated, with "..." when there are more."""
-    shown = ", ".join(ids[:_IDS_SHOWN])
-    return shown + (", ..." if len(ids) > _IDS_SHOWN else "")
 
 
 def _plain(value: Any) -> Any:
@@ -235,6 +237,8 @@ def render(result: dict[str, Any], console) -> None:
         table.add_row("images with Jaccard < 0.65", _fmt(seg["frac_below_065"], 3), "")
         table.add_row("missing predictions (scored 0)", str(seg["n_missing"]), "")
         table.add_row("empty predictions, lesion in truth", str(seg["n_empty_pred"]), "")
+        if seg["n_zero_one_masks"]:
+            table.add_row("masks stored as 0/1 (read as 1 = lesion)", str(seg["n_zero_one_masks"]), "")
         console.print(table)
     if cls is not None:
         _render_classification(cls, console)

@@ -59,6 +59,44 @@ def test_strict_fails_on_data_problems(synthetic_copy, tmp_path):
     assert run(synthetic_copy, "--out", tmp_path / "a", "--size", SIZE).exit_code == 0
     result = run(synthetic_copy, "--out", tmp_path / "b", "--size", SIZE, "--strict")
     assert result.exit_code == 1 and "SYN_0000002" in result.stderr
+    last = result.stderr.strip().splitlines()[-1]
+    assert last.startswith("error: --strict") and "images without a mask (1)" in last, last
+
+
+def test_label_ids_without_an_image_are_reported(synthetic_copy, tmp_path):
+    with open(synthetic_copy / "labels.csv", "a") as fh:
+        fh.write("ISIC_9999999,1.0,0.0\n")
+    result = run(synthetic_copy, "--out", tmp_path / "c", "--size", SIZE, "--strict")
+    assert result.exit_code == 1
+    assert "ISIC_9999999" in result.stderr and "label ids without an image (1)" in result.stderr
+
+
+@pytest.mark.parametrize("where", ["decoding", "writing"])
+def test_interrupt_leaves_no_temp_files_and_says_how_to_continue(synthetic_dataset, tmp_path, monkeypatch, where):
+    import dermtool.data
+
+    if where == "decoding":  # Ctrl-C in the middle of the images
+        real, calls = dermtool.data._process_one, []
+
+        def process_then_interrupt(*args, **kwargs):
+            calls.append(1)
+            if len(calls) == 5:
+                raise KeyboardInterrupt
+            return real(*args, **kwargs)
+
+        monkeypatch.setattr(dermtool.data, "_process_one", process_then_interrupt)
+    else:  # Ctrl-C while the finished stacks are being written out
+
+        def interrupt(*args, **kwargs):
+            raise KeyboardInterrupt
+
+        monkeypatch.setattr(dermtool.data, "_write_manifest", interrupt)
+    out = tmp_path / "cache"
+    result = run(synthetic_dataset, "--out", out, "--size", SIZE, "--workers", "1")
+    assert result.exit_code == 130, result.output
+    message = result.stderr.strip().splitlines()[-1]
+    assert "interrupted" in message and str(out) in message and "run the same command again" in message
+    assert sorted(p.name for p in out.iterdir()) == []  # no temp files, and nothing that looks like a cache
 
 
 @pytest.mark.parametrize("case", ["images", "masks", "labels", "fit", "out_is_file", "bad_csv", "unreadable"])

@@ -213,7 +213,7 @@ def messy(tmp_path_factory, synthetic_dataset):
     rows = [r for r in csv.reader(open(root / "labels.csv"))][1:]
     rows = [r for r in rows if r[0] != "SYN_0000003"]
     rows = [[r[0], 1.0, 1.0] if r[0] == "SYN_0000005" else r for r in rows]
-    _write_labels(root / "labels.csv", rows)
+    _write_labels(root / "labels.csv", rows + [["SYN_0000099", 0.0, 0.0]])  # 99: a label, no image
     # 4: a second file with the same id; 8: truncated JPEG; 9: not an image at all
     shutil.copy(images / "SYN_0000004.jpg", images / "SYN_0000004.png")
     jpg = images / "SYN_0000008.jpg"
@@ -237,10 +237,19 @@ def test_check_non_binary_mask_is_binarised_above_128(messy):
     assert np.array_equal(load_cache(out).masks[1], fit_mask(grey, load_cache(out).transforms[1]))
 
 
-def test_check_zero_one_mask_is_reported_as_empty(messy):
+def test_check_zero_one_mask_is_read_as_binary_and_reported(messy):
     root, out, report = messy
-    assert report.mask_empty == ["SYN_0000006"]
-    assert report.mask_nonbinary == ["SYN_0000001"]  # reported once, as the worse problem
+    assert report.mask_zero_one == ["SYN_0000006"] and report.mask_empty == []
+    assert report.mask_nonbinary == ["SYN_0000001"]
+    ones = np.asarray(Image.open(root / "masks" / "SYN_0000006_segmentation.png")) == 1
+    cache = load_cache(out)
+    i = cache_index(out, "SYN_0000006")
+    assert cache.masks[i].any() and np.array_equal(cache.masks[i], fit_mask(ones, cache.transforms[i]))
+
+
+def test_check_label_ids_without_an_image(messy):
+    root, out, report = messy
+    assert report.labels_without_image == ["SYN_0000099"]
 
 
 def test_check_missing_mask_and_label(messy):
@@ -271,7 +280,7 @@ def test_check_unreadable_files_are_skipped_and_the_rest_cached(messy):
     assert report.n_images == len(cache) == 10
     assert cache.ids == [i for i in _ids(12) if i not in ("SYN_0000008", "SYN_0000009")]
     assert cache.images.shape[0] == cache.masks.shape[0] == 10
-    assert report.problems == 9
+    assert report.problems == 10
 
 
 def test_reused_cache_reports_the_same_problems(messy):

@@ -27,6 +27,7 @@ from dermtool import CLASS_NAMES, io
 from dermtool.cli import app
 from dermtool.config import preset_config, save_config
 from dermtool.infer import InferOptions, predict_folder, select_images
+from dermtool.shards import shard_of
 from dermtool.models import build_model
 from dermtool.synthetic import make_lesion
 
@@ -262,15 +263,16 @@ def test_shards_are_disjoint_cover_the_folder_and_concatenate(joint_run, models,
     names = sorted(p.name for p in dataset["images"].iterdir() if p.suffix != ".txt")
     for k in (1, 2):  # two processes sharing one output folder
         result = infer(dataset["images"], "--out", out, "--model", models["joint"], "--shard", f"{k}/2")
-        assert result.exit_code == 1, result.output
-        assert [n for n in BAD if n in result.output] == [n for n in BAD if n in names[k - 1::2]]
+        bad = [n for n in BAD if shard_of(Path(n).stem, 2) == k]
+        assert result.exit_code == (1 if bad else 0), result.output
+        assert [n for n in BAD if n in result.output] == bad
     parts = [read_csv(out / f"predictions.part-{k}-of-2.csv") for k in (1, 2)]
     assert parts[0][0] == parts[1][0] == HEADER
     ids = [{r[0] for r in part[1:]} for part in parts]
     assert ids[0] and ids[1] and not ids[0] & ids[1]
     assert ids[0] | ids[1] == set(IDS)
-    # stable by file name: shard 1 takes the 1st, 3rd, ... file of the sorted folder
-    assert ids[0] == {Path(n).stem for n in names[0::2]} - {Path(n).stem for n in BAD}
+    # stable by image id: shard 1 takes the ids that hash to it, wherever they sort
+    assert ids[0] == {Path(n).stem for n in names if shard_of(Path(n).stem, 2) == 1} - {Path(n).stem for n in BAD}
     merged = {r[0]: r for part in parts for r in part[1:]}
     full = rows_by_id(joint_run[1] / "predictions.csv")
     assert sorted(merged) == sorted(full)
@@ -281,6 +283,69 @@ def test_shards_are_disjoint_cover_the_folder_and_concatenate(joint_run, models,
     assert (out / "infer.shard1of2.json").is_file() and (out / "infer.shard2of2.json").is_file()
     assert not (out / "predictions.csv").exists()
     assert_no_temp_files(out)
+
+    result = runner.invoke(app, ["merge", str(out)])
+    assert result.exit_code == 1, result.output  # the files that failed in their shard are named
+    assert all(name in result.output for name in BAD) and "merged 2 parts" in result.output
+    rows = read_csv(out / "predictions.csv")
+    assert rows[0] == HEADER and [r[0] for r in rows[1:]] == IDS
+    assert {r[0]: r for r in rows[1:]} == merged
+    assert_no_temp_files(out)
+
+
+@pytest.fixture
+def sharded(models, dataset, tmp_path):
+    """A folder of the good images inferred in two shards (not merged yet)."""
+    images = tmp_path / "images"
+    images.mkdir()
+    for name in GOOD:
+        shutil.copy(dataset["images"] / name, images / name)
+    out = tmp_path / "out"
+    for k in (1, 2):
+        result = infer(images, "--out", out, "--model", models["seg"], "--shard", f"{k}/2")
+        assert result.exit_code == 0, result.output
+    return images, out
+
+
+def merge(out):
+    result = runner.invoke(app, ["merge", str(out)])
+    assert result.exit_code == 2, result.output
+    lines = result.output.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error:") and "Traceback" not in result.output
+    assert not (out / "predictions.csv").exists()
+    return lines[0]
+
+
+def test_merge_refuses_a_missing_part(sharded):
+    _, out = sharded
+    (out / "predictions.part-2-of-2.csv").unlink()
+    assert "predictions.part-2-of-2.csv" in merge(out) and "--shard 2/2" in merge(out)
+
+
+def test_merge_refuses_an_id_in_two_parts(sharded):
+    _, out = sharded
+    first = read_csv(out / "predictions.part-1-of-2.csv")[1]
+    with open(out / "predictions.part-2-of-2.csv", "a", newline="") as fh:
+        csv.writer(fh).writerow(first)
+    message = merge(out)
+    assert first[0] in message and "predictions.part-1-of-2.csv" in message and "predictions.part-2-of-2.csv" in message
+
+
+def test_merge_refuses_an_image_no_part_holds(sharded):
+    """An image added after the shards ran is named, with the shard that must run again."""
+    images, out = sharded
+    shutil.copy(images / "wide.jpg", images / "added_later.jpg")
+    message = merge(out)
+    assert "added_later" in message and f"--shard {shard_of('added_later', 2)}/2 --resume" in message
+
+
+def test_shard_of_an_image_does_not_change_when_others_are_added(tmp_path):
+    for i in range(11):
+        (tmp_path / f"img_{i:02d}.jpg").write_bytes(b"")
+    before = {p.name: k for k in (1, 2, 3) for p in select_images(tmp_path, (k, 3))}
+    (tmp_path / "img_00a.jpg").write_bytes(b"")  # sorts second: every later position moves
+    after = {p.name: k for k in (1, 2, 3) for p in select_images(tmp_path, (k, 3))}
+    assert {name: after[name] for name in before} == before
 
 
 def test_select_images_shards_partition_any_folder(tmp_path):
@@ -343,7 +408,9 @@ def test_postprocessing_switches_are_recorded(models, dataset, tmp_path):
 
 
 @pytest.mark.parametrize("case", ["no_images", "no_model", "model_without_weights", "bad_shard", "shard_range",
-                                  "bad_tta"])
+                                  "bad_tta", "out_is_file", "closing_radius_33", "closing_radius_200",
+                                  "threshold_above_1", "threshold_below_0", "batch_size_0", "batch_size_huge",
+                                  "workers_huge"])
 def test_bad_paths_and_options_exit_2_with_one_line(case, models, dataset, tmp_path):
     out = tmp_path / "out"
     empty_model = tmp_path / "empty_model"
@@ -356,12 +423,28 @@ def test_bad_paths_and_options_exit_2_with_one_line(case, models, dataset, tmp_p
         "bad_shard": [dataset["images"], "--out", out, "--model", models["joint"], "--shard", "two"],
         "shard_range": [dataset["images"], "--out", out, "--model", models["joint"], "--shard", "3/2"],
         "bad_tta": [dataset["images"], "--out", out, "--model", models["joint"], "--tta", "3"],
-    }[case]
+        "out_is_file": [dataset["images"], "--out", tmp_path / "file.csv", "--model", models["joint"]],
+    }.get(case)
+    out_of_range = {
+        "closing_radius_33": ("--closing-radius", "33"), "closing_radius_200": ("--closing-radius", "200"),
+        "threshold_above_1": ("--threshold", "1.5"), "threshold_below_0": ("--threshold", "-0.1"),
+        "batch_size_0": ("--batch-size", "0"), "batch_size_huge": ("--batch-size", "100000"),
+        "workers_huge": ("--workers", "100000"),
+    }.get(case)
+    if out_of_range:
+        args = [dataset["images"], "--out", out, "--model", models["joint"], *out_of_range]
+    (tmp_path / "file.csv").write_text("not a folder")
     result = infer(*args)
     assert result.exit_code == 2, result.output
     lines = result.output.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error:"), result.output
     assert "Traceback" not in result.output
+    if out_of_range:  # the message names the option, the value given and the reason for the range
+        option, value = out_of_range
+        assert option in lines[0] and value in lines[0] and "(" in lines[0], lines[0]
+    if case == "out_is_file":
+        assert str(tmp_path / "file.csv") in lines[0] and "not a folder" in lines[0]
+    assert not out.exists()
 
 
 def test_tta_averages_the_views_with_each_mask_mapped_back(models):
@@ -474,3 +557,87 @@ def test_interrupt_through_the_cli_exits_130(models, dataset, tmp_path, monkeypa
     assert result.exit_code == 130, result.output
     assert "interrupted" in result.output
     assert read_csv(tmp_path / "out" / "predictions.csv") == [HEADER]
+
+
+# --- two files with one id --------------------------------------------------------------------
+
+
+def test_two_files_with_one_id_use_the_first_by_name_and_exit_1(models, dataset, tmp_path):
+    images, alone = tmp_path / "images", tmp_path / "alone"
+    images.mkdir()
+    alone.mkdir()
+    shutil.copy(dataset["images"] / "wide.jpg", images / "a.jpg")
+    shutil.copy(dataset["images"] / "alpha.png", images / "a.png")  # another picture, same id "a"
+    shutil.copy(dataset["images"] / "bitmap.bmp", images / "b.bmp")
+    shutil.copy(dataset["images"] / "wide.jpg", alone / "a.jpg")
+    result = infer(images, "--out", tmp_path / "out", "--model", models["joint"], "--probabilities")
+    assert result.exit_code == 1, result.output
+    assert "a.png" in result.output and "a.jpg" in result.output and "same image id" in result.output
+    rows = read_csv(tmp_path / "out" / "predictions.csv")
+    assert [r[0] for r in rows[1:]] == ["a", "b"]
+    summary = json.loads((tmp_path / "out" / "infer.json").read_text())
+    assert summary["done"] == 2 and [Path(f).name for f in summary["duplicates"]] == ["a.png"]
+    assert infer(alone, "--out", tmp_path / "ref", "--model", models["joint"], "--probabilities").exit_code == 0
+    for name in ("a_segmentation.png", "a_probability.tif"):  # a.jpg's outputs, never a.png's
+        assert (tmp_path / "out" / name).read_bytes() == (tmp_path / "ref" / name).read_bytes()
+    assert_no_temp_files(tmp_path / "out")
+
+
+# --- resume with other settings ---------------------------------------------------------------
+
+
+@pytest.mark.parametrize("setting, extra", [("model", ["--model", "other"]), ("closing_radius", ["--closing-radius", "5"]),
+                                            ("tta", ["--tta", "4"]), ("threshold", ["--threshold", "0.3"])])
+def test_resume_with_other_settings_is_refused(joint_run, models, dataset, tmp_path, setting, extra):
+    out = Path(shutil.copytree(joint_run[1], tmp_path / "out"))
+    (out / "wide_segmentation.png").unlink()  # something left to do
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    other = Path(shutil.copytree(models["joint"], tmp_path / "other"))
+    model = build_model(preset_config("compact", "joint", size=32, base_filters=4, depth=2))
+    model.save_weights(str(other / "best.weights.h5"))  # same architecture, other weights
+    args = ["--model", models["joint"], *extra]
+    if setting == "model":
+        args = ["--model", other]
+    result = infer(dataset["images"], "--out", out, "--resume", *args)
+    assert result.exit_code == 2, result.output
+    lines = result.output.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error:"), result.output
+    assert str(out / "infer.json") in lines[0] and setting in lines[0]
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before  # nothing touched
+
+
+def test_resume_accepts_the_same_model_from_another_folder(joint_run, models, dataset, tmp_path):
+    out = Path(shutil.copytree(joint_run[1], tmp_path / "out"))
+    same = Path(shutil.copytree(models["joint"], tmp_path / "same"))
+    result = infer(dataset["images"], "--out", out, "--resume", "--model", same)
+    assert result.exit_code == 1 and f"0 images, {len(GOOD)} skipped" in result.output, result.output
+
+
+# --- batch size beyond the work -----------------------------------------------------------------
+
+
+def test_batch_size_beyond_the_images_is_never_padded(models, dataset, tmp_path, monkeypatch):
+    import dermtool.infer
+
+    images = tmp_path / "images"
+    images.mkdir()
+    for name in ("wide.jpg", "tall.jpeg"):
+        shutil.copy(dataset["images"] / name, images / name)
+    real_load, seen = dermtool.infer.load_model, []
+
+    class Recorder:
+        def __init__(self, model):
+            self.model = model
+
+        def predict_on_batch(self, x):
+            seen.append(len(x))
+            return self.model.predict_on_batch(x)
+
+    def load_recording(model_dir):
+        model, cfg = real_load(model_dir)
+        return Recorder(model), cfg
+
+    monkeypatch.setattr(dermtool.infer, "load_model", load_recording)
+    summary = predict_folder(images, tmp_path / "out", models["joint"], InferOptions(batch_size=1024), progress=False)
+    assert summary.done == 2
+    assert seen and max(seen) == 2  # warm-up included

@@ -191,6 +191,29 @@ def test_read_mask_binarises_above_128_and_uses_the_first_channel(tmp_path):
     assert io.read_mask(tmp_path / "bits.png").tolist() == expected
 
 
+def test_read_mask_reads_a_zero_one_mask_as_binary(tmp_path):
+    ones = np.array([[0, 1, 1], [0, 0, 1]], dtype=np.uint8)
+    Image.fromarray(ones).save(tmp_path / "ones.png")
+    assert io.read_mask(tmp_path / "ones.png").tolist() == ones.astype(bool).tolist()
+
+
+def test_zero_one_masks_score_as_their_lesions_not_as_empty(hand_case):
+    """Truth stored as 0/1 (a common export) with empty predictions: JAC 0, not 1.0."""
+    for path in hand_case["truth_masks"].glob("*_segmentation.png"):
+        values = np.asarray(Image.open(path))
+        Image.fromarray((values > 128).astype(np.uint8)).save(path)
+    result = run_score(hand_case, "--json", str(hand_case["dir"] / "s.json"))
+    assert result.exit_code == 0, result.output
+    seg = json.loads((hand_case["dir"] / "s.json").read_text())["segmentation"]
+    assert seg["jac"] == pytest.approx(1 / 3)  # the 0/255 hand case, unchanged
+    assert seg["n_zero_one_masks"] == 3  # the empty truth mask is empty either way
+    assert "0/1" in result.stdout
+    for path in hand_case["pred_masks"].glob("*_segmentation.png"):
+        Image.fromarray(np.zeros_like(np.asarray(Image.open(path)))).save(path)
+    report = score(None, None, hand_case["pred_masks"], hand_case["truth_masks"])
+    assert report["segmentation"]["jac"] == pytest.approx(1 / 4)  # only the both-empty image scores
+
+
 def test_write_csv_atomic_leaves_only_the_file(tmp_path):
     target = tmp_path / "sub" / "predictions.csv"
     io.write_csv_atomic(target, ["image_id", "melanoma"], [["a", 0.25]])
@@ -256,6 +279,10 @@ BAD_INPUTS = {
     "truth id absent from predictions": (
         lambda c: _bad_pred_text(c, "image_id,melanoma,seborrheic_keratosis\nISIC_0000000,1,0\n"),
         "has no row for 9 image(s)",
+    ),
+    "truth row with both classes": (
+        lambda c: _bad_truth_rows(c, [[IDS[0], 0.0, 0.0], [IDS[1], 1.0, 1.0]]),
+        "melanoma = 1, seborrheic_keratosis = 1 at row 3 (ISIC_0000001)",
     ),
     "non-image prediction mask": (lambda c: _garbage_mask(c, "pred_masks"), "not a readable image"),
     "non-image truth mask": (lambda c: _garbage_mask(c, "truth_masks"), "not a readable image"),

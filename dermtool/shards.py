@@ -1,0 +1,173 @@
+"""An infer run in shards and put back together: which shard an image belongs to, the check
+that two runs used the same settings (shared by `infer --resume` and `merge`), and the merge.
+
+`dermtool infer --shard K/N` writes OUT/predictions.part-K-of-N.csv and OUT/infer.shardKofN.json;
+`dermtool merge OUT` checks that the N parts are all there, agree, and hold every image id of
+the folder exactly once, then writes OUT/predictions.csv.
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import json
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from dermtool.data import find_images, image_id_of, unique_ids
+from dermtool.errors import InputError
+from dermtool.io import first_few, write_csv_atomic
+
+#: What must not differ between two runs writing one folder (keys of infer.json).
+SETTINGS = ("model_sha1", "task", "tta", "postprocess", "probabilities", "overlay")
+_PART = re.compile(r"predictions\.part-(\d+)-of-(\d+)\.csv")
+
+
+def shard_of(image_id: str, n: int) -> int:
+    """The shard (1..n) of an image id: a stable hash of the id, never its position in the folder,
+    so adding or removing other images between shard runs moves no image to another shard."""
+    digest = hashlib.sha1(image_id.encode("utf-8")).digest()
+    return int.from_bytes(digest[:8], "big") % n + 1
+
+
+def predictions_name(shard: tuple[int, int]) -> str:
+    """predictions.csv, or predictions.part-K-of-N.csv for a shard (`dermtool merge` joins them)."""
+    return "predictions.csv" if shard == (1, 1) else f"predictions.part-{shard[0]}-of-{shard[1]}.csv"
+
+
+def record_name(shard: tuple[int, int]) -> str:
+    """infer.json, or infer.shardKofN.json for a shard: the run's settings and counts."""
+    return "infer.json" if shard == (1, 1) else f"infer.shard{shard[0]}of{shard[1]}.json"
+
+
+def differing_settings(earlier: dict, now: dict) -> list[str]:
+    """The settings (see SETTINGS) in which two infer.json records differ, each worded as
+    "closing_radius 3 in the run, 5 now"; a setting an older record lacks is not compared."""
+    diffs = []
+    for key in SETTINGS:
+        if key not in earlier or earlier[key] == now.get(key):
+            continue
+        if key == "model_sha1":
+            diffs.append(f"model {earlier.get('model')} (sha1 {earlier[key][:10]}) in the run, "
+                         f"{now.get('model')} (sha1 {now[key][:10]}) now")
+        elif isinstance(earlier[key], dict):
+            diffs += [f"{k} {v} in the run, {now[key].get(k)} now"
+                      for k, v in earlier[key].items() if now[key].get(k) != v]
+        else:
+            diffs.append(f"{key} {earlier[key]} in the run, {now.get(key)} now")
+    return diffs
+
+
+@dataclass
+class MergeResult:
+    parts: int = 0
+    rows: int = 0
+    failed: list = field(default_factory=list)  # files that failed in their shard: no row
+    images: Path | None = None  # the folder every id was checked against; None: not checked
+
+
+def merge(out_dir: Path, images_dir: Path | None = None) -> MergeResult:
+    """Join OUT's predictions.part-K-of-N.csv into OUT/predictions.csv (rows sorted by id).
+
+    Args:
+        out_dir: the folder the shards wrote to.
+        images_dir: the images every id must come from; default: the folder the shards'
+            infer records name (skipped when it no longer exists).
+
+    Raises:
+        InputError: no parts, parts of different N, a part missing, parts from different models
+            or settings, different headers, an id in two rows, or an image of the folder that
+            no part holds (failed images excepted: they are returned in `failed`).
+    """
+    out_dir = Path(out_dir)
+    parts = _find_parts(out_dir)
+    n = len(parts)
+    records = _read_records(out_dir, n)
+    header, rows = _read_parts(parts)
+    result = MergeResult(parts=n, rows=len(rows))
+    folders = {r.get("images") for r in records.values()} - {None}
+    images_dir = Path(images_dir) if images_dir else (Path(folders.pop()) if len(folders) == 1 else None)
+    if images_dir is not None and images_dir.is_dir():
+        result.failed = _check_complete(images_dir, rows, records, out_dir, n)
+        result.images = images_dir
+    write_csv_atomic(out_dir / predictions_name((1, 1)), header, [rows[i] for i in sorted(rows)])
+    return result
+
+
+def _find_parts(out_dir: Path) -> dict[int, Path]:
+    if not out_dir.is_dir():
+        raise InputError(f"{out_dir}: output folder not found.")
+    found = {}
+    for path in out_dir.iterdir():
+        match = _PART.fullmatch(path.name)
+        if match:
+            found.setdefault(int(match[2]), {})[int(match[1])] = path
+    if not found:
+        raise InputError(f"{out_dir}: no predictions.part-K-of-N.csv to merge; run dermtool infer --shard K/N first.")
+    if len(found) > 1:
+        raise InputError(f"{out_dir}: holds parts of {' and of '.join(map(str, sorted(found)))} shards; "
+                         "remove the parts of the other split and merge again.")
+    (n, parts), = found.items()
+    for k in range(1, n + 1):
+        if k not in parts:
+            raise InputError(f"{out_dir / predictions_name((k, n))}: part {k} of {n} is missing; run "
+                             f"dermtool infer IMAGES --out {out_dir} --shard {k}/{n}, then merge again.")
+    return dict(sorted(parts.items()))
+
+
+def _read_records(out_dir: Path, n: int) -> dict[Path, dict]:
+    """The shards' infer records, checked to agree on the model and the settings."""
+    records = {}
+    for k in range(1, n + 1):
+        path = out_dir / record_name((k, n))
+        try:
+            records[path] = json.loads(path.read_text())
+        except (OSError, ValueError):
+            continue  # a record is a check, not a requirement: the parts are the data
+    first = next(iter(records), None)
+    for path, record in records.items():
+        diffs = differing_settings(records[first], record)
+        if diffs:
+            raise InputError(f"{path}: this shard ran with other settings than {first.name}, "
+                             f"{'; '.join(diffs).replace('in the run', 'there')}; rerun it with the same ones.")
+    return records
+
+
+def _read_parts(parts: dict[int, Path]) -> tuple[list[str], dict[str, list[str]]]:
+    """The common header and the rows by id; an id in two rows (or two parts) is refused."""
+    header, rows, source = None, {}, {}
+    for path in parts.values():
+        with open(path, newline="") as fh:
+            lines = list(csv.reader(fh))
+        if not lines or lines[0][:1] != ["image_id"]:
+            raise InputError(f"{path}: not a predictions CSV (no image_id header).")
+        if header is None:
+            header = lines[0]
+        elif lines[0] != header:
+            raise InputError(f"{path}: its columns {','.join(lines[0])} differ from the other parts' "
+                             f"{','.join(header)}; the shards ran different models.")
+        for row in lines[1:]:
+            if len(row) != len(header):
+                raise InputError(f"{path}: the row of {row[0] if row else '(empty)'} has {len(row)} fields, "
+                                 f"not {len(header)}; rerun this shard with --resume.")
+            if row[0] in rows:
+                also = "twice" if source[row[0]] == path else f"in {source[row[0]]} too"
+                raise InputError(f"{path}: image id {row[0]} is {also}; every id must be in exactly one "
+                                 "part: remove the extra row, or rerun the shards into a fresh --out.")
+            rows[row[0]], source[row[0]] = row, path
+    return header, rows
+
+
+def _check_complete(images_dir: Path, rows: dict, records: dict, out_dir: Path, n: int) -> list[str]:
+    """Every image id of the folder has a row; returns the files that failed in their shard."""
+    failed = sorted({f for r in records.values() for f in r.get("failed", [])})
+    excused = {image_id_of(Path(f)) for f in failed}
+    kept, _ = unique_ids(find_images(images_dir))
+    missing = [image_id_of(p) for p in kept if image_id_of(p) not in rows and image_id_of(p) not in excused]
+    if missing:
+        rerun = " and ".join(f"--shard {k}/{n} --resume" for k in sorted({shard_of(i, n) for i in missing}))
+        raise InputError(f"{images_dir}: {len(missing)} image(s) are in no part ({first_few(missing)}): added "
+                         f"after their shard ran, or the shard was cut short; run dermtool infer {images_dir} --out {out_dir} with {rerun}, "
+                         "then merge again.")
+    return failed
