@@ -284,6 +284,14 @@ def score_cli(
         help="Resample the images N times for 95 % intervals of JAC and BACC (0: none).",
     ),
     seed: int = typer.Option(0, "--seed", help="Seed of the bootstrap resampling."),
+    plots: Optional[Path] = typer.Option(
+        None, "--plots", metavar="DIR",
+        help="Also write figures (ROC per class, confusion matrix, per-image Jaccard) and DIR/score.html.",
+    ),
+    images: Optional[Path] = typer.Option(
+        None, "--images", metavar="DIR",
+        help="With --plots: the original images, for a sheet of the worst-segmented ones.",
+    ),
 ) -> None:
     """Score predictions against ground truth with the ISIC 2017 conventions."""
     from rich.console import Console
@@ -291,6 +299,8 @@ def score_cli(
 
     # Paths are checked in score() rather than by typer's exists=True, so that a missing file
     # gets the same one-line message as every other bad input.
+    if images is not None and (plots is None or not images.is_dir()):
+        fail(f"{images}: images folder not found." if plots else "--images is read only with --plots DIR.")
     try:
         result = score(pred_csv, truth_csv, pred_masks, truth_masks, bootstrap=bootstrap, seed=seed)
     except InputError as exc:
@@ -301,3 +311,17 @@ def score_cli(
             write_json(result, json_file)
         except OSError as exc:
             fail(f"Cannot write the JSON file {json_file} ({exc.strerror}).")
+    if plots is not None:
+        _write_plots(result, plots, pred_csv, truth_csv, pred_masks, truth_masks, images)
+
+
+def _write_plots(result, plots: Path, pred_csv, truth_csv, pred_masks, truth_masks, images) -> None:
+    from dermtool.plots import write_plots
+
+    try:
+        page = write_plots(result, plots, pred_csv, truth_csv, pred_masks, truth_masks, images)
+    except InputError as exc:
+        fail(str(exc))
+    except OSError as exc:
+        fail(f"{exc.filename or plots}: cannot write the plots ({exc.strerror or exc}).")
+    console.print(f"[green]plots[/]: {page}", highlight=False, soft_wrap=True)
