@@ -196,6 +196,7 @@ def infer_cli(
     resume: bool = typer.Option(False, "--resume", help="Skip images whose outputs are already complete in OUT."),
     shard: str = typer.Option("1/1", "--shard", help="Process only part K of N (stable by file name); writes predictions.part-K-of-N.csv. Concatenate the parts to merge."),
     workers: int = typer.Option(0, "--workers", min=0, help="Decode/write threads (0: automatic)."),
+    report: bool = typer.Option(False, "--report", help="Also write OUT/report.html: the run's facts and a gallery of thumbnails with contour, class and probabilities, in triage order (as dermtool report OUT)."),
 ) -> None:
     """Segment and classify every image of a folder.
 
@@ -236,10 +237,43 @@ def infer_cli(
         f"{summary.skipped} skipped (already done), {len(summary.failed)} failed, "
         f"{summary.images_per_second:.1f} images/s on {summary.device}; model {summary.model}; outputs in {out}",
         highlight=False, soft_wrap=True)
+    if report and not summary.interrupted:
+        _write_report(out, images)
     if summary.interrupted:
         raise typer.Exit(130)
     if summary.failed:
         raise typer.Exit(1)
+
+
+def _write_report(out: Path, images: Optional[Path]) -> None:
+    from dermtool.review import write_report
+
+    try:
+        made = write_report(out, images)
+    except InputError as exc:
+        fail(str(exc))
+    except OSError as exc:
+        fail(f"{exc.filename or out}: cannot write the report ({exc.strerror or exc}).")
+    missing = f", {len(made.missing_images)} without their image" if made.missing_images else ""
+    console.print(f"[green]report[/]: {made.path} ({made.entries} images{missing}, {made.thumbnails} "
+                  f"thumbnails drawn in {made.seconds:.1f} s)", highlight=False, soft_wrap=True)
+
+
+@app.command("report")
+def report_cli(
+    out: Path = typer.Argument(..., help="An output folder of dermtool infer (predictions.csv, infer.json, masks)."),
+    images: Optional[Path] = typer.Option(None, "--images", help="Folder of the original images (default: the one infer.json names)."),
+) -> None:
+    """Write OUT/report.html: a page to review an infer run in a browser.
+
+    The run's facts (model and its card's summary, post-processing, counts, failures, speed),
+    then every image as a thumbnail with the lesion contour, the predicted class and the three
+    probabilities, ordered by melanoma probability (triage order), sortable and filterable by
+    class, 60 to a page. Thumbnails go to OUT/report_files/; nothing is fetched from a network.
+    """
+    if not out.is_dir():
+        fail(f"{out}: not a folder; give an output folder of dermtool infer.")
+    _write_report(out, images)
 
 
 _SCORE_HELP = (

@@ -52,6 +52,7 @@ class InferSummary:
     seconds: float = 0.0
     load_seconds: float = 0.0
     model: str = ""
+    images: str = ""
     device: str = ""
     interrupted: bool = False
 
@@ -222,7 +223,8 @@ def predict_folder(images_dir: Path, out_dir: Path, model_dir: Path | None = Non
     started = time.perf_counter()  # images/s counts the pipeline, not the one-off model load
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    summary = InferSummary(model=str(model_dir), device=_device(), load_seconds=summary_load)
+    summary = InferSummary(model=str(model_dir), images=str(images_dir), device=_device(),
+                           load_seconds=summary_load)
     header = _csv_header(cfg)
     csv_path = out_dir / predictions_name(opts.shard)
     partial_path = out_dir / f".{csv_path.stem}.partial.csv"  # appended per image: survives a kill
@@ -316,7 +318,7 @@ def _collect(item, summary: InferSummary, rows: dict, partial, writer, bar) -> N
 
 def _write_run_json(out_dir: Path, summary: InferSummary, cfg: ModelConfig, opts: InferOptions) -> None:
     record = {
-        "model": summary.model, "task": cfg.task, "device": summary.device,
+        "model": summary.model, "images": summary.images, "task": cfg.task, "device": summary.device,
         "done": summary.done, "skipped": summary.skipped, "failed": [f for f, _ in summary.failed],
         "seconds": round(summary.seconds, 2), "model_load_seconds": round(summary.load_seconds, 2),
         "images_per_second": round(summary.images_per_second, 2),
