@@ -63,3 +63,18 @@ def test_read_mask_at_resizes_a_mask_png(tmp_path):
     small = read_mask_at(tmp_path / "m.png", (30, 40))
     assert small.shape == (30, 40) and small.dtype == bool
     assert small.sum() == pytest.approx(mask.sum() / 100, rel=0.1)
+
+
+@pytest.mark.parametrize("width", [2, 3, 13])
+def test_contour_ring_is_dilation_minus_erosion_and_ignores_the_frame(width):
+    from scipy import ndimage
+
+    from dermtool.overlay import _edge
+
+    mask = np.zeros((60, 90), bool)
+    mask[:40, 20:70] = True  # cut by the top of the frame
+    square = np.ones((3, 3), bool)
+    grown = ndimage.binary_dilation(mask, square, iterations=(width + 1) // 2)
+    shrunk = ndimage.binary_erosion(mask, square, iterations=width // 2, border_value=1) if width > 1 else mask
+    assert (_edge(mask, width) == (grown & ~shrunk)).all()
+    assert not _edge(mask, width)[0, 30:60].any()  # no line along the frame
