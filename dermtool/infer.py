@@ -223,7 +223,7 @@ def predict_folder(images_dir: Path, out_dir: Path, model_dir: Path | None = Non
     started = time.perf_counter()  # images/s counts the pipeline, not the one-off model load
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    summary = InferSummary(model=str(model_dir), images=str(images_dir), device=_device(),
+    summary = InferSummary(model=str(model_dir), images=str(Path(images_dir).resolve()), device=_device(),
                            load_seconds=summary_load)
     header = _csv_header(cfg)
     csv_path = out_dir / predictions_name(opts.shard)

@@ -164,7 +164,7 @@ def test_infer_report_through_the_command(tmp_path):
     out = tmp_path / "out"
     result = runner.invoke(app, ["infer", str(images), "--out", str(out), "--model", str(model), "--report"])
     assert result.exit_code == 1, result.output  # the corrupt file is named and fails the run
-    assert json.loads((out / "infer.json").read_text())["images"] == str(images)
+    assert json.loads((out / "infer.json").read_text())["images"] == str(images.resolve())
     assert [row[0] for row in payload(out)["rows"]] == [f"S{i}" for i in range(5)]
     assert len(list((out / FILES).glob("*.jpg"))) == 5
     assert "corrupt.jpg" in (out / "report.html").read_text()
