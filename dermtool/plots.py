@@ -206,7 +206,8 @@ def write_plots(result: dict[str, Any], plots_dir: Path, pred_csv: Path | None =
             if sheet is not None:
                 figures.append(("Worst-segmented images", sheet))
     return write_page(plots_dir / "score.html", "score.html.j2", result=result, tables=_tables(result),
-                      figures=[{"title": t, "file": p.name} for t, p in figures], worst=worst,
+                      figures=[{"title": t, "file": p.name, "wide": p.name == "worst.png"} for t, p in figures],
+                      worst=worst,
                       has_images=images_dir is not None, sources=_sources(pred_csv, truth_csv, pred_masks,
                                                                           truth_masks, images_dir))
 
