@@ -315,7 +315,7 @@ def score_cli(
     ),
     bootstrap: int = typer.Option(
         0, "--bootstrap", min=0, metavar="N",
-        help="Resample the images N times for 95 % intervals of JAC and BACC (0: none).",
+        help="Resample the images N times for 95 % intervals of JAC, BACC and each AUC (0: none).",
     ),
     seed: int = typer.Option(0, "--seed", help="Seed of the bootstrap resampling."),
     plots: Optional[Path] = typer.Option(
