@@ -273,6 +273,7 @@ def infer_cli(
     resume: bool = typer.Option(False, "--resume", help="Skip images whose outputs are already complete in OUT."),
     shard: str = typer.Option("1/1", "--shard", help="Process only part K of N (by a hash of the image id); writes predictions.part-K-of-N.csv. dermtool merge OUT joins the parts."),
     workers: int = typer.Option(0, "--workers", help="Decode/write threads (0: automatic; at most 64)."),
+    report: bool = typer.Option(False, "--report", help="Also write OUT/report.html: the run's facts and a gallery of thumbnails with contour, class and probabilities, in triage order (as dermtool report OUT)."),
 ) -> None:
     """Segment and classify every image of a folder.
 
@@ -327,6 +328,8 @@ def infer_cli(
         f"{summary.skipped} skipped (already done), {len(summary.failed)} failed, "
         f"{summary.images_per_second:.1f} images/s on {summary.device}; model {summary.model}; outputs in {out}",
         highlight=False, soft_wrap=True)
+    if report and not summary.interrupted:
+        _write_report(out, images)
     if summary.interrupted:
         raise typer.Exit(130)
     if summary.failed or summary.duplicates:
@@ -362,6 +365,37 @@ def merge_cli(
                   highlight=False, soft_wrap=True)
     if result.failed:
         raise typer.Exit(1)
+
+
+def _write_report(out: Path, images: Optional[Path]) -> None:
+    from dermtool.review import write_report
+
+    try:
+        made = write_report(out, images)
+    except InputError as exc:
+        fail(str(exc))
+    except OSError as exc:
+        fail(f"{exc.filename or out}: cannot write the report ({exc.strerror or exc}).")
+    missing = f", {len(made.missing_images)} without their image" if made.missing_images else ""
+    console.print(f"[green]report[/]: {made.path} ({made.entries} images{missing}, {made.thumbnails} "
+                  f"thumbnails drawn in {made.seconds:.1f} s)", highlight=False, soft_wrap=True)
+
+
+@app.command("report")
+def report_cli(
+    out: Path = typer.Argument(..., help="An output folder of dermtool infer (predictions.csv, infer.json, masks)."),
+    images: Optional[Path] = typer.Option(None, "--images", help="Folder of the original images (default: the one infer.json names)."),
+) -> None:
+    """Write OUT/report.html: a page to review an infer run in a browser.
+
+    The run's facts (model and its card's summary, post-processing, counts, failures, speed),
+    then every image as a thumbnail with the lesion contour, the predicted class and the three
+    probabilities, ordered by melanoma probability (triage order), sortable and filterable by
+    class, 60 to a page. Thumbnails go to OUT/report_files/; nothing is fetched from a network.
+    """
+    if not out.is_dir():
+        fail(f"{out}: not a folder; give an output folder of dermtool infer.")
+    _write_report(out, images)
 
 
 _SCORE_HELP = (
@@ -403,9 +437,17 @@ def score_cli(
     ),
     bootstrap: int = typer.Option(
         0, "--bootstrap", min=0, metavar="N",
-        help="Resample the images N times for 95 % intervals of JAC and BACC (0: none).",
+        help="Resample the images N times for 95 % intervals of JAC, BACC and each AUC (0: none).",
     ),
     seed: int = typer.Option(0, "--seed", help="Seed of the bootstrap resampling."),
+    plots: Optional[Path] = typer.Option(
+        None, "--plots", metavar="DIR",
+        help="Also write figures (ROC per class, confusion matrix, per-image Jaccard) and DIR/score.html.",
+    ),
+    images: Optional[Path] = typer.Option(
+        None, "--images", metavar="DIR",
+        help="With --plots: the original images, for a sheet of the worst-segmented ones.",
+    ),
 ) -> None:
     """Score predictions against ground truth with the ISIC 2017 conventions."""
     from rich.console import Console
@@ -413,6 +455,8 @@ def score_cli(
 
     # Paths are checked in score() rather than by typer's exists=True, so that a missing file
     # gets the same one-line message as every other bad input.
+    if images is not None and (plots is None or not images.is_dir()):
+        fail(f"{images}: images folder not found." if plots else "--images is read only with --plots DIR.")
     try:
         result = score(pred_csv, truth_csv, pred_masks, truth_masks, bootstrap=bootstrap, seed=seed)
     except InputError as exc:
@@ -423,3 +467,17 @@ def score_cli(
             write_json(result, json_file)
         except OSError as exc:
             fail(f"Cannot write the JSON file {json_file} ({exc.strerror}).")
+    if plots is not None:
+        _write_plots(result, plots, pred_csv, truth_csv, pred_masks, truth_masks, images)
+
+
+def _write_plots(result, plots: Path, pred_csv, truth_csv, pred_masks, truth_masks, images) -> None:
+    from dermtool.plots import write_plots
+
+    try:
+        page = write_plots(result, plots, pred_csv, truth_csv, pred_masks, truth_masks, images)
+    except InputError as exc:
+        fail(str(exc))
+    except OSError as exc:
+        fail(f"{exc.filename or plots}: cannot write the plots ({exc.strerror or exc}).")
+    console.print(f"[green]plots[/]: {page}", highlight=False, soft_wrap=True)

@@ -53,6 +53,7 @@ class InferSummary:
     seconds: float = 0.0
     load_seconds: float = 0.0
     model: str = ""
+    images: str = ""
     device: str = ""
     interrupted: bool = False
 
@@ -157,29 +158,15 @@ def _save_tiff(path: Path, prob: np.ndarray) -> None:
     _write_atomic(path, lambda t: tifffile.imwrite(t, prob.astype(np.float32)))
 
 
-def _save_overlay(path: Path, source: Path, mask: np.ndarray, label: str) -> None:
-    from PIL import Image, ImageDraw
-    from skimage.segmentation import find_boundaries
-
+def _save_overlay(path: Path, source: Path, mask: np.ndarray, cls) -> None:
+    from dermtool.overlay import class_label, draw_overlay
     from dermtool.preprocess import load_image
 
     pixels, _ = load_image(source)
     if pixels.shape[:2] != mask.shape:
         return
-    edge = find_boundaries(mask, mode="outer")
-    thick = max(1, round(max(mask.shape) / 300))
-    if thick > 1:
-        from scipy import ndimage
-
-        edge = ndimage.binary_dilation(edge, iterations=thick - 1)
-    out = pixels.copy()
-    out[edge] = (0, 255, 0)
-    img = Image.fromarray(out)
-    if label:
-        draw = ImageDraw.Draw(img)
-        left, top, right, bottom = draw.textbbox((6, 4), label)
-        draw.rectangle((0, 0, right + 6, bottom + 4), fill=(0, 0, 0))
-        draw.text((6, 4), label, fill=(255, 255, 255))
+    label, colour = class_label(cls) if cls is not None else ("", (0, 0, 0))
+    img = draw_overlay(pixels, mask, label, colour)
     _write_atomic(path, lambda t: img.save(t, format="JPEG", quality=90))
 
 
@@ -192,7 +179,7 @@ def _finish_one(image_id: str, source: Path, t: Transform, seg, cls, cfg: ModelC
         if opts.probabilities:
             _save_tiff(out_dir / f"{image_id}_probability.tif", restore(seg, t))
         if opts.overlay:
-            _save_overlay(out_dir / f"{image_id}_overlay.jpg", source, mask, label)
+            _save_overlay(out_dir / f"{image_id}_overlay.jpg", source, mask, cls)
         _save_png(out_dir / f"{image_id}{MASK_SUFFIX}", mask)  # last: marks the image as done
     if cls is None:
         return [image_id]

@@ -173,6 +173,16 @@ def _average_ranks(values: np.ndarray) -> np.ndarray:
     return mean_rank[inverse.ravel()]
 
 
+def _binary_inputs(y_true_binary, scores) -> tuple[np.ndarray, np.ndarray, int, int]:
+    """(labels as bool, scores as float64, positives, negatives), flattened and checked."""
+    y_true = np.asarray(y_true_binary).astype(bool).ravel()
+    scores = np.asarray(scores, dtype=np.float64).ravel()
+    if y_true.shape != scores.shape:
+        raise ValueError(f"lengths differ: {y_true.size} labels, {scores.size} scores")
+    n_pos = int(y_true.sum())
+    return y_true, scores, n_pos, y_true.size - n_pos
+
+
 def roc_auc(y_true_binary: np.ndarray, scores: np.ndarray) -> float:
     """Area under the ROC curve, as the probability that a positive outscores a negative.
 
@@ -183,17 +193,35 @@ def roc_auc(y_true_binary: np.ndarray, scores: np.ndarray) -> float:
     Returns:
         the AUC, or nan when only one class is present (the AUC is undefined).
     """
-    y_true = np.asarray(y_true_binary).astype(bool).ravel()
-    scores = np.asarray(scores, dtype=np.float64).ravel()
-    if y_true.shape != scores.shape:
-        raise ValueError(f"lengths differ: {y_true.size} labels, {scores.size} scores")
-    n_pos = int(y_true.sum())
-    n_neg = y_true.size - n_pos
+    y_true, scores, n_pos, n_neg = _binary_inputs(y_true_binary, scores)
     if n_pos == 0 or n_neg == 0:
         return float("nan")
     ranks = _average_ranks(scores)
     u_statistic = ranks[y_true].sum() - n_pos * (n_pos + 1) / 2.0
     return float(u_statistic / (n_pos * n_neg))
+
+
+def roc_curve(y_true_binary: np.ndarray, scores: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Points of the ROC curve: one per distinct score, from (0, 0) to (1, 1).
+
+    A case is called positive when its score is >= the threshold; tied scores move together, so
+    the trapezoidal area under these points is exactly `roc_auc` (ties counted half).
+
+    Returns:
+        (false positive rates, true positive rates, thresholds), the thresholds descending with
+        +inf first (nothing called positive); empty arrays when only one class is present.
+    """
+    y_true, scores, n_pos, n_neg = _binary_inputs(y_true_binary, scores)
+    if n_pos == 0 or n_neg == 0:
+        return np.empty(0), np.empty(0), np.empty(0)
+    order = np.argsort(-scores, kind="stable")
+    sorted_scores, sorted_true = scores[order], y_true[order]
+    last_of_tie = np.r_[np.diff(sorted_scores) != 0, True]  # the curve only turns between scores
+    tp = np.cumsum(sorted_true)[last_of_tie]
+    fp = np.cumsum(~sorted_true)[last_of_tie]
+    fpr = np.r_[0.0, fp / n_neg]
+    tpr = np.r_[0.0, tp / n_pos]
+    return fpr, tpr, np.r_[np.inf, sorted_scores[last_of_tie]]
 
 
 def bootstrap_ci(

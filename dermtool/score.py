@@ -83,18 +83,7 @@ def score_classification(
     True and predicted classes are the argmax over (melanoma, seborrheic_keratosis, nevus).
     Prediction rows for images not in the truth are ignored.
     """
-    truth = io.read_class_csv(Path(truth_csv), role="truth")
-    pred = io.read_class_csv(Path(pred_csv), role="predictions")
-    ids = list(truth)
-    missing = [image_id for image_id in ids if image_id not in pred]
-    if missing:
-        raise InputError(
-            f"The predictions CSV {pred_csv} has no row for {len(missing)} image(s) of the "
-            f"truth CSV {truth_csv}: {io.first_few(missing)}."
-        )
-    truth_probs = np.stack([truth[image_id] for image_id in ids])
-    pred_probs = np.stack([pred[image_id] for image_id in ids])
-    y_true = metrics.to_labels(truth_probs)
+    ids, y_true, pred_probs = class_arrays(pred_csv, truth_csv)
     y_pred = metrics.to_labels(pred_probs)
     cm = metrics.confusion_matrix(y_true, y_pred, n_classes=len(CLASS_NAMES))
     per_class = {}
@@ -113,8 +102,15 @@ def score_classification(
             for image_id, t, p in zip(ids, y_true, y_pred)
         },
         "bacc_ci95": None,
+        "auc_ci95": None,
     }
     if bootstrap:
+        result["auc_ci95"] = {
+            name: metrics.bootstrap_ci(
+                lambda idx, k=k: metrics.roc_auc(y_true[idx] == k, pred_probs[idx, k]),
+                len(ids), bootstrap, seed=seed)
+            for k, name in enumerate(CLASS_NAMES)
+        }
         result["bacc_ci95"] = metrics.bootstrap_ci(
             lambda idx: metrics.balanced_accuracy(
                 metrics.confusion_matrix(y_true[idx], y_pred[idx], n_classes=len(CLASS_NAMES))
@@ -124,6 +120,25 @@ def score_classification(
             seed=seed,
         )
     return result
+
+
+def class_arrays(pred_csv: Path, truth_csv: Path) -> tuple[list[str], np.ndarray, np.ndarray]:
+    """(truth ids in file order, true class indices, predicted probabilities (N, 3)) of two CSVs.
+
+    The one reading of the CSVs that the scores and the plots of `dermtool score` share.
+    """
+    truth = io.read_class_csv(Path(truth_csv), role="truth")
+    pred = io.read_class_csv(Path(pred_csv), role="predictions")
+    ids = list(truth)
+    missing = [image_id for image_id in ids if image_id not in pred]
+    if missing:
+        raise InputError(
+            f"The predictions CSV {pred_csv} has no row for {len(missing)} image(s) of the "
+            f"truth CSV {truth_csv}: {io.first_few(missing)}."
+        )
+    truth_probs = np.stack([truth[image_id] for image_id in ids])
+    pred_probs = np.stack([pred[image_id] for image_id in ids])
+    return ids, metrics.to_labels(truth_probs), pred_probs
 
 
 def score_segmentation(

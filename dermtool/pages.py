@@ -1,0 +1,46 @@
+"""HTML pages from Jinja2 templates (dermtool/templates/): the infer report and the score page.
+
+Both pages extend one base template, so they share a style and the research-only warning.
+Pages are self-contained files: styles and scripts inline, images as relative links to files
+written beside the page, nothing fetched from a network.
+"""
+
+from __future__ import annotations
+
+import os
+from datetime import datetime, timezone
+from pathlib import Path
+
+from dermtool import __version__
+
+WARNING = "Research tool, not a medical device. Its output is not a diagnosis."
+
+
+def _environment():
+    from jinja2 import Environment, PackageLoader, StrictUndefined, select_autoescape
+
+    # StrictUndefined: a misspelt name in a template fails the tests instead of printing "".
+    return Environment(loader=PackageLoader("dermtool", "templates"),
+                       autoescape=select_autoescape(("html", "j2")), undefined=StrictUndefined,
+                       trim_blocks=True, lstrip_blocks=True)
+
+
+def render(template: str, **context) -> str:
+    """The named template rendered with `context` plus the shared warning, version and date."""
+    context.setdefault("warning", WARNING)
+    context.setdefault("version", __version__)
+    context.setdefault("generated", datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"))
+    return _environment().get_template(template).render(**context)
+
+
+def write_page(path: Path, template: str, **context) -> Path:
+    """Render a template into `path`, written under a temporary name and renamed."""
+    path = Path(path)
+    text = render(template, **context)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        tmp.write_text(text, encoding="utf-8")
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return path

@@ -1,0 +1,245 @@
+"""The review page of an infer run: OUT/report.html with a thumbnail gallery in triage order.
+
+`write_report(out_dir)` reads what `dermtool infer` left in OUT (predictions.csv, infer.json,
+the masks) and the original images, draws one thumbnail per image with the same drawing code
+as `--overlay` (dermtool.overlay) into OUT/report_files/, and writes report.html: the run's
+facts, then a gallery that JavaScript in the page renders a page at a time from a JSON blob, so
+the page stays light for 10,000 images (thumbnails load lazily, only the page shown is in the
+DOM). Nothing is fetched from a network; the folder can be zipped and opened anywhere.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import re
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from dermtool import CLASS_NAMES
+from dermtool.errors import InputError
+
+REPORT = "report.html"
+FILES = "report_files"
+THUMB_SIDE = 256  # long side of a thumbnail: the gallery shows ~220 px; 1/4 of a 1024 px JPEG decodes fast
+PAGE_SIZE = 60
+MASK_SUFFIX = "_segmentation.png"
+
+
+@dataclass
+class ReportSummary:
+    path: Path
+    entries: int = 0
+    thumbnails: int = 0  # drawn now (fresh ones from an earlier report are reused)
+    missing_images: list = field(default_factory=list)  # ids whose original image was not found
+    seconds: float = 0.0
+
+
+def write_report(out_dir: Path, images_dir: Path | None = None, workers: int = 0,
+                 thumb_side: int = THUMB_SIDE) -> ReportSummary:
+    """Write OUT/report.html and its thumbnails for the infer output folder `out_dir`.
+
+    Args:
+        out_dir: a folder written by `dermtool infer` (predictions.csv or its shard parts).
+        images_dir: where the original images are; default: the folder infer.json names.
+        workers: thumbnail threads (0: one per core, at most 8).
+        thumb_side: long side of the thumbnails in pixels.
+
+    Raises:
+        InputError: `out_dir` holds no predictions, or the images folder does not exist.
+    """
+    started = time.perf_counter()
+    out_dir = Path(out_dir)
+    run = read_run(out_dir)
+    header, rows = read_predictions(out_dir)
+    if images_dir is None and run.get("images"):
+        images_dir = Path(run["images"])
+    sources = _find_sources(images_dir)
+    summary = ReportSummary(out_dir / REPORT, entries=len(rows))
+    files = out_dir / FILES
+    files.mkdir(exist_ok=True)
+    class_cols = [c for c in CLASS_NAMES if c in header]
+    jobs = []
+    for row in rows:
+        source = sources.get(row["image_id"])
+        if source is None:
+            summary.missing_images.append(row["image_id"])
+        else:
+            jobs.append((row, source))
+    workers = workers or min(8, os.cpu_count() or 1)
+    with ThreadPoolExecutor(workers) as pool:  # Pillow decodes and encodes without the GIL
+        drawn = list(pool.map(lambda job: _thumbnail(job[0], job[1], out_dir, files, class_cols, thumb_side),
+                              jobs))
+    summary.thumbnails = sum(1 for d in drawn if d == "drawn")
+    has_thumb = {row["image_id"] for (row, _), d in zip(jobs, drawn) if d}
+    payload = _payload(rows, class_cols, has_thumb, out_dir)
+    from dermtool.pages import write_page
+
+    write_page(summary.path, "report.html.j2", run=_facts(run, out_dir, summary, images_dir),
+               payload=payload, rows=rows, has_classes=bool(class_cols),
+               classes=[{"name": c, "display": _display(c),
+                         "count": sum(1 for r in rows if r.get("label") == c)} for c in class_cols])
+    summary.seconds = time.perf_counter() - started
+    return summary
+
+
+def read_run(out_dir: Path) -> dict:
+    """infer.json of the folder ({} when absent); shard summaries are added up."""
+    single = out_dir / "infer.json"
+    parts = [single] if single.is_file() else sorted(out_dir.glob("infer.shard*of*.json"))
+    runs = []
+    for p in parts:
+        try:
+            runs.append(json.loads(p.read_text()))
+        except (OSError, ValueError) as exc:
+            raise InputError(f"{p}: not a readable infer.json ({exc}).")
+    if not runs:
+        return {}
+    run = dict(runs[0])
+    for other in runs[1:]:
+        for key in ("done", "skipped", "seconds"):
+            run[key] = run.get(key, 0) + other.get(key, 0)
+        run["failed"] = run.get("failed", []) + other.get("failed", [])
+    if len(runs) > 1:  # shards ran one after another or side by side: no single rate is right
+        run["images_per_second"] = None
+        run["shards"] = len(runs)
+    return run
+
+
+def read_predictions(out_dir: Path) -> tuple[list[str], list[dict]]:
+    """(header, rows as dicts with float probabilities) of predictions.csv or its shard parts."""
+    single = out_dir / "predictions.csv"
+    parts = [single] if single.is_file() else sorted(out_dir.glob("predictions.part-*-of-*.csv"))
+    if not parts:
+        raise InputError(f"{out_dir}: no predictions.csv; is it an output folder of dermtool infer?")
+    header: list[str] = []
+    rows: list[dict] = []
+    for p in parts:
+        with open(p, newline="", encoding="utf-8") as fh:
+            reader = csv.DictReader(fh)
+            header = header or list(reader.fieldnames or [])
+            for i, row in enumerate(reader, start=2):
+                try:
+                    for c in CLASS_NAMES:
+                        if c in row:
+                            row[c] = float(row[c])
+                except (TypeError, ValueError):
+                    raise InputError(f"{p}, row {i}: a probability is not a number.")
+                rows.append(row)
+    if "image_id" not in header:
+        raise InputError(f"{parts[0]}: no image_id column; is it a predictions.csv of dermtool infer?")
+    return header, rows
+
+
+def model_summary(model_dir: Path) -> str:
+    """The model card's one-line summary: the first sentence of MODEL_CARD.md's first paragraph."""
+    card = Path(model_dir) / "MODEL_CARD.md"
+    if not card.is_file():
+        return ""
+    for para in re.split(r"\n\s*\n", card.read_text(encoding="utf-8")):
+        para = " ".join(para.split())
+        if para and not para.startswith(("#", "|", "-", "*", "```", ">")):
+            first = re.split(r"(?<=[.!?])\s", para, maxsplit=1)[0]
+            return first.replace("`", "")
+    return ""
+
+
+def _find_sources(images_dir: Path | None) -> dict[str, Path]:
+    from dermtool.data import find_images, image_id_of
+
+    if images_dir is None:
+        return {}
+    if not Path(images_dir).is_dir():
+        raise InputError(f"{images_dir}: images folder not found; pass --images DIR for the thumbnails.")
+    return {image_id_of(p): p for p in find_images(Path(images_dir))}
+
+
+def _thumbnail(row: dict, source: Path, out_dir: Path, files: Path, class_cols: list[str], side: int) -> str:
+    """Draw one thumbnail; returns "drawn", "kept" (already fresh) or "" (image unreadable)."""
+    from PIL import Image
+
+    from dermtool.overlay import class_label, draw_overlay, read_mask_at, thumbnail_size
+    from dermtool.preprocess import load_image
+
+    image_id = row["image_id"]
+    target = files / f"{image_id}.jpg"
+    mask_path = out_dir / f"{image_id}{MASK_SUFFIX}"
+    newest = max(source.stat().st_mtime, mask_path.stat().st_mtime if mask_path.is_file() else 0.0)
+    if target.is_file() and mask_path.is_file() and target.stat().st_mtime >= newest:
+        return "kept"  # `infer --resume --report`: only the images redone get new thumbnails
+    try:
+        with Image.open(source) as img:
+            width, height = img.size
+        size = thumbnail_size(height, width, side)
+        pixels, _ = load_image(source, resize_to=size)
+    except (OSError, InputError, Image.DecompressionBombError):
+        return ""
+    mask = read_mask_at(mask_path, size) if mask_path.is_file() else None
+    label, colour = ("", (0, 0, 0))
+    if class_cols:
+        label, colour = class_label(np.array([row[c] for c in class_cols]), class_cols)
+    img = draw_overlay(pixels, mask, label, colour)
+    tmp = target.with_name(f".{target.name}.{os.getpid()}.tmp")
+    try:
+        img.save(tmp, format="JPEG", quality=85)
+        os.replace(tmp, target)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return "drawn"
+
+
+def _payload(rows: list[dict], class_cols: list[str], has_thumb: set, out_dir: Path) -> dict:
+    """The page's data: one short list per image, so 10,000 images stay about a megabyte."""
+    overlays = {p.name[: -len("_overlay.jpg")] for p in out_dir.glob("*_overlay.jpg")}
+    packed = []
+    for row in rows:
+        probs = [row[c] for c in class_cols]  # as written in the CSV: rounding would reorder ties
+        k = int(np.argmax(probs)) if probs else -1
+        packed.append([row["image_id"], k, *probs, int(row["image_id"] in has_thumb),
+                       int(row["image_id"] in overlays)])
+    from dermtool.overlay import SHORT_NAMES
+
+    return {"classes": class_cols, "display": [_display(c) for c in class_cols],
+            "short": [SHORT_NAMES.get(c, c) for c in class_cols], "rows": packed,
+            "files": FILES, "page_size": PAGE_SIZE, "no_thumbnail": "no thumbnail (image not found)"}
+
+
+def _display(name: str) -> str:
+    from dermtool.overlay import DISPLAY_NAMES
+
+    return DISPLAY_NAMES.get(name, name)
+
+
+def _facts(run: dict, out_dir: Path, summary: ReportSummary, images_dir: Path | None) -> dict:
+    """The run's facts at the top of the page, as short sentences."""
+    model = run.get("model", "")
+    post = run.get("postprocess") or {}
+    steps = [f"threshold {post.get('threshold')}" if post else "unknown (no infer.json)"]
+    if post:
+        steps.append(f"closing radius {post['closing_radius']}" if post.get("closing_radius") else "no closing")
+        steps.append("largest component" if post.get("largest_component") else "all components")
+        steps.append("holes filled" if post.get("fill_holes") else "holes kept")
+    tta = run.get("tta", 1)
+    rate = run.get("images_per_second")
+    speed = (f"{rate:.1f} images/s on {run.get('device', '?')} ({run.get('seconds', 0):.1f} s after a "
+             f"{run.get('model_load_seconds', 0):.1f} s model load)") if rate else (
+        f"{run.get('shards')} shards, {run.get('seconds', 0):.1f} s in all" if run.get("shards") else "not recorded")
+    notes = []
+    if summary.missing_images:
+        notes.append(f"{len(summary.missing_images)} image(s) not found in {images_dir or 'the images folder'}: "
+                     "shown without a thumbnail")
+    if run.get("interrupted"):
+        notes.append("the run was interrupted: only the images finished are listed")
+    return {
+        "out_name": out_dir.resolve().name, "model_name": Path(model).name or "?", "task": run.get("task", "?"),
+        "model_summary": model_summary(Path(model)) if model else "",
+        "done": run.get("done", summary.entries), "skipped": run.get("skipped", 0),
+        "failed": [Path(f).name for f in run.get("failed", [])], "images": str(images_dir or ""),
+        "postprocess": " → ".join(steps) + (f"; test-time augmentation over {tta} views" if tta and tta > 1 else ""),
+        "speed": speed, "note": "; ".join(notes),
+    }

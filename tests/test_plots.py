@@ -1,0 +1,146 @@
+"""`dermtool score --plots`: the figures' data equal the scorer's numbers (not pixels), and the
+command writes the figures and score.html."""
+
+from __future__ import annotations
+
+import json
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+from typer.testing import CliRunner
+
+from dermtool import CLASS_NAMES, metrics
+from dermtool.cli import app
+from dermtool.plots import jaccard_histogram_data, roc_data, worst_data
+from dermtool.score import class_arrays, score
+from dermtool.synthetic import make_lesion
+
+runner = CliRunner()
+N = 24
+
+
+@pytest.fixture(scope="module")
+def case(tmp_path_factory) -> dict[str, Path]:
+    """24 synthetic images with truth masks and labels, and predictions of varied quality:
+    masks shifted by 0..23 px, probabilities that favour the true class more or less."""
+    root = tmp_path_factory.mktemp("plots")
+    folders = {name: root / name for name in ("images", "truth_masks", "pred_masks")}
+    for folder in folders.values():
+        folder.mkdir()
+    rng = np.random.default_rng(3)
+    truth_rows, pred_rows = [], []
+    for i in range(N):
+        image_id = f"SYN_{i:03d}"
+        rgb, mask, cls = make_lesion(60, 80, np.random.default_rng(i), cls=i % 3)
+        Image.fromarray(rgb).save(folders["images"] / f"{image_id}.jpg", quality=90)
+        Image.fromarray(mask.astype(np.uint8) * 255).save(folders["truth_masks"] / f"{image_id}_segmentation.png")
+        pred = np.roll(mask, i, axis=1)
+        Image.fromarray(pred.astype(np.uint8) * 255).save(folders["pred_masks"] / f"{image_id}_segmentation.png")
+        truth_rows.append(f"{image_id},{float(cls == 0)},{float(cls == 1)}")
+        p = rng.dirichlet(np.ones(3))
+        p[cls] += rng.uniform(0, 1.0)
+        p = np.round(p / p.sum(), 1)  # rounded: ties between images, as real outputs have
+        pred_rows.append(f"{image_id},{p[0]},{p[1]},{p[2]}")
+    (root / "truth.csv").write_text("image_id,melanoma,seborrheic_keratosis\n" + "\n".join(truth_rows) + "\n")
+    (root / "pred.csv").write_text("image_id,melanoma,seborrheic_keratosis,nevus\n" + "\n".join(pred_rows) + "\n")
+    return {"truth": root / "truth.csv", "pred": root / "pred.csv", "root": root, **folders}
+
+
+def test_roc_curve_of_a_hand_case():
+    # scores 0.9 (pos), 0.8 (neg), 0.4 (pos), 0.1 (neg): up, right, up, right.
+    fpr, tpr, thresholds = metrics.roc_curve([1, 0, 1, 0], [0.9, 0.8, 0.4, 0.1])
+    assert fpr.tolist() == [0, 0, 0.5, 0.5, 1]
+    assert tpr.tolist() == [0, 0.5, 0.5, 1, 1]
+    assert thresholds.tolist() == [np.inf, 0.9, 0.8, 0.4, 0.1]
+    # a tie between a positive and a negative is one diagonal step: the half that roc_auc counts
+    fpr, tpr, _ = metrics.roc_curve([1, 0], [0.5, 0.5])
+    assert fpr.tolist() == [0, 1] and tpr.tolist() == [0, 1]
+    assert metrics.roc_curve([1, 1], [0.2, 0.3])[0].size == 0  # one class only: no curve
+
+
+def test_roc_points_are_the_scorers(case):
+    result = score(case["pred"], case["truth"])
+    _, y_true, probs = class_arrays(case["pred"], case["truth"])
+    data = roc_data(y_true, probs)
+    assert list(data) == list(CLASS_NAMES)
+    for name, d in data.items():
+        assert d["auc"] == result["classification"]["per_class"][name]["auc"]
+        area = np.sum(np.diff(d["fpr"]) * (d["tpr"][1:] + d["tpr"][:-1]) / 2)  # trapezoids
+        assert area == pytest.approx(d["auc"], abs=1e-12)
+        assert (d["fpr"][0], d["tpr"][0], d["fpr"][-1], d["tpr"][-1]) == (0, 0, 1, 1)
+        assert (np.diff(d["fpr"]) >= 0).all() and (np.diff(d["tpr"]) >= 0).all()
+
+
+def test_jaccard_histogram_holds_every_image_and_the_scorers_share_below_065(case):
+    seg = score(None, None, case["pred_masks"], case["truth_masks"])["segmentation"]
+    data = jaccard_histogram_data(seg["per_image"])
+    assert data["counts"].sum() == N
+    assert data["mean"] == pytest.approx(seg["jac"])
+    assert data["below"] == pytest.approx(seg["frac_below_065"])
+    assert 0.65 in np.round(data["edges"], 10)  # the line falls on a bin edge
+
+
+def test_worst_images_are_the_lowest_jaccard_first():
+    per_image = {"a": 0.9, "b": 0.1, "c": 0.5, "d": 0.1}
+    assert worst_data(per_image, 3) == [("b", 0.1), ("d", 0.1), ("c", 0.5)]
+
+
+def test_bootstrap_gives_auc_intervals_around_the_auc(case):
+    result = score(case["pred"], case["truth"], bootstrap=200, seed=1)["classification"]
+    for name in CLASS_NAMES:
+        low, high = result["auc_ci95"][name]
+        assert low <= result["per_class"][name]["auc"] <= high
+    assert score(case["pred"], case["truth"])["classification"]["auc_ci95"] is None
+
+
+def test_score_plots_writes_figures_and_page(case, tmp_path):
+    out = tmp_path / "plots"
+    args = ["score", str(case["pred"]), str(case["truth"]), "--pred-masks", str(case["pred_masks"]),
+            "--truth-masks", str(case["truth_masks"]), "--bootstrap", "100", "--plots", str(out),
+            "--images", str(case["images"]), "--json", str(tmp_path / "s.json")]
+    result = runner.invoke(app, args)
+    assert result.exit_code == 0, result.output
+    for name in ("roc.png", "confusion.png", "jaccard.png", "worst.png"):
+        with Image.open(out / name) as img:
+            assert img.format == "PNG" and min(img.size) > 200
+    page = (out / "score.html").read_text()
+    assert sorted(re.findall(r'<img src="([^"]+)"', page)) == ["confusion.png", "jaccard.png", "roc.png", "worst.png"]
+    numbers = json.loads((tmp_path / "s.json").read_text())
+    jac, ci = numbers["segmentation"]["jac"], numbers["segmentation"]["jac_ci95"]
+    assert f"{jac:.3f}" in page and f"[{ci[0]:.3f}, {ci[1]:.3f}]" in page
+    for name in CLASS_NAMES:
+        low, high = numbers["classification"]["auc_ci95"][name]
+        assert f"[{low:.3f}, {high:.3f}]" in page
+    assert "not a medical device" in page
+    assert "http://" not in page and "https://" not in page  # self-contained
+
+
+def test_plots_without_images_or_masks(case, tmp_path):
+    out = tmp_path / "plots"
+    result = runner.invoke(app, ["score", str(case["pred"]), str(case["truth"]), "--plots", str(out)])
+    assert result.exit_code == 0, result.output
+    assert sorted(p.name for p in out.iterdir()) == ["confusion.png", "roc.png", "score.html"]
+
+
+def test_images_without_plots_or_missing_exit_2(case, tmp_path):
+    base = ["score", str(case["pred"]), str(case["truth"])]
+    result = runner.invoke(app, [*base, "--images", str(case["images"])])
+    assert result.exit_code == 2 and "--plots" in result.stderr
+    result = runner.invoke(app, [*base, "--plots", str(tmp_path / "p"), "--images", str(tmp_path / "nope")])
+    assert result.exit_code == 2 and "nope" in result.stderr
+    assert not (tmp_path / "p").exists()
+
+
+def test_plots_do_not_import_tensorflow(case, tmp_path):
+    code = ("import sys; from dermtool.cli import app; from typer.testing import CliRunner; "
+            f"r = CliRunner().invoke(app, ['score', {str(case['pred'])!r}, {str(case['truth'])!r}, "
+            f"'--pred-masks', {str(case['pred_masks'])!r}, '--truth-masks', {str(case['truth_masks'])!r}, "
+            f"'--plots', {str(tmp_path / 'p')!r}, '--images', {str(case['images'])!r}]); "
+            "print(r.exit_code, 'tensorflow' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert out.stdout.split()[-2:] == ["0", "False"], out.stderr

@@ -1,0 +1,239 @@
+"""The infer report (OUT/report.html): its entries, facts and thumbnails, through the real
+commands, and rendered in headless Chromium (skipped, with the reason, where it is absent)."""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import re
+import shutil
+import subprocess
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+from typer.testing import CliRunner
+
+from dermtool import CLASS_NAMES
+from dermtool.cli import app
+from dermtool.review import FILES, PAGE_SIZE, model_summary, write_report
+from dermtool.synthetic import make_lesion
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+runner = CliRunner()
+CARD = "# Model card\n\nA tiny test model: it knows nothing. Second sentence.\n\n## Data\n"
+
+
+def make_infer_folder(root: Path, n: int, images: bool = True, failed=("broken.jpg",)) -> Path:
+    """An output folder as `dermtool infer` leaves it (predictions.csv, infer.json, masks), with
+    probabilities drawn at random, and the original images in root/images when `images`."""
+    out, image_dir, model = root / "out", root / "images", root / "model"
+    for folder in (out, image_dir, model):
+        folder.mkdir(parents=True)
+    (model / "MODEL_CARD.md").write_text(CARD)
+    rng = np.random.default_rng(n)
+    rows = []
+    for i in range(n):
+        image_id = f"IMG_{i:05d}"
+        probs = np.round(rng.dirichlet(np.ones(3)), 6)
+        rows.append([image_id, *probs, CLASS_NAMES[int(np.argmax(probs))]])
+        if images:
+            rgb, mask, _ = make_lesion(45 + i % 3, 60, np.random.default_rng(i))
+            Image.fromarray(rgb).save(image_dir / f"{image_id}.jpg", quality=90)
+            Image.fromarray(mask.astype(np.uint8) * 255).save(out / f"{image_id}_segmentation.png")
+    with open(out / "predictions.csv", "w", newline="") as fh:
+        csv.writer(fh).writerows([["image_id", *CLASS_NAMES, "label"], *rows])
+    run = {"model": str(model), "images": str(image_dir) if images else "", "task": "joint", "device": "CPU",
+           "done": n, "skipped": 0, "failed": [str(image_dir / f) for f in failed], "seconds": 2.0,
+           "model_load_seconds": 1.5, "images_per_second": 12.34, "interrupted": False, "tta": 1,
+           "postprocess": {"threshold": 0.5, "closing_radius": 3, "largest_component": True, "fill_holes": True},
+           "shard": "1/1"}
+    (out / "infer.json").write_text(json.dumps(run))
+    return out
+
+
+def payload(out: Path) -> dict:
+    """The JSON blob the page renders from."""
+    html = (out / "report.html").read_text()
+    blob = re.search(r'<script type="application/json" id="entries">(.*?)</script>', html, re.S).group(1)
+    return json.loads(blob)
+
+
+def triage_order(out: Path) -> list[str]:
+    with open(out / "predictions.csv", newline="") as fh:
+        rows = list(csv.DictReader(fh))
+    return [r["image_id"] for r in sorted(rows, key=lambda r: (-float(r["melanoma"]), r["image_id"]))]
+
+
+@pytest.fixture(scope="module")
+def small(tmp_path_factory) -> Path:
+    """12 images, reported once; read-only for the tests below."""
+    out = make_infer_folder(tmp_path_factory.mktemp("small"), 12)
+    write_report(out)
+    return out
+
+
+# --- the page's content ---------------------------------------------------------------------
+
+
+def test_report_has_one_entry_and_one_thumbnail_per_image(small):
+    data = payload(small)
+    ids = [row[0] for row in data["rows"]]
+    with open(small / "predictions.csv", newline="") as fh:
+        assert ids == [r["image_id"] for r in csv.DictReader(fh)]
+    assert data["classes"] == list(CLASS_NAMES)
+    assert all(row[-2] == 1 for row in data["rows"])  # every entry has its thumbnail
+    for image_id in ids:
+        with Image.open(small / FILES / f"{image_id}.jpg") as img:
+            assert img.format == "JPEG" and max(img.size) == 60  # small images are never enlarged
+
+
+def test_report_states_the_runs_facts_and_the_warning(small):
+    html = (small / "report.html").read_text()
+    assert "Research tool, not a medical device" in html
+    assert "A tiny test model: it knows nothing." in html and "Second sentence" not in html
+    assert "12.3 images/s on CPU" in html
+    assert "broken.jpg" in html and "1 failed" in html
+    assert "threshold 0.5 → closing radius 3 → largest component → holes filled" in html
+    assert "http://" not in html and "https://" not in html  # nothing fetched from a network
+
+
+def test_model_summary_of_the_bundled_model_is_its_cards_first_sentence():
+    bundled = next((REPO_ROOT / "weights").glob("*/MODEL_CARD.md")).parent
+    summary = model_summary(bundled)
+    assert summary.startswith("The default model of dermtool infer") and summary.endswith(".")
+    assert "\n" not in summary and "`" not in summary
+    assert model_summary(REPO_ROOT / "no-such-model") == ""
+
+
+def test_report_without_images_or_classes_still_lists_every_image(tmp_path):
+    out = make_infer_folder(tmp_path, 5, images=False)
+    made = write_report(out)
+    assert made.entries == 5 and made.thumbnails == 0
+    assert [row[-2] for row in payload(out)["rows"]] == [0] * 5
+    # a seg-only model's CSV has no class columns: entries without probabilities
+    (out / "predictions.csv").write_text("image_id\n" + "\n".join(f"X{i}" for i in range(3)) + "\n")
+    write_report(out)
+    data = payload(out)
+    assert data["classes"] == [] and [row[:2] for row in data["rows"]] == [["X0", -1], ["X1", -1], ["X2", -1]]
+
+
+def test_report_command_redraws_only_changed_thumbnails(tmp_path):
+    out = make_infer_folder(tmp_path, 4)
+    first = runner.invoke(app, ["report", str(out)])
+    assert first.exit_code == 0, first.output
+    assert "4 thumbnails drawn" in first.stderr
+    second = runner.invoke(app, ["report", str(out), "--images", str(tmp_path / "images")])
+    assert "0 thumbnails drawn" in second.stderr
+    mask = out / "IMG_00002_segmentation.png"
+    os.utime(mask, (mask.stat().st_mtime + 10, mask.stat().st_mtime + 10))  # as infer --resume redoing it
+    assert "1 thumbnails drawn" in runner.invoke(app, ["report", str(out)]).stderr
+
+
+@pytest.mark.parametrize("case", ["not a folder", "no predictions", "images missing"])
+def test_report_of_a_bad_folder_exits_2_with_one_line(case, tmp_path):
+    out = make_infer_folder(tmp_path, 2)
+    args = ["report", str(out)]
+    if case == "not a folder":
+        args = ["report", str(tmp_path / "nothing")]
+    elif case == "no predictions":
+        (out / "predictions.csv").unlink()
+    else:
+        args += ["--images", str(tmp_path / "gone")]
+    result = runner.invoke(app, args)
+    assert result.exit_code == 2
+    assert result.stderr.count("\n") == 1 and "error" in result.stderr
+
+
+def test_infer_report_through_the_command(tmp_path):
+    from dermtool.config import preset_config, save_config
+    from dermtool.models import build_model
+
+    model = tmp_path / "model"
+    model.mkdir()
+    cfg = preset_config("compact", "joint", size=32, base_filters=4, depth=2)
+    save_config(model / "config.json", cfg)
+    build_model(cfg).save_weights(str(model / "best.weights.h5"))
+    images = tmp_path / "images"
+    images.mkdir()
+    for i in range(5):
+        Image.fromarray(make_lesion(60, 80, np.random.default_rng(i))[0]).save(images / f"S{i}.jpg")
+    (images / "corrupt.jpg").write_bytes(b"not a jpeg")
+    out = tmp_path / "out"
+    result = runner.invoke(app, ["infer", str(images), "--out", str(out), "--model", str(model), "--report"])
+    assert result.exit_code == 1, result.output  # the corrupt file is named and fails the run
+    assert json.loads((out / "infer.json").read_text())["images"] == str(images.resolve())
+    assert [row[0] for row in payload(out)["rows"]] == [f"S{i}" for i in range(5)]
+    assert len(list((out / FILES).glob("*.jpg"))) == 5
+    assert "corrupt.jpg" in (out / "report.html").read_text()
+
+
+# --- in a real browser ----------------------------------------------------------------------
+
+CHROMIUM = next((shutil.which(n) for n in ("chromium", "chromium-browser", "google-chrome") if shutil.which(n)), None)
+
+
+def render(page: Path, profile: Path, fragment: str = "") -> tuple[str, list[str]]:
+    """(DOM after the page's scripts ran, console messages) of a page in headless Chromium.
+
+    Console messages of every level are written to stderr as "...:CONSOLE..." lines with
+    --enable-logging=stderr; a page of ours logs nothing, so any such line is an error.
+    """
+    cmd = [CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
+           "--no-first-run", f"--user-data-dir={profile}", "--enable-logging=stderr", "--v=0",
+           "--dump-dom", page.resolve().as_uri() + fragment]
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+    console = [line for line in done.stderr.splitlines() if ":CONSOLE" in line]
+    return done.stdout, console
+
+
+def entries(dom: str) -> list[str]:
+    return re.findall(r'<figure class="entry[^"]*" data-id="([^"]+)"', dom)
+
+
+@pytest.fixture(scope="module")
+def browser(tmp_path_factory) -> Path:
+    """A Chromium profile folder, once Chromium has shown that it renders and reports errors here."""
+    if CHROMIUM is None:
+        pytest.skip("Chromium is not installed (Debian: apt-get install chromium); .ci/run installs it")
+    profile = tmp_path_factory.mktemp("chromium")
+    probe = profile / "probe.html"
+    probe.write_text('<html><body><p id="x"></p><script>document.getElementById("x").textContent = "ran";'
+                     'console.error("probe error");</script></body></html>')
+    try:
+        dom, console = render(probe, profile / "profile")
+    except (OSError, subprocess.TimeoutExpired) as exc:
+        pytest.skip(f"Chromium at {CHROMIUM} did not start here: {exc}")
+    if '<p id="x">ran</p>' not in dom:
+        pytest.skip(f"Chromium at {CHROMIUM} cannot render a page here (no script output)")
+    # the harness must see a page's console errors, or "no console errors" below proves nothing
+    assert any("probe error" in line for line in console), console
+    return profile / "profile"
+
+
+def test_report_renders_every_entry_in_triage_order_without_console_errors(small, browser):
+    dom, console = render(small / "report.html", browser)
+    assert console == []
+    assert entries(dom) == triage_order(small)
+    assert "showing 1–12 of 12 images" in dom
+    for image_id in entries(dom):
+        assert f'src="{FILES}/{image_id}.jpg"' in dom and (small / FILES / f"{image_id}.jpg").is_file()
+
+
+def test_report_of_many_images_pages_filters_and_sorts(tmp_path, browser):
+    n = 2 * PAGE_SIZE + 30
+    out = make_infer_folder(tmp_path, n, images=False)
+    write_report(out)
+    order = triage_order(out)
+    dom, console = render(out / "report.html", browser)
+    assert console == [] and entries(dom) == order[:PAGE_SIZE]
+    dom, console = render(out / "report.html", browser, "#page=3")
+    assert console == [] and entries(dom) == order[2 * PAGE_SIZE:]
+    nevi = [i for i, row in zip(order, sorted(payload(out)["rows"], key=lambda r: order.index(r[0])))
+            if row[1] == CLASS_NAMES.index("nevus")]
+    dom, console = render(out / "report.html", browser, "#class=nevus")
+    assert console == [] and entries(dom) == nevi[:PAGE_SIZE]
+    dom, _ = render(out / "report.html", browser, "#sort=id")
+    assert entries(dom) == sorted(order)[:PAGE_SIZE]
