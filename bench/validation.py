@@ -1,0 +1,114 @@
+"""Score models on both validation sets the way a user would: `dermtool infer`, then `dermtool score`.
+
+The two validation sets of the model card:
+- ISIC 2017 validation (150 images, ../shared/data/isic2017/val);
+- the HAM10000 holdout by lesion: the val.txt of `dermtool split ../shared/data/ham10000
+  --out SPLIT --fraction 0.1 --seed 0` (1,005 images of 749 lesions; 903 carry one of the
+  three labels and count for classification, all 1,005 for segmentation).
+
+For each model (and each --tta value) it runs the real commands, keeps their JSON, and prints
+one markdown row per (model, set): JAC, BACC, melanoma AUC, SE and SK AUC with bootstrap 95 %
+intervals, and the images/s infer reported.
+
+    python bench/validation.py weights/lite0-joint-192 runs/other --split /work/data/ham-split \
+        --work /tmp/val --bootstrap 1000 --tta 1 --tta 4
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+
+def ham_val_folder(ham: Path, split: Path, work: Path) -> Path:
+    """A folder of links to the holdout images and masks, and its truth CSV (labelled images only)."""
+    folder = work / "ham-val"
+    ids = [i for i in (split / "val.txt").read_text().split() if i]
+    for sub, name in (("images", "{}.jpg"), ("masks", "{}_segmentation.png")):
+        (folder / sub).mkdir(parents=True, exist_ok=True)
+        for i in ids:
+            link = folder / sub / name.format(i)
+            if not link.exists():
+                link.symlink_to((ham / sub / name.format(i)).resolve())
+    keep = set(ids)
+    with open(ham / "labels.csv", newline="") as fh, open(folder / "labels.csv", "w", newline="") as out:
+        reader = csv.reader(fh)
+        writer = csv.writer(out, lineterminator="\n")
+        writer.writerow(next(reader))
+        writer.writerows(r for r in reader if r and r[0] in keep)
+    return folder
+
+
+def run(cmd: list[str]) -> None:
+    print("$", " ".join(cmd), file=sys.stderr, flush=True)
+    subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL)
+
+
+def evaluate(model: Path, data: Path, out: Path, tta: int, bootstrap: int) -> dict:
+    if not (out / "masks" / "predictions.csv").is_file():
+        run(["dermtool", "infer", str(data / "images"), "--out", str(out / "masks"), "--model", str(model),
+             "--tta", str(tta)])
+    if not (out / "score.json").is_file():
+        run(["dermtool", "score", str(out / "masks" / "predictions.csv"), str(data / "labels.csv"),
+             "--pred-masks", str(out / "masks"), "--truth-masks", str(data / "masks"),
+             "--json", str(out / "score.json"), "--bootstrap", str(bootstrap)])
+    result = json.loads((out / "score.json").read_text())
+    info = json.loads((out / "masks" / "infer.json").read_text())
+    result["images_per_second"] = info.get("images_per_second")
+    return result
+
+
+def _ci(value, ci) -> str:
+    if value is None:
+        return "–"
+    return f"{value:.3f}" + (f" [{ci[0]:.3f}, {ci[1]:.3f}]" if ci and None not in ci else "")
+
+
+def row(name: str, dataset: str, tta: int, r: dict) -> str:
+    seg, cls = r["segmentation"], r["classification"]
+    mel, sk = cls["per_class"]["melanoma"], cls["per_class"]["seborrheic_keratosis"]
+    auc_ci = cls.get("auc_ci95") or {}
+    cells = [name, dataset, str(tta), _ci(seg["jac"], seg.get("jac_ci95")) if seg else "–",
+             _ci(cls["bacc"], cls.get("bacc_ci95")), _ci(mel["auc"], auc_ci.get("melanoma")),
+             f"{mel['sensitivity']:.3f}", _ci(sk["auc"], auc_ci.get("seborrheic_keratosis")),
+             f"{r['images_per_second']:.1f}" if r.get("images_per_second") else "–"]
+    return "| " + " | ".join(cells) + " |"
+
+
+def main() -> None:
+    root = Path(__file__).resolve().parents[1]
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("models", type=Path, nargs="+")
+    parser.add_argument("--isic-val", type=Path, default=root.parent / "shared/data/isic2017/val")
+    parser.add_argument("--ham", type=Path, default=root.parent / "shared/data/ham10000")
+    parser.add_argument("--split", type=Path, required=True, help="folder written by dermtool split (val.txt)")
+    parser.add_argument("--work", type=Path, required=True, help="folder for the outputs (reused when present)")
+    parser.add_argument("--bootstrap", type=int, default=1000)
+    parser.add_argument("--tta", type=int, action="append", help="repeat for several (default 1)")
+    args = parser.parse_args()
+    if not (args.isic_val / "images").is_dir() or not (args.ham / "images").is_dir():
+        print("skipped: the ISIC 2017 or HAM10000 development copy is absent")
+        return
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    sets = {"ISIC 2017 val": args.isic_val, "HAM10000 holdout": ham_val_folder(args.ham, args.split, args.work)}
+    lines = ["| model | set | TTA | JAC | BACC | melanoma AUC | melanoma SE | SK AUC | images/s |",
+             "|---|---|---:|---|---|---|---:|---|---:|"]
+    results = {}
+    for model in args.models:
+        for tta in args.tta or [1]:
+            for label, data in sets.items():
+                out = args.work / f"{model.name}-tta{tta}-{label.split()[0].lower()}"
+                r = evaluate(model, data, out, tta, args.bootstrap)
+                results[f"{model}|{label}|{tta}"] = r
+                lines.append(row(model.name, label, tta, r))
+    (args.work / "summary.md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+
+
+if __name__ == "__main__":
+    main()
