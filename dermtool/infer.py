@@ -25,6 +25,7 @@ from dermtool.config import ModelConfig, load_config
 from dermtool.data import find_images, image_id_of
 from dermtool.errors import InputError
 from dermtool.io import write_csv_atomic
+from dermtool.modelio import default_model_dir, load_engine, load_model  # noqa: F401  (load_model: re-exported)
 from dermtool.postprocess import PostprocessConfig, postprocess
 from dermtool.preprocess import Transform, prepare, restore, restore_mask
 
@@ -42,6 +43,7 @@ class InferOptions:
     resume: bool = False
     shard: tuple[int, int] = (1, 1)
     workers: int = 0
+    engine: str | None = None  # None: the model's own runtime; see modelio.load_engine
 
 
 @dataclass
@@ -52,38 +54,13 @@ class InferSummary:
     seconds: float = 0.0
     load_seconds: float = 0.0
     model: str = ""
+    engine: str = ""
     device: str = ""
     interrupted: bool = False
 
     @property
     def images_per_second(self) -> float:
         return self.done / self.seconds if self.seconds else 0.0
-
-
-def default_model_dir() -> Path:
-    """The bundled default model: installed package data, else the checkout's weights/."""
-    here = Path(__file__).resolve().parent
-    for root in (here / "weights", here.parent / "weights"):
-        if root.is_dir():
-            for cand in sorted(root.iterdir()):
-                if (cand / "config.json").is_file():
-                    return cand
-    raise InputError("no bundled model found (weights/ is empty); pass --model RUN_DIR.")
-
-
-def load_model(model_dir: Path):
-    """Rebuild the network from `config.json` and load its weights; returns (model, config)."""
-    from dermtool.models import build_model
-    from dermtool.train import weights_file
-
-    cfg, _, _ = load_config(model_dir)
-    model = build_model(cfg)
-    path = weights_file(model_dir)
-    try:
-        model.load_weights(str(path))
-    except Exception as exc:  # h5 mismatch: wrong architecture or a damaged file
-        raise InputError(f"{path}: weights do not fit the model in config.json ({str(exc)[:120]}).")
-    return model, cfg
 
 
 def select_images(images_dir: Path, shard: tuple[int, int] = (1, 1)) -> list[Path]:
@@ -212,7 +189,9 @@ def _is_done(image_id: str, cfg: ModelConfig, rows: dict, out_dir: Path) -> bool
     return image_id in rows
 
 
-def _device() -> str:
+def _device(engine: str) -> str:
+    if engine in ("litert", "onnx"):  # their CPU builds: TensorFlow's GPUs are not theirs
+        return "CPU"
     import tensorflow as tf
 
     gpus = tf.config.list_physical_devices("GPU")
@@ -227,7 +206,8 @@ def predict_folder(images_dir: Path, out_dir: Path, model_dir: Path | None = Non
     started = time.perf_counter()
     model_dir = Path(model_dir) if model_dir else default_model_dir()
     paths = select_images(images_dir, opts.shard)
-    model, cfg = load_model(model_dir)
+    model = load_engine(model_dir, opts.engine, log=log)
+    cfg = model.cfg
     if opts.post.threshold is None:
         opts = replace(opts, post=replace(opts.post, threshold=cfg.threshold))
     # one call on zeros traces the graph now, so the first real batch is not the slow one
@@ -236,7 +216,8 @@ def predict_folder(images_dir: Path, out_dir: Path, model_dir: Path | None = Non
     started = time.perf_counter()  # images/s counts the pipeline, not the one-off model load
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    summary = InferSummary(model=str(model_dir), device=_device(), load_seconds=summary_load)
+    summary = InferSummary(model=str(model_dir), engine=model.name, device=_device(model.name),
+                           load_seconds=summary_load)
     header = _csv_header(cfg)
     csv_path = out_dir / predictions_name(opts.shard)
     partial_path = out_dir / f".{csv_path.stem}.partial.csv"  # appended per image: survives a kill
@@ -330,7 +311,7 @@ def _collect(item, summary: InferSummary, rows: dict, partial, writer, bar) -> N
 
 def _write_run_json(out_dir: Path, summary: InferSummary, cfg: ModelConfig, opts: InferOptions) -> None:
     record = {
-        "model": summary.model, "task": cfg.task, "device": summary.device,
+        "model": summary.model, "engine": summary.engine, "task": cfg.task, "device": summary.device,
         "done": summary.done, "skipped": summary.skipped, "failed": [f for f, _ in summary.failed],
         "seconds": round(summary.seconds, 2), "model_load_seconds": round(summary.load_seconds, 2),
         "images_per_second": round(summary.images_per_second, 2),
