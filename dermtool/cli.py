@@ -185,7 +185,7 @@ def infer_cli(
     images: Path = typer.Argument(..., help="Folder of images (.jpg .jpeg .png .tif .tiff .bmp, any size)."),
     out: Path = typer.Option(..., "--out", "-o", help="Output folder: <image_id>_segmentation.png masks and predictions.csv."),
     model: Optional[Path] = typer.Option(None, "--model", "-m", help="A run folder of dermtool train, a bundled model folder, or an export of dermtool export (its folder, or the .tflite / .onnx file). Default: the bundled model."),
-    engine: Optional[str] = typer.Option(None, "--engine", help="keras | litert | onnx | savedmodel. Default: the model's own (keras for a model folder). litert on a model folder: a dynamic-range int8 LiteRT copy, converted once and cached — about 3x faster on a CPU, same JAC/BACC within 0.005."),
+    engine: Optional[str] = typer.Option(None, "--engine", help="keras | litert | onnx | savedmodel. Default: the model's own (keras for a model folder). litert on a model folder: a dynamic-range int8 LiteRT copy, converted once and cached — about 2x faster on a CPU, same JAC/BACC within 0.005."),
     batch_size: int = typer.Option(8, "--batch-size", min=1, help="Images per model call."),
     tta: int = typer.Option(1, "--tta", help="Test-time augmentation: average the model over 1 (off), 4 (flips) or 8 (flips and transposes) views; costs that many times the model time."),
     threshold: Optional[float] = typer.Option(None, "--threshold", min=0.0, max=1.0, help="Lesion probability threshold (default: the model's, 0.5)."),
