@@ -2,32 +2,45 @@
 
 TensorFlow 2.2x writes oneDNN / CUDA-probe lines to file descriptor 2 from C++ before its
 logging is configured, so TF_CPP_MIN_LOG_LEVEL does not stop them. A user wants the command's
-own messages, so fd 2 is pointed at /dev/null for the import and the first device probe only.
+own messages, so fd 2 is pointed at /dev/null for the import and the first device probe only
+(and, through `quiet`, for the model converters, which print pages of C++ logs).
 Set DERMTOOL_TF_LOGS=1 to see them.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 import sys
 
 
-def load():
-    """Import tensorflow (quietly, once) and return the module."""
-    if "tensorflow" in sys.modules or os.environ.get("DERMTOOL_TF_LOGS"):
-        import tensorflow as tf
-
-        return tf
+@contextlib.contextmanager
+def quiet():
+    """Silence file descriptor 2 (C++ logging included) inside the block, unless DERMTOOL_TF_LOGS."""
+    if os.environ.get("DERMTOOL_TF_LOGS"):
+        yield
+        return
     sys.stderr.flush()
     saved = os.dup(2)
     devnull = os.open(os.devnull, os.O_WRONLY)
     try:
         os.dup2(devnull, 2)
-        import tensorflow as tf
-
-        tf.config.list_physical_devices("GPU")
+        yield
     finally:
+        sys.stderr.flush()
         os.dup2(saved, 2)
         os.close(saved)
         os.close(devnull)
+
+
+def load():
+    """Import tensorflow (quietly, once) and return the module."""
+    if "tensorflow" in sys.modules:
+        import tensorflow as tf
+
+        return tf
+    with quiet():
+        import tensorflow as tf
+
+        tf.config.list_physical_devices("GPU")
     return tf

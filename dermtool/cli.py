@@ -261,7 +261,8 @@ def _parse_shard(value: str) -> tuple[int, int]:
 def infer_cli(
     images: Path = typer.Argument(..., help="Folder of images (.jpg .jpeg .png .tif .tiff .bmp, any size)."),
     out: Path = typer.Option(..., "--out", "-o", help="Output folder: <image_id>_segmentation.png masks and predictions.csv."),
-    model: Optional[Path] = typer.Option(None, "--model", "-m", help="A run folder of dermtool train, or a bundled model folder. Default: the bundled model."),
+    model: Optional[Path] = typer.Option(None, "--model", "-m", help="A run folder of dermtool train, a bundled model folder, or an export of dermtool export (its folder, or the .tflite / .onnx file). Default: the bundled model."),
+    engine: Optional[str] = typer.Option(None, "--engine", help="keras | litert | onnx | savedmodel. Default: the model's own (keras for a model folder). litert on a model folder: a dynamic-range int8 LiteRT copy, converted once and cached — about 2x faster on a CPU, same JAC/BACC within 0.005."),
     batch_size: int = typer.Option(8, "--batch-size", help="Images per model call (at most the number of images; 1-1024)."),
     tta: int = typer.Option(1, "--tta", help="Test-time augmentation: average the model over 1 (off), 4 (flips) or 8 (flips and transposes) views; costs that many times the model time."),
     threshold: Optional[float] = typer.Option(None, "--threshold", help="Lesion probability threshold, 0-1 (default: the model's, 0.5)."),
@@ -291,8 +292,6 @@ def infer_cli(
 
     if not images.is_dir():
         fail(f"{images}: images folder not found.")
-    if model is not None and not (model / "config.json").is_file():
-        fail(f"{model}: not a model folder (no config.json).")
     check_out_folder(out, "an output folder")
     k_n = _parse_shard(shard)
     if tta not in (1, 4, 8):
@@ -308,7 +307,7 @@ def infer_cli(
     try:
         opts = InferOptions(
             batch_size=batch_size, tta=tta, probabilities=probabilities, overlay=overlay, resume=resume,
-            shard=k_n, workers=workers,
+            shard=k_n, workers=workers, engine=engine,
             post=PostprocessConfig(threshold=threshold, closing_radius=closing_radius,
                                    largest_component=largest, fill_holes=fill_holes),
         )
@@ -326,7 +325,8 @@ def infer_cli(
     console.print(
         f"{'[yellow]interrupted[/]' if summary.interrupted else '[green]done[/]'}: {summary.done} images, "
         f"{summary.skipped} skipped (already done), {len(summary.failed)} failed, "
-        f"{summary.images_per_second:.1f} images/s on {summary.device}; model {summary.model}; outputs in {out}",
+        f"{summary.images_per_second:.1f} images/s on {summary.device} ({summary.engine}); model {summary.model}; "
+        f"outputs in {out}",
         highlight=False, soft_wrap=True)
     if report and not summary.interrupted:
         _write_report(out, images)
@@ -396,6 +396,47 @@ def report_cli(
     if not out.is_dir():
         fail(f"{out}: not a folder; give an output folder of dermtool infer.")
     _write_report(out, images)
+
+
+@app.command("export")
+def export_cli(
+    model: Optional[Path] = typer.Argument(None, help="Model folder (config.json + weights): a run of dermtool train or a bundled model. Default: the bundled model."),
+    out: Path = typer.Option(..., "--out", "-o", help="Export folder to write: the model file (model.tflite, model.onnx or saved_model/) and its config.json."),
+    fmt: str = typer.Option(..., "--format", "-f", help="savedmodel (TF Serving, TF.js, any TensorFlow) | tflite (LiteRT: phones, small CPUs) | onnx (onnxruntime)."),
+    quantize: str = typer.Option("none", "--quantize", help="none | float16 | dynamic (int8 weights) | int8 (int8 weights and activations; needs --calibration). tflite takes all four, onnx none and dynamic."),
+    calibration: Optional[Path] = typer.Option(None, "--calibration", help="Folder of images that set the int8 activation ranges (a few hundred of the training images)."),
+    check: Optional[Path] = typer.Option(None, "--check", help="Labelled folder (images/, masks/, labels.csv): score the Keras and the exported model on it, side by side."),
+) -> None:
+    """Write a model for another runtime, and check it against the Keras model.
+
+    Right after writing, both models run on the same images and the largest difference of
+    their outputs is printed. With --check DIR both go through dermtool infer and dermtool
+    score on DIR, and JAC, BACC and the melanoma AUC are printed side by side. Run the export
+    with dermtool infer --model OUT (or OUT/model.tflite, OUT/model.onnx).
+    """
+    from dermtool.export import export
+
+    for p, what in ((calibration, "--calibration folder"), (check, "--check folder")):
+        if p is not None and not p.is_dir():
+            fail(f"{p}: {what} not found.")
+    try:
+        report = export(model, out, fmt, quantize, calibration, check, log=lambda m: console.print(m, highlight=False))
+    except InputError as exc:
+        fail(str(exc))
+    diff = report.difference
+    parts = [f"{k} {diff[k]:.2g}" for k in ("seg", "cls") if k in diff]
+    if "mask_pixels_changed" in diff:
+        parts.append(f"mask pixels changed at the threshold {100 * diff['mask_pixels_changed']:.3f} %")
+    typer.echo(f"wrote {report.path} ({report.size_bytes / 1e6:.1f} MB, {report.seconds:.0f} s)")
+    typer.echo(f"largest difference from the Keras model over {diff['images']} images: {', '.join(parts)}")
+    if report.check:
+        keras_scores, export_scores = report.check["keras"], report.check["export"]
+        typer.echo(f"\nscored on {check} ({keras_scores['images']} images):")
+        typer.echo(f"{'':<24} {'keras':>8} {'export':>8} {'diff':>8}")
+        for name in ("JAC", "BACC", "melanoma AUC"):
+            a, b = keras_scores[name], export_scores[name]
+            if a is not None:
+                typer.echo(f"{name:<24} {a:8.4f} {b:8.4f} {b - a:+8.4f}")
 
 
 _SCORE_HELP = (

@@ -25,6 +25,7 @@ from dermtool.config import ModelConfig, load_config
 from dermtool.data import find_images, image_id_of, unique_ids
 from dermtool.errors import InputError
 from dermtool.io import write_csv_atomic
+from dermtool.modelio import default_model_dir, load_engine, load_model  # noqa: F401  (load_model: re-exported)
 from dermtool.postprocess import PostprocessConfig, postprocess
 from dermtool.preprocess import Transform, prepare, restore, restore_mask
 from dermtool.shards import differing_settings, predictions_name, record_name, shard_of
@@ -42,6 +43,7 @@ class InferOptions:
     resume: bool = False
     shard: tuple[int, int] = (1, 1)
     workers: int = 0
+    engine: str | None = None  # None: the model's own runtime; see modelio.load_engine
 
 
 @dataclass
@@ -54,38 +56,13 @@ class InferSummary:
     load_seconds: float = 0.0
     model: str = ""
     images: str = ""
+    engine: str = ""
     device: str = ""
     interrupted: bool = False
 
     @property
     def images_per_second(self) -> float:
         return self.done / self.seconds if self.seconds else 0.0
-
-
-def default_model_dir() -> Path:
-    """The bundled default model: installed package data, else the checkout's weights/."""
-    here = Path(__file__).resolve().parent
-    for root in (here / "weights", here.parent / "weights"):
-        if root.is_dir():
-            for cand in sorted(root.iterdir()):
-                if (cand / "config.json").is_file():
-                    return cand
-    raise InputError("no bundled model found (weights/ is empty); pass --model RUN_DIR.")
-
-
-def load_model(model_dir: Path):
-    """Rebuild the network from `config.json` and load its weights; returns (model, config)."""
-    from dermtool.models import build_model
-    from dermtool.train import weights_file
-
-    cfg, _, _ = load_config(model_dir)
-    model = build_model(cfg)
-    path = weights_file(model_dir)
-    try:
-        model.load_weights(str(path))
-    except Exception as exc:  # h5 mismatch: wrong architecture or a damaged file
-        raise InputError(f"{path}: weights do not fit the model in config.json ({str(exc)[:120]}).")
-    return model, cfg
 
 
 def select_images(images_dir: Path, shard: tuple[int, int] = (1, 1)) -> list[Path]:
@@ -97,14 +74,22 @@ def select_images(images_dir: Path, shard: tuple[int, int] = (1, 1)) -> list[Pat
     return [p for p in find_images(images_dir) if shard_of(image_id_of(p), n) == k]
 
 
-def model_fingerprint(model_dir: Path) -> str:
-    """sha1 of config.json and the weights: the same model wherever its folder lies."""
+def model_fingerprint(model: Path | None) -> str:
+    """sha1 of config.json and the weights (or the exported file): the same model wherever it lies."""
     import hashlib
 
-    from dermtool.train import weights_file
+    from dermtool.modelio import resolve_model, weights_file
 
+    folder, file, fmt = resolve_model(model)
     h = hashlib.sha1()
-    for path in (Path(model_dir) / "config.json", weights_file(model_dir)):
+    files = [folder / "config.json"]
+    if fmt == "keras":
+        files.append(weights_file(folder))
+    elif file.is_dir():  # a SavedModel folder
+        files += sorted(p for p in file.rglob("*") if p.is_file())
+    else:
+        files.append(file)
+    for path in files:
         with open(path, "rb") as fh:
             for chunk in iter(lambda: fh.read(1 << 20), b""):
                 h.update(chunk)
@@ -210,7 +195,9 @@ def _is_done(image_id: str, cfg: ModelConfig, rows: dict, out_dir: Path) -> bool
     return image_id in rows
 
 
-def _device() -> str:
+def _device(engine: str) -> str:
+    if engine in ("litert", "onnx"):  # their CPU builds: TensorFlow's GPUs are not theirs
+        return "CPU"
     import tensorflow as tf
 
     gpus = tf.config.list_physical_devices("GPU")
@@ -228,10 +215,11 @@ def predict_folder(images_dir: Path, out_dir: Path, model_dir: Path | None = Non
     # one id, one output: of a.jpg and a.png only the first by name is used, so no two
     # images ever write (or race for) the same files
     paths, duplicates = unique_ids(select_images(images_dir, opts.shard))
-    model, cfg = load_model(model_dir)
+    model = load_engine(model_dir, opts.engine, log=log)
+    cfg = model.cfg
     if opts.post.threshold is None:
         opts = replace(opts, post=replace(opts.post, threshold=cfg.threshold))
-    summary = InferSummary(model=str(model_dir), duplicates=duplicates)
+    summary = InferSummary(model=str(model_dir), engine=model.name, duplicates=duplicates)
     record = _run_record(images_dir, model_fingerprint(model_dir), summary, cfg, opts)
     if opts.resume:
         _check_resume(out_dir / record_name(opts.shard), record, out_dir)
@@ -249,7 +237,7 @@ def predict_folder(images_dir: Path, out_dir: Path, model_dir: Path | None = Non
         _run_model(model, np.zeros((batch_size, cfg.input_size, cfg.input_size, 3), np.float32), False)
     summary.load_seconds = time.perf_counter() - started
     started = time.perf_counter()  # images/s counts the pipeline, not the one-off model load
-    summary.device, summary.skipped = _device(), len(paths) - len(todo)
+    summary.device, summary.skipped = _device(model.name), len(paths) - len(todo)
     out_dir.mkdir(parents=True, exist_ok=True)
     # the settings are on disk before any output, so even a killed run can be checked on --resume
     _write_run_json(out_dir / record_name(opts.shard), record, summary, running=True)
@@ -338,7 +326,7 @@ def _run_record(images_dir: Path, model_sha1: str, summary: InferSummary, cfg: M
                 opts: InferOptions) -> dict:
     """The settings of a run, as infer.json records them (the counts are added when written)."""
     return {
-        "model": summary.model, "model_sha1": model_sha1, "task": cfg.task, "images": str(Path(images_dir).resolve()),
+        "model": summary.model, "engine": summary.engine, "model_sha1": model_sha1, "task": cfg.task, "images": str(Path(images_dir).resolve()),
         "tta": opts.tta, "postprocess": opts.post.to_dict(), "probabilities": opts.probabilities,
         "overlay": opts.overlay, "shard": f"{opts.shard[0]}/{opts.shard[1]}",
     }

@@ -1,0 +1,126 @@
+"""`dermtool export`: write a model for another runtime, then check it against the Keras model.
+
+The file itself is written by `modelio.write_export`; this module adds the two checks a user
+needs before trusting it:
+
+- the largest difference between the exported and the Keras model's outputs on the same inputs
+  (the --check images, else the --calibration images, else synthetic lesions);
+- with --check DIR (a labelled folder: images/, masks/, labels.csv), both models run through
+  `dermtool infer`'s own pipeline and are scored by `dermtool score`'s own functions
+  (JAC, BACC, melanoma AUC), side by side.
+"""
+
+from __future__ import annotations
+
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from dermtool.config import ModelConfig, load_config
+from dermtool.data import find_images, resolve_layout
+from dermtool.errors import InputError
+from dermtool.modelio import KerasEngine, load_engine, resolve_model, write_export
+from dermtool.preprocess import prepare
+
+#: images compared output by output right after writing (the whole --check folder is scored)
+COMPARE_IMAGES = 16
+CALIBRATION_IMAGES = 200
+
+
+@dataclass
+class ExportReport:
+    path: Path
+    size_bytes: int
+    seconds: float
+    difference: dict  # output -> largest absolute difference; "mask_pixels_changed" fraction; "images"
+    check: dict | None = None  # {"keras": scores, "export": scores}
+    notes: list = field(default_factory=list)
+
+
+def load_inputs(folder: Path, cfg: ModelConfig, limit: int) -> np.ndarray:
+    """Up to `limit` images of `folder` (evenly spread, by name) as model inputs, float32."""
+    paths = find_images(folder)
+    if not paths:
+        raise InputError(f"{folder}: no images (.jpg .png .tif .bmp) in this folder.")
+    if len(paths) > limit:
+        paths = [paths[i] for i in np.linspace(0, len(paths) - 1, limit).round().astype(int)]
+    return np.stack([prepare(p, cfg.size, cfg.fit, cfg.border, cfg.margin)[0] for p in paths]).astype(np.float32)
+
+
+def synthetic_inputs(cfg: ModelConfig, n: int = 8) -> np.ndarray:
+    """Lesion-like images at the model's input size, for a check that needs no data."""
+    from dermtool.synthetic import make_lesion
+
+    rng = np.random.default_rng(0)
+    return np.stack([make_lesion(cfg.input_size, cfg.input_size, rng)[0] for _ in range(n)]).astype(np.float32)
+
+
+def compare_outputs(reference, engine, x: np.ndarray, threshold: float, batch_size: int = 8) -> dict:
+    """Largest absolute difference per output over the images `x`, and the share of mask pixels
+    on the other side of `threshold` (what a probability difference does to a mask)."""
+    diff: dict = {"images": int(len(x))}
+    changed = total = 0
+    for i in range(0, len(x), batch_size):
+        a, b = reference.predict_on_batch(x[i:i + batch_size]), engine.predict_on_batch(x[i:i + batch_size])
+        for key in a:
+            diff[key] = max(diff.get(key, 0.0), float(np.abs(a[key] - b[key]).max()))
+        if "seg" in a:
+            changed += int(np.count_nonzero((a["seg"] > threshold) != (b["seg"] > threshold)))
+            total += a["seg"].size
+    if total:
+        diff["mask_pixels_changed"] = changed / total
+    return diff
+
+
+def score_folder(model: Path, check_dir: Path, engine: str | None = None) -> dict:
+    """JAC, BACC and melanoma AUC of a model on a labelled folder, through infer and score."""
+    from dermtool.infer import InferOptions, predict_folder
+    from dermtool.score import score
+
+    layout = resolve_layout(check_dir)
+    if layout.masks is None and layout.labels is None:
+        raise InputError(f"{check_dir}: --check needs a labelled folder (images/ with masks/ and/or labels.csv).")
+    cfg, _, _ = load_config(resolve_model(model)[0])
+    with tempfile.TemporaryDirectory() as tmp:
+        out = Path(tmp)
+        predict_folder(layout.images, out, model, InferOptions(engine=engine), progress=False, log=lambda m: None)
+        use_cls, use_seg = cfg.has_cls and layout.labels, cfg.has_seg and layout.masks
+        result = score(out / "predictions.csv" if use_cls else None, layout.labels if use_cls else None,
+                       out if use_seg else None, layout.masks if use_seg else None)
+    seg, cls = result["segmentation"], result["classification"]
+    return {"JAC": seg["jac"] if seg else None, "BACC": cls["bacc"] if cls else None,
+            "melanoma AUC": cls["per_class"]["melanoma"]["auc"] if cls else None,
+            "images": (seg or cls)["n_images"]}
+
+
+def export(model_dir: Path, out_dir: Path, fmt: str, quantize: str = "none", calibration: Path | None = None,
+           check: Path | None = None, log=print) -> ExportReport:
+    """Write the export (see modelio.write_export), compare it with the Keras model, and score
+    both on `check` when given. Returns what was measured."""
+    folder, _, kind = resolve_model(model_dir)
+    if kind != "keras":
+        raise InputError(f"{model_dir}: already an export; export from the model folder (config.json + weights).")
+    out_dir = Path(out_dir)
+    if out_dir.suffix.lower() in (".tflite", ".onnx"):
+        raise InputError(f"{out_dir}: --out is a folder (it gets the model file and its config.json).")
+    cfg, _, _ = load_config(folder)
+    calib = load_inputs(calibration, cfg, CALIBRATION_IMAGES) if calibration else None
+    started = time.perf_counter()
+    path = write_export(folder, out_dir, fmt, quantize, calib)
+    seconds = time.perf_counter() - started
+    size = sum(p.stat().st_size for p in path.rglob("*") if p.is_file()) if path.is_dir() else path.stat().st_size
+    if check is not None:
+        x = load_inputs(resolve_layout(check).images, cfg, COMPARE_IMAGES)
+    elif calib is not None:
+        x = calib[:COMPARE_IMAGES]
+    else:
+        x = synthetic_inputs(cfg)
+    difference = compare_outputs(KerasEngine(folder), load_engine(out_dir), x, cfg.threshold)
+    report = ExportReport(path, size, seconds, difference)
+    if check is not None:
+        log(f"scoring the Keras and the exported model on {check} ...")
+        report.check = {"keras": score_folder(folder, check, engine="keras"), "export": score_folder(out_dir, check)}
+    return report

@@ -1,0 +1,450 @@
+"""Model folders and exported models: the one place that reads and writes them.
+
+Three kinds of model, all described by a `config.json` (architecture, input geometry,
+normalisation, threshold, class order) beside the network:
+
+- a model folder: `config.json` + Keras weights (a run of `dermtool train`: best.weights.h5;
+  a slim or bundled folder: model.weights.h5);
+- an export folder of `dermtool export`: `config.json` with an "export" section, plus one of
+  `model.tflite`, `model.onnx` or `saved_model/`;
+- one of those exported files given by itself: its `config.json` is the one beside it.
+
+`load_engine` opens any of them as an engine with `predict_on_batch(x) -> {"seg", "cls"}` (raw
+0-255 RGB in, float32 probabilities out), which is all inference needs; `write_export` writes
+an export folder. A new format is a writer and an engine class here, nothing elsewhere.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+import warnings
+from pathlib import Path
+
+import numpy as np
+
+from dermtool import __version__
+from dermtool.config import ModelConfig, load_config, save_config
+from dermtool.errors import InputError
+
+WEIGHT_NAMES = ("best.weights.h5", "model.weights.h5", "last.weights.h5")
+#: export format -> the file or folder it writes inside the export folder
+FORMATS = {"tflite": "model.tflite", "onnx": "model.onnx", "savedmodel": "saved_model"}
+QUANTIZE = {"tflite": ("none", "float16", "dynamic", "int8"), "onnx": ("none", "dynamic"), "savedmodel": ("none",)}
+#: --engine choices; a model folder converted for litert/onnx uses this quantisation
+ENGINES = ("keras", "litert", "onnx", "savedmodel")
+ENGINE_QUANTIZE = {"litert": "dynamic", "onnx": "none", "savedmodel": "none"}
+_ENGINE_OF_FORMAT = {"tflite": "litert", "onnx": "onnx", "savedmodel": "savedmodel"}
+INPUT_NAME = "image"
+#: TFLite models are written for a fixed batch: with a free batch dimension the transposed
+#: convolutions compute their output shape at run time, which splits the graph and keeps
+#: XNNPACK's quantised kernels out (dynamic-range int8 ran 6x slower that way).
+TFLITE_BATCH = 1
+EXTRAS = {"litert": "litert", "onnx": "onnx"}
+
+
+# --------------------------------------------------------------------------- Keras model folders
+
+
+def default_model_dir() -> Path:
+    """The bundled default model: installed package data, else the checkout's weights/."""
+    here = Path(__file__).resolve().parent
+    for root in (here / "weights", here.parent / "weights"):
+        if root.is_dir():
+            for cand in sorted(root.iterdir()):
+                if (cand / "config.json").is_file():
+                    return cand
+    raise InputError("no bundled model found (weights/ is empty); pass --model RUN_DIR.")
+
+
+def weights_file(run_dir: Path) -> Path:
+    """The weights a model folder is used with: best epoch of a run, or a bundled model."""
+    run_dir = Path(run_dir)
+    for name in WEIGHT_NAMES:
+        if (run_dir / name).is_file():
+            return run_dir / name
+    raise InputError(f"{run_dir}: no weights (best.weights.h5 or model.weights.h5) in this folder.")
+
+
+def load_model(model_dir: Path):
+    """Rebuild the Keras network from `config.json` and load its weights; returns (model, config)."""
+    from dermtool.models import build_model
+
+    cfg, _, _ = load_config(model_dir)
+    model = build_model(cfg)
+    path = weights_file(model_dir)
+    try:
+        model.load_weights(str(path))
+    except Exception as exc:  # h5 mismatch: wrong architecture or a damaged file
+        raise InputError(f"{path}: weights do not fit the model in config.json ({str(exc)[:120]}).")
+    return model, cfg
+
+
+def save_model_folder(run_dir: Path, out_dir: Path) -> Path:
+    """Copy a run's best epoch into a slim model folder (config.json + model.weights.h5).
+
+    Checkpoints carry the optimizer's slots too (three times the weights' size); a model
+    folder for inference needs only the network.
+    """
+    model, cfg = load_model(run_dir)
+    _, tcfg, _ = load_config(run_dir)
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    model.save_weights(str(out_dir / "model.weights.h5"))
+    state_path = Path(run_dir) / "state.json"
+    state = json.loads(state_path.read_text()) if state_path.is_file() else {}
+    save_config(out_dir / "config.json", cfg, tcfg, best_epoch=state.get("best_epoch"),
+                best_metric=state.get("best_metric"))
+    return out_dir
+
+
+# --------------------------------------------------------------------------- engines
+
+
+class KerasEngine:
+    """The Keras network of a model folder (the reference every export is compared with)."""
+
+    name = "keras"
+
+    def __init__(self, model_dir: Path):
+        self.model, self.cfg = load_model(model_dir)
+
+    def predict_on_batch(self, x: np.ndarray) -> dict:
+        return {k: np.asarray(v, np.float32) for k, v in self.model.predict_on_batch(x).items()}
+
+
+class _FixedBatch:
+    """Runs a batch of any length through a runtime that takes exactly `batch` images."""
+
+    batch: int
+
+    def _run(self, x: np.ndarray) -> dict:
+        raise NotImplementedError
+
+    def predict_on_batch(self, x: np.ndarray) -> dict:
+        x = np.ascontiguousarray(x, dtype=np.float32)
+        n, parts = len(x), []
+        for i in range(0, n, self.batch):
+            chunk = x[i:i + self.batch]
+            if len(chunk) < self.batch:
+                chunk = np.concatenate([chunk, np.zeros((self.batch - len(chunk), *x.shape[1:]), np.float32)])
+            parts.append(self._run(chunk))
+        return {k: np.concatenate([p[k] for p in parts])[:n].astype(np.float32) for k in parts[0]}
+
+
+def _litert_interpreter():
+    """LiteRT's interpreter (ai-edge-litert), else TensorFlow's own deprecated tf.lite one."""
+    try:
+        from ai_edge_litert.interpreter import Interpreter
+
+        return Interpreter
+    except ImportError:
+        pass
+    interpreter = getattr(getattr(_tf(), "lite", None), "Interpreter", None)  # removed in a later TF
+    if interpreter is None:
+        _missing("litert", "ai-edge-litert")
+    return interpreter
+
+
+class LiteRTEngine(_FixedBatch):
+    """A .tflite model run by LiteRT with its default XNNPACK delegate on all cores."""
+
+    name = "litert"
+
+    def __init__(self, path: Path, cfg: ModelConfig):
+        Interpreter = _litert_interpreter()
+        self.cfg, self.path = cfg, path
+        try:
+            with warnings.catch_warnings(), _quiet():
+                warnings.simplefilter("ignore")
+                interp = Interpreter(model_path=str(path), num_threads=os.cpu_count() or 1)
+                self._runner = interp.get_signature_runner()
+        except (ValueError, RuntimeError) as exc:
+            raise InputError(f"{path}: not a readable TFLite model ({_short(exc)}).")
+        inputs = self._runner.get_input_details()
+        self.input_name, detail = next(iter(inputs.items()))
+        self.batch = int(detail["shape"][0])
+        _check_io(path, cfg, list(inputs), [int(s) for s in detail["shape"][1:]],
+                  list(self._runner.get_output_details()))
+        with _quiet():  # the delegate announces itself on the first call
+            self._run(np.zeros(detail["shape"], np.float32))
+
+    def _run(self, x: np.ndarray) -> dict:
+        return self._runner(**{self.input_name: x})
+
+
+class OnnxEngine:
+    """A .onnx model run by onnxruntime on the CPU."""
+
+    name = "onnx"
+
+    def __init__(self, path: Path, cfg: ModelConfig):
+        try:
+            import onnxruntime as ort
+        except ImportError:
+            _missing("onnx", "onnxruntime")
+        self.cfg, self.path = cfg, path
+        options = ort.SessionOptions()
+        options.intra_op_num_threads = os.cpu_count() or 1
+        options.log_severity_level = 3
+        try:
+            self._session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+        except Exception as exc:  # onnxruntime raises its own (InvalidProtobuf, Fail, ...) types
+            raise InputError(f"{path}: not a readable ONNX model ({_short(exc)}).")
+        inputs = self._session.get_inputs()
+        self._outputs = [o.name for o in self._session.get_outputs()]
+        self.input_name = inputs[0].name
+        _check_io(path, cfg, [i.name for i in inputs], list(inputs[0].shape[1:]), self._outputs)
+
+    def predict_on_batch(self, x: np.ndarray) -> dict:
+        out = self._session.run(self._outputs, {self.input_name: np.ascontiguousarray(x, dtype=np.float32)})
+        return dict(zip(self._outputs, out))
+
+
+class SavedModelEngine:
+    """A TensorFlow SavedModel's serving signature."""
+
+    name = "savedmodel"
+
+    def __init__(self, path: Path, cfg: ModelConfig):
+        tf = _tf()
+        self.cfg, self.path = cfg, path
+        try:
+            with _quiet():
+                self._fn = tf.saved_model.load(str(path)).signatures["serving_default"]
+        except Exception as exc:  # a damaged protobuf or a folder without the signature
+            raise InputError(f"{path}: not a readable SavedModel ({_short(exc)}).")
+        spec = next(iter(self._fn.structured_input_signature[1].values()))
+        self.input_name = next(iter(self._fn.structured_input_signature[1]))
+        _check_io(path, cfg, [self.input_name], list(spec.shape[1:]), list(self._fn.structured_outputs))
+
+    def predict_on_batch(self, x: np.ndarray) -> dict:
+        out = self._fn(**{self.input_name: np.ascontiguousarray(x, dtype=np.float32)})
+        return {k: v.numpy() for k, v in out.items()}
+
+
+_ENGINE_CLASSES = {"litert": LiteRTEngine, "onnx": OnnxEngine, "savedmodel": SavedModelEngine}
+
+
+def _check_io(path: Path, cfg: ModelConfig, inputs: list, shape: list, outputs: list) -> None:
+    """A foreign model (other inputs or outputs than config.json describes) is refused by name."""
+    s = cfg.input_size
+    expected = {n for n, on in (("seg", cfg.has_seg), ("cls", cfg.has_cls)) if on}
+    if len(inputs) != 1 or shape != [s, s, 3] or set(outputs) != expected:
+        raise InputError(
+            f"{path}: not the model its config.json describes (expects one {s}x{s}x3 input and outputs "
+            f"{', '.join(sorted(expected))}; found inputs {inputs} of shape {shape}, outputs {sorted(outputs)}).")
+
+
+def _short(exc: Exception) -> str:
+    text = " ".join(str(exc).split())
+    return text[:160] + ("..." if len(text) > 160 else "")
+
+
+def _missing(extra: str, package: str):
+    raise InputError(f"this engine needs {package}: pip install 'dermtool[{extra}]'.")
+
+
+def _tf():
+    from dermtool import _tf
+
+    return _tf.load()
+
+
+def _quiet():
+    from dermtool import _tf
+
+    return _tf.quiet()
+
+
+def resolve_model(path: Path | None) -> tuple[Path, Path | None, str]:
+    """(folder with config.json, exported model file or None, format: keras|tflite|onnx|savedmodel).
+
+    `path` may be a model folder, an export folder, or an exported file (.tflite, .onnx) whose
+    config.json lies beside it; None is the bundled model.
+    """
+    if path is None:
+        return default_model_dir(), None, "keras"
+    path = Path(path)
+    if path.is_file():
+        fmt = {".tflite": "tflite", ".onnx": "onnx"}.get(path.suffix.lower())
+        if fmt is None:
+            raise InputError(f"{path}: not a model (give a model folder, an export folder, a .tflite or .onnx file).")
+        if not (path.parent / "config.json").is_file():
+            raise InputError(f"{path}: no config.json beside it; write exports with dermtool export.")
+        return path.parent, path, fmt
+    if not (path / "config.json").is_file():
+        raise InputError(f"{path}: not a model folder (no config.json).")
+    _, _, raw = load_config(path)
+    export = raw.get("export")
+    if not export:
+        return path, None, "keras"
+    fmt = export.get("format")
+    if fmt not in FORMATS:
+        raise InputError(f"{path / 'config.json'}: unknown export format {fmt!r}.")
+    return path, path / export.get("file", FORMATS[fmt]), fmt
+
+
+def load_engine(path: Path | None = None, engine: str | None = None, log=None):
+    """Open a model for inference; see the module docstring.
+
+    Args:
+        path: model folder, export folder or exported file; None: the bundled model.
+        engine: None (the model's own runtime), or "keras", "litert", "onnx", "savedmodel". A
+            Keras model folder asked for another engine is converted once (ENGINE_QUANTIZE) and
+            kept in the user cache (`cache_dir()`), keyed by the folder's config and weights.
+        log: called with a line when a conversion runs.
+    """
+    folder, file, fmt = resolve_model(path)
+    own = "keras" if fmt == "keras" else _ENGINE_OF_FORMAT[fmt]
+    engine = engine or own
+    if engine not in ENGINES:
+        raise InputError(f"--engine must be one of {', '.join(ENGINES)}, not {engine!r}.")
+    if engine == own and fmt == "keras":
+        return KerasEngine(folder)
+    if engine != own:
+        if fmt != "keras":
+            raise InputError(f"{file}: a {fmt} export runs on the {own} engine, not {engine}.")
+        folder, file, fmt = resolve_model(cached_export(folder, engine, log))
+    cfg, _, _ = load_config(folder)
+    if not file.exists():
+        raise InputError(f"{file}: missing; its export folder {folder} is incomplete.")
+    return _ENGINE_CLASSES[engine](file, cfg)
+
+
+# --------------------------------------------------------------------------- writing exports
+
+
+def _input_spec(cfg: ModelConfig, batch: int | None):
+    tf = _tf()
+    return tf.TensorSpec([batch, cfg.input_size, cfg.input_size, 3], tf.float32, name=INPUT_NAME)
+
+
+def _write_savedmodel(model, cfg: ModelConfig, dest: Path, batch: int | None = None) -> None:
+    with _quiet():
+        model.export(str(dest), format="tf_saved_model", verbose=False, input_signature=[_input_spec(cfg, batch)])
+
+
+def _write_tflite(model, cfg: ModelConfig, dest: Path, quantize: str, calibration: np.ndarray | None) -> None:
+    tf = _tf()
+    with tempfile.TemporaryDirectory() as tmp:
+        _write_savedmodel(model, cfg, Path(tmp) / "sm", TFLITE_BATCH)
+        converter = tf.lite.TFLiteConverter.from_saved_model(str(Path(tmp) / "sm"))
+        if quantize != "none":
+            converter.optimizations = [tf.lite.Optimize.DEFAULT]
+        if quantize == "float16":
+            converter.target_spec.supported_types = [tf.float16]
+        if quantize == "int8":  # full integer; input and outputs stay float32 so engines need no scales
+            converter.representative_dataset = lambda: ([x[None].astype(np.float32)] for x in calibration)
+        with _quiet():
+            dest.write_bytes(converter.convert())
+
+
+def _write_onnx(model, cfg: ModelConfig, dest: Path, quantize: str) -> None:
+    tf = _tf()
+    try:
+        import tf2onnx
+    except ImportError:
+        _missing("onnx", "tf2onnx")
+    fn = tf.function(lambda image: model(image, training=False))
+    with _quiet():
+        tf2onnx.convert.from_function(fn, input_signature=[_input_spec(cfg, None)], opset=17,
+                                      output_path=str(dest))
+        if quantize == "dynamic":
+            from onnxruntime.quantization import QuantType, quantize_dynamic
+
+            quantize_dynamic(str(dest), str(dest), weight_type=QuantType.QInt8)
+
+
+def write_export(model_dir: Path, out_dir: Path, fmt: str, quantize: str = "none",
+                 calibration: np.ndarray | None = None) -> Path:
+    """Write `out_dir`: the model in `fmt` (FORMATS) plus a config.json that describes it.
+
+    Args:
+        model_dir: a Keras model folder.
+        quantize: one of QUANTIZE[fmt]; "int8" needs `calibration`, model inputs (N, s, s, 3).
+    Returns: the path of the written model file (or SavedModel folder).
+    """
+    if fmt not in FORMATS:
+        raise InputError(f"--format must be one of {', '.join(FORMATS)}, not {fmt!r}.")
+    if quantize not in QUANTIZE[fmt]:
+        raise InputError(f"--quantize {quantize} is not available for {fmt} (choose {', '.join(QUANTIZE[fmt])}).")
+    if quantize == "int8" and (calibration is None or not len(calibration)):
+        raise InputError("--quantize int8 needs calibration images: pass --calibration DIR.")
+    model, cfg = load_model(model_dir)
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    dest = out_dir / FORMATS[fmt]
+    if dest.is_dir():
+        shutil.rmtree(dest)
+    if fmt == "savedmodel":
+        _write_savedmodel(model, cfg, dest)
+    elif fmt == "tflite":
+        _write_tflite(model, cfg, dest, quantize, calibration)
+    else:
+        _write_onnx(model, cfg, dest, quantize)
+    _, tcfg, raw = load_config(model_dir)
+    save_config(out_dir / "config.json", cfg, tcfg, export=export_description(cfg, fmt, quantize, model_dir),
+                **{k: raw[k] for k in ("best_epoch", "best_metric") if k in raw})
+    return dest
+
+
+def export_description(cfg: ModelConfig, fmt: str, quantize: str, source: Path) -> dict:
+    """The "export" section of config.json: enough to run the file without dermtool."""
+    batch = TFLITE_BATCH if fmt == "tflite" else None
+    s = cfg.input_size
+    outputs = {}
+    if cfg.has_seg:
+        outputs["seg"] = {"shape": [batch, s, s, 1], "meaning": f"lesion probability per pixel; lesion where > threshold"}
+    if cfg.has_cls:
+        outputs["cls"] = {"shape": [batch, len(cfg.class_names)], "meaning": "class probabilities (softmax)",
+                          "classes": list(cfg.class_names)}
+    return {
+        "format": fmt, "file": FORMATS[fmt], "quantize": quantize, "source": str(source),
+        "dermtool_version": __version__,
+        "input": {"name": INPUT_NAME, "shape": [batch, s, s, 3], "dtype": "float32", "layout": "NHWC",
+                  "values": f"RGB 0-255, not normalised: the model applies {cfg.normalization} itself"},
+        "geometry": {"fit": cfg.fit, "size": cfg.size, "margin": cfg.margin, "border": cfg.border,
+                     "how": "squash: resize the whole image to size x size; pad: keep the aspect ratio "
+                            "and zero-pad to a square (plus border); then a reflected margin on each side"},
+        "outputs": outputs, "threshold": cfg.threshold, "class_names": list(cfg.class_names),
+    }
+
+
+# --------------------------------------------------------------------------- conversion cache
+
+
+def cache_dir() -> Path:
+    """Where converted copies of model folders are kept: $DERMTOOL_CACHE_DIR, else ~/.cache/dermtool."""
+    env = os.environ.get("DERMTOOL_CACHE_DIR")
+    base = Path(env) if env else Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "dermtool"
+    return base / "engines"
+
+
+def cached_export(model_dir: Path, engine: str, log=None) -> Path:
+    """The export folder of `model_dir` for `engine`, converted on first use and then reused."""
+    fmt = {v: k for k, v in _ENGINE_OF_FORMAT.items()}[engine]
+    quantize = ENGINE_QUANTIZE[engine]
+    digest = hashlib.sha256(f"{__version__} {fmt} {quantize}".encode())
+    for part in (Path(model_dir) / "config.json", weights_file(model_dir)):
+        digest.update(part.read_bytes())
+    target = cache_dir() / f"{Path(model_dir).name}-{fmt}-{quantize}-{digest.hexdigest()[:16]}"
+    if (target / "config.json").is_file():
+        return target
+    if log:
+        log(f"converting {model_dir} for the {engine} engine ({fmt}, quantize {quantize}); once, kept in {target}")
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=".tmp-"))
+    try:
+        write_export(model_dir, tmp, fmt, quantize)
+        try:
+            tmp.rename(target)
+        except OSError:  # another process finished the same conversion first
+            pass
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return target
+

@@ -1,0 +1,316 @@
+"""`dermtool export` and inference with exported models, on a tiny untrained joint model.
+
+Checked: every format and quantisation round-trips (the exported model gives the Keras
+model's outputs within a tolerance set by its arithmetic), the config.json describes the file
+well enough to run it without dermtool, `dermtool infer` with an exported engine writes the
+same files with every option, `--check` scores through infer and score, and a corrupt,
+foreign or unsupported model is one clear error (exit 2, naming the file).
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import shutil
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+from typer.testing import CliRunner
+
+from dermtool.cli import app
+from dermtool.config import load_config, preset_config, save_config
+from dermtool.export import compare_outputs, synthetic_inputs
+from dermtool.models import build_model
+from dermtool.modelio import KerasEngine, load_engine
+
+runner = CliRunner()
+
+
+def _has_litert() -> bool:
+    try:
+        import ai_edge_litert.interpreter  # noqa: F401
+
+        return True
+    except ImportError:
+        import tensorflow as tf
+
+        return hasattr(getattr(tf, "lite", None), "Interpreter")
+
+
+def _has(module: str) -> bool:
+    try:
+        __import__(module)
+        return True
+    except ImportError:
+        return False
+
+
+litert = pytest.mark.skipif(not _has_litert(), reason="no LiteRT runtime: pip install 'dermtool[litert]'")
+onnx = pytest.mark.skipif(not (_has("onnxruntime") and _has("tf2onnx")),
+                          reason="onnxruntime or tf2onnx missing: pip install 'dermtool[onnx]'")
+
+#: (format, quantize) -> largest absolute difference allowed from the Keras outputs (all
+#: outputs are probabilities in [0, 1]):
+#: - float32 formats compute the same function with other kernels and summation orders:
+#:   ~1e-6 measured; 1e-4 leaves a wide margin and still catches any wrong weight or layer.
+#: - float16 rounds each weight to 11 significant bits (relative error 2**-11); over the few
+#:   layers of the tiny net that moves a probability by well under 0.02.
+#: - dynamic (int8 weights, activations quantised per call) and int8 (weights and activations
+#:   on 256 levels of a calibrated range) move a probability by a few quantisation steps per
+#:   layer: 0.1 bounds it, while a wrong export (a swapped output, lost normalisation) is off
+#:   by far more; the mean difference is held to 0.02.
+CASES = {
+    ("savedmodel", "none"): 1e-4,
+    ("tflite", "none"): 1e-4,
+    ("tflite", "float16"): 0.02,
+    ("tflite", "dynamic"): 0.1,
+    ("tflite", "int8"): 0.1,
+    ("onnx", "none"): 1e-4,
+    ("onnx", "dynamic"): 0.1,
+}
+MARKS = {"tflite": [litert], "onnx": [onnx], "savedmodel": []}
+MODEL_FILE = {"tflite": "model.tflite", "onnx": "model.onnx", "savedmodel": ""}
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory) -> Path:
+    """A tiny untrained joint model folder whose seg head marks part of a lesion image."""
+    folder = tmp_path_factory.mktemp("tiny") / "joint"
+    folder.mkdir()
+    cfg = preset_config("compact", "joint", size=32, base_filters=4, depth=2)
+    save_config(folder / "config.json", cfg)
+    model = build_model(cfg)
+    x = synthetic_inputs(cfg, 4)
+    prob = np.clip(model.predict_on_batch(x)["seg"], 1e-6, 1 - 1e-6)
+    kernel, bias = model.get_layer("seg").get_weights()
+    # random init may mark every pixel or none; centred, 30 % pass the threshold: real shapes
+    model.get_layer("seg").set_weights([kernel, bias - np.percentile(np.log(prob / (1 - prob)), 70)])
+    model.save_weights(str(folder / "best.weights.h5"))
+    return folder
+
+
+@pytest.fixture(scope="module")
+def images(tmp_path_factory, tiny) -> Path:
+    """A labelled folder (images/, masks/, labels.csv) of synthetic lesions of varied sizes."""
+    from dermtool.synthetic import write_dataset
+
+    root = tmp_path_factory.mktemp("export_data") / "data"
+    return write_dataset(root, 6, rng_seed=13, sizes=[(120, 160), (161, 97), (96, 96)], formats=("jpg", "png"))
+
+
+def export(*args):
+    return runner.invoke(app, ["export", *map(str, args)])
+
+
+def infer(*args):
+    return runner.invoke(app, ["infer", *map(str, args)])
+
+
+@pytest.fixture(scope="module")
+def exports(tiny, images, tmp_path_factory) -> dict:
+    """Export folders by (format, quantize), written on demand through the real command."""
+    root = tmp_path_factory.mktemp("exports")
+    made: dict = {}
+
+    def get(fmt: str, quantize: str = "none") -> Path:
+        if (fmt, quantize) not in made:
+            out = root / f"{fmt}-{quantize}"
+            extra = ["--calibration", images / "images"] if quantize == "int8" else []
+            result = export(tiny, "--out", out, "--format", fmt, "--quantize", quantize, *extra)
+            assert result.exit_code == 0, result.output
+            assert "largest difference from the Keras model" in result.output
+            made[(fmt, quantize)] = out
+        return made[(fmt, quantize)]
+
+    return get
+
+
+# --- round trips ------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("fmt,quantize", [pytest.param(*case, marks=MARKS[case[0]]) for case in CASES])
+def test_export_round_trip_within_tolerance(fmt, quantize, exports, tiny):
+    out = exports(fmt, quantize)
+    cfg, _, raw = load_config(out)
+    assert raw["export"]["format"] == fmt and raw["export"]["quantize"] == quantize
+    assert (out / raw["export"]["file"]).exists()
+    engine = load_engine(out)
+    x = synthetic_inputs(cfg, 5)  # 5: not a multiple of a fixed batch, so padding is exercised
+    keras = KerasEngine(tiny)
+    diff = compare_outputs(keras, engine, x, cfg.threshold)
+    assert diff["seg"] <= CASES[(fmt, quantize)] and diff["cls"] <= CASES[(fmt, quantize)], diff
+    a, b = keras.predict_on_batch(x), engine.predict_on_batch(x)
+    assert {k: v.shape for k, v in a.items()} == {k: v.shape for k, v in b.items()}
+    assert max(float(np.abs(a[k] - b[k]).mean()) for k in a) <= min(0.02, CASES[(fmt, quantize)])
+
+
+@litert
+def test_config_is_enough_to_run_the_tflite_file_without_dermtool(exports, tiny):
+    """What a phone app would do: read config.json, feed raw 0-255 RGB, read outputs by name."""
+    from dermtool.modelio import _litert_interpreter
+
+    out = exports("tflite", "none")
+    described = json.loads((out / "config.json").read_text())["export"]
+    interpreter = _litert_interpreter()(model_path=str(out / described["file"]))
+    runner_ = interpreter.get_signature_runner()
+    shape = described["input"]["shape"]
+    assert list(runner_.get_input_details()[described["input"]["name"]]["shape"]) == shape
+    cfg, _, _ = load_config(out)
+    x = synthetic_inputs(cfg, shape[0])
+    got = runner_(**{described["input"]["name"]: x})
+    want = KerasEngine(tiny).predict_on_batch(x)
+    assert set(got) == set(described["outputs"]) == {"seg", "cls"}
+    assert described["outputs"]["cls"]["classes"] == ["melanoma", "seborrheic_keratosis", "nevus"]
+    assert described["threshold"] == 0.5 and described["geometry"]["fit"] == "squash"
+    np.testing.assert_allclose(got["cls"], want["cls"], atol=1e-4)
+
+
+# --- infer with an exported engine --------------------------------------------------------------
+
+
+def _read_rows(path: Path) -> dict:
+    with open(path, newline="") as fh:
+        return {r[0]: r for r in list(csv.reader(fh))[1:]}
+
+
+def _assert_same_outputs(a: Path, b: Path, mask_tolerance: float, prob_tolerance: float) -> None:
+    """Same files; masks differ in at most `mask_tolerance` of their pixels; CSVs agree."""
+    names = lambda d: sorted(p.name for p in d.iterdir() if not p.name.startswith("infer"))  # noqa: E731
+    assert names(a) == names(b)
+    for mask in a.glob("*_segmentation.png"):
+        m1, m2 = np.asarray(Image.open(mask)), np.asarray(Image.open(b / mask.name))
+        assert m1.shape == m2.shape and np.mean(m1 != m2) <= mask_tolerance, mask.name
+    for table in a.glob("predictions*.csv"):
+        rows_a, rows_b = _read_rows(table), _read_rows(b / table.name)
+        assert rows_a.keys() == rows_b.keys()
+        for image_id, row in rows_a.items():
+            np.testing.assert_allclose(np.float64(row[1:4]), np.float64(rows_b[image_id][1:4]), atol=prob_tolerance)
+
+
+# float32 exports: a probability within 1e-5 of the threshold could flip a pixel, so the masks
+# may differ in a handful of pixels in principle (0.1 %); CSV probabilities within 1e-4.
+@pytest.mark.parametrize("fmt", [pytest.param("tflite", marks=litert), pytest.param("onnx", marks=onnx),
+                                 "savedmodel"])
+def test_infer_with_an_exported_model_writes_the_same_files(fmt, exports, tiny, images, tmp_path):
+    folder = exports(fmt)
+    model = folder / MODEL_FILE[fmt] if MODEL_FILE[fmt] else folder
+    options = ["--tta", "4", "--probabilities", "--overlay", "--shard", "1/2", "--batch-size", "3"]
+    assert infer(images / "images", "--out", tmp_path / "keras", "--model", tiny, *options).exit_code == 0
+    result = infer(images / "images", "--out", tmp_path / fmt, "--model", model, *options)
+    assert result.exit_code == 0, result.output
+    _assert_same_outputs(tmp_path / "keras", tmp_path / fmt, 1e-3, 1e-4)
+    summary_path = tmp_path / fmt / "infer.shard1of2.json"
+    summary = json.loads(summary_path.read_text())
+    assert summary["engine"] == {"tflite": "litert"}.get(fmt, fmt) and summary["tta"] == 4
+    # --resume with the exported engine: everything is already there
+    again = infer(images / "images", "--out", tmp_path / fmt, "--model", model, *options, "--resume")
+    assert again.exit_code == 0 and json.loads(summary_path.read_text())["skipped"] == 3
+
+
+@litert
+def test_engine_litert_converts_a_model_folder_once_and_reuses_it(tiny, images, tmp_path, monkeypatch):
+    monkeypatch.setenv("DERMTOOL_CACHE_DIR", str(tmp_path / "cache"))
+    first = infer(images / "images", "--out", tmp_path / "a", "--model", tiny, "--engine", "litert")
+    assert first.exit_code == 0, first.output
+    assert "converting" in first.output
+    converted = list((tmp_path / "cache" / "engines").iterdir())
+    assert len(converted) == 1 and (converted[0] / "model.tflite").is_file()
+    second = infer(images / "images", "--out", tmp_path / "b", "--model", tiny, "--engine", "litert")
+    assert second.exit_code == 0 and "converting" not in second.output
+    assert json.loads((tmp_path / "b" / "infer.json").read_text())["engine"] == "litert"
+    assert infer(images / "images", "--out", tmp_path / "k", "--model", tiny).exit_code == 0
+    # dynamic-range int8: masks of the tiny net within 2 % of their pixels, probabilities 0.1
+    _assert_same_outputs(tmp_path / "k", tmp_path / "b", 0.02, 0.1)
+
+
+# --- --check ------------------------------------------------------------------------------------
+
+
+@litert
+def test_check_scores_both_models_through_infer_and_score(tiny, images, tmp_path):
+    from dermtool.infer import predict_folder
+    from dermtool.score import score
+
+    result = export(tiny, "--out", tmp_path / "ex", "--format", "tflite", "--check", images)
+    assert result.exit_code == 0, result.output
+    rows = {line.split()[0]: line.split()[1:] for line in result.output.splitlines()
+            if line.startswith(("JAC", "BACC", "melanoma"))}
+    predict_folder(images / "images", tmp_path / "ref", tiny, progress=False)
+    want = score(tmp_path / "ref" / "predictions.csv", images / "labels.csv", tmp_path / "ref", images / "masks")
+    assert float(rows["JAC"][0]) == pytest.approx(want["segmentation"]["jac"], abs=5e-5)
+    assert float(rows["BACC"][0]) == pytest.approx(want["classification"]["bacc"], abs=5e-5)
+    assert float(rows["melanoma"][1]) == pytest.approx(
+        want["classification"]["per_class"]["melanoma"]["auc"], abs=5e-5)
+    assert rows["JAC"][0] == rows["JAC"][1]  # float32: the same masks, the same score
+
+
+# --- errors -------------------------------------------------------------------------------------
+
+
+def _one_line_error(result, *words) -> None:
+    assert result.exit_code == 2, result.output
+    lines = result.output.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error:"), result.output
+    for word in words:
+        assert str(word) in " ".join(result.output.split()), result.output
+
+
+def _foreign_tflite(path: Path) -> None:
+    """A valid TFLite file of another network (48 px input, one output)."""
+    import keras
+    import tensorflow as tf
+
+    model = keras.Sequential([keras.Input((48, 48, 3)), keras.layers.Conv2D(2, 3)])
+    path.write_bytes(tf.lite.TFLiteConverter.from_keras_model(model).convert())
+
+
+@pytest.mark.parametrize("case", [
+    pytest.param("corrupt_tflite", marks=litert), pytest.param("foreign_tflite", marks=litert),
+    pytest.param("corrupt_onnx", marks=onnx), "tflite_without_config", "unknown_file", "export_missing_file",
+])
+def test_a_corrupt_or_foreign_model_is_one_clear_error(case, exports, images, tmp_path):
+    folder = tmp_path / "model"
+    if case in ("corrupt_tflite", "foreign_tflite", "export_missing_file"):
+        shutil.copytree(exports("tflite"), folder)
+    elif case == "corrupt_onnx":
+        shutil.copytree(exports("onnx"), folder)
+    else:
+        folder.mkdir()
+    target = {"corrupt_onnx": folder / "model.onnx", "unknown_file": folder / "model.pt",
+              "export_missing_file": folder}.get(case, folder / "model.tflite")
+    if case == "foreign_tflite":
+        _foreign_tflite(target)
+    elif case == "export_missing_file":
+        (folder / "model.tflite").unlink()
+    else:
+        target.write_bytes(np.random.default_rng(0).bytes(5000))
+    result = infer(images / "images", "--out", tmp_path / "out", "--model", target)
+    _one_line_error(result, folder)
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("case", ["int8_without_calibration", "onnx_float16", "unknown_format", "export_of_export",
+                                  "out_is_a_file_name", "engine_mismatch"])
+def test_bad_export_requests_are_one_clear_error(case, tiny, exports, images, tmp_path):
+    out = tmp_path / "out"
+    args = {
+        "int8_without_calibration": ["export", tiny, "--out", out, "--format", "tflite", "--quantize", "int8"],
+        "onnx_float16": ["export", tiny, "--out", out, "--format", "onnx", "--quantize", "float16"],
+        "unknown_format": ["export", tiny, "--out", out, "--format", "coreml"],
+        "export_of_export": ["export", exports("savedmodel"), "--out", out, "--format", "tflite"],
+        "out_is_a_file_name": ["export", tiny, "--out", tmp_path / "model.tflite", "--format", "tflite"],
+        "engine_mismatch": ["infer", images / "images", "--out", out, "--model", exports("savedmodel"),
+                            "--engine", "onnx"],
+    }[case]
+    _one_line_error(runner.invoke(app, [str(a) for a in args]))
+
+
+@onnx
+def test_a_missing_runtime_names_the_extra_to_install(exports, images, tmp_path, monkeypatch):
+    folder = exports("onnx")
+    monkeypatch.setitem(sys.modules, "onnxruntime", None)  # import onnxruntime now fails
+    result = infer(images / "images", "--out", tmp_path / "out", "--model", folder / "model.onnx")
+    _one_line_error(result, "pip install 'dermtool[onnx]'")
