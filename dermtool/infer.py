@@ -25,7 +25,7 @@ from dermtool.config import ModelConfig, load_config
 from dermtool.data import find_images, image_id_of, unique_ids
 from dermtool.errors import InputError
 from dermtool.io import write_csv_atomic
-from dermtool.modelio import default_model_dir, load_engine, load_model  # noqa: F401  (load_model: re-exported)
+from dermtool.modelio import default_model_dir, load_engine, load_model, model_fingerprint  # noqa: F401  (load_model: re-exported)
 from dermtool.postprocess import PostprocessConfig, postprocess
 from dermtool.preprocess import Transform, prepare, restore, restore_mask
 from dermtool.shards import differing_settings, predictions_name, record_name, shard_of
@@ -72,28 +72,6 @@ def select_images(images_dir: Path, shard: tuple[int, int] = (1, 1)) -> list[Pat
     if not (1 <= k <= n):
         raise InputError(f"--shard {k}/{n}: K must be between 1 and N.")
     return [p for p in find_images(images_dir) if shard_of(image_id_of(p), n) == k]
-
-
-def model_fingerprint(model: Path | None) -> str:
-    """sha1 of config.json and the weights (or the exported file): the same model wherever it lies."""
-    import hashlib
-
-    from dermtool.modelio import resolve_model, weights_file
-
-    folder, file, fmt = resolve_model(model)
-    h = hashlib.sha1()
-    files = [folder / "config.json"]
-    if fmt == "keras":
-        files.append(weights_file(folder))
-    elif file.is_dir():  # a SavedModel folder
-        files += sorted(p for p in file.rglob("*") if p.is_file())
-    else:
-        files.append(file)
-    for path in files:
-        with open(path, "rb") as fh:
-            for chunk in iter(lambda: fh.read(1 << 20), b""):
-                h.update(chunk)
-    return h.hexdigest()
 
 
 def _run_model(model, x: np.ndarray, tta: int = 1, batch_size: int | None = None) -> dict:

@@ -424,13 +424,29 @@ def cache_dir() -> Path:
     return base / "engines"
 
 
+def model_fingerprint(model: Path | None) -> str:
+    """sha1 of config.json and the weights (or the exported file): the same model wherever it lies."""
+    folder, file, fmt = resolve_model(model)
+    h = hashlib.sha1()
+    files = [folder / "config.json"]
+    if fmt == "keras":
+        files.append(weights_file(folder))
+    elif file.is_dir():  # a SavedModel folder
+        files += sorted(p for p in file.rglob("*") if p.is_file())
+    else:
+        files.append(file)
+    for path in files:
+        with open(path, "rb") as fh:
+            for chunk in iter(lambda: fh.read(1 << 20), b""):
+                h.update(chunk)
+    return h.hexdigest()
+
+
 def cached_export(model_dir: Path, engine: str, log=None) -> Path:
     """The export folder of `model_dir` for `engine`, converted on first use and then reused."""
     fmt = {v: k for k, v in _ENGINE_OF_FORMAT.items()}[engine]
     quantize = ENGINE_QUANTIZE[engine]
-    digest = hashlib.sha256(f"{__version__} {fmt} {quantize}".encode())
-    for part in (Path(model_dir) / "config.json", weights_file(model_dir)):
-        digest.update(part.read_bytes())
+    digest = hashlib.sha256(f"{__version__} {fmt} {quantize} {model_fingerprint(model_dir)}".encode())
     target = cache_dir() / f"{Path(model_dir).name}-{fmt}-{quantize}-{digest.hexdigest()[:16]}"
     if (target / "config.json").is_file():
         return target

@@ -623,21 +623,20 @@ def test_batch_size_beyond_the_images_is_never_padded(models, dataset, tmp_path,
     images.mkdir()
     for name in ("wide.jpg", "tall.jpeg"):
         shutil.copy(dataset["images"] / name, images / name)
-    real_load, seen = dermtool.infer.load_model, []
+    real_load, seen = dermtool.infer.load_engine, []
 
     class Recorder:
-        def __init__(self, model):
-            self.model = model
+        def __init__(self, engine):
+            self.engine, self.cfg, self.name = engine, engine.cfg, engine.name
 
         def predict_on_batch(self, x):
             seen.append(len(x))
-            return self.model.predict_on_batch(x)
+            return self.engine.predict_on_batch(x)
 
-    def load_recording(model_dir):
-        model, cfg = real_load(model_dir)
-        return Recorder(model), cfg
+    def load_recording(model_dir, engine=None, log=None):
+        return Recorder(real_load(model_dir, engine, log=log))
 
-    monkeypatch.setattr(dermtool.infer, "load_model", load_recording)
+    monkeypatch.setattr(dermtool.infer, "load_engine", load_recording)
     summary = predict_folder(images, tmp_path / "out", models["joint"], InferOptions(batch_size=1024), progress=False)
     assert summary.done == 2
     assert seen and max(seen) == 2  # warm-up included
