@@ -49,3 +49,12 @@ def isic_dir() -> Path:
     if not path.is_dir():
         pytest.skip(f"real ISIC 2017 data not found at {path}")
     return path
+
+
+@pytest.fixture(scope="session")
+def ham_dir() -> Path:
+    """The development copy of HAM10000 (`../shared/data/ham10000`); skips the test when absent."""
+    path = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "ham10000"
+    if not path.is_dir():
+        pytest.skip(f"real HAM10000 data not found at {path}")
+    return path
