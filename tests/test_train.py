@@ -43,7 +43,8 @@ def history(run_dir: Path) -> list[dict]:
 @pytest.mark.parametrize("task", ["seg", "cls", "joint"])
 def test_each_task_trains_and_writes_a_complete_run_folder(caches, tmp_path, task):
     out = run(caches, tmp_path / task, task, epochs=3)
-    for name in ("config.json", "best.weights.h5", "last.weights.h5", "optimizer.npz", "state.json", "history.csv"):
+    for name in ("config.json", "best.weights.h5", "last.weights.h5", "state.json", "history.csv",
+                 "checkpoints/epoch-003/optimizer.npz"):
         assert (out / name).is_file(), name
     assert any((out / "logs").rglob("*")), "TensorBoard logs"
     rows = history(out)
@@ -210,3 +211,199 @@ def test_export_keeps_the_network_and_drops_the_optimizer(caches, tmp_path):
     for key in ("seg", "cls"):
         np.testing.assert_array_equal(np.asarray(a.predict_on_batch(x)[key]), np.asarray(b.predict_on_batch(x)[key]))
     assert load_config(slim)[0] == cfg
+
+
+# --- issue 11: resume rules, interruptions, honest labels, option checks --------------------
+
+def cli(*args):
+    from typer.testing import CliRunner
+
+    from dermtool.cli import app
+
+    return CliRunner().invoke(app, [str(a) for a in args])
+
+
+TINY_CLI = ("--size", SIZE, "--base-filters", 4, "--depth", 2, "--batch-size", 4, "--augment", "none")
+
+
+def weights_of(path: Path, cfg) -> list[np.ndarray]:
+    from dermtool.models import build_model
+
+    model = build_model(cfg)
+    model.load_weights(str(path))
+    return model.get_weights()
+
+
+def test_without_val_the_last_epoch_is_kept_and_no_training_figure_is_called_val(caches, tmp_path):
+    from dermtool.train import train
+
+    logs = []
+    tcfg = TrainConfig(epochs=2, batch_size=4, learning_rate=3e-3, seed=3, augment="none")
+    out = train(tiny("seg"), tcfg, caches, None, tmp_path / "r", log=logs.append, progress=False)
+    state = json.loads((out / "state.json").read_text())
+    assert state["best_epoch"] == 2  # the last epoch: nothing to choose on
+    assert all(value is None for key, value in state.items() if "val" in key), state
+    for row in history(out):
+        assert all(row[c] == "" for c in row if c.startswith("val")), row
+    text = "\n".join(logs).replace(str(tmp_path), "RUN")
+    assert "val_" not in text and "last epoch" in text, text
+
+
+def test_a_class_missing_from_the_training_data_is_refused_for_a_classifier(tmp_path):
+    from dermtool.errors import InputError
+
+    data = write_dataset(tmp_path / "d", 6, rng_seed=1, sizes=[(40, 40)], formats=("png",))
+    rows = (data / "labels.csv").read_text().splitlines()
+    # every keratosis becomes a nevus: the cache holds no seborrheic_keratosis at all
+    (data / "labels.csv").write_text("\n".join([rows[0]] + [r.rsplit(",", 1)[0] + ",0.0" for r in rows[1:]]) + "\n")
+    build_cache(resolve_layout(data), tmp_path / "c", size=SIZE, progress=False)
+    for task in ("cls", "joint"):
+        with pytest.raises(InputError) as err:
+            run(tmp_path / "c", tmp_path / task, task, epochs=1)
+        assert "seborrheic_keratosis" in str(err.value) and str(tmp_path / "c") in str(err.value)
+        assert not (tmp_path / task / "state.json").exists()
+    assert len(history(run(tmp_path / "c", tmp_path / "seg", "seg", epochs=1))) == 1  # masks are all there
+
+
+def test_resume_refuses_options_that_contradict_the_run_and_takes_caches_from_config(caches, tmp_path):
+    other = tmp_path / "other"
+    data = write_dataset(tmp_path / "d", 6, rng_seed=2, sizes=[(40, 40)], formats=("png",))
+    build_cache(resolve_layout(data), other, size=SIZE, progress=False)
+    out = tmp_path / "run"
+    first = cli("train", caches, "--val", caches, "--task", "seg", "--out", out, "--epochs", 1, *TINY_CLI)
+    assert first.exit_code == 0, first.output
+    config = json.loads((out / "config.json").read_text())
+    assert config["train"]["train_caches"] == [str(caches.resolve())]
+    assert config["train"]["val_caches"] == [str(caches.resolve())]
+    for bad, named in ((("--task", "joint"), "--task"), (("--batch-size", 8), "--batch-size"),
+                       (("--learning-rate", 0.01), "--learning-rate"), (("--dice",), "--dice")):
+        result = cli("train", caches, "--out", out, "--resume", "--epochs", 2, *bad)
+        assert result.exit_code == 2, result.output
+        assert "config.json" in result.output and named in result.output and "--epochs" in result.output
+    for flag in ((other,), (caches, "--val", other)):
+        result = cli("train", *flag, "--out", out, "--resume", "--epochs", 2)
+        assert result.exit_code == 2 and "config.json" in result.output and "other" in result.output, result.output
+    assert len(history(out)) == 1  # nothing was trained by the refused commands
+    # the same values again are no contradiction; no caches at all: those of config.json
+    same = cli("train", "--out", out, "--resume", "--epochs", 2, "--task", "seg", "--batch-size", 4)
+    assert same.exit_code == 0, same.output
+    rows = history(out)
+    assert [r["epoch"] for r in rows] == ["1", "2"] and rows[1]["val_jac"] != ""  # still validated
+    resumed_line = (out / "command.txt").read_text().splitlines()[-1]
+    assert "--augment" not in resumed_line  # command.txt logs what was given, not defaults it did not use
+
+
+def test_an_interrupt_at_any_checkpoint_write_resumes_to_the_uninterrupted_run(caches, tmp_path, monkeypatch):
+    """Ctrl-C before (and after the last of) every file operation of the checkpoints of two epochs."""
+    from dermtool import checkpoint
+
+    trap = {"calls": 0, "at": None, "after": False}
+
+    def trapped(original):
+        def call(*args, **kwargs):
+            trap["calls"] += 1
+            hit = trap["calls"] == trap["at"]
+            if hit and not trap["after"]:
+                raise KeyboardInterrupt
+            result = original(*args, **kwargs)
+            if hit:
+                raise KeyboardInterrupt
+            return result
+        return call
+
+    for name in checkpoint.WRITERS:
+        monkeypatch.setattr(checkpoint, name, trapped(getattr(checkpoint, name)))
+    cfg = tiny("seg", dropout=0.0)
+    straight = run(caches, tmp_path / "straight", "seg", epochs=2, cfg=cfg)
+    writes = trap["calls"]
+    assert writes >= 10
+    want_last, want_best = weights_of(straight / "last.weights.h5", cfg), weights_of(straight / "best.weights.h5", cfg)
+    # epoch 1 of a 2-epoch run is a 1-epoch run (no schedule depends on the total)
+    want_after = {1: weights_of(run(caches, tmp_path / "one", "seg", epochs=1, cfg=cfg) / "last.weights.h5", cfg),
+                  2: want_last}
+    trap["calls"] = 0
+    want_rows = [{k: v for k, v in r.items() if k != "seconds"} for r in history(straight)]
+    for at, after in [(k, False) for k in range(1, writes + 1)] + [(writes, True)]:
+        out = tmp_path / f"cut{at}{'a' if after else ''}"
+        trap.update(calls=0, at=at, after=after)
+        with pytest.raises(KeyboardInterrupt):
+            run(caches, out, "seg", epochs=2, cfg=cfg)
+        trap["at"] = None
+        if (out / "state.json").is_file():  # what was kept is one consistent epoch
+            state = json.loads((out / "state.json").read_text())
+            assert [int(r["epoch"]) for r in history(out)] == list(range(1, state["epoch"] + 1)), at
+            for a, b in zip(weights_of(out / "last.weights.h5", cfg), want_after[state["epoch"]]):
+                np.testing.assert_array_equal(a, b)
+            resumed = run(caches, out, "seg", epochs=2, resume=True, cfg=cfg)
+        else:  # cut inside the first epoch's checkpoint: nothing to resume, the same command starts over
+            resumed = run(caches, out, "seg", epochs=2, cfg=cfg)
+        got_rows = [{k: v for k, v in r.items() if k != "seconds"} for r in history(resumed)]
+        assert got_rows == want_rows, at
+        for a, b in zip(weights_of(resumed / "last.weights.h5", cfg), want_last):
+            np.testing.assert_array_equal(a, b)
+        for a, b in zip(weights_of(resumed / "best.weights.h5", cfg), want_best):
+            np.testing.assert_array_equal(a, b)
+        assert sorted(p.name for p in (resumed / "checkpoints").iterdir()) == ["epoch-002"], at
+
+
+def test_ctrl_c_in_train_says_what_was_kept_and_how_to_continue(caches, tmp_path, monkeypatch):
+    import shlex
+
+    from dermtool.train import EpochEnd
+
+    begin = EpochEnd.on_epoch_begin
+
+    def interrupt_epoch_2(self, epoch, logs=None):
+        if epoch == 1:
+            raise KeyboardInterrupt
+        return begin(self, epoch, logs)
+
+    monkeypatch.setattr(EpochEnd, "on_epoch_begin", interrupt_epoch_2)
+    out = tmp_path / "run"
+    result = cli("train", caches, "--val", caches, "--task", "seg", "--out", out, "--epochs", 3, *TINY_CLI)
+    assert result.exit_code == 130, result.output
+    message = " ".join(result.output.split())
+    assert "epoch 1 of 3" in message and "best epoch 1" in message, message
+    command = f"dermtool train --out {shlex.quote(str(out))} --resume"
+    assert command in message
+    monkeypatch.setattr(EpochEnd, "on_epoch_begin", begin)
+    again = cli(*shlex.split(command)[1:])
+    assert again.exit_code == 0, again.output
+    assert [r["epoch"] for r in history(out)] == ["1", "2", "3"]
+
+
+def test_resume_loads_the_checkpoint_without_a_false_optimizer_warning(caches, tmp_path):
+    import warnings
+
+    cfg = tiny("seg", dropout=0.0)
+    run(caches, tmp_path / "r", "seg", epochs=1, cfg=cfg)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        run(caches, tmp_path / "r", "seg", epochs=2, resume=True, cfg=cfg)
+    assert not [w for w in caught if "optimizer" in str(w.message)], [str(w.message) for w in caught]
+
+
+def test_train_out_naming_a_file_is_one_sentence(caches, tmp_path):
+    target = tmp_path / "run.txt"
+    target.write_text("not a folder")
+    result = cli("train", caches, "--out", target, *TINY_CLI)
+    assert result.exit_code == 2 and "not a folder" in result.output and "Traceback" not in result.output
+
+
+@pytest.mark.parametrize("option, value", [
+    ("--base-filters", 0), ("--learning-rate", -1), ("--learning-rate", 0), ("--size", 100000), ("--size", 8),
+    ("--depth", 0), ("--batch-size", 0), ("--epochs", 0), ("--steps-per-epoch", -1), ("--alpha", 1.5)])
+def test_train_checks_option_ranges_up_front_with_the_reason(caches, tmp_path, option, value):
+    result = cli("train", caches, "--out", tmp_path / "r", *TINY_CLI, option, value)
+    assert result.exit_code == 2, result.output
+    message = " ".join(result.output.split())
+    assert f"{option} must be" in message and "(" in message, message  # the range and why
+    assert not (tmp_path / "r").exists()
+
+
+def test_multiworker_strategy_is_refused_with_the_reason(caches, tmp_path):
+    result = cli("train", caches, "--out", tmp_path / "r", *TINY_CLI, "--strategy", "multiworker")
+    assert result.exit_code == 2
+    message = " ".join(result.output.split())
+    assert "multiworker" in message and "removed" in message and "mirrored" in message, message
+    assert not (tmp_path / "r").exists()

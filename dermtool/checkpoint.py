@@ -1,0 +1,187 @@
+"""Per-epoch checkpoints of a training run, each written as one unit, so a Ctrl-C never mixes epochs.
+
+    RUN/state.json                  the commit: the last complete epoch and its checkpoint folder
+    RUN/checkpoints/epoch-NNN/      last.weights.h5, best.weights.h5, optimizer.npz, history.csv
+    RUN/last.weights.h5, best.weights.h5, history.csv
+                                    links to the committed checkpoint's files (what `infer --model
+                                    RUN` and people read)
+
+Epoch N is written into `checkpoints/epoch-NNN.tmp/`, renamed to `checkpoints/epoch-NNN/`, and
+committed by replacing `state.json` (one rename). Until that rename, `state.json` still names
+epoch N-1's complete folder; after it, epoch N's. The links in RUN are refreshed after the
+commit and again on resume or after an interrupt; older checkpoint folders are then removed
+(best.weights.h5 is a hard link, so the best epoch's weights outlive their folder).
+
+Every file operation goes through one of the `WRITERS` below, so a test can interrupt each.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import os
+import shutil
+import warnings
+from pathlib import Path
+
+import numpy as np
+
+from dermtool.errors import InputError
+
+LAST, BEST, OPTIMIZER, HISTORY, STATE = "last.weights.h5", "best.weights.h5", "optimizer.npz", "history.csv", "state.json"
+FOLDER = "checkpoints"
+WRITERS = ("_make_dir", "_save_weights", "_save_optimizer", "_link", "_write_text", "_rename", "_remove")
+
+
+# -- the file operations (each one is a place where Ctrl-C can land) ---------------------------
+
+def _make_dir(path: Path) -> None:
+    path.mkdir(parents=True)
+
+
+def _save_weights(model, path: Path) -> None:
+    model.save_weights(str(path))
+
+
+def _save_optimizer(model, path: Path) -> None:
+    """Adam's slots and step count, so --resume continues the same optimizer.
+
+    (Dropout's random stream is not carried over: a resumed run draws different dropout masks,
+    so it matches an uninterrupted one closely but not bit for bit when dropout > 0.)
+    """
+    np.savez(path, **{f"v{i}": np.asarray(v) for i, v in enumerate(model.optimizer.variables)})
+
+
+def _link(source: Path, target: Path) -> None:
+    """A hard link (no copy, no extra space); a copy where the file system has none."""
+    try:
+        os.link(source, target)
+    except OSError:
+        shutil.copyfile(source, target)
+
+
+def _write_text(path: Path, text: str) -> None:
+    path.write_text(text)
+
+
+def _rename(source: Path, target: Path) -> None:
+    os.replace(source, target)
+
+
+def _remove(path: Path) -> None:
+    if path.is_dir():
+        shutil.rmtree(path)
+    else:
+        path.unlink()
+
+
+# -- reading --------------------------------------------------------------------------------
+
+def read_state(run_dir: Path) -> dict | None:
+    """The committed state (epoch, best epoch, learning rate ...), or None before the first epoch."""
+    path = Path(run_dir) / STATE
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
+def committed_folder(run_dir: Path, state: dict) -> Path:
+    """The folder holding the committed epoch's files (a run of an older dermtool: RUN itself)."""
+    return Path(run_dir) / state.get("checkpoint", ".")
+
+
+def history_text(folder: Path, fields: list[str], epochs: int) -> str:
+    """history.csv of a checkpoint, cut to its first `epochs` rows (an older run's file may hold
+    a row that its state.json never committed)."""
+    out = io.StringIO()
+    writer = csv.DictWriter(out, fieldnames=fields, extrasaction="ignore", lineterminator="\n")
+    writer.writeheader()
+    path = folder / HISTORY
+    if path.is_file() and epochs:
+        with open(path, newline="") as fh:
+            writer.writerows(r for r in csv.DictReader(fh) if int(r["epoch"]) <= epochs)
+    return out.getvalue()
+
+
+def load(run_dir: Path, model, optimizer) -> dict:
+    """Restore the model and optimizer of the committed epoch; returns its state."""
+    state = read_state(run_dir)
+    if state is None:
+        raise InputError(f"{run_dir}: nothing to resume (no state.json: no epoch was completed); "
+                         "start without --resume.")
+    folder = committed_folder(run_dir, state)
+    with warnings.catch_warnings():
+        # the optimizer's slots come from optimizer.npz below, so the weights file's are not needed
+        warnings.filterwarnings("ignore", message="Skipping variable loading for optimizer")
+        model.load_weights(str(folder / LAST))
+    optimizer.build(model.trainable_variables)
+    saved = np.load(folder / OPTIMIZER)
+    if len(saved.files) != len(optimizer.variables):
+        raise InputError(f"{folder / OPTIMIZER}: optimizer state does not match this model; cannot resume.")
+    for i, v in enumerate(optimizer.variables):
+        v.assign(saved[f"v{i}"])
+    return state
+
+
+# -- writing --------------------------------------------------------------------------------
+
+def start_fresh(run_dir: Path) -> None:
+    """Remove the checkpoint folders an interrupted first epoch left (none was committed)."""
+    if (Path(run_dir) / FOLDER).exists():
+        _remove(Path(run_dir) / FOLDER)
+
+
+def commit(run_dir: Path, model, state: dict, row: dict, fields: list[str], improved: bool) -> None:
+    """Write epoch `state["epoch"]` as one checkpoint folder and make it the run's state.
+
+    `state` is the state after this epoch; `row` its history.csv row.
+    """
+    run_dir = Path(run_dir)
+    previous = read_state(run_dir)
+    name = f"epoch-{state['epoch']:03d}"
+    tmp, final = run_dir / FOLDER / (name + ".tmp"), run_dir / FOLDER / name
+    for stale in (tmp, final):  # an earlier, interrupted try at this epoch (never the committed one)
+        if stale.exists():
+            _remove(stale)
+    _make_dir(tmp)
+    _save_weights(model, tmp / LAST)
+    _save_optimizer(model, tmp / OPTIMIZER)
+    _link(tmp / LAST if improved or previous is None else committed_folder(run_dir, previous) / BEST, tmp / BEST)
+    before = history_text(committed_folder(run_dir, previous), fields, previous["epoch"]) if previous else None
+    _write_text(tmp / HISTORY, (before or _header(fields)) + _csv_row(row, fields))
+    _rename(tmp, final)
+    _write_text(run_dir / (STATE + ".tmp"), json.dumps({**state, "checkpoint": f"{FOLDER}/{name}"}, indent=2))
+    _rename(run_dir / (STATE + ".tmp"), run_dir / STATE)  # the commit
+    tidy(run_dir)
+
+
+def tidy(run_dir: Path) -> None:
+    """Point RUN's weights and history at the committed checkpoint and drop every other one.
+
+    Run after each commit, on resume and after an interrupt; repeating it is harmless.
+    """
+    run_dir = Path(run_dir)
+    state = read_state(run_dir)
+    if state is None or "checkpoint" not in state:
+        return
+    folder = committed_folder(run_dir, state)
+    for name in (LAST, BEST, HISTORY):
+        tmp = run_dir / (name + ".tmp")
+        if tmp.exists():
+            _remove(tmp)
+        _link(folder / name, tmp)
+        _rename(tmp, run_dir / name)
+    leftovers = [p for p in (run_dir / FOLDER).iterdir() if p != folder]
+    leftovers += [p for p in (run_dir / OPTIMIZER, run_dir / (STATE + ".tmp")) if p.exists()]  # older layouts
+    for path in sorted(leftovers):
+        _remove(path)
+
+
+def _header(fields: list[str]) -> str:
+    return ",".join(fields) + "\n"
+
+
+def _csv_row(row: dict, fields: list[str]) -> str:
+    out = io.StringIO()
+    csv.DictWriter(out, fieldnames=fields, extrasaction="ignore", lineterminator="\n").writerow(
+        {k: ("" if v is None else (round(v, 5) if isinstance(v, float) else v)) for k, v in row.items()})
+    return out.getvalue()
