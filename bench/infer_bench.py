@@ -98,7 +98,7 @@ def limited(images: Path, limit: int, work: Path, name: str) -> Path:
     return folder
 
 
-WEIGHT_NAMES = ("best.weights.h5", "model.weights.h5", "last.weights.h5")  # dermtool.train.weights_file's order
+WEIGHT_NAMES = ("best.weights.h5", "model.weights.h5", "last.weights.h5")  # dermtool.modelio.weights_file's order
 
 
 def snapshot_model(model_dir: Path, work: Path) -> Path | None:

@@ -31,6 +31,7 @@ from dermtool.augment import augment_batch
 from dermtool.config import ModelConfig, TrainConfig, load_config, save_config
 from dermtool.data import Cache, load_cache
 from dermtool.errors import InputError
+from dermtool.modelio import weights_file
 
 
 
@@ -280,15 +281,6 @@ def apply_freeze(model, freeze: str) -> None:
     for layer in model.layers:
         if layer.name in names:
             layer.trainable = False
-
-
-def weights_file(run_dir: Path) -> Path:
-    """The weights a model folder is used with: best epoch of a run, or a bundled model."""
-    run_dir = Path(run_dir)
-    for name in ("best.weights.h5", "model.weights.h5", "last.weights.h5"):
-        if (run_dir / name).is_file():
-            return run_dir / name
-    raise InputError(f"{run_dir}: no weights (best.weights.h5 or model.weights.h5) in this folder.")
 
 
 def _as_list(paths) -> list[Path]:
@@ -607,23 +599,3 @@ def _summary(row: dict, prefixes: list[str]) -> str:
                 parts.append(f"{tag}{label} {row[p + key]:.4f}")
     parts += [f"lr {row['lr']:.3g}", f"{row['seconds']:.0f}s", "*best*" if row["best"] else ""]
     return "  ".join(p for p in parts if p)
-
-
-def export_model(run_dir: Path, out_dir: Path) -> Path:
-    """Copy a run's best epoch into a slim model folder (config.json + model.weights.h5).
-
-    Checkpoints carry the optimizer's slots too (three times the weights' size); a model
-    folder for inference needs only the network.
-    """
-    from dermtool.models import build_model
-
-    cfg, tcfg, _ = load_config(run_dir)
-    model = build_model(cfg)
-    model.load_weights(str(weights_file(run_dir)))
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    model.save_weights(str(out_dir / "model.weights.h5"))
-    state = checkpoint.read_state(run_dir) or {}
-    save_config(out_dir / "config.json", cfg, tcfg, best_epoch=state.get("best_epoch"),
-                best_metric=state.get("best_metric"))
-    return out_dir

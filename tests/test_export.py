@@ -176,6 +176,16 @@ def _read_rows(path: Path) -> dict:
         return {r[0]: r for r in list(csv.reader(fh))[1:]}
 
 
+def _share_near_threshold(out: Path, margin: float) -> float:
+    """Largest share, over the images, of pixels whose probability is within `margin` of 0.5."""
+    import tifffile
+
+    shares = [float(np.mean(np.abs(tifffile.imread(p) - 0.5) <= margin))
+              for p in sorted(out.glob("*_probability.tif"))]
+    assert shares, "the Keras run wrote no probability maps"
+    return max(shares)
+
+
 def _assert_same_outputs(a: Path, b: Path, mask_tolerance: float, prob_tolerance: float) -> None:
     """Same files; masks differ in at most `mask_tolerance` of their pixels; CSVs agree."""
     names = lambda d: sorted(p.name for p in d.iterdir() if not p.name.startswith("infer"))  # noqa: E731
@@ -221,9 +231,14 @@ def test_engine_litert_converts_a_model_folder_once_and_reuses_it(tiny, images, 
     second = infer(images / "images", "--out", tmp_path / "b", "--model", tiny, "--engine", "litert")
     assert second.exit_code == 0 and "converting" not in second.output
     assert json.loads((tmp_path / "b" / "infer.json").read_text())["engine"] == "litert"
-    assert infer(images / "images", "--out", tmp_path / "k", "--model", tiny).exit_code == 0
-    # dynamic-range int8: masks of the tiny net within 2 % of their pixels, probabilities 0.1
-    _assert_same_outputs(tmp_path / "k", tmp_path / "b", 0.02, 0.1)
+    assert infer(images / "images", "--out", tmp_path / "k", "--model", tiny, "--probabilities").exit_code == 0
+    # dynamic-range int8 moves a probability by up to 0.1: only pixels whose Keras probability
+    # lies that close to the threshold may change side. The tiny, briefly trained net has many
+    # such pixels, and how many depends on its training, so the bound is measured, not fixed.
+    near = _share_near_threshold(tmp_path / "k", 0.1)
+    for p in (tmp_path / "k").glob("*_probability.tif"):
+        p.unlink()  # only the Keras run wrote them
+    _assert_same_outputs(tmp_path / "k", tmp_path / "b", near + 0.005, 0.1)
 
 
 # --- --check ------------------------------------------------------------------------------------
