@@ -42,19 +42,20 @@ def lesion():
     return make
 
 
+def _shared_data(name: str, title: str) -> Path:
+    path = Path(__file__).resolve().parents[1].parent / "shared" / "data" / name
+    if not path.is_dir():
+        pytest.skip(f"real {title} data not found at {path}")
+    return path
+
+
 @pytest.fixture(scope="session")
 def isic_dir() -> Path:
     """The development copy of ISIC 2017 (`../shared/data/isic2017`); skips the test when absent."""
-    path = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "isic2017"
-    if not path.is_dir():
-        pytest.skip(f"real ISIC 2017 data not found at {path}")
-    return path
+    return _shared_data("isic2017", "ISIC 2017")
 
 
 @pytest.fixture(scope="session")
 def ham_dir() -> Path:
     """The development copy of HAM10000 (`../shared/data/ham10000`); skips the test when absent."""
-    path = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "ham10000"
-    if not path.is_dir():
-        pytest.skip(f"real HAM10000 data not found at {path}")
-    return path
+    return _shared_data("ham10000", "HAM10000")
