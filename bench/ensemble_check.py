@@ -6,7 +6,7 @@ turns each model's probability map and their mean into a mask with infer's own p
 Prints the mean per-image Jaccard (dermtool.metrics) of all three. Used to decide whether
 bundling two models and averaging them is worth twice the inference time.
 
-    python bench/ensemble_check.py weights/isic2017-joint-160 runs/joint160-a08
+    python bench/ensemble_check.py weights/isic-ham-lite0-joint-192 runs/other
 """
 
 from __future__ import annotations

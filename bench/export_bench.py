@@ -98,7 +98,7 @@ def score(out: Path, val_root: Path) -> dict:
 
 def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--model", type=Path, default=REPO_ROOT / "weights" / "isic2017-joint-160")
+    parser.add_argument("--model", type=Path, default=None, help="Model folder (default: the bundled model).")
     parser.add_argument("--val", type=Path, default=DATA / "val", help="Labelled folder: images/, masks/, labels.csv.")
     parser.add_argument("--fullres", type=Path, default=DATA / "val_fullres" / "images")
     parser.add_argument("--engines", default="keras,litert-dynamic,litert-float32,litert-float16,onnx")
@@ -113,6 +113,10 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
+    if args.model is None:
+        from dermtool.modelio import default_model_dir
+
+        args.model = default_model_dir()
     if not (args.val / "images").is_dir() or not args.fullres.is_dir():
         print(f"skipped: {args.val}/images or {args.fullres} not found")
         return 0

@@ -4,7 +4,7 @@ Runs the real `dermtool infer` once per variant on a validation folder and score
 `dermtool score`, printing one table (JAC, thresholded JAC, Dice, BACC, melanoma SE, mean
 performance, images/s). Use it to choose a bundled model's inference defaults.
 
-    python bench/postprocess_ablation.py --model weights/isic2017-joint-160
+    python bench/postprocess_ablation.py --model weights/isic-ham-lite0-joint-192
     python bench/postprocess_ablation.py --model runs/joint160 --val ../shared/data/isic2017/val
 """
 

@@ -50,13 +50,21 @@ def run(cmd: list[str]) -> None:
 
 
 def evaluate(model: Path, data: Path, out: Path, tta: int, bootstrap: int) -> dict:
+    """infer on `data`, then the scorer on what the model predicts (masks and/or classes)."""
+    from dermtool.config import load_config
+    from dermtool.score import score
+
+    cfg, _, _ = load_config(model)
     if not (out / "masks" / "predictions.csv").is_file():
         run(["dermtool", "infer", str(data / "images"), "--out", str(out / "masks"), "--model", str(model),
              "--tta", str(tta)])
     if not (out / "score.json").is_file():
-        run(["dermtool", "score", str(out / "masks" / "predictions.csv"), str(data / "labels.csv"),
-             "--pred-masks", str(out / "masks"), "--truth-masks", str(data / "masks"),
-             "--json", str(out / "score.json"), "--bootstrap", str(bootstrap)])
+        # dermtool score's own function, so a seg-only or cls-only model is scored on its task
+        result = score(out / "masks" / "predictions.csv" if cfg.has_cls else None,
+                       data / "labels.csv" if cfg.has_cls else None,
+                       out / "masks" if cfg.has_seg else None, data / "masks" if cfg.has_seg else None,
+                       bootstrap=bootstrap)
+        (out / "score.json").write_text(json.dumps(result, indent=2))
     result = json.loads((out / "score.json").read_text())
     info = json.loads((out / "masks" / "infer.json").read_text())
     result["images_per_second"] = info.get("images_per_second")
@@ -71,12 +79,15 @@ def _ci(value, ci) -> str:
 
 def row(name: str, dataset: str, tta: int, r: dict) -> str:
     seg, cls = r["segmentation"], r["classification"]
-    mel, sk = cls["per_class"]["melanoma"], cls["per_class"]["seborrheic_keratosis"]
-    auc_ci = cls.get("auc_ci95") or {}
-    cells = [name, dataset, str(tta), _ci(seg["jac"], seg.get("jac_ci95")) if seg else "–",
-             _ci(cls["bacc"], cls.get("bacc_ci95")), _ci(mel["auc"], auc_ci.get("melanoma")),
-             f"{mel['sensitivity']:.3f}", _ci(sk["auc"], auc_ci.get("seborrheic_keratosis")),
-             f"{r['images_per_second']:.1f}" if r.get("images_per_second") else "–"]
+    cells = [name, dataset, str(tta), _ci(seg["jac"], seg.get("jac_ci95")) if seg else "–"]
+    if cls:
+        mel, sk = cls["per_class"]["melanoma"], cls["per_class"]["seborrheic_keratosis"]
+        auc_ci = cls.get("auc_ci95") or {}
+        cells += [_ci(cls["bacc"], cls.get("bacc_ci95")), _ci(mel["auc"], auc_ci.get("melanoma")),
+                  f"{mel['sensitivity']:.3f}", _ci(sk["auc"], auc_ci.get("seborrheic_keratosis"))]
+    else:
+        cells += ["–"] * 4
+    cells.append(f"{r['images_per_second']:.1f}" if r.get("images_per_second") else "–")
     return "| " + " | ".join(cells) + " |"
 
 
