@@ -150,30 +150,22 @@ def split_cli(
     class, so both sides keep the class balance. Without metadata.csv each image is its own
     lesion. Then: dermtool preprocess DATA --ids OUT/train.txt --out cache/train (and val.txt).
     """
-    from dermtool.data import find_images, image_id_of, read_lesion_ids, resolve_layout
-    from dermtool.io import read_class_csv
-    from dermtool.split import class_names_of, split_by_group, write_split
+    from dermtool.split import split_folder, write_split
 
     if not data.is_dir():
         fail(f"{data}: folder not found.")
-    if out.exists() and not out.is_dir():
-        fail(f"{out}: exists and is not a folder; --out must be a folder.")
+    check_out_folder(out, "a folder")
     try:
-        layout = resolve_layout(data)
-        ids = sorted({image_id_of(p) for p in find_images(layout.images)})
-        if not ids:
-            fail(f"{layout.images}: no images in this folder.")
-        lesions = read_lesion_ids(layout.metadata) if layout.metadata else {}
+        train, val, lesions = split_folder(data, fraction, seed)
         if not lesions:
-            console.print(f"note: no metadata.csv beside {layout.images}; each image counts as its own lesion")
-        labels = read_class_csv(layout.labels, role="truth") if layout.labels else {}
-        train, val = split_by_group(ids, [lesions.get(i, "") for i in ids], class_names_of(ids, labels),
-                                    fraction, seed)
-        write_split(out, train, val, {"data": str(data), "fraction": fraction, "seed": seed, "group_by": "lesion_id"
-                                      if lesions else "image_id", "command": f"dermtool split {data} --out {out} "
-                                      f"--fraction {fraction} --seed {seed}"})
+            console.print(f"note: no metadata.csv in {data}; each image counts as its own lesion")
+        write_split(out, train, val, {"data": str(data), "fraction": fraction, "seed": seed,
+                                      "group_by": "lesion_id" if lesions else "image_id",
+                                      "command": f"dermtool split {data} --out {out} --fraction {fraction} --seed {seed}"})
     except InputError as exc:
         fail(str(exc))
+    except OSError as exc:
+        fail(f"{exc.filename or out}: cannot write the split ({exc.strerror or exc}).")
     n_lesions = len({lesions.get(i) or i for i in val})
     console.print(f"split: {len(train)} training and {len(val)} validation images "
                   f"({n_lesions} lesions) -> {out / 'train.txt'}, {out / 'val.txt'}", highlight=False)

@@ -55,7 +55,6 @@ class InferSummary:
     seconds: float = 0.0
     load_seconds: float = 0.0
     model: str = ""
-    images: str = ""
     engine: str = ""
     device: str = ""
     interrupted: bool = False

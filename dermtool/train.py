@@ -34,15 +34,11 @@ from dermtool.errors import InputError
 from dermtool.modelio import weights_file
 
 
-
-def check_cache(cache: Cache, cfg: ModelConfig, needs_masks: bool, needs_labels: bool, log) -> bool:
-    """Whether batches must be resized on the fly; raises when the cache cannot serve the model."""
+def check_cache(cache: Cache, cfg: ModelConfig, log) -> bool:
+    """Whether batches must be resized on the fly; raises when the cache's geometry cannot serve
+    the model. (What the task needs of the data, masks or labels, is checked over all training
+    caches together: `load_training_set`.)"""
     where = cache.folder
-    if needs_masks and (cache.masks is None or not cache.has_mask.all()):
-        raise InputError(f"{where}: this task needs a mask for every image; preprocess with --masks.")
-    if needs_labels and (cache.labels < 0).any():
-        missing = [cache.ids[i] for i in np.flatnonzero(cache.labels < 0)[:3]]
-        raise InputError(f"{where}: this task needs a label for every image (missing e.g. {', '.join(missing)}).")
     if cache.fit != cfg.fit or int(cache.meta.get("margin", 0)) != cfg.margin:
         raise InputError(
             f"{where}: cache made with fit={cache.fit}, margin={cache.meta.get('margin', 0)} but the model needs "
@@ -297,7 +293,7 @@ def load_training_set(paths: list[Path], cfg: ModelConfig, log):
     from dermtool.dataset import TrainingSet
 
     caches = [load_cache(p) for p in paths]
-    resize = [check_cache(c, cfg, False, False, log) for c in caches]
+    resize = [check_cache(c, cfg, log) for c in caches]
     data = TrainingSet(caches, resize)
     names = ", ".join(str(p) for p in paths)
     if cfg.has_seg and not data.has_mask.any():
@@ -364,7 +360,7 @@ def train(cfg: ModelConfig, tcfg: TrainConfig, train_cache, val_cache, out_dir: 
 
     data = load_training_set(train_paths, cfg, log)
     vals = [load_cache(p) for p in val_paths]
-    resize_va = [check_cache(v, cfg, False, False, log) for v in vals]
+    resize_va = [check_cache(v, cfg, log) for v in vals]
 
     weights = tuple(tcfg.class_weights)
     if cfg.has_cls and not weights:

@@ -84,14 +84,11 @@ def test_the_bundled_model_holds_its_floors_on_the_ham10000_holdout(ham_dir, tmp
     """The lesion-wise holdout of `dermtool split --fraction 0.1 --seed 0`, rebuilt here."""
     import csv as _csv
 
-    from dermtool.split import class_names_of, split_by_group
-    from dermtool.data import read_lesion_ids
     from dermtool.io import read_class_csv
+    from dermtool.split import split_folder
 
-    lesions = read_lesion_ids(ham_dir / "metadata.csv")
-    ids = sorted(lesions)
+    _, val, _ = split_folder(ham_dir, 0.1, seed=0)
     labels = read_class_csv(ham_dir / "labels.csv", role="truth")
-    _, val = split_by_group(ids, [lesions[i] for i in ids], class_names_of(ids, labels), 0.1, seed=0)
     data = tmp_path / "ham-val"
     for sub, name in (("images", "{}.jpg"), ("masks", "{}_segmentation.png")):
         (data / sub).mkdir(parents=True)
