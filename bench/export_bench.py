@@ -1,10 +1,12 @@
 """Exported engines against the Keras model: speed of the real `dermtool infer`, and accuracy.
 
 1. Model only (the issue's starting measurement): the network on random inputs at its input
-   size, batch 8, through Keras `predict_on_batch`, LiteRT float32 and LiteRT dynamic-range
-   int8 (XNNPACK), images/s and the largest probability difference from Keras.
-2. End to end: `dermtool export` writes each engine's model into a temporary folder, then the
-   real `dermtool infer` command runs once per engine and input set (256 px validation images,
+   size, batch 8, through Keras `predict_on_batch`, LiteRT float32, LiteRT dynamic-range int8
+   and the mixed-int8 file the model folder carries (MODEL/litert/, if any), all XNNPACK;
+   images/s and the largest probability difference from Keras.
+2. End to end: `dermtool export` writes each engine's model into a temporary folder ("litert"
+   is `infer --engine litert` on the model folder itself: the export it carries, else a
+   dynamic-range copy), then the real `dermtool infer` command runs once per engine and input set (256 px validation images,
    original-size JPEGs), the engines taking turns round by round so that a load change on the
    machine hits them alike. images/s is the command's own figure from infer.json (decode,
    model, post-processing, writing; model load excluded); the ratio is against the Keras run
@@ -15,7 +17,7 @@
 
     python bench/export_bench.py                       # bundled model, ../shared/data/isic2017
     python bench/export_bench.py --engines keras,litert-dynamic --rounds 3
-    python bench/export_bench.py --calibration ../shared/data/isic2017/train/images  # adds litert-int8
+    python bench/export_bench.py --calibration ../shared/data/isic2017/train/images  # adds int8, mixed
 """
 
 from __future__ import annotations
@@ -33,10 +35,12 @@ DATA = REPO_ROOT.parent / "shared" / "data" / "isic2017"
 #: engine label -> `dermtool export` options (None: the Keras model folder itself)
 ENGINES = {
     "keras": None,
+    "litert": "engine",  # infer --engine litert on the model folder
     "litert-dynamic": ["--format", "tflite", "--quantize", "dynamic"],
     "litert-float32": ["--format", "tflite"],
     "litert-float16": ["--format", "tflite", "--quantize", "float16"],
     "litert-int8": ["--format", "tflite", "--quantize", "int8"],  # needs --calibration
+    "litert-mixed": ["--format", "tflite", "--quantize", "mixed"],  # needs --calibration
     "onnx": ["--format", "onnx"],
 }
 TARGETS = {"val": 2.5, "fullres": 1.5}
@@ -54,7 +58,7 @@ def model_only(model_dir: Path, work: Path, n: int = 64, batch: int = 8) -> list
     import numpy as np
 
     from dermtool.export import compare_outputs
-    from dermtool.modelio import KerasEngine, load_engine, write_export
+    from dermtool.modelio import KerasEngine, load_engine, shipped_export, write_export
 
     keras = KerasEngine(model_dir)
     s = keras.cfg.input_size
@@ -63,6 +67,8 @@ def model_only(model_dir: Path, work: Path, n: int = 64, batch: int = 8) -> list
     for label, quantize in (("litert float32", "none"), ("litert dynamic int8", "dynamic")):
         write_export(model_dir, work / label.replace(" ", "-"), "tflite", quantize)
         engines.append((label, load_engine(work / label.replace(" ", "-"))))
+    if shipped_export(model_dir, "litert"):
+        engines.append(("litert carried (MODEL/litert)", load_engine(model_dir, "litert")))
     rows = []
     for label, engine in engines:
         engine.predict_on_batch(x[:batch])
@@ -101,8 +107,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--model", type=Path, default=None, help="Model folder (default: the bundled model).")
     parser.add_argument("--val", type=Path, default=DATA / "val", help="Labelled folder: images/, masks/, labels.csv.")
     parser.add_argument("--fullres", type=Path, default=DATA / "val_fullres" / "images")
-    parser.add_argument("--engines", default="keras,litert-dynamic,litert-float32,litert-float16,onnx")
-    parser.add_argument("--calibration", type=Path, default=None, help="Images for litert-int8 (added when given).")
+    parser.add_argument("--engines", default="keras,litert,litert-dynamic,litert-float32,onnx")
+    parser.add_argument("--calibration", type=Path, default=None,
+                        help="Images for litert-int8 and litert-mixed (both added when given).")
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--fullres-repeat", type=int, default=4,
                         help="Time the original JPEGs this many times over (links under new names): "
@@ -120,7 +127,7 @@ def main(argv=None) -> int:
     if not (args.val / "images").is_dir() or not args.fullres.is_dir():
         print(f"skipped: {args.val}/images or {args.fullres} not found")
         return 0
-    engines = args.engines.split(",") + (["litert-int8"] if args.calibration else [])
+    engines = args.engines.split(",") + (["litert-int8", "litert-mixed"] if args.calibration else [])
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
         if not args.no_model_only:
@@ -129,10 +136,10 @@ def main(argv=None) -> int:
                 print(f"  {label:<22} {speed:7.1f} images/s   largest difference {diff:.3g}")
         models = {}
         for label in engines:
-            if ENGINES[label] is None:
+            if ENGINES[label] in (None, "engine"):
                 models[label] = args.model
                 continue
-            extra = ["--calibration", args.calibration] if label == "litert-int8" else []
+            extra = ["--calibration", args.calibration] if label in ("litert-int8", "litert-mixed") else []
             proc = dermtool("export", args.model, "--out", work / label, *ENGINES[label], *extra)
             print(f"{label}: {proc.stdout.strip().splitlines()[-1]}")
             models[label] = work / label
@@ -142,7 +149,8 @@ def main(argv=None) -> int:
             for set_label, images in sets.items():
                 for label in engines:
                     out = work / f"out-{label}-{set_label}"
-                    dermtool("infer", images, "--out", out, "--model", models[label])
+                    engine = ["--engine", "litert"] if ENGINES[label] == "engine" else []
+                    dermtool("infer", images, "--out", out, "--model", models[label], *engine)
                     ips = json.loads((out / "infer.json").read_text())["images_per_second"]
                     speed.setdefault((label, set_label), []).append(ips)
                     print(f"  round {r + 1} {set_label:<8} {label:<16} {ips:6.1f} images/s", flush=True)

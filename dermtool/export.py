@@ -22,7 +22,7 @@ import numpy as np
 from dermtool.config import ModelConfig, load_config
 from dermtool.data import find_images, resolve_layout
 from dermtool.errors import InputError
-from dermtool.modelio import KerasEngine, load_engine, resolve_model, write_export
+from dermtool.modelio import KerasEngine, shown_path, load_engine, resolve_model, write_export
 from dermtool.preprocess import prepare
 
 #: images compared output by output right after writing (the whole --check folder is scored)
@@ -109,7 +109,8 @@ def export(model_dir: Path, out_dir: Path, fmt: str, quantize: str = "none", cal
     cfg, _, _ = load_config(folder)
     calib = load_inputs(calibration, cfg, CALIBRATION_IMAGES) if calibration else None
     started = time.perf_counter()
-    path = write_export(folder, out_dir, fmt, quantize, calib)
+    path = write_export(folder, out_dir, fmt, quantize, calib,
+                        calibration_from=shown_path(calibration) if calibration else None)
     seconds = time.perf_counter() - started
     size = sum(p.stat().st_size for p in path.rglob("*") if p.is_file()) if path.is_dir() else path.stat().st_size
     if check is not None:

@@ -9,6 +9,10 @@ normalisation, threshold, class order) beside the network:
   `model.tflite`, `model.onnx` or `saved_model/`;
 - one of those exported files given by itself: its `config.json` is the one beside it.
 
+A model folder may carry an export folder per engine inside it (`MODEL/litert/`, the bundled
+model's calibrated mixed-int8 LiteRT file); `--engine litert` uses it when its config.json
+names these weights (their sha1), and converts the folder otherwise.
+
 `load_engine` opens any of them as an engine with `predict_on_batch(x) -> {"seg", "cls"}` (raw
 0-255 RGB in, float32 probabilities out), which is all inference needs; `write_export` writes
 an export folder. A new format is a writer and an engine class here, nothing elsewhere.
@@ -33,7 +37,7 @@ from dermtool.errors import InputError
 WEIGHT_NAMES = ("best.weights.h5", "model.weights.h5", "last.weights.h5")
 #: export format -> the file or folder it writes inside the export folder
 FORMATS = {"tflite": "model.tflite", "onnx": "model.onnx", "savedmodel": "saved_model"}
-QUANTIZE = {"tflite": ("none", "float16", "dynamic", "int8"), "onnx": ("none", "dynamic"), "savedmodel": ("none",)}
+QUANTIZE = {"tflite": ("none", "float16", "dynamic", "int8", "mixed"), "onnx": ("none", "dynamic"), "savedmodel": ("none",)}
 #: --engine choices; a model folder converted for litert/onnx uses this quantisation
 ENGINES = ("keras", "litert", "onnx", "savedmodel")
 ENGINE_QUANTIZE = {"litert": "dynamic", "onnx": "none", "savedmodel": "none"}
@@ -116,25 +120,6 @@ class KerasEngine:
         return {k: np.asarray(v, np.float32) for k, v in self.model.predict_on_batch(x).items()}
 
 
-class _FixedBatch:
-    """Runs a batch of any length through a runtime that takes exactly `batch` images."""
-
-    batch: int
-
-    def _run(self, x: np.ndarray) -> dict:
-        raise NotImplementedError
-
-    def predict_on_batch(self, x: np.ndarray) -> dict:
-        x = np.ascontiguousarray(x, dtype=np.float32)
-        n, parts = len(x), []
-        for i in range(0, n, self.batch):
-            chunk = x[i:i + self.batch]
-            if len(chunk) < self.batch:
-                chunk = np.concatenate([chunk, np.zeros((self.batch - len(chunk), *x.shape[1:]), np.float32)])
-            parts.append(self._run(chunk))
-        return {k: np.concatenate([p[k] for p in parts])[:n].astype(np.float32) for k in parts[0]}
-
-
 def _litert_interpreter():
     """LiteRT's interpreter (ai-edge-litert), else TensorFlow's own deprecated tf.lite one."""
     try:
@@ -149,8 +134,12 @@ def _litert_interpreter():
     return interpreter
 
 
-class LiteRTEngine(_FixedBatch):
-    """A .tflite model run by LiteRT with its default XNNPACK delegate on all cores."""
+class LiteRTEngine:
+    """A .tflite model run by LiteRT with its default XNNPACK delegate on all cores.
+
+    The file is written for one image (TFLITE_BATCH); a batch of any length runs as one call,
+    the signature runner resizing the input (the same outputs as image by image, and faster).
+    """
 
     name = "litert"
 
@@ -166,7 +155,6 @@ class LiteRTEngine(_FixedBatch):
             raise InputError(f"{path}: not a readable TFLite model ({_short(exc)}).")
         inputs = self._runner.get_input_details()
         self.input_name, detail = next(iter(inputs.items()))
-        self.batch = int(detail["shape"][0])
         _check_io(path, cfg, list(inputs), [int(s) for s in detail["shape"][1:]],
                   list(self._runner.get_output_details()))
         with _quiet():  # the delegate announces itself on the first call
@@ -174,6 +162,10 @@ class LiteRTEngine(_FixedBatch):
 
     def _run(self, x: np.ndarray) -> dict:
         return self._runner(**{self.input_name: x})
+
+    def predict_on_batch(self, x: np.ndarray) -> dict:
+        out = self._run(np.ascontiguousarray(x, dtype=np.float32))
+        return {k: np.asarray(v, np.float32) for k, v in out.items()}
 
 
 class OnnxEngine:
@@ -294,8 +286,9 @@ def load_engine(path: Path | None = None, engine: str | None = None, log=None):
     Args:
         path: model folder, export folder or exported file; None: the bundled model.
         engine: None (the model's own runtime), or "keras", "litert", "onnx", "savedmodel". A
-            Keras model folder asked for another engine is converted once (ENGINE_QUANTIZE) and
-            kept in the user cache (`cache_dir()`), keyed by the folder's config and weights.
+            Keras model folder asked for another engine uses the export it carries for it
+            (`shipped_export`), else is converted once (ENGINE_QUANTIZE) and kept in the user
+            cache (`cache_dir()`), keyed by the folder's config and weights.
         log: called with a line when a conversion runs.
     """
     folder, file, fmt = resolve_model(path)
@@ -308,7 +301,7 @@ def load_engine(path: Path | None = None, engine: str | None = None, log=None):
     if engine != own:
         if fmt != "keras":
             raise InputError(f"{file}: a {fmt} export runs on the {own} engine, not {engine}.")
-        folder, file, fmt = resolve_model(cached_export(folder, engine, log))
+        folder, file, fmt = resolve_model(shipped_export(folder, engine) or cached_export(folder, engine, log))
     cfg, _, _ = load_config(folder)
     if not file.exists():
         raise InputError(f"{file}: missing; its export folder {folder} is incomplete.")
@@ -337,10 +330,54 @@ def _write_tflite(model, cfg: ModelConfig, dest: Path, quantize: str, calibratio
             converter.optimizations = [tf.lite.Optimize.DEFAULT]
         if quantize == "float16":
             converter.target_spec.supported_types = [tf.float16]
-        if quantize == "int8":  # full integer; input and outputs stay float32 so engines need no scales
+        if quantize in ("int8", "mixed"):  # input and outputs stay float32 so engines need no scales
             converter.representative_dataset = lambda: ([x[None].astype(np.float32)] for x in calibration)
         with _quiet():
-            dest.write_bytes(converter.convert())
+            if quantize == "mixed":
+                dest.write_bytes(_mixed_int8(converter, _float_nodes(Path(tmp) / "sm", cfg), calibration))
+            else:
+                dest.write_bytes(converter.convert())
+
+
+def shown_path(path: Path) -> str:
+    """A path as recorded in config.json: relative to the working folder when inside it or
+    beside it (../shared/...), else absolute."""
+    rel = os.path.relpath(Path(path).resolve(), Path.cwd())
+    return rel if not rel.startswith(os.pardir + os.sep + os.pardir) else str(Path(path).resolve())
+
+
+def _mixed_float_layers(cfg: ModelConfig) -> tuple:
+    from dermtool.models import MIXED_FLOAT_LAYERS
+
+    return MIXED_FLOAT_LAYERS[cfg.encoder]
+
+
+def _float_nodes(saved_model: Path, cfg: ModelConfig) -> list[str]:
+    """TFLite tensor names of the layers `--quantize mixed` keeps in float32 (MIXED_FLOAT_LAYERS).
+
+    A converted op's tensor is named by the Keras layers fused into it
+    ("model/enc_stem_relu_1/Relu6;model/enc_stem_conv_1/convolution"), so a path component
+    that starts with a listed prefix marks it.
+    """
+    prefixes = _mixed_float_layers(cfg)
+    float_model = _tf().lite.TFLiteConverter.from_saved_model(str(saved_model)).convert()
+    interpreter = _litert_interpreter()(model_content=float_model)
+    names = [t["name"] for t in interpreter.get_tensor_details()]
+    chosen = [n for n in names if any(part.startswith(prefixes) for part in n.replace(";", "/").split("/"))]
+    if not chosen:
+        raise RuntimeError(f"--quantize mixed: no layer of this model starts with {', '.join(prefixes)}")
+    return chosen
+
+
+def _mixed_int8(converter, float_nodes: list[str], calibration: np.ndarray) -> bytes:
+    """Full-int8 conversion except `float_nodes`, which stay float32 (TFLite's selective
+    quantisation, done through its quantisation debugger's denylist)."""
+    tf = _tf()
+    options = tf.lite.experimental.QuantizationDebugOptions(denylisted_nodes=float_nodes)
+    debugger = tf.lite.experimental.QuantizationDebugger(
+        converter=converter, debug_dataset=lambda: iter([[calibration[:1].astype(np.float32)]]),
+        debug_options=options)
+    return debugger.get_nondebug_quantized_model()
 
 
 def _write_onnx(model, cfg: ModelConfig, dest: Path, quantize: str) -> None:
@@ -360,20 +397,21 @@ def _write_onnx(model, cfg: ModelConfig, dest: Path, quantize: str) -> None:
 
 
 def write_export(model_dir: Path, out_dir: Path, fmt: str, quantize: str = "none",
-                 calibration: np.ndarray | None = None) -> Path:
+                 calibration: np.ndarray | None = None, calibration_from: str | None = None) -> Path:
     """Write `out_dir`: the model in `fmt` (FORMATS) plus a config.json that describes it.
 
     Args:
         model_dir: a Keras model folder.
-        quantize: one of QUANTIZE[fmt]; "int8" needs `calibration`, model inputs (N, s, s, 3).
+        quantize: one of QUANTIZE[fmt]; "int8" and "mixed" need `calibration`, model inputs
+            (N, s, s, 3); `calibration_from` (where they came from) is recorded in config.json.
     Returns: the path of the written model file (or SavedModel folder).
     """
     if fmt not in FORMATS:
         raise InputError(f"--format must be one of {', '.join(FORMATS)}, not {fmt!r}.")
     if quantize not in QUANTIZE[fmt]:
         raise InputError(f"--quantize {quantize} is not available for {fmt} (choose {', '.join(QUANTIZE[fmt])}).")
-    if quantize == "int8" and (calibration is None or not len(calibration)):
-        raise InputError("--quantize int8 needs calibration images: pass --calibration DIR.")
+    if quantize in ("int8", "mixed") and (calibration is None or not len(calibration)):
+        raise InputError(f"--quantize {quantize} needs calibration images: pass --calibration DIR.")
     model, cfg = load_model(model_dir)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -387,13 +425,15 @@ def write_export(model_dir: Path, out_dir: Path, fmt: str, quantize: str = "none
     else:
         _write_onnx(model, cfg, dest, quantize)
     _, tcfg, raw = load_config(model_dir)
-    save_config(out_dir / "config.json", cfg, tcfg, export=export_description(cfg, fmt, quantize, model_dir),
+    save_config(out_dir / "config.json", cfg, tcfg, export=export_description(cfg, fmt, quantize, model_dir, calibration, calibration_from),
                 **{k: raw[k] for k in ("best_epoch", "best_metric") if k in raw})
     return dest
 
 
-def export_description(cfg: ModelConfig, fmt: str, quantize: str, source: Path) -> dict:
-    """The "export" section of config.json: enough to run the file without dermtool."""
+def export_description(cfg: ModelConfig, fmt: str, quantize: str, source: Path,
+                       calibration: np.ndarray | None = None, calibration_from: str | None = None) -> dict:
+    """The "export" section of config.json: enough to run the file without dermtool, and where
+    it came from (the model folder and its sha1, the calibration images)."""
     batch = TFLITE_BATCH if fmt == "tflite" else None
     s = cfg.input_size
     outputs = {}
@@ -403,7 +443,11 @@ def export_description(cfg: ModelConfig, fmt: str, quantize: str, source: Path) 
         outputs["cls"] = {"shape": [batch, len(cfg.class_names)], "meaning": "class probabilities (softmax)",
                           "classes": list(cfg.class_names)}
     return {
-        "format": fmt, "file": FORMATS[fmt], "quantize": quantize, "source": str(source),
+        "format": fmt, "file": FORMATS[fmt], "quantize": quantize, "source": shown_path(source),
+        "source_sha1": model_fingerprint(source),
+        **({"calibration": {"images": int(len(calibration)), "from": calibration_from}}
+           if quantize in ("int8", "mixed") and calibration is not None else {}),
+        **({"float32_layers": list(_mixed_float_layers(cfg))} if quantize == "mixed" else {}),
         "dermtool_version": __version__,
         "input": {"name": INPUT_NAME, "shape": [batch, s, s, 3], "dtype": "float32", "layout": "NHWC",
                   "values": f"RGB 0-255, not normalised: the model applies {cfg.normalization} itself"},
@@ -440,6 +484,19 @@ def model_fingerprint(model: Path | None) -> str:
             for chunk in iter(lambda: fh.read(1 << 20), b""):
                 h.update(chunk)
     return h.hexdigest()
+
+
+def shipped_export(model_dir: Path, engine: str) -> Path | None:
+    """The export a model folder carries for `engine` (MODEL/<engine>/, e.g. the bundled model's
+    calibrated mixed-int8 litert/), if it was written from these very weights; else None."""
+    folder = Path(model_dir) / engine
+    try:
+        export = json.loads((folder / "config.json").read_text())["export"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    if _ENGINE_OF_FORMAT.get(export.get("format")) != engine or export.get("source_sha1") != model_fingerprint(model_dir):
+        return None
+    return folder
 
 
 def cached_export(model_dir: Path, engine: str, log=None) -> Path:

@@ -33,6 +33,20 @@ def _conv_block(x, filters: int, cfg: ModelConfig, name: str, dropout: float = 0
     return x
 
 
+#: Keras layer-name prefixes that `dermtool export --quantize mixed` keeps in float32, by encoder:
+#: the input normalisation and the encoder's first, full-resolution stage. On the bundled model,
+#: int8 there is most of the damage full int8 does: the per-layer int8 error (TFLite's
+#: quantisation debugger, RMSE over the quantisation step) is 3.7 and 6.0 in the stem and the first
+#: depthwise convolution against about 0.3 everywhere else, and the quantised normalisation costs
+#: the rest. Full int8 changed the class of 19 of the 150 ISIC 2017 validation images and 95 of
+#: the ~900 HAM10000 holdout images; these layers in float32, 1 and 18, about what dynamic-range
+#: int8 does (1 and 20), at full int8's speed (bench/export_bench.py).
+MIXED_FLOAT_LAYERS = {
+    "efficientnet-lite0": ("normalize", "enc_stem_", "enc_mb0_"),
+    "unet": ("normalize", "enc_block1_"),
+}
+
+
 def _normalize(x, cfg: ModelConfig):
     """Model input is raw 0-255 RGB; normalisation lives inside the model so it is never skipped."""
     if cfg.normalization == "divide255":

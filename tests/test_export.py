@@ -68,6 +68,7 @@ CASES = {
     ("tflite", "float16"): 0.02,
     ("tflite", "dynamic"): 0.1,
     ("tflite", "int8"): 0.1,
+    ("tflite", "mixed"): 0.1,
     ("onnx", "none"): 1e-4,
     ("onnx", "dynamic"): 0.1,
 }
@@ -118,7 +119,7 @@ def exports(tiny, images, tmp_path_factory) -> dict:
     def get(fmt: str, quantize: str = "none") -> Path:
         if (fmt, quantize) not in made:
             out = root / f"{fmt}-{quantize}"
-            extra = ["--calibration", images / "images"] if quantize == "int8" else []
+            extra = ["--calibration", images / "images"] if quantize in ("int8", "mixed") else []
             result = export(tiny, "--out", out, "--format", fmt, "--quantize", quantize, *extra)
             assert result.exit_code == 0, result.output
             assert "largest difference from the Keras model" in result.output
@@ -145,6 +146,62 @@ def test_export_round_trip_within_tolerance(fmt, quantize, exports, tiny):
     a, b = keras.predict_on_batch(x), engine.predict_on_batch(x)
     assert {k: v.shape for k, v in a.items()} == {k: v.shape for k, v in b.items()}
     assert max(float(np.abs(a[k] - b[k]).mean()) for k in a) <= min(0.02, CASES[(fmt, quantize)])
+
+
+def _tensor_types(path: Path) -> dict:
+    """Tensor name -> numpy dtype of a .tflite file."""
+    from dermtool.modelio import _litert_interpreter
+
+    return {t["name"]: t["dtype"] for t in _litert_interpreter()(model_path=str(path)).get_tensor_details()}
+
+
+@litert
+def test_mixed_keeps_the_normalisation_and_first_stage_float_and_the_rest_int8(exports):
+    """The first stage computes in float32 (its outputs are float32, with int8 copies for the
+    int8 layers that read them); everything after it computes in int8; full int8 has no float32
+    tensor in the first stage at all."""
+    def split(path: Path):
+        types = _tensor_types(path)
+        first = {n: t for n, t in types.items() if "/normalize" in n or "/enc_block1_" in n}
+        rest = {n: t for n, t in types.items() if "/dec_block" in n or "/enc_block2_" in n}
+        assert first and rest
+        return first, rest
+
+    first, rest = split(exports("tflite", "mixed") / "model.tflite")
+    assert sum(t == np.float32 for t in first.values()) >= 2, first  # both convolutions
+    assert np.int8 in rest.values() and np.float32 not in rest.values(), rest
+    first, rest = split(exports("tflite", "int8") / "model.tflite")
+    assert np.float32 not in first.values() and np.float32 not in rest.values()
+
+
+@litert
+def test_litert_runs_a_batch_as_one_call_with_the_outputs_of_image_by_image(exports):
+    engine = load_engine(exports("tflite", "mixed"))
+    x = synthetic_inputs(engine.cfg, 5)
+    whole = engine.predict_on_batch(x)
+    for i in range(len(x)):
+        one = engine.predict_on_batch(x[i:i + 1])
+        for key in whole:
+            np.testing.assert_allclose(one[key][0], whole[key][i], atol=1e-6)
+
+
+@litert
+def test_a_model_folder_uses_the_litert_export_it_carries_while_it_is_of_its_weights(
+        tiny, exports, images, tmp_path, monkeypatch):
+    monkeypatch.setenv("DERMTOOL_CACHE_DIR", str(tmp_path / "cache"))
+    folder = tmp_path / "model"
+    shutil.copytree(tiny, folder)
+    shutil.copytree(exports("tflite", "mixed"), folder / "litert")
+    result = infer(images / "images", "--out", tmp_path / "a", "--model", folder, "--engine", "litert")
+    assert result.exit_code == 0, result.output
+    assert "converting" not in result.output and not (tmp_path / "cache").exists()
+    # the weights change (a retrained model): the carried file is stale, a copy is converted
+    weights = folder / "best.weights.h5"
+    weights.write_bytes(weights.read_bytes() + b"\0")
+    assert load_engine(folder).name == "keras"
+    result = infer(images / "images", "--out", tmp_path / "b", "--model", folder, "--engine", "litert")
+    assert result.exit_code == 0, result.output
+    assert "converting" in result.output and len(list((tmp_path / "cache" / "engines").iterdir())) == 1
 
 
 @litert
@@ -307,12 +364,13 @@ def test_a_corrupt_or_foreign_model_is_one_clear_error(case, exports, images, tm
     assert not (tmp_path / "out").exists()
 
 
-@pytest.mark.parametrize("case", ["int8_without_calibration", "onnx_float16", "unknown_format", "export_of_export",
+@pytest.mark.parametrize("case", ["int8_without_calibration", "mixed_without_calibration", "onnx_float16", "unknown_format", "export_of_export",
                                   "out_is_a_file_name", "engine_mismatch"])
 def test_bad_export_requests_are_one_clear_error(case, tiny, exports, images, tmp_path):
     out = tmp_path / "out"
     args = {
         "int8_without_calibration": ["export", tiny, "--out", out, "--format", "tflite", "--quantize", "int8"],
+        "mixed_without_calibration": ["export", tiny, "--out", out, "--format", "tflite", "--quantize", "mixed"],
         "onnx_float16": ["export", tiny, "--out", out, "--format", "onnx", "--quantize", "float16"],
         "unknown_format": ["export", tiny, "--out", out, "--format", "coreml"],
         "export_of_export": ["export", exports("savedmodel"), "--out", out, "--format", "tflite"],

@@ -47,13 +47,28 @@ def test_the_bundled_model_predicts_a_mask_and_class_probabilities(bundled, tmp_
         assert probs.sum() == pytest.approx(1.0, abs=1e-5)
 
 
-def _infer_and_score(images, labels, masks, out):
+def test_the_bundled_litert_export_is_of_these_weights(bundled):
+    """`--engine litert` on the bundled model uses the mixed-int8 file it carries, not a copy
+    converted on the user's machine: only while that file was written from these weights."""
+    from dermtool.modelio import load_engine, shipped_export
+
+    folder, _, cfg = bundled
+    shipped = shipped_export(folder, "litert")
+    assert shipped == folder / "litert"
+    export_cfg, _, raw = load_config(shipped)
+    assert raw["export"]["quantize"] == "mixed" and export_cfg == cfg
+    pytest.importorskip("ai_edge_litert")
+    engine = load_engine(folder, "litert")
+    assert engine.name == "litert" and engine.path == shipped / "model.tflite"
+
+
+def _infer_and_score(images, labels, masks, out, *options):
     from typer.testing import CliRunner
 
     from dermtool.cli import app
     from dermtool.score import score
 
-    result = CliRunner().invoke(app, ["infer", str(images), "--out", str(out)])
+    result = CliRunner().invoke(app, ["infer", str(images), "--out", str(out), *options])
     assert result.exit_code == 0, result.output
     report = score(out / "predictions.csv", labels, pred_masks=out, truth_masks=masks)
     assert report["segmentation"]["n_missing"] == 0
@@ -73,11 +88,28 @@ def _check_floors(seg, cls, floors):
     assert cls["per_class"]["melanoma"]["auc"] >= floors["mel_auc"], cls["per_class"]["melanoma"]["auc"]
 
 
-def test_the_bundled_model_holds_its_floors_on_isic_2017_validation(isic_dir, tmp_path):
+@pytest.fixture(scope="module")
+def isic_val_scores(isic_dir, tmp_path_factory):
     val = isic_dir / "val"
-    seg, cls = _infer_and_score(val / "images", val / "labels.csv", val / "masks", tmp_path / "pred")
+    return _infer_and_score(val / "images", val / "labels.csv", val / "masks", tmp_path_factory.mktemp("pred"))
+
+
+def test_the_bundled_model_holds_its_floors_on_isic_2017_validation(isic_val_scores):
+    seg, cls = isic_val_scores
     assert cls["n_images"] == 150
     _check_floors(seg, cls, ISIC_FLOORS)
+
+
+def test_the_litert_engine_keeps_the_bundled_models_figures(isic_dir, isic_val_scores, tmp_path):
+    """Issue 13's accuracy bar for the fast CPU path: JAC within 0.005 and BACC within 0.01 of
+    the Keras model on the ISIC 2017 validation split (measured: -0.0002 and -0.0043)."""
+    pytest.importorskip("ai_edge_litert")
+    val = isic_dir / "val"
+    seg, cls = _infer_and_score(val / "images", val / "labels.csv", val / "masks", tmp_path / "pred",
+                                "--engine", "litert")
+    keras_seg, keras_cls = isic_val_scores
+    assert abs(seg["jac"] - keras_seg["jac"]) <= 0.005, (seg["jac"], keras_seg["jac"])
+    assert abs(cls["bacc"] - keras_cls["bacc"]) <= 0.01, (cls["bacc"], keras_cls["bacc"])
 
 
 def test_the_bundled_model_holds_its_floors_on_the_ham10000_holdout(ham_dir, tmp_path):
