@@ -8,6 +8,7 @@ mask back to the original image size.
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
+from functools import lru_cache
 
 import numpy as np
 from scipy import ndimage
@@ -31,7 +32,47 @@ def closing(mask: np.ndarray, radius: int) -> np.ndarray:
 
     (A plain closing erodes everything that touches the border back off, because the
     outside counts as background; replicating the edge avoids that.)
+
+    The result is exactly `_reference_closing`'s (scipy on the edge-padded mask): a disk is a
+    stack of centred horizontal runs, so dilating (eroding) by it is the OR (AND) over its rows
+    of shifted 1-D run dilations (erosions), each a few slices. That is ~10x less work than
+    scipy's pixel-by-pixel pass, and numpy releases the GIL that scipy holds meanwhile.
     """
+    if radius <= 0:
+        return mask
+    r = radius
+    # scipy dilates the edge-padded mask with zeros beyond it (border_value=0): pad r more
+    # zeros so every neighbourhood is a plain slice
+    outer = np.zeros((mask.shape[0] + 4 * r, mask.shape[1] + 4 * r), bool)
+    outer[r:-r, r:-r] = np.pad(np.asarray(mask, dtype=bool), r, mode="edge")
+    halves = _disk_half_widths(r)
+    dilated = _disk_reduce(outer, halves, np.logical_or)  # the edge-padded frame
+    return _disk_reduce(dilated, halves, np.logical_and)  # the original frame
+
+
+@lru_cache(maxsize=None)
+def _disk_half_widths(radius: int) -> tuple[int, ...]:
+    """Half-width of each row of `disk(radius)`, top to bottom (its rows are centred runs)."""
+    return tuple(radius - int(np.argmax(row)) for row in disk(radius))
+
+
+def _disk_reduce(a: np.ndarray, halves: tuple[int, ...], op) -> np.ndarray:
+    """`op` over the disk around each pixel of `a` that lies a radius r inside its edge:
+    (H, W) -> (H - 2r, W - 2r)."""
+    r = len(halves) // 2
+    h, w = a.shape[0] - 2 * r, a.shape[1] - 2 * r
+    runs = [a[:, r:r + w]]  # runs[k]: op over the 2k+1 pixels of a row centred on each pixel
+    for k in range(1, max(halves) + 1):
+        run = op(runs[-1], a[:, r - k:r - k + w])
+        runs.append(op(run, a[:, r + k:r + k + w], out=run))
+    out = runs[halves[0]][:h].copy()
+    for dy in range(1, 2 * r + 1):
+        op(out, runs[halves[dy]][dy:dy + h], out=out)
+    return out
+
+
+def _reference_closing(mask: np.ndarray, radius: int) -> np.ndarray:
+    """The definition `closing` reproduces, with scipy (for tests and bench/pipeline_bench.py)."""
     if radius <= 0:
         return mask
     padded = np.pad(mask, radius, mode="edge")
@@ -49,6 +90,22 @@ def largest_component(mask: np.ndarray) -> np.ndarray:
     return labels == int(np.argmax(sizes))
 
 
+def fill_holes(mask: np.ndarray) -> np.ndarray:
+    """Fill the background areas that do not reach the image edge (4-connected).
+
+    Exactly `scipy.ndimage.binary_fill_holes(mask)` for a 2-D mask, but with one labelling of
+    the background instead of scipy's iterated dilation from the border (~10x cheaper here).
+    """
+    mask = np.asarray(mask, dtype=bool)
+    if mask.size == 0:
+        return mask.copy()
+    labels, n = ndimage.label(~mask)  # default structure: 4-connected, as binary_fill_holes
+    outside = np.zeros(n + 1, bool)
+    outside[labels[0]] = outside[labels[-1]] = outside[labels[:, 0]] = outside[labels[:, -1]] = True
+    outside[0] = False  # label 0 is the lesion itself
+    return ~outside[labels]
+
+
 def postprocess(prob: np.ndarray, cfg: PostprocessConfig = PostprocessConfig()) -> np.ndarray:
     """Probability map (H, W) -> boolean lesion mask (H, W)."""
     mask = np.asarray(prob) >= cfg.threshold
@@ -56,5 +113,5 @@ def postprocess(prob: np.ndarray, cfg: PostprocessConfig = PostprocessConfig()) 
     if cfg.largest_component:
         mask = largest_component(mask)
     if cfg.fill_holes:
-        mask = ndimage.binary_fill_holes(mask)
+        mask = fill_holes(mask)
     return mask
