@@ -202,11 +202,89 @@ def _crop_inner(output: np.ndarray, t: Transform) -> np.ndarray:
 def restore_mask(mask: np.ndarray, t: Transform) -> np.ndarray:
     """A boolean content-square mask -> boolean mask at the original size.
 
-    Resized as 8-bit 0/255 with bilinear interpolation and cut at 128, so edges come out
-    smooth rather than blocky at any scale-up; 8-bit keeps it cheap on 30-megapixel frames.
+    Interpolated bilinearly and cut at 0.5, so edges come out smooth rather than blocky at any
+    scale-up. Scaling up (both sides at least the inner rectangle's, the usual case) follows
+    `upscale_mask`'s exact definition, which costs little even for 30-megapixel frames; an image
+    smaller than the model's square in either direction goes through `_pil_resize_mask`.
     """
-    inner = np.ascontiguousarray(_crop_inner(mask, t), dtype=np.uint8) * np.uint8(255)
-    return _resize(inner, t.orig_h, t.orig_w) >= 128
+    inner = _crop_inner(mask, t)
+    if t.orig_h >= t.inner_h and t.orig_w >= t.inner_w:
+        return upscale_mask(inner, t.orig_h, t.orig_w)
+    return _pil_resize_mask(inner, t.orig_h, t.orig_w)
+
+
+def _pil_resize_mask(mask: np.ndarray, h: int, w: int) -> np.ndarray:
+    """Pillow's bilinear resize (anti-aliased when shrinking) of the mask as 8-bit 0/255, cut at
+    128. Up-scaling went this way too before `upscale_mask`; tests and bench compare the two."""
+    inner = np.ascontiguousarray(mask, dtype=np.uint8) * np.uint8(255)
+    return _resize(inner, h, w) >= 128
+
+
+def _source_coords(n_out: int, n_in: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """For each output pixel along one axis: the two source pixels around its centre and the
+    weight of the second, (i0, i1, frac); pixel centres aligned, clamped at the edges."""
+    s = np.clip((np.arange(n_out) + 0.5) * n_in / n_out - 0.5, 0, n_in - 1)
+    i0 = s.astype(np.intp)  # floor: s >= 0
+    return i0, np.minimum(i0 + 1, n_in - 1), s - i0
+
+
+def upscale_mask(mask: np.ndarray, out_h: int, out_w: int) -> np.ndarray:
+    """A boolean mask scaled up to (out_h, out_w): bilinear interpolation of its 0/1 values,
+    then >= 0.5. (Meant for scaling up: shrinking this way would skip pixels, not average them.)
+
+    Precisely, in float64 with `_source_coords`' (i0, i1, f) per axis: each source row is first
+    interpolated along x, r = m[y, x0] + (m[y, x1] - m[y, x0]) * fx, then v = r[y0] +
+    (r[y1] - r[y0]) * fy, and the result is v >= 0.5. (Pillow's bilinear resize of the mask as
+    0/255 differs only where v is within its 8-bit rounding of 0.5.)
+
+    Computed without the float image: r takes only the values 0, 1, fx and 1 - fx, and in this
+    form v >= 0.5 exactly when both r[y0] and r[y1] are (rounding cannot cross 0.5 between two
+    values on one side of it). So the output is two source rows' agreement repeated over the
+    block of output rows between them, and v is computed only where they straddle 0.5: a band
+    along the lesion's edge, a few percent of a 30-megapixel frame.
+    """
+    mask = np.asarray(mask, dtype=bool)
+    h, w = mask.shape
+    x0, x1, fx = _source_coords(out_w, w)
+    y0, _, fy = _source_coords(out_h, h)
+    # r >= 0.5 is the value of the source pixel nearer the output column, or at a tie (fx is
+    # exactly 0.5) of either; runs of output columns share one nearer source pixel
+    take_first, take_second = 1 - fx >= 0.5, fx >= 0.5
+    tie = take_first & take_second
+    nearest = np.where(take_first, x0, x1)
+    run_start = np.flatnonzero(np.r_[True, (nearest[1:] != nearest[:-1]) | tie[1:] | tie[:-1]])
+    run_len = np.diff(np.r_[run_start, out_w])
+    upper = mask[:, nearest[run_start]]  # (h, runs): r >= 0.5 of every source row, per run
+    tied = run_start[tie[run_start]]
+    upper[:, tie[run_start]] = mask[:, x0[tied]] | mask[:, x1[tied]]
+    lower = np.vstack([upper[1:], upper[-1:]])  # the rows y1 = y0 + 1 (clamped) below them
+    row_count = np.bincount(y0, minlength=h)  # output rows whose y0 is each source row
+    out = np.repeat(np.repeat(upper & lower, run_len, axis=1), row_count, axis=0)
+    ys, ks = np.nonzero(upper ^ lower)  # straddling (source row, column run) pairs
+    lens = run_len[ks]
+    ys = np.repeat(ys, lens)  # one entry per output column of each straddling run
+    xs = np.arange(lens.sum()) + np.repeat(run_start[ks] - np.cumsum(lens) + lens, lens)
+    first_row = np.cumsum(row_count) - row_count
+    for lo in range(0, ys.size, _BAND_CHUNK):  # bounded memory even for a speckled mask
+        y, x = ys[lo:lo + _BAND_CHUNK], xs[lo:lo + _BAND_CHUNK]
+        top = _interpolate_x(mask, y, x0[x], x1[x], fx[x])
+        bottom = _interpolate_x(mask, np.minimum(y + 1, h - 1), x0[x], x1[x], fx[x])
+        step = np.arange(row_count.max())
+        inside = step < row_count[y, None]
+        rows = np.where(inside, first_row[y, None] + step, 0)
+        hit = inside & (top[:, None] + (bottom - top)[:, None] * fy[rows] >= 0.5)
+        out[rows[hit], np.broadcast_to(x[:, None], rows.shape)[hit]] = True
+    return out
+
+
+_BAND_CHUNK = 1 << 16
+
+
+def _interpolate_x(mask: np.ndarray, y: np.ndarray, x0: np.ndarray, x1: np.ndarray,
+                   fx: np.ndarray) -> np.ndarray:
+    """`upscale_mask`'s r = a + (b - a) * fx at the points (y, x0..x1)."""
+    a = mask[y, x0].astype(np.float64)
+    return a + (mask[y, x1] - a) * fx
 
 
 def restore(output: np.ndarray, t: Transform) -> np.ndarray:
