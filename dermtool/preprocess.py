@@ -14,7 +14,9 @@ from __future__ import annotations
 
 import warnings
 from dataclasses import asdict, dataclass
+from functools import lru_cache
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 from PIL import Image, ImageFile
@@ -220,22 +222,49 @@ def _pil_resize_mask(mask: np.ndarray, h: int, w: int) -> np.ndarray:
     return _resize(inner, h, w) >= 128
 
 
-def _source_coords(n_out: int, n_in: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """For each output pixel along one axis: the two source pixels around its centre and the
-    weight of the second, (i0, i1, frac); pixel centres aligned, clamped at the edges."""
+class _Axis(NamedTuple):
+    """How one axis of `upscale_mask`'s output maps onto the source, for one pair of sizes."""
+
+    i0: np.ndarray  # per output pixel: the source pixels around its centre and the second's weight
+    i1: np.ndarray
+    frac: np.ndarray
+    count: np.ndarray  # per source pixel: how many output pixels have it as i0, and the first
+    first: np.ndarray
+    run_start: np.ndarray  # runs of output pixels that share the source pixel nearer them
+    run_len: np.ndarray
+    run_source: np.ndarray
+    tie_runs: np.ndarray  # the runs (of one pixel) exactly halfway: frac == 0.5
+
+
+@lru_cache(maxsize=64)
+def _axis(n_out: int, n_in: int) -> _Axis:
+    """Pixel centres aligned, clamped at the edges. Cached: a folder has few distinct sizes."""
     s = np.clip((np.arange(n_out) + 0.5) * n_in / n_out - 0.5, 0, n_in - 1)
     i0 = s.astype(np.intp)  # floor: s >= 0
-    return i0, np.minimum(i0 + 1, n_in - 1), s - i0
+    frac = s - i0
+    count = np.bincount(i0, minlength=n_in)
+    # r >= 0.5 is the value of the source pixel nearer the output pixel, or at a tie of either
+    first_near, second_near = 1 - frac >= 0.5, frac >= 0.5
+    tie = first_near & second_near
+    nearest = np.where(first_near, i0, np.minimum(i0 + 1, n_in - 1))
+    run_start = np.flatnonzero(np.r_[True, (nearest[1:] != nearest[:-1]) | tie[1:] | tie[:-1]])
+    axis = _Axis(i0, np.minimum(i0 + 1, n_in - 1), frac, count, np.cumsum(count) - count, run_start,
+                 np.diff(np.r_[run_start, n_out]), nearest[run_start], np.flatnonzero(tie[run_start]))
+    for array in axis:
+        array.flags.writeable = False  # shared by every call with these sizes
+    return axis
 
 
 def upscale_mask(mask: np.ndarray, out_h: int, out_w: int) -> np.ndarray:
     """A boolean mask scaled up to (out_h, out_w): bilinear interpolation of its 0/1 values,
     then >= 0.5. (Meant for scaling up: shrinking this way would skip pixels, not average them.)
 
-    Precisely, in float64 with `_source_coords`' (i0, i1, f) per axis: each source row is first
-    interpolated along x, r = m[y, x0] + (m[y, x1] - m[y, x0]) * fx, then v = r[y0] +
-    (r[y1] - r[y0]) * fy, and the result is v >= 0.5. (Pillow's bilinear resize of the mask as
-    0/255 differs only where v is within its 8-bit rounding of 0.5.)
+    Precisely, in float64, with output pixel centres mapped onto the source and clamped,
+    s = clip((i + 0.5) * n_in / n_out - 0.5, 0, n_in - 1), i0 = floor(s), i1 = min(i0 + 1,
+    n_in - 1), f = s - i0 per axis: each source row is first interpolated along x,
+    r = m[y, x0] + (m[y, x1] - m[y, x0]) * fx, then v = r[y0] + (r[y1] - r[y0]) * fy, and the
+    result is v >= 0.5. (Pillow's bilinear resize of the mask as 0/255 differs only where v is
+    within its 8-bit rounding of 0.5.)
 
     Computed without the float image: r takes only the values 0, 1, fx and 1 - fx, and in this
     form v >= 0.5 exactly when both r[y0] and r[y1] are (rounding cannot cross 0.5 between two
@@ -244,47 +273,37 @@ def upscale_mask(mask: np.ndarray, out_h: int, out_w: int) -> np.ndarray:
     along the lesion's edge, a few percent of a 30-megapixel frame.
     """
     mask = np.asarray(mask, dtype=bool)
-    h, w = mask.shape
-    x0, x1, fx = _source_coords(out_w, w)
-    y0, _, fy = _source_coords(out_h, h)
-    # r >= 0.5 is the value of the source pixel nearer the output column, or at a tie (fx is
-    # exactly 0.5) of either; runs of output columns share one nearer source pixel
-    take_first, take_second = 1 - fx >= 0.5, fx >= 0.5
-    tie = take_first & take_second
-    nearest = np.where(take_first, x0, x1)
-    run_start = np.flatnonzero(np.r_[True, (nearest[1:] != nearest[:-1]) | tie[1:] | tie[:-1]])
-    run_len = np.diff(np.r_[run_start, out_w])
-    upper = mask[:, nearest[run_start]]  # (h, runs): r >= 0.5 of every source row, per run
-    tied = run_start[tie[run_start]]
-    upper[:, tie[run_start]] = mask[:, x0[tied]] | mask[:, x1[tied]]
+    h = mask.shape[0]
+    rows, cols = _axis(out_h, h), _axis(out_w, mask.shape[1])
+    upper = mask[:, cols.run_source]  # (h, runs): r >= 0.5 of every source row, per column run
+    if cols.tie_runs.size:
+        tied = cols.run_start[cols.tie_runs]
+        upper[:, cols.tie_runs] = mask[:, cols.i0[tied]] | mask[:, cols.i1[tied]]
     lower = np.vstack([upper[1:], upper[-1:]])  # the rows y1 = y0 + 1 (clamped) below them
-    row_count = np.bincount(y0, minlength=h)  # output rows whose y0 is each source row
-    out = np.repeat(np.repeat(upper & lower, run_len, axis=1), row_count, axis=0)
-    ys, ks = np.nonzero(upper ^ lower)  # straddling (source row, column run) pairs
-    lens = run_len[ks]
+    out = np.repeat(np.repeat(upper & lower, cols.run_len, axis=1), rows.count, axis=0)
+    ys, ks = np.divmod(np.flatnonzero(upper ^ lower), upper.shape[1])  # straddling (row, run) pairs
+    lens = cols.run_len[ks]
     ys = np.repeat(ys, lens)  # one entry per output column of each straddling run
-    xs = np.arange(lens.sum()) + np.repeat(run_start[ks] - np.cumsum(lens) + lens, lens)
-    first_row = np.cumsum(row_count) - row_count
+    xs = np.arange(ys.size) + np.repeat(cols.run_start[ks] - np.cumsum(lens) + lens, lens)
+    step = np.arange(rows.count.max())
     for lo in range(0, ys.size, _BAND_CHUNK):  # bounded memory even for a speckled mask
         y, x = ys[lo:lo + _BAND_CHUNK], xs[lo:lo + _BAND_CHUNK]
-        top = _interpolate_x(mask, y, x0[x], x1[x], fx[x])
-        bottom = _interpolate_x(mask, np.minimum(y + 1, h - 1), x0[x], x1[x], fx[x])
-        step = np.arange(row_count.max())
-        inside = step < row_count[y, None]
-        rows = np.where(inside, first_row[y, None] + step, 0)
-        hit = inside & (top[:, None] + (bottom - top)[:, None] * fy[rows] >= 0.5)
-        out[rows[hit], np.broadcast_to(x[:, None], rows.shape)[hit]] = True
+        top = _interpolate_x(mask, y, cols, x)
+        bottom = _interpolate_x(mask, np.minimum(y + 1, h - 1), cols, x)
+        inside = step < rows.count[y, None]
+        band_rows = np.where(inside, rows.first[y, None] + step, 0)
+        hit = inside & (top[:, None] + (bottom - top)[:, None] * rows.frac[band_rows] >= 0.5)
+        out[band_rows[hit], np.broadcast_to(x[:, None], hit.shape)[hit]] = True
     return out
 
 
 _BAND_CHUNK = 1 << 16
 
 
-def _interpolate_x(mask: np.ndarray, y: np.ndarray, x0: np.ndarray, x1: np.ndarray,
-                   fx: np.ndarray) -> np.ndarray:
-    """`upscale_mask`'s r = a + (b - a) * fx at the points (y, x0..x1)."""
-    a = mask[y, x0].astype(np.float64)
-    return a + (mask[y, x1] - a) * fx
+def _interpolate_x(mask: np.ndarray, y: np.ndarray, cols: _Axis, x: np.ndarray) -> np.ndarray:
+    """`upscale_mask`'s r = a + (b - a) * fx at the points (y, x)."""
+    a = mask[y, cols.i0[x]].astype(np.float64)
+    return a + (mask[y, cols.i1[x]] - a) * cols.frac[x]
 
 
 def restore(output: np.ndarray, t: Transform) -> np.ndarray:
