@@ -10,6 +10,7 @@ from scipy import ndimage
 from dermtool.postprocess import (
     PostprocessConfig,
     _reference_closing,
+    _reference_largest_component,
     closing,
     fill_holes,
     largest_component,
@@ -234,6 +235,20 @@ def test_closing_with_a_large_radius_equals_scipy():
     for radius in (12, 32):
         for mask in _random_masks(seed=100 + radius, count=10):
             assert np.array_equal(closing(mask, radius), _reference_closing(mask, radius))
+
+
+def test_largest_component_equals_labelling_the_whole_frame():
+    """Labelled inside the foreground's box only: same component, ties (many equal specks in
+    the speckle masks) included."""
+    for mask in _random_masks(seed=11, count=400):
+        assert np.array_equal(largest_component(mask), _reference_largest_component(mask)), mask.shape
+    for name, mask in EDGE_CASES.items():
+        assert np.array_equal(largest_component(mask), _reference_largest_component(mask)), name
+
+
+def test_largest_component_tie_keeps_the_first_in_raster_order():
+    two = b(["000000", "000011", "110011", "110000"])  # equal squares; the right one starts higher
+    assert np.array_equal(largest_component(two), b(["000000", "000011", "000011", "000000"]))
 
 
 def test_fill_holes_equals_scipy_on_random_masks():
