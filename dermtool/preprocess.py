@@ -16,7 +16,7 @@ import warnings
 from dataclasses import asdict, dataclass
 from functools import lru_cache
 from pathlib import Path
-from typing import NamedTuple
+from typing import Callable, NamedTuple
 
 import numpy as np
 from PIL import Image, ImageFile
@@ -111,7 +111,8 @@ def _tiff_to_rgb(path: Path) -> np.ndarray:
 
 
 def load_image(path: Path, min_size: tuple[int, int] | None = None,
-               resize_to: tuple[int, int] | None = None) -> tuple[np.ndarray, tuple[int, int]]:
+               resize_to: tuple[int, int] | Callable[[int, int], tuple[int, int]] | None = None,
+               ) -> tuple[np.ndarray, tuple[int, int]]:
     """Decode an image as 8-bit RGB, at reduced size when that is enough.
 
     Args:
@@ -119,29 +120,32 @@ def load_image(path: Path, min_size: tuple[int, int] | None = None,
             scaling (1/2, 1/4, 1/8) to the smallest size still at least this large, which is
             what makes 30-megapixel files cheap.
         resize_to: (height, width) to resize to (bilinear, anti-aliased) before the pixels
-            become an array; also implies `min_size`.
+            become an array, or a function of the original (height, width) that gives it;
+            also implies `min_size`.
     Returns:
         (pixels, (original height, original width)).
     Raises:
         InputError naming the file when it is missing, truncated or not an image.
     """
     path = Path(path)
-    min_size = min_size or resize_to
     try:
         if path.suffix.lower() in (".tif", ".tiff"):
             arr = _tiff_to_rgb(path)
-            return (arr if resize_to is None else _resize(arr, *resize_to)), arr.shape[:2]
+            target = resize_to(*arr.shape[:2]) if callable(resize_to) else resize_to
+            return (arr if target is None else _resize(arr, *target)), arr.shape[:2]
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # palette/EXIF chatter; real failures raise below
             with Image.open(path) as img:
                 orig_w, orig_h = img.size
-                if min_size is not None and img.format == "JPEG":
-                    img.draft("RGB", (max(1, min_size[1]), max(1, min_size[0])))
+                target = resize_to(orig_h, orig_w) if callable(resize_to) else resize_to
+                draft = min_size or target
+                if draft is not None and img.format == "JPEG":
+                    img.draft("RGB", (max(1, draft[1]), max(1, draft[0])))
                 img.load()
                 rgb = _to_rgb_image(img)
-                if resize_to is not None and rgb.size != (resize_to[1], resize_to[0]):
+                if target is not None and rgb.size != (target[1], target[0]):
                     # resized as a PIL image: skips two full-size array copies per file
-                    rgb = rgb.resize((resize_to[1], resize_to[0]), Image.BILINEAR)
+                    rgb = rgb.resize((target[1], target[0]), Image.BILINEAR)
                 return np.asarray(rgb), (orig_h, orig_w)
     except InputError:
         raise
@@ -154,17 +158,6 @@ def load_image(path: Path, min_size: tuple[int, int] | None = None,
 def _short(exc: Exception) -> str:
     text = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
     return text[:120]
-
-
-def inner_size_for(path: Path, size: int, fit: str, border: float = 0.0) -> tuple[int, int] | None:
-    """(h, w) an image will be resized to, read from its header only; None if Pillow cannot."""
-    try:
-        with Image.open(path) as img:
-            w, h = img.size
-    except Exception:  # the real decode reports the problem with the file's name
-        return None
-    t = plan_transform(h, w, size, fit, border)
-    return t.inner_h, t.inner_w
 
 
 def _resize(arr: np.ndarray, h: int, w: int, resample=Image.BILINEAR) -> np.ndarray:
@@ -319,7 +312,11 @@ def restore(output: np.ndarray, t: Transform) -> np.ndarray:
 def prepare(path: Path, size: int, fit: str, border: float = 0.0,
             margin: int = 0) -> tuple[np.ndarray, Transform]:
     """Read one image file and return (model input uint8, its transform)."""
-    inner_hw = inner_size_for(path, size, fit, border)
-    pixels, (orig_h, orig_w) = load_image(path, resize_to=inner_hw)
+
+    def inner_size(h: int, w: int) -> tuple[int, int]:  # from the header: the file is opened once
+        t = plan_transform(h, w, size, fit, border)
+        return t.inner_h, t.inner_w
+
+    pixels, (orig_h, orig_w) = load_image(path, resize_to=inner_size)
     t = plan_transform(orig_h, orig_w, size, fit, border, margin)
     return fit_image(pixels, t), t

@@ -359,3 +359,14 @@ def test_jpeg_is_decoded_at_reduced_size_when_enough(tmp_path, lesion):
     full, _ = load_image(path)
     reference = fit_image(full, t)
     assert np.abs(x.astype(int) - reference.astype(int)).mean() < 2.0
+
+
+def test_prepare_opens_each_file_once(tmp_path, lesion, monkeypatch):
+    """The inner size comes from the header of the same open file that is then decoded."""
+    rgb, _, _ = lesion(300, 400)
+    Image.fromarray(rgb).save(tmp_path / "one.jpg", quality=90)
+    real_open, opened = Image.open, []
+    monkeypatch.setattr(Image, "open", lambda *a, **k: opened.append(a[0]) or real_open(*a, **k))
+    x, t = prepare(tmp_path / "one.jpg", 64, "pad")
+    assert len(opened) == 1
+    assert (t.inner_h, t.inner_w) == (48, 64) and x.shape == (64, 64, 3)
