@@ -24,7 +24,7 @@ from dermtool.augment import dihedral, undo_dihedral
 from dermtool.config import ModelConfig, load_config
 from dermtool.data import find_images, image_id_of, unique_ids
 from dermtool.errors import InputError
-from dermtool.io import write_csv_atomic
+from dermtool.io import encode_mask_png, write_csv_atomic
 from dermtool.modelio import default_model_dir, load_engine, load_model, model_fingerprint  # noqa: F401  (load_model: re-exported)
 from dermtool.postprocess import PostprocessConfig, postprocess
 from dermtool.preprocess import Transform, prepare, restore, restore_mask
@@ -107,11 +107,7 @@ def _write_atomic(path: Path, writer) -> None:
 
 
 def _save_png(path: Path, mask: np.ndarray) -> None:
-    from PIL import Image
-
-    # compress_level 1: twice as fast as the default on large masks, files still small
-    _write_atomic(path, lambda t: Image.fromarray(np.asarray(mask, dtype=bool).view(np.uint8) * np.uint8(255)).save(
-        t, format="PNG", compress_level=1))
+    _write_atomic(path, lambda t: t.write_bytes(encode_mask_png(mask)))
 
 
 def _save_tiff(path: Path, prob: np.ndarray) -> None:

@@ -9,6 +9,8 @@ from __future__ import annotations
 import csv
 import math
 import os
+import struct
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -171,6 +173,41 @@ def read_mask_values(path: Path) -> np.ndarray:
     if array.ndim != 2:
         raise InputError(f"The mask file {path} has shape {array.shape}; expected a 2-D image.")
     return array
+
+
+def encode_mask_png(mask: np.ndarray) -> bytes:
+    """A boolean mask as the bytes of an 8-bit grayscale PNG, 0 = background and 255 = lesion
+    (the ISIC format), written directly rather than through Pillow.
+
+    Every row uses PNG's "Up" filter (the difference from the row above), which turns a mask
+    into zeros except where the lesion's edge moves. zlib's run-length strategy packs those
+    zeros faster than its fastest level and 3x smaller, and a small memLevel keeps its buffers
+    in cache: 5 is ~40 % faster than 8 or 9 at the same size (bench/pipeline_bench.py).
+    """
+    rows = _up_filtered(mask)
+    h, w = rows.shape[0], rows.shape[1] - 1
+    packer = zlib.compressobj(1, zlib.DEFLATED, 15, 5, zlib.Z_RLE)
+    data = packer.compress(rows) + packer.flush()
+    header = struct.pack(">IIBBBBB", w, h, 8, 0, 0, 0, 0)  # 8-bit grayscale, not interlaced
+    return b"\x89PNG\r\n\x1a\n" + _png_chunk(b"IHDR", header) + _png_chunk(b"IDAT", data) + _png_chunk(b"IEND", b"")
+
+
+def _up_filtered(mask: np.ndarray) -> np.ndarray:
+    """PNG scanlines of a 0/255 image of `mask`, each a filter byte (2, Up) and the row minus
+    the row above, modulo 256 (the first row's "above" is zeros)."""
+    mask = np.ascontiguousarray(mask, dtype=bool)
+    if mask.ndim != 2 or 0 in mask.shape:
+        raise ValueError(f"a PNG mask needs a non-empty 2-D array, not shape {mask.shape}")
+    ones = mask.view(np.uint8)
+    rows = np.empty((mask.shape[0], mask.shape[1] + 1), np.uint8)
+    rows[:, 0] = 2
+    np.negative(ones[0], out=rows[0, 1:])  # 255 * m == -m, modulo 256
+    np.subtract(ones[:-1], ones[1:], out=rows[1:, 1:])  # 255 * (m - above) == above - m
+    return rows
+
+
+def _png_chunk(kind: bytes, data: bytes) -> bytes:
+    return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(data, zlib.crc32(kind)))
 
 
 def find_masks(folder: Path) -> dict[str, Path]:

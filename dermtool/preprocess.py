@@ -14,7 +14,9 @@ from __future__ import annotations
 
 import warnings
 from dataclasses import asdict, dataclass
+from functools import lru_cache
 from pathlib import Path
+from typing import Callable, NamedTuple
 
 import numpy as np
 from PIL import Image, ImageFile
@@ -109,7 +111,8 @@ def _tiff_to_rgb(path: Path) -> np.ndarray:
 
 
 def load_image(path: Path, min_size: tuple[int, int] | None = None,
-               resize_to: tuple[int, int] | None = None) -> tuple[np.ndarray, tuple[int, int]]:
+               resize_to: tuple[int, int] | Callable[[int, int], tuple[int, int]] | None = None,
+               ) -> tuple[np.ndarray, tuple[int, int]]:
     """Decode an image as 8-bit RGB, at reduced size when that is enough.
 
     Args:
@@ -117,29 +120,32 @@ def load_image(path: Path, min_size: tuple[int, int] | None = None,
             scaling (1/2, 1/4, 1/8) to the smallest size still at least this large, which is
             what makes 30-megapixel files cheap.
         resize_to: (height, width) to resize to (bilinear, anti-aliased) before the pixels
-            become an array; also implies `min_size`.
+            become an array, or a function of the original (height, width) that gives it;
+            also implies `min_size`.
     Returns:
         (pixels, (original height, original width)).
     Raises:
         InputError naming the file when it is missing, truncated or not an image.
     """
     path = Path(path)
-    min_size = min_size or resize_to
     try:
         if path.suffix.lower() in (".tif", ".tiff"):
             arr = _tiff_to_rgb(path)
-            return (arr if resize_to is None else _resize(arr, *resize_to)), arr.shape[:2]
+            target = resize_to(*arr.shape[:2]) if callable(resize_to) else resize_to
+            return (arr if target is None else _resize(arr, *target)), arr.shape[:2]
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # palette/EXIF chatter; real failures raise below
             with Image.open(path) as img:
                 orig_w, orig_h = img.size
-                if min_size is not None and img.format == "JPEG":
-                    img.draft("RGB", (max(1, min_size[1]), max(1, min_size[0])))
+                target = resize_to(orig_h, orig_w) if callable(resize_to) else resize_to
+                draft = min_size or target
+                if draft is not None and img.format == "JPEG":
+                    img.draft("RGB", (max(1, draft[1]), max(1, draft[0])))
                 img.load()
                 rgb = _to_rgb_image(img)
-                if resize_to is not None and rgb.size != (resize_to[1], resize_to[0]):
+                if target is not None and rgb.size != (target[1], target[0]):
                     # resized as a PIL image: skips two full-size array copies per file
-                    rgb = rgb.resize((resize_to[1], resize_to[0]), Image.BILINEAR)
+                    rgb = rgb.resize((target[1], target[0]), Image.BILINEAR)
                 return np.asarray(rgb), (orig_h, orig_w)
     except InputError:
         raise
@@ -152,17 +158,6 @@ def load_image(path: Path, min_size: tuple[int, int] | None = None,
 def _short(exc: Exception) -> str:
     text = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
     return text[:120]
-
-
-def inner_size_for(path: Path, size: int, fit: str, border: float = 0.0) -> tuple[int, int] | None:
-    """(h, w) an image will be resized to, read from its header only; None if Pillow cannot."""
-    try:
-        with Image.open(path) as img:
-            w, h = img.size
-    except Exception:  # the real decode reports the problem with the file's name
-        return None
-    t = plan_transform(h, w, size, fit, border)
-    return t.inner_h, t.inner_w
 
 
 def _resize(arr: np.ndarray, h: int, w: int, resample=Image.BILINEAR) -> np.ndarray:
@@ -202,11 +197,106 @@ def _crop_inner(output: np.ndarray, t: Transform) -> np.ndarray:
 def restore_mask(mask: np.ndarray, t: Transform) -> np.ndarray:
     """A boolean content-square mask -> boolean mask at the original size.
 
-    Resized as 8-bit 0/255 with bilinear interpolation and cut at 128, so edges come out
-    smooth rather than blocky at any scale-up; 8-bit keeps it cheap on 30-megapixel frames.
+    Interpolated bilinearly and cut at 0.5, so edges come out smooth rather than blocky at any
+    scale-up. Scaling up (both sides at least the inner rectangle's, the usual case) follows
+    `upscale_mask`'s exact definition, which costs little even for 30-megapixel frames; an image
+    smaller than the model's square in either direction goes through `_pil_resize_mask`.
     """
-    inner = np.ascontiguousarray(_crop_inner(mask, t), dtype=np.uint8) * np.uint8(255)
-    return _resize(inner, t.orig_h, t.orig_w) >= 128
+    inner = _crop_inner(mask, t)
+    if t.orig_h >= t.inner_h and t.orig_w >= t.inner_w:
+        return upscale_mask(inner, t.orig_h, t.orig_w)
+    return _pil_resize_mask(inner, t.orig_h, t.orig_w)
+
+
+def _pil_resize_mask(mask: np.ndarray, h: int, w: int) -> np.ndarray:
+    """Pillow's bilinear resize (anti-aliased when shrinking) of the mask as 8-bit 0/255, cut at
+    128. Up-scaling went this way too before `upscale_mask`; tests and bench compare the two."""
+    inner = np.ascontiguousarray(mask, dtype=np.uint8) * np.uint8(255)
+    return _resize(inner, h, w) >= 128
+
+
+class _Axis(NamedTuple):
+    """How one axis of `upscale_mask`'s output maps onto the source, for one pair of sizes."""
+
+    i0: np.ndarray  # per output pixel: the source pixels around its centre and the second's weight
+    i1: np.ndarray
+    frac: np.ndarray
+    count: np.ndarray  # per source pixel: how many output pixels have it as i0, and the first
+    first: np.ndarray
+    run_start: np.ndarray  # runs of output pixels that share the source pixel nearer them
+    run_len: np.ndarray
+    run_source: np.ndarray
+    tie_runs: np.ndarray  # the runs (of one pixel) exactly halfway: frac == 0.5
+
+
+@lru_cache(maxsize=64)
+def _axis(n_out: int, n_in: int) -> _Axis:
+    """Pixel centres aligned, clamped at the edges. Cached: a folder has few distinct sizes."""
+    s = np.clip((np.arange(n_out) + 0.5) * n_in / n_out - 0.5, 0, n_in - 1)
+    i0 = s.astype(np.intp)  # floor: s >= 0
+    frac = s - i0
+    count = np.bincount(i0, minlength=n_in)
+    # r >= 0.5 is the value of the source pixel nearer the output pixel, or at a tie of either
+    first_near, second_near = 1 - frac >= 0.5, frac >= 0.5
+    tie = first_near & second_near
+    nearest = np.where(first_near, i0, np.minimum(i0 + 1, n_in - 1))
+    run_start = np.flatnonzero(np.r_[True, (nearest[1:] != nearest[:-1]) | tie[1:] | tie[:-1]])
+    axis = _Axis(i0, np.minimum(i0 + 1, n_in - 1), frac, count, np.cumsum(count) - count, run_start,
+                 np.diff(np.r_[run_start, n_out]), nearest[run_start], np.flatnonzero(tie[run_start]))
+    for array in axis:
+        array.flags.writeable = False  # shared by every call with these sizes
+    return axis
+
+
+def upscale_mask(mask: np.ndarray, out_h: int, out_w: int) -> np.ndarray:
+    """A boolean mask scaled up to (out_h, out_w): bilinear interpolation of its 0/1 values,
+    then >= 0.5. (Meant for scaling up: shrinking this way would skip pixels, not average them.)
+
+    Precisely, in float64, with output pixel centres mapped onto the source and clamped,
+    s = clip((i + 0.5) * n_in / n_out - 0.5, 0, n_in - 1), i0 = floor(s), i1 = min(i0 + 1,
+    n_in - 1), f = s - i0 per axis: each source row is first interpolated along x,
+    r = m[y, x0] + (m[y, x1] - m[y, x0]) * fx, then v = r[y0] + (r[y1] - r[y0]) * fy, and the
+    result is v >= 0.5. (Pillow's bilinear resize of the mask as 0/255 differs only where v is
+    within its 8-bit rounding of 0.5.)
+
+    Computed without the float image: r takes only the values 0, 1, fx and 1 - fx, and in this
+    form v >= 0.5 exactly when both r[y0] and r[y1] are (rounding cannot cross 0.5 between two
+    values on one side of it). So the output is two source rows' agreement repeated over the
+    block of output rows between them, and v is computed only where they straddle 0.5: a band
+    along the lesion's edge, a few percent of a 30-megapixel frame.
+    """
+    mask = np.asarray(mask, dtype=bool)
+    h = mask.shape[0]
+    rows, cols = _axis(out_h, h), _axis(out_w, mask.shape[1])
+    upper = mask[:, cols.run_source]  # (h, runs): r >= 0.5 of every source row, per column run
+    if cols.tie_runs.size:
+        tied = cols.run_start[cols.tie_runs]
+        upper[:, cols.tie_runs] = mask[:, cols.i0[tied]] | mask[:, cols.i1[tied]]
+    lower = np.vstack([upper[1:], upper[-1:]])  # the rows y1 = y0 + 1 (clamped) below them
+    out = np.repeat(np.repeat(upper & lower, cols.run_len, axis=1), rows.count, axis=0)
+    ys, ks = np.divmod(np.flatnonzero(upper ^ lower), upper.shape[1])  # straddling (row, run) pairs
+    lens = cols.run_len[ks]
+    ys = np.repeat(ys, lens)  # one entry per output column of each straddling run
+    xs = np.arange(ys.size) + np.repeat(cols.run_start[ks] - np.cumsum(lens) + lens, lens)
+    step = np.arange(rows.count.max())
+    for lo in range(0, ys.size, _BAND_CHUNK):  # bounded memory even for a speckled mask
+        y, x = ys[lo:lo + _BAND_CHUNK], xs[lo:lo + _BAND_CHUNK]
+        top = _interpolate_x(mask, y, cols, x)
+        bottom = _interpolate_x(mask, np.minimum(y + 1, h - 1), cols, x)
+        inside = step < rows.count[y, None]
+        band_rows = np.where(inside, rows.first[y, None] + step, 0)
+        hit = inside & (top[:, None] + (bottom - top)[:, None] * rows.frac[band_rows] >= 0.5)
+        out[band_rows[hit], np.broadcast_to(x[:, None], hit.shape)[hit]] = True
+    return out
+
+
+_BAND_CHUNK = 1 << 16
+
+
+def _interpolate_x(mask: np.ndarray, y: np.ndarray, cols: _Axis, x: np.ndarray) -> np.ndarray:
+    """`upscale_mask`'s r = a + (b - a) * fx at the points (y, x)."""
+    a = mask[y, cols.i0[x]].astype(np.float64)
+    return a + (mask[y, cols.i1[x]] - a) * cols.frac[x]
 
 
 def restore(output: np.ndarray, t: Transform) -> np.ndarray:
@@ -222,7 +312,11 @@ def restore(output: np.ndarray, t: Transform) -> np.ndarray:
 def prepare(path: Path, size: int, fit: str, border: float = 0.0,
             margin: int = 0) -> tuple[np.ndarray, Transform]:
     """Read one image file and return (model input uint8, its transform)."""
-    inner_hw = inner_size_for(path, size, fit, border)
-    pixels, (orig_h, orig_w) = load_image(path, resize_to=inner_hw)
+
+    def inner_size(h: int, w: int) -> tuple[int, int]:  # from the header: the file is opened once
+        t = plan_transform(h, w, size, fit, border)
+        return t.inner_h, t.inner_w
+
+    pixels, (orig_h, orig_w) = load_image(path, resize_to=inner_size)
     t = plan_transform(orig_h, orig_w, size, fit, border, margin)
     return fit_image(pixels, t), t

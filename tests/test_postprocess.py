@@ -7,7 +7,15 @@ import numpy as np
 import pytest
 from scipy import ndimage
 
-from dermtool.postprocess import PostprocessConfig, closing, largest_component, postprocess
+from dermtool.postprocess import (
+    PostprocessConfig,
+    _reference_closing,
+    _reference_largest_component,
+    closing,
+    fill_holes,
+    largest_component,
+    postprocess,
+)
 
 THRESHOLD_ONLY = PostprocessConfig(closing_radius=0, largest_component=False, fill_holes=False)
 
@@ -177,3 +185,100 @@ def test_config_records_every_step():
                              "fill_holes": True}
     assert PostprocessConfig().to_dict() == {"threshold": 0.5, "closing_radius": 3,
                                              "largest_component": True, "fill_holes": True}
+
+
+# --- the fast closing and hole filling against scipy -------------------------------------------
+
+
+def _random_masks(seed: int, count: int):
+    """Seeded masks of many shapes (1 px to 70 px sides): speckle of every density, and blobs
+    with holes, bays and border contact like a thresholded lesion map."""
+    rng = np.random.default_rng(seed)
+    for i in range(count):
+        h, w = (int(n) for n in rng.integers(1, 71, 2))
+        if i % 2:
+            yield rng.random((h, w)) < rng.random()
+        else:
+            seeds = rng.random((h, w)) < rng.uniform(0.002, 0.05)
+            blob = ndimage.binary_dilation(seeds, iterations=int(rng.integers(1, 8)))
+            yield blob ^ (rng.random((h, w)) < rng.uniform(0, 0.1))
+
+
+EDGE_CASES = {
+    "empty": np.zeros((9, 11), bool),
+    "full": np.ones((9, 11), bool),
+    "one pixel, set": np.ones((1, 1), bool),
+    "one pixel, clear": np.zeros((1, 1), bool),
+    "single pixel in the middle": np.pad(np.ones((1, 1), bool), 5),
+    "single row": b(["0110100111"]),
+    "single column": b(["0", "1", "1", "0", "1"]),
+    "touching every border": BORDER_LESION | BORDER_LESION[::-1, ::-1],
+    "ring and C": RING_AND_C,
+}
+
+
+@pytest.mark.parametrize("radius", range(7))
+def test_closing_equals_scipy_on_random_masks(radius):
+    for mask in _random_masks(seed=radius, count=120):
+        assert np.array_equal(closing(mask, radius), _reference_closing(mask, radius)), mask.shape
+
+
+@pytest.mark.parametrize("name", EDGE_CASES)
+@pytest.mark.parametrize("radius", range(7))
+def test_closing_equals_scipy_on_edge_cases(name, radius):
+    mask = EDGE_CASES[name]
+    assert np.array_equal(closing(mask, radius), _reference_closing(mask, radius))
+
+
+def test_closing_with_a_large_radius_equals_scipy():
+    """The CLI allows radii up to 32, wider than the mask itself here."""
+    for radius in (12, 32):
+        for mask in _random_masks(seed=100 + radius, count=10):
+            assert np.array_equal(closing(mask, radius), _reference_closing(mask, radius))
+
+
+def test_largest_component_equals_labelling_the_whole_frame():
+    """Labelled inside the foreground's box only: same component, ties (many equal specks in
+    the speckle masks) included."""
+    for mask in _random_masks(seed=11, count=400):
+        assert np.array_equal(largest_component(mask), _reference_largest_component(mask)), mask.shape
+    for name, mask in EDGE_CASES.items():
+        assert np.array_equal(largest_component(mask), _reference_largest_component(mask)), name
+
+
+def test_largest_component_tie_keeps_the_first_in_raster_order():
+    two = b(["000000", "000011", "110011", "110000"])  # equal squares; the right one starts higher
+    assert np.array_equal(largest_component(two), b(["000000", "000011", "000011", "000000"]))
+
+
+def test_fill_holes_equals_scipy_on_random_masks():
+    for mask in _random_masks(seed=7, count=400):
+        assert np.array_equal(fill_holes(mask), ndimage.binary_fill_holes(mask)), mask.shape
+
+
+@pytest.mark.parametrize("name", EDGE_CASES)
+def test_fill_holes_equals_scipy_on_edge_cases(name):
+    mask = EDGE_CASES[name]
+    filled = fill_holes(mask)
+    assert filled.dtype == bool and np.array_equal(filled, ndimage.binary_fill_holes(mask))
+
+
+def test_fill_holes_fills_an_island_in_a_hole_and_its_own_hole():
+    nested = b([
+        "1111111",
+        "1000001",
+        "1011101",
+        "1010101",
+        "1011101",
+        "1000001",
+        "1111111",
+    ])
+    assert fill_holes(nested).all()
+    # an 8-connected gap in the ring is not an opening: the background is 4-connected
+    diagonal_gap = b([
+        "01110",
+        "10001",
+        "10001",
+        "01110",
+    ])
+    assert fill_holes(diagonal_gap)[1:3, 1:4].all()

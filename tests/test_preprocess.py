@@ -13,15 +13,19 @@ from hypothesis import strategies as st
 from PIL import Image
 
 from dermtool.errors import InputError
+from dermtool.io import find_masks, read_mask
 from dermtool.metrics import jaccard
 from dermtool.preprocess import (
     Transform,
+    _pil_resize_mask,
     fit_image,
     fit_mask,
     load_image,
     plan_transform,
     prepare,
     restore,
+    restore_mask,
+    upscale_mask,
 )
 
 # --------------------------------------------------------------------------- plan_transform by hand
@@ -140,6 +144,94 @@ def test_mask_round_trip_keeps_jaccard_above_098(h, aspect, size, fit, border, m
     # no systematic shift: the centroid comes back within a quarter of a model pixel
     drift = np.abs(np.argwhere(back).mean(0) - np.argwhere(mask).mean(0))
     assert (drift / (h / t.inner_h, w / t.inner_w)).max() < 0.25
+
+
+# --------------------------------------------------------------------------- restoring a mask
+
+
+def _bilinear_reference(mask: np.ndarray, out_h: int, out_w: int) -> np.ndarray:
+    """`upscale_mask`'s definition written out: the whole float64 image, then >= 0.5."""
+
+    def coords(n_out, n_in):
+        s = np.clip((np.arange(n_out) + 0.5) * n_in / n_out - 0.5, 0, n_in - 1)
+        i0 = np.floor(s).astype(int)
+        return i0, np.minimum(i0 + 1, n_in - 1), s - i0
+
+    x0, x1, fx = coords(out_w, mask.shape[1])
+    y0, y1, fy = coords(out_h, mask.shape[0])
+    m = mask.astype(np.float64)
+    r = m[:, x0] + (m[:, x1] - m[:, x0]) * fx
+    return r[y0] + (r[y1] - r[y0]) * fy[:, None] >= 0.5
+
+
+def test_upscale_mask_by_hand():
+    # 1 x 2 -> 1 x 4: output centres fall at -0.25 (clamped to 0), 0.25, 0.75, 1.25 (clamped to 1)
+    assert upscale_mask(np.array([[False, True]]), 1, 4).tolist() == [[False, False, True, True]]
+    # 2 x 2 -> 3 x 3: the middle row and column fall halfway, where a diagonal averages to
+    # exactly 0.5, which counts as lesion
+    diagonal = np.array([[1, 0], [0, 1]], bool)
+    assert upscale_mask(diagonal, 3, 3).astype(int).tolist() == [[1, 1, 0], [1, 1, 1], [0, 1, 1]]
+    assert upscale_mask(~diagonal, 3, 3).astype(int).tolist() == [[0, 1, 1], [1, 1, 1], [1, 1, 0]]
+
+
+def test_upscale_mask_equals_the_float_reference_on_random_masks():
+    """Sides 1 to 12, non-square, factors from 1 (same size) to 25, integer ones included."""
+    rng = np.random.default_rng(0)
+    for i in range(1500):
+        h, w = (int(n) for n in rng.integers(1, 13, 2))
+        if i % 4 == 0:
+            out_h, out_w = h * int(rng.integers(1, 9)), w * int(rng.integers(1, 9))
+        else:
+            out_h, out_w = (max(n, int(n * rng.uniform(1, 25))) for n in (h, w))
+        mask = rng.random((h, w)) < rng.random()
+        assert np.array_equal(upscale_mask(mask, out_h, out_w), _bilinear_reference(mask, out_h, out_w)), \
+            (h, w, out_h, out_w)
+
+
+@pytest.mark.parametrize("out_hw", [(256, 256), (767, 1023), (1936, 2592)])
+def test_upscale_mask_equals_the_float_reference_at_real_sizes(out_hw, lesion):
+    """The model's 192 px square to real frame sizes, where exact ties (v == 0.5) occur."""
+    _, mask, _ = lesion(192, 192, seed=3)
+    mask[50:60, 20:30] = False  # a hole, and a speck: more edges than one smooth outline
+    mask[150, 170] = True
+    assert np.array_equal(upscale_mask(mask, *out_hw), _bilinear_reference(mask, *out_hw))
+
+
+def _restored_both_ways(mask: np.ndarray, t: Transform) -> tuple[np.ndarray, np.ndarray]:
+    square = fit_mask(mask, t).astype(bool)
+    inner = square[t.top:t.top + t.inner_h, t.left:t.left + t.inner_w]
+    return restore_mask(square, t), _pil_resize_mask(inner, t.orig_h, t.orig_w)
+
+
+def _assert_close_to_pillow(masks) -> None:
+    """restore_mask against its former Pillow path, squash and pad: < 0.05 % pixels per image."""
+    for mask in masks:
+        for fit in ("squash", "pad"):
+            t = plan_transform(*mask.shape, 192, fit)
+            new, old = _restored_both_ways(mask, t)
+            assert new.dtype == bool and new.shape == mask.shape
+            assert (new != old).mean() < 0.0005, (mask.shape, fit, (new != old).mean())
+
+
+def test_restore_mask_is_pillows_but_for_rounding_on_real_masks(isic_dir):
+    paths = sorted(find_masks(isic_dir / "val" / "masks").values())[::5]
+    paths += sorted(find_masks(isic_dir / "val_fullres" / "masks").values())
+    _assert_close_to_pillow(read_mask(p) for p in paths)
+
+
+def test_restore_mask_is_pillows_but_for_rounding_on_synthetic_lesions(lesion):
+    _assert_close_to_pillow(lesion(h, w, seed=i)[1] for i, (h, w) in enumerate([(256, 256), (450, 600), (2000, 3008)]))
+
+
+def test_restore_mask_scales_up_exactly_and_down_through_pillow():
+    rng = np.random.default_rng(4)
+    square = rng.random((64, 64)) < 0.5
+    up = plan_transform(300, 200, 64, "pad", margin=8)  # inner 64 x 43 -> 300 x 200
+    padded = np.pad(square, 8)  # a same-padded model predicts its margin too
+    assert np.array_equal(restore_mask(padded, up), _bilinear_reference(square[:, up.left:up.left + 43], 300, 200))
+    for t in (plan_transform(30, 50, 64, "pad"), plan_transform(30, 90, 64, "squash")):  # down; down and up
+        inner = square[t.top:t.top + t.inner_h, t.left:t.left + t.inner_w]
+        assert np.array_equal(restore_mask(square, t), _pil_resize_mask(inner, 30, t.orig_w))
 
 
 # --------------------------------------------------------------------------- decoding
@@ -267,3 +359,14 @@ def test_jpeg_is_decoded_at_reduced_size_when_enough(tmp_path, lesion):
     full, _ = load_image(path)
     reference = fit_image(full, t)
     assert np.abs(x.astype(int) - reference.astype(int)).mean() < 2.0
+
+
+def test_prepare_opens_each_file_once(tmp_path, lesion, monkeypatch):
+    """The inner size comes from the header of the same open file that is then decoded."""
+    rgb, _, _ = lesion(300, 400)
+    Image.fromarray(rgb).save(tmp_path / "one.jpg", quality=90)
+    real_open, opened = Image.open, []
+    monkeypatch.setattr(Image, "open", lambda *a, **k: opened.append(a[0]) or real_open(*a, **k))
+    x, t = prepare(tmp_path / "one.jpg", 64, "pad")
+    assert len(opened) == 1
+    assert (t.inner_h, t.inner_w) == (48, 64) and x.shape == (64, 64, 3)
