@@ -416,7 +416,7 @@ def infer_cli(
     console.print(
         f"{'[yellow]interrupted[/]' if summary.interrupted else '[green]done[/]'}: {summary.done} images, "
         f"{summary.skipped} skipped (already done), {len(summary.failed)} failed, "
-        f"{summary.images_per_second:.1f} images/s on {summary.device} ({summary.engine}); model {summary.model}; "
+        f"{summary.images_per_second:.1f} images/s on {summary.device} ({summary.engine}: {summary.engine_file}); "
         f"outputs in {out}",
         highlight=False, soft_wrap=True)
     if report and not summary.interrupted:

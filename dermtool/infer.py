@@ -56,6 +56,7 @@ class InferSummary:
     load_seconds: float = 0.0
     model: str = ""
     engine: str = ""
+    engine_file: str = ""  # what the engine runs: the weights, or the exported file
     device: str = ""
     interrupted: bool = False
 
@@ -192,7 +193,7 @@ def predict_folder(images_dir: Path, out_dir: Path, model_dir: Path | None = Non
     cfg = model.cfg
     if opts.post.threshold is None:
         opts = replace(opts, post=replace(opts.post, threshold=cfg.threshold))
-    summary = InferSummary(model=str(model_dir), engine=model.name, duplicates=duplicates)
+    summary = InferSummary(model=str(model_dir), engine=model.name, engine_file=str(model.path), duplicates=duplicates)
     record = _run_record(images_dir, model_fingerprint(model_dir), summary, cfg, opts)
     if opts.resume:
         _check_resume(out_dir / record_name(opts.shard), record, out_dir)
@@ -299,7 +300,8 @@ def _run_record(images_dir: Path, model_sha1: str, summary: InferSummary, cfg: M
                 opts: InferOptions) -> dict:
     """The settings of a run, as infer.json records them (the counts are added when written)."""
     return {
-        "model": summary.model, "engine": summary.engine, "model_sha1": model_sha1, "task": cfg.task, "images": str(Path(images_dir).resolve()),
+        "model": summary.model, "engine": summary.engine, "engine_file": summary.engine_file,
+        "model_sha1": model_sha1, "task": cfg.task, "images": str(Path(images_dir).resolve()),
         "tta": opts.tta, "postprocess": opts.post.to_dict(), "probabilities": opts.probabilities,
         "overlay": opts.overlay, "shard": f"{opts.shard[0]}/{opts.shard[1]}",
     }

@@ -14,7 +14,8 @@ model's calibrated mixed-int8 LiteRT file); `--engine litert` uses it when its c
 names these weights (their sha1), and converts the folder otherwise.
 
 `load_engine` opens any of them as an engine with `predict_on_batch(x) -> {"seg", "cls"}` (raw
-0-255 RGB in, float32 probabilities out), which is all inference needs; `write_export` writes
+0-255 RGB in, float32 probabilities out), its `cfg`, `name` and `path` (the file it runs),
+which is all inference needs; `write_export` writes
 an export folder. A new format is a writer and an engine class here, nothing elsewhere.
 """
 
@@ -115,6 +116,7 @@ class KerasEngine:
 
     def __init__(self, model_dir: Path):
         self.model, self.cfg = load_model(model_dir)
+        self.path = weights_file(Path(model_dir))
 
     def predict_on_batch(self, x: np.ndarray) -> dict:
         return {k: np.asarray(v, np.float32) for k, v in self.model.predict_on_batch(x).items()}

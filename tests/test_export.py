@@ -15,6 +15,7 @@ import shutil
 import sys
 from pathlib import Path
 
+import keras
 import numpy as np
 import pytest
 from PIL import Image
@@ -83,6 +84,7 @@ def tiny(tmp_path_factory) -> Path:
     folder.mkdir()
     cfg = preset_config("compact", "joint", size=32, base_filters=4, depth=2)
     save_config(folder / "config.json", cfg)
+    keras.utils.set_random_seed(7)  # the same net every run
     model = build_model(cfg)
     x = synthetic_inputs(cfg, 4)
     prob = np.clip(model.predict_on_batch(x)["seg"], 1e-6, 1 - 1e-6)
@@ -195,6 +197,8 @@ def test_a_model_folder_uses_the_litert_export_it_carries_while_it_is_of_its_wei
     result = infer(images / "images", "--out", tmp_path / "a", "--model", folder, "--engine", "litert")
     assert result.exit_code == 0, result.output
     assert "converting" not in result.output and not (tmp_path / "cache").exists()
+    ran = json.loads((tmp_path / "a" / "infer.json").read_text())["engine_file"]
+    assert ran == str(folder / "litert" / "model.tflite")
     # the weights change (a retrained model): the carried file is stale, a copy is converted
     weights = folder / "best.weights.h5"
     weights.write_bytes(weights.read_bytes() + b"\0")
@@ -202,6 +206,8 @@ def test_a_model_folder_uses_the_litert_export_it_carries_while_it_is_of_its_wei
     result = infer(images / "images", "--out", tmp_path / "b", "--model", folder, "--engine", "litert")
     assert result.exit_code == 0, result.output
     assert "converting" in result.output and len(list((tmp_path / "cache" / "engines").iterdir())) == 1
+    ran = Path(json.loads((tmp_path / "b" / "infer.json").read_text())["engine_file"])
+    assert ran.name == "model.tflite" and ran.parent.parent == tmp_path / "cache" / "engines"
 
 
 @litert

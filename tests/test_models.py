@@ -151,3 +151,21 @@ def test_thesis_seg_preset_has_the_thesis_parameter_count():
     assert model.input_shape == (None, 572, 572, 3)
     assert model.get_layer("seg").output.shape[1:] == (388, 388, 1)
     assert model.count_params() == 7_760_097
+
+
+@pytest.mark.parametrize("preset", ["compact", "thesis", "lite0"])
+def test_mixed_float_layers_name_layers_of_every_encoder(built, preset):
+    """`export --quantize mixed` finds its float32 layers by these prefixes: each encoder has an
+    entry, and each prefix names a layer of the built network."""
+    from dermtool.config import ENCODERS
+    from dermtool.models import MIXED_FLOAT_LAYERS
+
+    assert set(MIXED_FLOAT_LAYERS) == set(ENCODERS)
+    if preset == "lite0":
+        cfg = preset_config("lite0", "joint", size=64, pretrained=False)
+        model = build_model(cfg)
+    else:
+        cfg, model = built(preset, "joint")
+    names = [layer.name for layer in model.layers]
+    for prefix in MIXED_FLOAT_LAYERS[cfg.encoder]:
+        assert any(n.startswith(prefix) for n in names), prefix
