@@ -511,7 +511,8 @@ def export_cli(
         if p is not None and not p.is_dir():
             fail(f"{p}: {what} not found.")
     try:
-        report = export(model, out, fmt, quantize, calibration, check, log=lambda m: console.print(m, highlight=False))
+        report = export(model, out, fmt, quantize, calibration, check,
+                        log=lambda m: console.print(escape(m), highlight=False, soft_wrap=True))
     except InputError as exc:
         fail(str(exc))
     diff = report.difference

@@ -40,14 +40,29 @@ class ExportReport:
     notes: list = field(default_factory=list)
 
 
-def load_inputs(folder: Path, cfg: ModelConfig, limit: int) -> np.ndarray:
-    """Up to `limit` images of `folder` (evenly spread, by name) as model inputs, float32."""
+def load_inputs(folder: Path, cfg: ModelConfig, limit: int, log=None) -> np.ndarray:
+    """Up to `limit` images of `folder` (evenly spread, by name) as model inputs, float32.
+
+    An unreadable file is skipped with a line to `log` naming it; only a folder with no
+    readable image at all is an error.
+    """
     paths = find_images(folder)
     if not paths:
         raise InputError(f"{folder}: no images (.jpg .png .tif .bmp) in this folder.")
     if len(paths) > limit:
         paths = [paths[i] for i in np.linspace(0, len(paths) - 1, limit).round().astype(int)]
-    return np.stack([prepare(p, cfg.size, cfg.fit, cfg.border, cfg.margin)[0] for p in paths]).astype(np.float32)
+    inputs, problems = [], []
+    for path in paths:
+        try:
+            inputs.append(prepare(path, cfg.size, cfg.fit, cfg.border, cfg.margin)[0])
+        except InputError as exc:
+            problems.append(str(exc))
+    if not inputs:
+        raise InputError(f"{folder}: none of its {len(paths)} images could be read (the first: {problems[0]})")
+    for problem in problems:
+        if log:
+            log(f"skipped {problem}")
+    return np.stack(inputs).astype(np.float32)
 
 
 def synthetic_inputs(cfg: ModelConfig, n: int = 8) -> np.ndarray:
@@ -107,14 +122,14 @@ def export(model_dir: Path, out_dir: Path, fmt: str, quantize: str = "none", cal
     if out_dir.suffix.lower() in (".tflite", ".onnx"):
         raise InputError(f"{out_dir}: --out is a folder (it gets the model file and its config.json).")
     cfg, _, _ = load_config(folder)
-    calib = load_inputs(calibration, cfg, CALIBRATION_IMAGES) if calibration else None
+    calib = load_inputs(calibration, cfg, CALIBRATION_IMAGES, log) if calibration else None
     started = time.perf_counter()
     path = write_export(folder, out_dir, fmt, quantize, calib,
                         calibration_from=shown_path(calibration) if calibration else None)
     seconds = time.perf_counter() - started
     size = sum(p.stat().st_size for p in path.rglob("*") if p.is_file()) if path.is_dir() else path.stat().st_size
     if check is not None:
-        x = load_inputs(resolve_layout(check).images, cfg, COMPARE_IMAGES)
+        x = load_inputs(resolve_layout(check).images, cfg, COMPARE_IMAGES, log)
     elif calib is not None:
         x = calib[:COMPARE_IMAGES]
     else:

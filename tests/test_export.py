@@ -177,6 +177,25 @@ def test_mixed_keeps_the_normalisation_and_first_stage_float_and_the_rest_int8(e
 
 
 @litert
+def test_an_unreadable_calibration_image_is_named_and_skipped(tiny, images, tmp_path):
+    calibration = tmp_path / "calibration"
+    shutil.copytree(images / "images", calibration)
+    good = len(list(calibration.iterdir()))
+    (calibration / "broken.jpg").write_bytes(b"not a jpeg")
+    result = export(tiny, "--out", tmp_path / "ex", "--format", "tflite", "--quantize", "mixed",
+                    "--calibration", calibration)
+    assert result.exit_code == 0, result.output
+    assert "skipped" in result.output and "broken.jpg" in result.output
+    assert json.loads((tmp_path / "ex" / "config.json").read_text())["export"]["calibration"]["images"] == good
+    (calibration / "only.png").write_bytes(b"")
+    for path in calibration.iterdir():
+        if path.name not in ("broken.jpg", "only.png"):
+            path.unlink()
+    _one_line_error(export(tiny, "--out", tmp_path / "ex2", "--format", "tflite", "--quantize", "int8",
+                           "--calibration", calibration), calibration, "none of its 2 images")
+
+
+@litert
 def test_litert_runs_a_batch_as_one_call_with_the_outputs_of_image_by_image(exports):
     engine = load_engine(exports("tflite", "mixed"))
     x = synthetic_inputs(engine.cfg, 5)
