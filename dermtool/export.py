@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import tempfile
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -37,7 +37,6 @@ class ExportReport:
     seconds: float
     difference: dict  # output -> largest absolute difference; "mask_pixels_changed" fraction; "images"
     check: dict | None = None  # {"keras": scores, "export": scores}
-    notes: list = field(default_factory=list)
 
 
 def load_inputs(folder: Path, cfg: ModelConfig, limit: int, log=None) -> np.ndarray:

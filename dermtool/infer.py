@@ -21,7 +21,7 @@ import numpy as np
 
 from dermtool import CLASS_NAMES
 from dermtool.augment import dihedral, undo_dihedral
-from dermtool.config import ModelConfig, load_config
+from dermtool.config import ModelConfig
 from dermtool.data import find_images, image_id_of, unique_ids
 from dermtool.errors import InputError
 from dermtool.io import encode_mask_png, write_csv_atomic

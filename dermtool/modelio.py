@@ -291,7 +291,7 @@ def load_engine(path: Path | None = None, engine: str | None = None, log=None):
             Keras model folder asked for another engine uses the export it carries for it
             (`shipped_export`), else is converted once (ENGINE_QUANTIZE) and kept in the user
             cache (`cache_dir()`), keyed by the folder's config and weights.
-        log: called with a line when a conversion runs.
+        log: called with a line when a conversion runs, or a carried export is stale.
     """
     folder, file, fmt = resolve_model(path)
     own = "keras" if fmt == "keras" else _ENGINE_OF_FORMAT[fmt]
@@ -303,7 +303,10 @@ def load_engine(path: Path | None = None, engine: str | None = None, log=None):
     if engine != own:
         if fmt != "keras":
             raise InputError(f"{file}: a {fmt} export runs on the {own} engine, not {engine}.")
-        folder, file, fmt = resolve_model(shipped_export(folder, engine) or cached_export(folder, engine, log))
+        shipped = shipped_export(folder, engine)
+        if shipped is None and (folder / engine / "config.json").is_file() and log:
+            log(f"not using {folder / engine}: it was exported from other weights than {folder}'s")
+        folder, file, fmt = resolve_model(shipped or cached_export(folder, engine, log))
     cfg, _, _ = load_config(folder)
     if not file.exists():
         raise InputError(f"{file}: missing; its export folder {folder} is incomplete.")
@@ -440,7 +443,7 @@ def export_description(cfg: ModelConfig, fmt: str, quantize: str, source: Path,
     s = cfg.input_size
     outputs = {}
     if cfg.has_seg:
-        outputs["seg"] = {"shape": [batch, s, s, 1], "meaning": f"lesion probability per pixel; lesion where > threshold"}
+        outputs["seg"] = {"shape": [batch, s, s, 1], "meaning": "lesion probability per pixel; lesion where > threshold"}
     if cfg.has_cls:
         outputs["cls"] = {"shape": [batch, len(cfg.class_names)], "meaning": "class probabilities (softmax)",
                           "classes": list(cfg.class_names)}
