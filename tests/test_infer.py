@@ -587,8 +587,14 @@ def test_two_files_with_one_id_use_the_first_by_name_and_exit_1(models, dataset,
 
 
 @pytest.mark.parametrize("setting, extra", [("model", ["--model", "other"]), ("closing_radius", ["--closing-radius", "5"]),
-                                            ("tta", ["--tta", "4"]), ("threshold", ["--threshold", "0.3"])])
-def test_resume_with_other_settings_is_refused(joint_run, models, dataset, tmp_path, setting, extra):
+                                            ("tta", ["--tta", "4"]), ("threshold", ["--threshold", "0.3"]),
+                                            ("engine", ["--engine", "savedmodel"])])
+def test_resume_with_other_settings_is_refused(joint_run, models, dataset, tmp_path, monkeypatch, setting, extra):
+    monkeypatch.setenv("DERMTOOL_CACHE_DIR", str(tmp_path / "cache"))
+    if setting == "engine":  # converted beforehand, so the refusal is all that infer prints
+        from dermtool.modelio import load_engine
+
+        load_engine(models["joint"], "savedmodel")
     out = Path(shutil.copytree(joint_run[1], tmp_path / "out"))
     (out / "wide_segmentation.png").unlink()  # something left to do
     before = {p.name: p.read_bytes() for p in out.iterdir()}
