@@ -1,15 +1,50 @@
-"""Training-time augmentation, in numpy on whole batches.
+"""Training-time augmentation, in numpy and Pillow on whole batches.
 
-Every sample draws its own transform from one `numpy.random.Generator` that lives for the whole
-run, so two epochs (and two samples) see different transforms while a seeded run repeats
-exactly. (The thesis code re-seeded per sample, so every image got the same flip.)
+Every sample draws its own transform from one `numpy.random.Generator` per batch (seeded by
+seed, epoch and step), so two epochs (and two samples) see different transforms while a seeded
+run repeats exactly. (The thesis code re-seeded per sample, so every image got the same flip.)
+
+An augmentation is a set of groups joined by "+" (`--augment flips+geometry+color-strong`):
+
+- `flips`: one of the 8 symmetries of the square;
+- `color`: mild brightness, contrast and per-channel gain jitter (the first recipes' colour);
+- `color-strong`: stronger brightness and contrast, saturation and hue rotation, per-channel
+  gain: dermatoscopes and clinics differ in white balance and exposure;
+- `geometry`: random resized crop (area 45-100 %, aspect 3:4 to 4:3), rotation by any angle and
+  shear, with reflected fill, so zoom, framing and orientation are not a cue of the source;
+- `chain`: the resampling chain an image went through before it reached dermtool: downscale
+  and upscale by a random factor, Gaussian blur, JPEG re-compression at a random quality. The
+  same lesion reaches users as a 12-megapixel original and as a 256 px copy.
+
+`none` is the empty set. Masks move with their images (geometry and flips); colour and chain
+groups change only the image.
 """
 
 from __future__ import annotations
 
-import numpy as np
+import io
+import math
 
-MODES = ("none", "flips", "flips+color")
+import numpy as np
+from PIL import Image, ImageFilter
+
+GROUPS = ("flips", "color", "color-strong", "geometry", "chain")
+MODES = ("none", "flips", "flips+color")  # the historical names, still valid
+MISSING = 255  # a batch mask of this value everywhere is "no mask" (dermtool.dataset.MISSING_MASK)
+
+
+def parse_groups(mode: str) -> tuple[str, ...]:
+    """The groups of an augmentation name, in canonical order; ValueError names a bad group."""
+    if mode in ("", "none"):
+        return ()
+    groups = [g.strip() for g in mode.split("+")]
+    bad = [g for g in groups if g not in GROUPS]
+    if bad:
+        raise ValueError(f"unknown augmentation {'+'.join(bad)!r}; use none or groups joined by '+' "
+                         f"from {', '.join(GROUPS)}")
+    if "color" in groups and "color-strong" in groups:
+        raise ValueError("choose color or color-strong, not both")
+    return tuple(g for g in GROUPS if g in groups)
 
 
 def dihedral(x: np.ndarray, k: int) -> np.ndarray:
@@ -40,29 +75,157 @@ def augment_batch(images: np.ndarray, masks: np.ndarray | None, rng: np.random.G
 
     Args:
         images: uint8 (N, H, W, 3), square.
-        masks: (N, H, W) or None.
+        masks: (N, H, W) uint8 {0, 1}, `MISSING` everywhere for a sample without a mask, or None.
+            Same size as the images, or smaller (the valid-convolution models' output square).
+        mode: the groups (see the module docstring).
     Returns:
         (float32 images in 0..255, masks, the dihedral code drawn for each sample).
     """
+    groups = parse_groups(mode)
     n = images.shape[0]
-    if mode == "none":
-        return images.astype(np.float32), masks, np.zeros(n, np.int64)
-    if mode not in MODES:
-        raise ValueError(f"unknown augmentation {mode!r}; choose one of {', '.join(MODES)}")
-    codes = rng.integers(0, 8, size=n)
-    out = np.empty(images.shape, np.float32)
-    out_masks = None if masks is None else np.empty_like(masks)
-    for i, k in enumerate(codes):
-        out[i] = dihedral(images[i], int(k))
+    codes = np.zeros(n, np.int64)
+    if not groups:
+        return images.astype(np.float32), masks, codes
+    images = np.array(images, np.uint8)  # a copy: the caller's batch stays as it was
+    masks = None if masks is None else np.array(masks)
+    if "geometry" in groups:
+        for i in range(n):
+            m = None if masks is None else masks[i]
+            images[i], warped = random_affine(images[i], m, rng)
+            if masks is not None:
+                masks[i] = warped
+    if "chain" in groups:
+        for i in range(n):
+            images[i] = resampling_chain(images[i], rng)
+    if "flips" in groups:
+        codes = rng.integers(0, 8, size=n)
+        images = np.stack([dihedral(im, int(k)) for im, k in zip(images, codes)])
         if masks is not None:
-            out_masks[i] = dihedral(masks[i], int(k))
-    if mode == "flips+color":
-        # mild jitter: brightness, contrast and per-channel gain, as dermoscopes differ
-        brightness = rng.uniform(-20, 20, size=(n, 1, 1, 1))
-        contrast = rng.uniform(0.85, 1.15, size=(n, 1, 1, 1))
-        gain = rng.uniform(0.93, 1.07, size=(n, 1, 1, 3))
-        mean = out.mean(axis=(1, 2, 3), keepdims=True)
-        out = (out - mean) * contrast + mean + brightness
-        out *= gain
-        np.clip(out, 0, 255, out=out)
-    return out.astype(np.float32, copy=False), out_masks, codes
+            masks = np.stack([dihedral(m, int(k)) for m, k in zip(masks, codes)])
+    out = images.astype(np.float32)
+    if "color" in groups:
+        out = _mild_color(out, rng)
+    elif "color-strong" in groups:
+        out = _strong_color(out, rng)
+    return out, masks, codes
+
+
+def _mild_color(out: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    n = out.shape[0]
+    brightness = rng.uniform(-20, 20, size=(n, 1, 1, 1))
+    contrast = rng.uniform(0.85, 1.15, size=(n, 1, 1, 1))
+    gain = rng.uniform(0.93, 1.07, size=(n, 1, 1, 3))
+    mean = out.mean(axis=(1, 2, 3), keepdims=True)
+    out = (out - mean) * contrast + mean + brightness
+    out *= gain
+    return np.clip(out, 0, 255).astype(np.float32, copy=False)
+
+
+#: RGB -> YIQ: hue is a rotation of (I, Q), saturation their length.
+_YIQ = np.array([[0.299, 0.587, 0.114], [0.596, -0.274, -0.322], [0.211, -0.523, 0.312]])
+_YIQ_INV = np.linalg.inv(_YIQ)
+
+
+def color_matrix(hue_degrees: float, saturation: float) -> np.ndarray:
+    """3x3 RGB matrix that rotates hue by `hue_degrees` and scales saturation (YIQ space)."""
+    a = math.radians(hue_degrees)
+    rot = np.array([[1.0, 0.0, 0.0],
+                    [0.0, saturation * math.cos(a), -saturation * math.sin(a)],
+                    [0.0, saturation * math.sin(a), saturation * math.cos(a)]])
+    return _YIQ_INV @ rot @ _YIQ
+
+
+def _strong_color(out: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    n = out.shape[0]
+    mats = np.stack([color_matrix(rng.uniform(-12, 12), rng.uniform(0.7, 1.3)) for _ in range(n)])
+    gain = rng.uniform(0.85, 1.15, size=(n, 1, 1, 3))
+    mats = mats * gain.reshape(n, 1, 3)  # per-channel gain after the colour rotation
+    out = np.einsum("nhwc,ndc->nhwd", out, mats.astype(np.float32))
+    brightness = rng.uniform(-30, 30, size=(n, 1, 1, 1))
+    contrast = rng.uniform(0.75, 1.3, size=(n, 1, 1, 1))
+    mean = out.mean(axis=(1, 2, 3), keepdims=True)
+    out = (out - mean) * contrast + mean + brightness
+    return np.clip(out, 0, 255).astype(np.float32, copy=False)
+
+
+def affine_matrix(side: int, scale: float, aspect: float, angle: float, shear: float,
+                  shift: tuple[float, float]) -> np.ndarray:
+    """2x3 matrix mapping output pixel (x, y, 1) to input coordinates, about the centre.
+
+    The output shows a window of the input whose area is `scale` of the square and whose
+    width:height is `aspect`, rotated by `angle` and sheared by `shear` (degrees), its centre
+    moved by `shift` (fractions of the side).
+    """
+    c = (side - 1) / 2.0
+    sx, sy = math.sqrt(scale * aspect), math.sqrt(scale / aspect)
+    a, s = math.radians(angle), math.tan(math.radians(shear))
+    rot = np.array([[math.cos(a), -math.sin(a)], [math.sin(a), math.cos(a)]])
+    lin = rot @ np.array([[1.0, s], [0.0, 1.0]]) @ np.diag([sx, sy])
+    centre = np.array([c + shift[0] * side, c + shift[1] * side])
+    offset = centre - lin @ np.array([c, c])
+    return np.hstack([lin, offset[:, None]])
+
+
+def random_affine(image: np.ndarray, mask: np.ndarray | None, rng: np.random.Generator):
+    """Random resized crop + rotation + shear of one (image, mask), reflected fill."""
+    side = image.shape[0]
+    scale = rng.uniform(0.45, 1.0)
+    aspect = math.exp(rng.uniform(math.log(3 / 4), math.log(4 / 3)))
+    room = max(0.0, (1.0 - math.sqrt(scale)) / 2)  # keep the window mostly inside the frame
+    mat = affine_matrix(side, scale, aspect, rng.uniform(-180, 180), rng.uniform(-10, 10),
+                        (rng.uniform(-room, room), rng.uniform(-room, room)))
+    warped = _warp(image, mat, Image.BILINEAR)
+    if mask is None:
+        return warped, None
+    if mask.min() == MISSING:  # no mask: nothing to move
+        return warped, mask
+    m = mat if mask.shape[0] == side else _shrink_for_output(mat, side, mask.shape[0])
+    soft = _warp((mask > 0).astype(np.uint8) * 255, m, Image.BILINEAR)
+    return warped, (soft >= 128).astype(mask.dtype)
+
+
+def _shrink_for_output(mat: np.ndarray, side: int, out_side: int) -> np.ndarray:
+    """The matrix for a centred `out_side` square inside the `side` square (same pixel grid)."""
+    d = (side - out_side) / 2.0
+    m = mat.copy()
+    m[:, 2] = mat[:, 2] + mat[:, :2] @ np.array([d, d]) - d
+    return m
+
+
+def _warp(arr: np.ndarray, mat: np.ndarray, resample) -> np.ndarray:
+    """Apply `mat` (output -> input) with reflected fill: pad by reflection, then Pillow's affine."""
+    side = arr.shape[0]
+    pad = side // 2
+    widths = ((pad, pad), (pad, pad)) + (((0, 0),) if arr.ndim == 3 else ())
+    padded = np.pad(arr, widths, mode="symmetric")
+    img = Image.fromarray(np.ascontiguousarray(padded))
+    out = img.transform((side, side), Image.AFFINE, _pillow_coeffs(mat, pad), resample=resample)
+    return np.asarray(out)
+
+
+def _pillow_coeffs(mat: np.ndarray, pad: int) -> tuple:
+    """Pillow maps output point (x, y) (pixel centre at +0.5) to input (a x + b y + c, ...) and
+    samples there with centres at +0.5 too; `mat` maps pixel indices. Convert, with the pad."""
+    a, b, c = mat[0]
+    d, e, f = mat[1]
+    # input_index = M @ output_index  =>  input_pil - 0.5 = M @ (output_pil - 0.5)
+    c2 = c + pad + 0.5 - 0.5 * (a + b)
+    f2 = f + pad + 0.5 - 0.5 * (d + e)
+    return (a, b, c2, d, e, f2)
+
+
+def resampling_chain(image: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """One random pass through a capture-and-copy chain: resample, blur, JPEG."""
+    side = image.shape[0]
+    img = Image.fromarray(image)
+    if rng.random() < 0.5:  # a smaller copy, scaled up again
+        small = max(8, int(round(side * rng.uniform(0.4, 0.9))))
+        img = img.resize((small, small), Image.BILINEAR).resize((side, side), Image.BILINEAR)
+    if rng.random() < 0.3:
+        img = img.filter(ImageFilter.GaussianBlur(radius=float(rng.uniform(0.3, 1.2))))
+    if rng.random() < 0.5:
+        buf = io.BytesIO()
+        img.save(buf, format="JPEG", quality=int(rng.integers(35, 96)))
+        buf.seek(0)
+        img = Image.open(buf).convert("RGB")
+    return np.asarray(img)

@@ -104,3 +104,90 @@ def test_undo_dihedral_inverts_every_symmetry():
         seen.add(y.tobytes())
         np.testing.assert_array_equal(undo_dihedral(y, k), x)
     assert len(seen) == 8
+
+
+# --- the groups that break acquisition cues (issue 17) and the resampling chain (issue 20) ---
+
+from dermtool.augment import affine_matrix, parse_groups, random_affine, resampling_chain  # noqa: E402
+from dermtool.augment import _warp  # noqa: E402
+
+
+def test_groups_parse_in_canonical_order_and_refuse_unknown_names():
+    assert parse_groups("none") == ()
+    assert parse_groups("color-strong+flips+geometry") == ("flips", "color-strong", "geometry")
+    assert parse_groups("flips+color") == ("flips", "color")
+    with pytest.raises(ValueError, match="zoom"):
+        parse_groups("flips+zoom")
+    with pytest.raises(ValueError, match="not both"):
+        parse_groups("color+color-strong")
+
+
+def test_identity_and_quarter_turn_warps_are_exact():
+    from PIL import Image
+
+    img = np.random.default_rng(0).integers(0, 256, (32, 32, 3), dtype=np.uint8)
+    assert np.array_equal(_warp(img, affine_matrix(32, 1.0, 1.0, 0.0, 0.0, (0, 0)), Image.BILINEAR), img)
+    turned = _warp(img, affine_matrix(32, 1.0, 1.0, 90.0, 0.0, (0, 0)), Image.NEAREST)
+    assert any(np.array_equal(turned, np.rot90(img, k)) for k in (1, 3))
+
+
+def test_a_window_of_half_the_area_magnifies_by_sqrt2():
+    m = affine_matrix(64, 0.5, 1.0, 0.0, 0.0, (0, 0))
+    assert np.allclose(m[:, :2], np.eye(2) * np.sqrt(0.5))
+    centre = (64 - 1) / 2
+    assert np.allclose(m @ np.array([centre, centre, 1.0]), [centre, centre])  # the centre stays
+
+
+@pytest.mark.parametrize("mode", ["geometry", "flips+geometry+color-strong+chain"])
+def test_geometry_moves_the_mask_with_its_image(mode):
+    side = 64
+    masks = np.zeros((16, side, side), np.uint8)  # an asymmetric L round the centre, as lesions are
+    masks[:, 20:44, 26:34] = 1
+    masks[:, 36:44, 26:46] = 1
+    images = np.full((16, side, side, 3), 120, np.uint8)
+    images[..., 0] = np.where(masks == 1, 190, 60)
+    out, out_masks, _ = augment_batch(images, masks, batch_rng(3, 1, 2), mode)
+    assert not np.array_equal(out_masks, masks)  # something moved
+    for i in range(len(out)):
+        red_minus_green = out[i, ..., 0] - out[i, ..., 1]
+        lesion = out_masks[i] == 1
+        assert lesion.any()
+        # the lesion is the red part (60 vs 190 red before any colour change): at most the
+        # interpolated edge pixels disagree
+        agree = (red_minus_green > red_minus_green[lesion].min() - 1e-3) == lesion
+        assert agree.mean() > 0.9
+
+
+def test_a_missing_mask_stays_missing_under_geometry():
+    images, masks = _batch(n=2, side=32)
+    masks[1] = 255  # MISSING_MASK
+    _, out_masks, _ = augment_batch(images, masks, batch_rng(0, 0, 0), "geometry")
+    assert (out_masks[1] == 255).all() and set(np.unique(out_masks[0])) <= {0, 1}
+
+
+def test_seeded_runs_repeat_and_the_chain_changes_only_the_image():
+    images, masks = _batch(side=48)
+    a = augment_batch(images, masks, batch_rng(5, 0, 0), "flips+geometry+color-strong+chain")
+    b = augment_batch(images, masks, batch_rng(5, 0, 0), "flips+geometry+color-strong+chain")
+    assert all(np.array_equal(x, y) for x, y in zip(a, b))
+    out, out_masks, _ = augment_batch(images, masks, batch_rng(1, 0, 0), "chain")
+    assert np.array_equal(out_masks, masks)
+    changed = [not np.array_equal(o.astype(np.uint8), im) for o, im in zip(out, images)]
+    assert any(changed)
+    assert images.dtype == np.uint8 and images[0, 0, 0, 0] == 60  # the caller's batch is untouched
+
+
+def test_strong_colour_hue_rotation_keeps_grey_grey():
+    from dermtool.augment import color_matrix
+
+    grey = np.array([100.0, 100.0, 100.0])
+    for hue, sat in ((10, 1.0), (-12, 1.3), (0, 0.7)):
+        assert np.allclose(color_matrix(hue, sat) @ grey, grey)
+    assert np.allclose(color_matrix(0, 0.0) @ np.array([200.0, 100.0, 50.0]),
+                       np.full(3, 0.299 * 200 + 0.587 * 100 + 0.114 * 50))
+
+
+def test_resampling_chain_keeps_shape_and_dtype():
+    img = np.random.default_rng(0).integers(0, 256, (40, 40, 3), dtype=np.uint8)
+    out = resampling_chain(img, np.random.default_rng(0))
+    assert out.shape == img.shape and out.dtype == np.uint8
