@@ -18,6 +18,8 @@ TASKS = ("seg", "cls", "joint")
 ENCODERS = ("unet", "efficientnet-lite0")
 PRESETS = ("thesis", "compact", "lite0")
 FITS = ("pad", "squash")
+COLOR_CONSTANCY = ("none", "shades-of-gray")
+INPUT_CHAINS = ("direct", "jpeg256")  # dermtool.preprocess.CHAINS, without importing Pillow here
 
 
 @dataclass(frozen=True)
@@ -45,6 +47,10 @@ class ModelConfig:
     fit: str = "squash"  # "pad" or "squash"
     border: float = 0.0  # extra border around the padded square, fraction of its side
     normalization: str = "divide255"
+    # "none" or "shades-of-gray": the input's colour cast removed inside the model (dermtool.models)
+    color_constancy: str = "none"
+    # how pixels reach the network: "direct" or "jpeg256" (dermtool.preprocess.CHAINS)
+    input_chain: str = "direct"
     threshold: float = 0.5
     class_names: tuple = CLASS_NAMES
 
@@ -55,6 +61,11 @@ class ModelConfig:
             raise InputError(f"unknown fit mode {self.fit!r}; choose pad or squash.")
         if self.padding not in ("same", "valid"):
             raise InputError(f"unknown padding {self.padding!r}; choose same or valid.")
+        if self.color_constancy not in COLOR_CONSTANCY:
+            raise InputError(f"unknown colour constancy {self.color_constancy!r}; choose one of "
+                             f"{', '.join(COLOR_CONSTANCY)}.")
+        if self.input_chain not in INPUT_CHAINS:
+            raise InputError(f"unknown input chain {self.input_chain!r}; choose one of {', '.join(INPUT_CHAINS)}.")
         if self.encoder not in ENCODERS:
             raise InputError(f"unknown encoder {self.encoder!r}; choose one of {', '.join(ENCODERS)}.")
         if self.encoder != "unet" and (self.padding != "same" or self.size % 32 or self.depth != 5
@@ -138,7 +149,7 @@ class TrainConfig:
     alpha: float = 0.5
     seg_loss: str = "bce"  # "bce" or "bce+dice"
     class_weights: tuple = ()
-    augment: str = "flips+color"  # "none", "flips", "flips+color"
+    augment: str = "flips+color"  # "none" or groups joined by "+" (dermtool.augment.GROUPS)
     sampler: str = "proportional"  # "proportional" or "balanced" (dermtool.dataset)
     steps_per_epoch: int = 0  # 0: one pass over the training images
     schedule: str = "plateau"  # "plateau" (x lr_factor after lr_patience epochs) or "cosine"

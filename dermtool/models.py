@@ -42,9 +42,36 @@ def _conv_block(x, filters: int, cfg: ModelConfig, name: str, dropout: float = 0
 #: the ~900 HAM10000 holdout images; these layers in float32, 1 and 18, about what dynamic-range
 #: int8 does (1 and 20), at full int8's speed (bench/export_bench.py).
 MIXED_FLOAT_LAYERS = {
-    "efficientnet-lite0": ("normalize", "enc_stem_", "enc_mb0_"),
-    "unet": ("normalize", "enc_block1_"),
+    "efficientnet-lite0": ("color_constancy", "normalize", "enc_stem_", "enc_mb0_"),
+    "unet": ("color_constancy", "normalize", "enc_block1_"),
 }
+
+
+@keras.saving.register_keras_serializable(package="dermtool")
+class ShadesOfGray(layers.Layer):
+    """Shades of Gray colour constancy (Finlayson & Trezzi 2004) on 0-255 RGB, per image.
+
+    The illuminant of each channel is its Minkowski p-norm mean, e_c = mean(I_c^p)^(1/p)
+    (p = 1 is Gray World, p -> inf is White Patch; p = 6 is what the top ISIC 2018-2019 entries
+    used). Each channel is scaled by mean(e) / e_c, so the illuminant becomes grey while the
+    overall brightness stays, and clipped to 0-255. Inside the network, so training, `infer`
+    and every export apply exactly the same correction.
+    """
+
+    def __init__(self, p: float = 6.0, **kwargs):
+        super().__init__(**kwargs)
+        self.p = float(p)
+
+    def call(self, x):
+        from keras import ops
+
+        unit = ops.maximum(x / 255.0, 0.0)
+        e = ops.power(ops.mean(ops.power(unit, self.p), axis=(1, 2), keepdims=True) + 1e-12, 1.0 / self.p)
+        gain = ops.mean(e, axis=-1, keepdims=True) / ops.maximum(e, 1e-6)
+        return ops.clip(x * gain, 0.0, 255.0)
+
+    def get_config(self):
+        return {**super().get_config(), "p": self.p}
 
 
 def _normalize(x, cfg: ModelConfig):
@@ -63,7 +90,8 @@ def _normalize(x, cfg: ModelConfig):
 def build_encoder(cfg: ModelConfig):
     """Input tensor, list of skip tensors (fine to coarse) and the bottleneck tensor."""
     inputs = keras.Input((cfg.input_size, cfg.input_size, 3), name="image")
-    x = _normalize(inputs, cfg)
+    x = ShadesOfGray(6.0, name="color_constancy")(inputs) if cfg.color_constancy == "shades-of-gray" else inputs
+    x = _normalize(x, cfg)
     if cfg.encoder == "efficientnet-lite0":
         from dermtool.pretrained import build_lite0_features
 

@@ -169,3 +169,34 @@ def test_mixed_float_layers_name_layers_of_every_encoder(built, preset):
     names = [layer.name for layer in model.layers]
     for prefix in MIXED_FLOAT_LAYERS[cfg.encoder]:
         assert any(n.startswith(prefix) for n in names), prefix
+
+
+def test_shades_of_gray_makes_a_uniform_colour_cast_grey_by_hand():
+    from dermtool.models import ShadesOfGray
+
+    # one colour everywhere: each channel's p-norm mean is the colour itself, e = (200, 100, 50)/255,
+    # every channel is scaled to mean(e) = 350/3/255, so each pixel becomes 350/3 grey
+    x = np.empty((1, 4, 4, 3), np.float32)
+    x[...] = (200.0, 100.0, 50.0)
+    out = np.asarray(ShadesOfGray(6.0)(x))
+    np.testing.assert_allclose(out, 350.0 / 3.0, rtol=1e-5)
+    # a grey image is left alone, and the correction is per image
+    grey = np.full((1, 4, 4, 3), 90.0, np.float32)
+    both = np.asarray(ShadesOfGray(6.0)(np.concatenate([x, grey])))
+    np.testing.assert_allclose(both[1], 90.0, rtol=1e-5)
+
+
+def test_colour_constancy_removes_a_channel_gain_up_to_brightness_and_builds_into_the_model():
+    from dermtool.config import preset_config as pc
+    from dermtool.models import ShadesOfGray
+
+    x = np.random.default_rng(3).uniform(20, 170, (1, 16, 16, 3)).astype(np.float32)
+    cast = x * np.array([1.25, 1.0, 0.8], np.float32)  # a warmer white balance, nothing clipped
+    ratio = np.asarray(ShadesOfGray(6.0)(cast)) / np.asarray(ShadesOfGray(6.0)(x))
+    # the p-norm mean scales with the gain, so only one brightness factor is left, the same for
+    # every pixel and channel: mean(e * gain) / mean(e)
+    np.testing.assert_allclose(ratio, ratio.flat[0], rtol=1e-4)
+    cfg = pc("compact", "joint", size=32, base_filters=4, depth=2, color_constancy="shades-of-gray")
+    assert build_model(cfg).get_layer("color_constancy") is not None
+    with pytest.raises(Exception, match="colour constancy"):
+        pc("compact", "joint", color_constancy="grey-world")
