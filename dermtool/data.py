@@ -98,14 +98,25 @@ def resolve_layout(images: Path, masks: Path | None = None, labels: Path | None 
     return Layout(images, masks, labels, metadata if metadata.is_file() else None)
 
 
-def read_lesion_ids(path: Path) -> dict[str, str]:
-    """image_id -> lesion_id from a HAM10000-style metadata.csv (other columns are ignored)."""
+def read_lesion_ids(path: Path, column: str = "lesion_id") -> dict[str, str]:
+    """image_id -> lesion_id (or another `column`, e.g. patient_id) from a HAM10000-style
+    metadata.csv (other columns are ignored)."""
     with open(path, newline="") as fh:
         reader = csv.DictReader(fh)
-        if not reader.fieldnames or not {"image_id", "lesion_id"} <= set(reader.fieldnames):
-            raise InputError(f"{path}: a metadata CSV needs image_id and lesion_id columns "
+        if not reader.fieldnames or not {"image_id", column} <= set(reader.fieldnames):
+            raise InputError(f"{path}: a metadata CSV needs image_id and {column} columns "
                              f"(found {', '.join(reader.fieldnames or []) or 'none'}).")
-        return {r["image_id"]: r["lesion_id"] for r in reader}
+        return {r["image_id"]: r[column] for r in reader}
+
+
+def read_benign_ids(path: Path) -> set[str]:
+    """Image ids whose metadata.csv `benign_malignant` says benign (ISIC 2020 style); an empty set
+    when the column is absent. Used for partial labels: benign means "not melanoma"."""
+    with open(path, newline="") as fh:
+        reader = csv.DictReader(fh)
+        if not reader.fieldnames or "benign_malignant" not in reader.fieldnames:
+            return set()
+        return {r["image_id"] for r in reader if (r.get("benign_malignant") or "").strip().lower() == "benign"}
 
 
 def read_id_list(path: Path) -> list[str]:
@@ -119,6 +130,11 @@ def read_id_list(path: Path) -> list[str]:
 
 def _has_images(folder: Path) -> bool:
     return any(p.suffix.lower() in IMAGE_EXTENSIONS for p in folder.iterdir() if p.is_file())
+
+
+#: class_index of a partial label: benign per the metadata, so not a melanoma, class unknown.
+#: The classifier learns from it with -log(1 - p_melanoma) (dermtool.losses).
+NOT_MELANOMA = 3
 
 
 def truth_class(row: np.ndarray) -> int:
@@ -201,13 +217,13 @@ class ItemResult:
 
 
 def _process_one(path: Path, mask_path: Path | None, size: int, fit: str, border: float,
-                 margin: int) -> ItemResult:
+                 margin: int, chain: str = "direct") -> ItemResult:
     from dermtool.io import binarise_mask, is_zero_one, read_mask_values
     from dermtool.preprocess import fit_mask, prepare
 
     item = ItemResult(image_id_of(path), str(path))
     try:
-        item.image, item.transform = prepare(path, size, fit, border, margin)
+        item.image, item.transform = prepare(path, size, fit, border, margin, chain)
         if mask_path is not None:
             raw = read_mask_values(mask_path)
             t = item.transform
@@ -297,7 +313,8 @@ def _keep_ids(paths: list[Path], labels: dict, ids: list[str], folder: Path) -> 
 
 
 def build_cache(layout: Layout, out: Path, size: int = 256, fit: str = "squash", border: float = 0.0,
-                margin: int = 0, workers: int = 0, progress: bool = True, ids: list[str] | None = None) -> CacheReport:
+                margin: int = 0, workers: int = 0, progress: bool = True, ids: list[str] | None = None,
+                chain: str = "direct") -> CacheReport:
     """Preprocess a folder into a cache (see the module docstring). Reuses a matching cache.
 
     Unreadable images are skipped and listed in the report; everything else is still done.
@@ -319,10 +336,11 @@ def build_cache(layout: Layout, out: Path, size: int = 256, fit: str = "squash",
     if ids is not None:
         paths, labels = _keep_ids(paths, labels, ids, layout.images)
     lesions = read_lesion_ids(layout.metadata) if layout.metadata else {}
+    benign = read_benign_ids(layout.metadata) if layout.metadata else set()
     masks = find_masks(layout.masks) if layout.masks else {}
     image_ids = {image_id_of(p) for p in paths}
     report.labels_without_image = [i for i in labels if i not in image_ids]
-    params = dict(size=size, fit=fit, border=border, margin=margin,
+    params = dict(size=size, fit=fit, border=border, margin=margin, chain=chain,
                   masks=str(layout.masks), labels=str(layout.labels), mask_rule=_MASK_RULE,
                   metadata=str(layout.metadata), ids=len(ids) if ids is not None else None)
     fingerprint = _fingerprint(paths + sorted(masks.values()) + [p for p in (layout.labels, layout.metadata) if p],
@@ -343,7 +361,8 @@ def build_cache(layout: Layout, out: Path, size: int = 256, fit: str = "squash",
     for name in _CACHE_FILES:
         (out / name).unlink(missing_ok=True)  # a stale cache must never look valid
     try:
-        rows = _fill_stacks(layout, out, paths, masks, labels, report, size, fit, border, margin, workers, progress)
+        rows = _fill_stacks(layout, out, paths, masks, labels, report, size, fit, border, margin, workers, progress,
+                            benign, chain)
         for row in rows:
             row["lesion_id"] = lesions.get(row["image_id"], "")
         _write_manifest(out, rows)
@@ -367,9 +386,13 @@ _TMP_FILES = ("images.tif.tmp", "masks.tif.tmp", "manifest.csv.tmp", "cache.json
 
 
 def _fill_stacks(layout: Layout, out: Path, paths: list[Path], masks: dict, labels: dict, report: CacheReport,
-                 size: int, fit: str, border: float, margin: int, workers: int, progress: bool) -> list[dict]:
+                 size: int, fit: str, border: float, margin: int, workers: int, progress: bool,
+                 benign: set | frozenset = frozenset(), chain: str = "direct") -> list[dict]:
     """Decode every image (and mask) on `workers` threads into OUT/images.tif and masks.tif,
-    filling in the data check; returns the manifest rows of the images that were read."""
+    filling in the data check; returns the manifest rows of the images that were read.
+
+    An image without a class label that metadata.csv calls benign gets the partial label
+    NOT_MELANOMA: it is not a melanoma, but not known to be a nevus or a keratosis either."""
     import os
     from concurrent.futures import ThreadPoolExecutor
 
@@ -385,7 +408,8 @@ def _fill_stacks(layout: Layout, out: Path, paths: list[Path], masks: dict, labe
                                   photometric="minisblack") if masks else None
     rows = []
     with ThreadPoolExecutor(max_workers=workers or min(8, os.cpu_count() or 1)) as pool:
-        jobs = pool.map(lambda p: _process_one(p, masks.get(image_id_of(p)), size, fit, border, margin), paths)
+        jobs = pool.map(lambda p: _process_one(p, masks.get(image_id_of(p)), size, fit, border, margin, chain),
+                        paths)
         try:
             for item in tqdm(jobs, total=n, unit="img", desc="preprocess", disable=not progress, leave=False):
                 if item.error:
@@ -408,6 +432,8 @@ def _fill_stacks(layout: Layout, out: Path, paths: list[Path], masks: dict, labe
                         report.both_labels.append(item.image_id)
                     cls = truth_class(row)
                     label = CLASS_NAMES[cls]
+                elif item.image_id in benign:
+                    cls, label = NOT_MELANOMA, "not_melanoma"
                 elif layout.labels:
                     report.no_label.append(item.image_id)
                 rows.append({"image_id": item.image_id, "label": label, "class_index": cls,

@@ -14,7 +14,7 @@ from keras import ops  # noqa: E402
 def class_weights_from_labels(labels: np.ndarray, n_classes: int = 3) -> np.ndarray:
     """W_c = N / (n_classes * n_c) (thesis eq. 12); a class absent from the labels gets weight 0."""
     labels = np.asarray(labels)
-    labels = labels[labels >= 0]
+    labels = labels[(labels >= 0) & (labels < n_classes)]  # partial labels have no class
     counts = np.bincount(labels, minlength=n_classes).astype(np.float64)
     with np.errstate(divide="ignore"):
         weights = np.where(counts > 0, len(labels) / (n_classes * counts), 0.0)
@@ -62,7 +62,13 @@ class SegmentationLoss(keras.losses.Loss):
 
 @keras.saving.register_keras_serializable(package="dermtool")
 class WeightedCategoricalCrossentropy(keras.losses.Loss):
-    """Categorical cross-entropy where each sample is weighted by its true class's weight."""
+    """Categorical cross-entropy where each sample is weighted by its true class's weight.
+
+    A partial label "not melanoma" (target row with -1 in the melanoma column, see
+    dermtool.dataset.PARTIAL_ROW) gets -log(1 - p_melanoma) with weight 1: it only says the
+    image is not a melanoma, so it pushes probability away from melanoma, not to either benign
+    class.
+    """
 
     def __init__(self, class_weights=(1.0, 1.0, 1.0), name: str = "cls_loss", **kwargs):
         super().__init__(name=name, **kwargs)
@@ -70,12 +76,15 @@ class WeightedCategoricalCrossentropy(keras.losses.Loss):
 
     def call(self, y_true, y_pred):
         y_true = ops.cast(y_true, y_pred.dtype)
+        partial = ops.cast(y_true[:, 0] < 0, y_pred.dtype)
+        full = ops.maximum(y_true, 0.0)
         # an image without a label has an all-zero target row: zero loss, and not counted
-        valid = ops.cast(ops.sum(y_true, axis=-1) > 0, y_pred.dtype)
+        valid = ops.maximum(ops.cast(ops.sum(full, axis=-1) > 0, y_pred.dtype), partial)
         eps = keras.config.epsilon()
-        ce = -ops.sum(y_true * ops.log(ops.clip(y_pred, eps, 1.0)), axis=-1)
-        w = ops.sum(y_true * ops.convert_to_tensor(self.class_weights, dtype=y_pred.dtype), axis=-1)
-        return ce * w * _mean_over_valid(valid)
+        ce = -ops.sum(full * ops.log(ops.clip(y_pred, eps, 1.0)), axis=-1)
+        w = ops.sum(full * ops.convert_to_tensor(self.class_weights, dtype=y_pred.dtype), axis=-1)
+        not_melanoma = -ops.log(ops.clip(1.0 - y_pred[:, 0], eps, 1.0))
+        return (ce * w + partial * not_melanoma) * _mean_over_valid(valid)
 
     def get_config(self):
         return {**super().get_config(), "class_weights": self.class_weights}

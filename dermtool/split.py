@@ -54,11 +54,13 @@ def split_by_group(ids: list[str], groups: list[str], classes: list[str], fracti
     return train, val
 
 
-def split_folder(data: Path, fraction: float, seed: int = 0) -> tuple[list[str], list[str], dict[str, str]]:
-    """(train ids, val ids, image_id -> lesion_id) of a labelled folder, split by lesion.
+def split_folder(data: Path, fraction: float, seed: int = 0,
+                 group: str = "lesion_id") -> tuple[list[str], list[str], dict[str, str]]:
+    """(train ids, val ids, image_id -> group) of a labelled folder, split by lesion (or by
+    another metadata.csv column: `group="patient_id"` keeps each patient on one side).
 
     The folder is read as `dermtool preprocess` reads it (images/, labels.csv, metadata.csv);
-    without metadata.csv the lesion map is empty and each image is its own lesion.
+    without metadata.csv the group map is empty and each image is its own group.
     """
     from dermtool.data import find_images, image_id_of, read_lesion_ids, resolve_layout
     from dermtool.errors import InputError
@@ -68,7 +70,7 @@ def split_folder(data: Path, fraction: float, seed: int = 0) -> tuple[list[str],
     ids = sorted({image_id_of(p) for p in find_images(layout.images)})
     if not ids:
         raise InputError(f"{layout.images}: no images in this folder.")
-    lesions = read_lesion_ids(layout.metadata) if layout.metadata else {}
+    lesions = read_lesion_ids(layout.metadata, group) if layout.metadata else {}
     labels = read_class_csv(layout.labels, role="truth") if layout.labels else {}
     train, val = split_by_group(ids, [lesions.get(i, "") for i in ids], class_names_of(ids, labels), fraction, seed)
     return train, val, lesions

@@ -30,8 +30,10 @@ import keras  # noqa: E402
 from dermtool.augment import augment_batch
 from dermtool.config import ModelConfig, TrainConfig, load_config, save_config
 from dermtool.data import Cache, load_cache
+from dermtool.dataset import make_batches, targets
 from dermtool.errors import InputError
 from dermtool.modelio import weights_file
+from dermtool.validation import predict_cache, selection_metric, validation_metrics, validation_targets
 
 
 def check_cache(cache: Cache, cfg: ModelConfig, log) -> bool:
@@ -39,6 +41,10 @@ def check_cache(cache: Cache, cfg: ModelConfig, log) -> bool:
     the model. (What the task needs of the data, masks or labels, is checked over all training
     caches together: `load_training_set`.)"""
     where = cache.folder
+    chain = cache.meta.get("chain", "direct")
+    if chain != cfg.input_chain:
+        raise InputError(f"{where}: cache made with --chain {chain} but the model reads its input through "
+                         f"--input-chain {cfg.input_chain}; run dermtool preprocess --chain {cfg.input_chain}.")
     if cache.fit != cfg.fit or int(cache.meta.get("margin", 0)) != cfg.margin:
         raise InputError(
             f"{where}: cache made with fit={cache.fit}, margin={cache.meta.get('margin', 0)} but the model needs "
@@ -52,44 +58,6 @@ def check_cache(cache: Cache, cfg: ModelConfig, log) -> bool:
             f"(preprocess with --size {cfg.size} to skip this work)")
         return True
     return False
-
-
-def _resize_batch(arr: np.ndarray, size: int, is_mask: bool) -> np.ndarray:
-    from dermtool.preprocess import _resize
-
-    if is_mask:
-        return np.stack([_resize(m.astype(np.float32), size, size) >= 0.5 for m in arr]).astype(np.uint8)
-    return np.stack([_resize(np.ascontiguousarray(a), size, size) for a in arr])
-
-
-def make_batches(cache: Cache, cfg: ModelConfig, indices: np.ndarray, resize: bool):
-    """Raw batch (uint8 images, {0,1} masks or None, int labels) for the given indices."""
-    idx = np.sort(indices)  # sorted reads are sequential on the memory map
-    images = np.asarray(cache.images[idx])
-    masks = np.asarray(cache.masks[idx]) if (cfg.has_seg and cache.masks is not None) else None
-    if resize:
-        images = _resize_batch(images, cfg.input_size, False)
-        masks = None if masks is None else _resize_batch(masks, cfg.size, True)
-    return images, masks, cache.labels[idx]
-
-
-def _targets(cfg: ModelConfig, masks, labels) -> dict:
-    """Model targets; a missing mask (MISSING_MASK) becomes -1 and a missing label (-1) a zero row,
-    which the losses skip (dermtool.losses)."""
-    from dermtool.dataset import MISSING_MASK
-
-    y = {}
-    if cfg.has_seg:
-        seg = masks[..., None].astype(np.float32)
-        seg[masks[..., None] == MISSING_MASK] = -1.0
-        y["seg"] = seg
-    if cfg.has_cls:
-        labels = np.asarray(labels)
-        onehot = np.zeros((len(labels), len(cfg.class_names)), np.float32)
-        known = labels >= 0
-        onehot[np.flatnonzero(known), labels[known]] = 1.0
-        y["cls"] = onehot
-    return y
 
 
 class BatchSource:
@@ -119,7 +87,7 @@ class BatchSource:
         # input and target are centred squares, so one dihedral map aligns both (valid models too)
         rng = np.random.default_rng([self.tcfg.seed, epoch, step])
         x, aug_masks, _ = augment_batch(images, masks, rng, self.tcfg.augment)
-        return x, _targets(self.cfg, aug_masks, labels)
+        return x, targets(self.cfg, aug_masks, labels)
 
 
 def training_batch(cache: Cache, cfg: ModelConfig, tcfg: TrainConfig, resize: bool, epoch: int, step: int):
@@ -164,71 +132,6 @@ def training_dataset(data, cfg: ModelConfig, tcfg: TrainConfig, first_epoch: int
     ds = pairs.map(lambda e, s: tf.numpy_function(load, [e, s], [tf.float32] * (1 + len(keys))),
                    num_parallel_calls=1, deterministic=True)
     return ds.map(shape).prefetch(4), steps
-
-
-def predict_cache(model, cache: Cache, cfg: ModelConfig, resize: bool, batch_size: int = 16) -> dict:
-    """Model outputs over a whole cache, in order: {"seg": (N, s, s), "cls": (N, 3)}."""
-    segs, clss = [], []
-    for start in range(0, len(cache), batch_size):
-        idx = np.arange(start, min(start + batch_size, len(cache)))
-        images, _, _ = make_batches(cache, cfg, idx, resize)
-        out = model(images.astype(np.float32), training=False)
-        if "seg" in out:
-            segs.append(np.asarray(out["seg"])[..., 0])
-        if "cls" in out:
-            clss.append(np.asarray(out["cls"]))
-    return {k: np.concatenate(v) for k, v in (("seg", segs), ("cls", clss)) if v}
-
-
-def validation_targets(cache: Cache, cfg: ModelConfig, resize: bool) -> dict:
-    """Truth of a validation cache at the model's output size, read once for the whole run.
-
-    Images without a mask (or label) get the missing marker and are left out of JAC (or BACC).
-    """
-    from dermtool.dataset import MISSING_MASK
-
-    labels = cache.labels if cfg.has_cls else None
-    masks = None
-    if cfg.has_seg:
-        if cache.masks is None:
-            masks = np.full((len(cache), cfg.size, cfg.size), MISSING_MASK, np.uint8)
-        else:
-            masks = np.asarray(cache.masks)
-            if resize:
-                masks = _resize_batch(masks, cfg.size, True)
-            masks = np.where(cache.has_mask[:, None, None], masks, MISSING_MASK).astype(np.uint8)
-    return _targets(cfg, masks, labels)
-
-
-def validation_metrics(pred: dict, truth: dict, cfg: ModelConfig, prefix: str = "val_") -> dict:
-    """Per-image JAC, BACC and melanoma AUC with the same functions `dermtool score` uses.
-
-    `truth` is `validation_targets(...)`: {"seg": (N, s, s, 1) {0, 1, -1 missing}, "cls": (N, 3)
-    one-hot, all-zero when missing}. Images whose truth is missing are left out.
-    """
-    from dermtool.metrics import balanced_accuracy, confusion_matrix, jaccard, per_class_stats, roc_auc
-
-    result = {}
-    if "seg" in pred:
-        jacs = [jaccard(p >= cfg.threshold, t[..., 0] >= 0.5) for p, t in zip(pred["seg"], truth["seg"])
-                if t.min() >= 0]
-        if jacs:
-            result[prefix + "jac"] = float(np.mean(jacs))
-    if "cls" in pred:
-        known = truth["cls"].sum(axis=1) > 0
-        if known.any():
-            true_cls = np.argmax(truth["cls"][known], axis=1)
-            cm = confusion_matrix(true_cls, np.argmax(pred["cls"][known], axis=1), len(cfg.class_names))
-            result[prefix + "bacc"] = float(balanced_accuracy(cm))
-            result[prefix + "mel_sensitivity"] = float(per_class_stats(cm)[0]["sensitivity"])
-            result[prefix + "mel_auc"] = float(roc_auc(true_cls == 0, pred["cls"][known][:, 0]))
-    if prefix + "jac" in result and prefix + "bacc" in result:
-        result[prefix + "mean_performance"] = (result[prefix + "jac"] + result[prefix + "bacc"]) / 2
-    return result
-
-
-def selection_metric(cfg: ModelConfig) -> str:
-    return {"seg": "val_jac", "cls": "val_bacc", "joint": "val_mean_performance"}[cfg.task]
 
 
 MULTIWORKER_REMOVED = (
@@ -542,6 +445,8 @@ class EpochEnd(keras.callbacks.Callback):
                 name = prefix + self.metric_name[len("val_"):]
                 if name in row:
                     scores.append(row[name])
+                elif prefix + "mel_auc" in row:  # a set without masks or full labels (ISIC 2020:
+                    scores.append(row[prefix + "mel_auc"])  # melanoma vs benign) still has its say
             monitored = float(np.mean(val_losses))
             # several validation sets: epochs are chosen on the mean of their selection metrics
             score = float(np.mean(scores)) if scores else -monitored

@@ -66,7 +66,7 @@ def _head_gradients(model, losses, loss_weights, x, y):
 def test_a_missing_mask_or_label_trains_only_the_other_head(partial):
     from dermtool.losses import build_losses
     from dermtool.models import build_model
-    from dermtool.train import _targets
+    from dermtool.dataset import targets as _targets
 
     cfg = tiny()
     model = build_model(cfg)
@@ -182,3 +182,73 @@ def test_split_and_preprocess_ids_from_the_command_line(tmp_path):
     (tmp_path / "bad.txt").write_text("SYN_0000000\nNOPE_1\n")
     res = runner.invoke(app, ["preprocess", str(data), "--out", str(tmp_path / "cx"), "--ids", str(tmp_path / "bad.txt")])
     assert res.exit_code == 2 and "NOPE_1" in res.output
+
+
+# --- partial labels "not melanoma" (ISIC 2020's benign images without a diagnosis) ---
+
+def test_a_not_melanoma_label_costs_minus_log_one_minus_p_melanoma():
+    from dermtool.dataset import targets
+    from dermtool.losses import WeightedCategoricalCrossentropy
+
+    cfg = tiny("cls")
+    y = targets(cfg, None, np.array([3, 2, -1]))["cls"]
+    assert y.tolist() == [[-1, 0, 0], [0, 0, 1], [0, 0, 0]]
+    pred = np.array([[0.2, 0.3, 0.5], [0.1, 0.1, 0.8], [0.3, 0.3, 0.4]], np.float32)
+    loss = WeightedCategoricalCrossentropy((1.0, 1.0, 1.0))
+    # per sample -log(0.8), -log(0.8), 0 (no label); Keras averages over the batch of 3, and the
+    # unlabelled sample neither adds nor dilutes: (2 * -log 0.8) * 3/2 / 3
+    assert float(loss(y, pred)) == pytest.approx(-np.log(0.8), rel=1e-5)
+
+
+def test_balanced_sampler_weighs_a_sources_partial_labels_against_its_melanomas():
+    # source 0: a nevus and a keratosis; source 1: three melanomas and one partial label
+    labels = np.array([2, 1, 0, 0, 0, 3])
+    sources = np.array([0, 0, 1, 1, 1, 1])
+    p = balanced_probabilities(labels, sources=sources)
+    # 5 full labels of 6: each class gets 5/6 / 3 = 5/18; a melanoma image 5/54. Source 1's
+    # melanomas weigh 5/18 and it has no benign full label, so its partial image gets 5/18 too;
+    # then all is renormalised by the total 5/6 + 5/18 = 10/9.
+    assert p.tolist() == pytest.approx([x * 9 / 10 for x in (5 / 18, 5 / 18, 5 / 54, 5 / 54, 5 / 54, 5 / 18)])
+    # never below an unlabelled image's share: one melanoma against two partial labels
+    p = balanced_probabilities(np.array([0, 2, 3, 3]), sources=np.array([1, 0, 1, 1]))
+    # full 2 of 4: melanoma 1/4, nevus 1/4; partial: max(1/4, 2/4) / 2 = 1/4 each; total 1
+    assert p.tolist() == pytest.approx([0.25] * 4)
+
+
+def test_preprocess_gives_benign_images_without_a_diagnosis_the_partial_label(tmp_path):
+    from dermtool.data import NOT_MELANOMA
+
+    data = write_dataset(tmp_path / "d", 6, rng_seed=4, sizes=[(40, 48)], formats=("png",))
+    rows = list(csv.DictReader(open(data / "labels.csv")))
+    ids = [r["image_id"] for r in rows]
+    kept = rows[:3]  # the last three lose their diagnosis; two of them are benign in the metadata
+    with open(data / "labels.csv", "w", newline="") as fh:
+        writer = csv.DictWriter(fh, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(kept)
+    with open(data / "metadata.csv", "w", newline="") as fh:
+        fh.write("image_id,patient_id,lesion_id,benign_malignant\n")
+        for k, i in enumerate(ids):
+            fh.write(f"{i},P{k // 2},L{k},{'malignant' if k == 5 else 'benign'}\n")
+    build_cache(resolve_layout(data), tmp_path / "c", size=SIZE, progress=False)
+    cache = load_cache(tmp_path / "c")
+    by_id = dict(zip(cache.ids, cache.labels.tolist()))
+    assert [by_id[i] for i in ids[3:]] == [NOT_MELANOMA, NOT_MELANOMA, -1]
+    assert all(by_id[i] in (0, 1, 2) for i in ids[:3])
+
+
+def test_split_by_patient_keeps_each_patient_on_one_side(tmp_path):
+    from dermtool.split import split_folder
+
+    data = write_dataset(tmp_path / "d", 12, rng_seed=5, sizes=[(40, 48)], formats=("png",))
+    ids = sorted(r["image_id"] for r in csv.DictReader(open(data / "labels.csv")))
+    patient = {i: f"P{k // 3}" for k, i in enumerate(ids)}  # four patients of three images
+    with open(data / "metadata.csv", "w", newline="") as fh:
+        fh.write("image_id,patient_id,lesion_id\n")
+        fh.writelines(f"{i},{patient[i]},L{k}\n" for k, i in enumerate(ids))
+    train, val, groups = split_folder(data, 0.5, seed=0, group="patient_id")
+    assert groups == patient
+    assert set(train) | set(val) == set(ids) and val
+    assert not {patient[i] for i in train} & {patient[i] for i in val}
+    by_lesion = split_folder(data, 0.5, seed=0)[2]
+    assert len(set(by_lesion.values())) == 12  # the default groups by lesion_id
