@@ -53,7 +53,7 @@ def load_inputs(folder: Path, cfg: ModelConfig, limit: int, log=None) -> np.ndar
     inputs, problems = [], []
     for path in paths:
         try:
-            inputs.append(prepare(path, cfg.size, cfg.fit, cfg.border, cfg.margin)[0])
+            inputs.append(prepare(path, cfg.size, cfg.fit, cfg.border, cfg.margin, cfg.input_chain)[0])
         except InputError as exc:
             problems.append(str(exc))
     if not inputs:

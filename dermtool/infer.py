@@ -222,7 +222,7 @@ def predict_folder(images_dir: Path, out_dir: Path, model_dir: Path | None = Non
 
     def load(path: Path):
         try:
-            x, t = prepare(path, cfg.size, cfg.fit, cfg.border, cfg.margin)
+            x, t = prepare(path, cfg.size, cfg.fit, cfg.border, cfg.margin, cfg.input_chain)
             return path, x, t, ""
         except InputError as exc:
             return path, None, None, str(exc)

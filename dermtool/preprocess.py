@@ -29,6 +29,17 @@ Image.MAX_IMAGE_PIXELS = 200_000_000  # dermoscopy frames reach ~30 MP; refuse o
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".tif", ".tiff", ".bmp")
 
+#: How an image's pixels reach the model (ModelConfig.input_chain, a cache's `chain`):
+#: - "direct": decoded (DCT-scaled for big JPEGs) and resized to the model's square;
+#: - "jpeg256": first brought to the form of the public training copies (ISIC 2017, HAM10000):
+#:   the frame resized to 256 px on its long side (256 x 256 for squash), Pillow bicubic with
+#:   antialiasing, and saved as JPEG at quality 75, then resized to the model's square. So a
+#:   12-megapixel original and its 256 px copy reach the network as nearly the same pixels.
+#:   (The copies in ../shared/data/isic2017/val are exactly that: re-made from the originals
+#:   this way, they differ by RMSE 0.4 grey levels.)
+CHAINS = ("direct", "jpeg256")
+CHAIN_SIDE, CHAIN_QUALITY = 256, 75
+
 
 @dataclass(frozen=True)
 class Transform:
@@ -110,9 +121,31 @@ def _tiff_to_rgb(path: Path) -> np.ndarray:
     return np.ascontiguousarray(arr[..., :3])
 
 
+def chain_size(orig_h: int, orig_w: int, fit: str) -> tuple[int, int]:
+    """(height, width) of the "jpeg256" chain's intermediate copy."""
+    if fit == "squash":
+        return CHAIN_SIDE, CHAIN_SIDE
+    scale = CHAIN_SIDE / max(orig_h, orig_w)
+    return max(1, round(orig_h * scale)), max(1, round(orig_w * scale))
+
+
+def archive_copy(img: Image.Image, fit: str) -> Image.Image:
+    """The "jpeg256" chain: bicubic (antialiased) to `chain_size`, then a JPEG q75 round trip."""
+    import io
+
+    h, w = chain_size(img.height, img.width, fit)
+    if img.size != (w, h):
+        img = img.resize((w, h), Image.BICUBIC)
+    buf = io.BytesIO()
+    img.save(buf, format="JPEG", quality=CHAIN_QUALITY)
+    buf.seek(0)
+    with Image.open(buf) as copy:
+        return copy.convert("RGB")
+
+
 def load_image(path: Path, min_size: tuple[int, int] | None = None,
                resize_to: tuple[int, int] | Callable[[int, int], tuple[int, int]] | None = None,
-               ) -> tuple[np.ndarray, tuple[int, int]]:
+               chain: str = "direct", fit: str = "squash") -> tuple[np.ndarray, tuple[int, int]]:
     """Decode an image as 8-bit RGB, at reduced size when that is enough.
 
     Args:
@@ -122,6 +155,9 @@ def load_image(path: Path, min_size: tuple[int, int] | None = None,
         resize_to: (height, width) to resize to (bilinear, anti-aliased) before the pixels
             become an array, or a function of the original (height, width) that gives it;
             also implies `min_size`.
+        chain: "direct" or "jpeg256" (see CHAINS): with jpeg256 the pixels pass through the
+            archive copy (`archive_copy`, shaped by `fit`) before `resize_to`; a JPEG is then
+            DCT-decoded at no less than twice the copy's size, enough for its antialiasing.
     Returns:
         (pixels, (original height, original width)).
     Raises:
@@ -129,9 +165,13 @@ def load_image(path: Path, min_size: tuple[int, int] | None = None,
     """
     path = Path(path)
     try:
+        if chain not in CHAINS:
+            raise InputError(f"unknown input chain {chain!r}; choose one of {', '.join(CHAINS)}.")
         if path.suffix.lower() in (".tif", ".tiff"):
             arr = _tiff_to_rgb(path)
             target = resize_to(*arr.shape[:2]) if callable(resize_to) else resize_to
+            if chain == "jpeg256":
+                arr = np.asarray(archive_copy(Image.fromarray(arr), fit))
             return (arr if target is None else _resize(arr, *target)), arr.shape[:2]
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # palette/EXIF chatter; real failures raise below
@@ -139,10 +179,15 @@ def load_image(path: Path, min_size: tuple[int, int] | None = None,
                 orig_w, orig_h = img.size
                 target = resize_to(orig_h, orig_w) if callable(resize_to) else resize_to
                 draft = min_size or target
+                if chain == "jpeg256":
+                    ch, cw = chain_size(orig_h, orig_w, fit)
+                    draft = (2 * ch, 2 * cw)
                 if draft is not None and img.format == "JPEG":
                     img.draft("RGB", (max(1, draft[1]), max(1, draft[0])))
                 img.load()
                 rgb = _to_rgb_image(img)
+                if chain == "jpeg256":
+                    rgb = archive_copy(rgb, fit)
                 if target is not None and rgb.size != (target[1], target[0]):
                     # resized as a PIL image: skips two full-size array copies per file
                     rgb = rgb.resize((target[1], target[0]), Image.BILINEAR)
@@ -310,13 +355,13 @@ def restore(output: np.ndarray, t: Transform) -> np.ndarray:
 
 
 def prepare(path: Path, size: int, fit: str, border: float = 0.0,
-            margin: int = 0) -> tuple[np.ndarray, Transform]:
-    """Read one image file and return (model input uint8, its transform)."""
+            margin: int = 0, chain: str = "direct") -> tuple[np.ndarray, Transform]:
+    """Read one image file and return (model input uint8, its transform); `chain`: see CHAINS."""
 
     def inner_size(h: int, w: int) -> tuple[int, int]:  # from the header: the file is opened once
         t = plan_transform(h, w, size, fit, border)
         return t.inner_h, t.inner_w
 
-    pixels, (orig_h, orig_w) = load_image(path, resize_to=inner_size)
+    pixels, (orig_h, orig_w) = load_image(path, resize_to=inner_size, chain=chain, fit=fit)
     t = plan_transform(orig_h, orig_w, size, fit, border, margin)
     return fit_image(pixels, t), t

@@ -370,3 +370,57 @@ def test_prepare_opens_each_file_once(tmp_path, lesion, monkeypatch):
     x, t = prepare(tmp_path / "one.jpg", 64, "pad")
     assert len(opened) == 1
     assert (t.inner_h, t.inner_w) == (48, 64) and x.shape == (64, 64, 3)
+
+
+# --- the "jpeg256" input chain (issue 20: one lesion, one answer) ---
+
+def _original_and_copy(tmp_path, lesion):
+    """A 1600 x 1200 'original' JPEG and its public-style copy: 256 x 256 bicubic, JPEG q75."""
+    from PIL import Image
+
+    rgb, _, _ = lesion(1200, 1600, seed=7)
+    original = tmp_path / "original.jpg"
+    Image.fromarray(rgb).save(original, quality=95)
+    copy = tmp_path / "copy.jpg"
+    Image.fromarray(rgb).resize((256, 256), Image.BICUBIC).save(copy, quality=75)
+    return original, copy
+
+
+def test_jpeg256_brings_an_original_to_its_copys_pixels(tmp_path, lesion):
+    from dermtool.preprocess import prepare
+
+    original, copy = _original_and_copy(tmp_path, lesion)
+    gap = {}
+    for chain in ("direct", "jpeg256"):
+        a, t = prepare(original, 192, "squash", chain=chain)
+        b, _ = prepare(copy, 192, "squash", chain=chain)
+        gap[chain] = float(np.abs(a.astype(float) - b).mean())
+        assert (t.orig_h, t.orig_w) == (1200, 1600)  # the transform still maps back to the original
+    assert gap["jpeg256"] < 0.5 * gap["direct"]
+
+
+def test_jpeg256_of_a_copy_changes_it_little_and_unknown_chains_are_refused(tmp_path, lesion):
+    from PIL import Image
+
+    from dermtool.preprocess import load_image
+
+    _, copy = _original_and_copy(tmp_path, lesion)
+    once, size = load_image(copy, chain="jpeg256")
+    assert size == (256, 256)
+    assert np.abs(once.astype(float) - np.asarray(Image.open(copy).convert("RGB"))).mean() < 1.0
+    with pytest.raises(InputError, match="input chain"):
+        load_image(copy, chain="jpeg90")
+
+
+def test_a_cache_records_its_chain_and_train_refuses_another(tmp_path, synthetic_dataset):
+    from dermtool.config import preset_config
+    from dermtool.data import build_cache, load_cache, resolve_layout
+    from dermtool.train import check_cache
+
+    build_cache(resolve_layout(synthetic_dataset), tmp_path / "c", size=32, progress=False, chain="jpeg256")
+    cache = load_cache(tmp_path / "c")
+    assert cache.meta["chain"] == "jpeg256"
+    ok = preset_config("compact", "joint", size=32, base_filters=4, depth=2, input_chain="jpeg256")
+    assert check_cache(cache, ok, print) is False
+    with pytest.raises(InputError, match="--chain jpeg256"):
+        check_cache(cache, preset_config("compact", "joint", size=32, base_filters=4, depth=2), print)
