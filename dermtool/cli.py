@@ -92,6 +92,7 @@ def preprocess_cli(
     fit: str = typer.Option("squash", "--fit", help="pad: keep the aspect ratio, zero-pad to a square; squash: stretch the whole frame to a square."),
     border: float = typer.Option(0.0, "--border", min=0.0, max=1.0, help="With --fit pad: extra zero border on each side, as a fraction of the long side."),
     margin: int = typer.Option(0, "--margin", min=0, help="Reflected border for valid-convolution models (the thesis U-Net: 92 at --size 388)."),
+    chain: str = typer.Option("direct", "--chain", help="How pixels reach the model: direct (decode and resize) or jpeg256 (first the form of the public 256 px training copies: bicubic to 256 px, JPEG quality 75). Must match the model's --input-chain."),
     workers: int = typer.Option(0, "--workers", min=0, help="Decoding threads (0: one per core, at most 8)."),
     strict: bool = typer.Option(False, "--strict", help="Exit with code 1 when the data check finds any problem."),
     ids: Optional[Path] = typer.Option(None, "--ids", help="Keep only the image ids listed in this file, one per line (e.g. train.txt or val.txt of dermtool split)."),
@@ -108,6 +109,8 @@ def preprocess_cli(
 
     if fit not in ("pad", "squash"):
         fail(f"--fit must be pad or squash, not {fit!r}.")
+    if chain not in ("direct", "jpeg256"):
+        fail(f"--chain must be direct or jpeg256, not {chain!r}.")
     for p, what in ((images, "images folder"), (masks, "masks folder")):
         if p is not None and not p.is_dir():
             fail(f"{p}: {what} not found.")
@@ -122,7 +125,7 @@ def preprocess_cli(
         keep = read_id_list(ids) if ids is not None else None
         layout = resolve_layout(images, masks, labels)
         report = build_cache(layout, out, size=size, fit=fit, border=border, margin=margin,
-                             workers=workers, progress=sys.stderr.isatty(), ids=keep)
+                             workers=workers, progress=sys.stderr.isatty(), ids=keep, chain=chain)
     except InputError as exc:
         fail(str(exc))
     except OSError as exc:  # e.g. --out on a read-only or full disk
@@ -143,6 +146,7 @@ def split_cli(
     out: Path = typer.Option(..., "--out", "-o", help="Folder for train.txt, val.txt (one image id a line) and split.json."),
     fraction: float = typer.Option(0.1, "--fraction", min=0.01, max=0.9, help="Share of each class's lesions that goes to validation."),
     seed: int = typer.Option(0, "--seed", help="Seed of the shuffle; the same data and seed give the same split."),
+    group: str = typer.Option("lesion_id", "--group", help="metadata.csv column whose groups stay on one side: lesion_id, or patient_id (ISIC 2020) so no patient is on both sides."),
 ) -> None:
     """Split a folder into training and validation ids by lesion: no lesion on both sides.
 
@@ -156,19 +160,20 @@ def split_cli(
         fail(f"{data}: folder not found.")
     check_out_folder(out, "a folder")
     try:
-        train, val, lesions = split_folder(data, fraction, seed)
+        train, val, lesions = split_folder(data, fraction, seed, group)
         if not lesions:
-            console.print(f"note: no metadata.csv in {data}; each image counts as its own lesion")
+            console.print(f"note: no metadata.csv in {data}; each image counts as its own group")
         write_split(out, train, val, {"data": str(data), "fraction": fraction, "seed": seed,
-                                      "group_by": "lesion_id" if lesions else "image_id",
-                                      "command": f"dermtool split {data} --out {out} --fraction {fraction} --seed {seed}"})
+                                      "group_by": group if lesions else "image_id",
+                                      "command": f"dermtool split {data} --out {out} --fraction {fraction} "
+                                                 f"--seed {seed} --group {group}"})
     except InputError as exc:
         fail(str(exc))
     except OSError as exc:
         fail(f"{exc.filename or out}: cannot write the split ({exc.strerror or exc}).")
     n_lesions = len({lesions.get(i) or i for i in val})
     console.print(f"split: {len(train)} training and {len(val)} validation images "
-                  f"({n_lesions} lesions) -> {out / 'train.txt'}, {out / 'val.txt'}", highlight=False)
+                  f"({n_lesions} groups by {group}) -> {out / 'train.txt'}, {out / 'val.txt'}", highlight=False)
 
 
 @app.command("train")
@@ -193,7 +198,9 @@ def train_cli(
     steps_per_epoch: int = typer.Option(0, "--steps-per-epoch", help="Batches per epoch (0: one pass over the training images); keeps epochs short when the data grows."),
     alpha: float = typer.Option(0.5, "--alpha", help="Joint loss alpha * L_seg + (1 - alpha) * L_cls."),
     dice: bool = typer.Option(False, "--dice/--no-dice", help="Segmentation loss BCE + (1 - soft Dice) instead of BCE alone."),
-    augment: str = typer.Option("flips+color", "--augment", help="none | flips (8 rotations/flips) | flips+color (plus mild colour jitter)."),
+    augment: str = typer.Option("flips+color", "--augment", help="none, or groups joined by '+': flips (8 rotations/flips), color (mild colour jitter) or color-strong (brightness, contrast, hue, saturation, gain), geometry (random resized crop, any-angle rotation, shear; masks move too), chain (down/up-scaling, blur, JPEG re-compression). E.g. flips+geometry+color-strong+chain."),
+    input_chain: Optional[str] = typer.Option(None, "--input-chain", help="direct | jpeg256: how images reach the model, in infer as in the caches (dermtool preprocess --chain). jpeg256 makes an original and its 256 px copy give nearly the same answer. Default: the preset's (direct)."),
+    color_constancy: Optional[str] = typer.Option(None, "--color-constancy", help="none | shades-of-gray: remove each image's colour cast inside the model (Shades of Gray, p = 6), so train, infer and exports apply it alike. Default: the preset's (none)."),
     seed: int = typer.Option(0, "--seed", help="Seed for weights, shuffling and augmentation; recorded in config.json."),
     init_from: Optional[Path] = typer.Option(None, "--init-from", help="Run folder whose layers are copied where names and shapes match (e.g. a seg run's encoder into cls/joint)."),
     freeze: str = typer.Option("none", "--freeze", help="encoder | decoder | none: layers kept fixed while training."),
@@ -208,6 +215,7 @@ def train_cli(
     After Ctrl-C the run folder holds the last complete epoch; dermtool train --out RUN --resume
     continues it.
     """
+    from dermtool.augment import parse_groups
     from dermtool.config import TrainConfig, preset_config
 
     _check_train_options(ctx.params)
@@ -227,10 +235,11 @@ def train_cli(
             cfg = None  # the run's own, from config.json
         else:
             cfg = preset_config(preset, task, size=size, base_filters=base_filters, depth=depth, fit=fit,
-                                encoder=encoder, pretrained=pretrained)
+                                encoder=encoder, pretrained=pretrained, color_constancy=color_constancy,
+                                input_chain=input_chain)
         tcfg = TrainConfig(
             epochs=epochs or (0 if resume else 50), batch_size=batch_size, learning_rate=learning_rate, alpha=alpha,
-            seg_loss="bce+dice" if dice else "bce", augment=augment, seed=seed,
+            seg_loss="bce+dice" if dice else "bce", augment="+".join(parse_groups(augment)) or "none", seed=seed,
             mixed_precision=mixed_precision, strategy=strategy, freeze=freeze, schedule=schedule,
             sampler=sampler, steps_per_epoch=steps_per_epoch,
             init_from=str(init_from.resolve()) if init_from else "", command=_command_line(ctx, only_given=resume),
@@ -247,16 +256,22 @@ def train_cli(
 
 def _check_train_options(o: dict) -> None:
     """Names and ranges of train's options, checked before anything is loaded or written."""
+    from dermtool.augment import parse_groups
     from dermtool.train import MULTIWORKER_REMOVED
 
     if o["strategy"] == "multiworker":
         fail(MULTIWORKER_REMOVED)
     choices = {"task": ("seg", "cls", "joint"), "freeze": ("encoder", "decoder", "none"),
-               "augment": ("none", "flips", "flips+color"), "strategy": ("default", "mirrored"),
+               "strategy": ("default", "mirrored"), "color_constancy": (None, "none", "shades-of-gray"),
+               "input_chain": (None, "direct", "jpeg256"),
                "schedule": ("plateau", "cosine"), "sampler": ("proportional", "balanced")}
     for name, allowed in choices.items():
         if o[name] not in allowed:
-            fail(f"--{name} must be one of {', '.join(allowed)}, not {o[name]!r}.")
+            fail(f"--{name.replace('_', '-')} must be one of {', '.join(a for a in allowed if a)}, not {o[name]!r}.")
+    try:
+        parse_groups(o["augment"])
+    except ValueError as exc:
+        fail(f"--augment: {exc}.")
     memory = "memory grows with its square: 1024 px at batch 16 already needs tens of GB"
     for option, name, low, high, reason in (
             ("--size", "size", 32, 1024, f"pixels of the square the model predicts; {memory}"),
@@ -281,7 +296,8 @@ _RESUME_SETTINGS = {
     "depth": ("model", "depth"), "fit": ("model", "fit"), "batch_size": ("train", "batch_size"),
     "learning_rate": ("train", "learning_rate"), "schedule": ("train", "schedule"), "sampler": ("train", "sampler"),
     "steps_per_epoch": ("train", "steps_per_epoch"), "alpha": ("train", "alpha"), "dice": ("train", "seg_loss"),
-    "augment": ("train", "augment"), "seed": ("train", "seed"), "init_from": ("train", "init_from"),
+    "augment": ("train", "augment"), "color_constancy": ("model", "color_constancy"),
+    "input_chain": ("model", "input_chain"), "seed": ("train", "seed"), "init_from": ("train", "init_from"),
     "freeze": ("train", "freeze"), "mixed_precision": ("train", "mixed_precision"),
     "strategy": ("train", "strategy"),
 }
@@ -298,6 +314,10 @@ def _given_settings(ctx: typer.Context) -> dict:
             value = "bce+dice" if value else "bce"
         elif param.name == "init_from":
             value = str(Path(value).resolve())
+        elif param.name == "augment":
+            from dermtool.augment import parse_groups
+
+            value = "+".join(parse_groups(value)) or "none"
         option = param.opts[0] if param.name != "dice" or ctx.params["dice"] else param.secondary_opts[0]
         given[option] = (*_RESUME_SETTINGS[param.name], value)
     return given
