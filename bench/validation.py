@@ -25,11 +25,13 @@ import sys
 from pathlib import Path
 
 
-def ham_val_folder(ham: Path, split: Path, work: Path) -> Path:
+def ham_val_folder(ham: Path, split: Path, work: Path, name: str = "ham-val") -> Path:
     """A folder of links to the holdout images and masks, and its truth CSV (labelled images only)."""
-    folder = work / "ham-val"
+    folder = work / name
     ids = [i for i in (split / "val.txt").read_text().split() if i]
     for sub, name in (("images", "{}.jpg"), ("masks", "{}_segmentation.png")):
+        if not (ham / sub).is_dir():  # ISIC 2020 has no masks
+            continue
         (folder / sub).mkdir(parents=True, exist_ok=True)
         for i in ids:
             link = folder / sub / name.format(i)
@@ -62,7 +64,8 @@ def evaluate(model: Path, data: Path, out: Path, tta: int, bootstrap: int) -> di
         # dermtool score's own function, so a seg-only or cls-only model is scored on its task
         result = score(out / "masks" / "predictions.csv" if cfg.has_cls else None,
                        data / "labels.csv" if cfg.has_cls else None,
-                       out / "masks" if cfg.has_seg else None, data / "masks" if cfg.has_seg else None,
+                       out / "masks" if cfg.has_seg and (data / "masks").is_dir() else None,
+                       data / "masks" if cfg.has_seg and (data / "masks").is_dir() else None,
                        bootstrap=bootstrap)
         (out / "score.json").write_text(json.dumps(result, indent=2))
     result = json.loads((out / "score.json").read_text())
@@ -78,7 +81,7 @@ def _ci(value, ci) -> str:
 
 
 def row(name: str, dataset: str, tta: int, r: dict) -> str:
-    seg, cls = r["segmentation"], r["classification"]
+    seg, cls = r.get("segmentation"), r.get("classification")
     cells = [name, dataset, str(tta), _ci(seg["jac"], seg.get("jac_ci95")) if seg else "–"]
     if cls:
         mel, sk = cls["per_class"]["melanoma"], cls["per_class"]["seborrheic_keratosis"]
@@ -98,6 +101,9 @@ def main() -> None:
     parser.add_argument("--isic-val", type=Path, default=root.parent / "shared/data/isic2017/val")
     parser.add_argument("--ham", type=Path, default=root.parent / "shared/data/ham10000")
     parser.add_argument("--split", type=Path, required=True, help="folder written by dermtool split (val.txt)")
+    parser.add_argument("--isic2020", type=Path, default=root.parent / "shared/data/isic2020")
+    parser.add_argument("--isic2020-split", type=Path,
+                        help="dermtool split ISIC2020 --group patient_id --fraction 0.5 --seed 0: adds its val side")
     parser.add_argument("--work", type=Path, required=True, help="folder for the outputs (reused when present)")
     parser.add_argument("--bootstrap", type=int, default=1000)
     parser.add_argument("--tta", type=int, action="append", help="repeat for several (default 1)")
@@ -107,6 +113,8 @@ def main() -> None:
         return
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     sets = {"ISIC 2017 val": args.isic_val, "HAM10000 holdout": ham_val_folder(args.ham, args.split, args.work)}
+    if args.isic2020_split:
+        sets["ISIC2020 patient holdout"] = ham_val_folder(args.isic2020, args.isic2020_split, args.work, "i20-val")
     lines = ["| model | set | TTA | JAC | BACC | melanoma AUC | melanoma SE | SK AUC | images/s |",
              "|---|---|---:|---|---|---|---:|---|---:|"]
     results = {}
