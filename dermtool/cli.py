@@ -366,6 +366,7 @@ def infer_cli(
     shard: str = typer.Option("1/1", "--shard", help="Process only part K of N (by a hash of the image id); writes predictions.part-K-of-N.csv. dermtool merge OUT joins the parts."),
     workers: int = typer.Option(0, "--workers", help="Decode/write threads (0: automatic; at most 64)."),
     report: bool = typer.Option(False, "--report", help="Also write OUT/report.html: the run's facts and a gallery of thumbnails with contour, class and probabilities, in triage order (as dermtool report OUT)."),
+    melanoma_threshold: Optional[float] = typer.Option(None, "--melanoma-threshold", help="Label an image melanoma when its melanoma probability is at least this (between 0 and 1), else the likelier other class. Default: the model's stored operating point (dermtool calibrate), else the plain argmax."),
 ) -> None:
     """Segment and classify every image of a folder.
 
@@ -398,7 +399,7 @@ def infer_cli(
     try:
         opts = InferOptions(
             batch_size=batch_size, tta=tta, probabilities=probabilities, overlay=overlay, resume=resume,
-            shard=k_n, workers=workers, engine=engine,
+            shard=k_n, workers=workers, engine=engine, melanoma_threshold=melanoma_threshold,
             post=PostprocessConfig(threshold=threshold, closing_radius=closing_radius,
                                    largest_component=largest, fill_holes=fill_holes),
         )
@@ -425,6 +426,47 @@ def infer_cli(
         raise typer.Exit(130)
     if summary.failed or summary.duplicates:
         raise typer.Exit(1)
+
+
+@app.command("calibrate")
+def calibrate_cli(
+    model: Path = typer.Argument(..., help="The model folder whose config.json receives the decision (a run of dermtool train, a slim model folder, or an export folder)."),
+    preds: list[Path] = typer.Option(..., "--preds", help="Predictions CSV of dermtool infer on a validation set (made by this model). Repeat for several sets, each with its --truth; they are pooled."),
+    truth: list[Path] = typer.Option(..., "--truth", help="Truth CSV (ISIC 2017 Part 3) of the same set, in the order of the --preds."),
+    sensitivity: float = typer.Option(0.85, "--sensitivity", help="Melanoma sensitivity the threshold must reach on the pooled sets, above 0 and at most 1."),
+    dry_run: bool = typer.Option(False, "--dry-run", help="Fit and print, but write nothing."),
+) -> None:
+    """Fit the model's temperature and melanoma threshold on validation predictions; store them in config.json.
+
+    The temperature T minimises the negative log-likelihood of the pooled sets (probabilities =
+    softmax(log p / T)); the threshold t is the largest gap below which the melanoma sensitivity
+    of the pooled sets stays >= --sensitivity. dermtool infer then writes calibrated
+    probabilities and labels melanoma when p_melanoma >= t, else the likelier other class. The
+    carried LiteRT export (MODEL/litert/) gets the same decision. Prints NLL and ECE before and
+    after, and melanoma SE/SP at t per set.
+
+    Example: dermtool calibrate runs/joint --preds val/isic/predictions.csv --truth isic_val.csv
+    --preds val/ham/predictions.csv --truth ham_val.csv --sensitivity 0.85
+    """
+    from rich.console import Console
+
+    from dermtool.calibrate import calibrate, render
+
+    if len(preds) != len(truth):
+        fail(f"give one --truth per --preds ({len(preds)} --preds, {len(truth)} --truth), in the same order.")
+    if not (model / "config.json").is_file():
+        fail(f"{model}: not a model folder (no config.json).")
+    try:
+        result = calibrate(model, list(zip(preds, truth)), sensitivity, write=not dry_run)
+    except InputError as exc:
+        fail(str(exc))
+    except OSError as exc:
+        fail(f"{exc.filename or model}: cannot write the calibrated config.json ({exc.strerror or exc}).")
+    render(result, Console())
+    for note in result.notes:
+        console.print(f"note: {escape(note)}", highlight=False, soft_wrap=True)
+    written = ", ".join(map(str, result.written)) or "nothing (--dry-run)"
+    console.print(escape(f"wrote {written}"), highlight=False, soft_wrap=True)
 
 
 @app.command("merge")
