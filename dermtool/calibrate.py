@@ -31,7 +31,7 @@ import numpy as np
 
 from dermtool import CLASS_NAMES, __version__, metrics
 from dermtool.config import ModelConfig, load_config
-from dermtool.decision import MELANOMA, PROB_FLOOR, apply_temperature, decide, threshold_for_sensitivity
+from dermtool.decision import MELANOMA, PROB_FLOOR, apply_temperature, decide, describe, threshold_for_sensitivity
 from dermtool.errors import InputError
 
 #: Search range of the temperature: far beyond any fitted value (they are near 1 to 3).
@@ -255,7 +255,7 @@ def _update_config(path: Path, temperature: float, threshold: float, provenance:
     raw["model"].update(temperature=temperature, melanoma_threshold=threshold, calibration=_plain(provenance))
     ModelConfig(**raw["model"])  # still a valid model description
     if source_sha1 is not None:
-        raw["export"]["source_sha1"] = source_sha1
+        raw["export"].update(source_sha1=source_sha1, decision=describe(temperature, threshold))
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     try:
         tmp.write_text(json.dumps(raw, indent=2) + "\n")

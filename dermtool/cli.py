@@ -439,8 +439,8 @@ def calibrate_cli(
     """Fit the model's temperature and melanoma threshold on validation predictions; store them in config.json.
 
     The temperature T minimises the negative log-likelihood of the pooled sets (probabilities =
-    softmax(log p / T)); the threshold t is the largest gap below which the melanoma sensitivity
-    of the pooled sets stays >= --sensitivity. dermtool infer then writes calibrated
+    softmax(log p / T)); the threshold t is the largest that keeps the melanoma sensitivity of
+    the pooled sets >= --sensitivity (set mid-gap below the last melanoma it must catch). dermtool infer then writes calibrated
     probabilities and labels melanoma when p_melanoma >= t, else the likelier other class. The
     carried LiteRT export (MODEL/litert/) gets the same decision. Prints NLL and ECE before and
     after, and melanoma SE/SP at t per set.
@@ -580,7 +580,9 @@ _SCORE_HELP = (
     "0 is a nevus). The class of a row is the argmax over (melanoma, seborrheic_keratosis, "
     "nevus), an exact tie going to the earlier one. Reports per-class SE/SP/ACC (one-vs-all), "
     "ROC AUC on the probabilities, balanced accuracy BACC = mean of the sensitivities, and the "
-    "confusion matrix.\n\n"
+    "confusion matrix. Beside them: the same figures for the classes of the predictions' label "
+    "column (the decision dermtool infer made, e.g. at a calibrated melanoma threshold), and the "
+    "expected calibration error (ECE, 15 equal-width bins of the top probability).\n\n"
     "[bold]Segmentation[/] (--pred-masks with --truth-masks): masks are matched by the name "
     "<image_id>_segmentation.png and binarised at > 128, as the ISIC scorer does. Every truth "
     "mask is scored: both masks empty -> Jaccard 1.0; a missing prediction -> 0, counted. "

@@ -89,6 +89,13 @@ def label_names(probs: np.ndarray, melanoma_threshold: float | None = None, clas
     return [class_names[k] for k in decide(probs, melanoma_threshold, class_names)]
 
 
+def describe(temperature: float, melanoma_threshold: float | None) -> dict:
+    """The decision as an export's config.json states it, for those who run the file without dermtool."""
+    return {"temperature": temperature, "melanoma_threshold": melanoma_threshold,
+            "how": "probabilities = softmax(log(cls) / temperature); label = melanoma when its probability >= "
+                   "melanoma_threshold, else the likelier of the other classes (null threshold: the argmax)"}
+
+
 def threshold_for_sensitivity(p_melanoma: np.ndarray, is_melanoma: np.ndarray, sensitivity: float) -> float:
     """The melanoma threshold that reaches `sensitivity` on these cases, chosen as follows.
 

@@ -132,6 +132,7 @@ def test_calibrate_writes_the_decision_and_meets_the_target(sets, model):
     assert (lite_cfg.temperature, lite_cfg.melanoma_threshold) == (cfg.temperature, cfg.melanoma_threshold)
     assert shipped_export(model, "litert") == model / "litert"
     assert lite_raw["export"]["format"] == "tflite"  # the rest of the file is kept
+    assert lite_raw["export"]["decision"]["melanoma_threshold"] == cfg.melanoma_threshold
     assert not list(model.rglob(".*tmp"))
 
 
