@@ -47,6 +47,7 @@ class PredictionSet:
 
     predictions: Path
     truth: Path
+    ids: list  # the truth's image ids, in file order
     probs: np.ndarray  # (N, 3), T = 1
     y_true: np.ndarray  # (N,)
     input_temperature: float = 1.0  # the temperature the infer run had applied (undone here)
@@ -91,7 +92,7 @@ def read_set(pred_csv: Path, truth_csv: Path) -> PredictionSet:
     if missing:
         raise InputError(f"The predictions CSV {pred_csv} lacks the class column(s) {', '.join(missing)}; "
                          "calibration needs every class's probability, as dermtool infer writes them.")
-    _, y_true, probs = class_arrays(pred_csv, truth_csv)
+    ids, y_true, probs = class_arrays(pred_csv, truth_csv)
     sums = probs.sum(axis=1)
     bad = np.flatnonzero(np.abs(sums - 1.0) > SUM_TOLERANCE)
     if bad.size:
@@ -100,7 +101,7 @@ def read_set(pred_csv: Path, truth_csv: Path) -> PredictionSet:
     temperature, note = run_temperature(pred_csv)
     if temperature != 1.0:  # softmax(T0 * log q) undoes q = softmax(log p / T0)
         probs = apply_temperature(probs, 1.0 / temperature)
-    return PredictionSet(pred_csv, truth_csv, probs, y_true, temperature, note)
+    return PredictionSet(pred_csv, truth_csv, ids, probs, y_true, temperature, note)
 
 
 def _header(path: Path) -> list[str]:
@@ -207,6 +208,9 @@ def calibrate(model_dir: Path, pairs: list[tuple[Path, Path]], sensitivity: floa
     temperature = fit_temperature(probs, y_true)
     threshold = threshold_for_sensitivity(apply_temperature(probs, temperature)[:, m], y_true == m, sensitivity)
     result = CalibrationResult(temperature, threshold, sensitivity, notes=[s.note for s in sets if s.note])
+    shared = len([i for s in sets for i in s.ids]) - len({i for s in sets for i in s.ids})
+    if shared:
+        result.notes.append(f"{shared} image id(s) are in more than one set: they count once per set in the fit")
     for s in sets:
         scores = set_scores(s.probs, s.y_true, temperature, threshold)
         result.sets.append({"predictions": shown_path(s.predictions), "truth": shown_path(s.truth),

@@ -372,7 +372,9 @@ def infer_cli(
 
     Writes OUT/<image_id>_segmentation.png (8-bit 0/255, the original size, ISIC naming) and
     OUT/predictions.csv (image_id,melanoma,seborrheic_keratosis,nevus,label — readable by
-    dermtool score and, by its first three columns, the ISIC 2017 scorer), plus OUT/infer.json
+    dermtool score and, by its first three columns, the ISIC 2017 scorer; with a melanoma
+    threshold (dermtool calibrate, --melanoma-threshold) the label is melanoma when p_melanoma
+    reaches it, else the likelier other class; without one, the argmax), plus OUT/infer.json
     with the run summary and the post-processing used: threshold → closing → largest component
     → hole filling → restore to the original size. Unreadable files are reported and skipped;
     of two files with one image id (a.jpg, a.png) the first by name is used and the other named;

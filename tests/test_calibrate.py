@@ -149,6 +149,11 @@ def test_calibrating_twice_gives_the_same_decision(sets, model, tmp_path):
     assert third.melanoma_threshold == pytest.approx(first.melanoma_threshold, abs=1e-4)
 
 
+def test_a_set_given_twice_is_named(sets, model):
+    result = calibrate_cli(model, sets["a"], sets["a"], extra=["--dry-run"])
+    assert result.exit_code == 0 and "1500 image id(s) are in more than one set" in result.output, result.output
+
+
 def test_dry_run_writes_nothing(sets, model):
     before = (model / "config.json").read_bytes()
     result = calibrate_cli(model, sets["a"], extra=["--dry-run"])
