@@ -36,9 +36,10 @@ from dermtool.errors import InputError
 
 #: Search range of the temperature: far beyond any fitted value (they are near 1 to 3).
 TEMPERATURE_RANGE = (0.05, 20.0)
-#: How far a row of a predictions CSV may sum from 1 and still count as softmax probabilities
-#: (six decimals per value leave at most 1.5e-6).
-SUM_TOLERANCE = 1e-3
+#: How far a row of a predictions CSV may sum from 1 and still count as softmax probabilities:
+#: six decimals leave 1.5e-6, but an int8 engine's softmax is quantised in steps of 1/256
+#: (the bundled model's mixed-int8 LiteRT export: sums 0.996 to 1.004). Rows are rescaled to 1.
+SUM_TOLERANCE = 0.02
 
 
 @dataclass
@@ -98,6 +99,7 @@ def read_set(pred_csv: Path, truth_csv: Path) -> PredictionSet:
     if bad.size:
         raise InputError(f"The predictions CSV {pred_csv} has rows whose probabilities sum to {sums[bad[0]]:.4f}, "
                          "not 1; calibration needs the softmax probabilities of dermtool infer.")
+    probs = probs / sums[:, None]
     temperature, note = run_temperature(pred_csv)
     if temperature != 1.0:  # softmax(T0 * log q) undoes q = softmax(log p / T0)
         probs = apply_temperature(probs, 1.0 / temperature)

@@ -63,7 +63,7 @@ def plot_reliability(data: dict[str, Any], path: Path) -> Path:
     ax.bar(edges[:-1][shown], data["accuracy"][shown], width=np.diff(edges)[shown], align="edge",
            color="#4a7fb5", edgecolor="white", label="accuracy of the argmax")
     ax.plot(data["confidence"][shown], data["accuracy"][shown], "o", color="#1d2330", ms=4,
-            label="mean probability in the bin")
+            label="(mean probability, accuracy) of a bin")
     ax.set(xlim=(0, 1), ylim=(0, 1.01), xlabel="top class probability", ylabel="accuracy",
            title=f"Reliability, ECE {data['ece']:.3f} ({len(edges) - 1} bins, {int(data['counts'].sum())} images)")
     ax.set_aspect("equal")
