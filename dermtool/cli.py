@@ -386,12 +386,15 @@ def infer_cli(
     shard: str = typer.Option("1/1", "--shard", help="Process only part K of N (by a hash of the image id); writes predictions.part-K-of-N.csv. dermtool merge OUT joins the parts."),
     workers: int = typer.Option(0, "--workers", help="Decode/write threads (0: automatic; at most 64)."),
     report: bool = typer.Option(False, "--report", help="Also write OUT/report.html: the run's facts and a gallery of thumbnails with contour, class and probabilities, in triage order (as dermtool report OUT)."),
+    melanoma_threshold: Optional[float] = typer.Option(None, "--melanoma-threshold", help="Label an image melanoma when its melanoma probability is at least this (between 0 and 1), else the likelier other class. Default: the model's stored operating point (dermtool calibrate), else the plain argmax."),
 ) -> None:
     """Segment and classify every image of a folder.
 
     Writes OUT/<image_id>_segmentation.png (8-bit 0/255, the original size, ISIC naming) and
     OUT/predictions.csv (image_id,melanoma,seborrheic_keratosis,nevus,label — readable by
-    dermtool score and, by its first three columns, the ISIC 2017 scorer), plus OUT/infer.json
+    dermtool score and, by its first three columns, the ISIC 2017 scorer; with a melanoma
+    threshold (dermtool calibrate, --melanoma-threshold) the label is melanoma when p_melanoma
+    reaches it, else the likelier other class; without one, the argmax), plus OUT/infer.json
     with the run summary and the post-processing used: threshold → closing → largest component
     → hole filling → restore to the original size. Unreadable files are reported and skipped;
     of two files with one image id (a.jpg, a.png) the first by name is used and the other named;
@@ -418,7 +421,7 @@ def infer_cli(
     try:
         opts = InferOptions(
             batch_size=batch_size, tta=tta, probabilities=probabilities, overlay=overlay, resume=resume,
-            shard=k_n, workers=workers, engine=engine,
+            shard=k_n, workers=workers, engine=engine, melanoma_threshold=melanoma_threshold,
             post=PostprocessConfig(threshold=threshold, closing_radius=closing_radius,
                                    largest_component=largest, fill_holes=fill_holes),
         )
@@ -445,6 +448,47 @@ def infer_cli(
         raise typer.Exit(130)
     if summary.failed or summary.duplicates:
         raise typer.Exit(1)
+
+
+@app.command("calibrate")
+def calibrate_cli(
+    model: Path = typer.Argument(..., help="The model folder whose config.json receives the decision (a run of dermtool train, a slim model folder, or an export folder)."),
+    preds: list[Path] = typer.Option(..., "--preds", help="Predictions CSV of dermtool infer on a validation set (made by this model). Repeat for several sets, each with its --truth; they are pooled."),
+    truth: list[Path] = typer.Option(..., "--truth", help="Truth CSV (ISIC 2017 Part 3) of the same set, in the order of the --preds."),
+    sensitivity: float = typer.Option(0.85, "--sensitivity", help="Melanoma sensitivity the threshold must reach on the pooled sets, above 0 and at most 1."),
+    dry_run: bool = typer.Option(False, "--dry-run", help="Fit and print, but write nothing."),
+) -> None:
+    """Fit the model's temperature and melanoma threshold on validation predictions; store them in config.json.
+
+    The temperature T minimises the negative log-likelihood of the pooled sets (probabilities =
+    softmax(log p / T)); the threshold t is the largest that keeps the melanoma sensitivity of
+    the pooled sets >= --sensitivity (set mid-gap below the last melanoma it must catch). dermtool infer then writes calibrated
+    probabilities and labels melanoma when p_melanoma >= t, else the likelier other class. The
+    carried LiteRT export (MODEL/litert/) gets the same decision. Prints NLL and ECE before and
+    after, and melanoma SE/SP at t per set.
+
+    Example: dermtool calibrate runs/joint --preds val/isic/predictions.csv --truth isic_val.csv
+    --preds val/ham/predictions.csv --truth ham_val.csv --sensitivity 0.85
+    """
+    from rich.console import Console
+
+    from dermtool.calibrate import calibrate, render
+
+    if len(preds) != len(truth):
+        fail(f"give one --truth per --preds ({len(preds)} --preds, {len(truth)} --truth), in the same order.")
+    if not (model / "config.json").is_file():
+        fail(f"{model}: not a model folder (no config.json).")
+    try:
+        result = calibrate(model, list(zip(preds, truth)), sensitivity, write=not dry_run)
+    except InputError as exc:
+        fail(str(exc))
+    except OSError as exc:
+        fail(f"{exc.filename or model}: cannot write the calibrated config.json ({exc.strerror or exc}).")
+    render(result, Console())
+    for note in result.notes:
+        console.print(f"note: {escape(note)}", highlight=False, soft_wrap=True)
+    written = ", ".join(map(str, result.written)) or "nothing (--dry-run)"
+    console.print(escape(f"wrote {written}"), highlight=False, soft_wrap=True)
 
 
 @app.command("merge")
@@ -558,7 +602,9 @@ _SCORE_HELP = (
     "0 is a nevus). The class of a row is the argmax over (melanoma, seborrheic_keratosis, "
     "nevus), an exact tie going to the earlier one. Reports per-class SE/SP/ACC (one-vs-all), "
     "ROC AUC on the probabilities, balanced accuracy BACC = mean of the sensitivities, and the "
-    "confusion matrix.\n\n"
+    "confusion matrix. Beside them: the same figures for the classes of the predictions' label "
+    "column (the decision dermtool infer made, e.g. at a calibrated melanoma threshold), and the "
+    "expected calibration error (ECE, 15 equal-width bins of the top probability).\n\n"
     "[bold]Segmentation[/] (--pred-masks with --truth-masks): masks are matched by the name "
     "<image_id>_segmentation.png and binarised at > 128, as the ISIC scorer does. Every truth "
     "mask is scored: both masks empty -> Jaccard 1.0; a missing prediction -> 0, counted. "

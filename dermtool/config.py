@@ -53,6 +53,11 @@ class ModelConfig:
     input_chain: str = "direct"
     threshold: float = 0.5
     class_names: tuple = CLASS_NAMES
+    # The decision (dermtool.decision), fitted by `dermtool calibrate`; the defaults are the plain
+    # softmax and argmax, so older model folders read and run as before.
+    temperature: float = 1.0  # class probabilities = softmax(log(p) / temperature)
+    melanoma_threshold: float | None = None  # label melanoma when p_melanoma >= this; None: argmax
+    calibration: dict | None = None  # how the two above were fitted: target, sets, counts, scores
 
     def __post_init__(self):
         if self.task not in TASKS:
@@ -77,6 +82,17 @@ class ModelConfig:
         if self.padding == "same" and self.size % (2**self.depth):
             raise InputError(f"size {self.size} must be a multiple of 2**depth = {2 ** self.depth}.")
         object.__setattr__(self, "class_names", tuple(self.class_names))
+        self._check_decision()
+
+    def _check_decision(self) -> None:
+        from dermtool.decision import check_temperature, check_threshold
+
+        object.__setattr__(self, "temperature", check_temperature(self.temperature, "config.json temperature"))
+        if self.melanoma_threshold is not None:
+            if not self.has_cls or "melanoma" not in self.class_names:
+                raise InputError("a melanoma_threshold needs a model with a classifier that has a melanoma class.")
+            object.__setattr__(self, "melanoma_threshold",
+                               check_threshold(self.melanoma_threshold, "config.json melanoma_threshold"))
 
     @property
     def has_seg(self) -> bool:

@@ -23,6 +23,7 @@ from dermtool import CLASS_NAMES
 from dermtool.augment import dihedral, undo_dihedral
 from dermtool.config import ModelConfig
 from dermtool.data import find_images, image_id_of, unique_ids
+from dermtool.decision import apply_temperature, check_threshold, decide
 from dermtool.errors import InputError
 from dermtool.io import encode_mask_png, write_csv_atomic
 from dermtool.modelio import default_model_dir, load_engine, load_model, model_fingerprint  # noqa: F401  (load_model: re-exported)
@@ -44,6 +45,7 @@ class InferOptions:
     shard: tuple[int, int] = (1, 1)
     workers: int = 0
     engine: str | None = None  # None: the model's own runtime; see modelio.load_engine
+    melanoma_threshold: float | None = None  # None: the model's own (config.json); see dermtool.decision
 
 
 @dataclass
@@ -117,14 +119,14 @@ def _save_tiff(path: Path, prob: np.ndarray) -> None:
     _write_atomic(path, lambda t: tifffile.imwrite(t, prob.astype(np.float32)))
 
 
-def _save_overlay(path: Path, source: Path, mask: np.ndarray, cls) -> None:
+def _save_overlay(path: Path, source: Path, mask: np.ndarray, cls, k: int | None = None) -> None:
     from dermtool.overlay import class_label, draw_overlay
     from dermtool.preprocess import load_image
 
     pixels, _ = load_image(source)
     if pixels.shape[:2] != mask.shape:
         return
-    label, colour = class_label(cls) if cls is not None else ("", (0, 0, 0))
+    label, colour = class_label(cls, k=k) if cls is not None else ("", (0, 0, 0))
     img = draw_overlay(pixels, mask, label, colour)
     _write_atomic(path, lambda t: img.save(t, format="JPEG", quality=90))
 
@@ -132,13 +134,14 @@ def _save_overlay(path: Path, source: Path, mask: np.ndarray, cls) -> None:
 def _finish_one(image_id: str, source: Path, t: Transform, seg, cls, cfg: ModelConfig,
                 opts: InferOptions, out_dir: Path) -> list | None:
     """Post-process and write one image's files; returns its CSV row (or None for seg-only)."""
-    label = CLASS_NAMES[int(np.argmax(cls))] if cls is not None else ""
+    k = int(decide(cls[None], opts.melanoma_threshold)[0]) if cls is not None else None
+    label = CLASS_NAMES[k] if cls is not None else ""
     if seg is not None:
         mask = restore_mask(postprocess(seg, opts.post), t)
         if opts.probabilities:
             _save_tiff(out_dir / f"{image_id}_probability.tif", restore(seg, t))
         if opts.overlay:
-            _save_overlay(out_dir / f"{image_id}_overlay.jpg", source, mask, cls)
+            _save_overlay(out_dir / f"{image_id}_overlay.jpg", source, mask, cls, k)
         _save_png(out_dir / f"{image_id}{MASK_SUFFIX}", mask)  # last: marks the image as done
     if cls is None:
         return [image_id]
@@ -189,10 +192,16 @@ def predict_folder(images_dir: Path, out_dir: Path, model_dir: Path | None = Non
     # one id, one output: of a.jpg and a.png only the first by name is used, so no two
     # images ever write (or race for) the same files
     paths, duplicates = unique_ids(select_images(images_dir, opts.shard))
+    if opts.melanoma_threshold is not None:
+        opts = replace(opts, melanoma_threshold=check_threshold(opts.melanoma_threshold))
     model = load_engine(model_dir, opts.engine, log=log)
     cfg = model.cfg
     if opts.post.threshold is None:
         opts = replace(opts, post=replace(opts.post, threshold=cfg.threshold))
+    if opts.melanoma_threshold is None:
+        opts = replace(opts, melanoma_threshold=cfg.melanoma_threshold)
+    elif not cfg.has_cls:
+        raise InputError(f"{model_dir}: --melanoma-threshold needs a model with a classifier, not a {cfg.task} model.")
     summary = InferSummary(model=str(model_dir), engine=model.name, engine_file=str(model.path), duplicates=duplicates)
     record = _run_record(images_dir, model_fingerprint(model_dir), summary, cfg, opts)
     if opts.resume:
@@ -250,6 +259,8 @@ def predict_folder(images_dir: Path, out_dir: Path, model_dir: Path | None = Non
                 if not good:
                     continue
                 out = _run_model(model, np.stack([g[1] for g in good]).astype(np.float32), opts.tta, batch_size)
+                if "cls" in out:  # after the TTA average: calibrate fits T on these very probabilities
+                    out["cls"] = apply_temperature(out["cls"], cfg.temperature)
                 for j, (path, _, t, _) in enumerate(good):
                     seg = out["seg"][j] if "seg" in out else None
                     cls = out["cls"][j] if "cls" in out else None
@@ -304,6 +315,7 @@ def _run_record(images_dir: Path, model_sha1: str, summary: InferSummary, cfg: M
         "model_sha1": model_sha1, "task": cfg.task, "images": str(Path(images_dir).resolve()),
         "tta": opts.tta, "postprocess": opts.post.to_dict(), "probabilities": opts.probabilities,
         "overlay": opts.overlay, "shard": f"{opts.shard[0]}/{opts.shard[1]}",
+        "temperature": cfg.temperature, "melanoma_threshold": opts.melanoma_threshold,
     }
 
 

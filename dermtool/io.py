@@ -90,6 +90,30 @@ def read_class_csv(path: Path, *, role: str = "truth") -> dict[str, np.ndarray]:
     return result
 
 
+def read_label_column(path: Path, *, role: str = "predictions") -> dict[str, str] | None:
+    """image_id -> the `label` column of a CSV (the class dermtool infer decided), or None when
+    the CSV has no `label` column. Read after `read_class_csv` has checked the file.
+
+    Raises:
+        InputError: a label that is not one of the class names.
+    """
+    path = Path(path)
+    with path.open(newline="", encoding="utf-8-sig") as handle:
+        rows = [row for row in csv.reader(handle) if any(cell.strip() for cell in row)]
+    header = [cell.strip() for cell in rows[0]]
+    if "label" not in header:
+        return None
+    at, key = header.index("label"), header.index("image_id")
+    labels = {}
+    for line, row in enumerate(rows[1:], start=2):
+        value = row[at].strip() if len(row) > at else ""
+        if value not in CLASS_NAMES:
+            raise InputError(f"The {role} CSV {path} has label {value!r} at row {line}; "
+                             f"a label is one of {', '.join(CLASS_NAMES)}.")
+        labels[row[key].strip()] = value
+    return labels
+
+
 def _parse_row(
     row: list[str], index: dict[str, int], value_columns: list[str], what: str, line: int
 ) -> tuple[str, np.ndarray]:

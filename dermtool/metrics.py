@@ -224,6 +224,67 @@ def roc_curve(y_true_binary: np.ndarray, scores: np.ndarray) -> tuple[np.ndarray
     return fpr, tpr, np.r_[np.inf, sorted_scores[last_of_tie]]
 
 
+#: Bins of the expected calibration error (equal width on [0, 1], as in Guo et al. 2017).
+ECE_BINS = 15
+
+
+def calibration_bins(probs: np.ndarray, y_true: np.ndarray, n_bins: int = ECE_BINS) -> dict[str, np.ndarray]:
+    """The rows of (N, C) probabilities in equal-width bins of their confidence.
+
+    The confidence of a row is its highest probability, and the row is correct when that class
+    (the argmax, ties to the earlier class) is the true one. Bin b (1-based) holds the rows with
+    confidence in ((b - 1) / n_bins, b / n_bins], the first bin also 0.
+
+    Returns:
+        {"counts": rows per bin, "confidence": their mean confidence, "accuracy": the share
+        correct} (both nan for an empty bin), each of length n_bins.
+    """
+    probs = np.asarray(probs, dtype=np.float64)
+    y_true = np.asarray(y_true, dtype=np.int64).ravel()
+    if probs.shape[0] != y_true.size:
+        raise ValueError(f"lengths differ: {probs.shape[0]} probability rows, {y_true.size} labels")
+    confidence = probs.max(axis=1) if y_true.size else np.empty(0)
+    correct = (to_labels(probs) == y_true) if y_true.size else np.empty(0, bool)
+    # rounded first, so that a confidence on an edge (0.4 * 15 = 6.000000000000001) stays in its bin
+    bins = np.clip(np.ceil(np.round(confidence * n_bins, 9)).astype(np.int64) - 1, 0, n_bins - 1)
+    counts = np.bincount(bins, minlength=n_bins)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        mean_confidence = np.bincount(bins, weights=confidence, minlength=n_bins) / counts
+        accuracy_in_bin = np.bincount(bins, weights=correct.astype(np.float64), minlength=n_bins) / counts
+    return {"counts": counts, "confidence": mean_confidence, "accuracy": accuracy_in_bin}
+
+
+def expected_calibration_error(probs: np.ndarray, y_true: np.ndarray, n_bins: int = ECE_BINS) -> float:
+    """Expected calibration error of the argmax decision over equal-width confidence bins
+    (`calibration_bins` defines the confidence, correctness and bins):
+
+        ECE = sum over bins of (rows in bin / all rows) * |accuracy in bin - mean confidence in bin|
+
+    Empty bins add nothing; no smoothing. Returns nan for no rows.
+    """
+    bins = calibration_bins(probs, y_true, n_bins)
+    counts = bins["counts"]
+    if counts.sum() == 0:
+        return float("nan")
+    used = counts > 0
+    gaps = np.abs(bins["accuracy"][used] - bins["confidence"][used])
+    return float(np.sum(counts[used] * gaps) / counts.sum())
+
+
+def negative_log_likelihood(probs: np.ndarray, y_true: np.ndarray, floor: float = 0.0) -> float:
+    """Mean of -log p[true class] over the rows of (N, C) probabilities (the log loss).
+
+    A probability below `floor` counts as `floor` (0: none, and a zero on the true class gives
+    inf). Returns nan for no rows.
+    """
+    probs = np.asarray(probs, dtype=np.float64)
+    y_true = np.asarray(y_true, dtype=np.int64).ravel()
+    if y_true.size == 0:
+        return float("nan")
+    with np.errstate(divide="ignore"):
+        return float(-np.mean(np.log(np.maximum(probs[np.arange(y_true.size), y_true], floor))))
+
+
 def bootstrap_ci(
     statistic: Callable[[np.ndarray], float],
     n_items: int,

@@ -460,7 +460,14 @@ def export_description(cfg: ModelConfig, fmt: str, quantize: str, source: Path,
                      "how": "squash: resize the whole image to size x size; pad: keep the aspect ratio "
                             "and zero-pad to a square (plus border); then a reflected margin on each side"},
         "outputs": outputs, "threshold": cfg.threshold, "class_names": list(cfg.class_names),
+        **({"decision": _decision(cfg)} if cfg.has_cls else {}),
     }
+
+
+def _decision(cfg: ModelConfig) -> dict:
+    from dermtool.decision import describe
+
+    return describe(cfg.temperature, cfg.melanoma_threshold)
 
 
 # --------------------------------------------------------------------------- conversion cache

@@ -105,9 +105,9 @@ def draw_overlay(pixels: np.ndarray, mask: np.ndarray | None = None, label: str 
     return img
 
 
-def class_label(probabilities, class_names=CLASS_NAMES) -> tuple[str, tuple[int, int, int]]:
-    """(label text, box colour) of the predicted class of a probability vector."""
-    k = int(np.argmax(probabilities))
+def class_label(probabilities, class_names=CLASS_NAMES, k: int | None = None) -> tuple[str, tuple[int, int, int]]:
+    """(label text, box colour) of class `k` (default: the argmax) of a probability vector."""
+    k = int(np.argmax(probabilities)) if k is None else int(k)
     name = class_names[k]
     return label_text(name, float(probabilities[k])), CLASS_COLOURS.get(name, (0, 0, 0))
 

@@ -35,6 +35,43 @@ def roc_data(y_true: np.ndarray, pred_probs: np.ndarray, class_names=CLASS_NAMES
     return out
 
 
+def reliability_data(y_true: np.ndarray, pred_probs: np.ndarray, n_bins: int = metrics.ECE_BINS) -> dict[str, Any]:
+    """Per equal-width bin of the top probability: its mean, the accuracy of the argmax and the
+    count (`metrics.calibration_bins`), the bin edges, and the ECE the scorer reports."""
+    return {**metrics.calibration_bins(pred_probs, y_true, n_bins), "edges": np.linspace(0.0, 1.0, n_bins + 1),
+            "ece": metrics.expected_calibration_error(pred_probs, y_true, n_bins)}
+
+
+def operating_point_data(cls: dict[str, Any]) -> tuple[float, float] | None:
+    """(false positive rate, sensitivity) of melanoma at the label column's decision, if any."""
+    decision = cls.get("decision")
+    if decision is None:
+        return None
+    mel = decision["per_class"]["melanoma"]
+    if mel["sensitivity"] is None or mel["specificity"] is None:
+        return None
+    return 1.0 - mel["specificity"], mel["sensitivity"]
+
+
+def plot_reliability(data: dict[str, Any], path: Path) -> Path:
+    """Accuracy of the argmax against its probability, per bin, with the diagonal of a calibrated model."""
+    fig = _figure(5.6, 5.0)
+    ax = fig.add_subplot()
+    edges = data["edges"]
+    shown = data["counts"] > 0
+    ax.plot([0, 1], [0, 1], color="#bbbbbb", lw=1, ls="--", label="calibrated")
+    ax.bar(edges[:-1][shown], data["accuracy"][shown], width=np.diff(edges)[shown], align="edge",
+           color="#4a7fb5", edgecolor="white", label="accuracy of the argmax")
+    ax.plot(data["confidence"][shown], data["accuracy"][shown], "o", color="#1d2330", ms=4,
+            label="(mean probability, accuracy) of a bin")
+    ax.set(xlim=(0, 1), ylim=(0, 1.01), xlabel="top class probability", ylabel="accuracy",
+           title=f"Reliability, ECE {data['ece']:.3f} ({len(edges) - 1} bins, {int(data['counts'].sum())} images)")
+    ax.set_aspect("equal")
+    ax.legend(loc="upper left", fontsize=9)
+    fig.savefig(path)
+    return path
+
+
 def jaccard_histogram_data(per_image: dict[str, float]) -> dict[str, Any]:
     """Counts of per-image Jaccard in 0.05 bins, the mean and the share under the 0.65 line."""
     values = np.array(list(per_image.values()), dtype=np.float64)
@@ -66,8 +103,10 @@ def _colour(name: str) -> tuple[float, float, float]:
     return tuple(c / 255 for c in CLASS_COLOURS.get(name, (0, 0, 0)))
 
 
-def plot_roc(data: dict[str, dict], auc_ci: dict | None, path: Path) -> Path:
-    """One figure, one ROC curve per class, its AUC (and 95 % interval) in the legend."""
+def plot_roc(data: dict[str, dict], auc_ci: dict | None, path: Path,
+             operating_point: tuple[float, float] | None = None) -> Path:
+    """One figure, one ROC curve per class, its AUC (and 95 % interval) in the legend, and the
+    melanoma decision of the label column (`operating_point_data`) as a marked point."""
     fig = _figure(5.6, 5.0)
     ax = fig.add_subplot()
     ax.plot([0, 1], [0, 1], color="#bbbbbb", lw=1, ls="--", label="chance")
@@ -76,6 +115,10 @@ def plot_roc(data: dict[str, dict], auc_ci: dict | None, path: Path) -> Path:
             continue
         label = f"{DISPLAY_NAMES.get(name, name)}: AUC {d['auc']:.3f}{_ci_text((auc_ci or {}).get(name))}"
         ax.plot(d["fpr"], d["tpr"], color=_colour(name), lw=2, label=label)
+    if operating_point is not None:
+        fpr, tpr = operating_point
+        ax.plot([fpr], [tpr], "o", ms=9, mfc="white", mec=_colour("melanoma"), mew=2.5,
+                label=f"melanoma decision: SE {tpr:.3f}, SP {1 - fpr:.3f}")
     ax.set(xlim=(0, 1), ylim=(0, 1.01), xlabel="false positive rate (1 − specificity)",
            ylabel="true positive rate (sensitivity)", title="ROC, one class against the others")
     ax.set_aspect("equal")
@@ -190,7 +233,9 @@ def write_plots(result: dict[str, Any], plots_dir: Path, pred_csv: Path | None =
     if cls is not None and pred_csv is not None:
         _, y_true, pred_probs = class_arrays(pred_csv, truth_csv)
         figures.append(("ROC curves", plot_roc(roc_data(y_true, pred_probs), cls.get("auc_ci95"),
-                                              plots_dir / "roc.png")))
+                                              plots_dir / "roc.png", operating_point_data(cls))))
+        figures.append(("Reliability diagram", plot_reliability(reliability_data(y_true, pred_probs),
+                                                                plots_dir / "reliability.png")))
         figures.append(("Confusion matrix", plot_confusion(cls["confusion"], cls["classes"],
                                                            plots_dir / "confusion.png")))
     worst = []
@@ -239,8 +284,19 @@ def _tables(result: dict[str, Any]) -> dict[str, Any]:
                       st["tp"], st["fn"], st["fp"], st["tn"]) for name, st in cls["per_class"].items()],
             "names": [DISPLAY_NAMES.get(c, c) for c in cls["classes"]],
             "confusion": cls["confusion"],
+            "ece": f"{_fmt(cls.get('ece'))} ({cls.get('ece_bins')} equal-width bins of the top probability)",
+            "decision": _decision_table(cls.get("decision")),
         }
     return tables
+
+
+def _decision_table(decision: dict[str, Any] | None) -> dict[str, Any] | None:
+    if decision is None:
+        return None
+    return {"summary": f"BACC {_fmt(decision['bacc'])}, accuracy {_fmt(decision['accuracy'])}; "
+                       f"{decision['n_differ_from_argmax']} labels differ from the argmax",
+            "rows": [(DISPLAY_NAMES.get(name, name), _fmt(st["sensitivity"]), _fmt(st["specificity"]),
+                      st["tp"], st["fn"], st["fp"], st["tn"]) for name, st in decision["per_class"].items()]}
 
 
 def _sources(*paths) -> list[tuple[str, str]]:

@@ -182,7 +182,7 @@ def _thumbnail(row: dict, source: Path, out_dir: Path, files: Path, class_cols: 
     mask = read_mask_at(mask_path, size) if mask_path.is_file() else None
     label, colour = ("", (0, 0, 0))
     if class_cols:
-        label, colour = class_label(np.array([row[c] for c in class_cols]), class_cols)
+        label, colour = class_label(np.array([row[c] for c in class_cols]), class_cols, _label_index(row, class_cols))
     img = draw_overlay(pixels, mask, label, colour)
     tmp = target.with_name(f".{target.name}.{os.getpid()}.tmp")
     try:
@@ -199,7 +199,7 @@ def _payload(rows: list[dict], class_cols: list[str], has_thumb: set, out_dir: P
     packed = []
     for row in rows:
         probs = [row[c] for c in class_cols]  # as written in the CSV: rounding would reorder ties
-        k = int(np.argmax(probs)) if probs else -1
+        k = _label_index(row, class_cols) if probs else -1
         packed.append([row["image_id"], k, *probs, int(row["image_id"] in has_thumb),
                        int(row["image_id"] in overlays)])
     from dermtool.overlay import SHORT_NAMES
@@ -207,6 +207,41 @@ def _payload(rows: list[dict], class_cols: list[str], has_thumb: set, out_dir: P
     return {"classes": class_cols, "display": [_display(c) for c in class_cols],
             "short": [SHORT_NAMES.get(c, c) for c in class_cols], "rows": packed,
             "files": FILES, "page_size": PAGE_SIZE, "no_thumbnail": "no thumbnail (image not found)"}
+
+
+def _label_index(row: dict, class_cols: list[str]) -> int:
+    """The class the run decided (its `label` column: a model's melanoma threshold may differ
+    from the argmax), or the argmax of the probabilities for a CSV without labels."""
+    if row.get("label") in class_cols:
+        return class_cols.index(row["label"])
+    return int(np.argmax([row[c] for c in class_cols]))
+
+
+def operating_point(run: dict) -> str:
+    """The decision the run's labels follow, as a sentence: its melanoma threshold and where it
+    came from (the model's calibration: temperature, target sensitivity), or "" for the argmax."""
+    from dermtool.config import load_config
+
+    threshold, temperature = run.get("melanoma_threshold"), run.get("temperature", 1.0)
+    if threshold is None and temperature == 1.0:
+        return ""
+    try:
+        model_cfg = load_config(Path(run["model"]))[0] if run.get("model") else None
+    except InputError:  # the model folder moved or changed: the run's own record still says what it did
+        model_cfg = None
+    parts = []
+    if threshold is not None:
+        target = ((model_cfg.calibration or {}).get("target_sensitivity") if model_cfg else None)
+        source = ("" if model_cfg is None else
+                  " (given with --melanoma-threshold)" if model_cfg.melanoma_threshold != threshold else
+                  f" (chosen on validation for melanoma sensitivity ≥ {target:g})" if target else
+                  " (stored with the model)")
+        parts.append(f"melanoma when p ≥ {threshold:.4f}{source}, else the likelier other class")
+    else:
+        parts.append("class = argmax of the probabilities")
+    if temperature != 1.0:
+        parts.append(f"probabilities calibrated with temperature {temperature:.3f}")
+    return "; ".join(parts)
 
 
 def _display(name: str) -> str:
@@ -241,5 +276,5 @@ def _facts(run: dict, out_dir: Path, summary: ReportSummary, images_dir: Path | 
         "done": run.get("done", summary.entries), "skipped": run.get("skipped", 0),
         "failed": [Path(f).name for f in run.get("failed", [])], "images": str(images_dir or ""),
         "postprocess": " → ".join(steps) + (f"; test-time augmentation over {tta} views" if tta and tta > 1 else ""),
-        "speed": speed, "note": "; ".join(notes),
+        "speed": speed, "note": "; ".join(notes), "operating_point": operating_point(run),
     }

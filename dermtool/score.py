@@ -81,7 +81,11 @@ def score_classification(
     """Classification metrics of every truth image; the predictions must cover all of them.
 
     True and predicted classes are the argmax over (melanoma, seborrheic_keratosis, nevus).
-    Prediction rows for images not in the truth are ignored.
+    Prediction rows for images not in the truth are ignored. Beside them: `decision`, the same
+    figures for the classes the CSV's `label` column names (the decision `dermtool infer` made,
+    e.g. at a melanoma threshold; None without that column, or with values that are not class
+    names, which `decision_note` then names), and `ece`, the expected
+    calibration error of the probabilities (`metrics.expected_calibration_error`, 15 bins).
     """
     ids, y_true, pred_probs = class_arrays(pred_csv, truth_csv)
     y_pred = metrics.to_labels(pred_probs)
@@ -103,7 +107,15 @@ def score_classification(
         },
         "bacc_ci95": None,
         "auc_ci95": None,
+        "ece": metrics.expected_calibration_error(pred_probs, y_true),
+        "ece_bins": metrics.ECE_BINS,
+        "decision": None,
+        "decision_note": None,
     }
+    try:
+        result["decision"] = decision_scores(pred_csv, ids, y_true, y_pred)
+    except InputError as exc:  # another tool's "label" column: the argmax figures still stand
+        result["decision_note"] = f"label column not scored: {exc}"
     if bootstrap:
         result["auc_ci95"] = {
             name: metrics.bootstrap_ci(
@@ -120,6 +132,24 @@ def score_classification(
             seed=seed,
         )
     return result
+
+
+def decision_scores(pred_csv: Path, ids: list[str], y_true: np.ndarray, y_argmax: np.ndarray) -> dict | None:
+    """BACC, accuracy, confusion and per-class SE/SP of the classes in the CSV's `label` column
+    (None without one), and how many labels differ from the argmax."""
+    labels = io.read_label_column(Path(pred_csv))
+    if labels is None:
+        return None
+    y_pred = np.array([CLASS_NAMES.index(labels[image_id]) for image_id in ids], dtype=np.int64)
+    cm = metrics.confusion_matrix(y_true, y_pred, n_classes=len(CLASS_NAMES))
+    return {
+        "source": "label column",
+        "bacc": metrics.balanced_accuracy(cm),
+        "accuracy": metrics.accuracy(cm),
+        "confusion": cm.tolist(),
+        "per_class": dict(zip(CLASS_NAMES, metrics.per_class_stats(cm))),
+        "n_differ_from_argmax": int(np.sum(y_pred != y_argmax)),
+    }
 
 
 def class_arrays(pred_csv: Path, truth_csv: Path) -> tuple[list[str], np.ndarray, np.ndarray]:
@@ -281,3 +311,23 @@ def _render_classification(cls: dict[str, Any], console) -> None:
     for name, row in zip(cls["classes"], cls["confusion"]):
         confusion.add_row(_SHORT_NAMES.get(name, name), *map(str, row))
     console.print(confusion)
+    console.print(f"expected calibration error (ECE, {cls['ece_bins']} bins on the top probability): "
+                  f"{_fmt(cls['ece'])}", highlight=False)
+    decision = cls.get("decision")
+    if decision is not None:
+        _render_decision(decision, console)
+    elif cls.get("decision_note"):
+        console.print(f"note: {cls['decision_note']}", highlight=False, soft_wrap=True, markup=False)
+
+
+def _render_decision(decision: dict[str, Any], console) -> None:
+    """The figures of the label column's decision (beside the argmax figures above)."""
+    table = Table(title=f"Decision of the label column: BACC {_fmt(decision['bacc'])}  accuracy "
+                        f"{_fmt(decision['accuracy'])}  ({decision['n_differ_from_argmax']} labels differ "
+                        "from the argmax)", title_justify="left")
+    for column in ("class", "SE", "SP", "TP", "FN", "FP", "TN"):
+        table.add_column(column, justify="left" if column == "class" else "right")
+    for name, stats in decision["per_class"].items():
+        table.add_row(_SHORT_NAMES.get(name, name), _fmt(stats["sensitivity"]), _fmt(stats["specificity"]),
+                      *(str(stats[key]) for key in ("tp", "fn", "fp", "tn")))
+    console.print(table)

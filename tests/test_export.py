@@ -230,6 +230,39 @@ def test_a_model_folder_uses_the_litert_export_it_carries_while_it_is_of_its_wei
 
 
 @litert
+def test_calibrate_gives_the_carried_litert_export_the_same_decision(tiny, exports, images, tmp_path, monkeypatch):
+    """infer -> calibrate -> infer on the litert engine: the carried export, still used, scales
+    the probabilities by the fitted temperature and labels by the fitted threshold."""
+    import csv
+
+    from dermtool.config import load_config
+    from dermtool.decision import apply_temperature, label_names
+
+    monkeypatch.setenv("DERMTOOL_CACHE_DIR", str(tmp_path / "cache"))
+    folder = tmp_path / "model"
+    shutil.copytree(tiny, folder)
+    shutil.copytree(exports("tflite", "none"), folder / "litert")
+
+    def run(out: Path):
+        result = infer(images / "images", "--out", out, "--model", folder, "--engine", "litert")
+        assert result.exit_code == 0, result.output
+        assert json.loads((out / "infer.json").read_text())["engine_file"] == str(folder / "litert" / "model.tflite")
+        rows = list(csv.reader(open(out / "predictions.csv", newline="")))[1:]
+        return np.array([r[1:4] for r in rows], dtype=float), [r[4] for r in rows]
+
+    plain, _ = run(tmp_path / "plain")
+    result = runner.invoke(app, ["calibrate", str(folder), "--preds", str(tmp_path / "plain" / "predictions.csv"),
+                                 "--truth", str(images / "labels.csv"), "--sensitivity", "1"])
+    assert result.exit_code == 0, result.output
+    cfg = load_config(folder)[0]
+    assert load_config(folder / "litert")[0].melanoma_threshold == cfg.melanoma_threshold is not None
+    probs, labels = run(tmp_path / "decided")
+    np.testing.assert_allclose(probs, apply_temperature(plain, cfg.temperature), atol=2e-6)
+    assert labels == label_names(probs, cfg.melanoma_threshold)
+    assert not (tmp_path / "cache").exists()  # the carried export, not a conversion
+
+
+@litert
 def test_config_is_enough_to_run_the_tflite_file_without_dermtool(exports, tiny):
     """What a phone app would do: read config.json, feed raw 0-255 RGB, read outputs by name."""
     from dermtool.modelio import _litert_interpreter

@@ -412,7 +412,8 @@ def test_postprocessing_switches_are_recorded(models, dataset, tmp_path):
 @pytest.mark.parametrize("case", ["no_images", "no_model", "model_without_weights", "bad_shard", "shard_range",
                                   "bad_tta", "out_is_file", "closing_radius_33", "closing_radius_200",
                                   "threshold_above_1", "threshold_below_0", "batch_size_0", "batch_size_huge",
-                                  "workers_huge"])
+                                  "workers_huge", "melanoma_threshold_0", "melanoma_threshold_1",
+                                  "melanoma_threshold_above_1"])
 def test_bad_paths_and_options_exit_2_with_one_line(case, models, dataset, tmp_path):
     out = tmp_path / "out"
     empty_model = tmp_path / "empty_model"
@@ -431,7 +432,9 @@ def test_bad_paths_and_options_exit_2_with_one_line(case, models, dataset, tmp_p
         "closing_radius_33": ("--closing-radius", "33"), "closing_radius_200": ("--closing-radius", "200"),
         "threshold_above_1": ("--threshold", "1.5"), "threshold_below_0": ("--threshold", "-0.1"),
         "batch_size_0": ("--batch-size", "0"), "batch_size_huge": ("--batch-size", "100000"),
-        "workers_huge": ("--workers", "100000"),
+        "workers_huge": ("--workers", "100000"), "melanoma_threshold_0": ("--melanoma-threshold", "0"),
+        "melanoma_threshold_1": ("--melanoma-threshold", "1"),
+        "melanoma_threshold_above_1": ("--melanoma-threshold", "1.5"),
     }.get(case)
     if out_of_range:
         args = [dataset["images"], "--out", out, "--model", models["joint"], *out_of_range]
@@ -588,7 +591,8 @@ def test_two_files_with_one_id_use_the_first_by_name_and_exit_1(models, dataset,
 
 @pytest.mark.parametrize("setting, extra", [("model", ["--model", "other"]), ("closing_radius", ["--closing-radius", "5"]),
                                             ("tta", ["--tta", "4"]), ("threshold", ["--threshold", "0.3"]),
-                                            ("engine", ["--engine", "savedmodel"])])
+                                            ("engine", ["--engine", "savedmodel"]),
+                                            ("melanoma_threshold", ["--melanoma-threshold", "0.3"])])
 def test_resume_with_other_settings_is_refused(joint_run, models, dataset, tmp_path, monkeypatch, setting, extra):
     monkeypatch.setenv("DERMTOOL_CACHE_DIR", str(tmp_path / "cache"))
     if setting == "engine":  # converted beforehand, so the refusal is all that infer prints
@@ -646,3 +650,63 @@ def test_batch_size_beyond_the_images_is_never_padded(models, dataset, tmp_path,
     summary = predict_folder(images, tmp_path / "out", models["joint"], InferOptions(batch_size=1024), progress=False)
     assert summary.done == 2
     assert seen and max(seen) == 2  # warm-up included
+
+
+# --- the decision: temperature and melanoma threshold ---------------------------------------------
+
+
+def _decided(model: Path, folder: Path, temperature: float, threshold: float | None) -> Path:
+    """A copy of `model` whose config.json holds a temperature and a melanoma threshold."""
+    folder = Path(shutil.copytree(model, folder))
+    raw = json.loads((folder / "config.json").read_text())
+    raw["model"].update(temperature=temperature, melanoma_threshold=threshold)
+    (folder / "config.json").write_text(json.dumps(raw))
+    return folder
+
+
+def _probs_and_labels(path: Path) -> tuple[np.ndarray, list[str]]:
+    rows = read_csv(path)[1:]
+    return np.array([r[1:4] for r in rows], dtype=float), [r[4] for r in rows]
+
+
+def test_a_stored_decision_scales_the_probabilities_and_sets_the_labels(joint_run, models, dataset, tmp_path):
+    from dermtool.decision import apply_temperature, label_names
+
+    plain, _ = _probs_and_labels(joint_run[1] / "predictions.csv")  # the same model at T = 1, no threshold
+    scaled = apply_temperature(plain, 3.0)
+    # a threshold between the middle two melanoma probabilities: some images on either side
+    t = float(np.mean(np.sort(scaled[:, 0])[len(IDS) // 2 - 1:len(IDS) // 2 + 1]))
+    model = _decided(models["joint"], tmp_path / "decided", 3.0, t)
+    out = tmp_path / "out"
+    result = infer(dataset["images"], "--out", out, "--model", model)
+    assert result.exit_code == 1, result.output  # the two bad files
+    probs, labels = _probs_and_labels(out / "predictions.csv")
+    np.testing.assert_allclose(probs, scaled, atol=2e-6)  # softmax(log p / T) of the plain run
+    assert labels == label_names(probs, t)
+    assert 0 < labels.count("melanoma") < len(IDS)
+    record = json.loads((out / "infer.json").read_text())
+    assert (record["temperature"], record["melanoma_threshold"]) == (3.0, t)
+
+
+def test_melanoma_threshold_overrides_the_stored_one_and_is_recorded(models, dataset, tmp_path):
+    from dermtool.decision import label_names
+
+    model = _decided(models["cls"], tmp_path / "decided", 1.0, 0.9)
+    out = tmp_path / "out"
+    first = infer(dataset["images"], "--out", out, "--model", model)
+    assert first.exit_code == 1, first.output
+    probs, stored = _probs_and_labels(out / "predictions.csv")
+    assert stored == label_names(probs, 0.9)
+    low = float(probs[:, 0].min()) - 1e-3  # every image reaches it: all melanoma
+    again = tmp_path / "again"
+    result = infer(dataset["images"], "--out", again, "--model", model, "--melanoma-threshold", low)
+    assert result.exit_code == 1, result.output
+    probs2, labels = _probs_and_labels(again / "predictions.csv")
+    assert labels == ["melanoma"] * len(IDS) and labels != stored
+    np.testing.assert_array_equal(probs2, probs)  # the threshold decides labels, never probabilities
+    assert json.loads((again / "infer.json").read_text())["melanoma_threshold"] == low
+
+
+def test_melanoma_threshold_needs_a_classifier(models, dataset, tmp_path):
+    result = infer(dataset["images"], "--out", tmp_path / "out", "--model", models["seg"], "--melanoma-threshold", 0.3)
+    assert result.exit_code == 2 and "classifier" in result.output, result.output

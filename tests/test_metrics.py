@@ -231,3 +231,43 @@ def test_bootstrap_edge_cases():
     assert math.isnan(low) and math.isnan(high)
     low, high = metrics.bootstrap_ci(lambda idx: float("nan"), 5, 20)
     assert math.isnan(low) and math.isnan(high)
+
+
+# --- calibration: ECE and NLL -------------------------------------------------------------------
+
+# Five rows; top probability and whether the argmax is the truth:
+#   0.90 correct  -> bin 14 (13/15, 14/15] = (0.867, 0.933]
+#   0.95 wrong    -> bin 15 (0.933, 1]
+#   0.60 correct  -> bin 9  (0.533, 0.6]: an edge, 0.6 * 15 = 9 (floating point: 9.000000000000002)
+#   0.55 wrong    -> bin 9
+#   0.40 correct  -> bin 6  (0.333, 0.4]: an edge too
+# bin 14: |1 - 0.90| = 0.10, 1 row; bin 15: |0 - 0.95| = 0.95, 1 row;
+# bin 9: accuracy 1/2, mean confidence 0.575 -> 0.075, 2 rows; bin 6: |1 - 0.4| = 0.6, 1 row.
+# ECE = (0.10 + 0.95 + 2 * 0.075 + 0.6) / 5 = 1.8 / 5 = 0.36
+ECE_PROBS = np.array([[0.90, 0.05, 0.05], [0.95, 0.03, 0.02], [0.2, 0.6, 0.2], [0.55, 0.25, 0.20],
+                      [0.3, 0.3, 0.4]])
+ECE_TRUE = np.array([0, 2, 1, 1, 2])
+
+
+def test_expected_calibration_error_by_hand():
+    assert metrics.expected_calibration_error(ECE_PROBS, ECE_TRUE) == pytest.approx(0.36)
+    bins = metrics.calibration_bins(ECE_PROBS, ECE_TRUE)
+    assert np.flatnonzero(bins["counts"]).tolist() == [5, 8, 13, 14]  # 0-based bins 6, 9, 14, 15
+    assert bins["counts"][8] == 2 and bins["accuracy"][8] == 0.5 and bins["confidence"][8] == pytest.approx(0.575)
+
+
+def test_expected_calibration_error_of_a_calibrated_and_an_empty_set():
+    # in each bin the accuracy equals the confidence: 4 rows at 0.75, 3 right -> ECE 0
+    probs = np.tile([0.75, 0.25, 0.0], (4, 1))
+    assert metrics.expected_calibration_error(probs, np.array([0, 0, 0, 1])) == pytest.approx(0.0)
+    assert math.isnan(metrics.expected_calibration_error(np.empty((0, 3)), np.empty(0)))
+    # one bin for all: |accuracy - confidence| of the whole set
+    assert metrics.expected_calibration_error(ECE_PROBS, ECE_TRUE, n_bins=1) == pytest.approx(abs(0.6 - 0.68))
+
+
+def test_negative_log_likelihood_by_hand():
+    probs = np.array([[0.5, 0.25, 0.25], [0.1, 0.0, 0.9]])
+    assert metrics.negative_log_likelihood(probs, np.array([0, 2])) == pytest.approx(-(np.log(0.5) + np.log(0.9)) / 2)
+    assert metrics.negative_log_likelihood(probs, np.array([0, 1])) == math.inf
+    assert metrics.negative_log_likelihood(probs, np.array([0, 1]), floor=1e-4) == pytest.approx(
+        -(np.log(0.5) + np.log(1e-4)) / 2)

@@ -16,7 +16,8 @@ from typer.testing import CliRunner
 
 from dermtool import CLASS_NAMES, metrics
 from dermtool.cli import app
-from dermtool.plots import jaccard_histogram_data, roc_data, worst_data
+from dermtool.decision import label_names
+from dermtool.plots import jaccard_histogram_data, operating_point_data, reliability_data, roc_data, worst_data
 from dermtool.score import class_arrays, score
 from dermtool.synthetic import make_lesion
 
@@ -90,6 +91,36 @@ def test_worst_images_are_the_lowest_jaccard_first():
     assert worst_data(per_image, 3) == [("b", 0.1), ("d", 0.1), ("c", 0.5)]
 
 
+def test_reliability_bins_hold_every_image_and_give_the_scorers_ece(case):
+    result = score(case["pred"], case["truth"])["classification"]
+    _, y_true, probs = class_arrays(case["pred"], case["truth"])
+    data = reliability_data(y_true, probs)
+    assert data["counts"].sum() == N and len(data["edges"]) == metrics.ECE_BINS + 1
+    assert data["ece"] == result["ece"]
+    used = data["counts"] > 0
+    gap = np.sum(data["counts"][used] * np.abs(data["accuracy"][used] - data["confidence"][used])) / N
+    assert gap == pytest.approx(result["ece"])
+
+
+def test_the_operating_point_of_a_thresholded_label_column_lies_on_the_melanoma_roc(case, tmp_path):
+    _, y_true, probs = class_arrays(case["pred"], case["truth"])
+    lines = case["pred"].read_text().splitlines()
+    labels = label_names(probs, 0.3)
+    pred = tmp_path / "pred.csv"
+    pred.write_text("\n".join([lines[0] + ",label"] + [f"{line},{lab}" for line, lab in zip(lines[1:], labels)]) + "\n")
+    cls = score(pred, case["truth"])["classification"]
+    fpr, tpr = operating_point_data(cls)
+    positive, called = y_true == 0, probs[:, 0] >= 0.3
+    assert (tpr, fpr) == (pytest.approx(np.mean(called[positive])), pytest.approx(np.mean(called[~positive])))
+    roc = roc_data(y_true, probs)["melanoma"]
+    assert np.any(np.isclose(roc["fpr"], fpr) & np.isclose(roc["tpr"], tpr))  # a point of the curve
+    assert operating_point_data(score(case["pred"], case["truth"])["classification"]) is None  # no label column
+    out = tmp_path / "plots"
+    assert runner.invoke(app, ["score", str(pred), str(case["truth"]), "--plots", str(out)]).exit_code == 0
+    page = (out / "score.html").read_text()
+    assert "Decision of the label column" in page and f"{1 - fpr:.3f}" in page
+
+
 def test_bootstrap_gives_auc_intervals_around_the_auc(case):
     result = score(case["pred"], case["truth"], bootstrap=200, seed=1)["classification"]
     for name in CLASS_NAMES:
@@ -105,11 +136,12 @@ def test_score_plots_writes_figures_and_page(case, tmp_path):
             "--images", str(case["images"]), "--json", str(tmp_path / "s.json")]
     result = runner.invoke(app, args)
     assert result.exit_code == 0, result.output
-    for name in ("roc.png", "confusion.png", "jaccard.png", "worst.png"):
+    for name in ("roc.png", "confusion.png", "jaccard.png", "worst.png", "reliability.png"):
         with Image.open(out / name) as img:
             assert img.format == "PNG" and min(img.size) > 200
     page = (out / "score.html").read_text()
-    assert sorted(re.findall(r'<img src="([^"]+)"', page)) == ["confusion.png", "jaccard.png", "roc.png", "worst.png"]
+    assert sorted(re.findall(r'<img src="([^"]+)"', page)) == ["confusion.png", "jaccard.png", "reliability.png",
+                                                                "roc.png", "worst.png"]
     numbers = json.loads((tmp_path / "s.json").read_text())
     jac, ci = numbers["segmentation"]["jac"], numbers["segmentation"]["jac_ci95"]
     assert f"{jac:.3f}" in page and f"[{ci[0]:.3f}, {ci[1]:.3f}]" in page
@@ -124,7 +156,7 @@ def test_plots_without_images_or_masks(case, tmp_path):
     out = tmp_path / "plots"
     result = runner.invoke(app, ["score", str(case["pred"]), str(case["truth"]), "--plots", str(out)])
     assert result.exit_code == 0, result.output
-    assert sorted(p.name for p in out.iterdir()) == ["confusion.png", "roc.png", "score.html"]
+    assert sorted(p.name for p in out.iterdir()) == ["confusion.png", "reliability.png", "roc.png", "score.html"]
 
 
 def test_images_without_plots_or_missing_exit_2(case, tmp_path):

@@ -100,6 +100,42 @@ def test_report_states_the_runs_facts_and_the_warning(small):
     assert "http://" not in html and "https://" not in html  # nothing fetched from a network
 
 
+def _with_decision(out: Path, threshold: float, temperature: float, stored: float | None) -> None:
+    """Give the run's record a decision, and its model folder a config.json calibrated to `stored`."""
+    from dermtool.config import preset_config, save_config
+    from dataclasses import replace
+
+    run = json.loads((out / "infer.json").read_text())
+    run.update(melanoma_threshold=threshold, temperature=temperature)
+    (out / "infer.json").write_text(json.dumps(run))
+    cfg = replace(preset_config("compact", "joint", size=32, base_filters=4, depth=2), temperature=temperature,
+                  melanoma_threshold=stored, calibration={"target_sensitivity": 0.85} if stored else None)
+    save_config(Path(run["model"]) / "config.json", cfg)
+
+
+def test_report_shows_the_operating_point_and_the_decided_classes(tmp_path):
+    out = make_infer_folder(tmp_path, 6, images=False)
+    rows = list(csv.reader(open(out / "predictions.csv", newline="")))
+    argmax_not_melanoma = next(i for i, r in enumerate(rows[1:], 1) if r[4] != "melanoma")
+    rows[argmax_not_melanoma][4] = "melanoma"  # the threshold called it melanoma
+    with open(out / "predictions.csv", "w", newline="") as fh:
+        csv.writer(fh).writerows(rows)
+    _with_decision(out, 0.2, 1.8, stored=0.2)
+    write_report(out)
+    html = (out / "report.html").read_text()
+    assert "operating point" in html
+    assert "melanoma when p ≥ 0.2000 (chosen on validation for melanoma sensitivity ≥ 0.85)" in html
+    assert "temperature 1.800" in html
+    assert payload(out)["rows"][argmax_not_melanoma - 1][1] == 0  # the card shows the label, not the argmax
+    _with_decision(out, 0.35, 1.8, stored=0.2)
+    write_report(out)
+    assert "melanoma when p ≥ 0.3500 (given with --melanoma-threshold)" in (out / "report.html").read_text()
+
+
+def test_report_of_an_argmax_run_has_no_operating_point(small):
+    assert "operating point" not in (small / "report.html").read_text()
+
+
 def test_model_summary_of_the_bundled_model_is_its_cards_first_sentence():
     bundled = next((REPO_ROOT / "weights").glob("*/MODEL_CARD.md")).parent
     summary = model_summary(bundled)

@@ -144,6 +144,43 @@ def test_json_keys_are_the_documented_schema(hand_case):
     json.dumps(report, allow_nan=False)  # plain JSON: no nan, no numpy types
 
 
+# The label column of a melanoma threshold t = 0.3 on PRED_PROBS (melanoma when p >= 0.3, else
+# the likelier other class): rows 1, 2 and 6 change from the argmax to melanoma.
+DECISION_LABELS = ["melanoma", "melanoma", "melanoma", "seborrheic_keratosis", "seborrheic_keratosis",
+                   "nevus", "melanoma", "melanoma", "nevus", "seborrheic_keratosis"]
+
+
+def test_score_reports_the_label_columns_decision_beside_the_argmax(hand_case, tmp_path):
+    rows = [[i, *p, label] for i, p, label in zip(IDS, PRED_PROBS, DECISION_LABELS)]
+    pred = write_csv(tmp_path / "decided.csv", ["image_id", "melanoma", "seborrheic_keratosis", "nevus", "label"], rows)
+    json_path = tmp_path / "s.json"
+    result = runner.invoke(app, ["score", str(pred), str(hand_case["truth"]), "--json", str(json_path)])
+    assert result.exit_code == 0, result.output
+    cls = json.loads(json_path.read_text())["classification"]
+    assert cls["bacc"] == pytest.approx(29 / 45)  # the argmax figures are unchanged
+    decision = cls["decision"]
+    # truth 0,0,0,1,1,2,2,2,2,2 against labels 0,0,0,1,1,2,0,0,2,1
+    assert decision["confusion"] == [[3, 0, 0], [0, 2, 0], [2, 1, 2]]
+    mel = decision["per_class"]["melanoma"]
+    assert (mel["tp"], mel["fn"], mel["fp"], mel["tn"]) == (3, 0, 2, 5)
+    assert mel["sensitivity"] == 1.0 and mel["specificity"] == pytest.approx(5 / 7)
+    assert decision["per_class"]["seborrheic_keratosis"]["specificity"] == pytest.approx(7 / 8)
+    assert decision["per_class"]["nevus"]["sensitivity"] == pytest.approx(2 / 5)
+    assert decision["bacc"] == pytest.approx((1 + 1 + 2 / 5) / 3)
+    assert decision["accuracy"] == pytest.approx(0.7)
+    assert decision["n_differ_from_argmax"] == 3
+    assert "Decision of the label column" in result.output and "0.7143" in result.output
+
+
+def test_expected_calibration_error_of_the_hand_case(hand_case):
+    # top probability (correct?): 0.5 x3 (all right), 0.6 x4 (all wrong), 0.7 (right), 0.8 x2 (right)
+    # ECE = (3 * 0.5 + 4 * 0.6 + 1 * 0.3 + 2 * 0.2) / 10 = 0.46
+    cls = score(hand_case["pred"], hand_case["truth"])["classification"]
+    assert cls["ece"] == pytest.approx(0.46) and cls["ece_bins"] == 15
+    # the hand case's label column holds "x", another tool's column: not scored, and said so
+    assert cls["decision"] is None and "'x'" in cls["decision_note"]
+
+
 def test_nevus_is_derived_when_the_column_is_absent(hand_case):
     # ISIC-format predictions: nevus = 1 - mel - sk gives the same argmax as the explicit column.
     rows = [[i, p[0], p[1]] for i, p in zip(IDS, PRED_PROBS)]

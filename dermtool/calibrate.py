@@ -1,0 +1,299 @@
+"""Fit a model's decision on validation predictions: its temperature and its melanoma threshold.
+
+`calibrate(model_dir, pairs, sensitivity)` reads predictions CSVs of `dermtool infer` with
+their truth CSVs, pools them, and fits
+
+- the temperature T that minimises the negative log-likelihood of the true classes
+  (a bounded 1-D search over log T, T in [0.05, 20]), then
+- the melanoma threshold t that keeps the melanoma sensitivity at or above the target on the
+  pooled, temperature-scaled probabilities (`decision.threshold_for_sensitivity` states the rule),
+
+and writes both, with how they were fitted, into MODEL/config.json (and into the config.json of
+the LiteRT export the folder carries, MODEL/litert/, so that engine makes the same decision).
+
+Predictions made by a model that already has a temperature are put back to T = 1 first: the
+temperature the run applied is read from the infer.json beside the CSV. Calibrating again on
+the same images therefore gives the same T and t, whichever model version made the CSVs.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+import os
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from dermtool import CLASS_NAMES, __version__, metrics
+from dermtool.config import ModelConfig, load_config
+from dermtool.decision import MELANOMA, PROB_FLOOR, apply_temperature, decide, describe, threshold_for_sensitivity
+from dermtool.errors import InputError
+
+#: Search range of the temperature: far beyond any fitted value (they are near 1 to 3).
+TEMPERATURE_RANGE = (0.05, 20.0)
+#: How far a row of a predictions CSV may sum from 1 and still count as softmax probabilities:
+#: six decimals leave 1.5e-6, but an int8 engine's softmax is quantised in steps of 1/256
+#: (the bundled model's mixed-int8 LiteRT export: sums 0.996 to 1.004). Rows are rescaled to 1.
+SUM_TOLERANCE = 0.02
+
+
+@dataclass
+class PredictionSet:
+    """One validation set: uncalibrated (T = 1) probabilities and the true classes."""
+
+    predictions: Path
+    truth: Path
+    ids: list  # the truth's image ids, in file order
+    probs: np.ndarray  # (N, 3), T = 1
+    y_true: np.ndarray  # (N,)
+    input_temperature: float = 1.0  # the temperature the infer run had applied (undone here)
+    note: str = ""
+
+
+@dataclass
+class CalibrationResult:
+    temperature: float
+    melanoma_threshold: float
+    sensitivity_target: float
+    sets: list = field(default_factory=list)  # one dict of scores per set, then "pooled"
+    written: list = field(default_factory=list)  # config.json files written
+    notes: list = field(default_factory=list)
+
+    @property
+    def provenance(self) -> dict:
+        """The "calibration" section of the model's config.json."""
+        return {
+            "target_sensitivity": self.sensitivity_target,
+            "temperature_rule": "minimum negative log-likelihood of the true classes on the pooled sets, "
+                                f"T searched in [{TEMPERATURE_RANGE[0]}, {TEMPERATURE_RANGE[1]}]",
+            "threshold_rule": "melanoma when p_melanoma >= t; t in the middle of the gap below the k-th highest "
+                              "melanoma probability, k = ceil(target * melanomas), on the pooled sets",
+            "sets": self.sets,
+            "dermtool_version": __version__,
+            "date": datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
+        }
+
+
+def read_set(pred_csv: Path, truth_csv: Path) -> PredictionSet:
+    """A predictions CSV with every class column, matched to its truth CSV, put back to T = 1.
+
+    Raises:
+        InputError: a class column missing, rows that are not probabilities summing to 1, ids
+            of the truth without a prediction, or a bad file (see `io.read_class_csv`).
+    """
+    from dermtool.score import class_arrays
+
+    pred_csv, truth_csv = Path(pred_csv), Path(truth_csv)
+    missing = [c for c in CLASS_NAMES if c not in _header(pred_csv)]
+    if missing:
+        raise InputError(f"The predictions CSV {pred_csv} lacks the class column(s) {', '.join(missing)}; "
+                         "calibration needs every class's probability, as dermtool infer writes them.")
+    ids, y_true, probs = class_arrays(pred_csv, truth_csv)
+    sums = probs.sum(axis=1)
+    bad = np.flatnonzero(np.abs(sums - 1.0) > SUM_TOLERANCE)
+    if bad.size:
+        raise InputError(f"The predictions CSV {pred_csv} has rows whose probabilities sum to {sums[bad[0]]:.4f}, "
+                         "not 1; calibration needs the softmax probabilities of dermtool infer.")
+    probs = probs / sums[:, None]
+    temperature, note = run_temperature(pred_csv)
+    if temperature != 1.0:  # softmax(T0 * log q) undoes q = softmax(log p / T0)
+        probs = apply_temperature(probs, 1.0 / temperature)
+    return PredictionSet(pred_csv, truth_csv, ids, probs, y_true, temperature, note)
+
+
+def _header(path: Path) -> list[str]:
+    try:
+        with open(path, newline="", encoding="utf-8-sig") as fh:
+            return [c.strip() for c in next(csv.reader(fh), [])]
+    except (OSError, UnicodeDecodeError, csv.Error) as exc:
+        raise InputError(f"The predictions CSV {path} cannot be read ({exc}).") from None
+
+
+def run_temperature(pred_csv: Path) -> tuple[float, str]:
+    """(the temperature the infer run that wrote `pred_csv` applied, a note when it is assumed).
+
+    Read from the run's record beside the CSV: infer.json for predictions.csv (or, after
+    `dermtool merge`, the shards' infer.shardKofN.json), infer.shardKofN.json for a part. A
+    record without a temperature was written before dermtool had one: T = 1.
+    """
+    from dermtool.shards import _PART, record_name
+
+    folder = Path(pred_csv).parent
+    part = _PART.fullmatch(Path(pred_csv).name)
+    if part:
+        records = [folder / record_name((int(part[1]), int(part[2])))]
+    elif Path(pred_csv).name == "predictions.csv":
+        records = [folder / "infer.json"] if (folder / "infer.json").is_file() else sorted(folder.glob("infer.shard*of*.json"))
+    else:
+        records = []
+    values = set()
+    for path in records:
+        try:
+            values.add(float(json.loads(path.read_text()).get("temperature", 1.0)))
+        except (OSError, ValueError, TypeError, AttributeError):
+            continue
+    if len(values) > 1:
+        raise InputError(f"{folder}: its infer records applied different temperatures ({sorted(values)}); "
+                         "run infer again into one folder with one model.")
+    if not values:
+        return 1.0, (f"{pred_csv}: no infer.json beside it, so its probabilities are taken as uncalibrated "
+                     "(made by a model with temperature 1)")
+    return values.pop(), ""
+
+
+def fit_temperature(probs: np.ndarray, y_true: np.ndarray) -> float:
+    """The T in TEMPERATURE_RANGE minimising the mean NLL of softmax(log(p) / T), rounded to 1e-4."""
+    from scipy.optimize import minimize_scalar
+
+    def nll(log_t: float) -> float:
+        return metrics.negative_log_likelihood(apply_temperature(probs, math.exp(log_t)), y_true, PROB_FLOOR)
+
+    low, high = (math.log(v) for v in TEMPERATURE_RANGE)
+    found = minimize_scalar(nll, bounds=(low, high), method="bounded", options={"xatol": 1e-7})
+    return round(math.exp(found.x), 4)
+
+
+def set_scores(probs: np.ndarray, y_true: np.ndarray, temperature: float, threshold: float) -> dict[str, Any]:
+    """NLL and ECE before (T = 1) and after the temperature, and melanoma SE/SP at the decision."""
+    scaled = apply_temperature(probs, temperature)
+    labels = decide(scaled, threshold)
+    m = CLASS_NAMES.index(MELANOMA)
+    cm = metrics.confusion_matrix(y_true, labels, n_classes=len(CLASS_NAMES))
+    mel = metrics.per_class_stats(cm)[m]
+    return {
+        "images": int(y_true.size), "melanomas": int(np.sum(y_true == m)),
+        "nll_before": metrics.negative_log_likelihood(probs, y_true, PROB_FLOOR),
+        "nll_after": metrics.negative_log_likelihood(scaled, y_true, PROB_FLOOR),
+        "ece_before": metrics.expected_calibration_error(probs, y_true),
+        "ece_after": metrics.expected_calibration_error(scaled, y_true),
+        "sensitivity": mel["sensitivity"], "specificity": mel["specificity"],
+        "bacc": metrics.balanced_accuracy(cm),
+    }
+
+
+def calibrate(model_dir: Path, pairs: list[tuple[Path, Path]], sensitivity: float = 0.85,
+              write: bool = True) -> CalibrationResult:
+    """Fit the temperature and the melanoma threshold on validation predictions; see the module docstring.
+
+    Args:
+        model_dir: the model folder (or export folder) whose config.json receives the decision.
+        pairs: (predictions CSV, truth CSV) of each validation set, pooled for the fit.
+        sensitivity: the melanoma sensitivity the threshold must reach on the pooled sets.
+        write: False only reports what would be written.
+
+    Raises:
+        InputError: bad input (see `read_set`), no melanoma in the truth, a model without a
+            classifier, or a target outside (0, 1].
+    """
+    from dermtool.modelio import shown_path
+
+    model_dir = Path(model_dir)
+    cfg, _, _ = load_config(model_dir)
+    if not cfg.has_cls:
+        raise InputError(f"{model_dir}: a {cfg.task} model has no classifier to calibrate.")
+    if not pairs:
+        raise InputError("calibration needs at least one --preds CSV with its --truth CSV.")
+    if not 0.0 < sensitivity <= 1.0:
+        raise InputError(f"--sensitivity must lie in (0, 1], not {sensitivity}.")
+    sets = [read_set(p, t) for p, t in pairs]
+    probs = np.concatenate([s.probs for s in sets])
+    y_true = np.concatenate([s.y_true for s in sets])
+    m = CLASS_NAMES.index(MELANOMA)
+    if not np.any(y_true == m):
+        raise InputError(f"no melanoma in the truth CSV(s) {', '.join(str(s.truth) for s in sets)}: "
+                         "the threshold is chosen for a melanoma sensitivity, so the sets need melanomas.")
+    temperature = fit_temperature(probs, y_true)
+    threshold = threshold_for_sensitivity(apply_temperature(probs, temperature)[:, m], y_true == m, sensitivity)
+    result = CalibrationResult(temperature, threshold, sensitivity, notes=[s.note for s in sets if s.note])
+    shared = len([i for s in sets for i in s.ids]) - len({i for s in sets for i in s.ids})
+    if shared:
+        result.notes.append(f"{shared} image id(s) are in more than one set: they count once per set in the fit")
+    for s in sets:
+        scores = set_scores(s.probs, s.y_true, temperature, threshold)
+        result.sets.append({"predictions": shown_path(s.predictions), "truth": shown_path(s.truth),
+                            "input_temperature": s.input_temperature, **scores})
+    if len(sets) > 1:
+        result.sets.append({"predictions": "pooled", "truth": "pooled",
+                            **set_scores(probs, y_true, temperature, threshold)})
+    if write:
+        result.written, skipped = write_decision(model_dir, temperature, threshold, result.provenance)
+        result.notes += skipped
+    return result
+
+
+def write_decision(model_dir: Path, temperature: float, threshold: float, provenance: dict) -> tuple[list, list]:
+    """Put the decision into MODEL/config.json and the carried MODEL/litert/config.json.
+
+    Each file is replaced whole (written beside it, then renamed). The carried export runs the
+    same network, so its record of the weights it came from (`export.source_sha1`) is moved to
+    the rewritten config.json; an export already stale (other weights) is left alone and named.
+
+    Returns:
+        (files written, notes on what was left alone).
+    """
+    from dermtool.modelio import model_fingerprint, shipped_export
+
+    model_dir = Path(model_dir)
+    carried = shipped_export(model_dir, "litert")  # checked before the model's config.json changes
+    stale = model_dir / "litert" / "config.json"
+    _update_config(model_dir / "config.json", temperature, threshold, provenance)
+    written, notes = [model_dir / "config.json"], []
+    if carried is not None:
+        _update_config(carried / "config.json", temperature, threshold, provenance,
+                       source_sha1=model_fingerprint(model_dir))
+        written.append(carried / "config.json")
+    elif stale.is_file():
+        notes.append(f"{stale}: not updated, it was exported from other weights than {model_dir}'s")
+    return written, notes
+
+
+def _update_config(path: Path, temperature: float, threshold: float, provenance: dict,
+                   source_sha1: str | None = None) -> None:
+    """Rewrite one config.json with the decision; every other key is kept as it was."""
+    raw = json.loads(path.read_text())
+    from dermtool.score import _plain  # nan (an undefined rate) -> null: config.json stays strict JSON
+
+    raw["model"].update(temperature=temperature, melanoma_threshold=threshold, calibration=_plain(provenance))
+    ModelConfig(**raw["model"])  # still a valid model description
+    if source_sha1 is not None:
+        raw["export"].update(source_sha1=source_sha1, decision=describe(temperature, threshold))
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        tmp.write_text(json.dumps(raw, indent=2) + "\n")
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def render(result: CalibrationResult, console) -> None:
+    """Print the fit: one row per set (and pooled), NLL and ECE before -> after, SE/SP at t."""
+    from rich import box
+    from rich.markup import escape
+    from rich.table import Table
+
+    title = (f"Calibration: temperature {result.temperature:.4f}, melanoma threshold {result.melanoma_threshold:.4f} "
+             f"(target sensitivity {result.sensitivity_target:g} on the pooled sets)")
+    table = Table(title=title, title_justify="left", caption_justify="left", box=box.SIMPLE_HEAD,
+                  caption="NLL, ECE: before → after the temperature; SE, SP: of melanoma, BACC: of the labels, "
+                          "at t; mel.: melanomas")
+    for column in ("set", "images", "mel.", "NLL", "ECE", "SE", "SP", "BACC"):
+        table.add_column(column, justify="left" if column == "set" else "right", no_wrap=True)
+    for k, s in enumerate(result.sets, start=1):
+        name = "pooled" if s["predictions"] == "pooled" else f"set {k}"
+        table.add_row(name, str(s["images"]), str(s["melanomas"]),
+                      f"{_fmt(s['nll_before'])}→{_fmt(s['nll_after'])}",
+                      f"{_fmt(s['ece_before'])}→{_fmt(s['ece_after'])}",
+                      *(_fmt(s[key]) for key in ("sensitivity", "specificity", "bacc")))
+    console.print(table)
+    for k, s in enumerate(result.sets, start=1):
+        if s["predictions"] != "pooled":
+            console.print(escape(f"set {k}: {s['predictions']} against {s['truth']}"), highlight=False, soft_wrap=True)
+
+
+def _fmt(value) -> str:
+    return "n/a" if value is None or (isinstance(value, float) and math.isnan(value)) else f"{value:.3f}"
