@@ -279,7 +279,11 @@ def resolve_model(path: Path | None) -> tuple[Path, Path | None, str]:
     fmt = export.get("format")
     if fmt not in FORMATS:
         raise InputError(f"{path / 'config.json'}: unknown export format {fmt!r}.")
-    return path, path / export.get("file", FORMATS[fmt]), fmt
+    file = export.get("file", FORMATS[fmt])
+    if not isinstance(file, str) or file in ("", ".", "..") or Path(file).name != file:
+        raise InputError(f"{path / 'config.json'}: export.file must name a file inside the export folder, "
+                         f"not {str(file)[:60]!r}.")
+    return path, path / file, fmt
 
 
 def load_engine(path: Path | None = None, engine: str | None = None, log=None):

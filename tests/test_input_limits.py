@@ -172,3 +172,115 @@ def test_export_calibration_names_and_skips_the_image_over_the_limit(tmp_path, t
     x = load_inputs(data / "images", cfg, 10, log=said.append)
     assert x.shape == (2, 32, 32, 3)
     assert len(said) == 1 and "bomb.png" in said[0] and "200-megapixel limit" in said[0]
+
+
+# --- a model's config.json is input too ---------------------------------------------------------
+
+
+def _edited_model(src: Path, dest: Path, edit) -> Path:
+    """A copy of the model folder `src` whose config.json is changed by `edit(raw dict)`."""
+    import shutil
+
+    shutil.copytree(src, dest)
+    raw = json.loads((dest / "config.json").read_text())
+    edit(raw)
+    (dest / "config.json").write_text(json.dumps(raw))
+    return dest
+
+
+def _set(key, value):
+    def edit(raw):
+        raw["model"][key] = value
+    return edit
+
+
+def _drop(key):
+    def edit(raw):
+        del raw["model"][key]
+    return edit
+
+
+BAD_CONFIGS = {
+    "size too large": (_set("size", 100000), "model.size"),
+    "base_filters too large": (_set("base_filters", 100000), "model.base_filters"),
+    "size a float": (_set("size", 64.0), "model.size"),
+    "depth negative": (_set("depth", -1), "model.depth"),
+    "depth a bool": (_set("depth", True), "model.depth"),
+    "threshold above 1": (_set("threshold", 5), "model.threshold"),
+    "threshold 0": (_set("threshold", 0), "model.threshold"),
+    "threshold a string": (_set("threshold", "0.5"), "model.threshold"),
+    "classes reordered": (_set("class_names", ["nevus", "seborrheic_keratosis", "melanoma"]), "model.class_names"),
+    "two classes": (_set("class_names", ["melanoma", "nevus"]), "model.class_names"),
+    "a class repeated": (_set("class_names", ["melanoma", "melanoma", "nevus"]), "model.class_names"),
+    "unknown task": (_set("task", "both"), "model.task"),
+    "batch_norm a string": (_set("batch_norm", "yes"), "model.batch_norm"),
+    "dropout of 1.5": (_set("dropout", 1.5), "model.dropout"),
+    "size missing": (_drop("size"), "model.size"),
+    "class_names missing": (_drop("class_names"), "model.class_names"),
+    "an unknown key": (_set("heads", 2), "model.heads"),
+    "model not an object": (lambda raw: raw.update(model=[1, 2]), "model"),
+}
+
+
+@pytest.mark.parametrize("case", BAD_CONFIGS)
+def test_a_config_json_out_of_range_or_of_the_wrong_type_is_refused_by_name(tmp_path, tiny_model, case):
+    from dermtool.config import load_config
+
+    edit, key = BAD_CONFIGS[case]
+    folder = _edited_model(tiny_model, tmp_path / "model", edit)
+    with pytest.raises(InputError) as err:
+        load_config(folder)
+    message = str(err.value)
+    assert message.startswith(f"{folder / 'config.json'}: ") and f"{key} " in message, message
+    assert "\n" not in message
+
+
+def test_a_config_json_that_is_not_an_object_is_refused(tmp_path):
+    from dermtool.config import load_config
+
+    (tmp_path / "config.json").write_text("[1, 2]")
+    with pytest.raises(InputError, match="config.json: .*JSON object"):
+        load_config(tmp_path)
+
+
+@pytest.mark.parametrize("case", ["size too large", "classes reordered", "threshold above 1"])
+def test_infer_refuses_a_model_whose_config_json_is_out_of_range_with_one_line(tmp_path, tiny_model, case):
+    edit, key = BAD_CONFIGS[case]
+    folder = _edited_model(tiny_model, tmp_path / "model", edit)
+    images = tmp_path / "images"
+    images.mkdir()
+    Image.fromarray(make_lesion(40, 48, np.random.default_rng(0))[0]).save(images / "a.png")
+    result = runner.invoke(app, ["infer", str(images), "--out", str(tmp_path / "out"), "--model", str(folder)])
+    line = one_line_error(result)
+    assert result.exit_code == 2 and "config.json" in line and key in line
+    assert not (tmp_path / "out" / "predictions.csv").exists()
+
+
+def test_an_export_folder_config_json_is_checked_the_same_way(tmp_path, tiny_model):
+    """An export's config.json goes through the same check, and its export section is checked."""
+    from dermtool.modelio import resolve_model
+
+    export = tmp_path / "export"
+    export.mkdir()
+    raw = json.loads((tiny_model / "config.json").read_text())
+    raw["export"] = {"format": "onnx", "file": "model.onnx"}
+    raw["model"]["threshold"] = 5
+    (export / "config.json").write_text(json.dumps(raw))
+    with pytest.raises(InputError, match="model.threshold"):
+        resolve_model(export)
+    raw["model"]["threshold"] = 0.5
+    raw["export"] = {"format": "onnx", "file": "../../elsewhere/model.onnx"}
+    (export / "config.json").write_text(json.dumps(raw))
+    with pytest.raises(InputError, match="export.file"):
+        resolve_model(export)
+    raw["export"] = "onnx"
+    (export / "config.json").write_text(json.dumps(raw))
+    with pytest.raises(InputError, match="config.json: export "):
+        resolve_model(export)
+
+
+def test_a_valid_config_json_still_loads(tiny_model):
+    from dermtool.config import load_config, preset_config
+
+    cfg, _, _ = load_config(tiny_model)
+    assert cfg == preset_config("compact", "joint", size=32, base_filters=4, depth=2)
