@@ -284,3 +284,28 @@ def test_a_valid_config_json_still_loads(tiny_model):
 
     cfg, _, _ = load_config(tiny_model)
     assert cfg == preset_config("compact", "joint", size=32, base_filters=4, depth=2)
+
+
+# --- weights of another architecture ------------------------------------------------------------
+
+
+def test_weights_of_another_architecture_are_refused_with_one_line_naming_layer_and_shapes(tmp_path, tiny_model):
+    import keras
+
+    from dermtool.config import preset_config
+    from dermtool.models import build_model
+
+    folder = tmp_path / "model"
+    folder.mkdir()
+    (folder / "config.json").write_text((tiny_model / "config.json").read_text())  # base_filters 4
+    keras.utils.set_random_seed(2)
+    wider = build_model(preset_config("compact", "joint", size=32, base_filters=8, depth=2))
+    wider.save_weights(str(folder / "best.weights.h5"))
+    images = tmp_path / "images"
+    images.mkdir()
+    Image.fromarray(make_lesion(40, 48, np.random.default_rng(0))[0]).save(images / "a.png")
+    result = runner.invoke(app, ["infer", str(images), "--out", str(tmp_path / "out"), "--model", str(folder)])
+    line = one_line_error(result)
+    assert result.exit_code == 2
+    assert "best.weights.h5" in line and "enc_block1_conv1" in line
+    assert "(3, 3, 3, 8)" in line and "(3, 3, 3, 4)" in line  # the file's shape and the model's
