@@ -174,8 +174,10 @@ def open_image(path: Path):
     """
     from PIL import Image
 
+    # Pillow's own guard stays, at the same limit (its default, 89 MP, would refuse files
+    # under ours); it warns above it and refuses only at twice it, so the check below refuses
+    Image.MAX_IMAGE_PIXELS = MAX_PIXELS
     with warnings.catch_warnings():
-        # Pillow only warns between its limit and twice it; the check below is what refuses
         warnings.simplefilter("ignore", Image.DecompressionBombWarning)
         try:
             image = Image.open(path)

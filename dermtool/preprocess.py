@@ -23,12 +23,10 @@ import numpy as np
 from PIL import Image, ImageFile
 
 from dermtool.errors import InputError
-from dermtool.io import MAX_PIXELS, check_pixel_limit, open_image
+from dermtool.io import check_pixel_limit, open_image
 
 # A truncated JPEG must be reported, not silently padded with grey.
 ImageFile.LOAD_TRUNCATED_IMAGES = False
-# Pillow's own guard, kept behind `open_image`'s check (it refuses only at twice this)
-Image.MAX_IMAGE_PIXELS = MAX_PIXELS
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".tif", ".tiff", ".bmp")
 

@@ -161,8 +161,6 @@ def _find_sources(images_dir: Path | None) -> dict[str, Path]:
 
 def _thumbnail(row: dict, source: Path, out_dir: Path, files: Path, class_cols: list[str], side: int) -> str:
     """Draw one thumbnail; returns "drawn", "kept" (already fresh) or "" (image unreadable)."""
-    from PIL import Image
-
     from dermtool.io import open_image
     from dermtool.overlay import class_label, draw_overlay, read_mask_at, thumbnail_size
     from dermtool.preprocess import load_image
@@ -179,7 +177,7 @@ def _thumbnail(row: dict, source: Path, out_dir: Path, files: Path, class_cols: 
         size = thumbnail_size(height, width, side)
         pixels, _ = load_image(source, resize_to=size)
         mask = read_mask_at(mask_path, size) if mask_path.is_file() else None
-    except (OSError, InputError, Image.DecompressionBombError):
+    except (OSError, InputError):
         return ""
     label, colour = ("", (0, 0, 0))
     if class_cols:

@@ -93,6 +93,14 @@ def test_the_limit_is_the_declared_pixel_count(tmp_path):
         io.check_pixel_limit(tmp_path / "over.png", 20000, 10001)
 
 
+def test_a_file_under_the_limit_opens_whatever_pillows_own_default(tmp_path, monkeypatch):
+    """Pillow's default guard (89 MP, refusing at 179 MP) must not refuse a file under ours."""
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 89_478_485)
+    path = bomb_png(tmp_path / "under.png", 14000, 14000)  # 196 megapixels
+    with io.open_image(path) as img:  # lazy: nothing is decoded here
+        assert img.size == (14000, 14000)
+
+
 @pytest.fixture(scope="module")
 def tiny_model(tmp_path_factory) -> Path:
     import keras
