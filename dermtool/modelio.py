@@ -520,6 +520,8 @@ def shipped_export(model_dir: Path, engine: str) -> Path | None:
         export = json.loads((folder / "config.json").read_text())["export"]
     except (OSError, ValueError, KeyError, TypeError):
         return None
+    if not isinstance(export, dict):  # a damaged carried export: converted afresh instead
+        return None
     if _ENGINE_OF_FORMAT.get(export.get("format")) != engine or export.get("source_sha1") != model_fingerprint(model_dir):
         return None
     return folder

@@ -317,3 +317,14 @@ def test_weights_of_another_architecture_are_refused_with_one_line_naming_layer_
     assert result.exit_code == 2
     assert "best.weights.h5" in line and "enc_block1_conv1" in line
     assert "(3, 3, 3, 8)" in line and "(3, 3, 3, 4)" in line  # the file's shape and the model's
+
+
+def test_a_carried_export_with_a_damaged_export_section_is_not_used(tmp_path, tiny_model):
+    import shutil
+
+    from dermtool.modelio import shipped_export
+
+    folder = Path(shutil.copytree(tiny_model, tmp_path / "model"))
+    (folder / "litert").mkdir()
+    (folder / "litert" / "config.json").write_text(json.dumps({"export": "litert"}))
+    assert shipped_export(folder, "litert") is None
