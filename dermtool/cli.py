@@ -257,6 +257,7 @@ def train_cli(
 def _check_train_options(o: dict) -> None:
     """Names and ranges of train's options, checked before anything is loaded or written."""
     from dermtool.augment import parse_groups
+    from dermtool.config import MODEL_RANGES
     from dermtool.train import MULTIWORKER_REMOVED
 
     if o["strategy"] == "multiworker":
@@ -272,13 +273,9 @@ def _check_train_options(o: dict) -> None:
         parse_groups(o["augment"])
     except ValueError as exc:
         fail(f"--augment: {exc}.")
-    memory = "memory grows with its square: 1024 px at batch 16 already needs tens of GB"
+    model = [(f"--{name.replace('_', '-')}", name, *MODEL_RANGES[name]) for name in ("size", "base_filters", "depth")]
     for option, name, low, high, reason in (
-            ("--size", "size", 32, 1024, f"pixels of the square the model predicts; {memory}"),
-            ("--base-filters", "base_filters", 1, 256, "channels of the first level, doubled at each level; "
-                                                       "memory and time grow with their square"),
-            ("--depth", "depth", 1, 7, "pooling levels, each halving the square; the size must be a multiple "
-                                       "of 2**depth"),
+            *model,  # the ranges a config.json is checked against too
             ("--batch-size", "batch_size", 1, 1024, "images per step, all held in memory at once"),
             ("--epochs", "epochs", 1, 100000, "passes over the training data"),
             ("--steps-per-epoch", "steps_per_epoch", 0, 10**7, "batches per epoch; 0 is one pass over the data"),

@@ -21,6 +21,27 @@ FITS = ("pad", "squash")
 COLOR_CONSTANCY = ("none", "shades-of-gray")
 INPUT_CHAINS = ("direct", "jpeg256")  # dermtool.preprocess.CHAINS, without importing Pillow here
 
+_MEMORY = "memory grows with its square: 1024 px at batch 16 already needs tens of GB"
+#: The architecture's numbers: key -> (lowest, highest, why). `train` checks its options
+#: against these, and a config.json is refused outside them (`check_model_section`).
+MODEL_RANGES = {
+    "size": (32, 1024, f"pixels of the square the model predicts; {_MEMORY}"),
+    "base_filters": (1, 256, "channels of the first level, doubled at each level; memory and time grow with "
+                             "their square"),
+    "depth": (1, 7, "pooling levels, each halving the square; the size must be a multiple of 2**depth"),
+    "cls_pool_size": (1, 64, "the pooling window of the thesis's dense classifier head"),
+    "cls_dense_units": (1, 8192, "units of the thesis's dense classifier head"),
+}
+#: The keys a config.json's model section must give: those that decide the network, its input
+#: and the meaning of its outputs (the others have defaults older folders may lack).
+REQUIRED_MODEL_KEYS = ("task", "size", "base_filters", "depth", "padding", "fit", "normalization",
+                       "threshold", "class_names")
+_CHOICES = {"task": TASKS, "preset": PRESETS, "encoder": ENCODERS, "padding": ("same", "valid"),
+            "cls_head": ("global", "dense", "linear"), "fit": FITS, "normalization": ("divide255", "center", "lite")}
+#: fractions: key -> (lowest, highest, lowest allowed?, highest allowed?)
+_FRACTIONS = {"threshold": (0.0, 1.0, False, False), "dropout": (0.0, 1.0, True, False),
+              "border": (0.0, 1.0, True, True)}
+
 
 @dataclass(frozen=True)
 class ModelConfig:
@@ -191,17 +212,87 @@ def save_config(path: Path, model: ModelConfig, train: TrainConfig | None = None
 
 
 def load_config(path: Path) -> tuple[ModelConfig, TrainConfig | None, dict]:
-    """Read `config.json`; returns (model config, train config or None, the raw dict)."""
+    """Read `config.json`; returns (model config, train config or None, the raw dict).
+
+    The file is input like any other (a model folder or export may come from anyone): its model
+    section is checked by `check_model_section` before anything is built from it.
+
+    Raises:
+        InputError: one sentence naming the file and the key that is missing, of the wrong type
+            or out of range.
+    """
     path = Path(path)
     if path.is_dir():
         path = path / "config.json"
     try:
-        raw = json.loads(path.read_text())
-        model = ModelConfig(**raw["model"])
-        train = TrainConfig(**raw["train"]) if "train" in raw else None
+        raw = json.loads(path.read_text(encoding="utf-8"))
     except FileNotFoundError:
         raise InputError(f"{path}: no config.json here; is this a model folder written by dermtool train?")
-    except (json.JSONDecodeError, KeyError, TypeError) as exc:
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise InputError(f"{path}: not a valid dermtool config ({' '.join(str(exc).split())[:120]}).")
+    try:
+        if not isinstance(raw, dict):
+            raise InputError("the file is not a JSON object")
+        check_model_section(raw.get("model"))
+        for section in ("train", "export"):
+            if section in raw and not isinstance(raw[section], dict):
+                raise InputError(f"{section} must be a JSON object")
+        model = ModelConfig(**raw["model"])
+        if model.padding == "valid":  # a size that no valid U-Net of this depth predicts
+            valid_unet_margin(model.size, model.depth)
+        train = TrainConfig(**raw["train"]) if "train" in raw else None
+    except InputError as exc:
+        raise InputError(f"{path}: {str(exc).rstrip('.')}.")
+    except TypeError as exc:  # a key TrainConfig does not know
         raise InputError(f"{path}: not a valid dermtool config ({exc}).")
     return model, train, raw
+
+
+def check_model_section(model) -> None:
+    """Check a config.json's model section: required keys, no unknown key, types, ranges.
+
+    The same ranges as `train`'s options (MODEL_RANGES), so a file can describe only a model
+    train could have written. `class_names` must be CLASS_NAMES in that order: it is the order of
+    the network's outputs, of the CSV columns and of the label; a file that reorders it would
+    relabel every prediction.
+
+    Raises:
+        InputError: naming the key, as "model.<key> ..." (the caller adds the file).
+    """
+    if not isinstance(model, dict):
+        raise InputError("model must be a JSON object with the model's settings")
+    known = {f.name for f in dataclasses.fields(ModelConfig)}
+    for key in model:
+        if key not in known:
+            raise InputError(f"model.{key} is not a setting dermtool knows")
+    for key in REQUIRED_MODEL_KEYS:
+        if key not in model:
+            raise InputError(f"model.{key} is missing")
+    for key, value in model.items():
+        problem = _model_value_problem(key, value)
+        if problem:
+            raise InputError(f"model.{key} {problem}, not {json.dumps(value)[:60]}")
+
+
+def _model_value_problem(key: str, value) -> str:
+    """What is wrong with one model setting ("" when nothing)."""
+    if key in MODEL_RANGES:
+        low, high, why = MODEL_RANGES[key]
+        ok = isinstance(value, int) and not isinstance(value, bool) and low <= value <= high
+        return "" if ok else f"must be an integer from {low} to {high} ({why})"
+    if key in _FRACTIONS:
+        low, high, with_low, with_high = _FRACTIONS[key]
+        ok = (isinstance(value, (int, float)) and not isinstance(value, bool)
+              and (low < value or (with_low and value == low)) and (value < high or (with_high and value == high)))
+        interval = f"{'[' if with_low else '('}{low:g}, {high:g}{']' if with_high else ')'}"
+        return "" if ok else f"must be a number in {interval}"
+    if key in _CHOICES:
+        return "" if value in _CHOICES[key] else f"must be one of {', '.join(_CHOICES[key])}"
+    if key in ("pretrained", "batch_norm"):
+        return "" if isinstance(value, bool) else "must be true or false"
+    if key == "class_names":
+        ok = isinstance(value, list) and tuple(value) == CLASS_NAMES
+        return "" if ok else (f"must be {', '.join(CLASS_NAMES)} in this order (the order of the model's "
+                              "outputs and of every CSV column)")
+    return ""
 

@@ -9,8 +9,11 @@ from __future__ import annotations
 import csv
 import math
 import os
+import re
 import struct
+import warnings
 import zlib
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -24,6 +27,10 @@ REQUIRED_COLUMNS = ("image_id", "melanoma", "seborrheic_keratosis")
 MASK_SUFFIX = "_segmentation.png"
 #: The ISIC scorer binarises 8-bit masks with `value > 128`.
 MASK_THRESHOLD = 128
+#: The most pixels (width x height) an image or mask may declare. Dermoscopy frames reach ~30
+#: megapixels; a file declaring more is refused from its header, before any pixel is decoded,
+#: since a few kB of PNG can declare gigabytes.
+MAX_PIXELS = 200_000_000
 #: How many ids an error message lists before "..." (keeps it one readable sentence).
 _IDS_SHOWN = 3
 
@@ -169,6 +176,43 @@ def binarise_mask(values: np.ndarray) -> np.ndarray:
     return values == 1 if is_zero_one(values) else values > MASK_THRESHOLD
 
 
+def check_pixel_limit(path: Path, width: int, height: int) -> None:
+    """Refuse (InputError naming `path`) an image or mask that declares more than MAX_PIXELS."""
+    if width * height > MAX_PIXELS:
+        _over_limit(path, f"{width} x {height} pixels ({width * height / 1e6:.0f} megapixels)")
+
+
+def _over_limit(path: Path, size: str):
+    raise InputError(f"{path}: {size} is over the {MAX_PIXELS // 10**6}-megapixel limit for an image or mask; "
+                     "it is not decoded.")
+
+
+@contextmanager
+def open_image(path: Path):
+    """Pillow's lazy `Image.open`, the declared size checked against MAX_PIXELS before any pixel
+    is decoded. Every image and mask dermtool decodes with Pillow is opened here.
+
+    Raises:
+        InputError: the file declares more pixels than MAX_PIXELS; other errors (missing file,
+            not an image) are left to the caller, which words them for its file.
+    """
+    from PIL import Image
+
+    # Pillow's own guard stays, at the same limit (its default, 89 MP, would refuse files
+    # under ours); it warns above it and refuses only at twice it, so the check below refuses
+    Image.MAX_IMAGE_PIXELS = MAX_PIXELS
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+        try:
+            image = Image.open(path)
+        except Image.DecompressionBombError as err:  # over twice Pillow's own limit
+            found = re.search(r"\((\d+) pixels\)", str(err))
+            _over_limit(path, f"{int(found[1]) / 1e6:.0f} megapixels" if found else "its size")
+    with image:
+        check_pixel_limit(path, *image.size)
+        yield image
+
+
 def read_mask_values(path: Path) -> np.ndarray:
     """A mask image's values as an HxW array, before binarising (for checks on the data).
 
@@ -178,11 +222,11 @@ def read_mask_values(path: Path) -> np.ndarray:
     Raises:
         InputError: the file is missing or is not a readable image.
     """
-    from PIL import Image, UnidentifiedImageError  # deferred: only mask scoring needs Pillow
+    from PIL import UnidentifiedImageError  # deferred: only mask scoring needs Pillow
 
     path = Path(path)
     try:
-        with Image.open(path) as image:
+        with open_image(path) as image:
             if image.mode == "P":
                 image = image.convert("RGBA" if "transparency" in image.info else "RGB")
             elif image.mode == "1":

@@ -24,6 +24,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import shutil
 import tempfile
 import warnings
@@ -82,10 +83,26 @@ def load_model(model_dir: Path):
     model = build_model(cfg)
     path = weights_file(model_dir)
     try:
-        model.load_weights(str(path))
+        # Keras warns once per layer it cannot match (84 lines for a foreign file) before it raises
+        with warnings.catch_warnings(), _quiet():
+            warnings.simplefilter("ignore")
+            model.load_weights(str(path))
     except Exception as exc:  # h5 mismatch: wrong architecture or a damaged file
-        raise InputError(f"{path}: weights do not fit the model in config.json ({str(exc)[:120]}).")
+        raise InputError(f"{path}: weights do not fit the model in config.json ({_mismatch(exc)}).")
     return model, cfg
+
+
+def _mismatch(exc: Exception) -> str:
+    """Keras's load error in a few words: the first layer that does not fit and both shapes."""
+    text = str(exc)
+    layer = re.search(r"object <\w+ name=([^,>]+)", text)
+    shapes = re.search(r"variable\.shape=(\([^)]*\)), Received: value\.shape=(\([^)]*\))", text)
+    if not (layer and shapes):
+        return _short(exc)
+    count = re.search(r"A total of (\d+) objects", text)
+    others = f", and {int(count[1]) - 1} other layers differ" if count and int(count[1]) > 1 else ""
+    return (f"layer {layer[1]} has shape {shapes[2]} in the file but {shapes[1]} in the model{others}: "
+            "the weights of another architecture")
 
 
 def save_model_folder(run_dir: Path, out_dir: Path) -> Path:
@@ -279,7 +296,11 @@ def resolve_model(path: Path | None) -> tuple[Path, Path | None, str]:
     fmt = export.get("format")
     if fmt not in FORMATS:
         raise InputError(f"{path / 'config.json'}: unknown export format {fmt!r}.")
-    return path, path / export.get("file", FORMATS[fmt]), fmt
+    file = export.get("file", FORMATS[fmt])
+    if not isinstance(file, str) or file in ("", ".", "..") or Path(file).name != file:
+        raise InputError(f"{path / 'config.json'}: export.file must name a file inside the export folder, "
+                         f"not {str(file)[:60]!r}.")
+    return path, path / file, fmt
 
 
 def load_engine(path: Path | None = None, engine: str | None = None, log=None):
@@ -505,6 +526,8 @@ def shipped_export(model_dir: Path, engine: str) -> Path | None:
     try:
         export = json.loads((folder / "config.json").read_text())["export"]
     except (OSError, ValueError, KeyError, TypeError):
+        return None
+    if not isinstance(export, dict):  # a damaged carried export: converted afresh instead
         return None
     if _ENGINE_OF_FORMAT.get(export.get("format")) != engine or export.get("source_sha1") != model_fingerprint(model_dir):
         return None

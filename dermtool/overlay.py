@@ -15,6 +15,7 @@ import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
 from dermtool import CLASS_NAMES
+from dermtool.io import open_image
 
 #: Contour colours: the prediction green (as before), the ground truth magenta, both of which
 #: stand out from skin tones and from each other.
@@ -124,7 +125,7 @@ def read_mask_at(path: Path, size: tuple[int, int]) -> np.ndarray:
     Resized by taking the nearest pixel: exact enough for a contour on a thumbnail, and nearly
     free beside the PNG decoding, which matters for thousands of report thumbnails.
     """
-    with Image.open(path) as img:
+    with open_image(path) as img:
         gray = img if img.mode == "L" else img.convert("L")
         if gray.size != (size[1], size[0]):
             gray = gray.resize((size[1], size[0]), Image.NEAREST)

@@ -171,8 +171,7 @@ def plot_jaccard(data: dict[str, Any], jac_ci, path: Path) -> Path:
 def plot_worst(worst: list[tuple[str, float]], images: dict[str, Path], pred_masks: Path, truth_masks: Path,
                path: Path) -> Path | None:
     """A sheet of the worst-segmented images: truth (magenta) and prediction (green) contours."""
-    from PIL import Image
-
+    from dermtool.io import open_image
     from dermtool.overlay import draw_overlay, read_mask_at, thumbnail_size
     from dermtool.preprocess import load_image
 
@@ -182,7 +181,7 @@ def plot_worst(worst: list[tuple[str, float]], images: dict[str, Path], pred_mas
         if source is None:
             continue
         truth_path = Path(truth_masks) / f"{image_id}_segmentation.png"
-        with Image.open(truth_path) as m:
+        with open_image(truth_path) as m:
             width, height = m.size
         size = thumbnail_size(height, width, TILE_SIDE)
         pixels, _ = load_image(source, resize_to=size)

@@ -12,6 +12,7 @@ to H x W. Every image's `Transform` is recorded so the inverse needs nothing els
 
 from __future__ import annotations
 
+import math
 import warnings
 from dataclasses import asdict, dataclass
 from functools import lru_cache
@@ -22,10 +23,10 @@ import numpy as np
 from PIL import Image, ImageFile
 
 from dermtool.errors import InputError
+from dermtool.io import check_pixel_limit, open_image
 
 # A truncated JPEG must be reported, not silently padded with grey.
 ImageFile.LOAD_TRUNCATED_IMAGES = False
-Image.MAX_IMAGE_PIXELS = 200_000_000  # dermoscopy frames reach ~30 MP; refuse only absurd files
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".tif", ".tiff", ".bmp")
 
@@ -105,6 +106,9 @@ def _tiff_to_rgb(path: Path) -> np.ndarray:
 
     with tifffile.TiffFile(path) as tif:
         series = tif.series[0]
+        # every plane of the series counts (pages, depth), not its colour samples
+        planes = [n for n, axis in zip(series.shape, series.axes) if axis != "S"] or [1]
+        check_pixel_limit(path, planes[-1], math.prod(planes[:-1]))
         arr, axes = series.asarray(), series.axes
     if axes.endswith("SYX"):  # planar (C, H, W) storage; the tags say so, the shape cannot
         arr = np.moveaxis(arr, -3, -1)
@@ -175,7 +179,7 @@ def load_image(path: Path, min_size: tuple[int, int] | None = None,
             return (arr if target is None else _resize(arr, *target)), arr.shape[:2]
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # palette/EXIF chatter; real failures raise below
-            with Image.open(path) as img:
+            with open_image(path) as img:
                 orig_w, orig_h = img.size
                 target = resize_to(orig_h, orig_w) if callable(resize_to) else resize_to
                 draft = min_size or target

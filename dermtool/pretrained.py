@@ -8,7 +8,9 @@ pickles followed by raw storages:
     then, for each key in that order: int64 element count, raw little-endian elements
 
 `read_legacy_torch` reads it with the standard library's pickle and numpy alone, so neither
-training nor inference needs PyTorch installed.
+training nor inference needs PyTorch installed. The file is treated as untrusted (an installed
+package can be tampered with): no pickle in it may name a global outside a state_dict's few, and
+no tensor view may reach outside its storage.
 
 EfficientNet-Lite (Tan & Le 2019, the "lite" variants for mobile): no squeeze-excitation,
 ReLU6, fixed 32-channel stem and 1280-channel head, TensorFlow "SAME" padding, BN eps 1e-3,
@@ -18,6 +20,7 @@ inputs normalised as (x - 127) / 128.
 from __future__ import annotations
 
 import collections
+import math
 import pickle
 import struct
 from pathlib import Path
@@ -60,7 +63,21 @@ def _rebuild_tensor(storage, offset, size, stride, *_):
     return _Tensor(storage, offset, tuple(size), tuple(stride))
 
 
-class _LegacyUnpickler(pickle.Unpickler):
+class _PlainUnpickler(pickle.Unpickler):
+    """Unpickles plain data only (numbers, strings, lists, dicts): no global, no persistent id.
+
+    Every pickle in a weights file goes through this or `_LegacyUnpickler`; a plain
+    `pickle.load` would call whatever function a crafted file names (os.system, eval, ...).
+    """
+
+    def find_class(self, module, name):
+        raise pickle.UnpicklingError(f"unexpected object {module}.{name} in a weights file")
+
+    def persistent_load(self, pid):
+        raise pickle.UnpicklingError("unexpected persistent id in a weights file")
+
+
+class _LegacyUnpickler(_PlainUnpickler):
     """Unpickles a state_dict, allowing only the few globals a legacy torch file names."""
 
     def __init__(self, fh, storages: dict):
@@ -74,54 +91,102 @@ class _LegacyUnpickler(pickle.Unpickler):
             return _rebuild_tensor
         if module == "torch" and name in _STORAGE_DTYPES:
             return name
-        raise pickle.UnpicklingError(f"unexpected object {module}.{name} in a weights file")
+        return super().find_class(module, name)
 
     def persistent_load(self, pid):
         # ('storage', storage type, key, location, element count[, view metadata])
-        if not isinstance(pid, tuple) or pid[0] != "storage":
-            raise pickle.UnpicklingError(f"unexpected persistent id {pid!r}")
+        if not isinstance(pid, tuple) or len(pid) < 5 or pid[0] != "storage":
+            raise pickle.UnpicklingError(f"unexpected persistent id {str(pid)[:60]}")
         _, storage_type, key, _location, count = pid[:5]
-        self.storages[key] = (storage_type, int(count))
+        if storage_type not in _STORAGE_DTYPES or not isinstance(key, str) or not _is_count(count):
+            raise pickle.UnpicklingError(f"unexpected storage {str(pid)[:60]}")
+        self.storages[key] = (storage_type, count)
         return key
+
+
+def _is_count(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+
+class _BadFile(Exception):
+    """A crafted or damaged weights file: the reason, for InputError's sentence."""
 
 
 def read_legacy_torch(path: Path) -> dict[str, np.ndarray]:
     """A legacy `torch.save` state_dict as {name: numpy array}, without importing torch.
 
+    The file is untrusted input: every pickle in it is read by an unpickler that allows only
+    the globals of a state_dict, and every tensor view is checked to lie inside its storage
+    before it is read.
+
     Raises InputError when the file is not in that format (a zip-format torch file, a
-    truncated download, or something else).
+    truncated download, a crafted file, or something else).
     """
     path = Path(path)
     try:
         with open(path, "rb") as fh:
-            if pickle.load(fh) != _LEGACY_MAGIC:
-                raise InputError(f"{path}: not a legacy PyTorch weights file (wrong magic number).")
-            pickle.load(fh)  # protocol version
-            sys_info = pickle.load(fh)
-            if not sys_info.get("little_endian", True):
-                raise InputError(f"{path}: big-endian PyTorch files are not supported.")
-            storages: dict = {}
-            state = _LegacyUnpickler(fh, storages).load()
-            keys = pickle.load(fh)
-            raw = {}
-            for key in keys:
-                (count,) = struct.unpack("<q", fh.read(8))
-                dtype = np.dtype(_STORAGE_DTYPES[storages[key][0]])
-                buf = fh.read(count * dtype.itemsize)
-                if len(buf) != count * dtype.itemsize:
-                    raise InputError(f"{path}: truncated PyTorch weights file.")
-                raw[key] = np.frombuffer(buf, dtype=dtype)
-    except (pickle.UnpicklingError, EOFError, struct.error, KeyError, AttributeError, ValueError) as exc:
+            state, raw = _read_pickles_and_storages(path, fh)
+        return {name: _view(t, raw[t.key]) for name, t in state.items() if isinstance(t, _Tensor)}
+    except _BadFile as exc:
         raise InputError(f"{path}: not a readable legacy PyTorch weights file ({exc}).")
-    out = {}
-    for name, t in state.items():
-        if not isinstance(t, _Tensor):
-            continue
-        flat = raw[t.key]
-        itemsize = flat.dtype.itemsize
-        out[name] = np.lib.stride_tricks.as_strided(
-            flat[t.offset:], shape=t.size, strides=tuple(s * itemsize for s in t.stride)).copy()
-    return out
+    except (pickle.UnpicklingError, EOFError, struct.error, KeyError, AttributeError, ValueError, TypeError,
+            IndexError, RecursionError, OverflowError, MemoryError) as exc:
+        text = " ".join(str(exc).split())[:120] or type(exc).__name__
+        raise InputError(f"{path}: not a readable legacy PyTorch weights file ({text}).")
+
+
+def _read_pickles_and_storages(path: Path, fh) -> tuple[dict, dict[str, np.ndarray]]:
+    """(state_dict of _Tensor references, storage key -> flat array) from an open legacy file."""
+    if _PlainUnpickler(fh).load() != _LEGACY_MAGIC:
+        raise InputError(f"{path}: not a legacy PyTorch weights file (wrong magic number).")
+    _PlainUnpickler(fh).load()  # protocol version
+    sys_info = _PlainUnpickler(fh).load()
+    if not isinstance(sys_info, dict):
+        raise _BadFile("its header is not a dictionary")
+    if not sys_info.get("little_endian", True):
+        raise InputError(f"{path}: big-endian PyTorch files are not supported.")
+    storages: dict = {}
+    state = _LegacyUnpickler(fh, storages).load()
+    keys = _PlainUnpickler(fh).load()
+    if not isinstance(state, dict) or not isinstance(keys, list) or set(keys) != set(storages):
+        raise _BadFile("its state_dict or storage list is malformed")
+    left = path.stat().st_size - fh.tell()
+    raw = {}
+    for key in keys:
+        (count,) = struct.unpack("<q", fh.read(8))
+        dtype = np.dtype(_STORAGE_DTYPES[storages[key][0]])
+        left -= 8
+        # checked against the bytes left before reading: a count of 2**61 is refused, not allocated
+        if count < 0 or count * dtype.itemsize > left:
+            raise InputError(f"{path}: truncated PyTorch weights file (storage {key} claims {count} elements).")
+        buf = fh.read(count * dtype.itemsize)
+        left -= len(buf)
+        raw[key] = np.frombuffer(buf, dtype=dtype)
+    return state, raw
+
+
+def _view(t: _Tensor, flat: np.ndarray) -> np.ndarray:
+    """The tensor `t` reads from its storage `flat`, after checking it stays inside it.
+
+    `as_strided` trusts its arguments: a view past the storage would read (or crash on) memory
+    outside the buffer, so the offset, sizes and strides are checked first.
+    """
+    numbers = (t.offset, *t.size, *t.stride)
+    if not all(isinstance(v, int) and not isinstance(v, bool) for v in numbers):
+        raise _BadFile(f"a view of storage {t.key} has sizes or strides that are not integers")
+    if len(t.size) != len(t.stride):
+        raise _BadFile(f"a view of storage {t.key} has {len(t.size)} sizes but {len(t.stride)} strides")
+    if min(numbers, default=0) < 0:
+        raise _BadFile(f"a view of storage {t.key} has a negative offset, size or stride")
+    n = math.prod(t.size)
+    if n > len(flat):
+        raise _BadFile(f"a view of storage {t.key} has {n} elements, more than its storage's {len(flat)}")
+    last = t.offset + sum((s - 1) * st for s, st in zip(t.size, t.stride))
+    if n and last >= len(flat):
+        raise _BadFile(f"a view of storage {t.key} reaches element {last}, past its storage's {len(flat)}")
+    itemsize = flat.dtype.itemsize
+    return np.lib.stride_tricks.as_strided(
+        flat[t.offset:], shape=t.size, strides=tuple(s * itemsize for s in t.stride)).copy()
 
 
 def lite0_weights_path() -> Path:
@@ -244,7 +309,10 @@ def load_lite0_imagenet(model, path: Path | None = None, log=None) -> int:
     a shape differs (a corrupted or foreign weights file).
     """
     path = Path(path) if path else lite0_weights_path()
-    weights = _torch_to_keras(read_legacy_torch(path))
+    try:
+        weights = _torch_to_keras(read_legacy_torch(path))
+    except (KeyError, ValueError) as exc:  # a legacy file, but not of this network
+        raise InputError(f"{path}: not the EfficientNet-Lite0 weights (tensor {exc} is missing or has another shape).")
     n = 0
     for layer in model.layers:
         if layer.name not in weights:

@@ -161,8 +161,7 @@ def _find_sources(images_dir: Path | None) -> dict[str, Path]:
 
 def _thumbnail(row: dict, source: Path, out_dir: Path, files: Path, class_cols: list[str], side: int) -> str:
     """Draw one thumbnail; returns "drawn", "kept" (already fresh) or "" (image unreadable)."""
-    from PIL import Image
-
+    from dermtool.io import open_image
     from dermtool.overlay import class_label, draw_overlay, read_mask_at, thumbnail_size
     from dermtool.preprocess import load_image
 
@@ -173,13 +172,13 @@ def _thumbnail(row: dict, source: Path, out_dir: Path, files: Path, class_cols: 
     if target.is_file() and mask_path.is_file() and target.stat().st_mtime >= newest:
         return "kept"  # `infer --resume --report`: only the images redone get new thumbnails
     try:
-        with Image.open(source) as img:
+        with open_image(source) as img:
             width, height = img.size
         size = thumbnail_size(height, width, side)
         pixels, _ = load_image(source, resize_to=size)
-    except (OSError, InputError, Image.DecompressionBombError):
+        mask = read_mask_at(mask_path, size) if mask_path.is_file() else None
+    except (OSError, InputError):
         return ""
-    mask = read_mask_at(mask_path, size) if mask_path.is_file() else None
     label, colour = ("", (0, 0, 0))
     if class_cols:
         label, colour = class_label(np.array([row[c] for c in class_cols]), class_cols, _label_index(row, class_cols))

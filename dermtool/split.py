@@ -27,8 +27,9 @@ def split_by_group(ids: list[str], groups: list[str], classes: list[str], fracti
         groups: the group (lesion_id) of each image; an empty group means the image is its own.
         classes: the class name of each image ("" when unlabelled); a group takes the class of
             its first labelled image, so stratification counts lesions, not images.
-        fraction: share of each class's groups for validation (at least one group per class
-            that has two or more).
+        fraction: share of each class's groups for validation (rounded up), but never all of
+            them: a class with two or more groups has at least one on each side, so training
+            never lacks a class that validation scores; a class of one group stays in training.
         seed: the shuffle's seed.
     """
     members: dict[str, list[str]] = defaultdict(list)
@@ -45,7 +46,7 @@ def split_by_group(ids: list[str], groups: list[str], classes: list[str], fracti
     val_groups: set[str] = set()
     for cls in sorted(by_class):
         gs = by_class[cls]
-        n_val = math.ceil(fraction * len(gs)) if len(gs) > 1 else 0
+        n_val = min(math.ceil(fraction * len(gs)), len(gs) - 1)
         for i in rng.permutation(len(gs))[:n_val]:
             val_groups.add(gs[i])
     val = sorted(i for g in val_groups for i in members[g])

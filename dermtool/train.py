@@ -32,7 +32,7 @@ from dermtool.config import ModelConfig, TrainConfig, load_config, save_config
 from dermtool.data import Cache, load_cache
 from dermtool.dataset import make_batches, targets
 from dermtool.errors import InputError
-from dermtool.modelio import weights_file
+from dermtool.modelio import load_model
 from dermtool.validation import predict_cache, selection_metric, validation_metrics, validation_targets
 
 
@@ -153,12 +153,13 @@ def _strategy(name: str):
 
 
 def transfer_weights(model, source_dir: Path, freeze: str, log) -> list[str]:
-    """Copy layers with matching names and shapes from another run's best weights."""
-    src_cfg, _, _ = load_config(source_dir)
-    from dermtool.models import build_model
+    """Copy layers with matching names and shapes from another run's best weights.
 
-    source = build_model(src_cfg)
-    source.load_weights(str(weights_file(source_dir)))
+    Raises:
+        InputError: no layer matches (a run of another preset or width): training would
+            silently start from scratch.
+    """
+    source, src_cfg = load_model(source_dir)  # checks its config.json and weights like any model
     copied = []
     src_layers = {l.name: l for l in source.layers}
     for layer in model.layers:
@@ -169,6 +170,10 @@ def transfer_weights(model, source_dir: Path, freeze: str, log) -> list[str]:
             continue
         layer.set_weights(other.get_weights())
         copied.append(layer.name)
+    if not copied:
+        raise InputError(f"{source_dir}: no layer of this run matches the new model by name and shape (it is a "
+                         f"{src_cfg.preset} {src_cfg.task} model, {src_cfg.size} px, {src_cfg.base_filters} base "
+                         f"filters, depth {src_cfg.depth}), so --init-from would copy nothing.")
     log(f"init-from {source_dir}: copied {len(copied)} layers")
     return copied
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import json
+import math
 
 import numpy as np
 import pytest
@@ -154,6 +155,20 @@ def test_split_keeps_every_lesion_on_one_side_and_is_reproducible():
     assert len(val_lesions) == 4 * 5  # ceil(10 % of the 50 lesions of each class)
     assert (train, val) == split_by_group(ids, groups, classes, 0.1, seed=0)
     assert val != split_by_group(ids, groups, classes, 0.1, seed=1)[1]
+
+
+@pytest.mark.parametrize("fraction", [0.6, 0.9])
+def test_split_keeps_at_least_one_lesion_of_each_class_for_training(fraction):
+    """A class of two lesions at --fraction 0.6 (ceil(1.2) = 2) once sent both to validation."""
+    from dermtool.split import split_by_group
+
+    ids = ["m1", "m2", "k1", "k2", "k3", *(f"n{i}" for i in range(10))]
+    classes = ["melanoma"] * 2 + ["seborrheic_keratosis"] * 3 + ["nevus"] * 10
+    for seed in range(5):
+        train, val = split_by_group(ids, ids, classes, fraction, seed=seed)
+        for prefix, n in (("m", 2), ("k", 3), ("n", 10)):
+            n_train = sum(i.startswith(prefix) for i in train)
+            assert n_train >= 1 and sum(i.startswith(prefix) for i in val) == min(math.ceil(fraction * n), n - 1)
 
 
 def test_split_and_preprocess_ids_from_the_command_line(tmp_path):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import collections
+import io as _io
 import pickle
 import struct
 import sys
@@ -173,3 +174,121 @@ def test_lite0_needs_its_preset():
         preset_config("compact", "joint", encoder="efficientnet-lite0")
     with pytest.raises(InputError, match="multiple of 32"):
         preset_config("lite0", "joint", size=200)
+
+
+# --- hostile files: no pickle in the file may run code, no view may reach outside its storage ---
+
+_MAGIC, _SYS_INFO = 0x1950A86A20F9469CFC6C, {"protocol_version": 1001, "little_endian": True, "type_sizes": {}}
+
+
+class _RunsCode:
+    """Unpickles as a call to `func(*args)`: what a crafted weights file would do."""
+
+    def __init__(self, func, *args):
+        self.func, self.args = func, args
+
+    def __reduce__(self):
+        return (self.func, self.args)
+
+
+def _hostile_file(path, position: str, payload) -> None:
+    """A legacy file whose pickle at `position` (magic, protocol, sys_info or keys) is `payload`."""
+    write_legacy_torch(path, {"w": (_Storage("1", np.arange(4, dtype=np.float32)), 0, (4,), (1,))})
+    data = path.read_bytes()
+    parts, rest = [], _io.BytesIO(data)
+    for _ in range(5):  # magic, protocol, sys_info, state_dict, keys: each pickle ends at its STOP
+        start = rest.tell()
+        pickletools_skip(rest)
+        parts.append(data[start:rest.tell()])
+    tail = data[rest.tell():]
+    index = {"magic": 0, "protocol": 1, "sys_info": 2, "keys": 4}[position]
+    parts[index] = pickle.dumps(payload, protocol=2)
+    path.write_bytes(b"".join(parts) + tail)
+
+
+def pickletools_skip(fh) -> None:
+    """Move `fh` past one pickle without running it."""
+    import pickletools
+
+    for _ in pickletools.genops(fh):
+        pass
+
+
+@pytest.mark.parametrize("position", ["magic", "protocol", "sys_info", "keys"])
+@pytest.mark.parametrize("how", ["os.system", "eval", "subprocess"])
+def test_a_pickle_that_would_run_code_is_refused_and_nothing_runs(tmp_path, position, how):
+    import os
+    import subprocess
+
+    marker = tmp_path / "ran"
+    payload = {
+        "os.system": _RunsCode(os.system, f"touch {marker}"),
+        "eval": _RunsCode(eval, f"open({str(marker)!r}, 'w').close()"),
+        "subprocess": _RunsCode(subprocess.call, ["touch", str(marker)]),
+    }[how]
+    path = tmp_path / "crafted.pth"
+    _hostile_file(path, position, payload)
+    with pytest.raises(InputError, match="crafted.pth") as err:
+        read_legacy_torch(path)
+    assert not marker.exists(), f"the {position} pickle ran {how}"
+    assert "\n" not in str(err.value)
+
+
+def test_a_zip_format_file_with_code_in_its_pickle_is_refused(tmp_path):
+    import os
+    import zipfile
+
+    marker = tmp_path / "ran"
+    path = tmp_path / "zipped.pth"
+    with zipfile.ZipFile(path, "w") as zf:
+        zf.writestr("archive/data.pkl", pickle.dumps(_RunsCode(os.system, f"touch {marker}"), protocol=2))
+        zf.writestr("archive/version", "3\n")
+    with pytest.raises(InputError, match="zipped.pth"):
+        read_legacy_torch(path)
+    assert not marker.exists()
+
+
+@pytest.mark.parametrize("view, why", [
+    ((2, (4,), (1,)), "past its storage"),         # elements 2..5 of a 4-element storage
+    ((1, (2, 2), (2, 1)), "past its storage"),     # elements 1, 2, 3 and 4 of 0..3
+    ((0, (2, 3), (3, 1)), "6 elements"),           # 6 elements of 4
+    ((0, (4,), (-1,)), "negative"),                # a negative stride walks before the buffer
+    ((0, (-4,), (1,)), "negative"),
+    ((-1, (2,), (1,)), "negative"),
+    ((0, (2**40,), (0,)), "elements"),             # one element repeated 2^40 times: memory, not data
+    ((0, (2, 2), (1,)), "strides"),                # sizes and strides of different lengths
+    ((0, ("2",), (1,)), "integers"),
+])
+def test_a_view_outside_its_storage_is_refused(tmp_path, view, why):
+    path = tmp_path / "view.pth"
+    write_legacy_torch(path, {"w": (_Storage("1", np.arange(4, dtype=np.float32)), *view)})
+    with pytest.raises(InputError, match=f"view.pth.*{why}"):
+        read_legacy_torch(path)
+
+
+@pytest.mark.parametrize("count", [2**61, -1, 5])
+def test_a_storage_count_that_does_not_fit_the_file_is_refused(tmp_path, count):
+    path = tmp_path / "count.pth"
+    write_legacy_torch(path, {"w": (_Storage("1", np.arange(4, dtype=np.float32)), 0, (4,), (1,))})
+    data = path.read_bytes()
+    at = data.rindex(struct.pack("<q", 4))  # the element count before the raw storage
+    path.write_bytes(data[:at] + struct.pack("<q", count) + data[at + 8:])
+    with pytest.raises(InputError, match="count.pth"):
+        read_legacy_torch(path)
+
+
+def test_a_storage_type_that_is_not_allowed_is_refused(tmp_path):
+    path = tmp_path / "odd.pth"
+    write_legacy_torch(path, {"w": (_Storage("1", np.arange(4, dtype=np.float32)), 0, (4,), (1,))})
+    path.write_bytes(path.read_bytes().replace(b"FloatStorage", b"QuantStorage"))
+    with pytest.raises(InputError, match="odd.pth"):
+        read_legacy_torch(path)
+
+
+def test_a_legacy_file_of_another_network_is_named(tmp_path):
+    from dermtool.pretrained import load_lite0_imagenet
+
+    path = tmp_path / "other.pth"
+    write_legacy_torch(path, {"conv.weight": (_Storage("1", np.arange(4, dtype=np.float32)), 0, (4,), (1,))})
+    with pytest.raises(InputError, match="other.pth: not the EfficientNet-Lite0 weights"):
+        load_lite0_imagenet(model=None, path=path)

@@ -410,3 +410,19 @@ def test_multiworker_strategy_is_refused_with_the_reason(caches, tmp_path):
     message = " ".join(result.output.split())
     assert "multiworker" in message and "removed" in message and "mirrored" in message, message
     assert not (tmp_path / "r").exists()
+
+
+def test_init_from_a_run_whose_layers_all_differ_is_refused(caches, tmp_path):
+    """A run of another width shares layer names but no shape: 0 layers would be copied."""
+    from dermtool.config import save_config
+    from dermtool.errors import InputError
+    from dermtool.models import build_model
+
+    other = tmp_path / "wide"
+    other.mkdir()
+    wide = tiny("seg", base_filters=8)
+    save_config(other / "config.json", wide)
+    build_model(wide).save_weights(str(other / "best.weights.h5"))
+    with pytest.raises(InputError, match=f"{other}.*no layer.*name and shape"):
+        run(caches, tmp_path / "r", "seg", epochs=1, init_from=str(other))
+    assert not (tmp_path / "r" / "best.weights.h5").exists()
