@@ -375,7 +375,9 @@ def shown_path(path: Path) -> str:
 def _mixed_float_layers(cfg: ModelConfig) -> tuple:
     from dermtool.models import MIXED_FLOAT_LAYERS
 
-    return MIXED_FLOAT_LAYERS[cfg.encoder]
+    # colour constancy is a division by per-image p-norm means: int8 would quantise the gains
+    extra = ("color_constancy",) if cfg.color_constancy != "none" else ()
+    return extra + MIXED_FLOAT_LAYERS[cfg.encoder]
 
 
 def _float_nodes(saved_model: Path, cfg: ModelConfig) -> list[str]:

@@ -42,8 +42,8 @@ def _conv_block(x, filters: int, cfg: ModelConfig, name: str, dropout: float = 0
 #: the ~900 HAM10000 holdout images; these layers in float32, 1 and 18, about what dynamic-range
 #: int8 does (1 and 20), at full int8's speed (bench/export_bench.py).
 MIXED_FLOAT_LAYERS = {
-    "efficientnet-lite0": ("color_constancy", "normalize", "enc_stem_", "enc_mb0_"),
-    "unet": ("color_constancy", "normalize", "enc_block1_"),
+    "efficientnet-lite0": ("normalize", "enc_stem_", "enc_mb0_"),
+    "unet": ("normalize", "enc_block1_"),
 }
 
 
