@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import json
+import os
 from pathlib import Path
 
 import numpy as np
@@ -410,3 +411,51 @@ def test_multiworker_strategy_is_refused_with_the_reason(caches, tmp_path):
     message = " ".join(result.output.split())
     assert "multiworker" in message and "removed" in message and "mirrored" in message, message
     assert not (tmp_path / "r").exists()
+
+
+# --- files of a run (issue 18) -------------------------------------------------------------------
+
+
+def test_a_run_whose_last_epoch_was_not_its_best_leaves_no_temporary_file(tmp_path):
+    """Renaming best.weights.h5.tmp onto best.weights.h5, two links to one file, does nothing:
+    the .tmp stayed in the run folder."""
+    import keras
+
+    from dermtool import checkpoint
+
+    model = keras.Sequential([keras.Input((2,)), keras.layers.Dense(1)])
+    model.compile(optimizer="adam", loss="mse")
+    model.optimizer.build(model.trainable_variables)
+    fields = ["epoch", "loss"]
+    for epoch, improved in ((1, True), (2, False), (3, False)):
+        checkpoint.commit(tmp_path, model, {"epoch": epoch, "best_epoch": 1}, {"epoch": epoch, "loss": 1.0 * epoch},
+                          fields, improved=improved)
+        assert sorted(p.name for p in tmp_path.iterdir()) == [
+            "best.weights.h5", "checkpoints", "history.csv", "last.weights.h5", "state.json"], epoch
+    assert [p.name for p in (tmp_path / "checkpoints").iterdir()] == ["epoch-003"]
+    assert (tmp_path / "history.csv").read_text() == "epoch,loss\n1,1.0\n2,2.0\n3,3.0\n"
+    assert os.path.samefile(tmp_path / "best.weights.h5", tmp_path / "checkpoints" / "epoch-003" / "best.weights.h5")
+
+
+@pytest.mark.parametrize("case", ["out_under_a_file", "disk_full"])
+def test_a_run_that_cannot_be_written_is_one_line(case, caches, tmp_path, monkeypatch):
+    """Both were OSError tracebacks."""
+    import errno
+
+    import dermtool.checkpoint
+
+    out = tmp_path / "run"
+    if case == "out_under_a_file":
+        (tmp_path / "file").write_text("a file")
+        out = tmp_path / "file" / "run"
+    else:
+        def full(model, path):
+            raise OSError(errno.ENOSPC, "No space left on device", str(path))
+
+        monkeypatch.setattr(dermtool.checkpoint, "_save_weights", full)
+    result = cli("train", caches, "--val", caches, "--out", out, "--task", "seg", "--epochs", 1, *TINY_CLI)
+    assert result.exit_code == 2, result.output
+    line = result.output.strip().splitlines()[-1]
+    assert line.startswith("error:") and "Traceback" not in result.output, result.output
+    assert "cannot write the run" in line
+    assert ("the disk is full" if case == "disk_full" else "a file is where a folder should be") in line
