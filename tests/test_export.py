@@ -21,6 +21,7 @@ import pytest
 from PIL import Image
 from typer.testing import CliRunner
 
+from conftest import UNWRITABLE
 from dermtool.cli import app
 from dermtool.config import load_config, preset_config, save_config
 from dermtool.export import compare_outputs, synthetic_inputs
@@ -478,22 +479,17 @@ def test_a_check_folder_that_cannot_score_is_refused_before_any_work(case, tiny,
 
 
 @pytest.mark.parametrize("case", ["out_under_a_file", "disk_full"])
-def test_an_export_that_cannot_be_written_is_one_line_and_leaves_nothing(case, tiny, tmp_path, monkeypatch):
-    import errno
-
+def test_an_export_that_cannot_be_written_is_one_line_and_leaves_nothing(case, tiny, tmp_path, monkeypatch,
+                                                                         under_a_file, no_space):
     import dermtool.modelio
 
-    out = tmp_path / "out"
-    if case == "out_under_a_file":
-        (tmp_path / "file").write_text("a file")
-        out = tmp_path / "file" / "out"
-    else:
-        def full(model, cfg, dest, *args):
-            (dest / "half").mkdir(parents=True)
-            raise OSError(errno.ENOSPC, "No space left on device", str(dest))
+    def full(model, cfg, dest, *args):
+        (dest / "half").mkdir(parents=True)
+        raise no_space(dest)
 
+    if case == "disk_full":
         monkeypatch.setattr(dermtool.modelio, "_write_savedmodel", full)
+    out = under_a_file if case == "out_under_a_file" else tmp_path / "out"
     result = export(tiny, "--out", out, "--format", "savedmodel")
-    _one_line_error(result, "cannot write the export",
-                    "the disk is full" if case == "disk_full" else "a file is where a folder should be")
+    _one_line_error(result, "cannot write the export", UNWRITABLE[case])
     assert not out.exists()

@@ -24,6 +24,7 @@ import tifffile
 from PIL import Image
 from typer.testing import CliRunner
 
+from conftest import UNWRITABLE
 from dermtool import CLASS_NAMES, io
 from dermtool.cli import app
 from dermtool.config import preset_config, save_config
@@ -671,29 +672,24 @@ def few_images(dataset, tmp_path) -> Path:
 
 
 @pytest.mark.parametrize("case", ["predictions_csv_a_folder", "infer_json_a_folder", "out_under_a_file"])
-def test_an_output_that_cannot_be_written_is_one_line_naming_it(case, models, few_images, tmp_path):
+def test_an_output_that_cannot_be_written_is_one_line_naming_it(case, models, few_images, tmp_path, under_a_file):
     """These were OSError tracebacks (IsADirectoryError, NotADirectoryError)."""
     out = tmp_path / "out"
     if case == "out_under_a_file":
-        (tmp_path / "file").write_text("a file")
-        out = tmp_path / "file" / "out"
-        named = out
+        out = named = under_a_file
     else:
         named = out / ("predictions.csv" if case == "predictions_csv_a_folder" else "infer.json")
         named.mkdir(parents=True)
     line = _one_line(infer(few_images, "--out", out, "--model", models["joint"]), named, "cannot write")
-    assert ("a file is where a folder should be" if case == "out_under_a_file"
-            else "a folder is where the file should be") in line
+    assert (UNWRITABLE[case] if case == "out_under_a_file" else "a folder is where the file should be") in line
 
 
-def test_a_full_disk_stops_infer_with_one_line_saying_so(models, few_images, tmp_path, monkeypatch):
-    import errno
-
+def test_a_full_disk_stops_infer_with_one_line_saying_so(models, few_images, tmp_path, monkeypatch, no_space):
     real_write = Path.write_bytes
 
     def full(self, data):
         if "_segmentation.png" in self.name:
-            raise OSError(errno.ENOSPC, "No space left on device", str(self))
+            raise no_space(self)
         return real_write(self, data)
 
     monkeypatch.setattr(Path, "write_bytes", full)
@@ -750,9 +746,7 @@ def test_merge_says_so_when_a_shard_record_is_missing(sharded):
 
 
 @pytest.mark.parametrize("case", ["predictions_csv_a_folder", "disk_full"])
-def test_merge_that_cannot_write_is_one_line(sharded, case, monkeypatch):
-    import errno
-
+def test_merge_that_cannot_write_is_one_line(sharded, case, monkeypatch, no_space):
     _, out = sharded
     if case == "predictions_csv_a_folder":
         (out / "predictions.csv").mkdir()
@@ -761,11 +755,11 @@ def test_merge_that_cannot_write_is_one_line(sharded, case, monkeypatch):
 
         def full(self, mode="r", *args, **kwargs):
             if "w" in mode:
-                raise OSError(errno.ENOSPC, "No space left on device", str(self))
+                raise no_space(self)
             return real_open(self, mode, *args, **kwargs)
 
         monkeypatch.setattr(Path, "open", full)
     result = runner.invoke(app, ["merge", str(out)])
     line = _one_line(result, f"{out / 'predictions.csv'}: cannot write the merged predictions")
-    assert ("the disk is full" if case == "disk_full" else "a folder is where the file should be") in line
+    assert (UNWRITABLE[case] if case == "disk_full" else "a folder is where the file should be") in line
     assert not list(out.glob(".*.tmp"))

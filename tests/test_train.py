@@ -10,6 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from conftest import UNWRITABLE
 from dermtool.config import TrainConfig, load_config, preset_config
 from dermtool.data import Layout, build_cache, load_cache, resolve_layout
 from dermtool.losses import class_weights_from_labels
@@ -438,24 +439,18 @@ def test_a_run_whose_last_epoch_was_not_its_best_leaves_no_temporary_file(tmp_pa
 
 
 @pytest.mark.parametrize("case", ["out_under_a_file", "disk_full"])
-def test_a_run_that_cannot_be_written_is_one_line(case, caches, tmp_path, monkeypatch):
+def test_a_run_that_cannot_be_written_is_one_line(case, caches, tmp_path, monkeypatch, under_a_file, no_space):
     """Both were OSError tracebacks."""
-    import errno
-
     import dermtool.checkpoint
 
-    out = tmp_path / "run"
-    if case == "out_under_a_file":
-        (tmp_path / "file").write_text("a file")
-        out = tmp_path / "file" / "run"
-    else:
-        def full(model, path):
-            raise OSError(errno.ENOSPC, "No space left on device", str(path))
+    def full(model, path):
+        raise no_space(path)
 
+    if case == "disk_full":
         monkeypatch.setattr(dermtool.checkpoint, "_save_weights", full)
+    out = under_a_file if case == "out_under_a_file" else tmp_path / "run"
     result = cli("train", caches, "--val", caches, "--out", out, "--task", "seg", "--epochs", 1, *TINY_CLI)
     assert result.exit_code == 2, result.output
     line = result.output.strip().splitlines()[-1]
     assert line.startswith("error:") and "Traceback" not in result.output, result.output
-    assert "cannot write the run" in line
-    assert ("the disk is full" if case == "disk_full" else "a file is where a folder should be") in line
+    assert "cannot write the run" in line and UNWRITABLE[case] in line
