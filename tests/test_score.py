@@ -450,3 +450,21 @@ def test_empty_truth_masks_are_counted_and_shown(hand_case):
     assert result.exit_code == 0, result.output
     assert json.loads(json_path.read_text())["segmentation"]["n_empty_truth"] == 3
     assert "empty truth masks (no lesion)" in result.stdout
+
+
+@pytest.mark.parametrize("case", ["json_a_folder", "disk_full"])
+def test_a_json_file_that_cannot_be_written_is_one_line(hand_case, case, monkeypatch, no_space):
+    json_path = hand_case["dir"] / "s.json"
+    if case == "json_a_folder":
+        json_path.mkdir()
+    else:
+        def full(self, *args, **kwargs):
+            raise no_space(self)
+
+        monkeypatch.setattr(Path, "write_text", full)
+    result = run_score(hand_case, "--json", str(json_path))
+    assert result.exit_code == 2, result.output
+    message = result.stderr.strip()
+    assert "\n" not in message and message.startswith(f"error: {json_path}: cannot write")
+    assert ("the disk is full" if case == "disk_full" else "a folder is where the file should be") in message
+    assert [p.name for p in hand_case["dir"].iterdir() if p.name.startswith(".")] == []
