@@ -9,6 +9,7 @@ under a temporary name and renamed, so an interrupted run leaves whole files or 
 from __future__ import annotations
 
 import csv
+import errno
 import json
 import os
 import time
@@ -202,6 +203,8 @@ def predict_folder(images_dir: Path, out_dir: Path, model_dir: Path | None = Non
     started = time.perf_counter()  # images/s counts the pipeline, not the one-off model load
     summary.device, summary.skipped = _device(model.name), len(paths) - len(todo)
     out_dir.mkdir(parents=True, exist_ok=True)
+    if csv_path.is_dir():  # found now, not after every image is done
+        raise IsADirectoryError(errno.EISDIR, os.strerror(errno.EISDIR), str(csv_path))
     # the settings are on disk before any output, so even a killed run can be checked on --resume
     _write_run_json(out_dir / record_name(opts.shard), record, summary, running=True)
     workers = opts.workers or min(8, max(2, os.cpu_count() or 1))

@@ -681,6 +681,8 @@ def test_an_output_that_cannot_be_written_is_one_line_naming_it(case, models, fe
         named = out / ("predictions.csv" if case == "predictions_csv_a_folder" else "infer.json")
         named.mkdir(parents=True)
     line = _one_line(infer(few_images, "--out", out, "--model", models["joint"]), named, "cannot write")
+    if case != "out_under_a_file":
+        assert not list(out.glob("*.png"))  # refused before any image was done
     assert (UNWRITABLE[case] if case == "out_under_a_file" else "a folder is where the file should be") in line
 
 
