@@ -439,9 +439,10 @@ def merge_cli(
     """Join predictions.part-K-of-N.csv into predictions.csv, checking every image id appears exactly once.
 
     Refuses (exit 2, naming the file) a missing part, parts of different N, parts written with
-    another model or other settings, an id in two rows, and an image of the folder that no part
-    holds (added after its shard ran: rerun that shard with --resume). Images that failed in
-    their shard are listed and give exit code 1.
+    another model or other settings, a damaged shard record (infer.shardKofN.json), an id in two
+    rows, and an image of the folder that no part holds (added after its shard ran: rerun that
+    shard with --resume). A missing shard record is named: that shard's settings are not
+    compared. Images that failed in their shard are listed and give exit code 1.
     """
     from dermtool.shards import merge
 

@@ -76,7 +76,8 @@ def merge(out_dir: Path, images_dir: Path | None = None) -> MergeResult:
 
     Raises:
         InputError: no parts, parts of different N, a part missing, parts from different models
-            or settings, different headers, an id in two rows, or an image of the folder that
+            or settings, a damaged record (a missing one is returned in `unchecked`), a part
+            that is not readable text, different headers, an id in two rows, or an image of the folder that
             no part holds (failed images excepted: they are returned in `failed`).
     """
     out_dir = Path(out_dir)
