@@ -507,8 +507,6 @@ def shipped_export(model_dir: Path, engine: str) -> Path | None:
         export = read_json(folder / "config.json", "config")["export"]
     except (InputError, KeyError):  # not an export, or damaged: convert the folder instead
         return None
-    if not isinstance(export, dict):
-        return None
     if _ENGINE_OF_FORMAT.get(export.get("format")) != engine or export.get("source_sha1") != model_fingerprint(model_dir):
         return None
     return folder
