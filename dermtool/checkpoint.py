@@ -28,6 +28,7 @@ from pathlib import Path
 import numpy as np
 
 from dermtool.errors import InputError
+from dermtool.io import read_csv_rows, read_json
 
 LAST, BEST, OPTIMIZER, HISTORY, STATE = "last.weights.h5", "best.weights.h5", "optimizer.npz", "history.csv", "state.json"
 FOLDER = "checkpoints"
@@ -81,7 +82,7 @@ def _remove(path: Path) -> None:
 def read_state(run_dir: Path) -> dict | None:
     """The committed state (epoch, best epoch, learning rate ...), or None before the first epoch."""
     path = Path(run_dir) / STATE
-    return json.loads(path.read_text()) if path.is_file() else None
+    return read_json(path, "training state") if path.exists() else None
 
 
 def committed_folder(run_dir: Path, state: dict) -> Path:
@@ -97,8 +98,13 @@ def history_text(folder: Path, fields: list[str], epochs: int) -> str:
     writer.writeheader()
     path = folder / HISTORY
     if path.is_file() and epochs:
-        with open(path, newline="") as fh:
-            writer.writerows(r for r in csv.DictReader(fh) if int(r["epoch"]) <= epochs)
+        table = read_csv_rows(path, "training history")
+        rows = [dict(zip(table[0], r)) for r in table[1:] if r]
+        try:
+            writer.writerows(r for r in rows if int(r["epoch"]) <= epochs)
+        except (KeyError, ValueError):
+            raise InputError(f"{path}: the training history has no epoch column or a row without an epoch "
+                             "number; it is damaged.") from None
     return out.getvalue()
 
 
@@ -168,6 +174,10 @@ def tidy(run_dir: Path) -> None:
         tmp = run_dir / (name + ".tmp")
         if tmp.exists():
             _remove(tmp)
+        if (run_dir / name).exists() and os.path.samefile(folder / name, run_dir / name):
+            # already the committed file (best.weights.h5 when the best epoch did not change):
+            # renaming a second link of one file onto the first does nothing and would leave tmp
+            continue
         _link(folder / name, tmp)
         _rename(tmp, run_dir / name)
     leftovers = [p for p in (run_dir / FOLDER).iterdir() if p != folder]

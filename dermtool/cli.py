@@ -11,7 +11,7 @@ from rich.console import Console
 from rich.markup import escape
 
 from dermtool import __version__
-from dermtool.errors import InputError
+from dermtool.errors import InputError, write_failure
 
 app = typer.Typer(
     name="dermtool",
@@ -129,7 +129,7 @@ def preprocess_cli(
     except InputError as exc:
         fail(str(exc))
     except OSError as exc:  # e.g. --out on a read-only or full disk
-        fail(f"{exc.filename or out}: cannot write the cache ({exc.strerror or exc}).")
+        fail(write_failure(exc, "the cache", out))
     except KeyboardInterrupt:
         fail(f"interrupted: {out} holds no cache and no temporary files (a cache is only ever written "
              "whole); run the same command again to build it.", 130)
@@ -170,7 +170,7 @@ def split_cli(
     except InputError as exc:
         fail(str(exc))
     except OSError as exc:
-        fail(f"{exc.filename or out}: cannot write the split ({exc.strerror or exc}).")
+        fail(write_failure(exc, "the split", out))
     n_lesions = len({lesions.get(i) or i for i in val})
     console.print(f"split: {len(train)} training and {len(val)} validation images "
                   f"({n_lesions} groups by {group}) -> {out / 'train.txt'}, {out / 'val.txt'}", highlight=False)
@@ -250,6 +250,8 @@ def train_cli(
               log=lambda m: console.print(m, highlight=False), progress=sys.stderr.isatty())
     except InputError as exc:
         fail(str(exc))
+    except OSError as exc:  # a full disk, a read-only --out, a file where a folder should be
+        fail(write_failure(exc, "the run", out))
     except KeyboardInterrupt:
         fail(_train_interrupted(out), 130)
 
@@ -426,6 +428,8 @@ def infer_cli(
                                  log=lambda m: console.print(m, highlight=False))
     except InputError as exc:
         fail(str(exc))
+    except OSError as exc:  # a full disk, a read-only --out, predictions.csv or infer.json a folder
+        fail(write_failure(exc, "infer's output", out))
     except KeyboardInterrupt:  # during model loading: nothing was written yet
         fail("interrupted before any image was processed.", 130)
     for source, message in summary.failed:
@@ -496,9 +500,10 @@ def merge_cli(
     """Join predictions.part-K-of-N.csv into predictions.csv, checking every image id appears exactly once.
 
     Refuses (exit 2, naming the file) a missing part, parts of different N, parts written with
-    another model or other settings, an id in two rows, and an image of the folder that no part
-    holds (added after its shard ran: rerun that shard with --resume). Images that failed in
-    their shard are listed and give exit code 1.
+    another model or other settings, a damaged shard record (infer.shardKofN.json), an id in two
+    rows, and an image of the folder that no part holds (added after its shard ran: rerun that
+    shard with --resume). A missing shard record is named: that shard's settings are not
+    compared. Images that failed in their shard are listed and give exit code 1.
     """
     from dermtool.shards import merge
 
@@ -508,6 +513,11 @@ def merge_cli(
         result = merge(out, images)
     except InputError as exc:
         fail(str(exc))
+    except OSError as exc:
+        fail(write_failure(exc, "the merged predictions", out / "predictions.csv"))
+    for record in result.unchecked:
+        console.print(escape(f"not checked: {record} is missing, so that shard's model and settings could not be "
+                             "compared with the others'"), highlight=False, soft_wrap=True)
     for source in result.failed:
         console.print(escape(f"no row for {source}: it failed in its shard"), highlight=False, soft_wrap=True)
     checked = (f"every image of {result.images} has one{' but those that failed' if result.failed else ''}"
@@ -527,7 +537,7 @@ def _write_report(out: Path, images: Optional[Path]) -> None:
     except InputError as exc:
         fail(str(exc))
     except OSError as exc:
-        fail(f"{exc.filename or out}: cannot write the report ({exc.strerror or exc}).")
+        fail(write_failure(exc, "the report", out))
     missing = f", {len(made.missing_images)} without their image" if made.missing_images else ""
     console.print(f"[green]report[/]: {made.path} ({made.entries} images{missing}, {made.thumbnails} "
                   f"thumbnails drawn in {made.seconds:.1f} s)", highlight=False, soft_wrap=True)
@@ -576,6 +586,8 @@ def export_cli(
                         log=lambda m: console.print(escape(m), highlight=False, soft_wrap=True))
     except InputError as exc:
         fail(str(exc))
+    except OSError as exc:
+        fail(write_failure(exc, "the export", out))
     diff = report.difference
     parts = [f"{k} {diff[k]:.2g}" for k in ("seg", "cls") if k in diff]
     if "mask_pixels_changed" in diff:
@@ -662,7 +674,7 @@ def score_cli(
         try:
             write_json(result, json_file)
         except OSError as exc:
-            fail(f"Cannot write the JSON file {json_file} ({exc.strerror}).")
+            fail(write_failure(exc, "the scores' JSON file", json_file))
     if plots is not None:
         _write_plots(result, plots, pred_csv, truth_csv, pred_masks, truth_masks, images)
 
@@ -675,5 +687,5 @@ def _write_plots(result, plots: Path, pred_csv, truth_csv, pred_masks, truth_mas
     except InputError as exc:
         fail(str(exc))
     except OSError as exc:
-        fail(f"{exc.filename or plots}: cannot write the plots ({exc.strerror or exc}).")
+        fail(write_failure(exc, "the plots", plots))
     console.print(f"[green]plots[/]: {page}", highlight=False, soft_wrap=True)

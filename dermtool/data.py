@@ -18,6 +18,7 @@ import numpy as np
 
 from dermtool import CLASS_NAMES
 from dermtool.errors import InputError
+from dermtool.io import read_csv_rows, read_json
 from dermtool.preprocess import IMAGE_EXTENSIONS, Transform
 
 # Files the ISIC downloads keep beside the images that are not images to segment.
@@ -101,31 +102,44 @@ def resolve_layout(images: Path, masks: Path | None = None, labels: Path | None 
 def read_lesion_ids(path: Path, column: str = "lesion_id") -> dict[str, str]:
     """image_id -> lesion_id (or another `column`, e.g. patient_id) from a HAM10000-style
     metadata.csv (other columns are ignored)."""
-    with open(path, newline="") as fh:
-        reader = csv.DictReader(fh)
-        if not reader.fieldnames or not {"image_id", column} <= set(reader.fieldnames):
-            raise InputError(f"{path}: a metadata CSV needs image_id and {column} columns "
-                             f"(found {', '.join(reader.fieldnames or []) or 'none'}).")
-        return {r["image_id"]: r[column] for r in reader}
+    header, rows = _metadata_rows(path)
+    if not {"image_id", column} <= set(header):
+        raise InputError(f"{path}: a metadata CSV needs image_id and {column} columns "
+                         f"(found {', '.join(header) or 'none'}).")
+    i, j = header.index("image_id"), header.index(column)
+    return {r[i]: r[j] for r in rows if len(r) > max(i, j)}
 
 
 def read_benign_ids(path: Path) -> set[str]:
     """Image ids whose metadata.csv `benign_malignant` says benign (ISIC 2020 style); an empty set
     when the column is absent. Used for partial labels: benign means "not melanoma"."""
-    with open(path, newline="") as fh:
-        reader = csv.DictReader(fh)
-        if not reader.fieldnames or "benign_malignant" not in reader.fieldnames:
-            return set()
-        return {r["image_id"] for r in reader if (r.get("benign_malignant") or "").strip().lower() == "benign"}
+    header, rows = _metadata_rows(path)
+    if not {"image_id", "benign_malignant"} <= set(header):
+        return set()
+    i, j = header.index("image_id"), header.index("benign_malignant")
+    return {r[i] for r in rows if len(r) > max(i, j) and r[j].strip().lower() == "benign"}
+
+
+def _metadata_rows(path: Path) -> tuple[list[str], list[list[str]]]:
+    from dermtool.io import read_csv_rows
+
+    rows = read_csv_rows(path, "metadata CSV")
+    return [cell.strip() for cell in rows[0]], rows[1:]
 
 
 def read_id_list(path: Path) -> list[str]:
-    """Image ids, one per line (as written by dermtool split); blank lines and # comments skipped."""
-    try:
-        lines = Path(path).read_text().splitlines()
-    except OSError as exc:
-        raise InputError(f"{path}: cannot read the id list ({exc.strerror or exc}).")
-    return [ln.strip() for ln in lines if ln.strip() and not ln.startswith("#")]
+    """Image ids, one per line (as written by dermtool split); blank lines and # comments skipped.
+
+    Raises:
+        InputError: the file cannot be read as text (see `io.read_text`), or lists no id.
+    """
+    from dermtool.io import read_text
+
+    lines = read_text(path, "id list").splitlines()
+    ids = [ln.strip() for ln in lines if ln.strip() and not ln.startswith("#")]
+    if not ids:
+        raise InputError(f"{path}: the id list lists no image id (only comments); one id a line is expected.")
+    return ids
 
 
 def _has_images(folder: Path) -> bool:
@@ -182,8 +196,12 @@ def load_cache(folder: Path) -> Cache:
     meta_path = folder / "cache.json"
     if not meta_path.is_file():
         raise InputError(f"{folder}: not a dermtool cache (no cache.json); run dermtool preprocess first.")
-    meta = json.loads(meta_path.read_text())
-    rows = list(csv.DictReader(open(folder / "manifest.csv", newline="")))
+    meta = read_json(meta_path, "cache record")
+    table = read_csv_rows(folder / "manifest.csv", "cache manifest")
+    rows = [dict(zip(table[0], r)) for r in table[1:] if r]
+    if not {"image_id", "class_index", "has_mask"} <= set(table[0]) or any(len(r) != len(table[0]) for r in table[1:] if r):
+        raise InputError(f"{folder / 'manifest.csv'}: the cache manifest is damaged (missing columns or short rows); "
+                         "run dermtool preprocess again.")
     images = tifffile.memmap(folder / "images.tif", mode="r")
     masks = tifffile.memmap(folder / "masks.tif", mode="r") if (folder / "masks.tif").is_file() else None
     if images.shape[0] != len(rows):
@@ -347,8 +365,8 @@ def build_cache(layout: Layout, out: Path, size: int = 256, fit: str = "squash",
                                params)
     meta_path = out / "cache.json"
     try:
-        old_meta = json.loads(meta_path.read_text()) if meta_path.is_file() else {}
-    except ValueError:  # a damaged cache.json: rebuild rather than fail
+        old_meta = read_json(meta_path, "cache record") if meta_path.exists() else {}
+    except InputError:  # a damaged cache.json: rebuild rather than fail
         old_meta = {}
     if old_meta.get("fingerprint") == fingerprint:
         report.reused = True

@@ -12,6 +12,7 @@ needs before trusting it:
 
 from __future__ import annotations
 
+import shutil
 import tempfile
 import time
 from dataclasses import dataclass
@@ -20,9 +21,10 @@ from pathlib import Path
 import numpy as np
 
 from dermtool.config import ModelConfig, load_config
-from dermtool.data import find_images, resolve_layout
+from dermtool.data import Layout, find_images, resolve_layout
 from dermtool.errors import InputError
-from dermtool.modelio import KerasEngine, shown_path, load_engine, resolve_model, write_export
+from dermtool.io import read_class_csv, read_json
+from dermtool.modelio import KerasEngine, check_format, shown_path, load_engine, resolve_model, write_export
 from dermtool.preprocess import prepare
 
 #: images compared output by output right after writing (the whole --check folder is scored)
@@ -94,10 +96,8 @@ def score_folder(model: Path, check_dir: Path, engine: str | None = None) -> dic
     from dermtool.infer import InferOptions, predict_folder
     from dermtool.score import score
 
-    layout = resolve_layout(check_dir)
-    if layout.masks is None and layout.labels is None:
-        raise InputError(f"{check_dir}: --check needs a labelled folder (images/ with masks/ and/or labels.csv).")
     cfg, _, _ = load_config(resolve_model(model)[0])
+    layout = check_folder(check_dir, cfg)
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp)
         predict_folder(layout.images, out, model, InferOptions(engine=engine), progress=False, log=lambda m: None)
@@ -110,6 +110,45 @@ def score_folder(model: Path, check_dir: Path, engine: str | None = None) -> dic
             "images": (seg or cls)["n_images"]}
 
 
+def check_folder(check_dir: Path, cfg: ModelConfig) -> Layout:
+    """The layout of a --check folder, refused unless it can score this model: images, and masks
+    (for a model with a mask head) or labels (with a class head), the labels readable."""
+    layout = resolve_layout(check_dir)
+    if not find_images(layout.images):
+        raise InputError(f"{check_dir}: --check needs a labelled folder, and {layout.images} has no images.")
+    masks = layout.masks if cfg.has_seg else None
+    labels = layout.labels if cfg.has_cls else None
+    if masks is None and labels is None:
+        wanted = " or ".join([w for w, ok in (("masks/", cfg.has_seg), ("labels.csv", cfg.has_cls)) if ok])
+        raise InputError(f"{check_dir}: --check needs a labelled folder, and it has no {wanted} to score this "
+                         f"{cfg.task} model on (expected images/ with {wanted} beside it).")
+    if labels is not None:
+        read_class_csv(labels, role="truth")  # a bad label file is named now, not after the export
+    return layout
+
+
+def check_target(folder: Path, out_dir: Path) -> None:
+    """Refuse an --out the export would damage: a file, the model folder itself, or any other
+    model folder (its config.json would become the export's, and the folder would then run the
+    exported file instead of its weights). An earlier export's folder may be overwritten."""
+    if out_dir.exists() and not out_dir.is_dir():
+        raise InputError(f"{out_dir}: exists and is a file; --out is a folder (it gets the model file and its config.json).")
+    if out_dir.suffix.lower() in (".tflite", ".onnx"):
+        raise InputError(f"{out_dir}: --out is a folder (it gets the model file and its config.json).")
+    if out_dir.resolve() == folder.resolve():
+        raise InputError(f"{out_dir}: is the model folder itself; its config.json would be replaced by the export's. "
+                         f"Write the export into a folder of its own, e.g. --out {out_dir / 'litert'}.")
+    config = out_dir / "config.json"
+    if config.exists():
+        try:
+            is_export = bool(read_json(config, "config").get("export"))
+        except InputError:
+            is_export = False
+        if not is_export:
+            raise InputError(f"{config}: --out holds a model folder's config.json, which the export would replace; "
+                             "write the export into a folder of its own.")
+
+
 def export(model_dir: Path, out_dir: Path, fmt: str, quantize: str = "none", calibration: Path | None = None,
            check: Path | None = None, log=print) -> ExportReport:
     """Write the export (see modelio.write_export), compare it with the Keras model, and score
@@ -118,13 +157,21 @@ def export(model_dir: Path, out_dir: Path, fmt: str, quantize: str = "none", cal
     if kind != "keras":
         raise InputError(f"{model_dir}: already an export; export from the model folder (config.json + weights).")
     out_dir = Path(out_dir)
-    if out_dir.suffix.lower() in (".tflite", ".onnx"):
-        raise InputError(f"{out_dir}: --out is a folder (it gets the model file and its config.json).")
+    check_format(fmt, quantize, calibration is not None)
+    check_target(folder, out_dir)
     cfg, _, _ = load_config(folder)
+    if check is not None:  # every input is checked before any work: a refusal leaves nothing behind
+        check_folder(check, cfg)
     calib = load_inputs(calibration, cfg, CALIBRATION_IMAGES, log) if calibration else None
     started = time.perf_counter()
-    path = write_export(folder, out_dir, fmt, quantize, calib,
-                        calibration_from=shown_path(calibration) if calibration else None)
+    fresh = not out_dir.exists()
+    try:
+        path = write_export(folder, out_dir, fmt, quantize, calib,
+                            calibration_from=shown_path(calibration) if calibration else None)
+    except BaseException:
+        if fresh:  # a half-written export must not look like one
+            shutil.rmtree(out_dir, ignore_errors=True)
+        raise
     seconds = time.perf_counter() - started
     size = sum(p.stat().st_size for p in path.rglob("*") if p.is_file()) if path.is_dir() else path.stat().st_size
     if check is not None:

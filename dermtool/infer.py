@@ -9,6 +9,7 @@ under a temporary name and renamed, so an interrupted run leaves whole files or 
 from __future__ import annotations
 
 import csv
+import errno
 import json
 import os
 import time
@@ -24,8 +25,8 @@ from dermtool.augment import dihedral, undo_dihedral
 from dermtool.config import ModelConfig
 from dermtool.data import find_images, image_id_of, unique_ids
 from dermtool.decision import apply_temperature, check_threshold, decide
-from dermtool.errors import InputError
-from dermtool.io import encode_mask_png, write_csv_atomic
+from dermtool.errors import InputError, disk_full, write_failure
+from dermtool.io import encode_mask_png, read_csv_rows, read_json, write_atomic, write_csv_atomic
 from dermtool.modelio import default_model_dir, load_engine, load_model, model_fingerprint  # noqa: F401  (load_model: re-exported)
 from dermtool.postprocess import PostprocessConfig, postprocess
 from dermtool.preprocess import Transform, prepare, restore, restore_mask
@@ -99,24 +100,14 @@ def _run_model(model, x: np.ndarray, tta: int = 1, batch_size: int | None = None
     return {k: v[:n] for k, v in acc.items()}
 
 
-def _write_atomic(path: Path, writer) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        writer(tmp)
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
-
-
 def _save_png(path: Path, mask: np.ndarray) -> None:
-    _write_atomic(path, lambda t: t.write_bytes(encode_mask_png(mask)))
+    write_atomic(path, lambda t: t.write_bytes(encode_mask_png(mask)))
 
 
 def _save_tiff(path: Path, prob: np.ndarray) -> None:
     import tifffile
 
-    _write_atomic(path, lambda t: tifffile.imwrite(t, prob.astype(np.float32)))
+    write_atomic(path, lambda t: tifffile.imwrite(t, prob.astype(np.float32)))
 
 
 def _save_overlay(path: Path, source: Path, mask: np.ndarray, cls, k: int | None = None) -> None:
@@ -128,7 +119,7 @@ def _save_overlay(path: Path, source: Path, mask: np.ndarray, cls, k: int | None
         return
     label, colour = class_label(cls, k=k) if cls is not None else ("", (0, 0, 0))
     img = draw_overlay(pixels, mask, label, colour)
-    _write_atomic(path, lambda t: img.save(t, format="JPEG", quality=90))
+    write_atomic(path, lambda t: img.save(t, format="JPEG", quality=90))
 
 
 def _finish_one(image_id: str, source: Path, t: Transform, seg, cls, cfg: ModelConfig,
@@ -155,14 +146,13 @@ def _csv_header(cfg: ModelConfig) -> list[str]:
 def _read_rows(path: Path, width: int) -> dict[str, list]:
     """Rows of an earlier (possibly interrupted) run, keyed by image id; broken lines dropped."""
     rows: dict[str, list] = {}
-    if not path.is_file():
+    if not path.exists():
         return rows
-    with open(path, newline="") as fh:
-        for i, row in enumerate(csv.reader(fh)):
-            if i == 0 and row and row[0] == "image_id":
-                continue
-            if len(row) == width and row[0]:
-                rows[row[0]] = row
+    for i, row in enumerate(read_csv_rows(path, "predictions CSV of the earlier run", empty_ok=True)):
+        if i == 0 and row and row[0] == "image_id":
+            continue
+        if len(row) == width and row[0]:
+            rows[row[0]] = row
     return rows
 
 
@@ -222,6 +212,8 @@ def predict_folder(images_dir: Path, out_dir: Path, model_dir: Path | None = Non
     started = time.perf_counter()  # images/s counts the pipeline, not the one-off model load
     summary.device, summary.skipped = _device(model.name), len(paths) - len(todo)
     out_dir.mkdir(parents=True, exist_ok=True)
+    if csv_path.is_dir():  # found now, not after every image is done
+        raise IsADirectoryError(errno.EISDIR, os.strerror(errno.EISDIR), str(csv_path))
     # the settings are on disk before any output, so even a killed run can be checked on --resume
     _write_run_json(out_dir / record_name(opts.shard), record, summary, running=True)
     workers = opts.workers or min(8, max(2, os.cpu_count() or 1))
@@ -298,7 +290,9 @@ def _collect(item, summary: InferSummary, rows: dict, partial, writer, bar) -> N
     except InputError as exc:
         summary.failed.append((str(path), str(exc)))
     except OSError as exc:
-        summary.failed.append((str(path), f"{path}: could not write its outputs ({exc})."))
+        if disk_full(exc):  # every image after it would fail too: stop with the one line
+            raise
+        summary.failed.append((str(path), write_failure(exc, f"the outputs of {path.name}")))
     else:
         rows[row[0]] = row
         writer.writerow(row)
@@ -322,10 +316,13 @@ def _run_record(images_dir: Path, model_sha1: str, summary: InferSummary, cfg: M
 def _check_resume(record_path: Path, record: dict, out_dir: Path) -> None:
     """--resume only continues the same run: another model or other settings would fill the
     rest of the folder with different outputs under one infer.json."""
+    if not record_path.exists():
+        return  # no record (a run of an older dermtool): nothing to compare with
     try:
-        earlier = json.loads(record_path.read_text())
-    except (OSError, ValueError):
-        return  # no (readable) record: nothing to compare with
+        earlier = read_json(record_path, "record of the earlier run")
+    except InputError as exc:  # damaged: resuming unchecked could mix two runs without a word
+        raise InputError(f"{str(exc).rstrip('.')}; --resume cannot check that it continues the same run: "
+                         "run without --resume to redo the folder, or delete the record to resume unchecked.") from None
     diffs = differing_settings(earlier, record)
     if diffs:
         raise InputError(f"{record_path}: --resume would mix two runs in {out_dir}, {'; '.join(diffs)}; "
@@ -340,4 +337,4 @@ def _write_run_json(path: Path, record: dict, summary: InferSummary, running: bo
         seconds=round(summary.seconds, 2), model_load_seconds=round(summary.load_seconds, 2),
         images_per_second=round(summary.images_per_second, 2), interrupted=summary.interrupted,
     )
-    _write_atomic(path, lambda t: t.write_text(json.dumps(record, indent=2) + "\n"))
+    write_atomic(path, lambda t: t.write_text(json.dumps(record, indent=2) + "\n"))

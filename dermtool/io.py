@@ -1,12 +1,18 @@
 """Reading and writing the files dermtool exchanges with users: label CSVs and mask PNGs.
 
 Every reader checks its input at the edge and raises `InputError` with one sentence that names
-the file (and row) and the problem, so the CLI can print it without a traceback.
+the file (and row) and the problem, so the CLI can print it without a traceback. Text files
+(CSVs, JSON records, id lists) are all read by `read_text` (and `read_csv_rows`, `read_json`
+on top of it), which checks size, encoding and emptiness the same way for every one; outputs
+are written whole or not at all by `write_atomic`.
 """
 
 from __future__ import annotations
 
+import codecs
 import csv
+import io
+import json
 import math
 import os
 import re
@@ -15,6 +21,7 @@ import warnings
 import zlib
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 
@@ -33,12 +40,122 @@ MASK_THRESHOLD = 128
 MAX_PIXELS = 200_000_000
 #: How many ids an error message lists before "..." (keeps it one readable sentence).
 _IDS_SHOWN = 3
+#: The largest text file read (CSV, JSON, id list): a label CSV of a million images is ~50 MB,
+#: so a larger file is not one of dermtool's, and reading it whole would only fill memory.
+MAX_TEXT_BYTES = 256 * 2**20
+#: Byte-order marks Windows tools write (Notepad, Excel's "Unicode text"), and their codecs.
+_BOMS = ((codecs.BOM_UTF8, "utf-8", "UTF-8"), (codecs.BOM_UTF16_LE, "utf-16-le", "UTF-16"),
+         (codecs.BOM_UTF16_BE, "utf-16-be", "UTF-16"))
 
 
 def first_few(ids: list[str]) -> str:
     """The first few ids, comma separated, with "..." when there are more."""
     shown = ", ".join(ids[:_IDS_SHOWN])
     return shown + (", ..." if len(ids) > _IDS_SHOWN else "")
+
+
+def read_text(path: Path, what: str, *, limit: int = MAX_TEXT_BYTES, empty_ok: bool = False) -> str:
+    """The text of a file dermtool reads, checked: the one reader of every CSV, JSON and id list.
+
+    UTF-8, and UTF-8 or UTF-16 with a byte-order mark (as Windows tools save text), are read;
+    anything else is refused rather than guessed.
+
+    Args:
+        path: the file.
+        what: what the file is, for the messages ("id list", "shard record").
+        limit: the largest size in bytes.
+        empty_ok: accept a file with nothing but white space (returned as is).
+
+    Raises:
+        InputError: naming the file, when it is missing, a folder, unreadable, larger than
+            `limit`, not text in those encodings (or holds NUL characters), or empty.
+    """
+    path = Path(path)
+    try:
+        if path.is_dir():
+            raise InputError(f"{path}: the {what} is a folder, not a file.")
+        size = path.stat().st_size
+        if size > limit:
+            raise InputError(f"{path}: the {what} is {_size(size)}, more than the {_size(limit)} such a file "
+                             "can be; is it the right file?")
+        with path.open("rb") as fh:
+            data = fh.read(limit + 1)
+    except FileNotFoundError:
+        raise InputError(f"{path}: the {what} does not exist.") from None
+    except OSError as exc:
+        raise InputError(f"{path}: cannot read the {what} ({exc.strerror or exc}).") from None
+    text = _decode(data, path, what)
+    if not empty_ok and not text.strip():
+        raise InputError(f"{path}: the {what} is empty.")
+    return text
+
+
+def _size(n: int) -> str:
+    return f"{n / 2**20:.0f} MB" if n >= 2**20 else f"{n} bytes"
+
+
+def _decode(data: bytes, path: Path, what: str) -> str:
+    bom, codec, name = next((b for b in _BOMS if data.startswith(b[0])), (b"", "utf-8", "UTF-8"))
+    try:
+        text = data[len(bom):].decode(codec)
+    except UnicodeDecodeError as exc:
+        raise InputError(f"{path}: the {what} is not {name} text (byte 0x{data[len(bom) + exc.start]:02x} at "
+                         f"offset {len(bom) + exc.start}); save it as UTF-8.") from None
+    if "\x00" in text:
+        raise InputError(f"{path}: the {what} holds NUL bytes, so it is binary or UTF-16 without a byte-order "
+                         "mark, not text; save it as UTF-8.")
+    return text
+
+
+def read_csv_rows(path: Path, what: str, **checks) -> list[list[str]]:
+    """The rows of a CSV file, read by `read_text` (same checks, same keyword arguments)."""
+    try:
+        return list(csv.reader(io.StringIO(read_text(path, what, **checks), newline="")))
+    except csv.Error as exc:
+        raise InputError(f"{path}: the {what} is not valid CSV ({exc}).") from None
+
+
+def read_json(path: Path, what: str, kind: type = dict):
+    """A JSON file whose top level must be a `kind` (an object by default), read by `read_text`.
+
+    Raises:
+        InputError: naming the file, for any problem of `read_text`, JSON that does not parse,
+            or a top level of another type.
+    """
+    text = read_text(path, what)
+    try:
+        value = json.loads(text)
+    except RecursionError:
+        raise InputError(f"{path}: the {what} nests too deeply to be one of dermtool's.") from None
+    except ValueError as exc:
+        raise InputError(f"{path}: the {what} is not valid JSON ({exc}).") from None
+    if not isinstance(value, kind):
+        names = {dict: "an object", list: "a list"}
+        raise InputError(f"{path}: the {what} holds {names.get(type(value), 'a ' + type(value).__name__)} "
+                         f"where {names.get(kind, 'a ' + kind.__name__)} is expected.")
+    return value
+
+
+def write_atomic(path: Path, write: Callable[[Path], object]) -> None:
+    """Write `path` whole or not at all: `write(tmp)` fills a temporary file beside it, which then
+    replaces `path` (one rename). The one writer of dermtool's output files.
+
+    A failure leaves no temporary file, and its OSError names `path`, not the temporary file,
+    so `errors.write_failure` words it for the file the user asked for.
+    """
+    path = Path(path)
+    # A plain name (not mkstemp) so the file gets the usual umask permissions, not 0600.
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    except OSError as exc:
+        if not exc.errno:
+            raise
+        raise type(exc)(exc.errno, exc.strerror, str(path)) from None
+    finally:
+        if tmp.is_file():
+            tmp.unlink()
 
 
 def read_class_csv(path: Path, *, role: str = "truth") -> dict[str, np.ndarray]:
@@ -62,13 +179,7 @@ def read_class_csv(path: Path, *, role: str = "truth") -> dict[str, np.ndarray]:
     """
     path = Path(path)
     what = f"{role} CSV {path}"
-    if not path.is_file():
-        raise InputError(f"The {what} does not exist or is not a file.")
-    try:
-        with path.open(newline="", encoding="utf-8-sig") as handle:
-            rows = list(csv.reader(handle))
-    except (OSError, UnicodeDecodeError, csv.Error) as err:
-        raise InputError(f"The {what} cannot be read as CSV text ({err}).") from None
+    rows = read_csv_rows(path, f"{role} CSV", empty_ok=True)
     rows = [row for row in rows if any(cell.strip() for cell in row)]
     if not rows:
         raise InputError(f"The {what} is empty; expected a header {','.join(REQUIRED_COLUMNS)}.")
@@ -216,8 +327,10 @@ def open_image(path: Path):
 def read_mask_values(path: Path) -> np.ndarray:
     """A mask image's values as an HxW array, before binarising (for checks on the data).
 
-    A mask with colour channels (RGB, RGBA, grey+alpha) uses its first channel; a palette image
-    is converted to its colours first, and a 1-bit image counts as 0/255.
+    A colour mask (RGB, RGBA) reads as the brightest of its colour channels, so a lesion drawn
+    in any colour on black (green 0,255,0) is read, not only one bright in the first channel;
+    alpha is not a colour. Grey+alpha uses the grey. A palette image is converted to its colours
+    first, and a 1-bit image counts as 0/255.
 
     Raises:
         InputError: the file is missing or is not a readable image.
@@ -237,7 +350,7 @@ def read_mask_values(path: Path) -> np.ndarray:
     except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as err:
         raise InputError(f"The mask file {path} is not a readable image ({err}).") from None
     if array.ndim == 3:
-        array = array[..., 0]
+        array = array[..., :3].max(axis=-1) if array.shape[-1] >= 3 else array[..., 0]
     if array.ndim != 2:
         raise InputError(f"The mask file {path} has shape {array.shape}; expected a 2-D image.")
     return array
@@ -302,14 +415,11 @@ def write_csv_atomic(path: Path, header: list[str], rows: list[list]) -> None:
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    # A plain open() (not mkstemp) so the file gets the usual umask permissions, not 0600.
-    tmp_path = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        with tmp_path.open("w", newline="", encoding="utf-8") as handle:
+
+    def write(tmp: Path) -> None:
+        with tmp.open("w", newline="", encoding="utf-8") as handle:
             writer = csv.writer(handle, lineterminator="\n")
             writer.writerow(header)
             writer.writerows(rows)
-        os.replace(tmp_path, path)
-    except BaseException:
-        tmp_path.unlink(missing_ok=True)
-        raise
+
+    write_atomic(path, write)

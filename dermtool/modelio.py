@@ -22,7 +22,6 @@ an export folder. A new format is a writer and an engine class here, nothing els
 from __future__ import annotations
 
 import hashlib
-import json
 import os
 import re
 import shutil
@@ -35,6 +34,7 @@ import numpy as np
 from dermtool import __version__
 from dermtool.config import ModelConfig, load_config, save_config
 from dermtool.errors import InputError
+from dermtool.io import read_json
 
 WEIGHT_NAMES = ("best.weights.h5", "model.weights.h5", "last.weights.h5")
 #: export format -> the file or folder it writes inside the export folder
@@ -116,8 +116,9 @@ def save_model_folder(run_dir: Path, out_dir: Path) -> Path:
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     model.save_weights(str(out_dir / "model.weights.h5"))
-    state_path = Path(run_dir) / "state.json"
-    state = json.loads(state_path.read_text()) if state_path.is_file() else {}
+    from dermtool.checkpoint import read_state
+
+    state = read_state(run_dir) or {}
     save_config(out_dir / "config.json", cfg, tcfg, best_epoch=state.get("best_epoch"),
                 best_metric=state.get("best_metric"))
     return out_dir
@@ -424,6 +425,16 @@ def _write_onnx(model, cfg: ModelConfig, dest: Path, quantize: str) -> None:
             quantize_dynamic(str(dest), str(dest), weight_type=QuantType.QInt8)
 
 
+def check_format(fmt: str, quantize: str, calibrated: bool) -> None:
+    """Refuse a format, a quantisation it does not take, or int8/mixed without calibration images."""
+    if fmt not in FORMATS:
+        raise InputError(f"--format must be one of {', '.join(FORMATS)}, not {fmt!r}.")
+    if quantize not in QUANTIZE[fmt]:
+        raise InputError(f"--quantize {quantize} is not available for {fmt} (choose {', '.join(QUANTIZE[fmt])}).")
+    if quantize in ("int8", "mixed") and not calibrated:
+        raise InputError(f"--quantize {quantize} needs calibration images: pass --calibration DIR.")
+
+
 def write_export(model_dir: Path, out_dir: Path, fmt: str, quantize: str = "none",
                  calibration: np.ndarray | None = None, calibration_from: str | None = None) -> Path:
     """Write `out_dir`: the model in `fmt` (FORMATS) plus a config.json that describes it.
@@ -434,12 +445,7 @@ def write_export(model_dir: Path, out_dir: Path, fmt: str, quantize: str = "none
             (N, s, s, 3); `calibration_from` (where they came from) is recorded in config.json.
     Returns: the path of the written model file (or SavedModel folder).
     """
-    if fmt not in FORMATS:
-        raise InputError(f"--format must be one of {', '.join(FORMATS)}, not {fmt!r}.")
-    if quantize not in QUANTIZE[fmt]:
-        raise InputError(f"--quantize {quantize} is not available for {fmt} (choose {', '.join(QUANTIZE[fmt])}).")
-    if quantize in ("int8", "mixed") and (calibration is None or not len(calibration)):
-        raise InputError(f"--quantize {quantize} needs calibration images: pass --calibration DIR.")
+    check_format(fmt, quantize, calibration is not None and len(calibration) > 0)
     model, cfg = load_model(model_dir)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -525,9 +531,11 @@ def shipped_export(model_dir: Path, engine: str) -> Path | None:
     """The export a model folder carries for `engine` (MODEL/<engine>/, e.g. the bundled model's
     calibrated mixed-int8 litert/), if it was written from these very weights; else None."""
     folder = Path(model_dir) / engine
+    if not (folder / "config.json").exists():
+        return None
     try:
-        export = json.loads((folder / "config.json").read_text())["export"]
-    except (OSError, ValueError, KeyError, TypeError):
+        export = read_json(folder / "config.json", "config")["export"]
+    except (InputError, KeyError):  # not an export, or damaged: convert the folder instead
         return None
     if not isinstance(export, dict):  # a damaged carried export: converted afresh instead
         return None

@@ -15,7 +15,6 @@ import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
 from dermtool import CLASS_NAMES
-from dermtool.io import open_image
 
 #: Contour colours: the prediction green (as before), the ground truth magenta, both of which
 #: stand out from skin tones and from each other.
@@ -120,13 +119,16 @@ def thumbnail_size(height: int, width: int, side: int) -> tuple[int, int]:
 
 
 def read_mask_at(path: Path, size: tuple[int, int]) -> np.ndarray:
-    """A 0/255 mask PNG (binarised at > 128, as the scorer does) as a boolean mask of size (h, w).
+    """A mask image, read as the scorer reads it (`io.read_mask`), as a boolean mask of size (h, w).
 
     Resized by taking the nearest pixel: exact enough for a contour on a thumbnail, and nearly
     free beside the PNG decoding, which matters for thousands of report thumbnails.
     """
-    with open_image(path) as img:
-        gray = img if img.mode == "L" else img.convert("L")
-        if gray.size != (size[1], size[0]):
-            gray = gray.resize((size[1], size[0]), Image.NEAREST)
-        return np.asarray(gray) > 128
+    from dermtool.io import read_mask
+
+    mask = read_mask(path)
+    if mask.shape != tuple(size):
+        rows = np.arange(size[0]) * mask.shape[0] // size[0]
+        cols = np.arange(size[1]) * mask.shape[1] // size[1]
+        mask = mask[rows[:, None], cols]
+    return mask

@@ -7,11 +7,11 @@ written beside the page, nothing fetched from a network.
 
 from __future__ import annotations
 
-import os
 from datetime import datetime, timezone
 from pathlib import Path
 
 from dermtool import __version__
+from dermtool.io import write_atomic
 
 WARNING = "Research tool, not a medical device. Its output is not a diagnosis."
 
@@ -37,10 +37,5 @@ def write_page(path: Path, template: str, **context) -> Path:
     """Render a template into `path`, written under a temporary name and renamed."""
     path = Path(path)
     text = render(template, **context)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        tmp.write_text(text, encoding="utf-8")
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
+    write_atomic(path, lambda tmp: tmp.write_text(text, encoding="utf-8"))
     return path

@@ -272,6 +272,7 @@ def _tables(result: dict[str, Any]) -> dict[str, Any]:
             ("images with Jaccard < 0.65", f"{seg['frac_below_065']:.1%}", ""),
             ("missing predictions (scored 0)", str(seg["n_missing"]), ""),
             ("empty predictions, lesion in truth", str(seg["n_empty_pred"]), ""),
+            ("empty truth masks (no lesion)", str(seg.get("n_empty_truth", 0)), ""),
         ]
     if cls is not None:
         auc_ci = cls.get("auc_ci95") or {}

@@ -10,8 +10,6 @@ DOM). Nothing is fetched from a network; the folder can be zipped and opened any
 
 from __future__ import annotations
 
-import csv
-import json
 import os
 import re
 import time
@@ -23,6 +21,7 @@ import numpy as np
 
 from dermtool import CLASS_NAMES
 from dermtool.errors import InputError
+from dermtool.io import read_csv_rows, read_json, read_text, write_atomic
 
 REPORT = "report.html"
 FILES = "report_files"
@@ -92,12 +91,7 @@ def read_run(out_dir: Path) -> dict:
     """infer.json of the folder ({} when absent); shard summaries are added up."""
     single = out_dir / "infer.json"
     parts = [single] if single.is_file() else sorted(out_dir.glob("infer.shard*of*.json"))
-    runs = []
-    for p in parts:
-        try:
-            runs.append(json.loads(p.read_text()))
-        except (OSError, ValueError) as exc:
-            raise InputError(f"{p}: not a readable infer.json ({exc}).")
+    runs = [read_json(p, "infer record") for p in parts]
     if not runs:
         return {}
     run = dict(runs[0])
@@ -120,17 +114,21 @@ def read_predictions(out_dir: Path) -> tuple[list[str], list[dict]]:
     header: list[str] = []
     rows: list[dict] = []
     for p in parts:
-        with open(p, newline="", encoding="utf-8") as fh:
-            reader = csv.DictReader(fh)
-            header = header or list(reader.fieldnames or [])
-            for i, row in enumerate(reader, start=2):
-                try:
-                    for c in CLASS_NAMES:
-                        if c in row:
-                            row[c] = float(row[c])
-                except (TypeError, ValueError):
-                    raise InputError(f"{p}, row {i}: a probability is not a number.")
-                rows.append(row)
+        table = read_csv_rows(p, "predictions CSV")
+        header = header or [cell.strip() for cell in table[0]]
+        for i, cells in enumerate(table[1:], start=2):
+            if not cells:
+                continue
+            if len(cells) != len(header):
+                raise InputError(f"{p}, row {i}: {len(cells)} fields where the header has {len(header)}.")
+            row = dict(zip(header, cells))
+            try:
+                for c in CLASS_NAMES:
+                    if c in row:
+                        row[c] = float(row[c])
+            except (TypeError, ValueError):
+                raise InputError(f"{p}, row {i}: a probability is not a number.")
+            rows.append(row)
     if "image_id" not in header:
         raise InputError(f"{parts[0]}: no image_id column; is it a predictions.csv of dermtool infer?")
     return header, rows
@@ -141,7 +139,7 @@ def model_summary(model_dir: Path) -> str:
     card = Path(model_dir) / "MODEL_CARD.md"
     if not card.is_file():
         return ""
-    for para in re.split(r"\n\s*\n", card.read_text(encoding="utf-8")):
+    for para in re.split(r"\n\s*\n", read_text(card, "model card", empty_ok=True)):
         para = " ".join(para.split())
         if para and not para.startswith(("#", "|", "-", "*", "```", ">")):
             first = re.split(r"(?<=[.!?])\s", para, maxsplit=1)[0]
@@ -183,12 +181,7 @@ def _thumbnail(row: dict, source: Path, out_dir: Path, files: Path, class_cols: 
     if class_cols:
         label, colour = class_label(np.array([row[c] for c in class_cols]), class_cols, _label_index(row, class_cols))
     img = draw_overlay(pixels, mask, label, colour)
-    tmp = target.with_name(f".{target.name}.{os.getpid()}.tmp")
-    try:
-        img.save(tmp, format="JPEG", quality=85)
-        os.replace(tmp, target)
-    finally:
-        tmp.unlink(missing_ok=True)
+    write_atomic(target, lambda tmp: img.save(tmp, format="JPEG", quality=85))
     return "drawn"
 
 

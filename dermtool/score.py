@@ -177,6 +177,8 @@ def score_segmentation(
     """Segmentation metrics over every truth mask in `truth_masks`.
 
     A truth mask without a prediction scores JAC = Dice = 0 and is counted in `n_missing`;
+    truth masks with no lesion are counted in `n_empty_truth` (they score 1 only when the
+    prediction is empty too, so many of them flatter or sink JAC: the count says which);
     a prediction of another size than its truth mask is an error (never a silent resize).
     Masks stored as 0/1 are read with foreground = 1 (`io.binarise_mask`) and counted in
     `n_zero_one_masks`, truth and predictions together.
@@ -191,10 +193,11 @@ def score_segmentation(
             f"The truth mask folder {truth_masks} has no files named <image_id>{io.MASK_SUFFIX}."
         )
     jacs, dices = [], []
-    n_missing = n_empty_pred = n_zero_one = 0
+    n_missing = n_empty_pred = n_empty_truth = n_zero_one = 0
     for image_id, truth_path in truth_paths.items():
         truth, zero_one = _read_mask(truth_path)
         n_zero_one += zero_one
+        n_empty_truth += int(not truth.any())
         if image_id not in pred_paths:
             n_missing += 1
             jacs.append(0.0)
@@ -215,6 +218,7 @@ def score_segmentation(
         "n_images": len(jacs),
         "n_missing": n_missing,
         "n_empty_pred": n_empty_pred,
+        "n_empty_truth": n_empty_truth,
         "n_zero_one_masks": n_zero_one,
         "per_image": dict(zip(truth_paths, jacs)),
         "jac_ci95": None,
@@ -257,7 +261,8 @@ def _plain(value: Any) -> Any:
 
 def write_json(result: dict[str, Any], path: Path) -> None:
     """Write a `score()` result as indented JSON (null for undefined numbers)."""
-    Path(path).write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
+    text = json.dumps(result, indent=2) + "\n"
+    io.write_atomic(Path(path), lambda tmp: tmp.write_text(text, encoding="utf-8"))
 
 
 def _fmt(value: float | None, digits: int = 4) -> str:
@@ -282,6 +287,7 @@ def render(result: dict[str, Any], console) -> None:
         table.add_row("images with Jaccard < 0.65", _fmt(seg["frac_below_065"], 3), "")
         table.add_row("missing predictions (scored 0)", str(seg["n_missing"]), "")
         table.add_row("empty predictions, lesion in truth", str(seg["n_empty_pred"]), "")
+        table.add_row("empty truth masks (no lesion)", str(seg["n_empty_truth"]), "")
         if seg["n_zero_one_masks"]:
             table.add_row("masks stored as 0/1 (read as 1 = lesion)", str(seg["n_zero_one_masks"]), "")
         console.print(table)

@@ -8,16 +8,14 @@ the folder exactly once, then writes OUT/predictions.csv.
 
 from __future__ import annotations
 
-import csv
 import hashlib
-import json
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from dermtool.data import find_images, image_id_of, unique_ids
 from dermtool.errors import InputError
-from dermtool.io import first_few, write_csv_atomic
+from dermtool.io import first_few, read_csv_rows, read_json, write_csv_atomic
 
 #: What must not differ between two runs writing one folder (keys of infer.json).
 SETTINGS = ("model_sha1", "engine", "task", "tta", "postprocess", "probabilities", "overlay",
@@ -66,6 +64,7 @@ class MergeResult:
     rows: int = 0
     failed: list = field(default_factory=list)  # files that failed in their shard: no row
     images: Path | None = None  # the folder every id was checked against; None: not checked
+    unchecked: list = field(default_factory=list)  # shard records missing: their settings were not compared
 
 
 def merge(out_dir: Path, images_dir: Path | None = None) -> MergeResult:
@@ -78,15 +77,16 @@ def merge(out_dir: Path, images_dir: Path | None = None) -> MergeResult:
 
     Raises:
         InputError: no parts, parts of different N, a part missing, parts from different models
-            or settings, different headers, an id in two rows, or an image of the folder that
+            or settings, a damaged record (a missing one is returned in `unchecked`), a part
+            that is not readable text, different headers, an id in two rows, or an image of the folder that
             no part holds (failed images excepted: they are returned in `failed`).
     """
     out_dir = Path(out_dir)
     parts = _find_parts(out_dir)
     n = len(parts)
-    records = _read_records(out_dir, n)
+    records, unchecked = _read_records(out_dir, n)
     header, rows = _read_parts(parts)
-    result = MergeResult(parts=n, rows=len(rows))
+    result = MergeResult(parts=n, rows=len(rows), unchecked=unchecked)
     folders = {r.get("images") for r in records.values()} - {None}
     images_dir = Path(images_dir) if images_dir else (Path(folders.pop()) if len(folders) == 1 else None)
     if images_dir is not None and images_dir.is_dir():
@@ -117,30 +117,38 @@ def _find_parts(out_dir: Path) -> dict[int, Path]:
     return dict(sorted(parts.items()))
 
 
-def _read_records(out_dir: Path, n: int) -> dict[Path, dict]:
-    """The shards' infer records, checked to agree on the model and the settings."""
-    records = {}
+def _read_records(out_dir: Path, n: int) -> tuple[dict[Path, dict], list[Path]]:
+    """The shards' infer records, checked to agree on the model and the settings, and the
+    records that are missing (their shards' settings cannot be compared: the caller says so).
+
+    A record that is there but damaged is refused: merging without its check would be silent.
+    """
+    records, missing = {}, []
     for k in range(1, n + 1):
         path = out_dir / record_name((k, n))
+        if not path.exists():
+            missing.append(path)  # a record is a check, not the data: merge, but say so
+            continue
         try:
-            records[path] = json.loads(path.read_text())
-        except (OSError, ValueError):
-            continue  # a record is a check, not a requirement: the parts are the data
+            records[path] = read_json(path, "shard record")
+        except InputError as exc:
+            raise InputError(f"{str(exc).rstrip('.')}; so this shard's model and settings cannot be checked: "
+                             f"rerun that shard whole (dermtool infer IMAGES --out {out_dir} --shard {k}/{n}, without --resume), "
+                             "then merge again.") from None
     first = next(iter(records), None)
     for path, record in records.items():
         diffs = differing_settings(records[first], record)
         if diffs:
             raise InputError(f"{path}: this shard ran with other settings than {first.name}, "
                              f"{'; '.join(diffs).replace('in the run', 'there')}; rerun it with the same ones.")
-    return records
+    return records, missing
 
 
 def _read_parts(parts: dict[int, Path]) -> tuple[list[str], dict[str, list[str]]]:
     """The common header and the rows by id; an id in two rows (or two parts) is refused."""
     header, rows, source = None, {}, {}
     for path in parts.values():
-        with open(path, newline="") as fh:
-            lines = list(csv.reader(fh))
+        lines = read_csv_rows(path, "predictions part", empty_ok=True)
         if not lines or lines[0][:1] != ["image_id"]:
             raise InputError(f"{path}: not a predictions CSV (no image_id header).")
         if header is None:

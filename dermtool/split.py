@@ -16,6 +16,7 @@ from pathlib import Path
 import numpy as np
 
 from dermtool import CLASS_NAMES
+from dermtool.io import write_atomic
 
 
 def split_by_group(ids: list[str], groups: list[str], classes: list[str], fraction: float,
@@ -82,10 +83,9 @@ def write_split(out: Path, train: list[str], val: list[str], info: dict) -> None
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     for name, ids in (("train.txt", train), ("val.txt", val)):
-        tmp = out / (name + ".tmp")
-        tmp.write_text("".join(i + "\n" for i in ids))
-        tmp.replace(out / name)
-    (out / "split.json").write_text(json.dumps({**info, "n_train": len(train), "n_val": len(val)}, indent=2) + "\n")
+        write_atomic(out / name, lambda tmp: tmp.write_text("".join(i + "\n" for i in ids), encoding="utf-8"))
+    record = json.dumps({**info, "n_train": len(train), "n_val": len(val)}, indent=2) + "\n"
+    write_atomic(out / "split.json", lambda tmp: tmp.write_text(record, encoding="utf-8"))
 
 
 def class_names_of(ids: list[str], labels: dict) -> list[str]:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import errno
+import os
 import shutil
 from pathlib import Path
 
@@ -40,6 +42,24 @@ def lesion():
         return make_lesion(h, w, np.random.default_rng(seed), cls=cls)
 
     return make
+
+
+#: What the one line of a failed write must say, per way an output cannot be written. Tests
+#: run as root, whom chmod does not stop, so a read-only folder is not among them.
+UNWRITABLE = {"out_under_a_file": "a file is where a folder should be", "disk_full": "the disk is full"}
+
+
+@pytest.fixture
+def under_a_file(tmp_path) -> Path:
+    """An --out whose parent is a regular file: no folder can be made there."""
+    (tmp_path / "file").write_text("a file")
+    return tmp_path / "file" / "out"
+
+
+@pytest.fixture
+def no_space():
+    """Factory: `no_space(path)` -> the OSError a write gets on a full disk."""
+    return lambda path: OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path))
 
 
 def _shared_data(name: str, title: str) -> Path:

@@ -128,6 +128,49 @@ def test_bad_input_exits_2_with_one_line(synthetic_dataset, tmp_path, case):
     assert expect in one_line_error(result)
 
 
+@pytest.mark.parametrize("content, fragment", [
+    (b"", "the id list is empty"),
+    (b"# only a comment\n\n", "lists no image id"),
+    ("SYN_0000001\nSYN_\xe9\n".encode("latin-1"), "the id list is not UTF-8 text"),
+])
+def test_a_bad_id_list_is_one_line_naming_it(synthetic_dataset, tmp_path, content, fragment):
+    """An empty --ids file gave a tifffile ValueError traceback; a Latin-1 one a UnicodeDecodeError."""
+    ids = tmp_path / "ids.txt"
+    ids.write_bytes(content)
+    result = run(synthetic_dataset, "--out", tmp_path / "cache", "--size", SIZE, "--ids", ids)
+    assert result.exit_code == 2, result.output
+    message = one_line_error(result)
+    assert str(ids) in message and fragment in message
+    assert not (tmp_path / "cache").exists()
+
+
+def test_an_id_list_and_labels_saved_as_utf16_by_windows_tools_are_read(synthetic_copy, tmp_path):
+    ids = tmp_path / "ids.txt"
+    ids.write_text("SYN_0000001\r\nSYN_0000002\r\n", encoding="utf-16")  # Notepad's "Unicode"
+    labels = synthetic_copy / "labels.csv"
+    labels.write_bytes(labels.read_text().encode("utf-16"))
+    out = tmp_path / "cache"
+    result = run(synthetic_copy, "--out", out, "--size", SIZE, "--ids", ids)
+    assert result.exit_code == 0, result.output
+    rows = list(csv.DictReader(open(out / "manifest.csv")))
+    assert [r["image_id"] for r in rows] == ["SYN_0000001", "SYN_0000002"] and all(r["label"] for r in rows)
+
+
+def test_a_full_disk_is_said_so_not_a_byte_count(synthetic_dataset, tmp_path, monkeypatch):
+    """numpy's and tifffile's short write says "786432 requested and 515004 written"."""
+    import dermtool.data
+
+    def short_write(*args, **kwargs):
+        raise OSError("786432 requested and 515004 written")
+
+    monkeypatch.setattr(dermtool.data, "_write_manifest", short_write)
+    out = tmp_path / "cache"
+    result = run(synthetic_dataset, "--out", out, "--size", SIZE)
+    assert result.exit_code == 2, result.output
+    assert one_line_error(result) == f"error: {out}: cannot write the cache (the disk is full)."
+    assert sorted(p.name for p in out.iterdir()) == []
+
+
 def test_python_dash_m_entry_point(synthetic_dataset, tmp_path):
     env = dict(os.environ, COLUMNS="200")
     proc = subprocess.run([sys.executable, "-m", "dermtool", "preprocess", str(synthetic_dataset / "images"),

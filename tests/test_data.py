@@ -295,3 +295,35 @@ def test_nothing_readable_is_an_input_error(tmp_path):
         build_cache(resolve_layout(tmp_path), tmp_path / "c", size=SIZE, progress=False)
     assert not (tmp_path / "c" / "cache.json").exists()
 
+
+
+# --------------------------------------------------------------------------- files read (issue 18)
+
+
+def test_metadata_saved_as_utf16_gives_the_same_lesions(tmp_path):
+    from dermtool.data import read_lesion_ids
+
+    text = "lesion_id,image_id,dx\r\nHAM_0001,ISIC_1,nv\r\nHAM_0001,ISIC_2,nv\r\n"
+    (tmp_path / "utf8.csv").write_text(text, encoding="utf-8")
+    (tmp_path / "utf16.csv").write_text(text, encoding="utf-16")
+    assert read_lesion_ids(tmp_path / "utf16.csv") == read_lesion_ids(tmp_path / "utf8.csv") == {
+        "ISIC_1": "HAM_0001", "ISIC_2": "HAM_0001"}
+    (tmp_path / "latin1.csv").write_bytes("lesion_id,image_id\nHAM_é,ISIC_1\n".encode("latin-1"))
+    with pytest.raises(InputError, match="latin1.csv: the metadata CSV is not UTF-8 text"):
+        read_lesion_ids(tmp_path / "latin1.csv")
+
+
+@pytest.mark.parametrize("damage", ["cache.json is a list", "manifest.csv is cut", "manifest.csv is empty"])
+def test_a_damaged_cache_is_one_sentence_naming_the_file(synthetic_dataset, tmp_path, damage):
+    out = tmp_path / "cache"
+    build_cache(resolve_layout(synthetic_dataset), out, size=SIZE, progress=False)
+    name = damage.split()[0]
+    if damage == "cache.json is a list":
+        (out / name).write_text("[]")
+    elif damage == "manifest.csv is cut":
+        (out / name).write_bytes((out / name).read_bytes()[:300])
+    else:
+        (out / name).write_bytes(b"")
+    with pytest.raises(InputError) as err:
+        load_cache(out)
+    assert str(err.value).startswith(f"{out / name}: the cache")

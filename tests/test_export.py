@@ -21,6 +21,7 @@ import pytest
 from PIL import Image
 from typer.testing import CliRunner
 
+from conftest import UNWRITABLE
 from dermtool.cli import app
 from dermtool.config import load_config, preset_config, save_config
 from dermtool.export import compare_outputs, synthetic_inputs
@@ -445,3 +446,83 @@ def test_a_missing_runtime_names_the_extra_to_install(exports, images, tmp_path,
     monkeypatch.setitem(sys.modules, "onnxruntime", None)  # import onnxruntime now fails
     result = infer(images / "images", "--out", tmp_path / "out", "--model", folder / "model.onnx")
     _one_line_error(result, "pip install 'dermtool[onnx]'")
+
+
+# --- where an export may go, and inputs checked before any work (issue 18, items 8-11) ---------
+
+
+@pytest.fixture
+def model_copy(tiny, tmp_path) -> Path:
+    return Path(shutil.copytree(tiny, tmp_path / "run"))
+
+
+def _no_export_work(monkeypatch) -> None:
+    """Any export work from here on fails the test: refusals must come first."""
+    import dermtool.export
+
+    def no_work(*args, **kwargs):
+        raise AssertionError("the export was started before the inputs were checked")
+
+    monkeypatch.setattr(dermtool.export, "write_export", no_work)
+    monkeypatch.setattr(dermtool.export, "load_inputs", no_work)
+
+
+@pytest.mark.parametrize("case", ["the_model_folder", "another_model_folder", "an_existing_file"])
+def test_an_out_the_export_would_damage_is_refused_first(case, model_copy, tiny, tmp_path, monkeypatch):
+    """--out RUN replaced RUN's config.json, so infer --model RUN then ran the export; an
+    existing file gave FileExistsError after the conversion."""
+    _no_export_work(monkeypatch)
+    out = {"the_model_folder": model_copy, "another_model_folder": tiny, "an_existing_file": tmp_path / "file"}[case]
+    if case == "an_existing_file":
+        out.write_text("a file")
+    before = {p: p.read_bytes() for p in (model_copy / "config.json", tiny / "config.json")}
+    _one_line_error(export(model_copy, "--out", out, "--format", "savedmodel"), out)
+    assert {p: p.read_bytes() for p in before} == before
+
+
+def test_an_export_may_go_into_the_model_folder_beside_its_config(model_copy, images, tmp_path):
+    """As the bundled model carries MODEL/litert/: --out RUN/litert works, and again over itself."""
+    config = (model_copy / "config.json").read_bytes()
+    for _ in range(2):
+        result = export(model_copy, "--out", model_copy / "sm", "--format", "savedmodel")
+        assert result.exit_code == 0, result.output
+    assert (model_copy / "config.json").read_bytes() == config
+    assert json.loads((model_copy / "sm" / "config.json").read_text())["export"]["format"] == "savedmodel"
+    result = infer(images / "images", "--out", tmp_path / "a", "--model", model_copy)
+    assert result.exit_code == 0, result.output
+    assert json.loads((tmp_path / "a" / "infer.json").read_text())["engine"] == "keras"
+
+
+@pytest.mark.parametrize("case", ["images_only", "no_images", "bad_labels"])
+def test_a_check_folder_that_cannot_score_is_refused_before_any_work(case, tiny, images, tmp_path, monkeypatch):
+    """It was refused only after the export was written, and the export was left behind."""
+    check = tmp_path / "check"
+    (check / "images").mkdir(parents=True)
+    if case != "no_images":
+        for path in sorted((images / "images").iterdir())[:2]:
+            shutil.copy(path, check / "images")
+    if case == "bad_labels":
+        shutil.copytree(images / "masks", check / "masks")
+        (check / "labels.csv").write_text("image_id,melanoma,seborrheic_keratosis\nx,2,0\n")
+    _no_export_work(monkeypatch)
+    out = tmp_path / "out"
+    result = export(tiny, "--out", out, "--format", "tflite", "--check", check)
+    _one_line_error(result, check)
+    assert not out.exists()
+
+
+@pytest.mark.parametrize("case", ["out_under_a_file", "disk_full"])
+def test_an_export_that_cannot_be_written_is_one_line_and_leaves_nothing(case, tiny, tmp_path, monkeypatch,
+                                                                         under_a_file, no_space):
+    import dermtool.modelio
+
+    def full(model, cfg, dest, *args):
+        (dest / "half").mkdir(parents=True)
+        raise no_space(dest)
+
+    if case == "disk_full":
+        monkeypatch.setattr(dermtool.modelio, "_write_savedmodel", full)
+    out = under_a_file if case == "out_under_a_file" else tmp_path / "out"
+    result = export(tiny, "--out", out, "--format", "savedmodel")
+    _one_line_error(result, "cannot write the export", UNWRITABLE[case])
+    assert not out.exists()

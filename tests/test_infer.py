@@ -24,6 +24,7 @@ import tifffile
 from PIL import Image
 from typer.testing import CliRunner
 
+from conftest import UNWRITABLE
 from dermtool import CLASS_NAMES, io
 from dermtool.cli import app
 from dermtool.config import preset_config, save_config
@@ -710,3 +711,121 @@ def test_melanoma_threshold_overrides_the_stored_one_and_is_recorded(models, dat
 def test_melanoma_threshold_needs_a_classifier(models, dataset, tmp_path):
     result = infer(dataset["images"], "--out", tmp_path / "out", "--model", models["seg"], "--melanoma-threshold", 0.3)
     assert result.exit_code == 2 and "classifier" in result.output, result.output
+
+
+# --- outputs that cannot be written, records that cannot be read (issue 18) --------------------
+
+
+def _one_line(result, *words) -> str:
+    assert result.exit_code == 2, result.output
+    lines = result.output.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error:") and "Traceback" not in result.output, result.output
+    for word in words:
+        assert str(word) in lines[0], lines[0]
+    return lines[0]
+
+
+@pytest.fixture
+def few_images(dataset, tmp_path) -> Path:
+    """Three good images: enough to write, quick to run."""
+    images = tmp_path / "few"
+    images.mkdir()
+    for name in ("wide.jpg", "gray.png", "tall.jpeg"):
+        shutil.copy(dataset["images"] / name, images / name)
+    return images
+
+
+@pytest.mark.parametrize("case", ["predictions_csv_a_folder", "infer_json_a_folder", "out_under_a_file"])
+def test_an_output_that_cannot_be_written_is_one_line_naming_it(case, models, few_images, tmp_path, under_a_file):
+    """These were OSError tracebacks (IsADirectoryError, NotADirectoryError)."""
+    out = tmp_path / "out"
+    if case == "out_under_a_file":
+        out = named = under_a_file
+    else:
+        named = out / ("predictions.csv" if case == "predictions_csv_a_folder" else "infer.json")
+        named.mkdir(parents=True)
+    line = _one_line(infer(few_images, "--out", out, "--model", models["joint"]), named, "cannot write")
+    if case != "out_under_a_file":
+        assert not list(out.glob("*.png"))  # refused before any image was done
+    assert (UNWRITABLE[case] if case == "out_under_a_file" else "a folder is where the file should be") in line
+
+
+def test_a_full_disk_stops_infer_with_one_line_saying_so(models, few_images, tmp_path, monkeypatch, no_space):
+    real_write = Path.write_bytes
+
+    def full(self, data):
+        if "_segmentation.png" in self.name:
+            raise no_space(self)
+        return real_write(self, data)
+
+    monkeypatch.setattr(Path, "write_bytes", full)
+    out = tmp_path / "out"
+    line = _one_line(infer(few_images, "--out", out, "--model", models["seg"], "--workers", 1))
+    assert "_segmentation.png: cannot write infer's output (the disk is full)." in line
+    assert not list(out.glob("*.png")) and not list(out.glob(".*.tmp"))
+
+
+@pytest.mark.parametrize("damage", [b"", b"[1, 2]", b"{\"model\": ", b"\xff\xfe\x00\xd8"])
+def test_resume_with_a_damaged_record_is_refused_not_unchecked(damage, models, few_images, tmp_path):
+    """A damaged infer.json used to skip the --resume check silently."""
+    out = tmp_path / "out"
+    assert infer(few_images, "--out", out, "--model", models["seg"]).exit_code == 0
+    (out / "infer.json").write_bytes(damage)
+    _one_line(infer(few_images, "--out", out, "--model", models["seg"], "--resume"),
+              out / "infer.json", "--resume cannot check")
+
+
+def test_merge_refuses_a_part_that_is_not_utf8_naming_it(sharded):
+    """A Latin-1 byte in a part gave a UnicodeDecodeError traceback."""
+    _, out = sharded
+    part = out / "predictions.part-1-of-2.csv"
+    part.write_bytes(part.read_bytes().replace(b"gray", b"gr\xe4y"))
+    assert f"{part}: the predictions part is not UTF-8 text" in merge(out)
+
+
+def test_merge_accepts_a_part_saved_with_a_byte_order_mark(sharded):
+    _, out = sharded
+    part = out / "predictions.part-1-of-2.csv"
+    part.write_bytes(part.read_text().encode("utf-16"))
+    result = runner.invoke(app, ["merge", str(out)])
+    assert result.exit_code == 0, result.output
+    assert sorted(r[0] for r in read_csv(out / "predictions.csv")[1:]) == IDS
+
+
+@pytest.mark.parametrize("damage", [b"", b"[]", b"{\"model\": "])
+def test_merge_refuses_a_damaged_shard_record(sharded, damage):
+    """A damaged record used to skip that shard's model check without a word."""
+    _, out = sharded
+    (out / "infer.shard2of2.json").write_bytes(damage)
+    message = merge(out)
+    assert str(out / "infer.shard2of2.json") in message and "--shard 2/2" in message
+
+
+def test_merge_says_so_when_a_shard_record_is_missing(sharded):
+    _, out = sharded
+    (out / "infer.shard1of2.json").unlink()
+    result = runner.invoke(app, ["merge", str(out)])
+    assert result.exit_code == 0, result.output
+    text = " ".join(result.output.split())
+    assert f"not checked: {out / 'infer.shard1of2.json'} is missing" in text
+    assert (out / "predictions.csv").is_file()
+
+
+@pytest.mark.parametrize("case", ["predictions_csv_a_folder", "disk_full"])
+def test_merge_that_cannot_write_is_one_line(sharded, case, monkeypatch, no_space):
+    _, out = sharded
+    if case == "predictions_csv_a_folder":
+        (out / "predictions.csv").mkdir()
+    else:
+        real_open = Path.open
+
+        def full(self, mode="r", *args, **kwargs):
+            if "w" in mode:
+                raise no_space(self)
+            return real_open(self, mode, *args, **kwargs)
+
+        monkeypatch.setattr(Path, "open", full)
+    result = runner.invoke(app, ["merge", str(out)])
+    line = _one_line(result, f"{out / 'predictions.csv'}: cannot write the merged predictions")
+    assert (UNWRITABLE[case] if case == "disk_full" else "a folder is where the file should be") in line
+    assert not list(out.glob(".*.tmp"))

@@ -65,3 +65,111 @@ def test_chunks_crcs_and_scanlines_are_valid():
 def test_not_a_2d_mask_is_refused(bad):
     with pytest.raises(ValueError, match="2-D"):
         encode_mask_png(bad)
+
+
+# --- reading: one checked reader for every text file (issue 18, item 12) ----------------------
+
+
+TEXT = "image_id,melanoma\nISIC_ü,1\n"
+
+
+@pytest.mark.parametrize("encoding", ["utf-8", "utf-8-sig", "utf-16"])
+def test_text_is_read_in_utf8_or_with_a_windows_byte_order_mark(tmp_path, encoding):
+    """UTF-8, and UTF-8 or UTF-16 with a BOM (Notepad, Excel's "Unicode text"), read alike."""
+    from dermtool.io import read_text
+
+    path = tmp_path / "labels.csv"
+    path.write_bytes(TEXT.encode(encoding))
+    if encoding == "utf-16":
+        assert path.read_bytes()[:2] in (b"\xff\xfe", b"\xfe\xff")  # Python writes the BOM
+    assert read_text(path, "label CSV") == TEXT
+
+
+@pytest.mark.parametrize("content, words", [
+    ("ISIC_1,0.5\nISIC_\xe9,1\n".encode("latin-1"), ["not UTF-8 text", "0xe9", "offset 16"]),
+    ("ISIC_1\n".encode("utf-16-le"), ["NUL", "UTF-16 without a byte-order mark"]),
+    (b"", ["is empty"]),
+    (b" \n\n\t\n", ["is empty"]),
+    (b"\xef\xbb\xbf", ["is empty"]),
+    (b"x" * 2000, ["is 2000 bytes, more than the 1000 bytes"]),
+])
+def test_a_bad_text_file_is_one_sentence_naming_it(tmp_path, content, words):
+    from dermtool.errors import InputError
+    from dermtool.io import read_text
+
+    path = tmp_path / "ids.txt"
+    path.write_bytes(content)
+    with pytest.raises(InputError) as err:
+        read_text(path, "id list", limit=1000)
+    message = str(err.value)
+    assert message.startswith(f"{path}: the id list") and "\n" not in message
+    for word in words:
+        assert word in message
+
+
+def test_a_folder_or_a_missing_file_is_named(tmp_path):
+    from dermtool.errors import InputError
+    from dermtool.io import read_text
+
+    with pytest.raises(InputError, match="is a folder"):
+        read_text(tmp_path, "id list")
+    with pytest.raises(InputError, match="does not exist"):
+        read_text(tmp_path / "nothing.txt", "id list")
+
+
+@pytest.mark.parametrize("content, words", [
+    ("[1, 2]", ["holds a list where an object is expected"]),
+    ('"text"', ["holds a str where an object is expected"]),
+    ('{"a": 1', ["not valid JSON", "line 1"]),
+    ("[" * 100000, ["nests too deeply"]),
+])
+def test_json_of_the_wrong_type_or_broken_is_one_sentence(tmp_path, content, words):
+    from dermtool.errors import InputError
+    from dermtool.io import read_json
+
+    path = tmp_path / "infer.json"
+    path.write_text(content)
+    with pytest.raises(InputError) as err:
+        read_json(path, "infer record")
+    assert str(err.value).startswith(f"{path}: the infer record")
+    for word in words:
+        assert word in str(err.value)
+
+
+# --- writing: one writer, one sentence for a failure (issue 18, item 11) ----------------------
+
+
+@pytest.mark.parametrize("exc, reason", [
+    (OSError(28, "No space left on device", "/out/a.png"), "the disk is full"),
+    (OSError("786432 requested and 515004 written"), "the disk is full"),  # numpy's short write
+    (OSError(122, "Disk quota exceeded", "/out/a.png"), "the disk is full"),
+    (OSError(20, "Not a directory", "/out/a.png"), "Not a directory: a file is where a folder should be"),
+    (OSError(21, "Is a directory", "/out/a.png"), "Is a directory: a folder is where the file should be"),
+    (OSError(13, "Permission denied", "/out/a.png"), "Permission denied"),
+])
+def test_a_failed_write_is_worded_once_for_every_command(exc, reason):
+    from dermtool.errors import write_failure
+
+    message = write_failure(exc, "the masks", "/out")
+    where = exc.filename or "/out"
+    assert message == f"{where}: cannot write the masks ({reason})."
+
+
+def test_write_atomic_names_the_file_asked_for_and_leaves_no_temporary_file(tmp_path):
+    import errno
+
+    from dermtool.io import write_atomic
+
+    (tmp_path / "predictions.csv").mkdir()  # a folder where the file should go
+    with pytest.raises(IsADirectoryError) as err:
+        write_atomic(tmp_path / "predictions.csv", lambda tmp: tmp.write_text("image_id\n"))
+    assert err.value.filename == str(tmp_path / "predictions.csv")
+
+    def full(tmp):
+        tmp.write_text("half")
+        raise OSError(errno.ENOSPC, "No space left on device", str(tmp))
+
+    with pytest.raises(OSError) as err:
+        write_atomic(tmp_path / "a.csv", full)
+    assert err.value.errno == errno.ENOSPC and err.value.filename == str(tmp_path / "a.csv")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["predictions.csv"]

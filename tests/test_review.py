@@ -168,7 +168,8 @@ def test_report_command_redraws_only_changed_thumbnails(tmp_path):
     assert "1 thumbnails drawn" in runner.invoke(app, ["report", str(out)]).stderr
 
 
-@pytest.mark.parametrize("case", ["not a folder", "no predictions", "images missing"])
+@pytest.mark.parametrize("case", ["not a folder", "no predictions", "images missing", "infer.json a list",
+                                  "predictions not UTF-8", "a short row", "report.html a folder"])
 def test_report_of_a_bad_folder_exits_2_with_one_line(case, tmp_path):
     out = make_infer_folder(tmp_path, 2)
     args = ["report", str(out)]
@@ -176,11 +177,19 @@ def test_report_of_a_bad_folder_exits_2_with_one_line(case, tmp_path):
         args = ["report", str(tmp_path / "nothing")]
     elif case == "no predictions":
         (out / "predictions.csv").unlink()
+    elif case == "infer.json a list":
+        (out / "infer.json").write_text("[]")
+    elif case == "predictions not UTF-8":
+        (out / "predictions.csv").write_bytes((out / "predictions.csv").read_bytes() + b"IMG_\xe9,0.1\n")
+    elif case == "a short row":
+        (out / "predictions.csv").write_bytes((out / "predictions.csv").read_bytes() + b"IMG_00009,0.1\n")
+    elif case == "report.html a folder":
+        (out / "report.html").mkdir()
     else:
         args += ["--images", str(tmp_path / "gone")]
     result = runner.invoke(app, args)
-    assert result.exit_code == 2
-    assert result.stderr.count("\n") == 1 and "error" in result.stderr
+    assert result.exit_code == 2, result.output
+    assert result.stderr.count("\n") == 1 and "error" in result.stderr and "Traceback" not in result.output
 
 
 def test_infer_report_through_the_command(tmp_path):

@@ -214,16 +214,21 @@ def test_bootstrap_is_seeded(hand_case):
     assert score(hand_case["pred"], hand_case["truth"])["classification"]["bacc_ci95"] is None
 
 
-def test_read_mask_binarises_above_128_and_uses_the_first_channel(tmp_path):
+def test_read_mask_binarises_above_128_in_the_brightest_colour_channel(tmp_path):
     grey = np.array([[0, 128, 129], [255, 200, 1]], dtype=np.uint8)
     Image.fromarray(grey).save(tmp_path / "grey.png")
     expected = [[False, False, True], [True, True, False]]
     assert io.read_mask(tmp_path / "grey.png").tolist() == expected
-    rgb = np.zeros((2, 3, 3), dtype=np.uint8)
-    rgb[..., 0] = grey
-    rgb[..., 1] = 255  # other channels are ignored
-    Image.fromarray(rgb).save(tmp_path / "rgb.png")
-    assert io.read_mask(tmp_path / "rgb.png").tolist() == expected
+    for channel in range(3):  # a lesion drawn in red, green or blue on black
+        rgb = np.zeros((2, 3, 3), dtype=np.uint8)
+        rgb[..., channel] = grey
+        rgb[..., (channel + 1) % 3] = grey // 2  # a dimmer other channel changes nothing
+        Image.fromarray(rgb).save(tmp_path / "rgb.png")
+        assert io.read_mask(tmp_path / "rgb.png").tolist() == expected, channel
+    rgba = np.zeros((2, 3, 4), dtype=np.uint8)
+    rgba[..., 1], rgba[..., 3] = grey, 255  # green, opaque: alpha is not a colour
+    Image.fromarray(rgba).save(tmp_path / "rgba.png")
+    assert io.read_mask(tmp_path / "rgba.png").tolist() == expected
     Image.fromarray(grey > 128).save(tmp_path / "bits.png")  # 1-bit PNG
     assert io.read_mask(tmp_path / "bits.png").tolist() == expected
 
@@ -310,6 +315,11 @@ BAD_INPUTS = {
         "non-numeric melanoma value 'yes' at row 2",
     ),
     "empty file": (lambda c: _bad_pred_text(c, ""), "is empty"),
+    "predictions CSV not in UTF-8": (
+        lambda c: (c["pred"].write_bytes(c["pred"].read_bytes().replace(b"x\n", b"\xe9\n")), c["pred"])[1],
+        "is not UTF-8 text",
+    ),
+    "truth CSV a folder": (lambda c: (c["truth"].unlink(), c["truth"].mkdir(), c["truth"])[2], "is a folder"),
     "header only": (
         lambda c: _bad_pred_text(c, "image_id,melanoma,seborrheic_keratosis\n"), "no rows"
     ),
@@ -446,3 +456,52 @@ def test_real_masks_against_perturbed_copy(tmp_path):
     low, high = seg["jac_ci95"]
     assert low < seg["jac"] < high
     assert not any(math.isnan(v) for v in seg["per_image"].values())
+
+
+@pytest.mark.parametrize("encoding", ["utf-8-sig", "utf-16"])
+def test_csvs_saved_by_windows_tools_score_like_utf8(hand_case, encoding):
+    """Excel and Notepad save with a byte-order mark, often as UTF-16: the same numbers."""
+    want = score(hand_case["pred"], hand_case["truth"])["classification"]["bacc"]
+    for key in ("pred", "truth"):
+        hand_case[key].write_bytes(hand_case[key].read_text().encode(encoding))
+    assert score(hand_case["pred"], hand_case["truth"])["classification"]["bacc"] == want
+
+
+@pytest.mark.parametrize("colour", [(0, 255, 0), (255, 0, 0), (0, 0, 255), (255, 255, 255)])
+def test_a_truth_mask_drawn_in_colour_is_read_as_its_lesion(hand_case, colour):
+    """Green (or any colour) on black: read as the lesion, not as an empty mask from channel 0."""
+    want = score(None, None, hand_case["pred_masks"], hand_case["truth_masks"])["segmentation"]
+    for path in hand_case["truth_masks"].glob("*_segmentation.png"):
+        grey = np.asarray(Image.open(path)) > 128
+        Image.fromarray((grey[..., None] * np.array(colour)).astype(np.uint8), "RGB").save(path)
+    got = score(None, None, hand_case["pred_masks"], hand_case["truth_masks"])["segmentation"]
+    assert got["jac"] == pytest.approx(want["jac"]) == pytest.approx(1 / 3)
+    assert got["n_empty_truth"] == want["n_empty_truth"] == 1
+
+
+def test_empty_truth_masks_are_counted_and_shown(hand_case):
+    json_path = hand_case["dir"] / "s.json"
+    for k in (2, 3):  # two more truth masks without a lesion: 3 of 4
+        write_mask(hand_case["truth_masks"] / f"{IDS[k]}_segmentation.png", EMPTY)
+    result = run_score(hand_case, "--json", str(json_path))
+    assert result.exit_code == 0, result.output
+    assert json.loads(json_path.read_text())["segmentation"]["n_empty_truth"] == 3
+    assert "empty truth masks (no lesion)" in result.stdout
+
+
+@pytest.mark.parametrize("case", ["json_a_folder", "disk_full"])
+def test_a_json_file_that_cannot_be_written_is_one_line(hand_case, case, monkeypatch, no_space):
+    json_path = hand_case["dir"] / "s.json"
+    if case == "json_a_folder":
+        json_path.mkdir()
+    else:
+        def full(self, *args, **kwargs):
+            raise no_space(self)
+
+        monkeypatch.setattr(Path, "write_text", full)
+    result = run_score(hand_case, "--json", str(json_path))
+    assert result.exit_code == 2, result.output
+    message = result.stderr.strip()
+    assert "\n" not in message and message.startswith(f"error: {json_path}: cannot write")
+    assert ("the disk is full" if case == "disk_full" else "a folder is where the file should be") in message
+    assert [p.name for p in hand_case["dir"].iterdir() if p.name.startswith(".")] == []

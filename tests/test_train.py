@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import csv
 import json
+import os
 from pathlib import Path
 
 import numpy as np
 import pytest
 
+from conftest import UNWRITABLE
 from dermtool.config import TrainConfig, load_config, preset_config
 from dermtool.data import Layout, build_cache, load_cache, resolve_layout
 from dermtool.losses import class_weights_from_labels
@@ -426,3 +428,45 @@ def test_init_from_a_run_whose_layers_all_differ_is_refused(caches, tmp_path):
     with pytest.raises(InputError, match=f"{other}.*no layer.*name and shape"):
         run(caches, tmp_path / "r", "seg", epochs=1, init_from=str(other))
     assert not (tmp_path / "r" / "best.weights.h5").exists()
+
+
+# --- files of a run (issue 18) -------------------------------------------------------------------
+
+
+def test_a_run_whose_last_epoch_was_not_its_best_leaves_no_temporary_file(tmp_path):
+    """Renaming best.weights.h5.tmp onto best.weights.h5, two links to one file, does nothing:
+    the .tmp stayed in the run folder."""
+    import keras
+
+    from dermtool import checkpoint
+
+    model = keras.Sequential([keras.Input((2,)), keras.layers.Dense(1)])
+    model.compile(optimizer="adam", loss="mse")
+    model.optimizer.build(model.trainable_variables)
+    fields = ["epoch", "loss"]
+    for epoch, improved in ((1, True), (2, False), (3, False)):
+        checkpoint.commit(tmp_path, model, {"epoch": epoch, "best_epoch": 1}, {"epoch": epoch, "loss": 1.0 * epoch},
+                          fields, improved=improved)
+        assert sorted(p.name for p in tmp_path.iterdir()) == [
+            "best.weights.h5", "checkpoints", "history.csv", "last.weights.h5", "state.json"], epoch
+    assert [p.name for p in (tmp_path / "checkpoints").iterdir()] == ["epoch-003"]
+    assert (tmp_path / "history.csv").read_text() == "epoch,loss\n1,1.0\n2,2.0\n3,3.0\n"
+    assert os.path.samefile(tmp_path / "best.weights.h5", tmp_path / "checkpoints" / "epoch-003" / "best.weights.h5")
+
+
+@pytest.mark.parametrize("case", ["out_under_a_file", "disk_full"])
+def test_a_run_that_cannot_be_written_is_one_line(case, caches, tmp_path, monkeypatch, under_a_file, no_space):
+    """Both were OSError tracebacks."""
+    import dermtool.checkpoint
+
+    def full(model, path):
+        raise no_space(path)
+
+    if case == "disk_full":
+        monkeypatch.setattr(dermtool.checkpoint, "_save_weights", full)
+    out = under_a_file if case == "out_under_a_file" else tmp_path / "run"
+    result = cli("train", caches, "--val", caches, "--out", out, "--task", "seg", "--epochs", 1, *TINY_CLI)
+    assert result.exit_code == 2, result.output
+    line = result.output.strip().splitlines()[-1]
+    assert line.startswith("error:") and "Traceback" not in result.output, result.output
+    assert "cannot write the run" in line and UNWRITABLE[case] in line
