@@ -129,12 +129,35 @@ def _save_overlay(path: Path, source: Path, mask: np.ndarray, cls) -> None:
     _write_atomic(path, lambda t: img.save(t, format="JPEG", quality=90))
 
 
+def predict_batch(model, inputs: list[np.ndarray], tta: int = 1, batch_size: int | None = None) -> list[tuple]:
+    """The model on a batch of fitted inputs (`preprocess.prepare`): one (seg, cls) per input,
+    seg the lesion probability of the model's square (None for a cls-only model), cls the class
+    probabilities (None for a seg-only model). `dermtool infer` and the Python API both run this."""
+    out = _run_model(model, np.stack(inputs).astype(np.float32), tta, batch_size)
+    return [(out["seg"][j] if "seg" in out else None, out["cls"][j] if "cls" in out else None)
+            for j in range(len(inputs))]
+
+
+def finish_image(seg, cls, t: Transform, post: PostprocessConfig) -> tuple[np.ndarray | None, str]:
+    """One image's model outputs -> (its mask at the original size, or None without a seg
+    head; its label, or "" without a cls head): post-processing, then the inverse geometry."""
+    label = CLASS_NAMES[int(np.argmax(cls))] if cls is not None else ""
+    mask = restore_mask(postprocess(seg, post), t) if seg is not None else None
+    return mask, label
+
+
+def with_model_threshold(opts: InferOptions, cfg: ModelConfig) -> InferOptions:
+    """`opts` with the model's own threshold (config.json) where none was given."""
+    if opts.post.threshold is not None:
+        return opts
+    return replace(opts, post=replace(opts.post, threshold=cfg.threshold))
+
+
 def _finish_one(image_id: str, source: Path, t: Transform, seg, cls, cfg: ModelConfig,
                 opts: InferOptions, out_dir: Path) -> list | None:
     """Post-process and write one image's files; returns its CSV row (or None for seg-only)."""
-    label = CLASS_NAMES[int(np.argmax(cls))] if cls is not None else ""
+    mask, label = finish_image(seg, cls, t, opts.post)
     if seg is not None:
-        mask = restore_mask(postprocess(seg, opts.post), t)
         if opts.probabilities:
             _save_tiff(out_dir / f"{image_id}_probability.tif", restore(seg, t))
         if opts.overlay:
@@ -191,8 +214,7 @@ def predict_folder(images_dir: Path, out_dir: Path, model_dir: Path | None = Non
     paths, duplicates = unique_ids(select_images(images_dir, opts.shard))
     model = load_engine(model_dir, opts.engine, log=log)
     cfg = model.cfg
-    if opts.post.threshold is None:
-        opts = replace(opts, post=replace(opts.post, threshold=cfg.threshold))
+    opts = with_model_threshold(opts, cfg)
     summary = InferSummary(model=str(model_dir), engine=model.name, engine_file=str(model.path), duplicates=duplicates)
     record = _run_record(images_dir, model_fingerprint(model_dir), summary, cfg, opts)
     if opts.resume:
@@ -249,10 +271,8 @@ def predict_folder(images_dir: Path, out_dir: Path, model_dir: Path | None = Non
                         bar.update(1)
                 if not good:
                     continue
-                out = _run_model(model, np.stack([g[1] for g in good]).astype(np.float32), opts.tta, batch_size)
-                for j, (path, _, t, _) in enumerate(good):
-                    seg = out["seg"][j] if "seg" in out else None
-                    cls = out["cls"][j] if "cls" in out else None
+                outputs = predict_batch(model, [g[1] for g in good], opts.tta, batch_size)
+                for (path, _, t, _), (seg, cls) in zip(good, outputs):
                     writes.append((path, write_pool.submit(_finish_one, image_id_of(path), path, t, seg, cls,
                                                            cfg, opts, out_dir)))
                 while writes and (len(writes) > 4 * batch_size or writes[0][1].done()):
