@@ -27,7 +27,7 @@ from dermtool.errors import InputError
 ImageFile.LOAD_TRUNCATED_IMAGES = False
 Image.MAX_IMAGE_PIXELS = 200_000_000  # dermoscopy frames reach ~30 MP; refuse only absurd files
 
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".tif", ".tiff", ".bmp")
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".tif", ".tiff", ".bmp", ".dcm")
 
 
 @dataclass(frozen=True)
@@ -110,6 +110,12 @@ def _tiff_to_rgb(path: Path) -> np.ndarray:
     return np.ascontiguousarray(arr[..., :3])
 
 
+def _dicom_to_rgb(path: Path) -> np.ndarray:
+    from dermtool.dicom import read_dicom_rgb  # deferred: pydicom is the optional [dicom] extra
+
+    return read_dicom_rgb(path)
+
+
 def load_image(path: Path, min_size: tuple[int, int] | None = None,
                resize_to: tuple[int, int] | Callable[[int, int], tuple[int, int]] | None = None,
                ) -> tuple[np.ndarray, tuple[int, int]]:
@@ -129,8 +135,8 @@ def load_image(path: Path, min_size: tuple[int, int] | None = None,
     """
     path = Path(path)
     try:
-        if path.suffix.lower() in (".tif", ".tiff"):
-            arr = _tiff_to_rgb(path)
+        if path.suffix.lower() in (".tif", ".tiff", ".dcm"):  # decoded whole, then resized
+            arr = _tiff_to_rgb(path) if path.suffix.lower() != ".dcm" else _dicom_to_rgb(path)
             target = resize_to(*arr.shape[:2]) if callable(resize_to) else resize_to
             return (arr if target is None else _resize(arr, *target)), arr.shape[:2]
         with warnings.catch_warnings():
@@ -319,4 +325,12 @@ def prepare(path: Path, size: int, fit: str, border: float = 0.0,
 
     pixels, (orig_h, orig_w) = load_image(path, resize_to=inner_size)
     t = plan_transform(orig_h, orig_w, size, fit, border, margin)
+    return fit_image(pixels, t), t
+
+
+def prepare_pixels(pixels: np.ndarray, size: int, fit: str, border: float = 0.0,
+                   margin: int = 0) -> tuple[np.ndarray, Transform]:
+    """`prepare` for an image already in memory (H x W x 3 uint8): the same geometry and the
+    same resize, so a PNG file and its pixels give the same model input."""
+    t = plan_transform(pixels.shape[0], pixels.shape[1], size, fit, border, margin)
     return fit_image(pixels, t), t
