@@ -172,13 +172,11 @@ def _thumbnail(row: dict, source: Path, out_dir: Path, files: Path, class_cols: 
     newest = max(source.stat().st_mtime, mask_path.stat().st_mtime if mask_path.is_file() else 0.0)
     if target.is_file() and mask_path.is_file() and target.stat().st_mtime >= newest:
         return "kept"  # `infer --resume --report`: only the images redone get new thumbnails
-    try:
-        with Image.open(source) as img:
-            width, height = img.size
-        size = thumbnail_size(height, width, side)
-        pixels, _ = load_image(source, resize_to=size)
+    try:  # the size from the file's header, so any format load_image reads (DICOM too) works
+        pixels, _ = load_image(source, resize_to=lambda height, width: thumbnail_size(height, width, side))
     except (OSError, InputError, Image.DecompressionBombError):
         return ""
+    size = pixels.shape[:2]
     mask = read_mask_at(mask_path, size) if mask_path.is_file() else None
     label, colour = ("", (0, 0, 0))
     if class_cols:
