@@ -63,6 +63,12 @@ class Prediction:
     transform: Transform
     _square: np.ndarray | None = field(default=None, repr=False)  # the model's lesion probability
 
+    def __repr__(self) -> str:  # the mask by its shape: a notebook shows one line, not pages of numbers
+        mask = self.mask
+        mask = "None" if mask is None else f"<{mask.shape[0]}x{mask.shape[1]} bool, {mask.mean():.1%} lesion>"
+        probabilities = None if self.probabilities is None else {k: round(v, 4) for k, v in self.probabilities.items()}
+        return f"Prediction(image_id={self.image_id!r}, label={self.label!r}, probabilities={probabilities}, mask={mask})"
+
     @cached_property
     def probability_map(self) -> np.ndarray | None:
         """Lesion probability per pixel (float32, H x W, before post-processing): the map that
