@@ -373,6 +373,7 @@ def infer_cli(
     fill_holes: bool = typer.Option(True, "--fill-holes/--no-fill-holes", help="Fill holes inside the lesion."),
     probabilities: bool = typer.Option(False, "--probabilities", help="Also write <image_id>_probability.tif (float32 lesion probability, original size)."),
     overlay: bool = typer.Option(False, "--overlay", help="Also write <image_id>_overlay.jpg: the contour and predicted class drawn on the image."),
+    dicom_seg: bool = typer.Option(False, "--dicom-seg", help="Also write <image_id>_segmentation.dcm for each DICOM image: its mask as a DICOM Segmentation in the image's study, referencing it (needs the dicomseg extra). The PNG mask is written as always."),
     resume: bool = typer.Option(False, "--resume", help="Skip images whose outputs are already complete in OUT."),
     shard: str = typer.Option("1/1", "--shard", help="Process only part K of N (by a hash of the image id); writes predictions.part-K-of-N.csv. dermtool merge OUT joins the parts. auto: K and N of this task of a SLURM job array (SLURM_ARRAY_TASK_ID, _MIN, _COUNT) or a Kubernetes Indexed Job (JOB_COMPLETION_INDEX, with N in DERMTOOL_SHARDS)."),
     workers: int = typer.Option(0, "--workers", help="Decode/write threads (0: automatic; at most 64)."),
@@ -396,6 +397,11 @@ def infer_cli(
         fail(f"{images}: images folder not found.")
     check_out_folder(out, "an output folder")
     k_n = _parse_shard(shard)
+    if dicom_seg:
+        import importlib.util
+
+        if importlib.util.find_spec("highdicom") is None:
+            fail("--dicom-seg needs highdicom: pip install 'dermtool[dicomseg]'.")
     if tta not in (1, 4, 8):
         fail(f"--tta must be 1, 4 or 8, not {tta}.")
     check_range("--batch-size", batch_size, 1, 1024,
@@ -409,7 +415,7 @@ def infer_cli(
     try:
         opts = InferOptions(
             batch_size=batch_size, tta=tta, probabilities=probabilities, overlay=overlay, resume=resume,
-            shard=k_n, workers=workers, engine=engine,
+            shard=k_n, workers=workers, engine=engine, dicom_seg=dicom_seg,
             post=PostprocessConfig(threshold=threshold, closing_radius=closing_radius,
                                    largest_component=largest, fill_holes=fill_holes),
         )

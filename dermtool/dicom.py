@@ -81,3 +81,42 @@ def _pydicom(path: Path):
 def _short(exc: Exception) -> str:
     text = " ".join(str(exc).split()) or type(exc).__name__
     return text[:120]
+
+
+def write_segmentation(source: Path, mask: np.ndarray, dest: Path) -> None:
+    """Write `mask` (bool, the source's rows x columns) as a binary DICOM Segmentation of the
+    DICOM image `source`: one segment "lesion", made by an automatic algorithm (dermtool), in
+    the source's study, referencing the source image by its SOP Instance UID (highdicom).
+
+    Raises:
+        InputError: highdicom is missing, or the source lacks what a Segmentation must copy
+            (patient and study identification).
+    """
+    pydicom = _pydicom(source)
+    try:
+        import highdicom as hd
+    except ImportError:
+        raise InputError(f"{source}: writing DICOM SEG needs highdicom: pip install 'dermtool[dicomseg]'.") from None
+    from pydicom.sr.codedict import codes
+
+    from dermtool import __version__
+
+    image = pydicom.dcmread(source, stop_before_pixels=True)
+    algorithm = hd.AlgorithmIdentificationSequence(name="dermtool", version=__version__,
+                                                   family=codes.cid7162.ArtificialIntelligence)
+    lesion = hd.seg.SegmentDescription(
+        segment_number=1, segment_label="lesion", segmented_property_category=codes.SCT.MorphologicallyAbnormalStructure,
+        segmented_property_type=codes.SCT.Lesion, algorithm_type=hd.seg.SegmentAlgorithmTypeValues.AUTOMATIC,
+        algorithm_identification=algorithm)
+    try:
+        seg = hd.seg.Segmentation(
+            source_images=[image], pixel_array=np.asarray(mask, dtype=bool)[None],
+            segmentation_type=hd.seg.SegmentationTypeValues.BINARY, segment_descriptions=[lesion],
+            series_instance_uid=hd.UID(), series_number=9000, sop_instance_uid=hd.UID(), instance_number=1,
+            manufacturer="dermtool", manufacturer_model_name="dermtool", software_versions=__version__,
+            device_serial_number="none", series_description="dermtool lesion segmentation",
+            omit_empty_frames=False)  # an empty mask is an answer too: keep its frame
+    except AttributeError as exc:  # pydicom names the attribute: "... has no attribute 'StudyInstanceUID'"
+        missing = str(exc).rsplit(" ", 1)[-1].strip("'")
+        raise InputError(f"{source}: has no {missing}, which its DICOM SEG must copy; no SEG written.") from None
+    seg.save_as(dest)

@@ -44,6 +44,7 @@ class InferOptions:
     shard: tuple[int, int] = (1, 1)
     workers: int = 0
     engine: str | None = None  # None: the model's own runtime; see modelio.load_engine
+    dicom_seg: bool = False  # also a DICOM Segmentation for each DICOM source (dicom.write_segmentation)
 
 
 @dataclass
@@ -162,6 +163,10 @@ def _finish_one(image_id: str, source: Path, t: Transform, seg, cls, cfg: ModelC
             _save_tiff(out_dir / f"{image_id}_probability.tif", restore(seg, t))
         if opts.overlay:
             _save_overlay(out_dir / f"{image_id}_overlay.jpg", source, mask, cls)
+        if opts.dicom_seg and source.suffix.lower() == ".dcm":
+            from dermtool.dicom import write_segmentation
+
+            _write_atomic(out_dir / f"{image_id}_segmentation.dcm", lambda t: write_segmentation(source, mask, t))
         _save_png(out_dir / f"{image_id}{MASK_SUFFIX}", mask)  # last: marks the image as done
     if cls is None:
         return [image_id]
@@ -323,7 +328,7 @@ def _run_record(images_dir: Path, model_sha1: str, summary: InferSummary, cfg: M
         "model": summary.model, "engine": summary.engine, "engine_file": summary.engine_file,
         "model_sha1": model_sha1, "task": cfg.task, "images": str(Path(images_dir).resolve()),
         "tta": opts.tta, "postprocess": opts.post.to_dict(), "probabilities": opts.probabilities,
-        "overlay": opts.overlay, "shard": f"{opts.shard[0]}/{opts.shard[1]}",
+        "overlay": opts.overlay, "dicom_seg": opts.dicom_seg, "shard": f"{opts.shard[0]}/{opts.shard[1]}",
     }
 
 

@@ -22,7 +22,7 @@ from dermtool.errors import InputError
 from dermtool.io import first_few, write_csv_atomic
 
 #: What must not differ between two runs writing one folder (keys of infer.json).
-SETTINGS = ("model_sha1", "engine", "task", "tta", "postprocess", "probabilities", "overlay")
+SETTINGS = ("model_sha1", "engine", "task", "tta", "postprocess", "probabilities", "overlay", "dicom_seg")
 _PART = re.compile(r"predictions\.part-(\d+)-of-(\d+)\.csv")
 
 

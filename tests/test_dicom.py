@@ -29,11 +29,12 @@ pydicom = pytest.importorskip("pydicom", minversion="3.0")
 from pydicom.dataset import Dataset, FileMetaDataset  # noqa: E402
 from pydicom.encaps import encapsulate  # noqa: E402
 from pydicom.uid import (CTImageStorage, ExplicitVRLittleEndian, JPEGBaseline8Bit,  # noqa: E402
-                         VLPhotographicImageStorage, generate_uid)
+                         SegmentationStorage, VLPhotographicImageStorage, generate_uid)
 
-from dermtool.dicom import read_dicom_rgb  # noqa: E402
+from dermtool.dicom import read_dicom_rgb, write_segmentation  # noqa: E402
 
 runner = CliRunner()
+STUDY = generate_uid()
 
 
 def _dataset(sop_class, rows: int, cols: int, interpretation: str, samples: int, bits: int = 8) -> Dataset:
@@ -49,6 +50,11 @@ def _dataset(sop_class, rows: int, cols: int, interpretation: str, samples: int,
     if samples == 3:
         ds.PlanarConfiguration = 0
     ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = bits, bits, bits - 1, 0
+    # the patient and study a DICOM SEG copies from its source
+    ds.PatientID, ds.PatientName, ds.PatientBirthDate, ds.PatientSex = "DERM-0001", "Test^Patient", "", ""
+    ds.StudyInstanceUID, ds.SeriesInstanceUID = STUDY, generate_uid()
+    ds.StudyID, ds.StudyDate, ds.StudyTime, ds.AccessionNumber, ds.ReferringPhysicianName = "1", "20260101", "120000", "", ""
+    ds.SeriesNumber, ds.InstanceNumber = 1, 1
     return ds
 
 
@@ -180,3 +186,35 @@ def test_preprocess_caches_dicom_as_it_caches_png(folders, tmp_path):
     assert [r["image_id"] for r in dicom_rows] == ["ISIC_rgb", "ISIC_ycc"]
     np.testing.assert_array_equal(dicom_images, png_images)
     assert [(r["orig_h"], r["orig_w"]) for r in dicom_rows] == [("120", "160"), ("161", "97")]
+
+
+def test_dicom_seg_is_the_mask_in_the_source_study_referencing_it(folders, models, tmp_path):  # noqa: F811
+    pytest.importorskip("highdicom")
+    out = tmp_path / "out"
+    result = runner.invoke(app, ["infer", str(folders["dicom"]), "--out", str(out), "--model", str(models["seg"]),
+                                 "--dicom-seg"])
+    assert result.exit_code == 1 and "done: 2 images" in " ".join(result.output.split()), result.output
+    for image_id in ("ISIC_rgb", "ISIC_ycc"):
+        seg = pydicom.dcmread(out / f"{image_id}_segmentation.dcm")
+        source = pydicom.dcmread(folders["dicom"] / f"{image_id}.dcm")
+        assert seg.SOPClassUID == SegmentationStorage and seg.SegmentationType == "BINARY"
+        assert (seg.StudyInstanceUID, seg.PatientID) == (STUDY, "DERM-0001")
+        assert seg.SeriesInstanceUID != source.SeriesInstanceUID  # a new series in the same study
+        referenced = seg.ReferencedSeriesSequence[0].ReferencedInstanceSequence[0]
+        assert referenced.ReferencedSOPInstanceUID == source.SOPInstanceUID
+        assert seg.SegmentSequence[0].SegmentLabel == "lesion"
+        png = np.asarray(Image.open(out / f"{image_id}_segmentation.png")) > 128
+        assert 0 < png.sum() < png.size
+        np.testing.assert_array_equal(seg.pixel_array.astype(bool), png)
+    assert not list(out.glob("ct_slice*")) and not list(out.glob(".*.tmp"))
+
+
+def test_dicom_seg_of_a_source_without_its_study_is_refused_by_name(folders, tmp_path):
+    pytest.importorskip("highdicom")
+    source = tmp_path / "anonymous.dcm"
+    ds = pydicom.dcmread(folders["dicom"] / "ISIC_rgb.dcm")
+    del ds.StudyInstanceUID
+    ds.save_as(source)
+    with pytest.raises(InputError, match=re.escape(f"{source}: has no StudyInstanceUID, which its DICOM SEG must copy")):
+        write_segmentation(source, np.ones((120, 160), bool), tmp_path / "seg.dcm")
+    assert not (tmp_path / "seg.dcm").exists()
