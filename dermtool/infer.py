@@ -166,7 +166,7 @@ def _finish_one(image_id: str, source: Path, t: Transform, seg, cls, cfg: ModelC
         if opts.dicom_seg and source.suffix.lower() == ".dcm":
             from dermtool.dicom import write_segmentation
 
-            _write_atomic(out_dir / f"{image_id}_segmentation.dcm", lambda t: write_segmentation(source, mask, t))
+            _write_atomic(out_dir / f"{image_id}_segmentation.dcm", lambda tmp: write_segmentation(source, mask, tmp))
         _save_png(out_dir / f"{image_id}{MASK_SUFFIX}", mask)  # last: marks the image as done
     if cls is None:
         return [image_id]

@@ -2,8 +2,8 @@
 that two runs used the same settings (shared by `infer --resume` and `merge`), and the merge.
 
 `dermtool infer --shard K/N` (or `--shard auto`: K and N from a SLURM job array or a Kubernetes
-Indexed Job, see `shard_from_env`) writes OUT/predictions.part-K-of-N.csv and OUT/infer.shardKofN.json;
-`dermtool merge OUT` checks that the N parts are all there, agree, and hold every image id of
+Indexed Job, see `shard_from_env`) writes OUT/predictions.part-K-of-N.csv and
+OUT/infer.shardKofN.json; `dermtool merge OUT` checks that the N parts are all there, agree, and hold every image id of
 the folder exactly once, then writes OUT/predictions.csv.
 """
 
