@@ -84,7 +84,7 @@ def main(
 
 @app.command("preprocess")
 def preprocess_cli(
-    images: Path = typer.Argument(..., help="Folder of images (.jpg .png .tif .bmp), or a folder holding images/, masks/, labels.csv."),
+    images: Path = typer.Argument(..., help="Folder of images (.jpg .png .tif .bmp .dcm), or a folder holding images/, masks/, labels.csv."),
     out: Path = typer.Option(..., "--out", "-o", help="Cache folder to write (created)."),
     masks: Optional[Path] = typer.Option(None, "--masks", help="Folder of <image_id>_segmentation.png masks. Found automatically for the two known layouts."),
     labels: Optional[Path] = typer.Option(None, "--labels", help="ISIC 2017 Part 3 label CSV (image_id,melanoma,seborrheic_keratosis). Found automatically for the two known layouts."),
@@ -358,6 +358,17 @@ def check_out_folder(out: Path, what: str) -> None:
 
 
 def _parse_shard(value: str) -> tuple[int, int]:
+    if value == "auto":
+        import os
+
+        from dermtool.shards import shard_from_env
+
+        try:
+            k_n, source = shard_from_env(os.environ)
+        except InputError as exc:
+            fail(str(exc))
+        console.print(f"shard {k_n[0]}/{k_n[1]} ({source})", highlight=False)
+        return k_n
     try:
         k, n = (int(v) for v in value.split("/"))
     except ValueError:
@@ -369,7 +380,7 @@ def _parse_shard(value: str) -> tuple[int, int]:
 
 @app.command("infer")
 def infer_cli(
-    images: Path = typer.Argument(..., help="Folder of images (.jpg .jpeg .png .tif .tiff .bmp, any size)."),
+    images: Path = typer.Argument(..., help="Folder of images (.jpg .jpeg .png .tif .tiff .bmp .dcm, any size)."),
     out: Path = typer.Option(..., "--out", "-o", help="Output folder: <image_id>_segmentation.png masks and predictions.csv."),
     model: Optional[Path] = typer.Option(None, "--model", "-m", help="A run folder of dermtool train, a bundled model folder, or an export of dermtool export (its folder, or the .tflite / .onnx file). Default: the bundled model."),
     engine: Optional[str] = typer.Option(None, "--engine", help="keras | litert | onnx | savedmodel. Default: the model's own (keras for a model folder). litert is the fast CPU path: on the bundled model its mixed-int8 LiteRT export, 3.5x Keras's images/s on a 2-core CPU with JAC/BACC within 0.005/0.01; on another model folder the export it carries in MODEL/litert/, else a dynamic-range int8 copy converted once and cached."),
@@ -381,8 +392,9 @@ def infer_cli(
     fill_holes: bool = typer.Option(True, "--fill-holes/--no-fill-holes", help="Fill holes inside the lesion."),
     probabilities: bool = typer.Option(False, "--probabilities", help="Also write <image_id>_probability.tif (float32 lesion probability, original size)."),
     overlay: bool = typer.Option(False, "--overlay", help="Also write <image_id>_overlay.jpg: the contour and predicted class drawn on the image."),
+    dicom_seg: bool = typer.Option(False, "--dicom-seg", help="Also write <image_id>_segmentation.dcm for each DICOM image: its mask as a DICOM Segmentation in the image's study, referencing it (needs the dicomseg extra). The PNG mask is written as always."),
     resume: bool = typer.Option(False, "--resume", help="Skip images whose outputs are already complete in OUT."),
-    shard: str = typer.Option("1/1", "--shard", help="Process only part K of N (by a hash of the image id); writes predictions.part-K-of-N.csv. dermtool merge OUT joins the parts."),
+    shard: str = typer.Option("1/1", "--shard", help="Process only part K of N (by a hash of the image id); writes predictions.part-K-of-N.csv. dermtool merge OUT joins the parts. auto: K and N of this task of a SLURM job array (SLURM_ARRAY_TASK_ID, _MIN, _COUNT) or a Kubernetes Indexed Job (JOB_COMPLETION_INDEX, with N in DERMTOOL_SHARDS)."),
     workers: int = typer.Option(0, "--workers", help="Decode/write threads (0: automatic; at most 64)."),
     report: bool = typer.Option(False, "--report", help="Also write OUT/report.html: the run's facts and a gallery of thumbnails with contour, class and probabilities, in triage order (as dermtool report OUT)."),
     melanoma_threshold: Optional[float] = typer.Option(None, "--melanoma-threshold", help="Label an image melanoma when its melanoma probability is at least this (between 0 and 1), else the likelier other class. Default: the model's stored operating point (dermtool calibrate), else the plain argmax."),
@@ -407,6 +419,11 @@ def infer_cli(
         fail(f"{images}: images folder not found.")
     check_out_folder(out, "an output folder")
     k_n = _parse_shard(shard)
+    if dicom_seg:
+        import importlib.util
+
+        if importlib.util.find_spec("highdicom") is None:
+            fail("--dicom-seg needs highdicom: pip install 'dermtool[dicomseg]'.")
     if tta not in (1, 4, 8):
         fail(f"--tta must be 1, 4 or 8, not {tta}.")
     check_range("--batch-size", batch_size, 1, 1024,
@@ -420,7 +437,7 @@ def infer_cli(
     try:
         opts = InferOptions(
             batch_size=batch_size, tta=tta, probabilities=probabilities, overlay=overlay, resume=resume,
-            shard=k_n, workers=workers, engine=engine, melanoma_threshold=melanoma_threshold,
+            shard=k_n, workers=workers, engine=engine, melanoma_threshold=melanoma_threshold, dicom_seg=dicom_seg,
             post=PostprocessConfig(threshold=threshold, closing_radius=closing_radius,
                                    largest_component=largest, fill_holes=fill_holes),
         )

@@ -47,6 +47,7 @@ class InferOptions:
     workers: int = 0
     engine: str | None = None  # None: the model's own runtime; see modelio.load_engine
     melanoma_threshold: float | None = None  # None: the model's own (config.json); see dermtool.decision
+    dicom_seg: bool = False  # also a DICOM Segmentation for each DICOM source (dicom.write_segmentation)
 
 
 @dataclass
@@ -122,17 +123,57 @@ def _save_overlay(path: Path, source: Path, mask: np.ndarray, cls, k: int | None
     write_atomic(path, lambda t: img.save(t, format="JPEG", quality=90))
 
 
+def predict_batch(model, inputs: list[np.ndarray], tta: int = 1, batch_size: int | None = None,
+                  temperature: float = 1.0) -> list[tuple]:
+    """The model on a batch of fitted inputs (`preprocess.prepare`): one (seg, cls) per input,
+    seg the lesion probability of the model's square (None for a cls-only model), cls the class
+    probabilities (None for a seg-only model), scaled by the model's `temperature` after the TTA
+    average (calibrate fits T on these very probabilities). `dermtool infer` and the Python API
+    both run this."""
+    out = _run_model(model, np.stack(inputs).astype(np.float32), tta, batch_size)
+    if "cls" in out:
+        out["cls"] = apply_temperature(out["cls"], temperature)
+    return [(out["seg"][j] if "seg" in out else None, out["cls"][j] if "cls" in out else None)
+            for j in range(len(inputs))]
+
+
+def finish_image(seg, cls, t: Transform, post: PostprocessConfig,
+                 melanoma_threshold: float | None = None) -> tuple[np.ndarray | None, str]:
+    """One image's model outputs -> (its mask at the original size, or None without a seg
+    head; its label, or "" without a cls head): post-processing, then the inverse geometry.
+    The label is the decision rule's (dermtool.decision.decide) at `melanoma_threshold`."""
+    label = CLASS_NAMES[int(decide(cls[None], melanoma_threshold)[0])] if cls is not None else ""
+    mask = restore_mask(postprocess(seg, post), t) if seg is not None else None
+    return mask, label
+
+
+def with_model_threshold(opts: InferOptions, cfg: ModelConfig, model_dir=None) -> InferOptions:
+    """`opts` with the model's own mask threshold and melanoma threshold (config.json) where
+    none was given; a melanoma threshold for a model without a classifier is refused."""
+    if opts.post.threshold is None:
+        opts = replace(opts, post=replace(opts.post, threshold=cfg.threshold))
+    if opts.melanoma_threshold is None:
+        opts = replace(opts, melanoma_threshold=cfg.melanoma_threshold)
+    elif not cfg.has_cls:
+        raise InputError(f"{model_dir or 'the model'}: --melanoma-threshold needs a model with a classifier, "
+                         f"not a {cfg.task} model.")
+    return opts
+
+
 def _finish_one(image_id: str, source: Path, t: Transform, seg, cls, cfg: ModelConfig,
                 opts: InferOptions, out_dir: Path) -> list | None:
     """Post-process and write one image's files; returns its CSV row (or None for seg-only)."""
-    k = int(decide(cls[None], opts.melanoma_threshold)[0]) if cls is not None else None
-    label = CLASS_NAMES[k] if cls is not None else ""
+    mask, label = finish_image(seg, cls, t, opts.post, opts.melanoma_threshold)
+    k = CLASS_NAMES.index(label) if cls is not None else None
     if seg is not None:
-        mask = restore_mask(postprocess(seg, opts.post), t)
         if opts.probabilities:
             _save_tiff(out_dir / f"{image_id}_probability.tif", restore(seg, t))
         if opts.overlay:
             _save_overlay(out_dir / f"{image_id}_overlay.jpg", source, mask, cls, k)
+        if opts.dicom_seg and source.suffix.lower() == ".dcm":
+            from dermtool.dicom import write_segmentation
+
+            write_atomic(out_dir / f"{image_id}_segmentation.dcm", lambda tmp: write_segmentation(source, mask, tmp))
         _save_png(out_dir / f"{image_id}{MASK_SUFFIX}", mask)  # last: marks the image as done
     if cls is None:
         return [image_id]
@@ -186,12 +227,7 @@ def predict_folder(images_dir: Path, out_dir: Path, model_dir: Path | None = Non
         opts = replace(opts, melanoma_threshold=check_threshold(opts.melanoma_threshold))
     model = load_engine(model_dir, opts.engine, log=log)
     cfg = model.cfg
-    if opts.post.threshold is None:
-        opts = replace(opts, post=replace(opts.post, threshold=cfg.threshold))
-    if opts.melanoma_threshold is None:
-        opts = replace(opts, melanoma_threshold=cfg.melanoma_threshold)
-    elif not cfg.has_cls:
-        raise InputError(f"{model_dir}: --melanoma-threshold needs a model with a classifier, not a {cfg.task} model.")
+    opts = with_model_threshold(opts, cfg, model_dir)
     summary = InferSummary(model=str(model_dir), engine=model.name, engine_file=str(model.path), duplicates=duplicates)
     record = _run_record(images_dir, model_fingerprint(model_dir), summary, cfg, opts)
     if opts.resume:
@@ -250,12 +286,8 @@ def predict_folder(images_dir: Path, out_dir: Path, model_dir: Path | None = Non
                         bar.update(1)
                 if not good:
                     continue
-                out = _run_model(model, np.stack([g[1] for g in good]).astype(np.float32), opts.tta, batch_size)
-                if "cls" in out:  # after the TTA average: calibrate fits T on these very probabilities
-                    out["cls"] = apply_temperature(out["cls"], cfg.temperature)
-                for j, (path, _, t, _) in enumerate(good):
-                    seg = out["seg"][j] if "seg" in out else None
-                    cls = out["cls"][j] if "cls" in out else None
+                outputs = predict_batch(model, [g[1] for g in good], opts.tta, batch_size, cfg.temperature)
+                for (path, _, t, _), (seg, cls) in zip(good, outputs):
                     writes.append((path, write_pool.submit(_finish_one, image_id_of(path), path, t, seg, cls,
                                                            cfg, opts, out_dir)))
                 while writes and (len(writes) > 4 * batch_size or writes[0][1].done()):
@@ -308,7 +340,7 @@ def _run_record(images_dir: Path, model_sha1: str, summary: InferSummary, cfg: M
         "model": summary.model, "engine": summary.engine, "engine_file": summary.engine_file,
         "model_sha1": model_sha1, "task": cfg.task, "images": str(Path(images_dir).resolve()),
         "tta": opts.tta, "postprocess": opts.post.to_dict(), "probabilities": opts.probabilities,
-        "overlay": opts.overlay, "shard": f"{opts.shard[0]}/{opts.shard[1]}",
+        "overlay": opts.overlay, "dicom_seg": opts.dicom_seg, "shard": f"{opts.shard[0]}/{opts.shard[1]}",
         "temperature": cfg.temperature, "melanoma_threshold": opts.melanoma_threshold,
     }
 

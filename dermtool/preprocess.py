@@ -28,7 +28,7 @@ from dermtool.io import check_pixel_limit, open_image
 # A truncated JPEG must be reported, not silently padded with grey.
 ImageFile.LOAD_TRUNCATED_IMAGES = False
 
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".tif", ".tiff", ".bmp")
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".tif", ".tiff", ".bmp", ".dcm")
 
 #: How an image's pixels reach the model (ModelConfig.input_chain, a cache's `chain`):
 #: - "direct": decoded (DCT-scaled for big JPEGs) and resized to the model's square;
@@ -147,6 +147,12 @@ def archive_copy(img: Image.Image, fit: str) -> Image.Image:
         return copy.convert("RGB")
 
 
+def _dicom_to_rgb(path: Path) -> np.ndarray:
+    from dermtool.dicom import read_dicom_rgb  # deferred: pydicom is the optional [dicom] extra
+
+    return read_dicom_rgb(path)
+
+
 def load_image(path: Path, min_size: tuple[int, int] | None = None,
                resize_to: tuple[int, int] | Callable[[int, int], tuple[int, int]] | None = None,
                chain: str = "direct", fit: str = "squash") -> tuple[np.ndarray, tuple[int, int]]:
@@ -171,8 +177,8 @@ def load_image(path: Path, min_size: tuple[int, int] | None = None,
     try:
         if chain not in CHAINS:
             raise InputError(f"unknown input chain {chain!r}; choose one of {', '.join(CHAINS)}.")
-        if path.suffix.lower() in (".tif", ".tiff"):
-            arr = _tiff_to_rgb(path)
+        if path.suffix.lower() in (".tif", ".tiff", ".dcm"):  # decoded whole, then resized
+            arr = _tiff_to_rgb(path) if path.suffix.lower() != ".dcm" else _dicom_to_rgb(path)
             target = resize_to(*arr.shape[:2]) if callable(resize_to) else resize_to
             if chain == "jpeg256":
                 arr = np.asarray(archive_copy(Image.fromarray(arr), fit))
@@ -368,4 +374,16 @@ def prepare(path: Path, size: int, fit: str, border: float = 0.0,
 
     pixels, (orig_h, orig_w) = load_image(path, resize_to=inner_size, chain=chain, fit=fit)
     t = plan_transform(orig_h, orig_w, size, fit, border, margin)
+    return fit_image(pixels, t), t
+
+
+def prepare_pixels(pixels: np.ndarray, size: int, fit: str, border: float = 0.0,
+                   margin: int = 0, chain: str = "direct") -> tuple[np.ndarray, Transform]:
+    """`prepare` for an image already in memory (H x W x 3 uint8): the same geometry, the same
+    input chain and the same resize, so a PNG file and its pixels give the same model input."""
+    if chain not in CHAINS:
+        raise InputError(f"unknown input chain {chain!r}; choose one of {', '.join(CHAINS)}.")
+    t = plan_transform(pixels.shape[0], pixels.shape[1], size, fit, border, margin)
+    if chain == "jpeg256":
+        pixels = np.asarray(archive_copy(Image.fromarray(pixels), fit))
     return fit_image(pixels, t), t

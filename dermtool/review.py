@@ -159,7 +159,6 @@ def _find_sources(images_dir: Path | None) -> dict[str, Path]:
 
 def _thumbnail(row: dict, source: Path, out_dir: Path, files: Path, class_cols: list[str], side: int) -> str:
     """Draw one thumbnail; returns "drawn", "kept" (already fresh) or "" (image unreadable)."""
-    from dermtool.io import open_image
     from dermtool.overlay import class_label, draw_overlay, read_mask_at, thumbnail_size
     from dermtool.preprocess import load_image
 
@@ -169,14 +168,12 @@ def _thumbnail(row: dict, source: Path, out_dir: Path, files: Path, class_cols: 
     newest = max(source.stat().st_mtime, mask_path.stat().st_mtime if mask_path.is_file() else 0.0)
     if target.is_file() and mask_path.is_file() and target.stat().st_mtime >= newest:
         return "kept"  # `infer --resume --report`: only the images redone get new thumbnails
-    try:
-        with open_image(source) as img:
-            width, height = img.size
-        size = thumbnail_size(height, width, side)
-        pixels, _ = load_image(source, resize_to=size)
-        mask = read_mask_at(mask_path, size) if mask_path.is_file() else None
-    except (OSError, InputError):
+    try:  # the size from the file's header, so any format load_image reads (DICOM too) works
+        pixels, _ = load_image(source, resize_to=lambda height, width: thumbnail_size(height, width, side))
+    except (OSError, InputError):  # load_image words a decompression bomb as an InputError
         return ""
+    size = pixels.shape[:2]
+    mask = read_mask_at(mask_path, size) if mask_path.is_file() else None
     label, colour = ("", (0, 0, 0))
     if class_cols:
         label, colour = class_label(np.array([row[c] for c in class_cols]), class_cols, _label_index(row, class_cols))

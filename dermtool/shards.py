@@ -1,8 +1,9 @@
 """An infer run in shards and put back together: which shard an image belongs to, the check
 that two runs used the same settings (shared by `infer --resume` and `merge`), and the merge.
 
-`dermtool infer --shard K/N` writes OUT/predictions.part-K-of-N.csv and OUT/infer.shardKofN.json;
-`dermtool merge OUT` checks that the N parts are all there, agree, and hold every image id of
+`dermtool infer --shard K/N` (or `--shard auto`: K and N from a SLURM job array or a Kubernetes
+Indexed Job, see `shard_from_env`) writes OUT/predictions.part-K-of-N.csv and
+OUT/infer.shardKofN.json; `dermtool merge OUT` checks that the N parts are all there, agree, and hold every image id of
 the folder exactly once, then writes OUT/predictions.csv.
 """
 
@@ -12,6 +13,7 @@ import hashlib
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Mapping
 
 from dermtool.data import find_images, image_id_of, unique_ids
 from dermtool.errors import InputError
@@ -19,7 +21,7 @@ from dermtool.io import first_few, read_csv_rows, read_json, write_csv_atomic
 
 #: What must not differ between two runs writing one folder (keys of infer.json).
 SETTINGS = ("model_sha1", "engine", "task", "tta", "postprocess", "probabilities", "overlay",
-            "melanoma_threshold")
+            "melanoma_threshold", "dicom_seg")
 _PART = re.compile(r"predictions\.part-(\d+)-of-(\d+)\.csv")
 
 
@@ -28,6 +30,47 @@ def shard_of(image_id: str, n: int) -> int:
     so adding or removing other images between shard runs moves no image to another shard."""
     digest = hashlib.sha1(image_id.encode("utf-8")).digest()
     return int.from_bytes(digest[:8], "big") % n + 1
+
+
+def shard_from_env(env: Mapping[str, str]) -> tuple[tuple[int, int], str]:
+    """The shard (K, N) of this task of a scheduler's array, and where it came from.
+
+    SLURM (`sbatch --array=A-B[:S]`): K = (SLURM_ARRAY_TASK_ID - SLURM_ARRAY_TASK_MIN) / step + 1,
+    N = SLURM_ARRAY_TASK_COUNT, so an array 0-3 and an array 1-4 both make parts 1..4.
+    Kubernetes (an Indexed Job): K = JOB_COMPLETION_INDEX + 1, N = DERMTOOL_SHARDS, which the
+    Job must set to its `completions` (Kubernetes does not export the count).
+
+    Raises:
+        InputError: neither is set, a value is not a whole number, or the task lies outside
+            1..N (an array of listed ids, such as --array=1,5,9, has no K of N).
+    """
+    if env.get("SLURM_ARRAY_TASK_ID"):
+        names = ("SLURM_ARRAY_TASK_ID", "SLURM_ARRAY_TASK_MIN", "SLURM_ARRAY_TASK_COUNT")
+        task, low, n = (_env_int(env, name) for name in names)
+        step = _env_int(env, "SLURM_ARRAY_TASK_STEP") if env.get("SLURM_ARRAY_TASK_STEP") else 1
+        on_step = step >= 1 and (task - low) % step == 0
+        k = (task - low) // step + 1 if on_step else 0  # an id off the array's steps: refused below
+        source = f"SLURM_ARRAY_TASK_ID={task}, SLURM_ARRAY_TASK_MIN={low}, SLURM_ARRAY_TASK_COUNT={n}"
+    elif env.get("JOB_COMPLETION_INDEX"):
+        if not env.get("DERMTOOL_SHARDS"):
+            raise InputError("--shard auto: JOB_COMPLETION_INDEX is set but DERMTOOL_SHARDS is not; set it in the "
+                             "Job's env to its completions (Kubernetes does not export the count).")
+        index, n = _env_int(env, "JOB_COMPLETION_INDEX"), _env_int(env, "DERMTOOL_SHARDS")
+        k, source = index + 1, f"JOB_COMPLETION_INDEX={index} of DERMTOOL_SHARDS={n}"
+    else:
+        raise InputError("--shard auto: no scheduler array found (neither SLURM_ARRAY_TASK_ID nor "
+                         "JOB_COMPLETION_INDEX is set); give --shard K/N.")
+    if not 1 <= k <= n:
+        raise InputError(f"--shard auto: {source} is not part 1..{n} of a range of tasks; run the array as a "
+                         "range (sbatch --array=0-3, a Job with completionMode: Indexed) or give --shard K/N.")
+    return (k, n), source
+
+
+def _env_int(env: Mapping[str, str], name: str) -> int:
+    try:
+        return int(env.get(name, ""))
+    except ValueError:
+        raise InputError(f"--shard auto: {name}={env.get(name, '')!r} is not a whole number.") from None
 
 
 def predictions_name(shard: tuple[int, int]) -> str:

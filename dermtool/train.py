@@ -30,7 +30,7 @@ import keras  # noqa: E402
 from dermtool.augment import augment_batch
 from dermtool.config import ModelConfig, TrainConfig, load_config, save_config
 from dermtool.data import Cache, load_cache
-from dermtool.dataset import make_batches, targets
+from dermtool.dataset import targets
 from dermtool.errors import InputError
 from dermtool.modelio import load_model
 from dermtool.validation import predict_cache, selection_metric, validation_metrics, validation_targets

@@ -1,0 +1,122 @@
+"""DICOM input: a dermoscopy photograph stored as DICOM, read as 8-bit RGB like any image file.
+
+Hospital archives keep dermoscopy as VL Photographic or VL Microscopic images, and the ISIC
+2020 challenge published its images as DICOM. Such a file holds one colour frame, RGB or YCbCr
+(YBR_FULL, or YBR_FULL_422 as JPEG baseline stores it), uncompressed or compressed. pydicom
+decodes it (with Pillow or pylibjpeg for the compressed transfer syntaxes) and converts YCbCr
+to RGB. Anything else, a CT slice, a monochrome image, a multi-frame file, is refused with an
+`InputError` naming the file and why, so a folder run names and skips it and goes on.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from dermtool.errors import InputError
+
+#: Photometric interpretations of a colour photograph; pydicom returns all of them as RGB.
+COLOUR = ("RGB", "YBR_FULL", "YBR_FULL_422", "YBR_ICT", "YBR_RCT")
+_INSTALL = "pip install 'dermtool[dicom]'"
+
+
+def read_dicom_rgb(path: Path) -> np.ndarray:
+    """The pixels of a single-frame colour DICOM file as an H x W x 3 uint8 RGB array.
+
+    Raises:
+        InputError: pydicom is missing, the file is not DICOM, it is not a colour photograph
+            (monochrome, palette, multi-frame, no pixel data), or its pixels cannot be decoded
+            (a compressed transfer syntax without its decoder, damaged data).
+    """
+    pydicom = _pydicom(path)
+    from pydicom.errors import InvalidDicomError
+
+    path = Path(path)
+    try:
+        ds = pydicom.dcmread(path)
+    except (InvalidDicomError, OSError, ValueError, EOFError) as exc:
+        raise InputError(f"{path}: not a readable DICOM file ({_short(exc)}).") from None
+    problem = not_a_colour_photograph(ds)
+    if problem:
+        raise InputError(f"{path}: {problem}, not a colour photograph (RGB or YBR, one frame); skipped.")
+    try:
+        pixels = ds.pixel_array  # pydicom 3 converts YCbCr to RGB (its as_rgb default)
+    except Exception as exc:  # a missing decoder plugin raises RuntimeError, damaged data anything
+        syntax = getattr(getattr(ds, "file_meta", None), "TransferSyntaxUID", None)
+        name = getattr(syntax, "name", "unknown transfer syntax")
+        raise InputError(f"{path}: its pixels ({name}) cannot be decoded ({_short(exc)}); {_INSTALL} "
+                         "adds the JPEG decoders.") from None
+    if pixels.dtype != np.uint8:  # 12- or 16-bit colour: keep the top 8 of the stored bits
+        shift = max(0, int(ds.get("BitsStored", 8)) - 8)
+        pixels = np.clip(pixels.astype(np.int64) >> shift, 0, 255).astype(np.uint8)
+    return np.ascontiguousarray(pixels)
+
+
+def not_a_colour_photograph(ds) -> str:
+    """Why a DICOM data set is not a single colour frame ("" when it is one), in a few words
+    that name what it is: "a CT Image Storage image (MONOCHROME2)"."""
+    kind = getattr(getattr(ds, "SOPClassUID", None), "name", "") or "DICOM"
+    if "PixelData" not in ds:
+        return f"a {kind} object without pixel data"
+    frames = int(ds.get("NumberOfFrames", 1) or 1)
+    if frames > 1:
+        return f"a multi-frame {kind} image ({frames} frames)"
+    interpretation = str(ds.get("PhotometricInterpretation", "")).strip()
+    if interpretation not in COLOUR or int(ds.get("SamplesPerPixel", 1)) != 3:
+        return f"a {kind} image ({interpretation or 'no photometric interpretation'})"
+    return ""
+
+
+def _pydicom(path: Path):
+    try:
+        import pydicom
+    except ImportError:
+        raise InputError(f"{path}: reading DICOM needs pydicom: {_INSTALL}.") from None
+    if int(pydicom.__version__.split(".")[0]) < 3:  # 2.x returns YCbCr as it is stored
+        raise InputError(f"{path}: reading DICOM needs pydicom 3 (found {pydicom.__version__}): {_INSTALL}.")
+    return pydicom
+
+
+def _short(exc: Exception) -> str:
+    text = " ".join(str(exc).split()) or type(exc).__name__
+    return text[:120]
+
+
+def write_segmentation(source: Path, mask: np.ndarray, dest: Path) -> None:
+    """Write `mask` (bool, the source's rows x columns) as a binary DICOM Segmentation of the
+    DICOM image `source`: one segment "lesion", made by an automatic algorithm (dermtool), in
+    the source's study, referencing the source image by its SOP Instance UID (highdicom).
+
+    Raises:
+        InputError: highdicom is missing, or the source lacks what a Segmentation must copy
+            (patient and study identification).
+    """
+    pydicom = _pydicom(source)
+    try:
+        import highdicom as hd
+    except ImportError:
+        raise InputError(f"{source}: writing DICOM SEG needs highdicom: pip install 'dermtool[dicomseg]'.") from None
+    from pydicom.sr.codedict import codes
+
+    from dermtool import __version__
+
+    image = pydicom.dcmread(source, stop_before_pixels=True)
+    algorithm = hd.AlgorithmIdentificationSequence(name="dermtool", version=__version__,
+                                                   family=codes.cid7162.ArtificialIntelligence)
+    lesion = hd.seg.SegmentDescription(
+        segment_number=1, segment_label="lesion", segmented_property_category=codes.SCT.MorphologicallyAbnormalStructure,
+        segmented_property_type=codes.SCT.Lesion, algorithm_type=hd.seg.SegmentAlgorithmTypeValues.AUTOMATIC,
+        algorithm_identification=algorithm)
+    try:
+        seg = hd.seg.Segmentation(
+            source_images=[image], pixel_array=np.asarray(mask, dtype=bool)[None],
+            segmentation_type=hd.seg.SegmentationTypeValues.BINARY, segment_descriptions=[lesion],
+            series_instance_uid=hd.UID(), series_number=9000, sop_instance_uid=hd.UID(), instance_number=1,
+            manufacturer="dermtool", manufacturer_model_name="dermtool", software_versions=__version__,
+            device_serial_number="none", series_description="dermtool lesion segmentation",
+            omit_empty_frames=False)  # an empty mask is an answer too: keep its frame
+    except AttributeError as exc:  # pydicom names the attribute: "... has no attribute 'StudyInstanceUID'"
+        missing = str(exc).rsplit(" ", 1)[-1].strip("'")
+        raise InputError(f"{source}: has no {missing}, which its DICOM SEG must copy; no SEG written.") from None
+    seg.save_as(dest)

@@ -1,0 +1,179 @@
+"""The Python API (`dermtool.load_model`, `Model.predict`, `predict_folder`, `score`) against the
+command line on the same synthetic images, with the tiny untrained models of test_infer.
+
+Checked: the API's masks are the CLI's PNGs pixel for pixel and its probabilities the CSV's
+(within 1e-4), with and without TTA; an array or a PIL image gives what its PNG file gives; one
+image in gives one Prediction out, a list a list, a generator a lazy iterator that pulls one
+batch at a time; seg-only and cls-only models; bad input raises InputError naming the problem;
+`import dermtool` does not import TensorFlow.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import tifffile
+from PIL import Image
+from test_infer import models  # noqa: F401  (the tiny joint/seg/cls model folders)
+from typer.testing import CliRunner
+
+import dermtool
+from dermtool.cli import app
+from dermtool.errors import InputError
+from dermtool.synthetic import make_lesion
+
+runner = CliRunner()
+
+#: file -> (height, width): a JPEG, PNGs of several aspect ratios, a BMP and a 16-bit TIFF
+FILES = {"a_wide.jpg": (120, 160), "b_tall.png": (161, 97), "c_square.png": (96, 96),
+         "d_panorama.bmp": (75, 131), "e_deep.tif": (64, 80)}
+
+
+@pytest.fixture(scope="module")
+def images(tmp_path_factory) -> Path:
+    folder = tmp_path_factory.mktemp("api") / "images"
+    folder.mkdir()
+    for k, (name, (h, w)) in enumerate(FILES.items()):
+        rgb = make_lesion(h, w, np.random.default_rng(10 + k), cls=k % 3)[0]
+        if name.endswith(".tif"):
+            tifffile.imwrite(folder / name, rgb.astype(np.uint16) * 257, photometric="rgb")
+        else:
+            Image.fromarray(rgb).save(folder / name, **({"quality": 90} if name.endswith(".jpg") else {}))
+    return folder
+
+
+def _cli_run(images: Path, out: Path, model: Path, *options) -> dict[str, list[str]]:
+    result = runner.invoke(app, ["infer", str(images), "--out", str(out), "--model", str(model), *options])
+    assert result.exit_code == 0, result.output
+    with open(out / "predictions.csv", newline="") as fh:
+        return {row[0]: row for row in list(csv.reader(fh))[1:]}
+
+
+def _read_png_mask(path: Path) -> np.ndarray:
+    return np.asarray(Image.open(path)) > 128
+
+
+@pytest.mark.parametrize("tta", [1, 4])
+def test_predictions_equal_the_command_lines(models, images, tmp_path, tta):  # noqa: F811
+    out = tmp_path / "out"
+    rows = _cli_run(images, out, models["joint"], "--batch-size", "2", "--tta", str(tta), "--probabilities")
+    paths = sorted(images.iterdir())
+    preds = dermtool.load_model(models["joint"]).predict(paths, tta=tta, batch_size=2)
+    assert isinstance(preds, list) and [p.image_id for p in preds] == [p.stem for p in paths] == sorted(rows)
+    masks_with_lesion = 0
+    for path, p in zip(paths, preds):
+        cli_mask = _read_png_mask(out / f"{path.stem}_segmentation.png")
+        assert p.mask.dtype == bool and p.mask.shape == cli_mask.shape == FILES[path.name]
+        np.testing.assert_array_equal(p.mask, cli_mask)
+        masks_with_lesion += bool(cli_mask.any()) and not cli_mask.all()
+        row = rows[path.stem]
+        assert list(p.probabilities) == list(dermtool.CLASS_NAMES)
+        np.testing.assert_allclose(list(p.probabilities.values()), [float(v) for v in row[1:4]], atol=1e-4)
+        assert p.label == row[4] == max(p.probabilities, key=p.probabilities.get)
+        cli_map = tifffile.imread(out / f"{path.stem}_probability.tif")
+        assert p.probability_map.dtype == np.float32
+        np.testing.assert_allclose(p.probability_map, cli_map, atol=1e-4)
+    assert masks_with_lesion >= 3  # the comparison is not of empty (or full) masks only
+
+
+def test_an_array_or_a_pil_image_gives_what_its_file_gives(models, images):  # noqa: F811
+    model = dermtool.load_model(models["joint"])
+    png = images / "b_tall.png"
+    from_file = model.predict(png)
+    with Image.open(png) as img:
+        from_pil = model.predict(img)
+        from_array = model.predict(np.asarray(img.convert("RGB")))
+    assert from_file.image_id == from_pil.image_id == "b_tall" and from_array.image_id is None
+    for other in (from_pil, from_array):
+        np.testing.assert_array_equal(other.mask, from_file.mask)
+        assert other.probabilities == pytest.approx(from_file.probabilities, abs=1e-6)
+
+
+def test_one_image_in_one_prediction_out_and_a_generator_is_streamed(models, images):  # noqa: F811
+    model = dermtool.load_model(models["seg"])
+    rgb = make_lesion(50, 70, np.random.default_rng(3))[0]
+    one = model.predict(rgb)
+    assert isinstance(one, dermtool.Prediction) and one.mask.shape == (50, 70)
+    assert one.probabilities is None and one.label is None  # a seg-only model
+    as_list = model.predict([rgb, rgb, rgb])
+    assert isinstance(as_list, list) and len(as_list) == 3
+    batch4 = model.predict(np.stack([rgb] * 4))  # an N x H x W x 3 array is N images
+    assert isinstance(batch4, list) and len(batch4) == 4
+
+    pulled = []
+
+    def stream(n):
+        for k in range(n):
+            pulled.append(k)
+            yield make_lesion(40 + k, 60, np.random.default_rng(k))[0]
+
+    it = model.predict(stream(7), batch_size=3)
+    assert pulled == []  # nothing is read before the first prediction is asked for
+    first = next(it)
+    assert first.mask.shape == (40, 60) and len(pulled) == 3  # one batch, not the whole stream
+    rest = list(it)
+    assert [p.mask.shape[0] for p in rest] == list(range(41, 47)) and len(pulled) == 7
+
+
+def test_a_cls_only_model_has_no_mask(models):  # noqa: F811
+    p = dermtool.load_model(models["cls"]).predict(make_lesion(60, 60, np.random.default_rng(0))[0])
+    assert p.mask is None and p.probability_map is None
+    assert sum(p.probabilities.values()) == pytest.approx(1.0, abs=1e-5) and p.label in dermtool.CLASS_NAMES
+
+
+@pytest.mark.parametrize("bad, words", [
+    (np.zeros((20, 20), np.uint8), "H x W x 3 uint8"),
+    (np.zeros((20, 20, 3), np.float32), "H x W x 3 uint8"),
+    ("missing.jpg", "missing.jpg: file not found"),
+    (42, "not int"),
+])
+def test_bad_input_raises_one_sentence(models, bad, words):  # noqa: F811
+    model = dermtool.load_model(models["seg"])
+    with pytest.raises(InputError, match=words):
+        model.predict(bad)
+
+
+def test_bad_options_and_models_are_refused(models, tmp_path):  # noqa: F811
+    with pytest.raises(InputError, match="tta must be 1, 4 or 8"):
+        dermtool.load_model(models["seg"]).predict(np.zeros((8, 8, 3), np.uint8), tta=3)
+    with pytest.raises(InputError, match="no config.json"):
+        dermtool.load_model(tmp_path)
+
+
+def test_predict_folder_and_score_are_the_commands(models, images, tmp_path):  # noqa: F811
+    import importlib
+
+    assert dermtool.predict_folder is importlib.import_module("dermtool.infer").predict_folder
+    out = tmp_path / "out"
+    summary = dermtool.predict_folder(images, out, models["joint"], progress=False)
+    assert summary.done == len(FILES)
+    truth, truth_csv = tmp_path / "truth", tmp_path / "truth.csv"
+    truth.mkdir()
+    rows = []
+    for k, path in enumerate(sorted(images.iterdir())):  # the masks scored against themselves
+        (truth / f"{path.stem}_segmentation.png").write_bytes((out / f"{path.stem}_segmentation.png").read_bytes())
+        rows.append(f"{path.stem},{int(k % 3 == 0)},{int(k % 3 == 1)}")
+    truth_csv.write_text("image_id,melanoma,seborrheic_keratosis\n" + "\n".join(rows) + "\n")
+    result = dermtool.score(out / "predictions.csv", truth_csv, out, truth)
+    assert result["segmentation"]["jac"] == 1.0
+    cli = runner.invoke(app, ["score", str(out / "predictions.csv"), str(truth_csv), "--pred-masks", str(out),
+                              "--truth-masks", str(truth), "--json", str(tmp_path / "score.json")])
+    assert cli.exit_code == 0, cli.output
+    assert json.loads((tmp_path / "score.json").read_text()) == json.loads(json.dumps(result))
+
+
+def test_import_is_cheap_and_every_public_name_resolves():
+    code = ("import sys, dermtool; assert 'tensorflow' not in sys.modules and 'keras' not in sys.modules; "
+            "[getattr(dermtool, n) for n in dermtool.__all__]; print(sorted(dermtool.__all__))")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    names = json.loads(proc.stdout.replace("'", '"'))
+    assert {"load_model", "Model", "Prediction", "predict_folder", "score"} <= set(names)
+    for name in ("load_model", "Model", "Prediction", "predict_folder", "score"):
+        assert getattr(dermtool, name).__doc__, name
