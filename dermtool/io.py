@@ -216,8 +216,7 @@ def read_label_column(path: Path, *, role: str = "predictions") -> dict[str, str
         InputError: a label that is not one of the class names.
     """
     path = Path(path)
-    with path.open(newline="", encoding="utf-8-sig") as handle:
-        rows = [row for row in csv.reader(handle) if any(cell.strip() for cell in row)]
+    rows = [row for row in read_csv_rows(path, f"{role} CSV") if any(cell.strip() for cell in row)]
     header = [cell.strip() for cell in rows[0]]
     if "label" not in header:
         return None
