@@ -31,15 +31,10 @@ mkdir -p "$WORK"
 exec > >(tee -a "$WORK/recipe.log") 2>&1
 echo "== $(date -u +%FT%TZ) dermtool GPU recipe: epochs $EPOCHS x $STEPS steps, batch $BATCH, lr $LR"
 
-python - <<'EOF'
-import tensorflow as tf
-gpus = tf.config.list_physical_devices("GPU")
-print(f"TensorFlow {tf.__version__}, {len(gpus)} GPU(s)")
-EOF
+GPUS=$(python -c "from dermtool import _tf; print(len(_tf.load().config.list_physical_devices('GPU')))")
+echo "GPUs: $GPUS"
 GPU_OPTS=()
-if python -c "import tensorflow as tf, sys; sys.exit(0 if tf.config.list_physical_devices('GPU') else 1)" 2>/dev/null; then
-  GPU_OPTS=(--strategy mirrored --mixed-precision)
-fi
+[ "$GPUS" -gt 0 ] && GPU_OPTS=(--strategy mirrored --mixed-precision)
 
 start=$(date +%s)
 $DERMTOOL split "$DATA/ham10000" --out "$WORK/ham-split" --fraction 0.1 --seed 0
