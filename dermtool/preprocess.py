@@ -179,10 +179,11 @@ def load_image(path: Path, min_size: tuple[int, int] | None = None,
             raise InputError(f"unknown input chain {chain!r}; choose one of {', '.join(CHAINS)}.")
         if path.suffix.lower() in (".tif", ".tiff", ".dcm"):  # decoded whole, then resized
             arr = _tiff_to_rgb(path) if path.suffix.lower() != ".dcm" else _dicom_to_rgb(path)
-            target = resize_to(*arr.shape[:2]) if callable(resize_to) else resize_to
+            original = arr.shape[:2]  # the transform maps back to this, whatever the chain did
+            target = resize_to(*original) if callable(resize_to) else resize_to
             if chain == "jpeg256":
                 arr = np.asarray(archive_copy(Image.fromarray(arr), fit))
-            return (arr if target is None else _resize(arr, *target)), arr.shape[:2]
+            return (arr if target is None else _resize(arr, *target)), original
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # palette/EXIF chatter; real failures raise below
             with open_image(path) as img:

@@ -399,6 +399,24 @@ def test_jpeg256_brings_an_original_to_its_copys_pixels(tmp_path, lesion):
     assert gap["jpeg256"] < 0.5 * gap["direct"]
 
 
+@pytest.mark.parametrize("suffix", ["jpg", "png", "tif"])
+def test_jpeg256_reports_the_original_size_for_every_format(tmp_path, lesion, suffix):
+    """The chain's 256 px copy is internal: the size returned (and so the transform that
+    restores masks) is the file's own, for the TIFF path as for Pillow's."""
+    from dermtool.preprocess import load_image, prepare
+
+    rgb, _, _ = lesion(300, 500, seed=2)
+    path = tmp_path / f"image.{suffix}"
+    if suffix == "tif":
+        tifffile.imwrite(path, rgb, photometric="rgb")
+    else:
+        Image.fromarray(rgb).save(path)
+    pixels, size = load_image(path, chain="jpeg256")
+    assert size == (300, 500) and pixels.shape == (256, 256, 3)
+    _, t = prepare(path, 64, "squash", chain="jpeg256")
+    assert (t.orig_h, t.orig_w) == (300, 500)
+
+
 def test_jpeg256_of_a_copy_changes_it_little_and_unknown_chains_are_refused(tmp_path, lesion):
     from PIL import Image
 
