@@ -19,10 +19,10 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from dermtool.augment import MISSING as MISSING_MASK  # uint8 "no mask" in a batch; -1 in the target
 from dermtool.data import NOT_MELANOMA, Cache
 
 SAMPLERS = ("proportional", "balanced")
-MISSING_MASK = 255  # uint8 marker for "no mask" in a batch; becomes -1 in the target
 #: the classifier target row of a NOT_MELANOMA partial label: -1 in the melanoma column
 #: (dermtool.losses reads it as "not melanoma", loss -log(1 - p_melanoma))
 PARTIAL_ROW = (-1.0, 0.0, 0.0)

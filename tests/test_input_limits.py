@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 import tifffile
 from PIL import Image
+from test_cli_preprocess import one_line_error
 from typer.testing import CliRunner
 
 from dermtool import io
@@ -52,13 +53,6 @@ def bomb_tiff(path: Path) -> Path:
         struct.pack_into(fmt, data, at, BOMB_SIDE)
     path.write_bytes(bytes(data))
     return path
-
-
-def one_line_error(result) -> str:
-    lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("error:"), result.output
-    assert "Traceback" not in result.output
-    return lines[0]
 
 
 def test_the_bomb_is_small_on_disk_and_declares_324_megapixels(tmp_path, monkeypatch):
