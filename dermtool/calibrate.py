@@ -18,7 +18,6 @@ the same images therefore gives the same T and t, whichever model version made t
 
 from __future__ import annotations
 
-import csv
 import json
 import math
 import os
@@ -107,11 +106,10 @@ def read_set(pred_csv: Path, truth_csv: Path) -> PredictionSet:
 
 
 def _header(path: Path) -> list[str]:
-    try:
-        with open(path, newline="", encoding="utf-8-sig") as fh:
-            return [c.strip() for c in next(csv.reader(fh), [])]
-    except (OSError, UnicodeDecodeError, csv.Error) as exc:
-        raise InputError(f"The predictions CSV {path} cannot be read ({exc}).") from None
+    from dermtool.io import read_csv_rows
+
+    rows = read_csv_rows(path, "predictions CSV")
+    return [c.strip() for c in rows[0]] if rows else []
 
 
 def run_temperature(pred_csv: Path) -> tuple[float, str]:
@@ -131,12 +129,13 @@ def run_temperature(pred_csv: Path) -> tuple[float, str]:
         records = [folder / "infer.json"] if (folder / "infer.json").is_file() else sorted(folder.glob("infer.shard*of*.json"))
     else:
         records = []
+    from dermtool.decision import check_temperature
+    from dermtool.io import read_json
+
     values = set()
-    for path in records:
-        try:
-            values.add(float(json.loads(path.read_text()).get("temperature", 1.0)))
-        except (OSError, ValueError, TypeError, AttributeError):
-            continue
+    for path in records:  # a damaged record is refused: guessing T = 1 would miscalibrate silently
+        values.add(check_temperature(read_json(path, "infer record").get("temperature", 1.0),
+                                     f"{path}: temperature"))
     if len(values) > 1:
         raise InputError(f"{folder}: its infer records applied different temperatures ({sorted(values)}); "
                          "run infer again into one folder with one model.")

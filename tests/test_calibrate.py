@@ -202,8 +202,17 @@ def _not_probabilities(tmp_path, sets):
     return write_pair(tmp_path / "sum", probs * 0.5, y)
 
 
+def _damaged_record(tmp_path, sets):
+    """A damaged infer.json beside the CSV was once read as T = 1 without a word."""
+    probs, y = synthetic_set(50, 3)
+    pred, truth = write_pair(tmp_path / "record", probs, y, temperature=2.0)
+    (pred.parent / "infer.json").write_text('{"temperature": ')
+    return pred, truth
+
+
 @pytest.mark.parametrize("make, words", [(_no_melanoma, "no melanoma"), (_missing_column, "nevus"),
-                                         (_missing_id, "has no row"), (_not_probabilities, "sum to")])
+                                         (_missing_id, "has no row"), (_not_probabilities, "sum to"),
+                                         (_damaged_record, "infer.json")])
 def test_bad_input_is_refused_in_one_line(make, words, sets, model, tmp_path):
     before = (model / "config.json").read_bytes()
     result = calibrate_cli(model, make(tmp_path, sets))
