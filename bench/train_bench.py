@@ -7,6 +7,12 @@ and start-up excluded); an untimed warm-up epoch absorbs graph tracing.
 
     python bench/train_bench.py                 # 32 images, batch 8
     python bench/train_bench.py --images 64 --batch-size 4
+    python bench/train_bench.py --recipes --images 240 --batch-size 16   # Lite0 joint recipes
+
+`--recipes` times the Lite0 joint model at 192 px under the ways of spending a CPU minute
+(`--seg-batch`, `--freeze stem`) against the plain joint step and the classifier alone. Its
+"cls updates/min" column counts optimizer steps that update the classifier and the encoder, the
+figure issue 17 asks to triple; "vs first" compares each with the plain joint recipe.
 """
 
 from __future__ import annotations
@@ -19,6 +25,18 @@ import tempfile
 import time
 from pathlib import Path
 
+_LITE0 = ["--size", "192"]
+RECIPES = {
+    # name: (preprocess options, train options)
+    "joint": (_LITE0, ["--preset", "lite0", "--task", "joint"]),
+    "joint seg-batch 4": (_LITE0, ["--preset", "lite0", "--task", "joint", "--seg-batch", "4"]),
+    "joint seg-batch 4 + freeze stem": (_LITE0, ["--preset", "lite0", "--task", "joint", "--seg-batch", "4",
+                                                 "--freeze", "stem"]),
+    "joint seg-batch 2 + freeze stem": (_LITE0, ["--preset", "lite0", "--task", "joint", "--seg-batch", "2",
+                                                 "--freeze", "stem"]),
+    "cls alone": (_LITE0, ["--preset", "lite0", "--task", "cls"]),
+    "cls alone + freeze stem": (_LITE0, ["--preset", "lite0", "--task", "cls", "--freeze", "stem"]),
+}
 PRESETS = {
     # name: (preprocess options, train options)
     "compact@160": (["--size", "160"], ["--preset", "compact", "--size", "160"]),
@@ -42,31 +60,39 @@ def main() -> None:
     parser.add_argument("--images", type=int, default=32)
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--task", default="joint")
-    parser.add_argument("--presets", nargs="*", default=list(PRESETS))
+    parser.add_argument("--presets", nargs="*", default=None)
+    parser.add_argument("--recipes", action="store_true", help="time the Lite0 joint recipes instead of the presets")
     args = parser.parse_args()
+    table = RECIPES if args.recipes else PRESETS
+    names = args.presets or list(table)
 
     from dermtool.synthetic import write_dataset
 
     tmp = Path(tempfile.mkdtemp(prefix="dermtool-train-bench-"))
     data = write_dataset(tmp / "data", args.images, rng_seed=0, sizes=[(450, 600)], formats=("jpg",))
     rows = []
-    for name in args.presets:
-        prep, train = PRESETS[name]
-        cache = tmp / f"cache-{name}"
-        run(["dermtool", "preprocess", str(data), "--out", str(cache), *prep])
-        out = tmp / f"run-{name}"
+    for name in names:
+        prep, train = table[name]
+        cache = tmp / f"cache-{' '.join(prep)}"
+        if not cache.exists():
+            run(["dermtool", "preprocess", str(data), "--out", str(cache), *prep])
+        out = tmp / f"run-{name.replace(' ', '-')}"
         started = time.perf_counter()
-        run(["dermtool", "train", str(cache), "--task", args.task, "--out", str(out), "--epochs", "2",
+        task = [] if args.recipes else ["--task", args.task]
+        run(["dermtool", "train", str(cache), *task, "--out", str(out), "--epochs", "2",
              "--batch-size", str(args.batch_size), "--augment", "flips+color", *train])
         wall = time.perf_counter() - started
         secs = epoch_seconds(out)[-1]  # second epoch: traced graph, warm caches
         rows.append((name, args.images, secs, args.images / secs, wall))
         print(f"{name}: {args.images / secs:.2f} images/s", flush=True)
     base = rows[0][3]
-    print(f"\ntraining throughput, task={args.task}, batch {args.batch_size}, CPU, one epoch of {args.images} images")
-    print(f"{'preset':<18}{'images':>7}{'epoch s':>10}{'images/s':>10}{'vs first':>10}{'wall s':>9}")
+    what = "Lite0 recipes at 192 px" if args.recipes else f"task={args.task}"
+    print(f"\ntraining throughput, {what}, batch {args.batch_size}, CPU, one epoch of {args.images} images")
+    print(f"| {'recipe' if args.recipes else 'preset':<32} | images | epoch s | images/s | cls updates/min | vs first | wall s |")
+    print("|---|---:|---:|---:|---:|---:|---:|")
     for name, n, secs, ips, wall in rows:
-        print(f"{name:<18}{n:>7}{secs:>10.1f}{ips:>10.2f}{ips / base:>10.2f}{wall:>9.1f}")
+        updates = 60 * ips / args.batch_size
+        print(f"| {name:<32} | {n} | {secs:.1f} | {ips:.2f} | {updates:.1f} | {ips / base:.2f} | {wall:.1f} |")
 
 
 if __name__ == "__main__":

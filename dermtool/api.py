@@ -149,7 +149,7 @@ class Model:
                     return
                 loaded = list(pool.map(self._prepare, batch))
                 outputs = predict_batch(self._engine, [x for x, _, _ in loaded], opts.tta, batch_size,
-                                        self.config.temperature)
+                                        self.config.temperature, self.config.cls_views == "frame+lesion")
                 yield from pool.map(lambda a: self._finish(*a, opts), zip(loaded, outputs))
 
     def _prepare(self, image: ImageLike) -> tuple[np.ndarray, Transform, str | None]:

@@ -10,6 +10,10 @@ An augmentation is a set of groups joined by "+" (`--augment flips+geometry+colo
 - `color`: mild brightness, contrast and per-channel gain jitter (the first recipes' colour);
 - `color-strong`: stronger brightness and contrast, saturation and hue rotation, per-channel
   gain: dermatoscopes and clinics differ in white balance and exposure;
+- `lesion-crop`: half of the images that have a mask become the square around their lesion
+  (margin 5-30 % of the lesion's size, its centre moved by up to 10 %), as `infer` sees the second
+  view of a model with `cls_views` "frame+lesion" (`lesion_box`, `crop_square`): the classifier
+  learns both the whole frame and the lesion close up;
 - `geometry`: random resized crop (area 45-100 %, aspect 3:4 to 4:3), rotation by any angle and
   shear, with reflected fill, so zoom, framing and orientation are not a cue of the source;
 - `chain`: the resampling chain an image went through before it reached dermtool: downscale
@@ -28,7 +32,9 @@ import math
 import numpy as np
 from PIL import Image, ImageFilter
 
-GROUPS = ("flips", "color", "color-strong", "geometry", "chain")
+GROUPS = ("flips", "color", "color-strong", "lesion-crop", "geometry", "chain")
+LESION_MARGIN = 0.15  # the view infer classifies: the lesion's box plus 15 % of its size on each side
+LESION_MIN_SIDE = 0.25  # no closer than a quarter of the frame (a speck is not worth a view)
 MODES = ("none", "flips", "flips+color")  # the historical names, still valid
 MISSING = 255  # a batch mask of this value everywhere is "no mask" (dermtool.dataset.MISSING_MASK)
 
@@ -88,6 +94,16 @@ def augment_batch(images: np.ndarray, masks: np.ndarray | None, rng: np.random.G
         return images.astype(np.float32), masks, codes
     images = np.array(images, np.uint8)  # a copy: the caller's batch stays as it was
     masks = None if masks is None else np.array(masks)
+    if "lesion-crop" in groups and masks is not None and masks.shape[1:] == images.shape[1:3]:
+        for i in range(n):
+            draw = rng.uniform(size=4)
+            if masks[i].min() == MISSING or draw[0] < 0.5:
+                continue
+            box = lesion_box(masks[i] == 1, margin=0.05 + 0.25 * draw[1], shift=(0.2 * draw[2] - 0.1,
+                                                                               0.2 * draw[3] - 0.1))
+            if box is not None:
+                images[i] = crop_square(images[i], box, Image.BILINEAR)
+                masks[i] = crop_square(masks[i], box, Image.NEAREST)
     if "geometry" in groups:
         for i in range(n):
             m = None if masks is None else masks[i]
@@ -108,6 +124,33 @@ def augment_batch(images: np.ndarray, masks: np.ndarray | None, rng: np.random.G
     elif "color-strong" in groups:
         out = _strong_color(out, rng)
     return out, masks, codes
+
+
+def lesion_box(mask: np.ndarray, margin: float = LESION_MARGIN, shift: tuple = (0.0, 0.0),
+               min_side: float = LESION_MIN_SIDE) -> tuple[float, float, float] | None:
+    """The square (x0, y0, side) around a square boolean mask's foreground, `margin` of its
+    bounding box's longer side added on each side, the centre moved by `shift` (fractions of the
+    side), kept inside the frame. None when the mask is empty or the square would be the frame."""
+    ys, xs = np.nonzero(mask)
+    if not len(ys):
+        return None
+    frame = mask.shape[0]
+    side = max(ys.max() - ys.min() + 1, xs.max() - xs.min() + 1) * (1 + 2 * margin)
+    side = max(side, min_side * frame)
+    if side >= frame:
+        return None
+    cx = (xs.min() + xs.max() + 1) / 2 + shift[0] * side
+    cy = (ys.min() + ys.max() + 1) / 2 + shift[1] * side
+    return (float(np.clip(cx - side / 2, 0, frame - side)), float(np.clip(cy - side / 2, 0, frame - side)),
+            float(side))
+
+
+def crop_square(image: np.ndarray, box: tuple[float, float, float], resample=Image.BILINEAR) -> np.ndarray:
+    """`box` (x0, y0, side) of a square uint8 image or mask, resized back to the image's side."""
+    x0, y0, side = box
+    frame = image.shape[0]
+    out = Image.fromarray(image).resize((frame, frame), resample, box=(x0, y0, x0 + side, y0 + side))
+    return np.asarray(out, dtype=image.dtype)
 
 
 def _mild_color(out: np.ndarray, rng: np.random.Generator) -> np.ndarray:

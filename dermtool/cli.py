@@ -203,7 +203,9 @@ def train_cli(
     color_constancy: Optional[str] = typer.Option(None, "--color-constancy", help="none | shades-of-gray: remove each image's colour cast inside the model (Shades of Gray, p = 6), so train, infer and exports apply it alike. Default: the preset's (none)."),
     seed: int = typer.Option(0, "--seed", help="Seed for weights, shuffling and augmentation; recorded in config.json."),
     init_from: Optional[Path] = typer.Option(None, "--init-from", help="Run folder whose layers are copied where names and shapes match (e.g. a seg run's encoder into cls/joint)."),
-    freeze: str = typer.Option("none", "--freeze", help="encoder | decoder | none: layers kept fixed while training."),
+    freeze: str = typer.Option("none", "--freeze", help="encoder | decoder | stem | none: layers kept fixed while training (stem: the encoder's first, full-resolution stage; no gradient through the largest feature maps makes each step cheaper)."),
+    seg_batch: int = typer.Option(0, "--seg-batch", help="Joint only: the decoder trains on the first N images of each batch, the encoder and classifier on all of them (0: all). The full-size decoder is most of a joint step's cost, so e.g. 4 of 16 gives about twice the classifier updates per CPU minute (bench/train_bench.py --recipes)."),
+    ema: float = typer.Option(0.0, "--ema", help="Keep an exponential moving average of the weights with this momentum (e.g. 0.99; 0: off); validation and the saved weights use the average."),
     resume: bool = typer.Option(False, "--resume", help="Continue the run in --out from its last completed epoch, with its own settings and caches (only --epochs may change)."),
     mixed_precision: bool = typer.Option(False, "--mixed-precision", help="float16 compute on a GPU (outputs stay float32)."),
     strategy: str = typer.Option("default", "--strategy", help="default | mirrored (all GPUs of this machine; the batch is split across them)."),
@@ -241,7 +243,7 @@ def train_cli(
             epochs=epochs or (0 if resume else 50), batch_size=batch_size, learning_rate=learning_rate, alpha=alpha,
             seg_loss="bce+dice" if dice else "bce", augment="+".join(parse_groups(augment)) or "none", seed=seed,
             mixed_precision=mixed_precision, strategy=strategy, freeze=freeze, schedule=schedule,
-            sampler=sampler, steps_per_epoch=steps_per_epoch,
+            sampler=sampler, steps_per_epoch=steps_per_epoch, seg_batch=seg_batch, ema=ema,
             init_from=str(init_from.resolve()) if init_from else "", command=_command_line(ctx, only_given=resume),
         )
         from dermtool.train import train
@@ -264,7 +266,7 @@ def _check_train_options(o: dict) -> None:
 
     if o["strategy"] == "multiworker":
         fail(MULTIWORKER_REMOVED)
-    choices = {"task": ("seg", "cls", "joint"), "freeze": ("encoder", "decoder", "none"),
+    choices = {"task": ("seg", "cls", "joint"), "freeze": ("encoder", "decoder", "stem", "none"),
                "strategy": ("default", "mirrored"), "color_constancy": (None, "none", "shades-of-gray"),
                "input_chain": (None, "direct", "jpeg256"),
                "schedule": ("plateau", "cosine"), "sampler": ("proportional", "balanced")}
@@ -275,6 +277,13 @@ def _check_train_options(o: dict) -> None:
         parse_groups(o["augment"])
     except ValueError as exc:
         fail(f"--augment: {exc}.")
+    if o["ema"] and not 0.5 <= o["ema"] < 1.0:
+        fail(f"--ema must be 0 (off) or a momentum from 0.5 to below 1, such as 0.99, not {o['ema']}: the average "
+             "keeps that share of itself at every step.")
+    if o["seg_batch"] and o["task"] != "joint":
+        fail(f"--seg-batch applies to --task joint only (the decoder's share of a joint batch), not {o['task']}.")
+    if o["seg_batch"] and o["batch_size"] is not None and not 0 < o["seg_batch"] <= o["batch_size"]:
+        fail(f"--seg-batch must be from 1 to the batch size ({o['batch_size']}), or 0 for all, not {o['seg_batch']}.")
     model = [(f"--{name.replace('_', '-')}", name, *MODEL_RANGES[name]) for name in ("size", "base_filters", "depth")]
     for option, name, low, high, reason in (
             *model,  # the ranges a config.json is checked against too
@@ -298,7 +307,7 @@ _RESUME_SETTINGS = {
     "augment": ("train", "augment"), "color_constancy": ("model", "color_constancy"),
     "input_chain": ("model", "input_chain"), "seed": ("train", "seed"), "init_from": ("train", "init_from"),
     "freeze": ("train", "freeze"), "mixed_precision": ("train", "mixed_precision"),
-    "strategy": ("train", "strategy"),
+    "strategy": ("train", "strategy"), "seg_batch": ("train", "seg_batch"), "ema": ("train", "ema"),
 }
 
 

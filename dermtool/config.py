@@ -37,7 +37,7 @@ MODEL_RANGES = {
 REQUIRED_MODEL_KEYS = ("task", "size", "base_filters", "depth", "padding", "fit", "normalization",
                        "threshold", "class_names")
 _CHOICES = {"task": TASKS, "preset": PRESETS, "encoder": ENCODERS, "padding": ("same", "valid"),
-            "cls_head": ("global", "dense", "linear"), "fit": FITS, "normalization": ("divide255", "center", "lite")}
+            "cls_head": ("global", "dense", "linear"), "fit": FITS, "cls_views": ("frame", "frame+lesion"), "normalization": ("divide255", "center", "lite")}
 #: fractions: key -> (lowest, highest, lowest allowed?, highest allowed?)
 _FRACTIONS = {"threshold": (0.0, 1.0, False, False), "dropout": (0.0, 1.0, True, False),
               "border": (0.0, 1.0, True, True)}
@@ -72,6 +72,9 @@ class ModelConfig:
     color_constancy: str = "none"
     # how pixels reach the network: "direct" or "jpeg256" (dermtool.preprocess.CHAINS)
     input_chain: str = "direct"
+    # what the classifier looks at in infer: "frame" (the whole fitted image) or "frame+lesion"
+    # (also the square around the model's own mask, the two probabilities averaged; dermtool.infer)
+    cls_views: str = "frame"
     threshold: float = 0.5
     class_names: tuple = CLASS_NAMES
     # The decision (dermtool.decision), fitted by `dermtool calibrate`; the defaults are the plain
@@ -92,6 +95,8 @@ class ModelConfig:
                              f"{', '.join(COLOR_CONSTANCY)}.")
         if self.input_chain not in INPUT_CHAINS:
             raise InputError(f"unknown input chain {self.input_chain!r}; choose one of {', '.join(INPUT_CHAINS)}.")
+        if self.cls_views not in ("frame", "frame+lesion"):
+            raise InputError(f"unknown classifier views {self.cls_views!r}; choose frame or frame+lesion.")
         if self.encoder not in ENCODERS:
             raise InputError(f"unknown encoder {self.encoder!r}; choose one of {', '.join(ENCODERS)}.")
         if self.encoder != "unet" and (self.padding != "same" or self.size % 32 or self.depth != 5
@@ -193,7 +198,9 @@ class TrainConfig:
     seed: int = 0
     mixed_precision: bool = False
     strategy: str = "default"
-    freeze: str = "none"
+    freeze: str = "none"  # "none", "encoder", "decoder" or "stem" (the encoder's full-resolution stage)
+    seg_batch: int = 0  # joint: the decoder trains on the first N images of each batch (0: all)
+    ema: float = 0.0  # momentum of an exponential moving average of the weights (0: off)
     init_from: str = ""
     command: str = ""
     # absolute paths of the caches, so --resume can refuse others (dermtool.train.resume_caches)

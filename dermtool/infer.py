@@ -124,13 +124,30 @@ def _save_overlay(path: Path, source: Path, mask: np.ndarray, cls, k: int | None
 
 
 def predict_batch(model, inputs: list[np.ndarray], tta: int = 1, batch_size: int | None = None,
-                  temperature: float = 1.0) -> list[tuple]:
+                  temperature: float = 1.0, lesion_view: bool = False) -> list[tuple]:
     """The model on a batch of fitted inputs (`preprocess.prepare`): one (seg, cls) per input,
     seg the lesion probability of the model's square (None for a cls-only model), cls the class
     probabilities (None for a seg-only model), scaled by the model's `temperature` after the TTA
     average (calibrate fits T on these very probabilities). `dermtool infer` and the Python API
-    both run this."""
-    out = _run_model(model, np.stack(inputs).astype(np.float32), tta, batch_size)
+    both run this.
+
+    `lesion_view` (a joint model whose config says cls_views "frame+lesion"): the classifier also
+    sees the square around the lesion the model itself found (augment.lesion_box at the mask
+    threshold 0.5), and the class probabilities are the mean of the two views. An image without
+    a lesion, or whose lesion fills the frame, keeps the whole frame's."""
+    x = np.stack(inputs).astype(np.float32)
+    out = _run_model(model, x, tta, batch_size)
+    if lesion_view and "seg" in out and "cls" in out and out["seg"].shape[1:] == x.shape[1:3]:
+        from PIL import Image
+
+        from dermtool.augment import crop_square, lesion_box
+
+        boxes = [lesion_box(s >= 0.5) for s in out["seg"]]
+        near = [j for j, b in enumerate(boxes) if b is not None]
+        if near:
+            crops = np.stack([crop_square(np.clip(x[j], 0, 255).astype(np.uint8), boxes[j], Image.BILINEAR)
+                              for j in near]).astype(np.float32)
+            out["cls"][near] = (out["cls"][near] + _run_model(model, crops, tta, batch_size)["cls"]) / 2
     if "cls" in out:
         out["cls"] = apply_temperature(out["cls"], temperature)
     return [(out["seg"][j] if "seg" in out else None, out["cls"][j] if "cls" in out else None)
@@ -286,7 +303,8 @@ def predict_folder(images_dir: Path, out_dir: Path, model_dir: Path | None = Non
                         bar.update(1)
                 if not good:
                     continue
-                outputs = predict_batch(model, [g[1] for g in good], opts.tta, batch_size, cfg.temperature)
+                outputs = predict_batch(model, [g[1] for g in good], opts.tta, batch_size, cfg.temperature,
+                                        cfg.cls_views == "frame+lesion")
                 for (path, _, t, _), (seg, cls) in zip(good, outputs):
                     writes.append((path, write_pool.submit(_finish_one, image_id_of(path), path, t, seg, cls,
                                                            cfg, opts, out_dir)))

@@ -108,25 +108,48 @@ def build_encoder(cfg: ModelConfig):
     return inputs, skips, x
 
 
-def _crop_to(skip, target, name: str):
-    """Centre-crop a skip connection to the decoder's spatial size (valid convolutions)."""
-    diff = skip.shape[1] - target.shape[1]
-    if diff == 0:
-        return skip
-    return layers.Cropping2D(diff // 2, name=name)(skip)
+class SegHead:
+    """The U-Net decoder's layers, made once and callable on any encoder tensors.
+
+    Training with `--seg-batch` calls the same layers a second time, on the first images of each
+    batch only, so the inference model and the training model share every weight.
+    """
+
+    def __init__(self, cfg: ModelConfig):
+        self.cfg, self.blocks = cfg, []
+        for level in reversed(range(cfg.depth)):
+            filters, block = cfg.base_filters * 2**level, f"dec_block{level + 1}"
+            convs = []
+            for i in (1, 2):
+                convs.append(layers.Conv2D(filters, 3, padding=cfg.padding, use_bias=not cfg.batch_norm,
+                                           kernel_initializer="he_normal", name=f"{block}_conv{i}"))
+                if cfg.batch_norm:
+                    convs.append(layers.BatchNormalization(name=f"{block}_bn{i}"))
+                convs.append(layers.Activation("relu", name=f"{block}_relu{i}"))
+            self.blocks.append((level, block, layers.Conv2DTranspose(filters, 2, strides=2, name=f"{block}_up"),
+                                layers.Concatenate(name=f"{block}_concat"), convs))
+        # float32 output even under mixed precision: sigmoid and the loss need the range
+        self.out = layers.Conv2D(1, 1, activation="sigmoid", dtype="float32", name=SEG_OUTPUT)
+        self._crops = {}
+
+    def __call__(self, skips, bottleneck):
+        x = bottleneck
+        for level, block, up, concat, convs in self.blocks:
+            x = up(x)
+            skip = skips[level]
+            diff = skip.shape[1] - x.shape[1]
+            if diff:  # valid convolutions: centre-crop the skip connection to the decoder's size
+                name = f"{block}_crop"
+                crop = self._crops.setdefault(name, layers.Cropping2D(diff // 2, name=name))
+                skip = crop(skip)
+            x = concat([skip, x])
+            for layer in convs:
+                x = layer(x)
+        return self.out(x)
 
 
 def build_seg_head(cfg: ModelConfig, skips, bottleneck):
-    x = bottleneck
-    for level in reversed(range(cfg.depth)):
-        filters = cfg.base_filters * 2**level
-        block = f"dec_block{level + 1}"
-        x = layers.Conv2DTranspose(filters, 2, strides=2, name=f"{block}_up")(x)
-        skip = _crop_to(skips[level], x, f"{block}_crop")
-        x = layers.Concatenate(name=f"{block}_concat")([skip, x])
-        x = _conv_block(x, filters, cfg, block)
-    # float32 output even under mixed precision: sigmoid and the loss need the range
-    return layers.Conv2D(1, 1, activation="sigmoid", dtype="float32", name=SEG_OUTPUT)(x)
+    return SegHead(cfg)(skips, bottleneck)
 
 
 def build_cls_head(cfg: ModelConfig, bottleneck):
@@ -150,19 +173,51 @@ def build_cls_head(cfg: ModelConfig, bottleneck):
     return layers.Dense(len(cfg.class_names), activation="softmax", dtype="float32", name=CLS_OUTPUT)(x)
 
 
+class _FirstImages(layers.Layer):
+    """The first `n` images of a batch (the training model of `--seg-batch`; never saved)."""
+
+    def __init__(self, n: int, **kwargs):
+        super().__init__(**kwargs)
+        self.n = int(n)
+
+    def call(self, x):
+        return x[: self.n]
+
+    def compute_output_shape(self, shape):
+        return (None, *shape[1:])
+
+
 def build_model(cfg: ModelConfig) -> keras.Model:
     """The seg, cls or joint network of `cfg.task` on one shared encoder.
 
     Outputs are a dict keyed by "seg" (N, size, size, 1 lesion probability) and/or "cls"
     (N, 3 class probabilities, order `cfg.class_names`).
     """
+    return build_models(cfg)[0]
+
+
+def build_models(cfg: ModelConfig, seg_batch: int = 0) -> tuple[keras.Model, keras.Model]:
+    """The model (as `build_model`) and the one to train it through.
+
+    With `seg_batch` > 0 on a joint model, the training model's decoder runs on the first
+    `seg_batch` images of each batch only (its "seg" output has that many rows), while the encoder
+    and classifier see them all: most of a joint step's cost is the full-size decoder, so each
+    classifier update gets cheaper. Both models share every layer; the first is the one to
+    validate and save. Otherwise both are the same object.
+    """
     inputs, skips, bottleneck = build_encoder(cfg)
-    outputs = {}
+    outputs, head = {}, None
     if cfg.has_seg:
-        outputs[SEG_OUTPUT] = build_seg_head(cfg, skips, bottleneck)
+        head = SegHead(cfg)
+        outputs[SEG_OUTPUT] = head(skips, bottleneck)
     if cfg.has_cls:
         outputs[CLS_OUTPUT] = build_cls_head(cfg, bottleneck)
-    return keras.Model(inputs, outputs, name=f"dermtool_{cfg.preset}_{cfg.task}")
+    model = keras.Model(inputs, outputs, name=f"dermtool_{cfg.preset}_{cfg.task}")
+    if not seg_batch or head is None or not cfg.has_cls:
+        return model, model
+    take = _FirstImages(seg_batch, name="seg_batch")
+    train_outputs = {**outputs, SEG_OUTPUT: head([take(t) for t in skips], take(bottleneck))}
+    return model, keras.Model(inputs, train_outputs, name=f"dermtool_{cfg.preset}_{cfg.task}_train")
 
 
 def load_pretrained(model: keras.Model, cfg: ModelConfig, log=None) -> int:
@@ -176,6 +231,14 @@ def load_pretrained(model: keras.Model, cfg: ModelConfig, log=None) -> int:
 
 def encoder_layer_names(model: keras.Model) -> list[str]:
     return [l.name for l in model.layers if l.name.startswith(("enc_", "bottleneck"))]
+
+
+def stem_layer_names(model: keras.Model) -> list[str]:
+    """The encoder's first, full-resolution stage (the layers MIXED_FLOAT_LAYERS keeps in float32):
+    frozen, no gradient flows through the largest feature maps, which makes a step cheaper."""
+    prefixes = tuple(p for p in MIXED_FLOAT_LAYERS.get("efficientnet-lite0" if any(
+        l.name.startswith("enc_stem_") for l in model.layers) else "unet", ()) if p != "normalize")
+    return [l.name for l in model.layers if l.name.startswith(prefixes)]
 
 
 def decoder_layer_names(model: keras.Model) -> list[str]:

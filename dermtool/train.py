@@ -87,7 +87,10 @@ class BatchSource:
         # input and target are centred squares, so one dihedral map aligns both (valid models too)
         rng = np.random.default_rng([self.tcfg.seed, epoch, step])
         x, aug_masks, _ = augment_batch(images, masks, rng, self.tcfg.augment)
-        return x, targets(self.cfg, aug_masks, labels)
+        y = targets(self.cfg, aug_masks, labels)
+        if "seg" in y and "cls" in y and self.tcfg.seg_batch:  # the decoder trains on these only
+            y["seg"] = y["seg"][:self.tcfg.seg_batch]
+        return x, y
 
 
 def training_batch(cache: Cache, cfg: ModelConfig, tcfg: TrainConfig, resize: bool, epoch: int, step: int):
@@ -179,9 +182,10 @@ def transfer_weights(model, source_dir: Path, freeze: str, log) -> list[str]:
 
 
 def apply_freeze(model, freeze: str) -> None:
-    from dermtool.models import decoder_layer_names, encoder_layer_names
+    from dermtool.models import decoder_layer_names, encoder_layer_names, stem_layer_names
 
-    names = {"encoder": encoder_layer_names(model), "decoder": decoder_layer_names(model)}.get(freeze, [])
+    names = {"encoder": encoder_layer_names(model), "decoder": decoder_layer_names(model),
+             "stem": stem_layer_names(model)}.get(freeze, [])
     for layer in model.layers:
         if layer.name in names:
             layer.trainable = False
@@ -294,11 +298,15 @@ def train(cfg: ModelConfig, tcfg: TrainConfig, train_cache, val_cache, out_dir: 
             fh.write(command + "\n")
 
     from dermtool.losses import build_losses
-    from dermtool.models import build_model, load_pretrained
+    from dermtool.models import build_models, load_pretrained
 
+    seg_batch = tcfg.seg_batch if cfg.task == "joint" and 0 < tcfg.seg_batch < tcfg.batch_size else 0
+    if seg_batch:
+        log(f"the decoder trains on {seg_batch} of each batch's {tcfg.batch_size} images; "
+            "the encoder and classifier on all")
     strategy = _strategy(tcfg.strategy)
     with strategy.scope():
-        model = build_model(cfg)
+        model, train_model = build_models(cfg, seg_batch)
         if cfg.pretrained and not resume and not tcfg.init_from:
             load_pretrained(model, cfg, log=log)
         if tcfg.init_from and not resume:
@@ -306,8 +314,14 @@ def train(cfg: ModelConfig, tcfg: TrainConfig, train_cache, val_cache, out_dir: 
         apply_freeze(model, tcfg.freeze)
         losses, loss_weights = build_losses(cfg.has_seg, cfg.has_cls, tcfg.alpha,
                                             tcfg.seg_loss == "bce+dice", weights or (1, 1, 1))
-        optimizer = keras.optimizers.Adam(tcfg.learning_rate)
+        ema = {"use_ema": True, "ema_momentum": tcfg.ema} if tcfg.ema else {}
+        optimizer = keras.optimizers.Adam(tcfg.learning_rate, **ema)
         model.compile(optimizer=optimizer, loss=losses, loss_weights=loss_weights)
+        if train_model is not model:
+            # the same optimizer (under mixed precision, the same loss-scale wrapper), its slots in
+            # the saved model's variable order, as checkpoint.load builds them
+            train_model.compile(optimizer=model.optimizer, loss=losses, loss_weights=loss_weights)
+            model.optimizer.build(model.trainable_variables)
 
     metric_name = selection_metric(cfg) if vals else None
     # the plateau schedule watches the validation loss, or without validation the training loss,
@@ -316,6 +330,8 @@ def train(cfg: ModelConfig, tcfg: TrainConfig, train_cache, val_cache, out_dir: 
              "best_by": metric_name or "last epoch", "best_metric": None, "best_epoch": None}
     if resume:
         state = {**state, **checkpoint.load(out_dir, model, optimizer)}
+        if tcfg.ema:  # the checkpoint holds the average in the model and the raw weights in the slots
+            swap_ema(model, optimizer)
         checkpoint.tidy(out_dir)  # links left stale by an interrupt
         log(f"resuming {out_dir} after epoch {state['epoch']} (lr {state['lr']:.3g})")
     optimizer.learning_rate.assign(state["lr"])
@@ -334,7 +350,7 @@ def train(cfg: ModelConfig, tcfg: TrainConfig, train_cache, val_cache, out_dir: 
     except ImportError:
         log("note: tensorboard is not installed; no TensorBoard logs (history.csv has every number)")
     try:
-        model.fit(batches, epochs=tcfg.epochs, initial_epoch=state["epoch"], steps_per_epoch=steps, shuffle=False,
+        train_model.fit(batches, epochs=tcfg.epochs, initial_epoch=state["epoch"], steps_per_epoch=steps, shuffle=False,
                   verbose=1 if progress else 0, callbacks=callbacks)
     except KeyboardInterrupt:
         checkpoint.tidy(out_dir)  # RUN's files show the last committed epoch, whatever the cut
@@ -345,6 +361,17 @@ def train(cfg: ModelConfig, tcfg: TrainConfig, train_cache, val_cache, out_dir: 
     else:
         log(f"done: {state['epoch']} epochs; without --val the last epoch is kept -> {out_dir / 'best.weights.h5'}")
     return out_dir
+
+
+def swap_ema(model, optimizer) -> None:
+    """Exchange the model's trainable weights with the optimizer's moving averages of them."""
+    optimizer = getattr(optimizer, "inner_optimizer", optimizer)  # a mixed-precision loss-scale wrapper
+    averages = optimizer._model_variables_moving_average  # Keras keeps them in the built variable order
+    for var in model.trainable_variables:
+        avg = averages[optimizer._get_variable_index(var)]
+        raw = np.asarray(var.numpy()).copy()
+        var.assign(avg)
+        avg.assign(raw)
 
 
 def _resolved(paths: list[Path]) -> tuple:
@@ -440,6 +467,8 @@ class EpochEnd(keras.callbacks.Callback):
                "cls_loss": logs.get("cls_loss"), "lr": float(np.asarray(self.m.optimizer.learning_rate))}
         st = self.state
         improved = True  # without validation, every epoch becomes the kept one
+        if self.tcfg.ema:  # validate and keep the moving average; train on from the raw weights
+            swap_ema(self.m, self.m.optimizer)
         if self.vals:
             scores, val_losses = [], []
             for (val, resize), truth, prefix in zip(self.vals, self.truths, self.prefixes):
@@ -469,6 +498,8 @@ class EpochEnd(keras.callbacks.Callback):
         st["epoch"] = epoch + 1
         prefixes = self.prefixes if self.vals else []
         checkpoint.commit(self.out_dir, self.m, st, row, history_fields(prefixes), improved)
+        if self.tcfg.ema:
+            swap_ema(self.m, self.m.optimizer)
         self.log(_summary(row, prefixes))
 
     def _plateau(self, monitored: float, key: str) -> None:

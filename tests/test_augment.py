@@ -191,3 +191,50 @@ def test_resampling_chain_keeps_shape_and_dtype():
     img = np.random.default_rng(0).integers(0, 256, (40, 40, 3), dtype=np.uint8)
     out = resampling_chain(img, np.random.default_rng(0))
     assert out.shape == img.shape and out.dtype == np.uint8
+
+
+from dermtool.augment import MISSING, crop_square, lesion_box  # noqa: E402
+
+
+def test_lesion_box_is_the_square_around_the_lesion_with_its_margin():
+    mask = np.zeros((100, 100), bool)
+    mask[20:30, 30:50] = True  # 10 high, 20 wide, centre (40, 25)
+    # side 20 * (1 + 2 * 0.15) = 26, centred: x0 = 40 - 13, y0 = 25 - 13
+    assert lesion_box(mask) == pytest.approx((27.0, 12.0, 26.0))
+    small = np.zeros((100, 100), bool)
+    small[50:52, 50:52] = True  # 2.6 px would be a speck: a quarter of the frame at least
+    assert lesion_box(small)[2] == pytest.approx(25.0)
+    corner = np.zeros((100, 100), bool)
+    corner[0:10, 0:10] = True  # kept inside the frame
+    assert lesion_box(corner)[:2] == (0.0, 0.0)
+    assert lesion_box(np.zeros((100, 100), bool)) is None
+    assert lesion_box(np.ones((100, 100), bool)) is None  # the frame itself
+
+
+def test_crop_square_enlarges_the_box_to_the_frame():
+    image = np.zeros((100, 100, 3), np.uint8)
+    image[:50, :50] = 200
+    out = crop_square(image, (0.0, 0.0, 50.0))
+    assert out.shape == image.shape and out.dtype == np.uint8
+    assert (out[2:-2, 2:-2] == 200).all()
+
+
+def test_lesion_crop_moves_masks_with_images_and_leaves_images_without_a_mask():
+    rng = np.random.default_rng(0)
+    images = np.zeros((8, 64, 64, 3), np.uint8)
+    masks = np.zeros((8, 64, 64), np.uint8)
+    for i in range(8):
+        y, x = rng.integers(5, 35, 2)
+        masks[i, y:y + 16, x:x + 20] = 1
+        images[i][masks[i] == 1] = 255
+    masks[7] = MISSING
+    out, out_masks, _ = augment_batch(images, masks, np.random.default_rng(1), "lesion-crop")
+    cropped = [i for i in range(7) if not np.array_equal(out[i], images[i])]
+    assert 1 <= len(cropped) <= 6  # about half
+    for i in cropped:
+        bright, lesion = out[i][..., 0] > 127, out_masks[i] == 1
+        assert lesion.sum() > masks[i].sum() * 2  # closer
+        assert (bright & lesion).sum() / (bright | lesion).sum() > 0.9
+    np.testing.assert_array_equal(out[7], images[7])
+    again, _, _ = augment_batch(images, masks, np.random.default_rng(1), "lesion-crop")
+    np.testing.assert_array_equal(out, again)

@@ -829,3 +829,23 @@ def test_merge_that_cannot_write_is_one_line(sharded, case, monkeypatch, no_spac
     line = _one_line(result, f"{out / 'predictions.csv'}: cannot write the merged predictions")
     assert (UNWRITABLE[case] if case == "disk_full" else "a folder is where the file should be") in line
     assert not list(out.glob(".*.tmp"))
+
+
+def test_the_lesion_view_averages_the_frame_with_the_square_around_the_models_own_mask():
+    from dermtool.infer import predict_batch
+
+    class Fake:  # seg: the bright pixels; cls: melanoma = mean brightness of what it was shown
+        def predict_on_batch(self, x):
+            m = x.mean(axis=(1, 2, 3)) / 255.0
+            return {"seg": (x[..., :1] > 127).astype(np.float32),
+                    "cls": np.stack([m, (1 - m) / 2, (1 - m) / 2], axis=1)}
+
+    frame = np.zeros((96, 96, 3), np.float32)
+    frame[28:68, 28:68] = 255.0  # a 40 px lesion: its view is 40 * 1.3 = 52 px wide
+    empty = np.zeros((96, 96, 3), np.float32)
+    (_, plain), _ = predict_batch(Fake(), [frame, empty])
+    (_, both), (_, none) = predict_batch(Fake(), [frame, empty], lesion_view=True)
+    whole, close = 40 * 40 / 96**2, 40 * 40 / 52**2
+    assert plain[0] == pytest.approx(whole, abs=1e-6)
+    assert both[0] == pytest.approx((whole + close) / 2, abs=0.01)
+    assert none[0] == pytest.approx(0.0)  # no lesion found: the frame's answer alone

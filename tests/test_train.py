@@ -470,3 +470,89 @@ def test_a_run_that_cannot_be_written_is_one_line(case, caches, tmp_path, monkey
     line = result.output.strip().splitlines()[-1]
     assert line.startswith("error:") and "Traceback" not in result.output, result.output
     assert "cannot write the run" in line and UNWRITABLE[case] in line
+
+
+def test_seg_batch_runs_the_shared_decoder_on_the_first_images_only(caches, tmp_path):
+    from dermtool.models import build_models
+
+    cfg = tiny("joint")
+    model, train_model = build_models(cfg, seg_batch=2)
+    assert train_model is not model
+    assert {l.name for l in model.layers if l.weights} == {l.name for l in train_model.layers if l.weights}
+    x = np.random.default_rng(0).uniform(0, 255, (4, SIZE, SIZE, 3)).astype("float32")
+    full, part = model(x, training=False), train_model(x, training=False)
+    assert part["seg"].shape[0] == 2 and part["cls"].shape[0] == 4
+    np.testing.assert_allclose(np.asarray(part["seg"]), np.asarray(full["seg"])[:2], atol=1e-6)
+    np.testing.assert_allclose(np.asarray(part["cls"]), np.asarray(full["cls"]), atol=1e-6)
+    seg_model, seg_train = build_models(tiny("seg"), seg_batch=2)
+    assert seg_train is seg_model  # only a joint model has a decoder to spare
+
+    out = run(caches, tmp_path / "r", "joint", epochs=1, seg_batch=2)
+    trained = build_models(cfg)[0]
+    trained.load_weights(str(out / "best.weights.h5"))  # the saved model is the plain one
+    assert load_config(out)[1].seg_batch == 2
+    resumed = run(caches, tmp_path / "r", "joint", epochs=2, resume=True)  # slots line up on resume
+    assert [int(r["epoch"]) for r in history(resumed)] == [1, 2]
+
+
+def test_seg_batch_trains_the_decoder_from_those_images_only(caches):
+    from dermtool.train import BatchSource
+    from dermtool.dataset import TrainingSet, steps_per_epoch
+
+    cfg = tiny("joint")
+    data = TrainingSet([load_cache(caches)], [False])
+    tcfg = TrainConfig(batch_size=4, seg_batch=3, augment="none")
+    x, y = BatchSource(data, cfg, tcfg, steps_per_epoch(len(data), 4, 0)).batch(0, 0)
+    assert x.shape[0] == 4 and y["cls"].shape[0] == 4 and y["seg"].shape[0] == 3
+
+
+def test_ema_validates_and_keeps_the_average_and_resumes_exactly(caches, tmp_path):
+    from dermtool.models import build_model
+
+    cfg = tiny("seg", dropout=0.0)
+    plain = run(caches, tmp_path / "plain", "seg", epochs=2, cfg=cfg)
+    straight = run(caches, tmp_path / "straight", "seg", epochs=2, cfg=cfg, ema=0.5)
+    run(caches, tmp_path / "part", "seg", epochs=1, cfg=cfg, ema=0.5)
+    resumed = run(caches, tmp_path / "part", "seg", epochs=2, resume=True, cfg=cfg)
+    weights = {}
+    for name, folder in (("plain", plain), ("straight", straight), ("resumed", resumed)):
+        m = build_model(cfg)
+        m.load_weights(str(folder / "last.weights.h5"))
+        weights[name] = m.get_weights()
+    for wa, wb in zip(weights["straight"], weights["resumed"]):
+        np.testing.assert_array_equal(wa, wb)
+    assert any(not np.array_equal(a, b) for a, b in zip(weights["plain"], weights["straight"]))
+
+
+def test_freeze_stem_keeps_the_first_stage_and_trains_the_rest(caches, tmp_path):
+    from dermtool.models import build_model, stem_layer_names
+
+    cfg = tiny("cls")
+    init = run(caches, tmp_path / "init", "cls", epochs=1, cfg=cfg)
+    out = run(caches, tmp_path / "stem", "cls", epochs=1, cfg=cfg, init_from=str(init), freeze="stem")
+    before, after = build_model(cfg), build_model(cfg)
+    before.load_weights(str(init / "best.weights.h5"))
+    after.load_weights(str(out / "last.weights.h5"))
+    stem = stem_layer_names(after)
+    assert stem and all(n.startswith("enc_block1_") for n in stem)
+    for name in stem:
+        for a, b in zip(before.get_layer(name).get_weights(), after.get_layer(name).get_weights()):
+            np.testing.assert_array_equal(a, b)
+    assert not np.array_equal(before.get_layer("enc_block2_conv1").get_weights()[0],
+                              after.get_layer("enc_block2_conv1").get_weights()[0])
+
+
+@pytest.mark.parametrize("args, words", [
+    (["--ema", "1.5"], "--ema must be 0"),
+    (["--task", "cls", "--seg-batch", "2"], "--seg-batch applies to --task joint"),
+    (["--seg-batch", "20", "--batch-size", "4"], "--seg-batch must be from 1 to the batch size"),
+    (["--freeze", "head"], "--freeze must be one of"),
+])
+def test_train_refuses_bad_seg_batch_ema_and_freeze(caches, tmp_path, args, words):
+    from typer.testing import CliRunner
+
+    from dermtool.cli import app
+
+    result = CliRunner().invoke(app, ["train", str(caches), "--out", str(tmp_path / "r"), *args])
+    assert result.exit_code == 2 and words in " ".join(result.output.split())
+    assert not (tmp_path / "r").exists()
