@@ -9,6 +9,10 @@ images, the benign ones without a diagnosis included. Two intervals that overlap
 
     python bench/paired.py --work /tmp/val --a isic-ham-lite0-joint-192 --b run1-model \\
         --isic2020 ../shared/data/isic2020 --resamples 2000
+
+A name joined by "+" (`--a final+other`) is the ensemble of those models: the mean of their class
+probabilities, image by image (masks and JAC: the first model's). It prices a second view
+against a second whole-frame model at the same cost of two forward passes.
 """
 
 from __future__ import annotations
@@ -73,11 +77,22 @@ def figures(pa, pb, truth, ids, mal, jac_a, jac_b) -> dict:
     return out
 
 
-def compare(fa: Path, fb: Path, labels: Path, metadata: Path | None, resamples: int, seed: int) -> dict:
-    pa, pb = _probs(fa), _probs(fb)
+def _mean_probs(folders: list[Path]) -> dict[str, np.ndarray]:
+    """The ensemble's class probabilities: the mean over the models, on the images all of them have."""
+    each = [_probs(f) for f in folders]
+    return {i: np.mean([p[i] for p in each], axis=0) for i in each[0] if all(i in p for p in each)}
+
+
+def _folders(work: Path, name: str, tta: int, key: str) -> list[Path]:
+    return [work / f"{part}-tta{tta}-{key}" for part in name.split("+")]
+
+
+def compare(fa, fb, labels: Path, metadata: Path | None, resamples: int, seed: int) -> dict:
+    fa, fb = ([fa] if isinstance(fa, Path) else fa), ([fb] if isinstance(fb, Path) else fb)
+    pa, pb = _mean_probs(fa), _mean_probs(fb)
     truth = {i: c for i, c in _truth(labels).items() if i in pa and i in pb}
     mal = {i: v for i, v in _benign(metadata).items() if i in pa and i in pb}
-    jac_a, jac_b = _jacs(fa), _jacs(fb)
+    jac_a, jac_b = _jacs(fa[0]), _jacs(fb[0])
     ids = sorted(set(pa) & set(pb))
     point = figures(pa, pb, truth, [i for i in ids if i in truth], mal, jac_a, jac_b)
     rng = np.random.default_rng(seed)
@@ -117,9 +132,8 @@ def main() -> None:
     print("|---|---|---|---:|---:|---|")
     for b in args.b:
         for key, title in SETS.items():
-            fa = args.work / f"{args.a}-tta{args.tta}-{key}"
-            fb = args.work / f"{b}-tta{args.tta}-{key}"
-            if not (fa / "masks" / "predictions.csv").is_file() or not (fb / "masks" / "predictions.csv").is_file():
+            fa, fb = _folders(args.work, args.a, args.tta, key), _folders(args.work, b, args.tta, key)
+            if not all((f / "masks" / "predictions.csv").is_file() for f in fa + fb):
                 continue
             labels = args.isic_val / "labels.csv" if key == "isic" else args.work / (
                 "ham-val" if key == "ham10000" else "i20-val") / "labels.csv"

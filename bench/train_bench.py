@@ -34,6 +34,11 @@ RECIPES = {
                                                  "--freeze", "stem"]),
     "joint seg-batch 2 + freeze stem": (_LITE0, ["--preset", "lite0", "--task", "joint", "--seg-batch", "2",
                                                  "--freeze", "stem"]),
+    # the steps of a --progressive 128 run before it reaches 192 px (the same network on smaller squares)
+    "joint seg-batch 4 + freeze stem @160": (["--size", "160"], ["--preset", "lite0", "--task", "joint", "--size",
+                                                                "160", "--seg-batch", "4", "--freeze", "stem"]),
+    "joint seg-batch 4 + freeze stem @128": (["--size", "128"], ["--preset", "lite0", "--task", "joint", "--size",
+                                                                "128", "--seg-batch", "4", "--freeze", "stem"]),
     "cls alone": (_LITE0, ["--preset", "lite0", "--task", "cls"]),
     "cls alone + freeze stem": (_LITE0, ["--preset", "lite0", "--task", "cls", "--freeze", "stem"]),
 }
@@ -93,6 +98,12 @@ def main() -> None:
     for name, n, secs, ips, wall in rows:
         updates = 60 * ips / args.batch_size
         print(f"| {name:<32} | {n} | {secs:.1f} | {ips:.2f} | {updates:.1f} | {ips / base:.2f} | {wall:.1f} |")
+    thirds = [r for r in rows if r[0].startswith("joint seg-batch 4 + freeze stem") and "seg-batch 2" not in r[0]]
+    if len(thirds) == 3:  # --progressive 128 at 192 px: a third of the epochs at each side
+        secs = sum(r[2] for r in thirds) / 3
+        ips = args.images / secs
+        print(f"| {'= progressive 128 (thirds, computed)':<32} | {args.images} | {secs:.1f} | {ips:.2f} | "
+              f"{60 * ips / args.batch_size:.1f} | {ips / base:.2f} | - |")
 
 
 if __name__ == "__main__":

@@ -204,7 +204,8 @@ def train_cli(
     seed: int = typer.Option(0, "--seed", help="Seed for weights, shuffling and augmentation; recorded in config.json."),
     init_from: Optional[Path] = typer.Option(None, "--init-from", help="Run folder whose layers are copied where names and shapes match (e.g. a seg run's encoder into cls/joint)."),
     freeze: str = typer.Option("none", "--freeze", help="encoder | decoder | stem | none: layers kept fixed while training (stem: the encoder's first, full-resolution stage; no gradient through the largest feature maps makes each step cheaper)."),
-    seg_batch: int = typer.Option(0, "--seg-batch", help="Joint only: the decoder trains on the first N images of each batch, the encoder and classifier on all of them (0: all). The full-size decoder is most of a joint step's cost, so e.g. 4 of 16 gives about twice the classifier updates per CPU minute (bench/train_bench.py --recipes)."),
+    seg_batch: int = typer.Option(0, "--seg-batch", help="Joint only: the decoder trains on the first N images of each batch, the encoder and classifier on all of them (0: all). The full-size decoder is a large part of a joint step's cost: 4 of 16 trained 1.24x the images per second, 1.46x with --freeze stem (bench/train_bench.py --recipes, CPU)."),
+    progressive: int = typer.Option(0, "--progressive", help="Progressive resizing: train the first epochs on smaller squares, from this side up in steps of 32 px to the model's size, equal shares of the epochs (e.g. 128 at size 192: a third each at 128, 160 and 192). Validation is always at the model's size. 0: off."),
     ema: float = typer.Option(0.0, "--ema", help="Keep an exponential moving average of the weights with this momentum (e.g. 0.99; 0: off); validation and the saved weights use the average."),
     resume: bool = typer.Option(False, "--resume", help="Continue the run in --out from its last completed epoch, with its own settings and caches (only --epochs may change)."),
     mixed_precision: bool = typer.Option(False, "--mixed-precision", help="float16 compute on a GPU (outputs stay float32)."),
@@ -244,6 +245,7 @@ def train_cli(
             seg_loss="bce+dice" if dice else "bce", augment="+".join(parse_groups(augment)) or "none", seed=seed,
             mixed_precision=mixed_precision, strategy=strategy, freeze=freeze, schedule=schedule,
             sampler=sampler, steps_per_epoch=steps_per_epoch, seg_batch=seg_batch, ema=ema,
+            progressive=progressive,
             init_from=str(init_from.resolve()) if init_from else "", command=_command_line(ctx, only_given=resume),
         )
         from dermtool.train import train
@@ -308,6 +310,7 @@ _RESUME_SETTINGS = {
     "input_chain": ("model", "input_chain"), "seed": ("train", "seed"), "init_from": ("train", "init_from"),
     "freeze": ("train", "freeze"), "mixed_precision": ("train", "mixed_precision"),
     "strategy": ("train", "strategy"), "seg_batch": ("train", "seg_batch"), "ema": ("train", "ema"),
+    "progressive": ("train", "progressive"),
 }
 
 

@@ -200,6 +200,7 @@ class TrainConfig:
     strategy: str = "default"
     freeze: str = "none"  # "none", "encoder", "decoder" or "stem" (the encoder's full-resolution stage)
     seg_batch: int = 0  # joint: the decoder trains on the first N images of each batch (0: all)
+    progressive: int = 0  # progressive resizing: the first epochs train at this side, then +32 ... (0: off)
     ema: float = 0.0  # momentum of an exponential moving average of the weights (0: off)
     init_from: str = ""
     command: str = ""

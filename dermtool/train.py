@@ -87,10 +87,78 @@ class BatchSource:
         # input and target are centred squares, so one dihedral map aligns both (valid models too)
         rng = np.random.default_rng([self.tcfg.seed, epoch, step])
         x, aug_masks, _ = augment_batch(images, masks, rng, self.tcfg.augment)
+        side = phase_size(self.cfg, self.tcfg, epoch)
+        if side != self.cfg.input_size:  # progressive resizing: this epoch trains on smaller squares
+            x, aug_masks = shrink_batch(x, aug_masks, side)
         y = targets(self.cfg, aug_masks, labels)
         if "seg" in y and "cls" in y and self.tcfg.seg_batch:  # the decoder trains on these only
             y["seg"] = y["seg"][:self.tcfg.seg_batch]
         return x, y
+
+
+def progressive_phases(cfg: ModelConfig, tcfg: TrainConfig) -> list[tuple[int, int, int]]:
+    """(side, first epoch, end epoch) of each training phase, 0-based epochs.
+
+    Without --progressive, one phase at the model's size. With it, the epochs are shared equally
+    between START, START + 32, ... and the model's size (the remainder to the first phases... no:
+    to the last, full-size phase), so the model ends on what it will see; validation is always at
+    the model's size.
+    """
+    full = cfg.input_size
+    if not tcfg.progressive or tcfg.progressive >= full:
+        return [(full, 0, tcfg.epochs)]
+    sides = (list(range(tcfg.progressive, full, PROGRESSIVE_STEP)) + [full])[-tcfg.epochs:]  # an epoch each, at least
+    share = tcfg.epochs // len(sides)
+    phases, start = [], 0
+    for k, side in enumerate(sides):
+        end = tcfg.epochs if k == len(sides) - 1 else start + share
+        if end > start:
+            phases.append((side, start, end))
+        start = end
+    return phases
+
+
+PROGRESSIVE_STEP = 32  # Lite0's coarsest feature map is 1/32 of the input
+
+
+def check_progressive(cfg: ModelConfig, tcfg: TrainConfig) -> None:
+    """--progressive must name a smaller square the network can take: a multiple of 32 (of
+    2**depth for the U-Net), same padding."""
+    start = tcfg.progressive
+    if not start:
+        return
+    unit = 32 if cfg.encoder != "unet" else 2**cfg.depth
+    if cfg.margin:
+        raise InputError("--progressive needs a same-padded model (the thesis's valid convolutions tie the "
+                         "input to one size).")
+    if not (unit <= start < cfg.input_size and start % unit == 0):
+        raise InputError(f"--progressive must be a multiple of {unit} from {unit} to below the model's size "
+                         f"{cfg.input_size}, not {start}.")
+
+
+def phase_size(cfg: ModelConfig, tcfg: TrainConfig, epoch: int) -> int:
+    """The side of the squares epoch `epoch` (0-based) trains on."""
+    for side, first, end in progressive_phases(cfg, tcfg):
+        if first <= epoch < end:
+            return side
+    return cfg.input_size
+
+
+def shrink_batch(x: np.ndarray, masks: np.ndarray | None, side: int):
+    """A training batch resized to `side` px: images bilinear, masks nearest (a missing mask stays missing)."""
+    from PIL import Image
+
+    from dermtool.augment import MISSING
+
+    small = np.stack([np.asarray(Image.fromarray(np.clip(im, 0, 255).astype(np.uint8)).resize(
+        (side, side), Image.BILINEAR), np.float32) for im in x])
+    if masks is None:
+        return small, None
+    out = np.full((len(masks), side, side), MISSING, np.uint8)
+    for i, m in enumerate(masks):
+        if m.min() != MISSING:
+            out[i] = np.asarray(Image.fromarray(m).resize((side, side), Image.NEAREST))
+    return small, out
 
 
 def training_batch(cache: Cache, cfg: ModelConfig, tcfg: TrainConfig, resize: bool, epoch: int, step: int):
@@ -101,8 +169,10 @@ def training_batch(cache: Cache, cfg: ModelConfig, tcfg: TrainConfig, resize: bo
     return BatchSource(data, cfg, tcfg, steps_per_epoch(len(data), tcfg.batch_size, tcfg.steps_per_epoch)).batch(epoch, step)
 
 
-def training_dataset(data, cfg: ModelConfig, tcfg: TrainConfig, first_epoch: int = 0):
-    """tf.data stream of (epoch, step) -> batch for all remaining epochs, and the steps per epoch.
+def training_dataset(data, cfg: ModelConfig, tcfg: TrainConfig, first_epoch: int = 0, end_epoch: int | None = None):
+    """tf.data stream of (epoch, step) -> batch for epochs first_epoch .. end_epoch - 1 (default:
+    all remaining), and the steps per epoch. All these epochs must train at one side
+    (`progressive_phases`).
 
     One stream across epochs (fit with steps_per_epoch), so batches prepared ahead of time
     always belong to the epoch they are trained in.
@@ -121,15 +191,17 @@ def training_dataset(data, cfg: ModelConfig, tcfg: TrainConfig, first_epoch: int
 
     def shape(*arrays):
         x = arrays[0]
-        x.set_shape((None, cfg.input_size, cfg.input_size, 3))
+        x.set_shape((None, side, side, 3))
         y = dict(zip(keys, arrays[1:]))
         if "seg" in y:
-            y["seg"].set_shape((None, cfg.size, cfg.size, 1))
+            y["seg"].set_shape((None, side - 2 * cfg.margin, side - 2 * cfg.margin, 1))
         if "cls" in y:
             y["cls"].set_shape((None, len(cfg.class_names)))
         return x, y
 
-    pairs = tf.data.Dataset.range(first_epoch, tcfg.epochs).flat_map(
+    end_epoch = tcfg.epochs if end_epoch is None else end_epoch
+    side = phase_size(cfg, tcfg, first_epoch)
+    pairs = tf.data.Dataset.range(first_epoch, end_epoch).flat_map(
         lambda e: tf.data.Dataset.range(steps).map(lambda s: (e, s)))
     # one worker: BatchSource caches the epoch's order and is not shared across threads
     ds = pairs.map(lambda e, s: tf.numpy_function(load, [e, s], [tf.float32] * (1 + len(keys))),
@@ -258,6 +330,7 @@ def train(cfg: ModelConfig, tcfg: TrainConfig, train_cache, val_cache, out_dir: 
         tcfg = replace(tcfg, train_caches=_resolved(train_paths), val_caches=_resolved(val_paths))
     if tcfg.strategy == "multiworker":  # before anything is written
         raise InputError(MULTIWORKER_REMOVED)
+    check_progressive(cfg if cfg is not None else load_config(out_dir)[0], tcfg)
 
     import tensorflow as tf
 
@@ -317,10 +390,11 @@ def train(cfg: ModelConfig, tcfg: TrainConfig, train_cache, val_cache, out_dir: 
         ema = {"use_ema": True, "ema_momentum": tcfg.ema} if tcfg.ema else {}
         optimizer = keras.optimizers.Adam(tcfg.learning_rate, **ema)
         model.compile(optimizer=optimizer, loss=losses, loss_weights=loss_weights)
-        if train_model is not model:
+        if train_model is not model or tcfg.progressive:
             # the same optimizer (under mixed precision, the same loss-scale wrapper), its slots in
             # the saved model's variable order, as checkpoint.load builds them
-            train_model.compile(optimizer=model.optimizer, loss=losses, loss_weights=loss_weights)
+            if train_model is not model:
+                train_model.compile(optimizer=model.optimizer, loss=losses, loss_weights=loss_weights)
             model.optimizer.build(model.trainable_variables)
 
     metric_name = selection_metric(cfg) if vals else None
@@ -339,7 +413,6 @@ def train(cfg: ModelConfig, tcfg: TrainConfig, train_cache, val_cache, out_dir: 
         log(f"{out_dir}: all {tcfg.epochs} epochs already done")
         return out_dir
 
-    batches, steps = training_dataset(data, cfg, tcfg, first_epoch=state["epoch"])
     callback = EpochEnd(model, cfg, tcfg, list(zip(vals, resize_va)), losses, loss_weights, out_dir, state,
                         metric_name, log)
     callbacks = [callback]
@@ -350,8 +423,21 @@ def train(cfg: ModelConfig, tcfg: TrainConfig, train_cache, val_cache, out_dir: 
     except ImportError:
         log("note: tensorboard is not installed; no TensorBoard logs (history.csv has every number)")
     try:
-        train_model.fit(batches, epochs=tcfg.epochs, initial_epoch=state["epoch"], steps_per_epoch=steps, shuffle=False,
-                  verbose=1 if progress else 0, callbacks=callbacks)
+        for side, first, end in progressive_phases(cfg, tcfg):
+            if end <= state["epoch"]:
+                continue
+            fit_model = train_model
+            if side != cfg.input_size:  # the same layers on smaller squares
+                log(f"epochs {max(first, state['epoch']) + 1}-{end}: {side} px squares (--progressive)")
+                with strategy.scope():
+                    fit_model = keras.models.clone_model(train_model, input_tensors=keras.Input((side, side, 3)),
+                                                         clone_function=lambda layer: layer)
+                    fit_model.compile(optimizer=model.optimizer, loss=losses, loss_weights=loss_weights)
+            elif len(progressive_phases(cfg, tcfg)) > 1:
+                log(f"epochs {max(first, state['epoch']) + 1}-{end}: {side} px squares, the model's own")
+            batches, steps = training_dataset(data, cfg, tcfg, first_epoch=max(first, state["epoch"]), end_epoch=end)
+            fit_model.fit(batches, epochs=end, initial_epoch=max(first, state["epoch"]), steps_per_epoch=steps,
+                          shuffle=False, verbose=1 if progress else 0, callbacks=callbacks)
     except KeyboardInterrupt:
         checkpoint.tidy(out_dir)  # RUN's files show the last committed epoch, whatever the cut
         raise
@@ -500,7 +586,15 @@ class EpochEnd(keras.callbacks.Callback):
         checkpoint.commit(self.out_dir, self.m, st, row, history_fields(prefixes), improved)
         if self.tcfg.ema:
             swap_ema(self.m, self.m.optimizer)
+            # fit ends by putting the average into the model (Keras' finalize_variable_values); the
+            # next --progressive phase trains on from the raw weights (on_train_end)
+            self._raw = [np.array(v.numpy()) for v in self.m.trainable_variables]
         self.log(_summary(row, prefixes))
+
+    def on_train_end(self, logs=None):
+        if self.tcfg.ema and getattr(self, "_raw", None) is not None:
+            for var, raw in zip(self.m.trainable_variables, self._raw):
+                var.assign(raw)
 
     def _plateau(self, monitored: float, key: str) -> None:
         """Learning rate x lr_factor after lr_patience epochs without a better loss (`key` in the state)."""

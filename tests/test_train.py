@@ -556,3 +556,62 @@ def test_train_refuses_bad_seg_batch_ema_and_freeze(caches, tmp_path, args, word
     result = CliRunner().invoke(app, ["train", str(caches), "--out", str(tmp_path / "r"), *args])
     assert result.exit_code == 2 and words in " ".join(result.output.split())
     assert not (tmp_path / "r").exists()
+
+
+def test_progressive_phases_share_the_epochs_and_end_at_the_models_size():
+    from dermtool.train import progressive_phases
+
+    lite = preset_config("lite0", "joint")  # 192 px
+    assert progressive_phases(lite, TrainConfig(epochs=7, progressive=128)) == [
+        (128, 0, 2), (160, 2, 4), (192, 4, 7)]
+    assert progressive_phases(lite, TrainConfig(epochs=7)) == [(192, 0, 7)]
+    assert progressive_phases(lite, TrainConfig(epochs=2, progressive=128)) == [(160, 0, 1), (192, 1, 2)]
+
+
+def test_shrink_batch_keeps_a_missing_mask_missing():
+    from dermtool.augment import MISSING
+    from dermtool.train import shrink_batch
+
+    x = np.zeros((2, 8, 8, 3), np.float32)
+    x[:, :4] = 200.0
+    masks = np.zeros((2, 8, 8), np.uint8)
+    masks[0, :4] = 1
+    masks[1] = MISSING
+    small, small_masks = shrink_batch(x, masks, 4)
+    assert small.shape == (2, 4, 4, 3) and (small[:, 0] == 200).all() and (small[:, 3] == 0).all()
+    np.testing.assert_array_equal(small_masks[0], np.repeat([[1], [1], [0], [0]], 4, axis=1))
+    assert (small_masks[1] == MISSING).all()
+
+
+def test_progressive_training_resumes_across_phases_to_the_uninterrupted_run(caches, tmp_path, monkeypatch):
+    from dermtool import train as train_module
+    from dermtool.models import build_model
+
+    cfg = tiny("seg", dropout=0.0)  # 32 px, depth 2: it trains on 16 px squares first
+    straight = run(caches, tmp_path / "straight", "seg", epochs=2, cfg=cfg, progressive=16)
+    assert [int(r["epoch"]) for r in history(straight)] == [1, 2]
+    committed = train_module.EpochEnd.on_epoch_end
+
+    def stop_after_the_first(self, epoch, logs=None):  # Ctrl-C once epoch 1 is saved
+        committed(self, epoch, logs)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(train_module.EpochEnd, "on_epoch_end", stop_after_the_first)
+    with pytest.raises(KeyboardInterrupt):
+        run(caches, tmp_path / "part", "seg", epochs=2, cfg=cfg, progressive=16)
+    monkeypatch.undo()
+    assert len(history(tmp_path / "part")) == 1
+    resumed = run(caches, tmp_path / "part", "seg", epochs=2, resume=True, cfg=cfg)
+    a, b = build_model(cfg), build_model(cfg)
+    a.load_weights(str(straight / "last.weights.h5"))
+    b.load_weights(str(resumed / "last.weights.h5"))
+    for wa, wb in zip(a.get_weights(), b.get_weights()):
+        np.testing.assert_array_equal(wa, wb)
+
+
+def test_progressive_refuses_a_side_the_network_cannot_take(caches, tmp_path):
+    from dermtool.errors import InputError
+
+    with pytest.raises(InputError, match="--progressive must be a multiple of 4 from 4 to below"):
+        run(caches, tmp_path / "r", "seg", epochs=2, progressive=18)
+    assert not (tmp_path / "r").exists()
