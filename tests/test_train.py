@@ -38,6 +38,17 @@ def run(caches, out: Path, task: str, epochs: int = 2, resume: bool = False, cfg
     return train(cfg or tiny(task), tcfg, caches, caches, out, resume=resume, log=lambda m: None, progress=False)
 
 
+def assert_same_weights(cfg, run_a: Path, run_b: Path) -> None:
+    """The last epochs of two runs hold exactly the same weights."""
+    from dermtool.models import build_model
+
+    a, b = build_model(cfg), build_model(cfg)
+    a.load_weights(str(run_a / "last.weights.h5"))
+    b.load_weights(str(run_b / "last.weights.h5"))
+    for wa, wb in zip(a.get_weights(), b.get_weights()):
+        np.testing.assert_array_equal(wa, wb)
+
+
 def history(run_dir: Path) -> list[dict]:
     return list(csv.DictReader(open(run_dir / "history.csv")))
 
@@ -62,8 +73,6 @@ def test_each_task_trains_and_writes_a_complete_run_folder(caches, tmp_path, tas
 
 
 def test_resume_continues_from_the_saved_epoch_and_matches_an_uninterrupted_run(caches, tmp_path):
-    from dermtool.models import build_model
-
     # without dropout the run is deterministic, so resume must reproduce it exactly: same data
     # order and augmentation for epoch 2, same Adam state, same learning rate
     cfg = tiny("seg", dropout=0.0)
@@ -72,11 +81,7 @@ def test_resume_continues_from_the_saved_epoch_and_matches_an_uninterrupted_run(
     assert len(history(part)) == 1
     resumed = run(caches, tmp_path / "part", "seg", epochs=2, resume=True, cfg=cfg)
     assert [int(r["epoch"]) for r in history(resumed)] == [1, 2]
-    a, b = build_model(cfg), build_model(cfg)
-    a.load_weights(str(straight / "last.weights.h5"))
-    b.load_weights(str(resumed / "last.weights.h5"))
-    for wa, wb in zip(a.get_weights(), b.get_weights()):
-        np.testing.assert_array_equal(wa, wb)
+    assert_same_weights(cfg, straight, resumed)
 
 
 def test_a_second_run_into_the_same_folder_needs_resume(caches, tmp_path):
@@ -585,7 +590,6 @@ def test_shrink_batch_keeps_a_missing_mask_missing():
 
 def test_progressive_training_resumes_across_phases_to_the_uninterrupted_run(caches, tmp_path, monkeypatch):
     from dermtool import train as train_module
-    from dermtool.models import build_model
 
     cfg = tiny("seg", dropout=0.0)  # 32 px, depth 2: it trains on 16 px squares first
     straight = run(caches, tmp_path / "straight", "seg", epochs=2, cfg=cfg, progressive=16)
@@ -602,11 +606,7 @@ def test_progressive_training_resumes_across_phases_to_the_uninterrupted_run(cac
     monkeypatch.undo()
     assert len(history(tmp_path / "part")) == 1
     resumed = run(caches, tmp_path / "part", "seg", epochs=2, resume=True, cfg=cfg)
-    a, b = build_model(cfg), build_model(cfg)
-    a.load_weights(str(straight / "last.weights.h5"))
-    b.load_weights(str(resumed / "last.weights.h5"))
-    for wa, wb in zip(a.get_weights(), b.get_weights()):
-        np.testing.assert_array_equal(wa, wb)
+    assert_same_weights(cfg, straight, resumed)
 
 
 def test_progressive_refuses_a_side_the_network_cannot_take(caches, tmp_path):
