@@ -23,7 +23,9 @@ BATCH=${BATCH:-64}
 LR=${LR:-1e-3}
 SIZE=${SIZE:-192}
 CHAIN=${CHAIN:-jpeg256}
-AUGMENT=${AUGMENT:-flips+geometry+color-strong+chain}
+AUGMENT=${AUGMENT:-flips+color-strong+lesion-crop+geometry+chain}
+EMA=${EMA:-0.99}
+VIEWS=${VIEWS:-frame+lesion}  # the written model's cls_views: frame, or frame+lesion (a second view)
 INIT=${INIT:-}  # a model folder to start from (e.g. the bundled model), else ImageNet weights
 DERMTOOL=${DERMTOOL:-dermtool}
 
@@ -54,7 +56,8 @@ $DERMTOOL train "$WORK/isic-train" "$WORK/ham-train" "$WORK/i20-train" \
   --val "$WORK/isic-val" --val "$WORK/ham-val" --val "$WORK/i20-val" \
   --task joint --preset lite0 --input-chain "$CHAIN" --color-constancy shades-of-gray \
   --augment "$AUGMENT" --sampler balanced --schedule cosine --dice --seed 0 \
-  --epochs "$EPOCHS" --steps-per-epoch "$STEPS" --batch-size "$BATCH" --learning-rate "$LR" \
+  --epochs "$EPOCHS" --steps-per-epoch "$STEPS" --batch-size "$BATCH" --learning-rate "$LR" --ema "$EMA" \
+  --cls-views "$VIEWS" \
   --out "$WORK/run" "${INIT_OPTS[@]}" "${GPU_OPTS[@]}"
 echo "== train: $(( $(date +%s) - start )) s"
 

@@ -201,6 +201,7 @@ def train_cli(
     augment: str = typer.Option("flips+color", "--augment", help="none, or groups joined by '+': flips (8 rotations/flips), color (mild colour jitter) or color-strong (brightness, contrast, hue, saturation, gain), lesion-crop (half of the images with a mask become the square around their lesion, as the lesion view of infer sees it), geometry (random resized crop, any-angle rotation, shear; masks move too), chain (down/up-scaling, blur, JPEG re-compression). E.g. flips+color-strong+lesion-crop+geometry+chain."),
     input_chain: Optional[str] = typer.Option(None, "--input-chain", help="direct | jpeg256: how images reach the model, in infer as in the caches (dermtool preprocess --chain). jpeg256 makes an original and its 256 px copy give nearly the same answer. Default: the preset's (direct)."),
     color_constancy: Optional[str] = typer.Option(None, "--color-constancy", help="none | shades-of-gray: remove each image's colour cast inside the model (Shades of Gray, p = 6), so train, infer and exports apply it alike. Default: the preset's (none)."),
+    cls_views: Optional[str] = typer.Option(None, "--cls-views", help="frame | frame+lesion: what the trained model's classifier looks at in infer; frame+lesion (joint only) also classifies the square around the lesion the model found and averages the two (train it with --augment ...+lesion-crop). Default: frame."),
     seed: int = typer.Option(0, "--seed", help="Seed for weights, shuffling and augmentation; recorded in config.json."),
     init_from: Optional[Path] = typer.Option(None, "--init-from", help="Run folder whose layers are copied where names and shapes match (e.g. a seg run's encoder into cls/joint)."),
     freeze: str = typer.Option("none", "--freeze", help="encoder | decoder | stem | none: layers kept fixed while training (stem: the encoder's first, full-resolution stage; no gradient through the largest feature maps makes each step cheaper)."),
@@ -239,7 +240,7 @@ def train_cli(
         else:
             cfg = preset_config(preset, task, size=size, base_filters=base_filters, depth=depth, fit=fit,
                                 encoder=encoder, pretrained=pretrained, color_constancy=color_constancy,
-                                input_chain=input_chain)
+                                input_chain=input_chain, cls_views=cls_views)
         tcfg = TrainConfig(
             epochs=epochs or (0 if resume else 50), batch_size=batch_size, learning_rate=learning_rate, alpha=alpha,
             seg_loss="bce+dice" if dice else "bce", augment="+".join(parse_groups(augment)) or "none", seed=seed,
@@ -270,7 +271,7 @@ def _check_train_options(o: dict) -> None:
         fail(MULTIWORKER_REMOVED)
     choices = {"task": ("seg", "cls", "joint"), "freeze": ("encoder", "decoder", "stem", "none"),
                "strategy": ("default", "mirrored"), "color_constancy": (None, "none", "shades-of-gray"),
-               "input_chain": (None, "direct", "jpeg256"),
+               "input_chain": (None, "direct", "jpeg256"), "cls_views": (None, "frame", "frame+lesion"),
                "schedule": ("plateau", "cosine"), "sampler": ("proportional", "balanced")}
     for name, allowed in choices.items():
         if o[name] not in allowed:
@@ -282,6 +283,9 @@ def _check_train_options(o: dict) -> None:
     if o["ema"] and not 0.5 <= o["ema"] < 1.0:
         fail(f"--ema must be 0 (off) or a momentum from 0.5 to below 1, such as 0.99, not {o['ema']}: the average "
              "keeps that share of itself at every step.")
+    if o["cls_views"] == "frame+lesion" and o["task"] != "joint":
+        fail(f"--cls-views frame+lesion needs --task joint (the lesion view is cut from the model's own mask), "
+             f"not {o['task']}.")
     if o["seg_batch"] and o["task"] != "joint":
         fail(f"--seg-batch applies to --task joint only (the decoder's share of a joint batch), not {o['task']}.")
     if o["seg_batch"] and o["batch_size"] is not None and not 0 < o["seg_batch"] <= o["batch_size"]:
@@ -310,7 +314,7 @@ _RESUME_SETTINGS = {
     "input_chain": ("model", "input_chain"), "seed": ("train", "seed"), "init_from": ("train", "init_from"),
     "freeze": ("train", "freeze"), "mixed_precision": ("train", "mixed_precision"),
     "strategy": ("train", "strategy"), "seg_batch": ("train", "seg_batch"), "ema": ("train", "ema"),
-    "progressive": ("train", "progressive"),
+    "progressive": ("train", "progressive"), "cls_views": ("model", "cls_views"),
 }
 
 

@@ -849,3 +849,32 @@ def test_the_lesion_view_averages_the_frame_with_the_square_around_the_models_ow
     assert plain[0] == pytest.approx(whole, abs=1e-6)
     assert both[0] == pytest.approx((whole + close) / 2, abs=0.01)
     assert none[0] == pytest.approx(0.0)  # no lesion found: the frame's answer alone
+
+
+def test_a_model_with_the_lesion_view_uses_it_in_infer_and_the_api(models, few_images, tmp_path, monkeypatch):
+    """The view itself is checked above with a model whose mask is known; here, that the
+    config's cls_views reaches it from both entry points (the tiny net's mask is scattered)."""
+    import dermtool
+    from dermtool import api as api_module
+    from dermtool import infer as infer_module
+
+    folder = tmp_path / "lesion-view"
+    shutil.copytree(models["joint"], folder)
+    config = json.loads((folder / "config.json").read_text())
+    config["model"]["cls_views"] = "frame+lesion"
+    (folder / "config.json").write_text(json.dumps(config))
+    asked = []
+    real = infer_module.predict_batch
+
+    def spy(*args, **kwargs):
+        asked.append(args[5] if len(args) > 5 else kwargs.get("lesion_view", False))
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(infer_module, "predict_batch", spy)
+    monkeypatch.setattr(api_module, "predict_batch", spy)
+    for name, model in (("frame", models["joint"]), ("both", folder)):
+        assert infer(few_images, "--out", tmp_path / name, "--model", model).exit_code == 0
+        assert asked and set(asked) == {name == "both"}
+        asked.clear()
+    list(dermtool.load_model(folder).predict(sorted(few_images.iterdir())))
+    assert asked and set(asked) == {True}

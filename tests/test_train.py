@@ -552,6 +552,8 @@ def test_freeze_stem_keeps_the_first_stage_and_trains_the_rest(caches, tmp_path)
     (["--task", "cls", "--seg-batch", "2"], "--seg-batch applies to --task joint"),
     (["--seg-batch", "20", "--batch-size", "4"], "--seg-batch must be from 1 to the batch size"),
     (["--freeze", "head"], "--freeze must be one of"),
+    (["--task", "cls", "--cls-views", "frame+lesion"], "--cls-views frame+lesion needs --task joint"),
+    (["--cls-views", "lesion"], "--cls-views must be one of"),
 ])
 def test_train_refuses_bad_seg_batch_ema_and_freeze(caches, tmp_path, args, words):
     from typer.testing import CliRunner
