@@ -99,7 +99,8 @@ class Model:
     def predict(self, images: ImageLike | Iterable[ImageLike], tta: int = 1, batch_size: int = 8,
                 threshold: float | None = None, closing_radius: int = 3, largest_component: bool = True,
                 fill_holes: bool = True, workers: int = 0,
-                melanoma_threshold: float | None = None) -> Prediction | list[Prediction] | Iterator[Prediction]:
+                melanoma_threshold: float | None = None,
+                cls_views: str | None = None) -> Prediction | list[Prediction] | Iterator[Prediction]:
         """Segment and classify one image or many, with `dermtool infer`'s code and options.
 
         Args:
@@ -129,7 +130,8 @@ class Model:
         if melanoma_threshold is not None:
             melanoma_threshold = check_threshold(melanoma_threshold)
         opts = with_model_threshold(InferOptions(batch_size=batch_size, tta=tta, post=post, workers=workers,
-                                                 melanoma_threshold=melanoma_threshold), self.config)
+                                                 melanoma_threshold=melanoma_threshold, cls_views=cls_views),
+                                    self.config)
         if _is_one_image(images):
             return next(self._stream([images], opts, 1))
         if isinstance(images, (list, tuple, np.ndarray)):
@@ -149,7 +151,7 @@ class Model:
                     return
                 loaded = list(pool.map(self._prepare, batch))
                 outputs = predict_batch(self._engine, [x for x, _, _ in loaded], opts.tta, batch_size,
-                                        self.config.temperature, self.config.cls_views == "frame+lesion")
+                                        self.config.temperature, opts.cls_views == "frame+lesion")
                 yield from pool.map(lambda a: self._finish(*a, opts), zip(loaded, outputs))
 
     def _prepare(self, image: ImageLike) -> tuple[np.ndarray, Transform, str | None]:

@@ -414,6 +414,7 @@ def infer_cli(
     workers: int = typer.Option(0, "--workers", help="Decode/write threads (0: automatic; at most 64)."),
     report: bool = typer.Option(False, "--report", help="Also write OUT/report.html: the run's facts and a gallery of thumbnails with contour, class and probabilities, in triage order (as dermtool report OUT)."),
     melanoma_threshold: Optional[float] = typer.Option(None, "--melanoma-threshold", help="Label an image melanoma when its melanoma probability is at least this (between 0 and 1), else the likelier other class. Default: the model's stored operating point (dermtool calibrate), else the plain argmax."),
+    cls_views: Optional[str] = typer.Option(None, "--cls-views", help="frame: classify the whole image; frame+lesion (joint models): also the square around the lesion the model found, averaging the two (a second model pass per image). Default: the model's own (config.json; the bundled model: frame+lesion)."),
 ) -> None:
     """Segment and classify every image of a folder.
 
@@ -454,6 +455,7 @@ def infer_cli(
         opts = InferOptions(
             batch_size=batch_size, tta=tta, probabilities=probabilities, overlay=overlay, resume=resume,
             shard=k_n, workers=workers, engine=engine, melanoma_threshold=melanoma_threshold, dicom_seg=dicom_seg,
+            cls_views=cls_views,
             post=PostprocessConfig(threshold=threshold, closing_radius=closing_radius,
                                    largest_component=largest, fill_holes=fill_holes),
         )

@@ -48,6 +48,7 @@ class InferOptions:
     engine: str | None = None  # None: the model's own runtime; see modelio.load_engine
     melanoma_threshold: float | None = None  # None: the model's own (config.json); see dermtool.decision
     dicom_seg: bool = False  # also a DICOM Segmentation for each DICOM source (dicom.write_segmentation)
+    cls_views: str | None = None  # "frame" or "frame+lesion"; None: the model's own (config.json)
 
 
 @dataclass
@@ -169,6 +170,13 @@ def with_model_threshold(opts: InferOptions, cfg: ModelConfig, model_dir=None) -
     none was given; a melanoma threshold for a model without a classifier is refused."""
     if opts.post.threshold is None:
         opts = replace(opts, post=replace(opts.post, threshold=cfg.threshold))
+    if opts.cls_views is None:
+        opts = replace(opts, cls_views=cfg.cls_views)
+    elif opts.cls_views not in ("frame", "frame+lesion"):
+        raise InputError(f"cls_views must be frame or frame+lesion, not {opts.cls_views!r}.")
+    elif opts.cls_views == "frame+lesion" and cfg.task != "joint":
+        raise InputError(f"{model_dir or 'the model'}: the lesion view (frame+lesion) needs a joint model, whose "
+                         f"mask says where the lesion is, not a {cfg.task} model.")
     if opts.melanoma_threshold is None:
         opts = replace(opts, melanoma_threshold=cfg.melanoma_threshold)
     elif not cfg.has_cls:
@@ -304,7 +312,7 @@ def predict_folder(images_dir: Path, out_dir: Path, model_dir: Path | None = Non
                 if not good:
                     continue
                 outputs = predict_batch(model, [g[1] for g in good], opts.tta, batch_size, cfg.temperature,
-                                        cfg.cls_views == "frame+lesion")
+                                        opts.cls_views == "frame+lesion")
                 for (path, _, t, _), (seg, cls) in zip(good, outputs):
                     writes.append((path, write_pool.submit(_finish_one, image_id_of(path), path, t, seg, cls,
                                                            cfg, opts, out_dir)))
@@ -360,6 +368,7 @@ def _run_record(images_dir: Path, model_sha1: str, summary: InferSummary, cfg: M
         "tta": opts.tta, "postprocess": opts.post.to_dict(), "probabilities": opts.probabilities,
         "overlay": opts.overlay, "dicom_seg": opts.dicom_seg, "shard": f"{opts.shard[0]}/{opts.shard[1]}",
         "temperature": cfg.temperature, "melanoma_threshold": opts.melanoma_threshold,
+        "cls_views": opts.cls_views,
     }
 
 

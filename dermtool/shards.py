@@ -21,7 +21,7 @@ from dermtool.io import first_few, read_csv_rows, read_json, write_csv_atomic
 
 #: What must not differ between two runs writing one folder (keys of infer.json).
 SETTINGS = ("model_sha1", "engine", "task", "tta", "postprocess", "probabilities", "overlay",
-            "melanoma_threshold", "dicom_seg")
+            "melanoma_threshold", "dicom_seg", "cls_views")
 _PART = re.compile(r"predictions\.part-(\d+)-of-(\d+)\.csv")
 
 

@@ -878,3 +878,12 @@ def test_a_model_with_the_lesion_view_uses_it_in_infer_and_the_api(models, few_i
         asked.clear()
     list(dermtool.load_model(folder).predict(sorted(few_images.iterdir())))
     assert asked and set(asked) == {True}
+    asked.clear()
+    # --cls-views overrides the model's; infer.json records it, so --resume refuses another
+    assert infer(few_images, "--out", tmp_path / "frame-only", "--model", folder, "--cls-views", "frame").exit_code == 0
+    assert set(asked) == {False}
+    assert json.loads((tmp_path / "frame-only" / "infer.json").read_text())["cls_views"] == "frame"
+    again = infer(few_images, "--out", tmp_path / "frame-only", "--model", folder, "--resume")
+    assert again.exit_code == 2 and "cls_views frame in the run, frame+lesion now" in " ".join(again.output.split())
+    wrong = infer(few_images, "--out", tmp_path / "seg", "--model", models["seg"], "--cls-views", "frame+lesion")
+    assert wrong.exit_code == 2 and "needs a joint model" in " ".join(wrong.output.split())
