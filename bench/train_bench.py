@@ -39,6 +39,9 @@ RECIPES = {
                                                                 "160", "--seg-batch", "4", "--freeze", "stem"]),
     "joint seg-batch 4 + freeze stem @128": (["--size", "128"], ["--preset", "lite0", "--task", "joint", "--size",
                                                                 "128", "--seg-batch", "4", "--freeze", "stem"]),
+    # issue 17 item 7: what 224 px would cost a step (its accuracy needs a training run)
+    "joint seg-batch 4 + freeze stem @224": (["--size", "224"], ["--preset", "lite0", "--task", "joint", "--size",
+                                                                "224", "--seg-batch", "4", "--freeze", "stem"]),
     "cls alone": (_LITE0, ["--preset", "lite0", "--task", "cls"]),
     "cls alone + freeze stem": (_LITE0, ["--preset", "lite0", "--task", "cls", "--freeze", "stem"]),
 }
@@ -98,7 +101,8 @@ def main() -> None:
     for name, n, secs, ips, wall in rows:
         updates = 60 * ips / args.batch_size
         print(f"| {name:<32} | {n} | {secs:.1f} | {ips:.2f} | {updates:.1f} | {ips / base:.2f} | {wall:.1f} |")
-    thirds = [r for r in rows if r[0].startswith("joint seg-batch 4 + freeze stem") and "seg-batch 2" not in r[0]]
+    thirds = [r for r in rows if r[0] in ("joint seg-batch 4 + freeze stem", "joint seg-batch 4 + freeze stem @160",
+                                          "joint seg-batch 4 + freeze stem @128")]
     if len(thirds) == 3:  # --progressive 128 at 192 px: a third of the epochs at each side
         secs = sum(r[2] for r in thirds) / 3
         ips = args.images / secs

@@ -135,15 +135,15 @@ def predict_batch(model, inputs: list[np.ndarray], tta: int = 1, batch_size: int
     `lesion_view` (a joint model whose config says cls_views "frame+lesion"): the classifier also
     sees the square around the lesion the model itself found (augment.lesion_box at the mask
     threshold 0.5), and the class probabilities are the mean of the two views. An image without
-    a lesion, or whose lesion fills the frame, keeps the whole frame's."""
+    a lesion (under LESION_MIN_AREA of the frame), or whose lesion fills it, keeps the whole frame's."""
     x = np.stack(inputs).astype(np.float32)
     out = _run_model(model, x, tta, batch_size)
     if lesion_view and "seg" in out and "cls" in out and out["seg"].shape[1:] == x.shape[1:3]:
         from PIL import Image
 
-        from dermtool.augment import crop_square, lesion_box
+        from dermtool.augment import LESION_MIN_AREA, crop_square, lesion_box
 
-        boxes = [lesion_box(s >= 0.5) for s in out["seg"]]
+        boxes = [lesion_box(s >= 0.5) if (s >= 0.5).mean() >= LESION_MIN_AREA else None for s in out["seg"]]
         near = [j for j, b in enumerate(boxes) if b is not None]
         if near:
             crops = np.stack([crop_square(np.clip(x[j], 0, 255).astype(np.uint8), boxes[j], Image.BILINEAR)
