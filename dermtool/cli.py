@@ -264,14 +264,14 @@ def train_cli(
 def _check_train_options(o: dict) -> None:
     """Names and ranges of train's options, checked before anything is loaded or written."""
     from dermtool.augment import parse_groups
-    from dermtool.config import MODEL_RANGES
+    from dermtool.config import CLS_VIEWS, FREEZES, MODEL_RANGES
     from dermtool.train import MULTIWORKER_REMOVED
 
     if o["strategy"] == "multiworker":
         fail(MULTIWORKER_REMOVED)
-    choices = {"task": ("seg", "cls", "joint"), "freeze": ("encoder", "decoder", "stem", "none"),
+    choices = {"task": ("seg", "cls", "joint"), "freeze": FREEZES,
                "strategy": ("default", "mirrored"), "color_constancy": (None, "none", "shades-of-gray"),
-               "input_chain": (None, "direct", "jpeg256"), "cls_views": (None, "frame", "frame+lesion"),
+               "input_chain": (None, "direct", "jpeg256"), "cls_views": (None, *CLS_VIEWS),
                "schedule": ("plateau", "cosine"), "sampler": ("proportional", "balanced")}
     for name, allowed in choices.items():
         if o[name] not in allowed:
@@ -443,6 +443,10 @@ def infer_cli(
             fail("--dicom-seg needs highdicom: pip install 'dermtool[dicomseg]'.")
     if tta not in (1, 4, 8):
         fail(f"--tta must be 1, 4 or 8, not {tta}.")
+    from dermtool.config import CLS_VIEWS
+
+    if cls_views not in (None, *CLS_VIEWS):
+        fail(f"--cls-views must be frame or frame+lesion, not {cls_views!r}.")
     check_range("--batch-size", batch_size, 1, 1024,
                 "images per model call; larger batches run no faster and need over 10 GB of memory")
     if threshold is not None:

@@ -19,7 +19,9 @@ ENCODERS = ("unet", "efficientnet-lite0")
 PRESETS = ("thesis", "compact", "lite0")
 FITS = ("pad", "squash")
 COLOR_CONSTANCY = ("none", "shades-of-gray")
-INPUT_CHAINS = ("direct", "jpeg256")  # dermtool.preprocess.CHAINS, without importing Pillow here
+INPUT_CHAINS = ("direct", "jpeg256")
+CLS_VIEWS = ("frame", "frame+lesion")  # what the classifier looks at in infer (dermtool.infer.predict_batch)
+FREEZES = ("none", "encoder", "decoder", "stem")  # dermtool.preprocess.CHAINS, without importing Pillow here
 
 _MEMORY = "memory grows with its square: 1024 px at batch 16 already needs tens of GB"
 #: The architecture's numbers: key -> (lowest, highest, why). `train` checks its options
@@ -37,7 +39,7 @@ MODEL_RANGES = {
 REQUIRED_MODEL_KEYS = ("task", "size", "base_filters", "depth", "padding", "fit", "normalization",
                        "threshold", "class_names")
 _CHOICES = {"task": TASKS, "preset": PRESETS, "encoder": ENCODERS, "padding": ("same", "valid"),
-            "cls_head": ("global", "dense", "linear"), "fit": FITS, "cls_views": ("frame", "frame+lesion"), "normalization": ("divide255", "center", "lite")}
+            "cls_head": ("global", "dense", "linear"), "fit": FITS, "cls_views": CLS_VIEWS, "normalization": ("divide255", "center", "lite")}
 #: fractions: key -> (lowest, highest, lowest allowed?, highest allowed?)
 _FRACTIONS = {"threshold": (0.0, 1.0, False, False), "dropout": (0.0, 1.0, True, False),
               "border": (0.0, 1.0, True, True)}
@@ -95,8 +97,7 @@ class ModelConfig:
                              f"{', '.join(COLOR_CONSTANCY)}.")
         if self.input_chain not in INPUT_CHAINS:
             raise InputError(f"unknown input chain {self.input_chain!r}; choose one of {', '.join(INPUT_CHAINS)}.")
-        if self.cls_views not in ("frame", "frame+lesion"):
-            raise InputError(f"unknown classifier views {self.cls_views!r}; choose frame or frame+lesion.")
+        check_cls_views(self.cls_views, self.task)
         if self.encoder not in ENCODERS:
             raise InputError(f"unknown encoder {self.encoder!r}; choose one of {', '.join(ENCODERS)}.")
         if self.encoder != "unet" and (self.padding != "same" or self.size % 32 or self.depth != 5
@@ -154,6 +155,16 @@ def valid_unet_margin(output_size: int, depth: int) -> int:
     return (s - output_size) // 2
 
 
+def check_cls_views(views, task: str) -> str:
+    """`views` if the classifier of a `task` model can look that way; InputError otherwise."""
+    if views not in CLS_VIEWS:
+        raise InputError(f"unknown classifier views {views!r}; choose frame or frame+lesion.")
+    if views == "frame+lesion" and task != "joint":
+        raise InputError(f"the lesion view (frame+lesion) needs a joint model, whose mask says where the lesion "
+                         f"is, not a {task} model.")
+    return views
+
+
 def preset_config(preset: str, task: str, **overrides) -> ModelConfig:
     """The named architecture preset with optional overrides (None values are ignored)."""
     if preset == "thesis":
@@ -207,6 +218,20 @@ class TrainConfig:
     # absolute paths of the caches, so --resume can refuse others (dermtool.train.resume_caches)
     train_caches: tuple = ()
     val_caches: tuple = ()
+
+    def __post_init__(self):
+        """The settings a resumed run reads back from its config.json, checked like train's options."""
+        def count(value) -> bool:
+            return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+        if self.freeze not in FREEZES:
+            raise InputError(f"train.freeze must be one of {', '.join(FREEZES)}, not {self.freeze!r}")
+        for key in ("seg_batch", "progressive"):
+            if not count(getattr(self, key)):
+                raise InputError(f"train.{key} must be a whole number, 0 or more, not {getattr(self, key)!r}")
+        if not (isinstance(self.ema, (int, float)) and not isinstance(self.ema, bool)
+                and (self.ema == 0 or 0.5 <= self.ema < 1)):
+            raise InputError(f"train.ema must be 0 (off) or a momentum from 0.5 to below 1, not {self.ema!r}")
 
 
 def save_config(path: Path, model: ModelConfig, train: TrainConfig | None = None, **extra) -> None:

@@ -22,7 +22,7 @@ import numpy as np
 
 from dermtool import CLASS_NAMES
 from dermtool.augment import dihedral, undo_dihedral
-from dermtool.config import ModelConfig
+from dermtool.config import ModelConfig, check_cls_views
 from dermtool.data import find_images, image_id_of, unique_ids
 from dermtool.decision import apply_temperature, check_threshold, decide
 from dermtool.errors import InputError, disk_full, write_failure
@@ -172,11 +172,11 @@ def with_model_threshold(opts: InferOptions, cfg: ModelConfig, model_dir=None) -
         opts = replace(opts, post=replace(opts.post, threshold=cfg.threshold))
     if opts.cls_views is None:
         opts = replace(opts, cls_views=cfg.cls_views)
-    elif opts.cls_views not in ("frame", "frame+lesion"):
-        raise InputError(f"cls_views must be frame or frame+lesion, not {opts.cls_views!r}.")
-    elif opts.cls_views == "frame+lesion" and cfg.task != "joint":
-        raise InputError(f"{model_dir or 'the model'}: the lesion view (frame+lesion) needs a joint model, whose "
-                         f"mask says where the lesion is, not a {cfg.task} model.")
+    else:
+        try:
+            check_cls_views(opts.cls_views, cfg.task)
+        except InputError as exc:
+            raise InputError(f"{model_dir or 'the model'}: {exc}") from None
     if opts.melanoma_threshold is None:
         opts = replace(opts, melanoma_threshold=cfg.melanoma_threshold)
     elif not cfg.has_cls:

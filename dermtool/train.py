@@ -100,12 +100,12 @@ def progressive_phases(cfg: ModelConfig, tcfg: TrainConfig) -> list[tuple[int, i
     """(side, first epoch, end epoch) of each training phase, 0-based epochs.
 
     Without --progressive, one phase at the model's size. With it, the epochs are shared equally
-    between START, START + 32, ... and the model's size (the remainder to the first phases... no:
-    to the last, full-size phase), so the model ends on what it will see; validation is always at
-    the model's size.
+    between START, START + 32, ... and the model's size, the remainder going to the last,
+    full-size phase, so the model ends on what it will see; with fewer epochs than sides, the
+    smallest go. Validation is always at the model's size.
     """
     full = cfg.input_size
-    if not tcfg.progressive or tcfg.progressive >= full:
+    if not tcfg.progressive:
         return [(full, 0, tcfg.epochs)]
     sides = (list(range(tcfg.progressive, full, PROGRESSIVE_STEP)) + [full])[-tcfg.epochs:]  # an epoch each, at least
     share = tcfg.epochs // len(sides)
@@ -145,19 +145,18 @@ def phase_size(cfg: ModelConfig, tcfg: TrainConfig, epoch: int) -> int:
 
 
 def shrink_batch(x: np.ndarray, masks: np.ndarray | None, side: int):
-    """A training batch resized to `side` px: images bilinear, masks nearest (a missing mask stays missing)."""
-    from PIL import Image
-
+    """A training batch resized to `side` px as the caches resize (dataset._resize_batch); a
+    missing mask stays missing."""
     from dermtool.augment import MISSING
+    from dermtool.dataset import _resize_batch
 
-    small = np.stack([np.asarray(Image.fromarray(np.clip(im, 0, 255).astype(np.uint8)).resize(
-        (side, side), Image.BILINEAR), np.float32) for im in x])
+    small = _resize_batch(np.clip(x, 0, 255).astype(np.uint8), side, False).astype(np.float32)
     if masks is None:
         return small, None
     out = np.full((len(masks), side, side), MISSING, np.uint8)
-    for i, m in enumerate(masks):
-        if m.min() != MISSING:
-            out[i] = np.asarray(Image.fromarray(m).resize((side, side), Image.NEAREST))
+    known = np.array([m.min() != MISSING for m in masks], bool)
+    if known.any():
+        out[known] = _resize_batch(masks[known], side, True)
     return small, out
 
 
@@ -330,7 +329,7 @@ def train(cfg: ModelConfig, tcfg: TrainConfig, train_cache, val_cache, out_dir: 
         tcfg = replace(tcfg, train_caches=_resolved(train_paths), val_caches=_resolved(val_paths))
     if tcfg.strategy == "multiworker":  # before anything is written
         raise InputError(MULTIWORKER_REMOVED)
-    check_progressive(cfg if cfg is not None else load_config(out_dir)[0], tcfg)
+    check_progressive(cfg, tcfg)
 
     import tensorflow as tf
 

@@ -887,3 +887,10 @@ def test_a_model_with_the_lesion_view_uses_it_in_infer_and_the_api(models, few_i
     assert again.exit_code == 2 and "cls_views frame in the run, frame+lesion now" in " ".join(again.output.split())
     wrong = infer(few_images, "--out", tmp_path / "seg", "--model", models["seg"], "--cls-views", "frame+lesion")
     assert wrong.exit_code == 2 and "needs a joint model" in " ".join(wrong.output.split())
+    bad = infer(few_images, "--out", tmp_path / "bad", "--model", folder, "--cls-views", "lesion")
+    assert bad.exit_code == 2 and "--cls-views must be frame or frame+lesion" in " ".join(bad.output.split())
+    assert not (tmp_path / "bad").exists()
+    (folder / "config.json").write_text(json.dumps({**config, "model": {**config["model"], "task": "cls"}}))
+    damaged = infer(few_images, "--out", tmp_path / "damaged", "--model", folder)
+    assert damaged.exit_code == 2 and "the lesion view (frame+lesion) needs a joint model" in " ".join(
+        damaged.output.split())

@@ -617,3 +617,24 @@ def test_progressive_refuses_a_side_the_network_cannot_take(caches, tmp_path):
     with pytest.raises(InputError, match="--progressive must be a multiple of 4 from 4 to below"):
         run(caches, tmp_path / "r", "seg", epochs=2, progressive=18)
     assert not (tmp_path / "r").exists()
+
+
+@pytest.mark.parametrize("key, value, words", [
+    ("ema", 1.5, "train.ema must be 0 (off) or a momentum from 0.5 to below 1"),
+    ("seg_batch", -2, "train.seg_batch must be a whole number"),
+    ("progressive", "big", "train.progressive must be a whole number"),
+    ("freeze", "head", "train.freeze must be one of"),
+])
+def test_a_damaged_train_setting_in_config_json_is_refused_on_resume(caches, tmp_path, key, value, words):
+    from typer.testing import CliRunner
+
+    from dermtool.cli import app
+
+    out = run(caches, tmp_path / "r", "seg", epochs=1)
+    config = json.loads((out / "config.json").read_text())
+    config["train"][key] = value
+    (out / "config.json").write_text(json.dumps(config))
+    result = CliRunner().invoke(app, ["train", "--out", str(out), "--resume", "--epochs", "2"])
+    text = " ".join(result.output.split())
+    assert result.exit_code == 2 and words in text and str(out / "config.json") in text
+    assert len(history(out)) == 1
