@@ -10,7 +10,8 @@ and start-up excluded); an untimed warm-up epoch absorbs graph tracing.
     python bench/train_bench.py --recipes --images 240 --batch-size 16   # Lite0 joint recipes
 
 `--recipes` times the Lite0 joint model at 192 px under the ways of spending a CPU minute
-(`--seg-batch`, `--freeze stem`) against the plain joint step and the classifier alone. Its
+(`--seg-batch`, `--freeze stem|early`, smaller squares) against the plain joint step and the
+classifier alone; a `--progressive 128` run's rate is computed from its three sides' rows. Its
 "cls updates/min" column counts optimizer steps that update the classifier and the encoder, the
 figure issue 17 asks to triple; "vs first" compares each with the plain joint recipe.
 """
@@ -25,25 +26,29 @@ import tempfile
 import time
 from pathlib import Path
 
-_LITE0 = ["--size", "192"]
+def _joint(*options: str, size: int = 192) -> tuple[list[str], list[str]]:
+    """(preprocess options, train options) of a Lite0 joint recipe at `size`."""
+    return ["--size", str(size)], ["--preset", "lite0", "--task", "joint", "--size", str(size), *options]
+
+
+_SB4 = ("--seg-batch", "4")
 RECIPES = {
-    # name: (preprocess options, train options)
-    "joint": (_LITE0, ["--preset", "lite0", "--task", "joint"]),
-    "joint seg-batch 4": (_LITE0, ["--preset", "lite0", "--task", "joint", "--seg-batch", "4"]),
-    "joint seg-batch 4 + freeze stem": (_LITE0, ["--preset", "lite0", "--task", "joint", "--seg-batch", "4",
-                                                 "--freeze", "stem"]),
-    "joint seg-batch 2 + freeze stem": (_LITE0, ["--preset", "lite0", "--task", "joint", "--seg-batch", "2",
-                                                 "--freeze", "stem"]),
+    "joint": _joint(),
+    "joint seg-batch 4": _joint(*_SB4),
+    "joint seg-batch 4 + freeze stem": _joint(*_SB4, "--freeze", "stem"),
+    "joint seg-batch 2 + freeze stem": _joint("--seg-batch", "2", "--freeze", "stem"),
     # the steps of a --progressive 128 run before it reaches 192 px (the same network on smaller squares)
-    "joint seg-batch 4 + freeze stem @160": (["--size", "160"], ["--preset", "lite0", "--task", "joint", "--size",
-                                                                "160", "--seg-batch", "4", "--freeze", "stem"]),
-    "joint seg-batch 4 + freeze stem @128": (["--size", "128"], ["--preset", "lite0", "--task", "joint", "--size",
-                                                                "128", "--seg-batch", "4", "--freeze", "stem"]),
+    "joint seg-batch 4 + freeze stem @160": _joint(*_SB4, "--freeze", "stem", size=160),
+    "joint seg-batch 4 + freeze stem @128": _joint(*_SB4, "--freeze", "stem", size=128),
     # issue 17 item 7: what 224 px would cost a step (its accuracy needs a training run)
-    "joint seg-batch 4 + freeze stem @224": (["--size", "224"], ["--preset", "lite0", "--task", "joint", "--size",
-                                                                "224", "--seg-batch", "4", "--freeze", "stem"]),
-    "cls alone": (_LITE0, ["--preset", "lite0", "--task", "cls"]),
-    "cls alone + freeze stem": (_LITE0, ["--preset", "lite0", "--task", "cls", "--freeze", "stem"]),
+    "joint seg-batch 4 + freeze stem @224": _joint(*_SB4, "--freeze", "stem", size=224),
+    # --freeze early: the stages at 1/2 and 1/4 size frozen too
+    "joint seg-batch 4 + freeze early": _joint(*_SB4, "--freeze", "early"),
+    "joint seg-batch 2 + freeze early": _joint("--seg-batch", "2", "--freeze", "early"),
+    "joint seg-batch 4 + freeze early @160": _joint(*_SB4, "--freeze", "early", size=160),
+    "joint seg-batch 4 + freeze early @128": _joint(*_SB4, "--freeze", "early", size=128),
+    "cls alone": (["--size", "192"], ["--preset", "lite0", "--task", "cls"]),
+    "cls alone + freeze stem": (["--size", "192"], ["--preset", "lite0", "--task", "cls", "--freeze", "stem"]),
 }
 PRESETS = {
     # name: (preprocess options, train options)
@@ -101,13 +106,16 @@ def main() -> None:
     for name, n, secs, ips, wall in rows:
         updates = 60 * ips / args.batch_size
         print(f"| {name:<32} | {n} | {secs:.1f} | {ips:.2f} | {updates:.1f} | {ips / base:.2f} | {wall:.1f} |")
-    thirds = [r for r in rows if r[0] in ("joint seg-batch 4 + freeze stem", "joint seg-batch 4 + freeze stem @160",
-                                          "joint seg-batch 4 + freeze stem @128")]
-    if len(thirds) == 3:  # --progressive 128 at 192 px: a third of the epochs at each side
-        secs = sum(r[2] for r in thirds) / 3
-        ips = args.images / secs
-        print(f"| {'= progressive 128 (thirds, computed)':<32} | {args.images} | {secs:.1f} | {ips:.2f} | "
-              f"{60 * ips / args.batch_size:.1f} | {ips / base:.2f} | - |")
+    for freeze in ("stem", "early"):
+        thirds = [r for r in rows if r[0] in (f"joint seg-batch 4 + freeze {freeze}",
+                                              f"joint seg-batch 4 + freeze {freeze} @160",
+                                              f"joint seg-batch 4 + freeze {freeze} @128")]
+        if len(thirds) == 3:  # --progressive 128 at 192 px: a third of the epochs at each side
+            secs = sum(r[2] for r in thirds) / 3
+            ips = args.images / secs
+            name = f"= progressive 128, {freeze} (thirds, computed)"
+            print(f"| {name:<32} | {args.images} | {secs:.1f} | {ips:.2f} | "
+                  f"{60 * ips / args.batch_size:.1f} | {ips / base:.2f} | - |")
 
 
 if __name__ == "__main__":

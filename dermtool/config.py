@@ -21,7 +21,7 @@ FITS = ("pad", "squash")
 COLOR_CONSTANCY = ("none", "shades-of-gray")
 INPUT_CHAINS = ("direct", "jpeg256")
 CLS_VIEWS = ("frame", "frame+lesion")  # what the classifier looks at in infer (dermtool.infer.predict_batch)
-FREEZES = ("none", "encoder", "decoder", "stem")  # dermtool.preprocess.CHAINS, without importing Pillow here
+FREEZES = ("none", "encoder", "decoder", "stem", "early")  # dermtool.preprocess.CHAINS, without importing Pillow here
 
 _MEMORY = "memory grows with its square: 1024 px at batch 16 already needs tens of GB"
 #: The architecture's numbers: key -> (lowest, highest, why). `train` checks its options
@@ -209,7 +209,7 @@ class TrainConfig:
     seed: int = 0
     mixed_precision: bool = False
     strategy: str = "default"
-    freeze: str = "none"  # "none", "encoder", "decoder" or "stem" (the encoder's full-resolution stage)
+    freeze: str = "none"  # FREEZES: stem is the encoder's full-resolution stage, early also its 1/2 and 1/4 stages
     seg_batch: int = 0  # joint: the decoder trains on the first N images of each batch (0: all)
     progressive: int = 0  # progressive resizing: the first epochs train at this side, then +32 ... (0: off)
     ema: float = 0.0  # momentum of an exponential moving average of the weights (0: off)

@@ -241,5 +241,21 @@ def stem_layer_names(model: keras.Model) -> list[str]:
     return [l.name for l in model.layers if l.name.startswith(prefixes)]
 
 
+# --freeze early: the encoder up to its 1/4-resolution stage. On a CPU these high-resolution
+# stages (Lite0's 96-channel expansions at 1/2 size) are most of the encoder's backward pass.
+EARLY_LAYERS = {
+    "efficientnet-lite0": ("enc_stem_", "enc_mb0_", "enc_mb1_", "enc_mb2_"),
+    "unet": ("enc_block1_", "enc_block2_"),
+}
+
+
+def early_layer_names(model: keras.Model) -> list[str]:
+    """The encoder's stages at full, 1/2 and 1/4 resolution (`--freeze early`): a superset of
+    stem_layer_names, so the skips at 1/2 and 1/4 keep their ImageNet (or earlier) features."""
+    prefixes = EARLY_LAYERS["efficientnet-lite0" if any(l.name.startswith("enc_stem_") for l in model.layers)
+                            else "unet"]
+    return [l.name for l in model.layers if l.name.startswith(prefixes)]
+
+
 def decoder_layer_names(model: keras.Model) -> list[str]:
     return [l.name for l in model.layers if l.name.startswith("dec_") or l.name == SEG_OUTPUT]

@@ -253,10 +253,10 @@ def transfer_weights(model, source_dir: Path, freeze: str, log) -> list[str]:
 
 
 def apply_freeze(model, freeze: str) -> None:
-    from dermtool.models import decoder_layer_names, encoder_layer_names, stem_layer_names
+    from dermtool.models import decoder_layer_names, early_layer_names, encoder_layer_names, stem_layer_names
 
     names = {"encoder": encoder_layer_names(model), "decoder": decoder_layer_names(model),
-             "stem": stem_layer_names(model)}.get(freeze, [])
+             "stem": stem_layer_names(model), "early": early_layer_names(model)}.get(freeze, [])
     for layer in model.layers:
         if layer.name in names:
             layer.trainable = False

@@ -529,22 +529,37 @@ def test_ema_validates_and_keeps_the_average_and_resumes_exactly(caches, tmp_pat
     assert any(not np.array_equal(a, b) for a, b in zip(weights["plain"], weights["straight"]))
 
 
-def test_freeze_stem_keeps_the_first_stage_and_trains_the_rest(caches, tmp_path):
-    from dermtool.models import build_model, stem_layer_names
+@pytest.mark.parametrize("freeze, depth, frozen, trained", [
+    ("stem", 2, {"block1"}, "enc_block2_conv1"),
+    ("early", 3, {"block1", "block2"}, "enc_block3_conv1"),
+])
+def test_freeze_stem_or_early_keeps_the_first_stages_and_trains_the_rest(caches, tmp_path, freeze, depth, frozen,
+                                                                        trained):
+    from dermtool.models import build_model, early_layer_names, stem_layer_names
 
-    cfg = tiny("cls")
+    cfg = tiny("cls", depth=depth)
     init = run(caches, tmp_path / "init", "cls", epochs=1, cfg=cfg)
-    out = run(caches, tmp_path / "stem", "cls", epochs=1, cfg=cfg, init_from=str(init), freeze="stem")
+    out = run(caches, tmp_path / freeze, "cls", epochs=1, cfg=cfg, init_from=str(init), freeze=freeze)
     before, after = build_model(cfg), build_model(cfg)
     before.load_weights(str(init / "best.weights.h5"))
     after.load_weights(str(out / "last.weights.h5"))
-    stem = stem_layer_names(after)
-    assert stem and all(n.startswith("enc_block1_") for n in stem)
-    for name in stem:
+    kept = (stem_layer_names if freeze == "stem" else early_layer_names)(after)
+    assert set(stem_layer_names(after)) <= set(kept)
+    assert {n.split("_")[1] for n in kept} == frozen
+    for name in kept:
         for a, b in zip(before.get_layer(name).get_weights(), after.get_layer(name).get_weights()):
             np.testing.assert_array_equal(a, b)
-    assert not np.array_equal(before.get_layer("enc_block2_conv1").get_weights()[0],
-                              after.get_layer("enc_block2_conv1").get_weights()[0])
+    assert not np.array_equal(before.get_layer(trained).get_weights()[0], after.get_layer(trained).get_weights()[0])
+
+
+def test_freeze_early_on_lite0_names_the_stages_at_half_and_quarter_size():
+    from dermtool.models import build_model, early_layer_names
+
+    model = build_model(preset_config("lite0", "cls", size=64, pretrained=False))
+    early = early_layer_names(model)
+    shapes = {model.get_layer(n).output.shape[1] for n in early}
+    assert {n.split("_")[1] for n in early} == {"stem", "mb0", "mb1", "mb2"}
+    assert min(shapes) == 64 // 4 and max(shapes) == 64 // 2
 
 
 @pytest.mark.parametrize("args, words", [
