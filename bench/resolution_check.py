@@ -8,8 +8,10 @@ images, then compares each copy's predictions with the originals' on the same im
   (aspect kept) or squashed to 256 x 256, each saved as JPEG at quality 90, and the quarter
   and 256 px copies also at quality 50.
 
-For each variant it prints label agreement with the originals, the mean and largest
-|delta p(melanoma)|, the mean p(melanoma), and BACC, melanoma AUC and SK AUC against the truth.
+For each variant it prints label agreement with the originals (of the argmax, and of the CSV's
+`label` column, the decision users see: it applies the model's melanoma operating point), the
+mean and largest |delta p(melanoma)|, the mean p(melanoma), and BACC, melanoma AUC and SK AUC
+against the truth. A last row pools every copy of every image.
 
     python bench/resolution_check.py --model weights/isic-ham-lite0-joint-192 \\
         --originals ../shared/data/isic2017/val_fullres --copies ../shared/data/isic2017/val \\
@@ -65,8 +67,8 @@ def copies_of(copies: Path, ids: list[str], out: Path) -> Path:
     return out
 
 
-def infer(images: Path, out: Path, model: str, engine: str, tta: int) -> dict[str, np.ndarray]:
-    """image_id -> class probabilities, from `dermtool infer`'s predictions.csv."""
+def infer(images: Path, out: Path, model: str, engine: str, tta: int) -> dict[str, tuple[np.ndarray, str]]:
+    """image_id -> (class probabilities, label column), from `dermtool infer`'s predictions.csv."""
     csv_path = out / "predictions.csv"
     if not csv_path.is_file():
         cmd = ["dermtool", "infer", str(images), "--out", str(out), "--model", model, "--engine", engine,
@@ -74,8 +76,8 @@ def infer(images: Path, out: Path, model: str, engine: str, tta: int) -> dict[st
         print("$", " ".join(cmd), file=sys.stderr, flush=True)
         subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL)
     with open(csv_path, newline="") as fh:
-        return {r["image_id"]: np.array([float(r["melanoma"]), float(r["seborrheic_keratosis"]),
-                                         float(r["nevus"])]) for r in csv.DictReader(fh)}
+        return {r["image_id"]: (np.array([float(r["melanoma"]), float(r["seborrheic_keratosis"]),
+                                          float(r["nevus"])]), r["label"]) for r in csv.DictReader(fh)}
 
 
 def truth_classes(labels: Path) -> dict[str, int]:
@@ -88,12 +90,14 @@ def truth_classes(labels: Path) -> dict[str, int]:
 def compare(pred: dict, ref: dict, truth: dict, ids: list[str]) -> dict:
     from dermtool.metrics import balanced_accuracy, confusion_matrix, roc_auc
 
-    p = np.stack([pred[i] for i in ids])
-    r = np.stack([ref[i] for i in ids])
+    p = np.stack([pred[i][0] for i in ids])
+    r = np.stack([ref[i][0] for i in ids])
     t = np.array([truth[i] for i in ids])
     delta = np.abs(p[:, 0] - r[:, 0])
     return {
         "agree": float(np.mean(p.argmax(1) == r.argmax(1))),
+        "agree_label": float(np.mean([pred[i][1] == ref[i][1] for i in ids])),
+        "delta": delta,
         "mean_dp": float(delta.mean()), "max_dp": float(delta.max()),
         "mean_p": float(p[:, 0].mean()),
         "bacc": float(balanced_accuracy(confusion_matrix(t, p.argmax(1), 3))),
@@ -116,6 +120,14 @@ def run(model: str, originals: Path, copies: Path | None, work: Path, engine: st
     for name, folder in variants.items():
         pred = infer(folder, work / "pred" / tag / name, model, engine, tta)
         rows.append((name, compare(pred, ref, truth, ids)))
+    copies_rows = [r for name, r in rows[1:]]
+    n = len(ids)
+    rows.append(("all copies (pooled)", {
+        "agree": float(np.mean([r["agree"] for r in copies_rows])),
+        "agree_label": float(np.mean([r["agree_label"] for r in copies_rows])),
+        "mean_dp": float(np.mean(np.concatenate([r["delta"] for r in copies_rows]))),
+        "max_dp": float(max(r["max_dp"] for r in copies_rows)),
+        "mean_p": None, "bacc": None, "mel_auc": None, "sk_auc": None, "pairs": n * len(copies_rows)}))
     return rows
 
 
@@ -132,12 +144,13 @@ def main() -> None:
     parser.add_argument("--engine", default="keras")
     parser.add_argument("--tta", type=int, default=1)
     args = parser.parse_args()
-    print("| model | input | labels agree | mean abs dp(mel) | max abs dp(mel) | mean p(mel) | BACC | mel AUC | SK AUC |")
-    print("|---|---|---:|---:|---:|---:|---:|---:|---:|")
+    print("| model | input | labels agree (argmax) | decisions agree (label column) | mean abs dp(mel) | "
+          "max abs dp(mel) | mean p(mel) | BACC | mel AUC | SK AUC |")
+    print("|---|---|---:|---:|---:|---:|---:|---:|---:|---:|")
     for model in args.model:
         for name, r in run(model, args.originals, args.copies, args.work, args.engine, args.tta):
-            print(f"| {Path(model).name} | {name} | {r['agree']:.3f} | {r['mean_dp']:.3f} | {r['max_dp']:.3f} | "
-                  f"{r['mean_p']:.3f} | {_f(r['bacc'])} | {_f(r['mel_auc'])} | {_f(r['sk_auc'])} |")
+            print(f"| {Path(model).name} | {name} | {r['agree']:.3f} | {r['agree_label']:.3f} | {r['mean_dp']:.3f} | "
+                  f"{r['max_dp']:.3f} | {_f(r['mean_p'])} | {_f(r['bacc'])} | {_f(r['mel_auc'])} | {_f(r['sk_auc'])} |")
 
 
 if __name__ == "__main__":
