@@ -121,13 +121,12 @@ def run(model: str, originals: Path, copies: Path | None, work: Path, engine: st
         pred = infer(folder, work / "pred" / tag / name, model, engine, tta)
         rows.append((name, compare(pred, ref, truth, ids)))
     copies_rows = [r for name, r in rows[1:]]
-    n = len(ids)
     rows.append(("all copies (pooled)", {
         "agree": float(np.mean([r["agree"] for r in copies_rows])),
         "agree_label": float(np.mean([r["agree_label"] for r in copies_rows])),
         "mean_dp": float(np.mean(np.concatenate([r["delta"] for r in copies_rows]))),
         "max_dp": float(max(r["max_dp"] for r in copies_rows)),
-        "mean_p": None, "bacc": None, "mel_auc": None, "sk_auc": None, "pairs": n * len(copies_rows)}))
+        "mean_p": None, "bacc": None, "mel_auc": None, "sk_auc": None}))
     return rows
 
 

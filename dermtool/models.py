@@ -241,8 +241,8 @@ def stem_layer_names(model: keras.Model) -> list[str]:
     return [l.name for l in model.layers if l.name.startswith(prefixes)]
 
 
-# --freeze early: the encoder up to its 1/4-resolution stage. On a CPU these high-resolution
-# stages (Lite0's 96-channel expansions at 1/2 size) are most of the encoder's backward pass.
+# --freeze early: the encoder up to its 1/4-resolution stage. With --seg-batch 4 it took a Lite0
+# joint step from 1.53x to 1.92x the plain step's images/s on a CPU (bench/train_bench.py --recipes).
 EARLY_LAYERS = {
     "efficientnet-lite0": ("enc_stem_", "enc_mb0_", "enc_mb1_", "enc_mb2_"),
     "unet": ("enc_block1_", "enc_block2_"),
