@@ -300,17 +300,22 @@ def test_resume_refuses_options_that_contradict_the_run_and_takes_caches_from_co
     assert "--augment" not in resumed_line  # command.txt logs what was given, not defaults it did not use
 
 
-def test_an_interrupt_at_any_checkpoint_write_resumes_to_the_uninterrupted_run(caches, tmp_path, monkeypatch):
-    """Ctrl-C before (and after the last of) every file operation of an epoch's checkpoint."""
-    from dermtool import checkpoint
+class Trap:
+    """Counts the checkpoint module's file operations and raises KeyboardInterrupt just before
+    (or, with after=True, just after) operation number `at`."""
 
-    trap = {"calls": 0, "at": None, "after": False}
+    def __init__(self, monkeypatch):
+        from dermtool import checkpoint
 
-    def trapped(original):
+        self.calls, self.at, self.after = 0, None, False
+        for name in checkpoint.WRITERS:
+            monkeypatch.setattr(checkpoint, name, self._wrap(getattr(checkpoint, name)))
+
+    def _wrap(self, original):
         def call(*args, **kwargs):
-            trap["calls"] += 1
-            hit = trap["calls"] == trap["at"]
-            if hit and not trap["after"]:
+            self.calls += 1
+            hit = self.calls == self.at
+            if hit and not self.after:
                 raise KeyboardInterrupt
             result = original(*args, **kwargs)
             if hit:
@@ -318,42 +323,106 @@ def test_an_interrupt_at_any_checkpoint_write_resumes_to_the_uninterrupted_run(c
             return result
         return call
 
-    for name in checkpoint.WRITERS:
-        monkeypatch.setattr(checkpoint, name, trapped(getattr(checkpoint, name)))
+    def arm(self, at, after=False):
+        self.calls, self.at, self.after = 0, at, after
+
+
+@pytest.mark.parametrize("improved", [True, False])
+def test_an_interrupt_at_any_checkpoint_write_leaves_one_whole_epoch(tmp_path, monkeypatch, improved):
+    """Ctrl-C before and after every file operation of epoch 2's checkpoint (and before epoch 1's
+    first): after the tidy that train runs on an interrupt, RUN holds exactly epoch 1 or epoch 2,
+    and committing the epoch again gives the uninterrupted run's files."""
+    import keras
+
+    from dermtool import checkpoint
+
+    model = keras.Sequential([keras.Input((3,)), keras.layers.Dense(2)])
+    model.compile(optimizer=keras.optimizers.Adam(1e-3), loss="mse")
+    model.fit(np.ones((4, 3)), np.ones((4, 2)), verbose=0)
+    fields = ["epoch", "loss"]
+
+    def epoch(run_dir, e):
+        model.set_weights([np.full_like(w, e) for w in model.get_weights()])
+        checkpoint.commit(run_dir, model, {"epoch": e, "lr": 0.1 / e}, {"epoch": e, "loss": 1.0 / e}, fields,
+                          improved=improved or e == 1)
+
+    def weights(path):
+        model.load_weights(str(path))
+        return {float(w.flat[0]) for w in model.get_weights()}
+
+    trap = Trap(monkeypatch)
+    epoch(tmp_path / "straight", 1)
+    first = trap.calls
+    epoch(tmp_path / "straight", 2)
+    second = trap.calls - first
+    assert first >= 8 and second >= 8
+    cases = [(1, False)] + [(k, False) for k in range(1, second + 1)] + [(second, True)]
+    for n, (at, after) in enumerate(cases):
+        run_dir = tmp_path / f"cut{n}"
+        trap.arm(None)
+        if n:
+            epoch(run_dir, 1)
+        trap.arm(at, after)
+        with pytest.raises(KeyboardInterrupt):
+            epoch(run_dir, 2 if n else 1)
+        trap.arm(None)
+        checkpoint.tidy(run_dir)
+        state = checkpoint.read_state(run_dir)
+        kept = 0 if state is None else state["epoch"]
+        assert kept in ((0,) if n == 0 else (1, 2)), (at, after)
+        if kept:
+            assert weights(run_dir / "last.weights.h5") == {float(kept)}, (at, after)
+            assert weights(run_dir / "best.weights.h5") == {float(kept if improved else 1)}, (at, after)
+            assert [int(r["epoch"]) for r in history(run_dir)] == list(range(1, kept + 1)), (at, after)
+            assert [p.name for p in (run_dir / "checkpoints").iterdir()] == [f"epoch-{kept:03d}"], (at, after)
+        else:
+            checkpoint.start_fresh(run_dir)  # what train does when it starts over
+            epoch(run_dir, 1)
+        if kept < 2:
+            epoch(run_dir, 2)  # the resumed run commits epoch 2
+        for name in ("last.weights.h5", "best.weights.h5"):
+            assert weights(run_dir / name) == weights(tmp_path / "straight" / name), (at, after, name)
+        assert history(run_dir) == history(tmp_path / "straight"), (at, after)
+        assert sorted(p.name for p in (run_dir / "checkpoints").iterdir()) == ["epoch-002"], (at, after)
+
+
+def test_an_interrupt_in_an_epochs_checkpoint_resumes_to_the_uninterrupted_run(caches, tmp_path, monkeypatch):
+    """The same, through train: Ctrl-C just before and just after the commit of epoch 2 (the state.json
+    rename), then --resume, gives the uninterrupted run's weights and history."""
+    from dermtool import checkpoint
+
+    trap = Trap(monkeypatch)
     cfg = tiny("seg", dropout=0.0)
     straight = run(caches, tmp_path / "straight", "seg", epochs=2, cfg=cfg)
-    writes = trap["calls"]
-    assert writes >= 10
+    writes = trap.calls
     want_last, want_best = weights_of(straight / "last.weights.h5", cfg), weights_of(straight / "best.weights.h5", cfg)
-    # epoch 1 of a 2-epoch run is a 1-epoch run (no schedule depends on the total)
-    want_after = {1: weights_of(run(caches, tmp_path / "one", "seg", epochs=1, cfg=cfg) / "last.weights.h5", cfg),
-                  2: want_last}
-    trap["calls"] = 0
     want_rows = [{k: v for k, v in r.items() if k != "seconds"} for r in history(straight)]
-    # every write of the second epoch's checkpoint (the first epoch's runs the same code; its
-    # first write stands for all of them: nothing is kept, the same command starts over)
-    per_epoch = writes // 2
-    for at, after in [(1, False)] + [(k, False) for k in range(per_epoch + 1, writes + 1)] + [(writes, True)]:
+    renames = []  # the operation numbers of the second epoch's state.json rename
+    original = checkpoint._rename
+
+    def spy(source, target):
+        if Path(target).name == "state.json":
+            renames.append(trap.calls + 1)  # the number this call gets
+        return original(source, target)
+
+    monkeypatch.setattr(checkpoint, "_rename", spy)
+    trap.arm(None)
+    run(caches, tmp_path / "count", "seg", epochs=2, cfg=cfg)
+    assert trap.calls == writes and len(renames) == 2
+    for at, after, kept in ((renames[1], False, 1), (renames[1], True, 2)):
         out = tmp_path / f"cut{at}{'a' if after else ''}"
-        trap.update(calls=0, at=at, after=after)
+        trap.arm(at, after)
         with pytest.raises(KeyboardInterrupt):
             run(caches, out, "seg", epochs=2, cfg=cfg)
-        trap["at"] = None
-        if (out / "state.json").is_file():  # what was kept is one consistent epoch
-            state = json.loads((out / "state.json").read_text())
-            assert [int(r["epoch"]) for r in history(out)] == list(range(1, state["epoch"] + 1)), at
-            for a, b in zip(weights_of(out / "last.weights.h5", cfg), want_after[state["epoch"]]):
-                np.testing.assert_array_equal(a, b)
-            resumed = run(caches, out, "seg", epochs=2, resume=True, cfg=cfg)
-        else:  # cut inside the first epoch's checkpoint: nothing to resume, the same command starts over
-            resumed = run(caches, out, "seg", epochs=2, cfg=cfg)
-        got_rows = [{k: v for k, v in r.items() if k != "seconds"} for r in history(resumed)]
-        assert got_rows == want_rows, at
+        trap.arm(None)
+        assert json.loads((out / "state.json").read_text())["epoch"] == kept
+        resumed = run(caches, out, "seg", epochs=2, resume=True, cfg=cfg)
+        assert [{k: v for k, v in r.items() if k != "seconds"} for r in history(resumed)] == want_rows
         for a, b in zip(weights_of(resumed / "last.weights.h5", cfg), want_last):
             np.testing.assert_array_equal(a, b)
         for a, b in zip(weights_of(resumed / "best.weights.h5", cfg), want_best):
             np.testing.assert_array_equal(a, b)
-        assert sorted(p.name for p in (resumed / "checkpoints").iterdir()) == ["epoch-002"], at
+        assert sorted(p.name for p in (resumed / "checkpoints").iterdir()) == ["epoch-002"]
 
 
 def test_ctrl_c_in_train_says_what_was_kept_and_how_to_continue(caches, tmp_path, monkeypatch):
@@ -653,3 +722,4 @@ def test_a_damaged_train_setting_in_config_json_is_refused_on_resume(caches, tmp
     text = " ".join(result.output.split())
     assert result.exit_code == 2 and words in text and str(out / "config.json") in text
     assert len(history(out)) == 1
+
