@@ -129,6 +129,25 @@ def augment_batch(images: np.ndarray, masks: np.ndarray | None, rng: np.random.G
     return out, masks, codes
 
 
+def augment_pairs(images: np.ndarray, masks: np.ndarray | None, rng: np.random.Generator,
+                  mode: str = "flips+color") -> tuple[np.ndarray, np.ndarray | None, np.ndarray]:
+    """Each image twice, in rows 2i and 2i + 1: one crop, geometry, flip and colour draw for both,
+    then two independent draws of the resampling chain (`train --consistency`).
+
+    The pair is one lesion reaching the model by two capture-and-copy chains, so a loss on how far
+    apart their predictions are teaches the model to ignore the chain. Colour is applied before
+    the chain here (acquisition, then copy); the chain is drawn for every pair, whether or not
+    `mode` names it.
+
+    Returns (float32 images, masks and dihedral codes), 2N rows each.
+    """
+    groups = [g for g in parse_groups(mode) if g != "chain"]
+    base, masks, codes = augment_batch(images, masks, rng, "+".join(groups) or "none")
+    once = np.clip(np.rint(base), 0, 255).astype(np.uint8)
+    views = np.stack([resampling_chain(im, rng) for im in np.repeat(once, 2, axis=0)]).astype(np.float32)
+    return views, None if masks is None else np.repeat(masks, 2, axis=0), np.repeat(codes, 2)
+
+
 def lesion_box(mask: np.ndarray, margin: float = LESION_MARGIN, shift: tuple = (0.0, 0.0),
                min_side: float = LESION_MIN_SIDE) -> tuple[float, float, float] | None:
     """The square (x0, y0, side) around a square boolean mask's foreground, `margin` of its

@@ -208,6 +208,7 @@ def train_cli(
     seg_batch: int = typer.Option(0, "--seg-batch", help="Joint only: the decoder trains on the first N images of each batch, the encoder and classifier on all of them (0: all). The full-size decoder is a large part of a joint step's cost: 4 of 16 trained 1.24x the images per second, 1.46x with --freeze stem (bench/train_bench.py --recipes, CPU)."),
     progressive: int = typer.Option(0, "--progressive", help="Progressive resizing: train the first epochs on smaller squares, from this side up in steps of 32 px to the model's size, equal shares of the epochs (e.g. 128 at size 192: a third each at 128, 160 and 192). Validation is always at the model's size. 0: off."),
     ema: float = typer.Option(0.0, "--ema", help="Keep an exponential moving average of the weights with this momentum (e.g. 0.99; 0: off); validation and the saved weights use the average."),
+    consistency: float = typer.Option(0.0, "--consistency", help="Teach the classifier that the resampling chain carries no diagnosis: each batch holds half as many images, each twice through independently drawn down/up-scaling, blur and JPEG re-compression (same crop, flip and colour), and the loss adds this weight x the symmetric KL divergence between the two predictions (e.g. 1; 0: off). cls and joint; an even --batch-size."),
     resume: bool = typer.Option(False, "--resume", help="Continue the run in --out from its last completed epoch, with its own settings and caches (only --epochs may change)."),
     mixed_precision: bool = typer.Option(False, "--mixed-precision", help="float16 compute on a GPU (outputs stay float32)."),
     strategy: str = typer.Option("default", "--strategy", help="default | mirrored (all GPUs of this machine; the batch is split across them)."),
@@ -245,7 +246,7 @@ def train_cli(
             epochs=epochs or (0 if resume else 50), batch_size=batch_size, learning_rate=learning_rate, alpha=alpha,
             seg_loss="bce+dice" if dice else "bce", augment="+".join(parse_groups(augment)) or "none", seed=seed,
             mixed_precision=mixed_precision, strategy=strategy, freeze=freeze, schedule=schedule,
-            sampler=sampler, steps_per_epoch=steps_per_epoch, seg_batch=seg_batch, ema=ema,
+            sampler=sampler, steps_per_epoch=steps_per_epoch, seg_batch=seg_batch, ema=ema, consistency=consistency,
             progressive=progressive,
             init_from=str(init_from.resolve()) if init_from else "", command=_command_line(ctx, only_given=resume),
         )
@@ -283,6 +284,16 @@ def _check_train_options(o: dict) -> None:
     if o["ema"] and not 0.5 <= o["ema"] < 1.0:
         fail(f"--ema must be 0 (off) or a momentum from 0.5 to below 1, such as 0.99, not {o['ema']}: the average "
              "keeps that share of itself at every step.")
+    if o["consistency"]:
+        from dermtool.config import CONSISTENCY_MAX
+
+        check_range("--consistency", o["consistency"], 0.0, CONSISTENCY_MAX, "the weight of the divergence "
+                    "between two chains of one image against the classification loss")
+        if o["task"] == "seg":
+            fail("--consistency ties two predictions of the classifier together; --task seg has none "
+                 "(use cls or joint).")
+        if o["batch_size"] is not None and o["batch_size"] % 2:
+            fail(f"--consistency needs an even --batch-size (each image comes twice in a batch), not {o['batch_size']}.")
     if o["cls_views"] == "frame+lesion" and o["task"] != "joint":
         fail(f"--cls-views frame+lesion needs --task joint (the lesion view is cut from the model's own mask), "
              f"not {o['task']}.")
@@ -315,6 +326,7 @@ _RESUME_SETTINGS = {
     "freeze": ("train", "freeze"), "mixed_precision": ("train", "mixed_precision"),
     "strategy": ("train", "strategy"), "seg_batch": ("train", "seg_batch"), "ema": ("train", "ema"),
     "progressive": ("train", "progressive"), "cls_views": ("model", "cls_views"),
+    "consistency": ("train", "consistency"),
 }
 
 

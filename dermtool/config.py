@@ -190,6 +190,10 @@ def preset_config(preset: str, task: str, **overrides) -> ModelConfig:
     return ModelConfig(task=task, **base)
 
 
+#: the largest --consistency weight; the divergence it scales is at most a few nats per pair
+CONSISTENCY_MAX = 100.0
+
+
 @dataclass(frozen=True)
 class TrainConfig:
     """How a model is trained; saved in the run folder's `config.json`."""
@@ -213,6 +217,7 @@ class TrainConfig:
     seg_batch: int = 0  # joint: the decoder trains on the first N images of each batch (0: all)
     progressive: int = 0  # progressive resizing: the first epochs train at this side, then +32 ... (0: off)
     ema: float = 0.0  # momentum of an exponential moving average of the weights (0: off)
+    consistency: float = 0.0  # weight of the loss tying two resampling chains of one image together (0: off)
     init_from: str = ""
     command: str = ""
     # absolute paths of the caches, so --resume can refuse others (dermtool.train.resume_caches)
@@ -232,6 +237,13 @@ class TrainConfig:
         if not (isinstance(self.ema, (int, float)) and not isinstance(self.ema, bool)
                 and (self.ema == 0 or 0.5 <= self.ema < 1)):
             raise InputError(f"train.ema must be 0 (off) or a momentum from 0.5 to below 1, not {self.ema!r}")
+        if not (isinstance(self.consistency, (int, float)) and not isinstance(self.consistency, bool)
+                and 0 <= self.consistency <= CONSISTENCY_MAX):
+            raise InputError(f"train.consistency must be a weight from 0 (off) to {CONSISTENCY_MAX:g}, "
+                             f"not {self.consistency!r}")
+        if self.consistency and (not isinstance(self.batch_size, int) or self.batch_size % 2):
+            raise InputError(f"train.consistency needs an even batch size (each image comes twice), "
+                             f"not {self.batch_size!r}")
 
 
 def save_config(path: Path, model: ModelConfig, train: TrainConfig | None = None, **extra) -> None:

@@ -90,6 +90,43 @@ class WeightedCategoricalCrossentropy(keras.losses.Loss):
         return {**super().get_config(), "class_weights": self.class_weights}
 
 
+@keras.saving.register_keras_serializable(package="dermtool")
+class PairConsistentCrossentropy(WeightedCategoricalCrossentropy):
+    """WeightedCategoricalCrossentropy plus `consistency` x the symmetric Kullback-Leibler
+    divergence between the predictions of rows 2i and 2i + 1, two copies of one image
+    (dermtool.augment.augment_pairs).
+
+    Every row carries its pair's divergence, labelled or not, so Keras's mean over the batch adds
+    `consistency` x the mean divergence over the pairs. The batch must have an even number of rows.
+    """
+
+    def __init__(self, class_weights=(1.0, 1.0, 1.0), consistency: float = 1.0, name: str = "cls_loss", **kwargs):
+        super().__init__(class_weights=class_weights, name=name, **kwargs)
+        self.consistency = float(consistency)
+
+    def call(self, y_true, y_pred):
+        eps = keras.config.epsilon()
+        log_p = ops.log(ops.clip(y_pred, eps, 1.0))
+        n_classes = ops.shape(y_pred)[-1]
+        p2, log_p2 = ops.reshape(y_pred, (-1, 2, n_classes)), ops.reshape(log_p, (-1, 2, n_classes))
+        a, b = p2[:, 0], p2[:, 1]
+        diff = log_p2[:, 0] - log_p2[:, 1]
+        divergence = 0.5 * ops.sum((a - b) * diff, axis=-1)  # (KL(a||b) + KL(b||a)) / 2
+        per_row = ops.reshape(ops.repeat(divergence[:, None], 2, axis=1), (-1,))
+        return super().call(y_true, y_pred) + self.consistency * per_row
+
+    def get_config(self):
+        return {**super().get_config(), "consistency": self.consistency}
+
+
+def with_consistency(losses: dict, consistency: float) -> dict:
+    """The training losses under `train --consistency`: the classifier's becomes pair-consistent
+    (validation keeps the plain one, as its images come one at a time)."""
+    if not consistency or "cls" not in losses:
+        return losses
+    return {**losses, "cls": PairConsistentCrossentropy(losses["cls"].class_weights, consistency)}
+
+
 def build_losses(has_seg: bool, has_cls: bool, alpha: float, dice: bool, class_weights) -> tuple[dict, dict]:
     """Loss and loss-weight dicts for `model.compile`: alpha * L_seg + (1 - alpha) * L_cls.
 

@@ -27,7 +27,7 @@ from dermtool import _tf, checkpoint
 _tf.load()
 import keras  # noqa: E402
 
-from dermtool.augment import augment_batch
+from dermtool.augment import augment_batch, augment_pairs
 from dermtool.config import ModelConfig, TrainConfig, load_config, save_config
 from dermtool.data import Cache, load_cache
 from dermtool.dataset import targets
@@ -82,11 +82,16 @@ class BatchSource:
 
     def batch(self, epoch: int, step: int):
         bs = self.tcfg.batch_size
-        take = self.order(epoch)[step * bs:(step + 1) * bs]
+        # --consistency: half a batch of images, each in two resampling chains (rows 2i, 2i + 1)
+        take = self.order(epoch)[step * bs:step * bs + (bs // 2 if self.tcfg.consistency else bs)]
         images, masks, labels = self.data.read(take, self.cfg)
         # input and target are centred squares, so one dihedral map aligns both (valid models too)
         rng = np.random.default_rng([self.tcfg.seed, epoch, step])
-        x, aug_masks, _ = augment_batch(images, masks, rng, self.tcfg.augment)
+        if self.tcfg.consistency:
+            x, aug_masks, _ = augment_pairs(images, masks, rng, self.tcfg.augment)
+            labels = np.repeat(labels, 2, axis=0)
+        else:
+            x, aug_masks, _ = augment_batch(images, masks, rng, self.tcfg.augment)
         side = phase_size(self.cfg, self.tcfg, epoch)
         if side != self.cfg.input_size:  # progressive resizing: this epoch trains on smaller squares
             x, aug_masks = shrink_batch(x, aug_masks, side)
@@ -369,7 +374,7 @@ def train(cfg: ModelConfig, tcfg: TrainConfig, train_cache, val_cache, out_dir: 
         with open(out_dir / "command.txt", "a") as fh:
             fh.write(command + "\n")
 
-    from dermtool.losses import build_losses
+    from dermtool.losses import build_losses, with_consistency
     from dermtool.models import build_models, load_pretrained
 
     seg_batch = tcfg.seg_batch if cfg.task == "joint" and 0 < tcfg.seg_batch < tcfg.batch_size else 0
@@ -377,6 +382,10 @@ def train(cfg: ModelConfig, tcfg: TrainConfig, train_cache, val_cache, out_dir: 
         log(f"the decoder trains on {seg_batch} of each batch's {tcfg.batch_size} images; "
             "the encoder and classifier on all")
     strategy = _strategy(tcfg.strategy)
+    if tcfg.consistency and tcfg.batch_size % (2 * strategy.num_replicas_in_sync):
+        raise InputError(f"--consistency with {strategy.num_replicas_in_sync} GPUs needs a batch size that is a "
+                         f"multiple of {2 * strategy.num_replicas_in_sync} (each GPU gets whole pairs), "
+                         f"not {tcfg.batch_size}.")
     with strategy.scope():
         model, train_model = build_models(cfg, seg_batch)
         if cfg.pretrained and not resume and not tcfg.init_from:
@@ -386,14 +395,15 @@ def train(cfg: ModelConfig, tcfg: TrainConfig, train_cache, val_cache, out_dir: 
         apply_freeze(model, tcfg.freeze)
         losses, loss_weights = build_losses(cfg.has_seg, cfg.has_cls, tcfg.alpha,
                                             tcfg.seg_loss == "bce+dice", weights or (1, 1, 1))
+        fit_losses = with_consistency(losses, tcfg.consistency)  # validation scores the plain losses
         ema = {"use_ema": True, "ema_momentum": tcfg.ema} if tcfg.ema else {}
         optimizer = keras.optimizers.Adam(tcfg.learning_rate, **ema)
-        model.compile(optimizer=optimizer, loss=losses, loss_weights=loss_weights)
+        model.compile(optimizer=optimizer, loss=fit_losses, loss_weights=loss_weights)
         if train_model is not model or tcfg.progressive:
             # the same optimizer (under mixed precision, the same loss-scale wrapper), its slots in
             # the saved model's variable order, as checkpoint.load builds them
             if train_model is not model:
-                train_model.compile(optimizer=model.optimizer, loss=losses, loss_weights=loss_weights)
+                train_model.compile(optimizer=model.optimizer, loss=fit_losses, loss_weights=loss_weights)
             model.optimizer.build(model.trainable_variables)
 
     metric_name = selection_metric(cfg) if vals else None
@@ -431,7 +441,7 @@ def train(cfg: ModelConfig, tcfg: TrainConfig, train_cache, val_cache, out_dir: 
                 with strategy.scope():
                     fit_model = keras.models.clone_model(train_model, input_tensors=keras.Input((side, side, 3)),
                                                          clone_function=lambda layer: layer)
-                    fit_model.compile(optimizer=model.optimizer, loss=losses, loss_weights=loss_weights)
+                    fit_model.compile(optimizer=model.optimizer, loss=fit_losses, loss_weights=loss_weights)
             elif len(progressive_phases(cfg, tcfg)) > 1:
                 log(f"epochs {max(first, state['epoch']) + 1}-{end}: {side} px squares, the model's own")
             batches, steps = training_dataset(data, cfg, tcfg, first_epoch=max(first, state["epoch"]), end_epoch=end)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from dermtool.augment import augment_batch, dihedral
+from dermtool.augment import augment_batch, augment_pairs, dihedral
 
 # The generator train.py builds for each batch: one stream per (seed, epoch, batch).
 
@@ -238,3 +238,17 @@ def test_lesion_crop_moves_masks_with_images_and_leaves_images_without_a_mask():
     np.testing.assert_array_equal(out[7], images[7])
     again, _, _ = augment_batch(images, masks, np.random.default_rng(1), "lesion-crop")
     np.testing.assert_array_equal(out, again)
+
+
+def test_pairs_share_crop_geometry_flip_and_colour_and_differ_by_the_chain():
+    images, masks = _batch(8, side=48)
+    x, m, codes = augment_pairs(images, masks, batch_rng(1, 0, 0), "flips+geometry+color-strong")
+    assert x.shape == (16, 48, 48, 3) and m.shape == (16, 48, 48) and x.dtype == np.float32
+    np.testing.assert_array_equal(m[0::2], m[1::2])
+    np.testing.assert_array_equal(codes[0::2], codes[1::2])
+    within = np.abs(x[0::2] - x[1::2]).mean()
+    between = np.abs(x[0:-2:2] - x[2::2]).mean()  # one image against the next one's copy
+    assert within < between / 2
+    assert np.any(x[0::2] != x[1::2])  # the chains were drawn independently
+    again, _, _ = augment_pairs(images, masks, batch_rng(1, 0, 0), "flips+geometry+color-strong")
+    np.testing.assert_array_equal(x, again)

@@ -267,3 +267,20 @@ def test_split_by_patient_keeps_each_patient_on_one_side(tmp_path):
     assert not {patient[i] for i in train} & {patient[i] for i in val}
     by_lesion = split_folder(data, 0.5, seed=0)[2]
     assert len(set(by_lesion.values())) == 12  # the default groups by lesion_id
+
+
+def test_the_consistency_loss_adds_the_weighted_symmetric_kl_of_each_pair():
+    from dermtool.losses import PairConsistentCrossentropy, WeightedCategoricalCrossentropy
+
+    y = np.array([[1, 0, 0], [1, 0, 0], [0, 0, 0], [0, 0, 0]], np.float32)  # pair 2 has no label
+    pred = np.array([[0.6, 0.2, 0.2], [0.4, 0.3, 0.3], [0.1, 0.1, 0.8], [0.1, 0.1, 0.8]], np.float32)
+    plain = float(WeightedCategoricalCrossentropy()(y, pred))
+    assert plain == pytest.approx(-(np.log(0.6) + np.log(0.4)) / 2, rel=1e-5)
+    a, b = pred[0].astype(np.float64), pred[1].astype(np.float64)
+    sym_kl = 0.5 * (np.sum(a * np.log(a / b)) + np.sum(b * np.log(b / a)))
+    # pair 1 differs, pair 2 agrees exactly; the mean over the two pairs, times the weight 3
+    got = float(PairConsistentCrossentropy((1.0, 1.0, 1.0), 3.0)(y, pred))
+    assert got == pytest.approx(plain + 3.0 * sym_kl / 2, rel=1e-5)
+    same = np.repeat(pred[0::2], 2, axis=0)
+    assert float(PairConsistentCrossentropy((1.0, 1.0, 1.0), 3.0)(y, same)) == pytest.approx(
+        float(WeightedCategoricalCrossentropy()(y, same)), rel=1e-6)

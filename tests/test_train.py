@@ -638,6 +638,10 @@ def test_freeze_early_on_lite0_names_the_stages_at_half_and_quarter_size():
     (["--freeze", "head"], "--freeze must be one of"),
     (["--task", "cls", "--cls-views", "frame+lesion"], "--cls-views frame+lesion needs --task joint"),
     (["--cls-views", "lesion"], "--cls-views must be one of"),
+    (["--consistency", "1", "--batch-size", "5"], "--consistency needs an even --batch-size"),
+    (["--consistency", "1", "--task", "seg"], "--task seg has none"),
+    (["--consistency", "-1"], "--consistency must be between 0.0 and 100.0"),
+    (["--consistency", "nan"], "--consistency must be between"),
 ])
 def test_train_refuses_bad_seg_batch_ema_and_freeze(caches, tmp_path, args, words):
     from typer.testing import CliRunner
@@ -708,6 +712,7 @@ def test_progressive_refuses_a_side_the_network_cannot_take(caches, tmp_path):
     ("seg_batch", -2, "train.seg_batch must be a whole number"),
     ("progressive", "big", "train.progressive must be a whole number"),
     ("freeze", "head", "train.freeze must be one of"),
+    ("consistency", -1, "train.consistency must be a weight from 0 (off) to 100"),
 ])
 def test_a_damaged_train_setting_in_config_json_is_refused_on_resume(caches, tmp_path, key, value, words):
     from typer.testing import CliRunner
@@ -723,3 +728,30 @@ def test_a_damaged_train_setting_in_config_json_is_refused_on_resume(caches, tmp
     assert result.exit_code == 2 and words in text and str(out / "config.json") in text
     assert len(history(out)) == 1
 
+
+def test_consistency_batches_hold_each_image_twice_with_one_geometry(caches):
+    from dermtool.dataset import TrainingSet, steps_per_epoch
+    from dermtool.train import BatchSource
+
+    cfg = tiny("joint")
+    data = TrainingSet([load_cache(caches)], [False])
+    tcfg = TrainConfig(batch_size=6, augment="flips+geometry+color", consistency=1.0, seed=4)
+    source = BatchSource(data, cfg, tcfg, steps_per_epoch(len(data), 6, 0))
+    x, y = source.batch(0, 1)
+    assert x.shape[0] == 6 and y["cls"].shape[0] == 6 and y["seg"].shape[0] == 6
+    order = source.order(0)
+    images, masks, labels = data.read(order[6:9], cfg)  # step 1: the next half batch of images
+    want = np.zeros((3, len(cfg.class_names)), np.float32)
+    want[np.arange(3), labels] = 1
+    np.testing.assert_array_equal(y["cls"], np.repeat(want, 2, axis=0))
+    np.testing.assert_array_equal(y["seg"][0::2], y["seg"][1::2])  # one crop, rotation and flip per pair
+    x2, _ = BatchSource(data, cfg, tcfg, steps_per_epoch(len(data), 6, 0)).batch(0, 1)
+    np.testing.assert_array_equal(x, x2)  # seeded
+
+
+def test_consistency_trains_records_its_weight_and_resumes_only_with_it(caches, tmp_path):
+    out = run(caches, tmp_path / "r", "cls", epochs=1, consistency=2.0)
+    assert load_config(out / "config.json")[1].consistency == 2.0
+    assert np.isfinite(float(history(out)[0]["loss"]))
+    result = cli("train", "--out", out, "--resume", "--epochs", 2, "--consistency", 1)
+    assert result.exit_code == 2 and "--consistency 2.0" in " ".join(result.output.split())
