@@ -17,6 +17,10 @@ against the truth. A last row pools every copy of every image.
         --originals ../shared/data/isic2017/val_fullres --copies ../shared/data/isic2017/val \\
         --work /tmp/rescheck
 
+With several --model, a last table compares each with the first on the pooled copies: mean
+|delta p(melanoma)|, mean total variation distance of the three probabilities and argmax
+agreement, the difference with a 95 % bootstrap interval that resamples images.
+
 `--engine` and `--tta` are passed to infer. Derived copies and predictions are kept in --work,
 so a second model reuses the copies.
 """
@@ -95,6 +99,8 @@ def compare(pred: dict, ref: dict, truth: dict, ids: list[str]) -> dict:
     t = np.array([truth[i] for i in ids])
     delta = np.abs(p[:, 0] - r[:, 0])
     return {
+        "agree_each": p.argmax(1) == r.argmax(1),
+        "tv": 0.5 * np.abs(p - r).sum(axis=1),  # total variation distance of the class probabilities
         "agree": float(np.mean(p.argmax(1) == r.argmax(1))),
         "agree_label": float(np.mean([pred[i][1] == ref[i][1] for i in ids])),
         "delta": delta,
@@ -126,8 +132,29 @@ def run(model: str, originals: Path, copies: Path | None, work: Path, engine: st
         "agree_label": float(np.mean([r["agree_label"] for r in copies_rows])),
         "mean_dp": float(np.mean(np.concatenate([r["delta"] for r in copies_rows]))),
         "max_dp": float(max(r["max_dp"] for r in copies_rows)),
-        "mean_p": None, "bacc": None, "mel_auc": None, "sk_auc": None}))
+        "mean_p": None, "bacc": None, "mel_auc": None, "sk_auc": None,
+        # (copies, images) arrays for the paired comparison of two models
+        "delta": np.stack([r["delta"] for r in copies_rows]), "tv": np.stack([r["tv"] for r in copies_rows]),
+        "agree_each": np.stack([r["agree_each"] for r in copies_rows])}))
     return rows
+
+
+PAIRED = (("mean abs dp(mel)", "delta"), ("mean total variation", "tv"), ("labels agree (argmax)", "agree_each"))
+
+
+def paired_rows(a: dict, b: dict, resamples: int, seed: int = 0) -> list[tuple[str, float, float, float, float]]:
+    """B - A on the pooled copies, with a 95 % bootstrap interval that resamples images (each with
+    all its copies), since the copies of one image are not independent."""
+    rng = np.random.default_rng(seed)
+    n = a["delta"].shape[1]
+    draws = rng.integers(0, n, size=(resamples, n))
+    out = []
+    for name, key in PAIRED:
+        va, vb = a[key].astype(float).mean(axis=0), b[key].astype(float).mean(axis=0)  # per image
+        diff = vb - va
+        boot = diff[draws].mean(axis=1)
+        out.append((name, float(va.mean()), float(vb.mean()), float(diff.mean()), *np.percentile(boot, [2.5, 97.5])))
+    return out
 
 
 def _f(v) -> str:
@@ -142,14 +169,25 @@ def main() -> None:
     parser.add_argument("--work", type=Path, required=True)
     parser.add_argument("--engine", default="keras")
     parser.add_argument("--tta", type=int, default=1)
+    parser.add_argument("--resamples", type=int, default=2000, help="bootstrap resamples of the paired comparison")
     args = parser.parse_args()
+    pooled = {}
     print("| model | input | labels agree (argmax) | decisions agree (label column) | mean abs dp(mel) | "
           "max abs dp(mel) | mean p(mel) | BACC | mel AUC | SK AUC |")
     print("|---|---|---:|---:|---:|---:|---:|---:|---:|---:|")
     for model in args.model:
         for name, r in run(model, args.originals, args.copies, args.work, args.engine, args.tta):
+            pooled[model] = r
             print(f"| {Path(model).name} | {name} | {r['agree']:.3f} | {r['agree_label']:.3f} | {r['mean_dp']:.3f} | "
                   f"{r['max_dp']:.3f} | {_f(r['mean_p'])} | {_f(r['bacc'])} | {_f(r['mel_auc'])} | {_f(r['sk_auc'])} |")
+
+    if len(args.model) > 1:  # each later model against the first, on the same images and copies
+        first = args.model[0]
+        print(f"\n| pooled copies | {Path(first).name} | model | model - {Path(first).name} [95 % CI, images resampled] |")
+        print("|---|---:|---:|---|")
+        for model in args.model[1:]:
+            for name, va, vb, d, lo, hi in paired_rows(pooled[first], pooled[model], args.resamples):
+                print(f"| {name}: {Path(model).name} | {va:.3f} | {vb:.3f} | {d:+.3f} [{lo:+.3f}, {hi:+.3f}] |")
 
 
 if __name__ == "__main__":
