@@ -364,6 +364,11 @@ def train(cfg: ModelConfig, tcfg: TrainConfig, train_cache, val_cache, out_dir: 
         how = "balanced sampler, so uniform" if tcfg.sampler == "balanced" else "W_c = N / (3 n_c)"
         log(f"class weights ({how}): " + ", ".join(f"{n} {w:.3f}" for n, w in zip(cfg.class_names, weights)))
 
+    strategy = _strategy(tcfg.strategy)
+    if tcfg.consistency and tcfg.batch_size % (2 * strategy.num_replicas_in_sync):
+        raise InputError(f"--consistency with {strategy.num_replicas_in_sync} GPUs needs a batch size that is a "
+                         f"multiple of {2 * strategy.num_replicas_in_sync} (each GPU gets whole pairs), "
+                         f"not {tcfg.batch_size}.")
     if not vals:
         log("note: no --val: best.weights.h5 is the last epoch (a training loss is no validation score)")
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -381,11 +386,6 @@ def train(cfg: ModelConfig, tcfg: TrainConfig, train_cache, val_cache, out_dir: 
     if seg_batch:
         log(f"the decoder trains on {seg_batch} of each batch's {tcfg.batch_size} images; "
             "the encoder and classifier on all")
-    strategy = _strategy(tcfg.strategy)
-    if tcfg.consistency and tcfg.batch_size % (2 * strategy.num_replicas_in_sync):
-        raise InputError(f"--consistency with {strategy.num_replicas_in_sync} GPUs needs a batch size that is a "
-                         f"multiple of {2 * strategy.num_replicas_in_sync} (each GPU gets whole pairs), "
-                         f"not {tcfg.batch_size}.")
     with strategy.scope():
         model, train_model = build_models(cfg, seg_batch)
         if cfg.pretrained and not resume and not tcfg.init_from:
