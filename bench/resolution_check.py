@@ -176,8 +176,9 @@ def main() -> None:
           "max abs dp(mel) | mean p(mel) | BACC | mel AUC | SK AUC |")
     print("|---|---|---:|---:|---:|---:|---:|---:|---:|---:|")
     for model in args.model:
-        for name, r in run(model, args.originals, args.copies, args.work, args.engine, args.tta):
-            pooled[model] = r
+        rows = run(model, args.originals, args.copies, args.work, args.engine, args.tta)
+        pooled[model] = rows[-1][1]  # the pooled row carries the per-image arrays
+        for name, r in rows:
             print(f"| {Path(model).name} | {name} | {r['agree']:.3f} | {r['agree_label']:.3f} | {r['mean_dp']:.3f} | "
                   f"{r['max_dp']:.3f} | {_f(r['mean_p'])} | {_f(r['bacc'])} | {_f(r['mel_auc'])} | {_f(r['sk_auc'])} |")
 

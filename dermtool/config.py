@@ -190,7 +190,7 @@ def preset_config(preset: str, task: str, **overrides) -> ModelConfig:
     return ModelConfig(task=task, **base)
 
 
-#: the largest --consistency weight; the divergence it scales is at most a few nats per pair
+#: the largest --consistency weight: a bound on typos, far above the weights tried (3 and 10)
 CONSISTENCY_MAX = 100.0
 
 
