@@ -109,6 +109,7 @@ def test_undo_dihedral_inverts_every_symmetry():
 # --- the groups that break acquisition cues (issue 17) and the resampling chain (issue 20) ---
 
 from dermtool.augment import affine_matrix, parse_groups, random_affine, resampling_chain  # noqa: E402
+from dermtool.augment import PAIR_NOISE_MAX, PAIR_SHIFT_MAX, pixel_jitter, shift_edge  # noqa: E402
 from dermtool.augment import _warp  # noqa: E402
 
 
@@ -244,7 +245,12 @@ def test_pairs_share_crop_geometry_flip_and_colour_and_differ_by_the_chain():
     images, masks = _batch(8, side=48)
     x, m, codes = augment_pairs(images, masks, batch_rng(1, 0, 0), "flips+geometry+color-strong")
     assert x.shape == (16, 48, 48, 3) and m.shape == (16, 48, 48) and x.dtype == np.float32
-    np.testing.assert_array_equal(m[0::2], m[1::2])
+    # one mask per pair, each copy moved by at most PAIR_SHIFT_MAX pixels: away from the edges the
+    # two agree once one is moved by the difference of the two shifts
+    k = 2 * PAIR_SHIFT_MAX
+    for a, b in zip(m[0::2], m[1::2]):
+        assert any(np.array_equal(shift_edge(a, dy, dx)[k:-k, k:-k], b[k:-k, k:-k])
+                   for dy in range(-k, k + 1) for dx in range(-k, k + 1))
     np.testing.assert_array_equal(codes[0::2], codes[1::2])
     within = np.abs(x[0::2] - x[1::2]).mean()
     between = np.abs(x[0:-2:2] - x[2::2]).mean()  # one image against the next one's copy
@@ -252,3 +258,27 @@ def test_pairs_share_crop_geometry_flip_and_colour_and_differ_by_the_chain():
     assert np.any(x[0::2] != x[1::2])  # the chains were drawn independently
     again, _, _ = augment_pairs(images, masks, batch_rng(1, 0, 0), "flips+geometry+color-strong")
     np.testing.assert_array_equal(x, again)
+
+
+def test_pixel_jitter_moves_image_and_mask_together_and_adds_noise():
+    images, masks = _batch(1, side=24)
+    img, mask = images[0].astype(np.float32), masks[0]
+    seen_shift = seen_still = False
+    for seed in range(12):
+        out, out_mask = pixel_jitter(img, mask, np.random.default_rng(seed))
+        assert out.shape == img.shape and out.dtype == np.float32 and out_mask.shape == mask.shape
+        assert out.min() >= 0 and out.max() <= 255
+        # the shift that moves the mask also moves the image, to within the noise
+        moves = [(dy, dx) for dy in range(-PAIR_SHIFT_MAX, PAIR_SHIFT_MAX + 1)
+                 for dx in range(-PAIR_SHIFT_MAX, PAIR_SHIFT_MAX + 1) if np.array_equal(shift_edge(mask, dy, dx), out_mask)]
+        assert moves
+        assert min(np.abs(out - shift_edge(img, *d)).max() for d in moves) < 6 * PAIR_NOISE_MAX + 1
+        seen_shift |= (0, 0) not in moves
+        seen_still |= (0, 0) in moves
+    assert seen_shift and seen_still
+
+
+def test_shift_edge_repeats_the_edge():
+    a = np.arange(12).reshape(3, 4)
+    np.testing.assert_array_equal(shift_edge(a, 0, 1), [[0, 0, 1, 2], [4, 4, 5, 6], [8, 8, 9, 10]])
+    np.testing.assert_array_equal(shift_edge(a, -1, 0), [[4, 5, 6, 7], [8, 9, 10, 11], [8, 9, 10, 11]])
