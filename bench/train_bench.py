@@ -47,6 +47,13 @@ RECIPES = {
     "joint seg-batch 2 + freeze early": _joint("--seg-batch", "2", "--freeze", "early"),
     "joint seg-batch 4 + freeze early @160": _joint(*_SB4, "--freeze", "early", size=160),
     "joint seg-batch 4 + freeze early @128": _joint(*_SB4, "--freeze", "early", size=128),
+    # issue 17 item 7: the larger EfficientNet-Lite encoders under the same recipe (no ImageNet
+    # weights needed to time them) and Lite0 at 224 px
+    "joint seg-batch 4 + freeze early, Lite1": _joint(*_SB4, "--freeze", "early", "--encoder", "efficientnet-lite1",
+                                                       "--no-pretrained"),
+    "joint seg-batch 4 + freeze early, Lite2": _joint(*_SB4, "--freeze", "early", "--encoder", "efficientnet-lite2",
+                                                       "--no-pretrained"),
+    "joint seg-batch 4 + freeze early @224": _joint(*_SB4, "--freeze", "early", size=224),
     "cls alone": (["--size", "192"], ["--preset", "lite0", "--task", "cls"]),
     "cls alone + freeze stem": (["--size", "192"], ["--preset", "lite0", "--task", "cls", "--freeze", "stem"]),
 }

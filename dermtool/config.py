@@ -15,7 +15,7 @@ from dermtool import CLASS_NAMES
 from dermtool.errors import InputError
 
 TASKS = ("seg", "cls", "joint")
-ENCODERS = ("unet", "efficientnet-lite0")
+ENCODERS = ("unet", "efficientnet-lite0", "efficientnet-lite1", "efficientnet-lite2")
 PRESETS = ("thesis", "compact", "lite0")
 FITS = ("pad", "squash")
 COLOR_CONSTANCY = ("none", "shades-of-gray")
@@ -56,7 +56,7 @@ class ModelConfig:
 
     task: str = "joint"
     preset: str = "compact"
-    encoder: str = "unet"  # "unet" (the thesis's encoder, from scratch) or "efficientnet-lite0"
+    encoder: str = "unet"  # "unet" (the thesis's encoder, from scratch) or "efficientnet-lite0" (or -lite1, -lite2)
     pretrained: bool = False  # ImageNet weights loaded into the encoder before training
     size: int = 256
     base_filters: int = 16
@@ -105,7 +105,7 @@ class ModelConfig:
             raise InputError(f"the {self.encoder} encoder needs --preset lite0 (same padding, depth 5, its own "
                              f"normalisation) and a size that is a multiple of 32 (got {self.size}).")
         if self.pretrained and self.encoder == "unet":
-            raise InputError("--pretrained needs a pretrained encoder: add --encoder efficientnet-lite0.")
+            raise InputError("--pretrained needs a pretrained encoder: add --encoder efficientnet-lite0 (or -lite1, -lite2).")
         if self.padding == "same" and self.size % (2**self.depth):
             raise InputError(f"size {self.size} must be a multiple of 2**depth = {2 ** self.depth}.")
         object.__setattr__(self, "class_names", tuple(self.class_names))

