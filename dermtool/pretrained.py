@@ -78,7 +78,7 @@ def skip_blocks(stages) -> tuple[int, ...]:
     """Index of the last block at each resolution before the last: its output is the U-Net skip at
     1/2, 1/4, 1/8 and 1/16 (Lite0: blocks 0, 2, 4 and 10)."""
     out, block = [], -1
-    for i, (_e, _k, stride, _o, repeats) in enumerate(stages):
+    for _e, _k, stride, _o, repeats in stages:
         if stride == 2 and block >= 0:
             out.append(block)
         block += repeats
