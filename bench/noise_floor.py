@@ -27,13 +27,16 @@ from pathlib import Path
 
 import numpy as np
 
+from dermtool.errors import InputError
+
 
 def perturbations(x: np.ndarray, seed: int = 0) -> dict[str, np.ndarray]:
     """(N, H, W, 3) float model inputs -> name -> perturbed copy (same shape, 0-255)."""
     from PIL import Image
 
+    from dermtool.augment import shift_edge
+
     rng = np.random.default_rng(seed)
-    shifted = np.concatenate([x[:, :, :1], x[:, :, :-1]], axis=2)  # one column right, edge repeated
 
     def jpeg(a: np.ndarray) -> np.ndarray:
         buf = io.BytesIO()
@@ -44,7 +47,7 @@ def perturbations(x: np.ndarray, seed: int = 0) -> dict[str, np.ndarray]:
 
     return {
         "noise 1": np.clip(x + rng.normal(0.0, 1.0, x.shape), 0, 255).astype(np.float32),
-        "shift 1 px": shifted,
+        "shift 1 px": np.stack([shift_edge(a, 0, 1) for a in x]),  # one column right, edge repeated
         "JPEG q95": np.stack([jpeg(a) for a in x]),
     }
 
@@ -53,11 +56,10 @@ def predict(model, cfg, x: np.ndarray, batch: int = 16) -> np.ndarray:
     """(N, 3) class probabilities as `dermtool infer` computes them (lesion view, temperature)."""
     from dermtool.infer import predict_batch
 
-    lesion_view = cfg.task == "joint" and cfg.cls_views == "frame+lesion"
     out = []
-    for i in range(0, len(x), batch):
+    for i in range(0, len(x), batch):  # the lesion view as infer decides it (config checks it is joint)
         out += [c for _, c in predict_batch(model, list(x[i:i + batch]), temperature=cfg.temperature,
-                                            lesion_view=lesion_view)]
+                                            lesion_view=cfg.cls_views == "frame+lesion")]
     return np.stack(out)
 
 
@@ -103,7 +105,10 @@ def main() -> None:
     print("| model | perturbation | mean abs dp(mel) [95 % CI] | argmax agree | decisions agree |")
     print("|---|---|---|---:|---:|")
     for m in args.model:
-        results[m] = measure(m, images)
+        try:
+            results[m] = measure(m, images)
+        except InputError as exc:  # a bad model folder or image: one line, no traceback
+            raise SystemExit(f"error: {exc}")
         for name, r in results[m].items():
             lo, hi = interval(r["delta"], draws)
             print(f"| {m.name} | {name} | {r['delta'].mean():.4f} [{lo:.4f}, {hi:.4f}] | "
