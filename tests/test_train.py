@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import json
 import os
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -707,6 +708,12 @@ def test_progressive_refuses_a_side_the_network_cannot_take(caches, tmp_path):
     assert not (tmp_path / "r").exists()
 
 
+@pytest.fixture(scope="module")
+def one_epoch_seg_run(caches, tmp_path_factory):
+    """A finished one-epoch seg run; tests that damage it work on a copy (training once, not per case)."""
+    return run(caches, tmp_path_factory.mktemp("one-epoch") / "r", "seg", epochs=1)
+
+
 @pytest.mark.parametrize("key, value, words", [
     ("ema", 1.5, "train.ema must be 0 (off) or a momentum from 0.5 to below 1"),
     ("seg_batch", -2, "train.seg_batch must be a whole number"),
@@ -714,12 +721,13 @@ def test_progressive_refuses_a_side_the_network_cannot_take(caches, tmp_path):
     ("freeze", "head", "train.freeze must be one of"),
     ("consistency", -1, "train.consistency must be a weight from 0 (off) to 100"),
 ])
-def test_a_damaged_train_setting_in_config_json_is_refused_on_resume(caches, tmp_path, key, value, words):
+def test_a_damaged_train_setting_in_config_json_is_refused_on_resume(one_epoch_seg_run, tmp_path, key, value, words):
     from typer.testing import CliRunner
 
     from dermtool.cli import app
 
-    out = run(caches, tmp_path / "r", "seg", epochs=1)
+    out = tmp_path / "r"
+    shutil.copytree(one_epoch_seg_run, out)
     config = json.loads((out / "config.json").read_text())
     config["train"][key] = value
     (out / "config.json").write_text(json.dumps(config))
