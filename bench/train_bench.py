@@ -11,7 +11,8 @@ and start-up excluded); an untimed warm-up epoch absorbs graph tracing.
 
 `--recipes` times the Lite0 joint model at 192 px under the ways of spending a CPU minute
 (`--seg-batch`, `--freeze stem|early`, smaller squares) against the plain joint step and the
-classifier alone; a `--progressive 128` run's rate is computed from its three sides' rows. Its
+classifier alone; a `--progressive 128` (or 96) run's rate is computed from its sides' rows
+(an equal share of the epochs at each side, as `train` shares them). Its
 "cls updates/min" column counts optimizer steps that update the classifier and the encoder, the
 figure issue 17 asks to triple; "vs first" compares each with the plain joint recipe.
 """
@@ -47,6 +48,11 @@ RECIPES = {
     "joint seg-batch 2 + freeze early": _joint("--seg-batch", "2", "--freeze", "early"),
     "joint seg-batch 4 + freeze early @160": _joint(*_SB4, "--freeze", "early", size=160),
     "joint seg-batch 4 + freeze early @128": _joint(*_SB4, "--freeze", "early", size=128),
+    "joint seg-batch 4 + freeze early @96": _joint(*_SB4, "--freeze", "early", size=96),
+    # the same sides with the decoder on 2 images a batch (--progressive 128 or 96 with --seg-batch 2)
+    "joint seg-batch 2 + freeze early @160": _joint("--seg-batch", "2", "--freeze", "early", size=160),
+    "joint seg-batch 2 + freeze early @128": _joint("--seg-batch", "2", "--freeze", "early", size=128),
+    "joint seg-batch 2 + freeze early @96": _joint("--seg-batch", "2", "--freeze", "early", size=96),
     # issue 17 item 7: the larger EfficientNet-Lite encoders under the same recipe (no ImageNet
     # weights needed to time them) and Lite0 at 224 px
     "joint seg-batch 4 + freeze early, Lite1": _joint(*_SB4, "--freeze", "early", "--encoder", "efficientnet-lite1",
@@ -113,17 +119,16 @@ def main() -> None:
     for name, n, secs, ips, wall in rows:
         updates = 60 * ips / args.batch_size
         print(f"| {name:<32} | {n} | {secs:.1f} | {ips:.2f} | {updates:.1f} | {ips / base:.2f} | {wall:.1f} |")
-    for freeze in ("stem", "early"):
-        thirds = [r for r in rows if r[0] in (f"joint seg-batch 4 + freeze {freeze}",
-                                              f"joint seg-batch 4 + freeze {freeze} @160",
-                                              f"joint seg-batch 4 + freeze {freeze} @128")]
-        if len(thirds) == 3:  # --progressive 128 at 192 px: a third of the epochs at each side
-            secs = sum(r[2] for r in thirds) / 3
-            ips = args.images / secs
-            name = f"= progressive 128, {freeze} (thirds, computed)"
-            print(f"| {name:<32} | {args.images} | {secs:.1f} | {ips:.2f} | "
-                  f"{60 * ips / args.batch_size:.1f} | {ips / base:.2f} | - |")
-
+    by_name = {r[0]: r for r in rows}
+    for base_name in [r[0] for r in rows if "@" not in r[0] and r[0].startswith("joint seg-batch")]:
+        for start in (128, 96):  # --progressive START to 192 px: an equal share of the epochs at each side
+            sides = [by_name.get(base_name if side == 192 else f"{base_name} @{side}") for side in range(start, 193, 32)]
+            if all(sides):
+                secs = sum(r[2] for r in sides) / len(sides)
+                ips = args.images / secs
+                name = f"= {base_name}, progressive {start} (computed)"
+                print(f"| {name:<32} | {args.images} | {secs:.1f} | {ips:.2f} | "
+                      f"{60 * ips / args.batch_size:.1f} | {ips / base:.2f} | - |")
 
 if __name__ == "__main__":
     main()
