@@ -130,5 +130,6 @@ def main() -> None:
                 print(f"| {name:<32} | {args.images} | {secs:.1f} | {ips:.2f} | "
                       f"{60 * ips / args.batch_size:.1f} | {ips / base:.2f} | - |")
 
+
 if __name__ == "__main__":
     main()
