@@ -27,7 +27,7 @@ CHAIN=${CHAIN:-jpeg256}
 AUGMENT=${AUGMENT:-flips+color-strong+lesion-crop+geometry+chain}
 EMA=${EMA:-0.99}
 # the consistency loss between two chains of one image (train --consistency): on the CPU's long run
-# it brought the 17 originals' label agreement with their copies to 0.99 and mean |dp| to 0.014
+# it brought the 17 originals' argmax-label agreement with their copies to 0.99 and mean |dp| to 0.014
 CONSISTENCY=${CONSISTENCY:-3}
 VIEWS=${VIEWS:-frame+lesion}  # the written model's cls_views: frame, or frame+lesion (a second view)
 INIT=${INIT:-}  # a model folder to start from (e.g. the bundled model), else ImageNet weights

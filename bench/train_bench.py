@@ -122,7 +122,8 @@ def main() -> None:
     by_name = {r[0]: r for r in rows}
     for base_name in [r[0] for r in rows if "@" not in r[0] and r[0].startswith("joint seg-batch")]:
         for start in (128, 96):  # --progressive START to 192 px: an equal share of the epochs at each side
-            sides = [by_name.get(base_name if side == 192 else f"{base_name} @{side}") for side in range(start, 193, 32)]
+            sides = [by_name.get(base_name if side == 192 else f"{base_name} @{side}")
+                     for side in range(start, 193, 32)]
             if all(sides):
                 secs = sum(r[2] for r in sides) / len(sides)
                 ips = args.images / secs
