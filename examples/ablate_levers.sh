@@ -18,7 +18,6 @@ LEVERS=${LEVERS:-noSoG noGeom noColor noChain noCrop}
 SEEDS=${SEEDS:-1 2}
 EPOCHS=${EPOCHS:-6}
 STEPS=${STEPS:-259}
-mkdir -p "$WORK"
 
 augment_of() {  # lever -> "AUGMENT COLOUR_CONSTANCY"
   case $1 in
@@ -31,6 +30,9 @@ augment_of() {  # lever -> "AUGMENT COLOUR_CONSTANCY"
     *) echo "unknown lever $1 (one of noSoG noGeom noColor noChain noCrop)" >&2; exit 2 ;;
   esac
 }
+
+for lever in $LEVERS; do augment_of "$lever" > /dev/null; done  # an unknown lever stops here, before any run
+mkdir -p "$WORK"
 
 for seed in $SEEDS; do
   for lever in B $LEVERS; do
