@@ -9,7 +9,8 @@
 # (`dermtool preprocess --chain jpeg256 --fit squash --size 192`, as in the README); $SPLITS holds
 # ham/ and i20/ from `dermtool split` (the model card's Data section). Needs '.[pretrained]'.
 # LEVERS, SEEDS, EPOCHS and STEPS can be overridden (the model card: all five levers, seeds 1 and 2
-# for three of them, 6 x 259 steps; on a 2-core CPU each run takes about 25 minutes on one core).
+# for three of them and seed 3 for geometry, 6 x 259 steps; on a 2-core CPU each run takes about
+# 25 minutes on one core).
 set -euo pipefail
 CACHE=${CACHE:?set CACHE to the folder of the jpeg256 caches}
 SPLITS=${SPLITS:?set SPLITS to the folder with the ham and i20 splits}
