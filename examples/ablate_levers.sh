@@ -38,15 +38,15 @@ mkdir -p "$WORK"
 for seed in $SEEDS; do
   for lever in B $LEVERS; do
     name=$lever-s$seed
-    [ -d "$WORK/m-$name" ] && continue
-    read -r aug cc <<< "$(augment_of "$lever")"
-    dermtool train "$CACHE/j-isic-train192" "$CACHE/j-ham-train192" "$CACHE/j-i20-train192" \
-      --val "$CACHE/j-isic-val192" --task joint --preset lite0 --out "$WORK/$name" \
-      --epochs "$EPOCHS" --steps-per-epoch "$STEPS" --batch-size 16 --learning-rate 5e-4 --schedule cosine \
-      --sampler balanced --alpha 0.5 --dice --augment "$aug" --input-chain jpeg256 --color-constancy "$cc" \
-      --seed "$seed" --ema 0.99 --seg-batch 4 --freeze early --progressive 128
-    # the last epoch's weights, as a model folder (the ablation does not choose an epoch)
-    python - "$WORK/$name" "$WORK/m-$name" <<'PY'
+    if [ ! -d "$WORK/m-$name" ]; then  # trained before: only validate (validation.py reuses its outputs)
+      read -r aug cc <<< "$(augment_of "$lever")"
+      dermtool train "$CACHE/j-isic-train192" "$CACHE/j-ham-train192" "$CACHE/j-i20-train192" \
+        --val "$CACHE/j-isic-val192" --task joint --preset lite0 --out "$WORK/$name" \
+        --epochs "$EPOCHS" --steps-per-epoch "$STEPS" --batch-size 16 --learning-rate 5e-4 --schedule cosine \
+        --sampler balanced --alpha 0.5 --dice --augment "$aug" --input-chain jpeg256 --color-constancy "$cc" \
+        --seed "$seed" --ema 0.99 --seg-batch 4 --freeze early --progressive 128
+      # the last epoch's weights, as a model folder (the ablation does not choose an epoch)
+      python - "$WORK/$name" "$WORK/m-$name" <<'PY'
 import shutil, sys
 from pathlib import Path
 from dermtool.modelio import save_model_folder
@@ -60,6 +60,7 @@ shutil.copy(run / "last.weights.h5", last / "best.weights.h5")
 save_model_folder(last, out)
 shutil.rmtree(last)
 PY
+    fi
     python bench/validation.py "$WORK/m-$name" --split "$SPLITS/ham" --isic2020-split "$SPLITS/i20" \
       --work "$WORK/validation" --bootstrap 200
   done
