@@ -74,11 +74,11 @@ def _infer_and_score(images, labels, masks, out, *options):
 
 
 # Floors a little under the figures measured with `python bench/validation.py` (MODEL_CARD.md).
-# Measured (weights/isic-ham-lite0-joint-192, its lesion view on): ISIC 2017 val JAC 0.753, BACC
-# (argmax) 0.767, melanoma AUC 0.876, melanoma sensitivity at the stored operating point 0.900;
-# HAM10000 holdout JAC 0.880, BACC 0.769, melanoma AUC 0.907, sensitivity at the operating point 0.944.
-ISIC_FLOORS = {"jac": 0.745, "bacc": 0.75, "mel_auc": 0.86, "decision_mel_se": 0.85}
-HAM_FLOORS = {"jac": 0.87, "bacc": 0.755, "mel_auc": 0.89, "decision_mel_se": 0.9}
+# Measured (weights/isic-ham-lite0-joint-192, its lesion view on): ISIC 2017 val JAC 0.761, BACC
+# (argmax) 0.736, melanoma AUC 0.854, melanoma sensitivity at the stored operating point 0.833;
+# HAM10000 holdout JAC 0.881, BACC 0.758, melanoma AUC 0.901, sensitivity at the operating point 0.963.
+ISIC_FLOORS = {"jac": 0.745, "bacc": 0.72, "mel_auc": 0.84, "decision_mel_se": 0.8}
+HAM_FLOORS = {"jac": 0.87, "bacc": 0.745, "mel_auc": 0.89, "decision_mel_se": 0.9}
 
 
 def _check_floors(seg, cls, floors):
@@ -107,7 +107,8 @@ def test_the_litert_engine_keeps_the_bundled_models_figures(isic_dir, isic_val_s
     the Keras model on the ISIC 2017 validation split (measured: -0.0002 and -0.0043 on the
     earlier weights). With the lesion view the export's slightly different masks also move some
     second views: measured BACC 0.786 against Keras 0.767 (+0.020, about two of the 72
-    non-nevus images) on these weights, so the BACC bar is 0.025 now; JAC keeps 0.005."""
+    non-nevus images) on the previous weights, so the BACC bar is 0.025 now; JAC keeps 0.005.
+    On these weights (bench/export_bench.py): JAC -0.0010, BACC +0.0000."""
     pytest.importorskip("ai_edge_litert")
     val = isic_dir / "val"
     seg, cls = _infer_and_score(val / "images", val / "labels.csv", val / "masks", tmp_path / "pred",
@@ -144,10 +145,10 @@ def test_the_bundled_model_holds_its_floors_on_the_ham10000_holdout(ham_dir, tmp
 def test_one_lesion_gives_one_answer_at_full_half_and_quarter_size(bundled, tmp_path, seed):
     """Issue 20: a lesion rendered at 1600 x 1200 and copies at 1/2 and 1/4 (Lanczos, JPEG q90)
     through the bundled model's own input chain and its lesion view, as infer runs them. Measured
-    on these four synthetic lesions: class probabilities within 0.018 of the full-size image's,
-    the same label, and mask IoU at least 0.976 where the model takes the drawing for a lesion
-    (seed 1; on the others it finds almost no lesion pixels at any size, so there is no mask to
-    compare). The bounds leave a margin."""
+    on these four synthetic lesions: class probabilities within 0.024 of the full-size image's,
+    the same label, and mask IoU at least 0.986 (the model finds a lesion of 4-8 % of the frame
+    on each; the previous weights found one only on seed 1, so the mask check is conditional).
+    The bounds leave a margin."""
     _, model, cfg = bundled
     rgb, _, _ = make_lesion(1200, 1600, np.random.default_rng(seed))
     paths = [tmp_path / f"{name}.jpg" for name in ("full", "half", "quarter")]
