@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # Step 1 of the bundled model's recipe (the previous bundled model): ImageNet EfficientNet-Lite0
 # encoder, ISIC 2017 + HAM10000, two validation sets (ISIC 2017 validation, HAM10000 holdout by
-# lesion). Steps 2 and 3 (cue-breaking fine-tune with ISIC 2020, then the decoder alone) are in
-# weights/isic-ham-lite0-joint-192/MODEL_CARD.md; bench/gpu_recipe.sh runs the full recipe
+# lesion). Steps 2 to 5 (cue-breaking fine-tune with ISIC 2020, the decoder alone, a fine-tune
+# with --consistency 3, the decoder alone again) are in weights/isic-ham-lite0-joint-192/MODEL_CARD.md; bench/gpu_recipe.sh runs the full recipe
 # from scratch on a GPU.
 #
 #   ISIC=../shared/data/isic2017 HAM=../shared/data/ham10000 bash examples/lite0_isic_ham.sh
