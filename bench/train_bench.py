@@ -12,7 +12,8 @@ and start-up excluded); an untimed warm-up epoch absorbs graph tracing.
 `--recipes` times the Lite0 joint model at 192 px under the ways of spending a CPU minute
 (`--seg-batch`, `--freeze stem|early`, smaller squares) against the plain joint step and the
 classifier alone; a `--progressive 128` (or 96) run's rate is computed from its sides' rows
-(an equal share of the epochs at each side, as `train` shares them). Its
+(an equal share of the epochs at each side, as `train` shares them), and so is a 224 px model's
+`--progressive 160` (160, 192, 224) and Lite1's `--progressive 128`. Its
 "cls updates/min" column counts optimizer steps that update the classifier and the encoder, the
 figure issue 17 asks to triple; "vs first" compares each with the plain joint recipe.
 """
@@ -60,6 +61,11 @@ RECIPES = {
     "joint seg-batch 4 + freeze early, Lite2": _joint(*_SB4, "--freeze", "early", "--encoder", "efficientnet-lite2",
                                                        "--no-pretrained"),
     "joint seg-batch 4 + freeze early @224": _joint(*_SB4, "--freeze", "early", size=224),
+    # the smaller sides of a Lite1 --progressive 128 run (its rate is computed like Lite0's)
+    "joint seg-batch 4 + freeze early, Lite1 @160": (["--size", "160"], _joint(
+        *_SB4, "--freeze", "early", "--encoder", "efficientnet-lite1", "--no-pretrained", size=160)[1]),
+    "joint seg-batch 4 + freeze early, Lite1 @128": (["--size", "128"], _joint(
+        *_SB4, "--freeze", "early", "--encoder", "efficientnet-lite1", "--no-pretrained", size=128)[1]),
     "cls alone": (["--size", "192"], ["--preset", "lite0", "--task", "cls"]),
     "cls alone + freeze stem": (["--size", "192"], ["--preset", "lite0", "--task", "cls", "--freeze", "stem"]),
 }
@@ -121,13 +127,14 @@ def main() -> None:
         print(f"| {name:<32} | {n} | {secs:.1f} | {ips:.2f} | {updates:.1f} | {ips / base:.2f} | {wall:.1f} |")
     by_name = {r[0]: r for r in rows}
     for base_name in [r[0] for r in rows if "@" not in r[0] and r[0].startswith("joint seg-batch")]:
-        for start in (128, 96):  # --progressive START to 192 px: an equal share of the epochs at each side
+        # --progressive START to the model's size: an equal share of the epochs at each side
+        for start, full in ((128, 192), (96, 192), (160, 224)):
             sides = [by_name.get(base_name if side == 192 else f"{base_name} @{side}")
-                     for side in range(start, 193, 32)]
+                     for side in range(start, full + 1, 32)]
             if all(sides):
                 secs = sum(r[2] for r in sides) / len(sides)
                 ips = args.images / secs
-                name = f"= {base_name}, progressive {start} (computed)"
+                name = f"= {base_name}{' @224' if full == 224 else ''}, progressive {start} (computed)"
                 print(f"| {name:<32} | {args.images} | {secs:.1f} | {ips:.2f} | "
                       f"{60 * ips / args.batch_size:.1f} | {ips / base:.2f} | - |")
 

@@ -46,20 +46,7 @@ for seed in $SEEDS; do
         --sampler balanced --alpha 0.5 --dice --augment "$aug" --input-chain jpeg256 --color-constancy "$cc" \
         --seed "$seed" --ema 0.99 --seg-batch 4 --freeze early --progressive 128
       # the last epoch's weights, as a model folder (the ablation does not choose an epoch)
-      python - "$WORK/$name" "$WORK/m-$name" <<'PY'
-import shutil, sys
-from pathlib import Path
-from dermtool.modelio import save_model_folder
-run, out = Path(sys.argv[1]), Path(sys.argv[2])
-last = out.with_name("last-" + out.name)
-shutil.rmtree(last, ignore_errors=True)
-last.mkdir()
-for name in ("config.json", "state.json"):
-    shutil.copy(run / name, last / name)
-shutil.copy(run / "last.weights.h5", last / "best.weights.h5")
-save_model_folder(last, out)
-shutil.rmtree(last)
-PY
+      python examples/last_weights_model.py "$WORK/$name" "$WORK/m-$name"
     fi
     python bench/validation.py "$WORK/m-$name" --split "$SPLITS/ham" --isic2020-split "$SPLITS/i20" \
       --work "$WORK/validation" --bootstrap 200
