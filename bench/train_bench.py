@@ -34,6 +34,7 @@ def _joint(*options: str, size: int = 192) -> tuple[list[str], list[str]]:
 
 
 _SB4 = ("--seg-batch", "4")
+_LITE1 = ("--encoder", "efficientnet-lite1", "--no-pretrained")  # timing needs no ImageNet weights
 RECIPES = {
     "joint": _joint(),
     "joint seg-batch 4": _joint(*_SB4),
@@ -56,16 +57,13 @@ RECIPES = {
     "joint seg-batch 2 + freeze early @96": _joint("--seg-batch", "2", "--freeze", "early", size=96),
     # issue 17 item 7: the larger EfficientNet-Lite encoders under the same recipe (no ImageNet
     # weights needed to time them) and Lite0 at 224 px
-    "joint seg-batch 4 + freeze early, Lite1": _joint(*_SB4, "--freeze", "early", "--encoder", "efficientnet-lite1",
-                                                       "--no-pretrained"),
+    "joint seg-batch 4 + freeze early, Lite1": _joint(*_SB4, "--freeze", "early", *_LITE1),
     "joint seg-batch 4 + freeze early, Lite2": _joint(*_SB4, "--freeze", "early", "--encoder", "efficientnet-lite2",
                                                        "--no-pretrained"),
     "joint seg-batch 4 + freeze early @224": _joint(*_SB4, "--freeze", "early", size=224),
     # the smaller sides of a Lite1 --progressive 128 run (its rate is computed like Lite0's)
-    "joint seg-batch 4 + freeze early, Lite1 @160": (["--size", "160"], _joint(
-        *_SB4, "--freeze", "early", "--encoder", "efficientnet-lite1", "--no-pretrained", size=160)[1]),
-    "joint seg-batch 4 + freeze early, Lite1 @128": (["--size", "128"], _joint(
-        *_SB4, "--freeze", "early", "--encoder", "efficientnet-lite1", "--no-pretrained", size=128)[1]),
+    "joint seg-batch 4 + freeze early, Lite1 @160": _joint(*_SB4, "--freeze", "early", *_LITE1, size=160),
+    "joint seg-batch 4 + freeze early, Lite1 @128": _joint(*_SB4, "--freeze", "early", *_LITE1, size=128),
     "cls alone": (["--size", "192"], ["--preset", "lite0", "--task", "cls"]),
     "cls alone + freeze stem": (["--size", "192"], ["--preset", "lite0", "--task", "cls", "--freeze", "stem"]),
 }
