@@ -35,8 +35,10 @@ def ham_val_folder(ham: Path, split: Path, work: Path, name: str = "ham-val") ->
         (folder / sub).mkdir(parents=True, exist_ok=True)
         for i in ids:
             link = folder / sub / name.format(i)
-            if not link.exists():
+            try:  # another validation.py on the same --work may have made it meanwhile
                 link.symlink_to((ham / sub / name.format(i)).resolve())
+            except FileExistsError:
+                pass
     keep = set(ids)
     with open(ham / "labels.csv", newline="") as fh, open(folder / "labels.csv", "w", newline="") as out:
         reader = csv.reader(fh)
