@@ -12,6 +12,7 @@ another network: run `dermtool calibrate` on its validation predictions before u
 """
 
 import dataclasses
+import shutil
 import sys
 from pathlib import Path
 
@@ -26,6 +27,9 @@ NOT_ARCHITECTURE = {"temperature", "melanoma_threshold", "calibration", "cls_vie
 if len(sys.argv) < 4:
     sys.exit("usage: python examples/soup.py OUT MODEL MODEL [MODEL ...]")
 out, models = Path(sys.argv[1]), [Path(p) for p in sys.argv[2:]]
+if out.exists() and (not out.is_dir() or any(out.iterdir())):
+    # an old best.weights.h5 or litert/ export there would be taken for the soup's
+    sys.exit(f"{out}: already exists and is not an empty folder; name a new one for the soup.")
 try:
     configs = [load_config(m) for m in models]
     sections = [{k: v for k, v in raw["model"].items() if k not in NOT_ARCHITECTURE} for _, _, raw in configs]
@@ -35,18 +39,24 @@ try:
                           if section.get(k) != sections[0].get(k))
             sys.exit(f"{model}: its config.json differs from {models[0]}'s in {', '.join(keys)}; "
                      "only models of one architecture can be averaged.")
-    from dermtool.modelio import load_model
+    from dermtool.modelio import load_model  # TensorFlow loads only once the configs agree
 
     nets = [load_model(m)[0] for m in models]
 except InputError as exc:
     sys.exit(str(exc))
 weights = [net.get_weights() for net in nets]
 soup = [np.mean([w[i].astype(np.float64) for w in weights], axis=0).astype(weights[0][i].dtype)
+        if np.issubdtype(weights[0][i].dtype, np.floating) else weights[0][i]  # counters stay the first's
         for i in range(len(weights[0]))]
 nets[0].set_weights(soup)
-cfg, tcfg, raw = configs[0]
+cfg, tcfg, _ = configs[0]
 cfg = dataclasses.replace(cfg, temperature=1.0, melanoma_threshold=None, calibration=None)
-out.mkdir(parents=True, exist_ok=True)
-nets[0].save_weights(str(out / "model.weights.h5"))
-save_config(out / "config.json", cfg, tcfg, soup_of=[str(m) for m in models])
+staging = out.with_name(out.name + ".partial")  # OUT appears whole or not at all
+shutil.rmtree(staging, ignore_errors=True)
+staging.mkdir(parents=True)
+nets[0].save_weights(str(staging / "model.weights.h5"))
+save_config(staging / "config.json", cfg, tcfg, soup_of=[str(m) for m in models])
+if out.exists():
+    out.rmdir()  # empty, checked above
+staging.rename(out)
 print(f"{out}: the mean of {len(models)} models' weights; calibrate it before using its labels.")

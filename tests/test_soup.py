@@ -58,6 +58,7 @@ def test_the_soup_is_the_mean_of_every_weight_and_drops_the_operating_point(mode
         np.testing.assert_allclose(w.numpy(), np.mean(parts, axis=0), rtol=0, atol=1e-6)
     assert cfg.temperature == 1.0 and cfg.melanoma_threshold is None and cfg.calibration is None
     assert cfg.cls_views == "frame+lesion"  # the first model's config otherwise
+    assert sorted(p.name for p in out.parent.iterdir()) == ["soup"]  # no staging folder left
     raw = json.loads((out / "config.json").read_text())
     assert raw["soup_of"] == [str(models[k]) for k in "abc"]
 
@@ -79,3 +80,12 @@ def test_a_folder_without_a_model_is_named(models, tmp_path):
         f"{tmp_path / 'config.json'}: no config.json here; is this a model folder written by dermtool train?"]
     assert not (tmp_path / "soup").exists()
     assert load_config(models["a"])[0].temperature == 0.5  # the inputs are untouched
+
+
+def test_an_existing_model_folder_is_not_overwritten(models):
+    before = (models["b"] / "model.weights.h5").read_bytes()
+    done = _soup(models["b"], models["a"], models["c"])
+    assert done.returncode == 1
+    assert done.stderr.strip().splitlines() == [
+        f"{models['b']}: already exists and is not an empty folder; name a new one for the soup."]
+    assert (models["b"] / "model.weights.h5").read_bytes() == before
