@@ -21,7 +21,7 @@ FITS = ("pad", "squash")
 COLOR_CONSTANCY = ("none", "shades-of-gray")
 INPUT_CHAINS = ("direct", "jpeg256")  # dermtool.preprocess.CHAINS, without importing Pillow here
 CLS_VIEWS = ("frame", "frame+lesion")  # what the classifier looks at in infer (dermtool.infer.predict_batch)
-FREEZES = ("none", "encoder", "decoder", "stem", "early")  # train --freeze (dermtool.train.apply_freeze)
+FREEZES = ("none", "encoder", "decoder", "encoder+decoder", "stem", "early")  # train --freeze (dermtool.train.apply_freeze)
 
 _MEMORY = "memory grows with its square: 1024 px at batch 16 already needs tens of GB"
 #: The architecture's numbers: key -> (lowest, highest, why). `train` checks its options

@@ -257,10 +257,36 @@ def transfer_weights(model, source_dir: Path, freeze: str, log) -> list[str]:
     return copied
 
 
+#: how images reach the network (its weights learned them), and the option that sets each
+INPUT_OPTIONS = {"color_constancy": "--color-constancy", "input_chain": "--input-chain", "fit": "--fit",
+                 "normalization": "--preset"}
+
+
+def check_init_inputs(cfg: ModelConfig, tcfg: TrainConfig, log) -> None:
+    """Before anything is written: --init-from a model that learned from inputs prepared otherwise.
+
+    A frozen encoder (`--freeze encoder` or `encoder+decoder`) would only ever see inputs it never
+    learned from, so that is refused; a fine-tuned one is noted.
+    """
+    if not tcfg.init_from:
+        return
+    src_cfg, _, _ = load_config(Path(tcfg.init_from))
+    differ = [f"{option} {getattr(src_cfg, field)} there, {getattr(cfg, field)} here"
+              for field, option in INPUT_OPTIONS.items() if getattr(src_cfg, field) != getattr(cfg, field)]
+    if differ and tcfg.freeze in ("encoder", "encoder+decoder"):
+        raise InputError(f"{tcfg.init_from}: its encoder learned from inputs prepared otherwise "
+                         f"({'; '.join(differ)}), so --freeze {tcfg.freeze} would keep it on inputs it never "
+                         "saw; give the same options.")
+    if differ:
+        log(f"note: {tcfg.init_from} learned from inputs prepared otherwise ({'; '.join(differ)}); "
+            "give the same options unless the change is meant")
+
+
 def apply_freeze(model, freeze: str) -> None:
     from dermtool.models import decoder_layer_names, early_layer_names, encoder_layer_names, stem_layer_names
 
     names = {"encoder": encoder_layer_names(model), "decoder": decoder_layer_names(model),
+             "encoder+decoder": encoder_layer_names(model) + decoder_layer_names(model),
              "stem": stem_layer_names(model), "early": early_layer_names(model)}.get(freeze, [])
     for layer in model.layers:
         if layer.name in names:
@@ -335,6 +361,8 @@ def train(cfg: ModelConfig, tcfg: TrainConfig, train_cache, val_cache, out_dir: 
     if tcfg.strategy == "multiworker":  # before anything is written
         raise InputError(MULTIWORKER_REMOVED)
     check_progressive(cfg, tcfg)
+    if not resume:
+        check_init_inputs(cfg, tcfg, log)
 
     import tensorflow as tf
 
@@ -383,9 +411,14 @@ def train(cfg: ModelConfig, tcfg: TrainConfig, train_cache, val_cache, out_dir: 
     from dermtool.models import build_models, load_pretrained
 
     seg_batch = tcfg.seg_batch if cfg.task == "joint" and 0 < tcfg.seg_batch < tcfg.batch_size else 0
-    if seg_batch:
+    if seg_batch and "decoder" in tcfg.freeze:
+        log(f"the decoder runs on {seg_batch} of each batch's {tcfg.batch_size} images (frozen: it does not learn)")
+    elif seg_batch:
         log(f"the decoder trains on {seg_batch} of each batch's {tcfg.batch_size} images; "
             "the encoder and classifier on all")
+    if cfg.task == "joint" and tcfg.alpha == 0 and "decoder" not in tcfg.freeze:
+        log("note: --alpha 0 gives the masks no loss, yet the decoder's batch-norm statistics still follow the "
+            "training batches, so the masks change; --freeze encoder+decoder keeps them exactly")
     with strategy.scope():
         model, train_model = build_models(cfg, seg_batch)
         if cfg.pretrained and not resume and not tcfg.init_from:

@@ -622,6 +622,36 @@ def test_freeze_stem_or_early_keeps_the_first_stages_and_trains_the_rest(caches,
     assert not np.array_equal(before.get_layer(trained).get_weights()[0], after.get_layer(trained).get_weights()[0])
 
 
+def test_freeze_encoder_and_decoder_refits_only_the_classifier_head_and_keeps_the_masks(caches, tmp_path):
+    # a joint model's diagnosis re-fitted on new data: every other weight, batch-norm moving
+    # statistics included, stays as it was, so the masks do not move
+    from dermtool.errors import InputError
+    from dermtool.models import build_model
+
+    cfg = tiny("joint")
+    init = run(caches, tmp_path / "init", "joint", epochs=1, cfg=cfg)
+    out = run(caches, tmp_path / "head", "joint", epochs=2, cfg=cfg, init_from=str(init),
+              freeze="encoder+decoder", alpha=0.0)
+    before, after = build_model(cfg), build_model(cfg)
+    before.load_weights(str(init / "best.weights.h5"))
+    after.load_weights(str(out / "last.weights.h5"))
+    assert any(type(l).__name__ == "BatchNormalization" for l in after.layers)
+    for layer in after.layers:
+        if layer.name.startswith("cls"):  # the head: its dense layers and the softmax read-out
+            continue
+        for a, b in zip(before.get_layer(layer.name).get_weights(), layer.get_weights()):
+            np.testing.assert_array_equal(a, b, err_msg=layer.name)
+    assert not np.array_equal(before.get_layer("cls").get_weights()[0], after.get_layer("cls").get_weights()[0])
+    x = np.random.default_rng(0).uniform(0, 1, (2, cfg.input_size, cfg.input_size, 3)).astype("float32")
+    np.testing.assert_array_equal(before.predict(x, verbose=0)["seg"], after.predict(x, verbose=0)["seg"])
+
+    # an encoder kept frozen on inputs prepared otherwise than it learned from: refused, nothing written
+    other = tiny("joint", color_constancy="shades-of-gray")
+    with pytest.raises(InputError, match="--color-constancy none there, shades-of-gray here"):
+        run(caches, tmp_path / "other", "joint", epochs=1, cfg=other, init_from=str(init), freeze="encoder+decoder")
+    assert not (tmp_path / "other").exists()
+
+
 def test_freeze_early_on_lite0_names_the_stages_at_half_and_quarter_size():
     from dermtool.models import build_model, early_layer_names
 
