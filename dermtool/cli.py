@@ -297,6 +297,12 @@ def _check_train_options(o: dict) -> None:
     if o["cls_views"] == "frame+lesion" and o["task"] != "joint":
         fail(f"--cls-views frame+lesion needs --task joint (the lesion view is cut from the model's own mask), "
              f"not {o['task']}.")
+    if o["freeze"] == "encoder+decoder" and o["task"] == "seg":
+        fail("--freeze encoder+decoder leaves --task seg nothing to train (the U-Net is its encoder and "
+             "decoder); it re-fits the classifier head of a cls or joint model.")
+    if o["freeze"] == "encoder+decoder" and o["task"] == "joint" and o["alpha"] == 1.0:
+        fail("--freeze encoder+decoder trains only the classifier head, and --alpha 1 gives it no loss, so "
+             "nothing would learn; use --alpha 0.")
     if o["seg_batch"] and o["task"] != "joint":
         fail(f"--seg-batch applies to --task joint only (the decoder's share of a joint batch), not {o['task']}.")
     if o["seg_batch"] and o["batch_size"] is not None and not 0 < o["seg_batch"] <= o["batch_size"]:

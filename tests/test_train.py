@@ -675,6 +675,8 @@ def test_freeze_early_on_lite0_names_the_stages_at_half_and_quarter_size():
     (["--task", "cls", "--seg-batch", "2"], "--seg-batch applies to --task joint"),
     (["--seg-batch", "20", "--batch-size", "4"], "--seg-batch must be from 1 to the batch size"),
     (["--freeze", "head"], "--freeze must be one of"),
+    (["--task", "seg", "--freeze", "encoder+decoder"], "leaves --task seg nothing to train"),
+    (["--task", "joint", "--freeze", "encoder+decoder", "--alpha", "1"], "nothing would learn; use --alpha 0"),
     (["--task", "cls", "--cls-views", "frame+lesion"], "--cls-views frame+lesion needs --task joint"),
     (["--cls-views", "lesion"], "--cls-views must be one of"),
     (["--consistency", "1", "--batch-size", "5"], "--consistency needs an even --batch-size"),
