@@ -201,7 +201,7 @@ def train_cli(
     augment: str = typer.Option("flips+color", "--augment", help="none, or groups joined by '+': flips (8 rotations/flips), color (mild colour jitter) or color-strong (brightness, contrast, hue, saturation, gain), lesion-crop (half of the images with a mask become the square around their lesion, as the lesion view of infer sees it), geometry (random resized crop, any-angle rotation, shear; masks move too), chain (down/up-scaling, blur, JPEG re-compression). E.g. flips+color-strong+lesion-crop+geometry+chain."),
     input_chain: Optional[str] = typer.Option(None, "--input-chain", help="direct | jpeg256: how images reach the model, in infer as in the caches (dermtool preprocess --chain). jpeg256 makes an original and its 256 px copy give nearly the same answer. Default: the preset's (direct)."),
     color_constancy: Optional[str] = typer.Option(None, "--color-constancy", help="none | shades-of-gray: remove each image's colour cast inside the model (Shades of Gray, p = 6), so train, infer and exports apply it alike. Default: the preset's (none)."),
-    cls_views: Optional[str] = typer.Option(None, "--cls-views", help="frame | frame+lesion: what the trained model's classifier looks at in infer; frame+lesion (joint only) also classifies the square around the lesion the model found and averages the two (train it with --augment ...+lesion-crop). Default: frame."),
+    cls_views: Optional[str] = typer.Option(None, "--cls-views", help="frame | frame+lesion: what the trained model's classifier looks at in infer; frame+lesion (joint only) also classifies the square around the lesion the model found and averages the two (train it with --augment ...+lesion-crop). Default: frame, or the --init-from joint model's."),
     seed: int = typer.Option(0, "--seed", help="Seed for weights, shuffling and augmentation; recorded in config.json."),
     init_from: Optional[Path] = typer.Option(None, "--init-from", help="Run folder whose layers are copied where names and shapes match (e.g. a seg run's encoder into cls/joint)."),
     freeze: str = typer.Option("none", "--freeze", help="encoder | decoder | encoder+decoder | stem | early | none: layers kept fixed while training (encoder+decoder: only the classifier head learns, the masks stay exactly as they were, batch-norm statistics included; stem: the encoder's first, full-resolution stage; early: that and its stages at 1/2 and 1/4 size; no gradient through the largest feature maps makes each step cheaper)."),
@@ -239,6 +239,16 @@ def train_cli(
             check_resume_options(out, _given_settings(ctx))
             cfg = None  # the run's own, from config.json
         else:
+            if cls_views is None and init_from is not None and task == "joint":
+                # a fine-tuned joint model keeps its source's lesion view; not its temperature or
+                # operating point, which were fitted to the old classifier
+                from dermtool.config import load_config
+
+                source_views = load_config(init_from)[0].cls_views
+                if source_views != "frame":
+                    console.print(f"cls_views {source_views}, as {init_from} (--cls-views overrides it)",
+                                  highlight=False)
+                    cls_views = source_views
             cfg = preset_config(preset, task, size=size, base_filters=base_filters, depth=depth, fit=fit,
                                 encoder=encoder, pretrained=pretrained, color_constancy=color_constancy,
                                 input_chain=input_chain, cls_views=cls_views)

@@ -262,16 +262,14 @@ INPUT_OPTIONS = {"color_constancy": "--color-constancy", "input_chain": "--input
                  "normalization": "--preset"}
 
 
-def check_init_inputs(cfg: ModelConfig, tcfg: TrainConfig, log) -> ModelConfig:
+def check_init_inputs(cfg: ModelConfig, tcfg: TrainConfig, log) -> None:
     """Before anything is written: --init-from a model that learned from inputs prepared otherwise.
 
     A frozen encoder (`--freeze encoder` or `encoder+decoder`) would only ever see inputs it never
-    learned from, so that is refused; a fine-tuned one is noted. A joint model keeps the source's
-    lesion view (`cls_views`); its temperature and operating point were fitted to the old
-    classifier, so they are not carried over.
+    learned from, so that is refused; a fine-tuned one is noted.
     """
     if not tcfg.init_from:
-        return cfg
+        return
     src_cfg, _, _ = load_config(Path(tcfg.init_from))
     differ = [f"{option} {getattr(src_cfg, field)} there, {getattr(cfg, field)} here"
               for field, option in INPUT_OPTIONS.items() if getattr(src_cfg, field) != getattr(cfg, field)]
@@ -282,10 +280,6 @@ def check_init_inputs(cfg: ModelConfig, tcfg: TrainConfig, log) -> ModelConfig:
     if differ:
         log(f"note: {tcfg.init_from} learned from inputs prepared otherwise ({'; '.join(differ)}); "
             "give the same options unless the change is meant")
-    if cfg.task == "joint" and src_cfg.task == "joint" and cfg.cls_views == "frame" != src_cfg.cls_views:
-        log(f"cls_views {src_cfg.cls_views}, as {tcfg.init_from} (infer --cls-views overrides it)")
-        cfg = replace(cfg, cls_views=src_cfg.cls_views)
-    return cfg
 
 
 def apply_freeze(model, freeze: str) -> None:
@@ -368,7 +362,7 @@ def train(cfg: ModelConfig, tcfg: TrainConfig, train_cache, val_cache, out_dir: 
         raise InputError(MULTIWORKER_REMOVED)
     check_progressive(cfg, tcfg)
     if not resume:
-        cfg = check_init_inputs(cfg, tcfg, log)
+        check_init_inputs(cfg, tcfg, log)
 
     import tensorflow as tf
 

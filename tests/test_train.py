@@ -644,14 +644,24 @@ def test_freeze_encoder_and_decoder_refits_only_the_classifier_head_and_keeps_th
     assert not np.array_equal(before.get_layer("cls").get_weights()[0], after.get_layer("cls").get_weights()[0])
     x = np.random.default_rng(0).uniform(0, 1, (2, cfg.input_size, cfg.input_size, 3)).astype("float32")
     np.testing.assert_array_equal(before.predict(x, verbose=0)["seg"], after.predict(x, verbose=0)["seg"])
-    # the source's lesion view comes along (its calibration does not: fitted to the old head)
+    # from the command line the source's lesion view comes along unless --cls-views is given;
+    # its calibration does not (fitted to the old head)
+    from typer.testing import CliRunner
+
+    from dermtool.cli import app
+
     source_cfg = json.loads((init / "config.json").read_text())
     source_cfg["model"].update(cls_views="frame+lesion", temperature=0.5)
     (init / "config.json").write_text(json.dumps(source_cfg))
-    again = run(caches, tmp_path / "again", "joint", epochs=1, cfg=cfg, init_from=str(init),
-                freeze="encoder+decoder", alpha=0.0)
-    model_cfg = load_config(again)[0]
-    assert (model_cfg.cls_views, model_cfg.temperature) == ("frame+lesion", 1.0)
+    shape = ["--task", "joint", "--preset", "compact", "--size", str(SIZE), "--base-filters", "4", "--depth", "2"]
+    for name, views, expected in (("kept", [], "frame+lesion"), ("given", ["--cls-views", "frame"], "frame")):
+        result = CliRunner().invoke(app, ["train", str(caches), "--out", str(tmp_path / name), *shape, *views,
+                                          "--init-from", str(init), "--freeze", "encoder+decoder", "--alpha", "0",
+                                          "--epochs", "1", "--steps-per-epoch", "1", "--batch-size", "4",
+                                          "--augment", "none"])
+        assert result.exit_code == 0, result.output
+        model_cfg = load_config(tmp_path / name)[0]
+        assert (model_cfg.cls_views, model_cfg.temperature) == (expected, 1.0)
 
     # an encoder kept frozen on inputs prepared otherwise than it learned from: refused, nothing written
     other = tiny("joint", color_constancy="shades-of-gray")
