@@ -411,12 +411,13 @@ def train(cfg: ModelConfig, tcfg: TrainConfig, train_cache, val_cache, out_dir: 
     from dermtool.models import build_models, load_pretrained
 
     seg_batch = tcfg.seg_batch if cfg.task == "joint" and 0 < tcfg.seg_batch < tcfg.batch_size else 0
-    if seg_batch and "decoder" in tcfg.freeze:
+    decoder_frozen = tcfg.freeze in ("decoder", "encoder+decoder")
+    if seg_batch and decoder_frozen:
         log(f"the decoder runs on {seg_batch} of each batch's {tcfg.batch_size} images (frozen: it does not learn)")
     elif seg_batch:
         log(f"the decoder trains on {seg_batch} of each batch's {tcfg.batch_size} images; "
             "the encoder and classifier on all")
-    if cfg.task == "joint" and tcfg.alpha == 0 and "decoder" not in tcfg.freeze:
+    if cfg.task == "joint" and tcfg.alpha == 0 and not decoder_frozen:
         log("note: --alpha 0 gives the masks no loss, yet the decoder's batch-norm statistics still follow the "
             "training batches, so the masks change; --freeze encoder+decoder keeps them exactly")
     with strategy.scope():
