@@ -33,8 +33,38 @@ def quiet():
         os.close(devnull)
 
 
+def backend() -> str:
+    """Keras's backend: KERAS_BACKEND, else tensorflow.
+
+    TensorFlow is dermtool's backend everywhere it is installed. `KERAS_BACKEND=jax` lets
+    `dermtool train` run where TensorFlow is not, such as a GPU machine that ships JAX: the
+    network, losses and weights files are plain Keras 3, and a model trained there loads under
+    TensorFlow with the same outputs. Export, --strategy mirrored and TensorBoard logs need
+    TensorFlow. (The torch backend has not been tried.)
+    """
+    return os.environ.get("KERAS_BACKEND", "tensorflow")
+
+
+def gpu_count() -> int:
+    """GPUs the Keras backend sees."""
+    name = backend()
+    if name == "tensorflow":
+        return len(load().config.list_physical_devices("GPU"))
+    if name == "jax":
+        import jax
+
+        return sum(d.platform in ("gpu", "cuda", "rocm") for d in jax.devices())
+    if name == "torch":
+        import torch
+
+        return torch.cuda.device_count()
+    return 0
+
+
 def load():
-    """Import tensorflow (quietly, once) and return the module."""
+    """Import tensorflow (quietly, once) and return the module; None under another Keras backend."""
+    if backend() != "tensorflow":
+        return None
     if "tensorflow" in sys.modules:
         import tensorflow as tf
 

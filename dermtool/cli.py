@@ -210,8 +210,9 @@ def train_cli(
     ema: float = typer.Option(0.0, "--ema", help="Keep an exponential moving average of the weights with this momentum (e.g. 0.99; 0: off); validation and the saved weights use the average."),
     consistency: float = typer.Option(0.0, "--consistency", help="Teach the classifier that the resampling chain carries no diagnosis: each batch holds half as many images, each twice through independently drawn down/up-scaling, blur, JPEG re-compression, sensor noise and a shift of up to 2 pixels (same crop, flip and colour), and the loss adds this weight x the symmetric KL divergence between the two predictions (e.g. 3; 0: off). cls and joint; an even --batch-size."),
     resume: bool = typer.Option(False, "--resume", help="Continue the run in --out from its last completed epoch, with its own settings and caches (only --epochs may change)."),
-    mixed_precision: bool = typer.Option(False, "--mixed-precision", help="float16 compute on a GPU (outputs stay float32)."),
+    mixed_precision: bool = typer.Option(False, "--mixed-precision", help="float16 compute on a GPU under TensorFlow, bfloat16 under KERAS_BACKEND=jax (weights and outputs stay float32)."),
     strategy: str = typer.Option("default", "--strategy", help="default | mirrored (all GPUs of this machine; the batch is split across them)."),
+    workers: Optional[int] = typer.Option(None, "--workers", min=1, help="Processes that prepare the training batches. Default: one under TensorFlow (its tf.data stream), the CPU cores less one under KERAS_BACKEND=jax (training on a machine without TensorFlow). Batches are the same whatever the number: each is a function of (seed, epoch, step)."),
 ) -> None:
     """Train a seg, cls or joint model; checkpoints every epoch, resumable with --resume.
 
@@ -263,7 +264,7 @@ def train_cli(
         from dermtool.train import train
 
         train(cfg, tcfg, list(train_caches or []), list(val or []), out, resume=resume,
-              log=lambda m: console.print(m, highlight=False), progress=sys.stderr.isatty())
+              log=lambda m: console.print(m, highlight=False), progress=sys.stderr.isatty(), workers=workers)
     except InputError as exc:
         fail(str(exc))
     except OSError as exc:  # a full disk, a read-only --out, a file where a folder should be

@@ -15,7 +15,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import math
+import os
 import time
 from dataclasses import replace
 from pathlib import Path
@@ -173,21 +175,28 @@ def training_batch(cache: Cache, cfg: ModelConfig, tcfg: TrainConfig, resize: bo
     return BatchSource(data, cfg, tcfg, steps_per_epoch(len(data), tcfg.batch_size, tcfg.steps_per_epoch)).batch(epoch, step)
 
 
-def training_dataset(data, cfg: ModelConfig, tcfg: TrainConfig, first_epoch: int = 0, end_epoch: int | None = None):
-    """tf.data stream of (epoch, step) -> batch for epochs first_epoch .. end_epoch - 1 (default:
-    all remaining), and the steps per epoch. All these epochs must train at one side
+def training_dataset(data, cfg: ModelConfig, tcfg: TrainConfig, first_epoch: int = 0, end_epoch: int | None = None,
+                     workers: int | None = None):
+    """The stream of (epoch, step) -> batch for epochs first_epoch .. end_epoch - 1 (default: all
+    remaining), and the steps per epoch. All these epochs must train at one side
     (`progressive_phases`).
 
     One stream across epochs (fit with steps_per_epoch), so batches prepared ahead of time
-    always belong to the epoch they are trained in.
+    always belong to the epoch they are trained in. Under TensorFlow it is a tf.data pipeline
+    with one worker, unless `workers` is given; then, and under any other Keras backend, it is a
+    `BatchSequence` that `workers` processes fill (default: the CPU cores less one).
     """
-    import tensorflow as tf
-
     from dermtool.dataset import steps_per_epoch
 
     steps = steps_per_epoch(len(data), tcfg.batch_size, tcfg.steps_per_epoch)
     source = BatchSource(data, cfg, tcfg, steps)
     keys = [k for k in ("seg", "cls") if (k == "seg" and cfg.has_seg) or (k == "cls" and cfg.has_cls)]
+    end_epoch = tcfg.epochs if end_epoch is None else end_epoch
+    if workers is not None or _tf.backend() != "tensorflow":
+        if workers is None:
+            workers = max(1, (os.cpu_count() or 2) - 1)
+        return BatchSequence(source, keys, first_epoch, end_epoch, steps, workers), steps
+    import tensorflow as tf
 
     def load(epoch, step):
         x, y = source.batch(int(epoch), int(step))
@@ -203,7 +212,6 @@ def training_dataset(data, cfg: ModelConfig, tcfg: TrainConfig, first_epoch: int
             y["cls"].set_shape((None, len(cfg.class_names)))
         return x, y
 
-    end_epoch = tcfg.epochs if end_epoch is None else end_epoch
     side = phase_size(cfg, tcfg, first_epoch)
     pairs = tf.data.Dataset.range(first_epoch, end_epoch).flat_map(
         lambda e: tf.data.Dataset.range(steps).map(lambda s: (e, s)))
@@ -213,13 +221,50 @@ def training_dataset(data, cfg: ModelConfig, tcfg: TrainConfig, first_epoch: int
     return ds.map(shape).prefetch(4), steps
 
 
+class BatchSequence(keras.utils.PyDataset):
+    """Batches (epoch, step) of epochs first .. end - 1 in order, item i being step i % steps of
+    epoch first + i // steps, filled by `workers` processes (threads for one).
+
+    `BatchSource.batch` is a pure function of (seed, epoch, step), so each process computes its
+    items alone and the run is the same batch for batch as the tf.data stream's.
+    """
+
+    def __init__(self, source: BatchSource, keys: list[str], first: int, end: int, steps: int, workers: int):
+        super().__init__(workers=workers, use_multiprocessing=workers > 1, max_queue_size=max(4, 2 * workers))
+        self.source, self.keys, self.first, self.end, self.steps = source, keys, first, end, steps
+
+    def __len__(self) -> int:
+        return (self.end - self.first) * self.steps
+
+    def __getitem__(self, i: int):
+        if not 0 <= i < len(self):
+            raise IndexError(i)
+        x, y = self.source.batch(self.first + i // self.steps, i % self.steps)
+        return x, {k: y[k] for k in self.keys}
+
+
 MULTIWORKER_REMOVED = (
     "--strategy multiworker was removed: Keras 3's fit cannot train under MultiWorkerMirroredStrategy "
     "(keras-team/keras#20585), so every worker crashed on its first step; --strategy mirrored trains on "
     "all GPUs of one machine.")
 
 
+class _OneDevice:
+    """The default strategy of a Keras backend without tf.distribute: one device, no scope."""
+
+    num_replicas_in_sync = 1
+
+    def scope(self):
+        return contextlib.nullcontext()
+
+
 def _strategy(name: str):
+    if _tf.backend() != "tensorflow":
+        if name == "default":
+            return _OneDevice()
+        if name in ("mirrored", "multiworker"):
+            raise InputError(f"--strategy {name} needs TensorFlow (KERAS_BACKEND is {_tf.backend()}); "
+                             "train on one GPU with --strategy default.")
     import tensorflow as tf
 
     if name == "mirrored":
@@ -333,8 +378,11 @@ def _validation_prefixes(n: int) -> list[str]:
 
 
 def train(cfg: ModelConfig, tcfg: TrainConfig, train_cache, val_cache, out_dir: Path,
-          resume: bool = False, log=print, progress: bool = True) -> Path:
+          resume: bool = False, log=print, progress: bool = True, workers: int | None = None) -> Path:
     """Train and validate every epoch; returns the run folder. See the module docstring.
+
+    `workers`: processes that prepare batches (`training_dataset`); they change the speed, never
+    the batches.
 
     `train_cache` and `val_cache` are one path or a list of paths (several caches train as one
     set; every validation set is scored every epoch and the epochs are chosen on their mean).
@@ -364,16 +412,17 @@ def train(cfg: ModelConfig, tcfg: TrainConfig, train_cache, val_cache, out_dir: 
     if not resume:
         check_init_inputs(cfg, tcfg, log)
 
-    import tensorflow as tf
-
     keras.utils.set_random_seed(tcfg.seed)
-    gpus = tf.config.list_physical_devices("GPU")
+    gpus = _tf.gpu_count()
     if tcfg.mixed_precision:
         if gpus:
-            keras.mixed_precision.set_global_policy("mixed_float16")
+            # float16 with loss scaling under TensorFlow, as ever; bfloat16 (no scaling) elsewhere
+            keras.mixed_precision.set_global_policy(
+                "mixed_float16" if _tf.backend() == "tensorflow" else "mixed_bfloat16")
         else:
             log("note: --mixed-precision needs a GPU; training in float32 on the CPU")
-    log(f"devices: {len(gpus)} GPU(s)" if gpus else "devices: CPU")
+    backend = "" if _tf.backend() == "tensorflow" else f" (Keras backend {_tf.backend()})"
+    log(f"devices: {gpus} GPU(s){backend}" if gpus else f"devices: CPU{backend}")
 
     data = load_training_set(train_paths, cfg, log)
     vals = [load_cache(p) for p in val_paths]
@@ -462,9 +511,11 @@ def train(cfg: ModelConfig, tcfg: TrainConfig, train_cache, val_cache, out_dir: 
     try:
         import tensorboard  # noqa: F401  (keras needs it to write summaries)
 
+        if _tf.backend() != "tensorflow":  # Keras writes them through tf.summary
+            raise ImportError
         callbacks.append(keras.callbacks.TensorBoard(str(out_dir / "logs"), write_graph=False, update_freq="epoch"))
     except ImportError:
-        log("note: tensorboard is not installed; no TensorBoard logs (history.csv has every number)")
+        log("note: no TensorBoard logs (they need tensorboard and TensorFlow); history.csv has every number")
     try:
         for side, first, end in progressive_phases(cfg, tcfg):
             if end <= state["epoch"]:
@@ -478,7 +529,8 @@ def train(cfg: ModelConfig, tcfg: TrainConfig, train_cache, val_cache, out_dir: 
                     fit_model.compile(optimizer=model.optimizer, loss=fit_losses, loss_weights=loss_weights)
             elif len(progressive_phases(cfg, tcfg)) > 1:
                 log(f"epochs {max(first, state['epoch']) + 1}-{end}: {side} px squares, the model's own")
-            batches, steps = training_dataset(data, cfg, tcfg, first_epoch=max(first, state["epoch"]), end_epoch=end)
+            batches, steps = training_dataset(data, cfg, tcfg, first_epoch=max(first, state["epoch"]), end_epoch=end,
+                                              workers=workers)
             fit_model.fit(batches, epochs=end, initial_epoch=max(first, state["epoch"]), steps_per_epoch=steps,
                           shuffle=False, verbose=1 if progress else 0, callbacks=callbacks)
     except KeyboardInterrupt:

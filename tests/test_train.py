@@ -158,6 +158,57 @@ def test_the_training_stream_serves_each_epoch_its_own_batches(caches):
     np.testing.assert_array_equal(got[steps], training_batch(cache, cfg, tcfg, False, epoch=2, step=0)[0])
 
 
+def test_the_worker_stream_serves_the_tf_data_streams_batches(caches):
+    """--workers (and any Keras backend but TensorFlow) feeds fit from processes: the same batches."""
+    from dermtool.dataset import TrainingSet
+    from dermtool.train import BatchSequence, training_dataset
+
+    cache = load_cache(caches)
+    cfg = tiny("joint")
+    tcfg = TrainConfig(batch_size=4, seed=1, epochs=3, augment="flips+color", consistency=1.0)
+    data = TrainingSet([cache], [False])
+    ds, steps = training_dataset(data, cfg, tcfg, first_epoch=1)
+    seq, seq_steps = training_dataset(data, cfg, tcfg, first_epoch=1, workers=2)
+    assert isinstance(seq, BatchSequence) and seq_steps == steps and len(seq) == 2 * steps
+    for i, (x, y) in enumerate(ds):
+        sx, sy = seq[i]
+        np.testing.assert_array_equal(sx, x.numpy())
+        assert sorted(sy) == sorted(y) == ["cls", "seg"]
+        for key in y:
+            np.testing.assert_array_equal(sy[key], y[key].numpy())
+    with pytest.raises(IndexError):
+        seq[len(seq)]
+
+
+def test_training_with_batch_workers_ends_on_the_same_weights(caches, tmp_path):
+    from dermtool.train import train
+
+    cfg = tiny("joint")
+    tcfg = TrainConfig(epochs=2, batch_size=4, learning_rate=3e-3, seed=3, augment="flips")
+    a = train(cfg, tcfg, caches, caches, tmp_path / "a", log=lambda m: None, progress=False)
+    b = train(cfg, tcfg, caches, caches, tmp_path / "b", log=lambda m: None, progress=False, workers=2)
+    assert_same_weights(cfg, a, b)
+    assert history(a)[-1]["val_jac"] == history(b)[-1]["val_jac"]
+
+
+def test_another_keras_backend_leaves_tensorflow_alone_and_refuses_mirrored(monkeypatch):
+    import subprocess
+    import sys
+
+    code = ("import os, sys; from dermtool import _tf; "
+            "assert _tf.backend() == 'jax' and _tf.load() is None and 'tensorflow' not in sys.modules; print('ok')")
+    env = {**os.environ, "KERAS_BACKEND": "jax"}
+    done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
+    assert done.stdout.strip() == "ok", done.stderr
+    from dermtool.errors import InputError
+    from dermtool.train import _strategy
+
+    monkeypatch.setenv("KERAS_BACKEND", "jax")
+    assert _strategy("default").num_replicas_in_sync == 1
+    with pytest.raises(InputError, match="--strategy mirrored needs TensorFlow"):
+        _strategy("mirrored")
+
+
 def test_a_cache_of_another_size_is_resized_on_the_fly(caches, tmp_path):
     cfg = tiny("seg", size=16)
     out = run(caches, tmp_path / "small", "seg", epochs=1, cfg=cfg)
