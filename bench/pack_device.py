@@ -1,0 +1,172 @@
+"""Pack the training side of ../shared/data small enough to travel to a lent GPU machine.
+
+The `device` tool of this workplace copies the working tree, and at most 64 MiB of it, to the
+GPU machine; the data sets beside the checkout do not travel, and TensorFlow is not installed
+there. This writes, into one folder that `.git/info/exclude` must ignore (and that is never
+committed, like the data it comes from):
+
+- `isic2017/train`: every image, label and mask (masks re-saved as optimised 8-bit PNGs: the
+  same pixels, a fraction of the bytes; checked image by image);
+- `isic2020`: the images of the training side of a `dermtool split --group patient_id`, with
+  their rows of labels.csv and metadata.csv (the benign-unknown ones train as "not melanoma");
+- `ham10000`: the training side of a `dermtool split --group lesion_id`, every melanoma and
+  benign keratosis of it and `--ham-nevi` of its nevi (seeded draw), masks re-saved likewise;
+- `init/` (with `--init`): the ImageNet Lite0 encoder inside a segmentation model folder, its
+  weights stored as float16, for `train --init-from`: the 17 MB package that ships the ImageNet
+  weights does not fit beside the data. The decoder in it is untrained (random), as in a fresh
+  run.
+
+No validation set travels: the model that comes back is scored here, with the real infer, by
+bench/validation.py.
+
+    python bench/pack_device.py --out .devdata --ham-split SPLIT --isic2020-split SPLIT --init
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import io
+import shutil
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+
+def _rows(path: Path) -> tuple[list[str], list[dict]]:
+    with open(path, newline="") as fh:
+        reader = csv.DictReader(fh)
+        return reader.fieldnames, list(reader)
+
+
+def _write_rows(path: Path, fields: list[str], rows: list[dict]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w", newline="") as fh:
+        writer = csv.DictWriter(fh, fields)
+        writer.writeheader()
+        writer.writerows(rows)
+
+
+def _mask(src: Path, dest: Path) -> None:
+    """The mask as an optimised 8-bit PNG, refused unless its pixels are the source's."""
+    pixels = np.asarray(Image.open(src).convert("L"))
+    buf = io.BytesIO()
+    Image.fromarray(pixels).save(buf, "PNG", optimize=True)
+    if not np.array_equal(np.asarray(Image.open(io.BytesIO(buf.getvalue()))), pixels):
+        raise SystemExit(f"{src}: re-saved mask differs")
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    dest.write_bytes(buf.getvalue())
+
+
+def _ids(split: Path) -> set[str]:
+    return {line.strip() for line in (split / "train.txt").read_text().split() if line.strip()}
+
+
+def pack_isic2017(data: Path, out: Path) -> None:
+    src, dest = data / "isic2017" / "train", out / "isic2017" / "train"
+    (dest / "images").mkdir(parents=True, exist_ok=True)
+    shutil.copy(src / "labels.csv", dest / "labels.csv")
+    for image in sorted((src / "images").glob("*.jpg")):
+        shutil.copy(image, dest / "images" / image.name)
+    for mask in sorted((src / "masks").glob("*.png")):
+        _mask(mask, dest / "masks" / mask.name)
+
+
+def pack_isic2020(data: Path, out: Path, split: Path) -> None:
+    src, dest, keep = data / "isic2020", out / "isic2020", _ids(split)
+    for name in ("labels.csv", "metadata.csv"):
+        fields, rows = _rows(src / name)
+        _write_rows(dest / name, fields, [r for r in rows if r["image_id"] in keep])
+    (dest / "images").mkdir(parents=True, exist_ok=True)
+    for image_id in sorted(keep):
+        shutil.copy(src / "images" / f"{image_id}.jpg", dest / "images" / f"{image_id}.jpg")
+
+
+def pack_ham(data: Path, out: Path, split: Path, nevi: int, seed: int) -> dict:
+    src, dest, train = data / "ham10000", out / "ham10000", _ids(split)
+    fields, rows = _rows(src / "labels.csv")
+    rows = [r for r in rows if r["image_id"] in train]
+    mel = [r for r in rows if float(r["melanoma"]) == 1]
+    sk = [r for r in rows if float(r["seborrheic_keratosis"]) == 1]
+    nv = [r for r in rows if float(r["melanoma"]) == 0 and float(r["seborrheic_keratosis"]) == 0]
+    picked = np.random.default_rng(seed).permutation(len(nv))[:nevi]
+    keep_rows = mel + sk + [nv[i] for i in sorted(picked)]
+    keep = {r["image_id"] for r in keep_rows}
+    _write_rows(dest / "labels.csv", fields, keep_rows)
+    mfields, meta = _rows(src / "metadata.csv")
+    _write_rows(dest / "metadata.csv", mfields, [r for r in meta if r["image_id"] in keep])
+    (dest / "images").mkdir(parents=True, exist_ok=True)
+    for image_id in sorted(keep):
+        shutil.copy(src / "images" / f"{image_id}.jpg", dest / "images" / f"{image_id}.jpg")
+        _mask(src / "masks" / f"{image_id}_segmentation.png", dest / "masks" / f"{image_id}_segmentation.png")
+    return {"melanoma": len(mel), "seborrheic_keratosis": len(sk), "nevus": len(picked), "nevi_in_split": len(nv)}
+
+
+def pack_init(like: Path, out: Path) -> None:
+    """A segmentation model folder with the ImageNet Lite0 encoder, weights stored as float16."""
+    import dataclasses
+
+    import h5py
+
+    from dermtool.config import ModelConfig, load_config, save_config
+    from dermtool.models import build_models, load_pretrained
+
+    cfg, _, _ = load_config(like)
+    fields = {f.name for f in dataclasses.fields(ModelConfig)}
+    base = {k: v for k, v in dataclasses.asdict(cfg).items() if k in fields}
+    base.update(task="seg", pretrained=True, cls_views="frame", temperature=1.0, melanoma_threshold=None,
+                calibration=None)
+    seg_cfg = ModelConfig(**{k: v for k, v in base.items() if k in fields})
+    model, _ = build_models(seg_cfg)
+    load_pretrained(model, seg_cfg)
+    out.mkdir(parents=True, exist_ok=True)
+    full = out / "float32.weights.h5"
+    model.save_weights(str(full))
+    with h5py.File(full, "r") as src, h5py.File(out / "model.weights.h5", "w") as dst:
+        def copy(name, obj):
+            if isinstance(obj, h5py.Dataset):
+                data = obj[()]
+                dst.create_dataset(name, data=data.astype(np.float16) if data.dtype == np.float32 else data)
+                for k, v in obj.attrs.items():
+                    dst[name].attrs[k] = v
+            else:
+                group = dst.require_group(name)
+                for k, v in obj.attrs.items():
+                    group.attrs[k] = v
+        for k, v in src.attrs.items():
+            dst.attrs[k] = v
+        src.visititems(copy)
+    full.unlink()
+    save_config(out / "config.json", seg_cfg)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--data", type=Path, default=Path("../shared/data"))
+    ap.add_argument("--out", type=Path, default=Path(".devdata"))
+    ap.add_argument("--ham-split", type=Path, required=True, help="a `dermtool split` folder of ham10000")
+    ap.add_argument("--isic2020-split", type=Path, required=True, help="a `dermtool split --group patient_id` folder")
+    ap.add_argument("--ham-nevi", type=int, default=2000, help="HAM nevi to keep (all melanomas and keratoses are)")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--init", action="store_true", help="also write init/: the ImageNet encoder as float16")
+    ap.add_argument("--like", type=Path, default=Path("weights/isic-ham-lite0-joint-192"),
+                    help="model folder whose architecture init/ copies")
+    args = ap.parse_args()
+    if args.out.exists():
+        shutil.rmtree(args.out)
+    pack_isic2017(args.data, args.out)
+    pack_isic2020(args.data, args.out, args.isic2020_split)
+    ham = pack_ham(args.data, args.out, args.ham_split, args.ham_nevi, args.seed)
+    if args.init:
+        pack_init(args.like, args.out / "init")
+    total = sum(p.stat().st_size for p in args.out.rglob("*") if p.is_file())
+    print(f"HAM10000 kept: {ham}")
+    for part in sorted(p for p in args.out.iterdir() if p.is_dir()):
+        size = sum(p.stat().st_size for p in part.rglob("*") if p.is_file())
+        print(f"{part.name:10s} {size / 2**20:6.1f} MiB")
+    print(f"{'total':10s} {total / 2**20:6.1f} MiB")
+
+
+if __name__ == "__main__":
+    main()
