@@ -17,7 +17,9 @@ from __future__ import annotations
 
 import contextlib
 import math
+import multiprocessing
 import os
+import signal
 import time
 from dataclasses import replace
 from pathlib import Path
@@ -239,6 +241,10 @@ class BatchSequence(keras.utils.PyDataset):
     def __getitem__(self, i: int):
         if not 0 <= i < len(self):
             raise IndexError(i)
+        if multiprocessing.parent_process() is not None:
+            # a worker: Ctrl-C (sent to the whole process group) is for the main process to
+            # handle once, keeping the last whole epoch, not for every worker to print a traceback
+            signal.signal(signal.SIGINT, signal.SIG_IGN)
         x, y = self.source.batch(self.first + i // self.steps, i % self.steps)
         return x, {k: y[k] for k in self.keys}
 

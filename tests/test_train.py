@@ -180,6 +180,35 @@ def test_the_worker_stream_serves_the_tf_data_streams_batches(caches):
         seq[len(seq)]
 
 
+def _sigint_in_a_worker(seq, queue):
+    import signal
+
+    seq[0]
+    queue.put(signal.getsignal(signal.SIGINT) == signal.SIG_IGN)
+
+
+def test_batch_workers_leave_ctrl_c_to_the_main_process(caches):
+    """Ctrl-C reaches the whole process group: only the main process may act on it (one line,
+    the last whole epoch kept), not every worker with a traceback of its own."""
+    import multiprocessing
+    import signal
+
+    from dermtool.dataset import TrainingSet
+    from dermtool.train import training_dataset
+
+    seq, _ = training_dataset(TrainingSet([load_cache(caches)], [False]), tiny("seg"),
+                              TrainConfig(batch_size=4, epochs=1), workers=2)
+    ctx = multiprocessing.get_context("fork")
+    queue = ctx.Queue()
+    worker = ctx.Process(target=_sigint_in_a_worker, args=(seq, queue))
+    worker.start()
+    worker.join(60)
+    assert queue.get(timeout=5) is True
+    before = signal.getsignal(signal.SIGINT)
+    seq[0]
+    assert signal.getsignal(signal.SIGINT) is before
+
+
 def test_training_with_batch_workers_ends_on_the_same_weights(caches, tmp_path):
     from dermtool.train import train
 
