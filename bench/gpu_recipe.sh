@@ -20,9 +20,10 @@
 # Where TensorFlow is not installed (the lent GPU machines ship JAX and PyTorch, and TensorFlow's
 # wheel is ten times the 64 MiB that travels there), training runs on Keras's JAX backend in
 # bfloat16; the weights it writes load under TensorFlow like any others. Such a machine also
-# lacks the data: DATA may then be a folder written by bench/pack_device.py (the training sides
-# only, with the ImageNet encoder in init/), and the model that comes back is scored where the
-# validation data is, with bench/validation.py. TRAIN_SECONDS sizes the run to a time budget
+# lacks the data: DATA may then be a folder written by bench/pack_device.py (the training sides,
+# the ImageNet encoder in init/, and with --with-val the three validation sets, on which the run
+# then chooses its epoch), and the model that comes back is scored where the validation data is,
+# with bench/validation.py. TRAIN_SECONDS sizes the run to a time budget
 # (bench/plan_steps.py measures the batch workers and sets STEPS); TRAIN_LIMIT stops training
 # after that many seconds whatever happens, keeping the last finished epoch.
 set -euo pipefail
@@ -67,7 +68,7 @@ PACKED=0
 if [ -f "$DATA/init/config.json" ]; then
   PACKED=1
   INIT=${INIT:-$DATA/init}
-  echo "$DATA is a bench/pack_device.py folder: training sides only; validate the model with bench/validation.py"
+  echo "$DATA is a bench/pack_device.py folder; score the model that comes back with bench/validation.py"
 fi
 
 start=$(date +%s)
@@ -78,6 +79,13 @@ if [ "$PACKED" = 1 ]; then
   pre "$DATA/isic2020" --out "$WORK/i20-train" & c=$!
   wait $a; wait $b; wait $c
   VAL_OPTS=()
+  if [ -d "$DATA/val" ]; then  # packed --with-val: the run chooses its epoch on the three sets
+    pre "$DATA/val/isic2017" --out "$WORK/isic-val" & a=$!
+    pre "$DATA/val/ham10000" --out "$WORK/ham-val" & b=$!
+    pre "$DATA/val/isic2020" --out "$WORK/i20-val" & c=$!
+    wait $a; wait $b; wait $c
+    VAL_OPTS=(--val "$WORK/isic-val" --val "$WORK/ham-val" --val "$WORK/i20-val")
+  fi
 else
   $DERMTOOL split "$DATA/ham10000" --out "$WORK/ham-split" --fraction 0.1 --seed 0
   $DERMTOOL split "$DATA/isic2020" --out "$WORK/i20-split" --fraction 0.5 --seed 0 --group patient_id
@@ -92,8 +100,12 @@ fi
 TRAIN=("$WORK/isic-train" "$WORK/ham-train" "$WORK/i20-train")
 echo "== preprocess: $(( $(date +%s) - start )) s"
 
+# start-up and compiling: on the H200 the first epoch took 124-126 s, the others 15-31 s (model
+# card, G1 and G2); validating every epoch adds a compiled predict and the scoring (not measured
+# there yet, hence the round allowance)
+if [ ${#VAL_OPTS[@]} -gt 0 ]; then OVERHEAD=${OVERHEAD:-200}; else OVERHEAD=${OVERHEAD:-130}; fi
 if [ -n "$TRAIN_SECONDS" ]; then
-  STEPS=$($PYTHON bench/plan_steps.py "${TRAIN[@]}" --seconds "$TRAIN_SECONDS" --epochs "$EPOCHS" \
+  STEPS=$($PYTHON bench/plan_steps.py "${TRAIN[@]}" --seconds "$TRAIN_SECONDS" --overhead "$OVERHEAD" --epochs "$EPOCHS" \
     --batch-size "$BATCH" --augment "$AUGMENT" --consistency "$CONSISTENCY" --input-chain "$CHAIN" --cls-views "$VIEWS")
 fi
 echo "== $(date -u +%FT%TZ) training: $EPOCHS epochs x $STEPS steps, batch $BATCH, lr $LR"

@@ -13,13 +13,17 @@ committed, like the data it comes from):
   benign keratosis of it and `--ham-nevi` of its nevi (seeded draw), masks re-saved likewise;
 - `init/` (with `--init`): the ImageNet Lite0 encoder inside a segmentation model folder, its
   weights stored as float16, for `train --init-from`: the 17 MB package that ships the ImageNet
-  weights does not fit beside the data. The decoder in it is untrained (random), as in a fresh
-  run.
+  weights does not fit beside the data. Its decoder is one filter wide, so no decoder layer
+  matches the model being trained and none is copied: that model starts its own, as a fresh
+  run does;
+- `val/` (with `--with-val`): ISIC 2017 val, and the validation sides of both splits, so that the
+  run chooses its epoch on the three sets as `train --val` does everywhere else.
 
-No validation set travels: the model that comes back is scored here, with the real infer, by
+Either way the model that comes back is scored here too, with the real infer, by
 bench/validation.py.
 
-    python bench/pack_device.py --out .devdata --ham-split SPLIT --isic2020-split SPLIT --init
+    python bench/pack_device.py --out .devdata --ham-split SPLIT --isic2020-split SPLIT --init --with-val \
+        --ham-nevi 2500 --zip .devpack/data.zip
 """
 
 from __future__ import annotations
@@ -59,8 +63,8 @@ def _mask(src: Path, dest: Path) -> None:
     dest.write_bytes(buf.getvalue())
 
 
-def _ids(split: Path) -> set[str]:
-    return {line.strip() for line in (split / "train.txt").read_text().split() if line.strip()}
+def _ids(split: Path, side: str = "train") -> set[str]:
+    return {line.strip() for line in (split / f"{side}.txt").read_text().split() if line.strip()}
 
 
 def pack_isic2017(data: Path, out: Path) -> None:
@@ -73,8 +77,8 @@ def pack_isic2017(data: Path, out: Path) -> None:
         _mask(mask, dest / "masks" / mask.name)
 
 
-def pack_isic2020(data: Path, out: Path, split: Path) -> None:
-    src, dest, keep = data / "isic2020", out / "isic2020", _ids(split)
+def pack_isic2020(data: Path, out: Path, split: Path, side: str = "train") -> None:
+    src, dest, keep = data / "isic2020", out / ("isic2020" if side == "train" else "val/isic2020"), _ids(split, side)
     for name in ("labels.csv", "metadata.csv"):
         fields, rows = _rows(src / name)
         _write_rows(dest / name, fields, [r for r in rows if r["image_id"] in keep])
@@ -103,6 +107,26 @@ def pack_ham(data: Path, out: Path, split: Path, nevi: int, seed: int) -> dict:
     return {"melanoma": len(mel), "seborrheic_keratosis": len(sk), "nevus": len(picked), "nevi_in_split": len(nv)}
 
 
+def pack_val(data: Path, out: Path, ham_split: Path, i20_split: Path) -> None:
+    """The three validation sets: ISIC 2017 val whole, the validation sides of both splits."""
+    src, dest = data / "isic2017" / "val", out / "val" / "isic2017"
+    (dest / "images").mkdir(parents=True, exist_ok=True)
+    shutil.copy(src / "labels.csv", dest / "labels.csv")
+    for image in sorted((src / "images").glob("*.jpg")):
+        shutil.copy(image, dest / "images" / image.name)
+    for mask in sorted((src / "masks").glob("*.png")):
+        _mask(mask, dest / "masks" / mask.name)
+    ham, hdest, keep = data / "ham10000", out / "val" / "ham10000", _ids(ham_split, "val")
+    for name in ("labels.csv", "metadata.csv"):
+        fields, rows = _rows(ham / name)
+        _write_rows(hdest / name, fields, [r for r in rows if r["image_id"] in keep])
+    (hdest / "images").mkdir(parents=True, exist_ok=True)
+    for image_id in sorted(keep):
+        shutil.copy(ham / "images" / f"{image_id}.jpg", hdest / "images" / f"{image_id}.jpg")
+        _mask(ham / "masks" / f"{image_id}_segmentation.png", hdest / "masks" / f"{image_id}_segmentation.png")
+    pack_isic2020(data, out, i20_split, side="val")
+
+
 def pack_init(like: Path, out: Path) -> None:
     """A segmentation model folder with the ImageNet Lite0 encoder, weights stored as float16."""
     import dataclasses
@@ -116,7 +140,7 @@ def pack_init(like: Path, out: Path) -> None:
     fields = {f.name for f in dataclasses.fields(ModelConfig)}
     base = {k: v for k, v in dataclasses.asdict(cfg).items() if k in fields}
     base.update(task="seg", pretrained=True, cls_views="frame", temperature=1.0, melanoma_threshold=None,
-                calibration=None)
+                calibration=None, base_filters=1)  # a decoder no trained model's layers match
     seg_cfg = ModelConfig(**{k: v for k, v in base.items() if k in fields})
     model, _ = build_models(seg_cfg)
     load_pretrained(model, seg_cfg)
@@ -150,6 +174,9 @@ def main() -> None:
     ap.add_argument("--ham-nevi", type=int, default=2000, help="HAM nevi to keep (all melanomas and keratoses are)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--init", action="store_true", help="also write init/: the ImageNet encoder as float16")
+    ap.add_argument("--with-val", action="store_true", help="also write val/: the three validation sets")
+    ap.add_argument("--zip", type=Path, help="also write the folder as one stored (uncompressed) zip: the size "
+                    "limit counts each small file's disk blocks, one file travels at its own size")
     ap.add_argument("--like", type=Path, default=Path("weights/isic-ham-lite0-joint-192"),
                     help="model folder whose architecture init/ copies")
     args = ap.parse_args()
@@ -158,9 +185,19 @@ def main() -> None:
     pack_isic2017(args.data, args.out)
     pack_isic2020(args.data, args.out, args.isic2020_split)
     ham = pack_ham(args.data, args.out, args.ham_split, args.ham_nevi, args.seed)
+    if args.with_val:
+        pack_val(args.data, args.out, args.ham_split, args.isic2020_split)
     if args.init:
         pack_init(args.like, args.out / "init")
     total = sum(p.stat().st_size for p in args.out.rglob("*") if p.is_file())
+    if args.zip:
+        import zipfile
+
+        args.zip.parent.mkdir(parents=True, exist_ok=True)
+        with zipfile.ZipFile(args.zip, "w", zipfile.ZIP_STORED) as archive:
+            for path in sorted(p for p in args.out.rglob("*") if p.is_file()):
+                archive.write(path, path.relative_to(args.out.parent))
+        print(f"{args.zip}: {args.zip.stat().st_size / 2**20:.1f} MiB (unpack there: python3 -m zipfile -e {args.zip} .)")
     print(f"HAM10000 kept: {ham}")
     for part in sorted(p for p in args.out.iterdir() if p.is_dir()):
         size = sum(p.stat().st_size for p in part.rglob("*") if p.is_file())
