@@ -67,8 +67,8 @@ def _ids(split: Path, side: str = "train") -> set[str]:
     return {line.strip() for line in (split / f"{side}.txt").read_text().split() if line.strip()}
 
 
-def pack_isic2017(data: Path, out: Path) -> None:
-    src, dest = data / "isic2017" / "train", out / "isic2017" / "train"
+def _copy_whole(src: Path, dest: Path) -> None:
+    """An ISIC 2017 folder: labels.csv, every image and every mask."""
     (dest / "images").mkdir(parents=True, exist_ok=True)
     shutil.copy(src / "labels.csv", dest / "labels.csv")
     for image in sorted((src / "images").glob("*.jpg")):
@@ -77,53 +77,44 @@ def pack_isic2017(data: Path, out: Path) -> None:
         _mask(mask, dest / "masks" / mask.name)
 
 
-def pack_isic2020(data: Path, out: Path, split: Path, side: str = "train") -> None:
-    src, dest, keep = data / "isic2020", out / ("isic2020" if side == "train" else "val/isic2020"), _ids(split, side)
+def _copy_ids(src: Path, dest: Path, keep: set[str], masks: bool) -> None:
+    """The images `keep` names, their rows of labels.csv and metadata.csv, and their masks."""
     for name in ("labels.csv", "metadata.csv"):
         fields, rows = _rows(src / name)
         _write_rows(dest / name, fields, [r for r in rows if r["image_id"] in keep])
     (dest / "images").mkdir(parents=True, exist_ok=True)
     for image_id in sorted(keep):
         shutil.copy(src / "images" / f"{image_id}.jpg", dest / "images" / f"{image_id}.jpg")
+        if masks:
+            _mask(src / "masks" / f"{image_id}_segmentation.png", dest / "masks" / f"{image_id}_segmentation.png")
+
+
+def pack_isic2017(data: Path, out: Path) -> None:
+    _copy_whole(data / "isic2017" / "train", out / "isic2017" / "train")
+
+
+def pack_isic2020(data: Path, out: Path, split: Path, side: str = "train") -> None:
+    dest = out / ("isic2020" if side == "train" else "val/isic2020")
+    _copy_ids(data / "isic2020", dest, _ids(split, side), masks=False)
 
 
 def pack_ham(data: Path, out: Path, split: Path, nevi: int, seed: int) -> dict:
-    src, dest, train = data / "ham10000", out / "ham10000", _ids(split)
-    fields, rows = _rows(src / "labels.csv")
+    src, train = data / "ham10000", _ids(split)
+    _, rows = _rows(src / "labels.csv")
     rows = [r for r in rows if r["image_id"] in train]
     mel = [r for r in rows if float(r["melanoma"]) == 1]
     sk = [r for r in rows if float(r["seborrheic_keratosis"]) == 1]
     nv = [r for r in rows if float(r["melanoma"]) == 0 and float(r["seborrheic_keratosis"]) == 0]
     picked = np.random.default_rng(seed).permutation(len(nv))[:nevi]
-    keep_rows = mel + sk + [nv[i] for i in sorted(picked)]
-    keep = {r["image_id"] for r in keep_rows}
-    _write_rows(dest / "labels.csv", fields, keep_rows)
-    mfields, meta = _rows(src / "metadata.csv")
-    _write_rows(dest / "metadata.csv", mfields, [r for r in meta if r["image_id"] in keep])
-    (dest / "images").mkdir(parents=True, exist_ok=True)
-    for image_id in sorted(keep):
-        shutil.copy(src / "images" / f"{image_id}.jpg", dest / "images" / f"{image_id}.jpg")
-        _mask(src / "masks" / f"{image_id}_segmentation.png", dest / "masks" / f"{image_id}_segmentation.png")
+    keep = {r["image_id"] for r in mel + sk + [nv[i] for i in picked]}
+    _copy_ids(src, out / "ham10000", keep, masks=True)
     return {"melanoma": len(mel), "seborrheic_keratosis": len(sk), "nevus": len(picked), "nevi_in_split": len(nv)}
 
 
 def pack_val(data: Path, out: Path, ham_split: Path, i20_split: Path) -> None:
     """The three validation sets: ISIC 2017 val whole, the validation sides of both splits."""
-    src, dest = data / "isic2017" / "val", out / "val" / "isic2017"
-    (dest / "images").mkdir(parents=True, exist_ok=True)
-    shutil.copy(src / "labels.csv", dest / "labels.csv")
-    for image in sorted((src / "images").glob("*.jpg")):
-        shutil.copy(image, dest / "images" / image.name)
-    for mask in sorted((src / "masks").glob("*.png")):
-        _mask(mask, dest / "masks" / mask.name)
-    ham, hdest, keep = data / "ham10000", out / "val" / "ham10000", _ids(ham_split, "val")
-    for name in ("labels.csv", "metadata.csv"):
-        fields, rows = _rows(ham / name)
-        _write_rows(hdest / name, fields, [r for r in rows if r["image_id"] in keep])
-    (hdest / "images").mkdir(parents=True, exist_ok=True)
-    for image_id in sorted(keep):
-        shutil.copy(ham / "images" / f"{image_id}.jpg", hdest / "images" / f"{image_id}.jpg")
-        _mask(ham / "masks" / f"{image_id}_segmentation.png", hdest / "masks" / f"{image_id}_segmentation.png")
+    _copy_whole(data / "isic2017" / "val", out / "val" / "isic2017")
+    _copy_ids(data / "ham10000", out / "val" / "ham10000", _ids(ham_split, "val"), masks=True)
     pack_isic2020(data, out, i20_split, side="val")
 
 
