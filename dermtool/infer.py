@@ -231,10 +231,10 @@ def _is_done(image_id: str, cfg: ModelConfig, rows: dict, out_dir: Path) -> bool
 def _device(engine: str) -> str:
     if engine in ("litert", "onnx"):  # their CPU builds: TensorFlow's GPUs are not theirs
         return "CPU"
-    import tensorflow as tf
+    from dermtool import _tf
 
-    gpus = tf.config.list_physical_devices("GPU")
-    return f"{len(gpus)} GPU(s)" if gpus else "CPU"
+    gpus = _tf.gpu_count()
+    return f"{gpus} GPU(s)" if gpus else "CPU"
 
 
 def predict_folder(images_dir: Path, out_dir: Path, model_dir: Path | None = None,

@@ -261,9 +261,15 @@ def _missing(extra: str, package: str):
 
 
 def _tf():
+    """TensorFlow, which export and the SavedModel engine need whatever Keras's backend is."""
     from dermtool import _tf
 
-    return _tf.load()
+    tf = _tf.load()
+    if tf is None:
+        raise InputError(f"this needs TensorFlow, and KERAS_BACKEND is {_tf.backend()}: export, the "
+                         "SavedModel engine and TFLite's own interpreter run under TensorFlow only "
+                         "(unset KERAS_BACKEND).")
+    return tf
 
 
 def _quiet():

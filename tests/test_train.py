@@ -220,7 +220,7 @@ def test_training_with_batch_workers_ends_on_the_same_weights(caches, tmp_path):
     assert history(a)[-1]["val_jac"] == history(b)[-1]["val_jac"]
 
 
-def test_another_keras_backend_leaves_tensorflow_alone_and_refuses_mirrored(monkeypatch):
+def test_another_keras_backend_leaves_tensorflow_alone_and_refuses_what_needs_it(monkeypatch):
     import subprocess
     import sys
 
@@ -236,6 +236,10 @@ def test_another_keras_backend_leaves_tensorflow_alone_and_refuses_mirrored(monk
     assert _strategy("default").num_replicas_in_sync == 1
     with pytest.raises(InputError, match="--strategy mirrored needs TensorFlow"):
         _strategy("mirrored")
+    from dermtool import modelio
+
+    with pytest.raises(InputError, match="export, the SavedModel engine .* run under TensorFlow only"):
+        modelio._tf()  # export's first step: one sentence, not an AttributeError on None
 
 
 def test_a_cache_of_another_size_is_resized_on_the_fly(caches, tmp_path):
