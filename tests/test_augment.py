@@ -282,3 +282,17 @@ def test_shift_edge_repeats_the_edge():
     a = np.arange(12).reshape(3, 4)
     np.testing.assert_array_equal(shift_edge(a, 0, 1), [[0, 0, 1, 2], [4, 4, 5, 6], [8, 8, 9, 10]])
     np.testing.assert_array_equal(shift_edge(a, -1, 0), [[4, 5, 6, 7], [8, 9, 10, 11], [8, 9, 10, 11]])
+
+
+@pytest.mark.parametrize("shape", [(5, 7, 3, 3), (2, 1, 1, 3), (4, 16, 9, 1)])
+def test_the_colour_matrix_product_is_einsums_bit_for_bit(shape):
+    """color-strong's per-image 3x3 product is written out for speed; seeded runs must repeat
+    exactly as with numpy's einsum."""
+    from dermtool.augment import _per_image_matrix
+
+    rng = np.random.default_rng(11)
+    x = rng.uniform(0, 255, shape).astype(np.float32)
+    mats = rng.uniform(-1.5, 1.5, (shape[0], 3, shape[-1])).astype(np.float32)
+    got = _per_image_matrix(x, mats)
+    assert got.dtype == np.float32
+    np.testing.assert_array_equal(got, np.einsum("nhwc,ndc->nhwd", x, mats))
