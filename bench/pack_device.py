@@ -29,7 +29,6 @@ bench/validation.py.
 from __future__ import annotations
 
 import argparse
-import csv
 import io
 import shutil
 from pathlib import Path
@@ -37,34 +36,44 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from dermtool.errors import InputError
+from dermtool.io import read_csv_rows, read_text, write_csv_atomic
+
 
 def _rows(path: Path) -> tuple[list[str], list[dict]]:
-    with open(path, newline="") as fh:
-        reader = csv.DictReader(fh)
-        return reader.fieldnames, list(reader)
+    rows = read_csv_rows(path, "label table")
+    if not rows or "image_id" not in rows[0]:
+        raise InputError(f"{path}: no image_id column in its header.")
+    return rows[0], [dict(zip(rows[0], row)) for row in rows[1:] if row]
 
 
 def _write_rows(path: Path, fields: list[str], rows: list[dict]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "w", newline="") as fh:
-        writer = csv.DictWriter(fh, fields)
-        writer.writeheader()
-        writer.writerows(rows)
+    write_csv_atomic(path, fields, [[r.get(f, "") for f in fields] for r in rows])
 
 
 def _mask(src: Path, dest: Path) -> None:
     """The mask as an optimised 8-bit PNG, refused unless its pixels are the source's."""
-    pixels = np.asarray(Image.open(src).convert("L"))
+    try:
+        pixels = np.asarray(Image.open(src).convert("L"))
+    except (OSError, ValueError, Image.DecompressionBombError) as exc:
+        raise InputError(f"{src}: not a readable mask ({exc}).") from None
     buf = io.BytesIO()
     Image.fromarray(pixels).save(buf, "PNG", optimize=True)
     if not np.array_equal(np.asarray(Image.open(io.BytesIO(buf.getvalue()))), pixels):
-        raise SystemExit(f"{src}: re-saved mask differs")
+        raise InputError(f"{src}: the re-saved mask differs from it.")
     dest.parent.mkdir(parents=True, exist_ok=True)
     dest.write_bytes(buf.getvalue())
 
 
 def _ids(split: Path, side: str = "train") -> set[str]:
-    return {line.strip() for line in (split / f"{side}.txt").read_text().split() if line.strip()}
+    return set(read_text(split / f"{side}.txt", "id list").split())
+
+
+def _is(row: dict, column: str, path: Path) -> bool:
+    try:
+        return float(row[column]) == 1
+    except (KeyError, ValueError):
+        raise InputError(f"{path}: {row.get('image_id')} has no 0/1 value in column {column}.") from None
 
 
 def _copy_whole(src: Path, dest: Path) -> None:
@@ -100,11 +109,11 @@ def pack_isic2020(data: Path, out: Path, split: Path, side: str = "train") -> No
 
 def pack_ham(data: Path, out: Path, split: Path, nevi: int, seed: int) -> dict:
     src, train = data / "ham10000", _ids(split)
-    _, rows = _rows(src / "labels.csv")
-    rows = [r for r in rows if r["image_id"] in train]
-    mel = [r for r in rows if float(r["melanoma"]) == 1]
-    sk = [r for r in rows if float(r["seborrheic_keratosis"]) == 1]
-    nv = [r for r in rows if float(r["melanoma"]) == 0 and float(r["seborrheic_keratosis"]) == 0]
+    labels = src / "labels.csv"
+    rows = [r for r in _rows(labels)[1] if r["image_id"] in train]
+    mel = [r for r in rows if _is(r, "melanoma", labels)]
+    sk = [r for r in rows if not _is(r, "melanoma", labels) and _is(r, "seborrheic_keratosis", labels)]
+    nv = [r for r in rows if not _is(r, "melanoma", labels) and not _is(r, "seborrheic_keratosis", labels)]
     picked = np.random.default_rng(seed).permutation(len(nv))[:nevi]
     keep = {r["image_id"] for r in mel + sk + [nv[i] for i in picked]}
     _copy_ids(src, out / "ham10000", keep, masks=True)
@@ -162,7 +171,7 @@ def main() -> None:
     ap.add_argument("--out", type=Path, default=Path(".devdata"))
     ap.add_argument("--ham-split", type=Path, required=True, help="a `dermtool split` folder of ham10000")
     ap.add_argument("--isic2020-split", type=Path, required=True, help="a `dermtool split --group patient_id` folder")
-    ap.add_argument("--ham-nevi", type=int, default=2000, help="HAM nevi to keep (all melanomas and keratoses are)")
+    ap.add_argument("--ham-nevi", type=int, default=2500, help="HAM nevi to keep (all melanomas and keratoses are)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--init", action="store_true", help="also write init/: the ImageNet encoder as float16")
     ap.add_argument("--with-val", action="store_true", help="also write val/: the three validation sets")
@@ -171,8 +180,16 @@ def main() -> None:
     ap.add_argument("--like", type=Path, default=Path("weights/isic-ham-lite0-joint-192"),
                     help="model folder whose architecture init/ copies")
     args = ap.parse_args()
-    if args.out.exists():
-        shutil.rmtree(args.out)
+    try:
+        pack(args)
+    except InputError as exc:
+        raise SystemExit(f"error: {exc}")
+
+
+def pack(args) -> None:
+    """Everything into a staging folder first: a refused input leaves the last pack as it was."""
+    final, args.out = args.out, args.out.with_name(args.out.name + ".partial")
+    shutil.rmtree(args.out, ignore_errors=True)
     pack_isic2017(args.data, args.out)
     pack_isic2020(args.data, args.out, args.isic2020_split)
     ham = pack_ham(args.data, args.out, args.ham_split, args.ham_nevi, args.seed)
@@ -180,6 +197,9 @@ def main() -> None:
         pack_val(args.data, args.out, args.ham_split, args.isic2020_split)
     if args.init:
         pack_init(args.like, args.out / "init")
+    shutil.rmtree(final, ignore_errors=True)
+    args.out.rename(final)
+    args.out = final
     total = sum(p.stat().st_size for p in args.out.rglob("*") if p.is_file())
     if args.zip:
         import zipfile

@@ -148,7 +148,10 @@ def _litert_interpreter():
         return Interpreter
     except ImportError:
         pass
-    interpreter = getattr(getattr(_tf(), "lite", None), "Interpreter", None)  # removed in a later TF
+    from dermtool import _tf as tf_import
+
+    # removed in a later TF; and no TensorFlow at all under another Keras backend
+    interpreter = getattr(getattr(tf_import.load(), "lite", None), "Interpreter", None)
     if interpreter is None:
         _missing("litert", "ai-edge-litert")
     return interpreter
@@ -266,9 +269,8 @@ def _tf():
 
     tf = _tf.load()
     if tf is None:
-        raise InputError(f"this needs TensorFlow, and KERAS_BACKEND is {_tf.backend()}: export, the "
-                         "SavedModel engine and TFLite's own interpreter run under TensorFlow only "
-                         "(unset KERAS_BACKEND).")
+        raise InputError(f"this needs TensorFlow, and KERAS_BACKEND is {_tf.backend()}: export and the "
+                         "SavedModel engine run under TensorFlow only (unset KERAS_BACKEND).")
     return tf
 
 

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import contextlib
 import math
-import multiprocessing
 import os
 import signal
 import time
@@ -234,6 +233,7 @@ class BatchSequence(keras.utils.PyDataset):
     def __init__(self, source: BatchSource, keys: list[str], first: int, end: int, steps: int, workers: int):
         super().__init__(workers=workers, use_multiprocessing=workers > 1, max_queue_size=max(4, 2 * workers))
         self.source, self.keys, self.first, self.end, self.steps = source, keys, first, end, steps
+        self._owner = os.getpid()  # the training process; its workers are the other processes
 
     def __len__(self) -> int:
         return (self.end - self.first) * self.steps
@@ -241,8 +241,8 @@ class BatchSequence(keras.utils.PyDataset):
     def __getitem__(self, i: int):
         if not 0 <= i < len(self):
             raise IndexError(i)
-        if multiprocessing.parent_process() is not None:
-            # a worker: Ctrl-C (sent to the whole process group) is for the main process to
+        if os.getpid() != self._owner:
+            # a worker process: Ctrl-C (sent to the whole process group) is for the main process to
             # handle once, keeping the last whole epoch, not for every worker to print a traceback
             signal.signal(signal.SIGINT, signal.SIG_IGN)
         x, y = self.source.batch(self.first + i // self.steps, i % self.steps)
@@ -266,11 +266,10 @@ class _OneDevice:
 
 def _strategy(name: str):
     if _tf.backend() != "tensorflow":
-        if name == "default":
-            return _OneDevice()
-        if name in ("mirrored", "multiworker"):
+        if name != "default":
             raise InputError(f"--strategy {name} needs TensorFlow (KERAS_BACKEND is {_tf.backend()}); "
                              "train on one GPU with --strategy default.")
+        return _OneDevice()
     import tensorflow as tf
 
     if name == "mirrored":
