@@ -19,6 +19,9 @@ An augmentation is a set of groups joined by "+" (`--augment flips+geometry+colo
 - `chain`: the resampling chain an image went through before it reached dermtool: downscale
   and upscale by a random factor, Gaussian blur, JPEG re-compression at a random quality. The
   same lesion reaches users as a 12-megapixel original and as a 256 px copy.
+- `pair-flips` (with `train --consistency` only): the second image of each consistency pair also
+  gets its own one of the 7 other symmetries, so the pair loss ties the diagnosis of a lesion
+  across orientations too, what `infer --tta 8` averages out at 8x the work.
 
 `none` is the empty set. Masks move with their images (geometry and flips); colour and chain
 groups change only the image.
@@ -32,7 +35,7 @@ import math
 import numpy as np
 from PIL import Image, ImageFilter
 
-GROUPS = ("flips", "color", "color-strong", "lesion-crop", "geometry", "chain")
+GROUPS = ("flips", "color", "color-strong", "lesion-crop", "geometry", "chain", "pair-flips")
 LESION_MARGIN = 0.15  # the view infer classifies: the lesion's box plus 15 % of its size on each side
 LESION_MIN_SIDE = 0.25  # no closer than a quarter of the frame (a speck is not worth a view)
 #: infer's lesion view needs a mask of at least this share of the frame: a few stray pixels are no
@@ -90,7 +93,7 @@ def augment_batch(images: np.ndarray, masks: np.ndarray | None, rng: np.random.G
     Returns:
         (float32 images in 0..255, masks, the dihedral code drawn for each sample).
     """
-    groups = parse_groups(mode)
+    groups = tuple(g for g in parse_groups(mode) if g != "pair-flips")  # augment_pairs' own
     n = images.shape[0]
     codes = np.zeros(n, np.int64)
     if not groups:
@@ -137,11 +140,13 @@ def augment_pairs(images: np.ndarray, masks: np.ndarray | None, rng: np.random.G
     The pair is one lesion reaching the model by two capture-and-copy chains, so a loss on how far
     apart their predictions are teaches the model to ignore the chain. Colour is applied before
     the chain here (acquisition, then copy); the chain is drawn for every pair, whether or not
-    `mode` names it.
+    `mode` names it. With `pair-flips` in `mode`, row 2i + 1 is then also turned by its own one of
+    the 7 symmetries other than the identity, its mask with it.
 
     Returns (float32 images, masks and dihedral codes), 2N rows each.
     """
-    groups = [g for g in parse_groups(mode) if g != "chain"]
+    turn = "pair-flips" in parse_groups(mode)
+    groups = [g for g in parse_groups(mode) if g not in ("chain", "pair-flips")]
     base, masks, codes = augment_batch(images, masks, rng, "+".join(groups) or "none")
     once = np.clip(np.rint(base), 0, 255).astype(np.uint8)
     views = np.stack([resampling_chain(im, rng) for im in np.repeat(once, 2, axis=0)]).astype(np.float32)
@@ -150,7 +155,23 @@ def augment_pairs(images: np.ndarray, masks: np.ndarray | None, rng: np.random.G
         views[i], shifted = pixel_jitter(views[i], None if masks is None else masks[i], rng)
         if masks is not None:
             masks[i] = shifted
-    return views, masks, np.repeat(codes, 2)
+    codes = np.repeat(codes, 2)
+    if turn:
+        extra = rng.integers(1, 8, size=len(images))  # never the identity: every pair differs in orientation
+        for i, k in zip(range(1, len(views), 2), extra):
+            views[i] = dihedral(views[i], int(k))
+            if masks is not None:
+                masks[i] = dihedral(masks[i], int(k))
+        codes[1::2] = [compose_dihedral(int(c), int(k)) for c, k in zip(codes[1::2], extra)]
+    return views, masks, codes
+
+
+def compose_dihedral(first: int, then: int) -> int:
+    """The code k with dihedral(x, k) == dihedral(dihedral(x, first), then)."""
+    probe = np.arange(6).reshape(2, 3)  # an asymmetric shape tells all 8 apart
+    want = dihedral(dihedral(probe, first), then)
+    return next(k for k in range(8) if dihedral(probe, k).shape == want.shape
+                and np.array_equal(dihedral(probe, k), want))
 
 
 #: `pixel_jitter`'s draws: the noise's sd (grey levels) is uniform in [0, PAIR_NOISE_MAX]; with

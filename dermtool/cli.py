@@ -198,7 +198,7 @@ def train_cli(
     steps_per_epoch: int = typer.Option(0, "--steps-per-epoch", help="Batches per epoch (0: one pass over the training images); keeps epochs short when the data grows."),
     alpha: float = typer.Option(0.5, "--alpha", help="Joint loss alpha * L_seg + (1 - alpha) * L_cls."),
     dice: bool = typer.Option(False, "--dice/--no-dice", help="Segmentation loss BCE + (1 - soft Dice) instead of BCE alone."),
-    augment: str = typer.Option("flips+color", "--augment", help="none, or groups joined by '+': flips (8 rotations/flips), color (mild colour jitter) or color-strong (brightness, contrast, hue, saturation, gain), lesion-crop (half of the images with a mask become the square around their lesion, as the lesion view of infer sees it), geometry (random resized crop, any-angle rotation, shear; masks move too), chain (down/up-scaling, blur, JPEG re-compression). E.g. flips+color-strong+lesion-crop+geometry+chain."),
+    augment: str = typer.Option("flips+color", "--augment", help="none, or groups joined by '+': flips (8 rotations/flips), color (mild colour jitter) or color-strong (brightness, contrast, hue, saturation, gain), lesion-crop (half of the images with a mask become the square around their lesion, as the lesion view of infer sees it), geometry (random resized crop, any-angle rotation, shear; masks move too), chain (down/up-scaling, blur, JPEG re-compression), pair-flips (with --consistency: the second image of each pair also turned by its own symmetry, so the diagnosis is tied across orientations). E.g. flips+color-strong+lesion-crop+geometry+chain."),
     input_chain: Optional[str] = typer.Option(None, "--input-chain", help="direct | jpeg256: how images reach the model, in infer as in the caches (dermtool preprocess --chain). jpeg256 makes an original and its 256 px copy give nearly the same answer. Default: the preset's (direct)."),
     color_constancy: Optional[str] = typer.Option(None, "--color-constancy", help="none | shades-of-gray: remove each image's colour cast inside the model (Shades of Gray, p = 6), so train, infer and exports apply it alike. Default: the preset's (none)."),
     cls_views: Optional[str] = typer.Option(None, "--cls-views", help="frame | frame+lesion: what the trained model's classifier looks at in infer; frame+lesion (joint only) also classifies the square around the lesion the model found and averages the two (train it with --augment ...+lesion-crop). Default: frame, or the --init-from joint model's."),
@@ -305,6 +305,9 @@ def _check_train_options(o: dict) -> None:
                  "(use cls or joint).")
         if o["batch_size"] is not None and o["batch_size"] % 2:
             fail(f"--consistency needs an even --batch-size (each image comes twice in a batch), not {o['batch_size']}.")
+    if "pair-flips" in str(o["augment"]).split("+") and not o["consistency"]:
+        fail("--augment pair-flips turns the second image of each consistency pair, so it needs --consistency "
+             "(e.g. 3).")
     if o["cls_views"] == "frame+lesion" and o["task"] != "joint":
         fail(f"--cls-views frame+lesion needs --task joint (the lesion view is cut from the model's own mask), "
              f"not {o['task']}.")

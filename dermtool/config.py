@@ -241,6 +241,9 @@ class TrainConfig:
                 and 0 <= self.consistency <= CONSISTENCY_MAX):
             raise InputError(f"train.consistency must be a weight from 0 (off) to {CONSISTENCY_MAX:g}, "
                              f"not {self.consistency!r}")
+        if "pair-flips" in str(self.augment).split("+") and not self.consistency:
+            raise InputError("train.augment: pair-flips turns the second image of each consistency pair, so it "
+                             "needs --consistency (a weight above 0)")
         if self.consistency and (not isinstance(self.batch_size, int) or self.batch_size % 2):
             raise InputError(f"train.consistency needs an even batch size (each image comes twice), "
                              f"not {self.batch_size!r}")

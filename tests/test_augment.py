@@ -296,3 +296,42 @@ def test_the_colour_matrix_product_is_einsums_bit_for_bit(shape):
     got = _per_image_matrix(x, mats)
     assert got.dtype == np.float32
     np.testing.assert_array_equal(got, np.einsum("nhwc,ndc->nhwd", x, mats))
+
+
+from dermtool.augment import compose_dihedral, undo_dihedral  # noqa: E402
+
+
+def test_compose_dihedral_is_one_symmetry_then_another():
+    x = np.arange(20).reshape(4, 5)
+    for a in range(8):
+        for b in range(8):
+            np.testing.assert_array_equal(dihedral(x, compose_dihedral(a, b)), dihedral(dihedral(x, a), b))
+
+
+def test_pair_flips_turn_the_second_copy_and_its_mask_and_report_the_turn():
+    images, masks = _batch(8, side=48)
+    plain, plain_m, plain_codes = augment_pairs(images, masks, batch_rng(3, 0, 0), "flips+color")
+    x, m, codes = augment_pairs(images, masks, batch_rng(3, 0, 0), "flips+color+pair-flips")
+    # the turn is drawn last, so everything before it is the plain pipeline's
+    np.testing.assert_array_equal(x[0::2], plain[0::2])
+    np.testing.assert_array_equal(m[0::2], plain_m[0::2])
+    np.testing.assert_array_equal(codes[0::2], plain_codes[0::2])
+    turns = []
+    for i in range(1, 16, 2):
+        found = [k for k in range(8) if np.array_equal(dihedral(plain[i], k), x[i])]
+        assert found and 0 not in found  # the second copy is turned, never left as it was
+        k = found[0]
+        np.testing.assert_array_equal(dihedral(plain_m[i], k), m[i])  # its mask with it
+        assert codes[i] == compose_dihedral(int(plain_codes[i]), k)  # and the code says where it points
+        turns.append(k)
+    assert len(set(turns)) > 1  # each pair draws its own turn
+    again, _, _ = augment_pairs(images, masks, batch_rng(3, 0, 0), "flips+color+pair-flips")
+    np.testing.assert_array_equal(x, again)
+
+
+def test_pair_flips_change_nothing_outside_the_pairs():
+    images, masks = _batch(8, side=48)
+    a = augment_batch(images, masks, batch_rng(3, 0, 0), "flips+color")
+    b = augment_batch(images, masks, batch_rng(3, 0, 0), "flips+color+pair-flips")
+    for u, v in zip(a, b):
+        np.testing.assert_array_equal(u, v)

@@ -777,6 +777,7 @@ def test_freeze_early_on_lite0_names_the_stages_at_half_and_quarter_size():
     (["--consistency", "1", "--task", "seg"], "--task seg has none"),
     (["--consistency", "-1"], "--consistency must be between 0.0 and 100.0"),
     (["--consistency", "nan"], "--consistency must be between"),
+    (["--augment", "flips+pair-flips"], "--augment pair-flips turns the second image of each consistency pair"),
 ])
 def test_train_refuses_bad_seg_batch_ema_and_freeze(caches, tmp_path, args, words):
     from typer.testing import CliRunner
