@@ -19,6 +19,10 @@ An augmentation is a set of groups joined by "+" (`--augment flips+geometry+colo
 - `chain`: the resampling chain an image went through before it reached dermtool: downscale
   and upscale by a random factor, Gaussian blur, JPEG re-compression at a random quality. The
   same lesion reaches users as a 12-megapixel original and as a 256 px copy.
+- `cutout`: half of the images get one square of 15-35 % of the side, anywhere in the frame
+  (clipped at its edges), filled with the image's mean colour (DeVries & Taylor 2017), so no
+  one patch of the image (a ruler, a dark corner, one part of the lesion) carries the diagnosis
+  alone. The mask is left as it was: the lesion is still there, only hidden.
 - `pair-flips` (with `train --consistency` only): the second image of each consistency pair also
   gets its own one of the 7 other symmetries, so the pair loss ties the diagnosis of a lesion
   across orientations too, what `infer --tta 8` averages out at 8x the work.
@@ -35,7 +39,7 @@ import math
 import numpy as np
 from PIL import Image, ImageFilter
 
-GROUPS = ("flips", "color", "color-strong", "lesion-crop", "geometry", "chain", "pair-flips")
+GROUPS = ("flips", "color", "color-strong", "lesion-crop", "geometry", "chain", "cutout", "pair-flips")
 LESION_MARGIN = 0.15  # the view infer classifies: the lesion's box plus 15 % of its size on each side
 LESION_MIN_SIDE = 0.25  # no closer than a quarter of the frame (a speck is not worth a view)
 #: infer's lesion view needs a mask of at least this share of the frame: a few stray pixels are no
@@ -124,6 +128,8 @@ def augment_batch(images: np.ndarray, masks: np.ndarray | None, rng: np.random.G
         images = np.stack([dihedral(im, int(k)) for im, k in zip(images, codes)])
         if masks is not None:
             masks = np.stack([dihedral(m, int(k)) for m, k in zip(masks, codes)])
+    if "cutout" in groups:
+        images = np.stack([cutout(im, rng) for im in images])
     out = images.astype(np.float32)
     if "color" in groups:
         out = _mild_color(out, rng)
@@ -164,6 +170,27 @@ def augment_pairs(images: np.ndarray, masks: np.ndarray | None, rng: np.random.G
                 masks[i] = dihedral(masks[i], int(k))
         codes[1::2] = [compose_dihedral(int(c), int(k)) for c, k in zip(codes[1::2], extra)]
     return views, masks, codes
+
+
+#: `cutout`: the share of images that get a square, and its side as a share of the frame's
+CUTOUT_RATE, CUTOUT_SIDE = 0.5, (0.15, 0.35)
+
+
+def cutout(image: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """With probability CUTOUT_RATE, a copy of the uint8 image (H x W x 3) with one square of
+    CUTOUT_SIDE of the shorter side, centred anywhere in the frame and clipped at its edges,
+    filled with the image's mean colour; otherwise the image itself. Four draws either way."""
+    draw = rng.uniform(size=4)
+    if draw[0] >= CUTOUT_RATE:
+        return image
+    h, w = image.shape[:2]
+    side = int(round((CUTOUT_SIDE[0] + (CUTOUT_SIDE[1] - CUTOUT_SIDE[0]) * draw[1]) * min(h, w)))
+    cy, cx = int(draw[2] * h), int(draw[3] * w)
+    y0, y1 = max(0, cy - side // 2), min(h, cy - side // 2 + side)
+    x0, x1 = max(0, cx - side // 2), min(w, cx - side // 2 + side)
+    out = image.copy()
+    out[y0:y1, x0:x1] = np.rint(image.reshape(-1, image.shape[-1]).mean(axis=0)).astype(image.dtype)
+    return out
 
 
 def compose_dihedral(first: int, then: int) -> int:

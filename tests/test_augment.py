@@ -335,3 +335,38 @@ def test_pair_flips_change_nothing_outside_the_pairs():
     b = augment_batch(images, masks, batch_rng(3, 0, 0), "flips+color+pair-flips")
     for u, v in zip(a, b):
         np.testing.assert_array_equal(u, v)
+
+
+from dermtool.augment import CUTOUT_SIDE, cutout  # noqa: E402
+
+
+def test_cutout_hides_one_square_in_half_of_the_images_and_leaves_the_masks():
+    images, masks = _batch(16, side=48)
+    plain, plain_m, _ = augment_batch(images, masks, batch_rng(4, 0, 0), "flips")
+    x, m, _ = augment_batch(images, masks, batch_rng(4, 0, 0), "flips+cutout")
+    np.testing.assert_array_equal(m, plain_m)  # the lesion is still there, only hidden
+    hidden = 0
+    for before, after in zip(plain, x):
+        changed = np.any(before != after, axis=-1)
+        if not changed.any():
+            continue
+        hidden += 1
+        ys, xs = np.nonzero(changed)
+        y0, y1, x0, x1 = ys.min(), ys.max() + 1, xs.min(), xs.max() + 1
+        patch = after[y0:y1, x0:x1].reshape(-1, 3)
+        np.testing.assert_array_equal(patch, np.broadcast_to(np.rint(before.reshape(-1, 3).mean(0)), patch.shape))
+        inside = y1 - y0 == x1 - x0 or 0 in (y0, x0) or 48 in (y1, x1)  # a square, or cut by the frame
+        assert inside and max(y1 - y0, x1 - x0) <= round(CUTOUT_SIDE[1] * 48)
+    assert 3 <= hidden <= 13  # half of 16, give or take the draws
+
+
+def test_cutout_fills_with_the_mean_colour_by_hand():
+    image = np.zeros((10, 10, 3), np.uint8)
+    image[:, :5] = (200, 100, 0)  # mean colour (100, 50, 0)
+    rng = np.random.default_rng(0)
+    outs = [cutout(image, rng) for _ in range(40)]
+    cut = [o for o in outs if not np.array_equal(o, image)]
+    assert cut and len(cut) < 40
+    for o in cut:
+        diff = np.any(o != image, axis=-1)
+        assert {tuple(v) for v in o[diff]} <= {(100, 50, 0)}
