@@ -22,7 +22,6 @@ import sys
 from pathlib import Path
 
 import numpy as np
-from PIL import Image
 
 
 def views(rgb: np.ndarray) -> list[np.ndarray]:
@@ -31,14 +30,13 @@ def views(rgb: np.ndarray) -> list[np.ndarray]:
     return [np.ascontiguousarray(dihedral(rgb, k)) for k in range(8)]
 
 
-def spread(model_dir: str, paths: list[Path], batch: int) -> dict[str, np.ndarray]:
+def spread(model_dir: str, images: list[np.ndarray], batch: int) -> dict[str, np.ndarray]:
     """Per image: std and range of p(melanoma) over the 8 views, and whether all 8 argmax agree."""
     import dermtool
 
     model = dermtool.load_model(model_dir)
     sd, rng, agree = [], [], []
-    for path in paths:
-        rgb = np.asarray(Image.open(path).convert("RGB"))
+    for rgb in images:
         preds = model.predict(views(rgb), batch_size=batch)
         p_mel = np.array([p.probabilities["melanoma"] for p in preds])
         labels = {max(p.probabilities, key=p.probabilities.get) for p in preds}
@@ -46,6 +44,26 @@ def spread(model_dir: str, paths: list[Path], batch: int) -> dict[str, np.ndarra
         rng.append(p_mel.max() - p_mel.min())
         agree.append(len(labels) == 1)
     return {"sd": np.array(sd), "range": np.array(rng), "agree": np.array(agree, float)}
+
+
+def square_images(folder: Path) -> tuple[list[np.ndarray], int]:
+    """The square images of `folder`, decoded as dermtool decodes them, and how many it holds;
+    a file that is not a readable image is named on stderr and left out."""
+    from dermtool.data import find_images
+    from dermtool.errors import InputError
+    from dermtool.preprocess import load_image
+
+    files = find_images(folder)
+    images = []
+    for path in files:
+        try:
+            rgb, _ = load_image(path)
+        except InputError as exc:
+            print(f"skipped: {exc}", file=sys.stderr)
+            continue
+        if rgb.shape[0] == rgb.shape[1]:
+            images.append(rgb)
+    return images, len(files)
 
 
 def main(argv=None) -> int:
@@ -56,17 +74,17 @@ def main(argv=None) -> int:
     ap.add_argument("--resamples", type=int, default=1000)
     ap.add_argument("--seed", type=int, default=0)
     a = ap.parse_args(argv)
-    files = sorted(p for p in a.images.iterdir() if p.suffix.lower() in (".jpg", ".jpeg", ".png", ".tif", ".tiff"))
-    paths = []
-    for p in files:
-        with Image.open(p) as im:
-            if im.width == im.height:
-                paths.append(p)
-    if not paths:
-        print(f"{a.images}: no square images to turn", file=sys.stderr)
+    from dermtool.errors import InputError
+
+    try:
+        images, found = square_images(a.images)
+        if not images:
+            raise InputError(f"{a.images}: no square images to turn")
+        results = {m: spread(m, images, a.batch) for m in a.model}
+    except InputError as exc:
+        print(f"error: {exc}", file=sys.stderr)
         return 1
-    results = {m: spread(m, paths, a.batch) for m in a.model}
-    print(f"{len(paths)} square images of {len(files)} in {a.images}, 8 views each\n")
+    print(f"{len(images)} square images of {found} in {a.images}, 8 views each\n")
     print("| model | mean sd of p(mel) over 8 views | mean max - min | all 8 argmax agree |")
     print("|---|---:|---:|---:|")
     for m, r in results.items():
@@ -74,7 +92,7 @@ def main(argv=None) -> int:
     if len(a.model) > 1:
         base = results[a.model[0]]
         gen = np.random.default_rng(a.seed)
-        idx = gen.integers(0, len(paths), size=(a.resamples, len(paths)))
+        idx = gen.integers(0, len(images), size=(a.resamples, len(images)))
         print(f"\n| model − {Path(a.model[0]).name} | sd of p(mel) [95 % paired] | max − min | all agree |")
         print("|---|---|---|---|")
         for m in a.model[1:]:

@@ -193,12 +193,20 @@ def cutout(image: np.ndarray, rng: np.random.Generator) -> np.ndarray:
     return out
 
 
+def _composition_table() -> tuple[tuple[int, ...], ...]:
+    probe = np.arange(6).reshape(2, 3)  # an asymmetric shape tells all 8 symmetries apart
+    return tuple(tuple(next(k for k in range(8) if dihedral(probe, k).shape == want.shape
+                            and np.array_equal(dihedral(probe, k), want))
+                       for want in (dihedral(dihedral(probe, a), b) for b in range(8)))
+                 for a in range(8))
+
+
+_COMPOSE = _composition_table()
+
+
 def compose_dihedral(first: int, then: int) -> int:
     """The code k with dihedral(x, k) == dihedral(dihedral(x, first), then)."""
-    probe = np.arange(6).reshape(2, 3)  # an asymmetric shape tells all 8 apart
-    want = dihedral(dihedral(probe, first), then)
-    return next(k for k in range(8) if dihedral(probe, k).shape == want.shape
-                and np.array_equal(dihedral(probe, k), want))
+    return _COMPOSE[first][then]
 
 
 #: `pixel_jitter`'s draws: the noise's sd (grey levels) is uniform in [0, PAIR_NOISE_MAX]; with
