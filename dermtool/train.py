@@ -30,7 +30,7 @@ from dermtool import _tf, checkpoint
 _tf.load()
 import keras  # noqa: E402
 
-from dermtool.augment import augment_batch, augment_pairs
+from dermtool.augment import augment_batch, augment_pairs, mixup, parse_groups
 from dermtool.config import ModelConfig, TrainConfig, load_config, save_config
 from dermtool.data import Cache, load_cache
 from dermtool.dataset import targets
@@ -61,6 +61,9 @@ def check_cache(cache: Cache, cfg: ModelConfig, log) -> bool:
             f"(preprocess with --size {cfg.size} to skip this work)")
         return True
     return False
+
+
+MIXUP_STREAM = 1  # the 4th word of the mixup generator's seed: the other draws stay as without mixup
 
 
 class BatchSource:
@@ -99,6 +102,9 @@ class BatchSource:
         if side != self.cfg.input_size:  # progressive resizing: this epoch trains on smaller squares
             x, aug_masks = shrink_batch(x, aug_masks, side)
         y = targets(self.cfg, aug_masks, labels)
+        if "cls" in y and "mixup" in parse_groups(self.tcfg.augment):  # its own stream: the rest repeats
+            x, y["cls"] = mixup(x, y["cls"], np.random.default_rng([self.tcfg.seed, epoch, step, MIXUP_STREAM]),
+                                2 if self.tcfg.consistency else 1)
         if "seg" in y and "cls" in y and self.tcfg.seg_batch:  # the decoder trains on these only
             y["seg"] = y["seg"][:self.tcfg.seg_batch]
         return x, y

@@ -370,3 +370,71 @@ def test_cutout_fills_with_the_mean_colour_by_hand():
     for o in cut:
         diff = np.any(o != image, axis=-1)
         assert {tuple(v) for v in o[diff]} <= {(100, 50, 0)}
+
+
+from dermtool.augment import MIXUP_RATE, mixup  # noqa: E402
+
+
+def _marked_batch(n: int, copies: int = 1) -> tuple[np.ndarray, np.ndarray]:
+    """Image u (of n // copies) is black but for pixel u, 100 in channel c for copy c: a blend
+    shows who mixed with whom and by how much. One-hot labels cycle over the 3 classes."""
+    units, side = n // copies, int(np.ceil(np.sqrt(n // copies)))
+    x = np.zeros((n, side, side, 3), np.float32)
+    for u in range(units):
+        for c in range(copies):
+            x[u * copies + c].reshape(-1, 3)[u, c] = 100.0
+    return x, np.repeat(np.eye(3, dtype=np.float32)[np.arange(units) % 3], copies, axis=0)
+
+
+def _blend_of(image: np.ndarray, channel: int = 0) -> dict[int, float]:
+    """{unit: weight} of the units blended into a marked image."""
+    flat = image.reshape(-1, 3)[:, channel]
+    return {int(k): float(flat[k]) / 100.0 for k in np.flatnonzero(flat)}
+
+
+def test_mixup_blends_images_and_targets_by_one_dominant_weight():
+    x, y = _marked_batch(400)
+    mx, my = mixup(x, y, np.random.default_rng(0))
+    mixed = 0
+    for i in range(400):
+        blend = _blend_of(mx[i])
+        if blend == {i: 1.0}:
+            np.testing.assert_array_equal(my[i], y[i])
+            continue
+        mixed += 1
+        (j, partner_share), = [(k, w) for k, w in blend.items() if k != i]
+        lam = blend[i]
+        assert 0.5 <= lam <= 1.0 and np.isclose(lam + partner_share, 1.0)
+        np.testing.assert_allclose(my[i], lam * y[i] + (1 - lam) * y[j], atol=1e-6)
+    assert 0.4 * 400 * MIXUP_RATE / 0.5 <= mixed <= 0.55 * 400 * MIXUP_RATE / 0.5  # about half of the images
+    np.testing.assert_array_equal(mixup(x, y, np.random.default_rng(0))[0], mx)  # seeded: repeats
+    np.testing.assert_array_equal(x, _marked_batch(400)[0])  # the input batch is left as it was
+
+
+def test_mixup_leaves_unlabelled_and_partial_rows_out_on_both_sides():
+    x, y = _marked_batch(60)
+    y[::4] = 0.0  # no label
+    y[1::4] = [-1.0, 0.0, 0.0]  # not melanoma, a partial label
+    mx, my = mixup(x, y, np.random.default_rng(5))
+    out = np.zeros(60, bool)
+    out[::4] = out[1::4] = True
+    np.testing.assert_array_equal(mx[out], x[out])
+    np.testing.assert_array_equal(my[out], y[out])
+    partners = [k for i in np.flatnonzero(~out) for k in _blend_of(mx[i]) if k != i]
+    assert partners  # some labelled rows did mix
+    assert not out[partners].any()  # and only with labelled ones
+
+
+def test_mixup_blends_consistency_pairs_as_pairs():
+    x, y = _marked_batch(80, copies=2)
+    mx, my = mixup(x, y, np.random.default_rng(2), pair_size=2)
+    n_mixed = 0
+    for u in range(40):
+        first, second = _blend_of(mx[2 * u], 0), _blend_of(mx[2 * u + 1], 1)
+        assert first == second  # one partner pair and one weight for both copies
+        assert not _blend_of(mx[2 * u], 1) and not _blend_of(mx[2 * u + 1], 0)  # copy with copy
+        np.testing.assert_array_equal(my[2 * u], my[2 * u + 1])
+        n_mixed += first != {u: 1.0}
+    assert n_mixed > 5
+    with pytest.raises(ValueError, match="units of 2"):
+        mixup(x[:3], y[:3], np.random.default_rng(0), pair_size=2)

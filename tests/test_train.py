@@ -35,7 +35,7 @@ def caches(tmp_path_factory):
 def run(caches, out: Path, task: str, epochs: int = 2, resume: bool = False, cfg=None, **tover):
     from dermtool.train import train
 
-    tcfg = TrainConfig(epochs=epochs, batch_size=4, learning_rate=3e-3, seed=3, augment="none", **tover)
+    tcfg = TrainConfig(**{"epochs": epochs, "batch_size": 4, "learning_rate": 3e-3, "seed": 3, "augment": "none", **tover})
     return train(cfg or tiny(task), tcfg, caches, caches, out, resume=resume, log=lambda m: None, progress=False)
 
 
@@ -143,6 +143,27 @@ def test_training_batches_differ_between_epochs_but_repeat_under_the_seed(caches
     np.testing.assert_array_equal(training_batch(cache, cfg, tcfg, False, epoch=0, step=0)[0], x0)
     other_seed = TrainConfig(batch_size=4, seed=2, augment="flips+color")
     assert not np.array_equal(training_batch(cache, cfg, other_seed, False, epoch=0, step=0)[0], x0)
+
+
+@pytest.mark.parametrize("consistency", [0.0, 1.0])
+def test_mixup_blends_on_top_of_the_same_batches_and_leaves_the_masks(caches, consistency):
+    from dermtool.train import training_batch
+
+    cache = load_cache(caches)
+    cfg = tiny("joint")
+    plain = TrainConfig(batch_size=8, seed=1, augment="flips+color", consistency=consistency, steps_per_epoch=3)
+    mixed = TrainConfig(batch_size=8, seed=1, augment="flips+color+mixup", consistency=consistency,
+                        steps_per_epoch=3)
+    blended = 0
+    for step in range(3):
+        x0, y0 = training_batch(cache, cfg, plain, False, epoch=0, step=step)
+        x1, y1 = training_batch(cache, cfg, mixed, False, epoch=0, step=step)
+        np.testing.assert_array_equal(y1["seg"], y0["seg"])  # the dominant image's mask, as it was
+        same = np.all(x1 == x0, axis=(1, 2, 3))
+        np.testing.assert_array_equal(y1["cls"][same], y0["cls"][same])
+        np.testing.assert_allclose(y1["cls"].sum(axis=1), y0["cls"].sum(axis=1), atol=1e-6)
+        blended += int((~same).sum())
+    assert blended > 0
 
 
 def test_the_training_stream_serves_each_epoch_its_own_batches(caches):
@@ -778,6 +799,7 @@ def test_freeze_early_on_lite0_names_the_stages_at_half_and_quarter_size():
     (["--consistency", "-1"], "--consistency must be between 0.0 and 100.0"),
     (["--consistency", "nan"], "--consistency must be between"),
     (["--augment", "flips+pair-flips"], "--augment pair-flips turns the second image of each consistency pair"),
+    (["--augment", "flips+mixup", "--task", "seg"], "--augment mixup blends the diagnosis targets of two images"),
 ])
 def test_train_refuses_bad_seg_batch_ema_and_freeze(caches, tmp_path, args, words):
     from typer.testing import CliRunner
@@ -905,3 +927,10 @@ def test_consistency_trains_records_its_weight_and_resumes_only_with_it(caches, 
     assert np.isfinite(float(history(out)[0]["loss"]))
     result = cli("train", "--out", out, "--resume", "--epochs", 2, "--consistency", 1)
     assert result.exit_code == 2 and "--consistency 2.0" in " ".join(result.output.split())
+
+
+def test_a_joint_run_trains_with_mixup_and_records_it(caches, tmp_path):
+    out = run(caches, tmp_path / "r", "joint", epochs=1, consistency=1.0, augment="flips+mixup")
+    assert load_config(out / "config.json")[1].augment == "flips+mixup"
+    row = history(out)[0]
+    assert np.isfinite(float(row["loss"])) and np.isfinite(float(row["val_loss"]))
