@@ -162,7 +162,7 @@ def split_cli(
     try:
         train, val, lesions = split_folder(data, fraction, seed, group)
         if not lesions:
-            console.print(f"note: no metadata.csv in {data}; each image counts as its own group")
+            console.print(f"note: no metadata.csv in {data}; each image counts as its own group", markup=False)
         write_split(out, train, val, {"data": str(data), "fraction": fraction, "seed": seed,
                                       "group_by": group if lesions else "image_id",
                                       "command": f"dermtool split {data} --out {out} --fraction {fraction} "
@@ -173,7 +173,8 @@ def split_cli(
         fail(write_failure(exc, "the split", out))
     n_lesions = len({lesions.get(i) or i for i in val})
     console.print(f"split: {len(train)} training and {len(val)} validation images "
-                  f"({n_lesions} groups by {group}) -> {out / 'train.txt'}, {out / 'val.txt'}", highlight=False)
+                  f"({n_lesions} groups by {group}) -> {out / 'train.txt'}, {out / 'val.txt'}", highlight=False,
+                  markup=False)
 
 
 @app.command("train")
@@ -248,7 +249,7 @@ def train_cli(
                 source_views = load_config(init_from)[0].cls_views
                 if source_views != "frame":
                     console.print(f"cls_views {source_views}, as {init_from} (--cls-views overrides it)",
-                                  highlight=False)
+                                  highlight=False, markup=False)
                     cls_views = source_views
             cfg = preset_config(preset, task, size=size, base_filters=base_filters, depth=depth, fit=fit,
                                 encoder=encoder, pretrained=pretrained, color_constancy=color_constancy,
@@ -264,7 +265,8 @@ def train_cli(
         from dermtool.train import train
 
         train(cfg, tcfg, list(train_caches or []), list(val or []), out, resume=resume,
-              log=lambda m: console.print(m, highlight=False), progress=sys.stderr.isatty(), workers=workers)
+              log=lambda m: console.print(m, highlight=False, markup=False), progress=sys.stderr.isatty(),
+              workers=workers)
     except InputError as exc:
         fail(str(exc))
     except OSError as exc:  # a full disk, a read-only --out, a file where a folder should be
@@ -418,7 +420,7 @@ def _parse_shard(value: str) -> tuple[int, int]:
             k_n, source = shard_from_env(os.environ)
         except InputError as exc:
             fail(str(exc))
-        console.print(f"shard {k_n[0]}/{k_n[1]} ({source})", highlight=False)
+        console.print(f"shard {k_n[0]}/{k_n[1]} ({source})", highlight=False, markup=False)
         return k_n
     try:
         k, n = (int(v) for v in value.split("/"))
@@ -499,7 +501,7 @@ def infer_cli(
                                    largest_component=largest, fill_holes=fill_holes),
         )
         summary = predict_folder(images, out, model, opts, progress=sys.stderr.isatty(),
-                                 log=lambda m: console.print(m, highlight=False))
+                                 log=lambda m: console.print(m, highlight=False, markup=False))
     except InputError as exc:
         fail(str(exc))
     except OSError as exc:  # a full disk, a read-only --out, predictions.csv or infer.json a folder
@@ -514,8 +516,8 @@ def infer_cli(
     console.print(
         f"{'[yellow]interrupted[/]' if summary.interrupted else '[green]done[/]'}: {summary.done} images, "
         f"{summary.skipped} skipped (already done), {len(summary.failed)} failed, "
-        f"{summary.images_per_second:.1f} images/s on {summary.device} ({summary.engine}: {summary.engine_file}); "
-        f"outputs in {out}",
+        + escape(f"{summary.images_per_second:.1f} images/s on {summary.device} ({summary.engine}: "
+                 f"{summary.engine_file}); outputs in {out}"),
         highlight=False, soft_wrap=True)
     if report and not summary.interrupted:
         _write_report(out, images)
@@ -613,7 +615,7 @@ def _write_report(out: Path, images: Optional[Path]) -> None:
     except OSError as exc:
         fail(write_failure(exc, "the report", out))
     missing = f", {len(made.missing_images)} without their image" if made.missing_images else ""
-    console.print(f"[green]report[/]: {made.path} ({made.entries} images{missing}, {made.thumbnails} "
+    console.print(f"[green]report[/]: {escape(str(made.path))} ({made.entries} images{missing}, {made.thumbnails} "
                   f"thumbnails drawn in {made.seconds:.1f} s)", highlight=False, soft_wrap=True)
 
 
@@ -762,4 +764,4 @@ def _write_plots(result, plots: Path, pred_csv, truth_csv, pred_masks, truth_mas
         fail(str(exc))
     except OSError as exc:
         fail(write_failure(exc, "the plots", plots))
-    console.print(f"[green]plots[/]: {page}", highlight=False, soft_wrap=True)
+    console.print(f"[green]plots[/]: {escape(str(page))}", highlight=False, soft_wrap=True)

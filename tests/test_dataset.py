@@ -284,3 +284,15 @@ def test_the_consistency_loss_adds_the_weighted_symmetric_kl_of_each_pair():
     same = np.repeat(pred[0::2], 2, axis=0)
     assert float(PairConsistentCrossentropy((1.0, 1.0, 1.0), 3.0)(y, same)) == pytest.approx(
         float(WeightedCategoricalCrossentropy()(y, same)), rel=1e-6)
+
+
+def test_split_prints_a_folder_name_with_brackets_as_it_is(tmp_path):
+    from typer.testing import CliRunner
+
+    from dermtool.cli import app
+
+    data = write_dataset(tmp_path / "d", 6, rng_seed=3, sizes=[(30, 40)], formats=("jpg",))
+    out = tmp_path / "a[bold]" / "x[" / "b]"
+    res = CliRunner().invoke(app, ["split", str(data), "--out", str(out), "--fraction", "0.5"])
+    assert res.exit_code == 0, res.output
+    assert str(out / "train.txt") in "".join(res.output.split())

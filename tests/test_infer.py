@@ -900,3 +900,12 @@ def test_a_model_with_the_lesion_view_uses_it_in_infer_and_the_api(models, few_i
     damaged = infer(few_images, "--out", tmp_path / "damaged", "--model", folder)
     assert damaged.exit_code == 2 and "the lesion view (frame+lesion) needs a joint model" in " ".join(
         damaged.output.split())
+
+
+def test_folder_names_with_brackets_are_printed_as_they_are(models, dataset, tmp_path):
+    # rich reads "[red]" as a style and "[/b]" as a closing tag it cannot match (a traceback)
+    out = tmp_path / "run[red]" / "x[" / "b]" / "out"
+    result = infer(dataset["images"], "--out", out, "--model", models["joint"], "--batch-size", 3)
+    assert result.exit_code == 1 and "Traceback" not in result.output, result.output  # 1: the bad files
+    assert f"outputsin{out}" in "".join(result.output.split())
+    assert (out / "predictions.csv").is_file()
