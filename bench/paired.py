@@ -10,6 +10,9 @@ images, the benign ones without a diagnosis included. Two intervals that overlap
     python bench/paired.py --work /tmp/val --a isic-ham-lite0-joint-192 --b run1-model \\
         --isic2020 ../shared/data/isic2020 --resamples 2000
 
+`--pairs E1:C1 E2:C2 E3:C3` averages B - A over pairs that differ in one change made on several
+seeds, on the same resamples of the images (one seed is not a recipe).
+
 A name joined by "+" (`--a final+other`) is the ensemble of those models: the mean of their class
 probabilities, image by image (masks and JAC: the first model's). It prices a second view
 against a second whole-frame model at the same cost of two forward passes.
@@ -87,60 +90,89 @@ def _folders(work: Path, name: str, tta: int, key: str) -> list[Path]:
     return [work / f"{part}-tta{tta}-{key}" for part in name.split("+")]
 
 
-def compare(fa, fb, labels: Path, metadata: Path | None, resamples: int, seed: int) -> dict:
-    fa, fb = ([fa] if isinstance(fa, Path) else fa), ([fb] if isinstance(fb, Path) else fb)
-    pa, pb = _mean_probs(fa), _mean_probs(fb)
-    truth = {i: c for i, c in _truth(labels).items() if i in pa and i in pb}
-    mal = {i: v for i, v in _benign(metadata).items() if i in pa and i in pb}
-    jac_a, jac_b = _jacs(fa[0]), _jacs(fb[0])
-    ids = sorted(set(pa) & set(pb))
-    point = figures(pa, pb, truth, [i for i in ids if i in truth], mal, jac_a, jac_b)
+def _on(pick: list[str], pa, pb, truth, mal, jac_a, jac_b) -> dict:
+    """`figures` on a list of image ids; an image drawn twice counts twice (keys get a suffix per draw)."""
+    def keyed(values):
+        return {f"{i}#{n}": values[i] for n, i in enumerate(pick) if i in values}
+
+    st = keyed(truth)
+    return figures(keyed(pa), keyed(pb), st, sorted(st), keyed(mal), keyed(jac_a), keyed(jac_b))
+
+
+def compare_pairs(pairs, labels: Path, metadata: Path | None, resamples: int, seed: int) -> dict:
+    """B - A averaged over several (A, B) pairs, on the same resamples of the images.
+
+    One pair is the plain paired comparison. Several pairs are one recipe change made on several
+    seeds (A_k and B_k trained alike but for the change, with seed k): the statistic is the mean of
+    the pairs' differences, so the seeds' noise averages out and the interval is over images.
+    Returns {figure: (mean of A, mean of B, 95 % interval of the mean difference or None)}.
+    """
+    loaded = []
+    for fa, fb in pairs:
+        fa, fb = ([fa] if isinstance(fa, Path) else fa), ([fb] if isinstance(fb, Path) else fb)
+        loaded.append((_mean_probs(fa), _mean_probs(fb), _jacs(fa[0]), _jacs(fb[0])))
+    ids = sorted(set.intersection(*(set(pa) & set(pb) for pa, pb, _, _ in loaded)))
+    truth = {i: c for i, c in _truth(labels).items() if i in ids}
+    mal = {i: v for i, v in _benign(metadata).items() if i in ids}
+    points = [_on(ids, pa, pb, truth, mal, ja, jb) for pa, pb, ja, jb in loaded]
+    keys = [k for k in points[0] if all(k in p for p in points)]
     rng = np.random.default_rng(seed)
-    diffs = {k: [] for k in point}
+    diffs = {k: [] for k in keys}
     for _ in range(resamples):
         pick = [ids[k] for k in rng.integers(0, len(ids), len(ids))]
-        # an image drawn twice counts twice: keys get a suffix per draw
-        sa = {f"{i}#{n}": pa[i] for n, i in enumerate(pick)}
-        sb = {f"{i}#{n}": pb[i] for n, i in enumerate(pick)}
-        st = {f"{i}#{n}": truth[i] for n, i in enumerate(pick) if i in truth}
-        sm = {f"{i}#{n}": mal[i] for n, i in enumerate(pick) if i in mal}
-        ja = {f"{i}#{n}": jac_a[i] for n, i in enumerate(pick) if i in jac_a}
-        jb = {f"{i}#{n}": jac_b[i] for n, i in enumerate(pick) if i in jac_b}
         try:
-            f = figures(sa, sb, st, sorted(st), sm, ja, jb)
+            each = [_on(pick, pa, pb, truth, mal, ja, jb) for pa, pb, ja, jb in loaded]
         except (ValueError, ZeroDivisionError):
             continue
         for k in diffs:
-            if k in f and None not in f[k]:
-                diffs[k].append(f[k][1] - f[k][0])
-    return {k: (point[k][0], point[k][1], np.percentile(diffs[k], [2.5, 97.5]) if diffs[k] else None) for k in point}
+            if all(k in f and None not in f[k] for f in each):
+                diffs[k].append(float(np.mean([f[k][1] - f[k][0] for f in each])))
+    return {k: (float(np.mean([p[k][0] for p in points])), float(np.mean([p[k][1] for p in points])),
+                np.percentile(diffs[k], [2.5, 97.5]) if diffs[k] else None) for k in keys}
+
+
+def compare(fa, fb, labels: Path, metadata: Path | None, resamples: int, seed: int) -> dict:
+    """B - A on the same images (`compare_pairs` with one pair)."""
+    return compare_pairs([(fa, fb)], labels, metadata, resamples, seed)
 
 
 def main() -> None:
     root = Path(__file__).resolve().parents[1]
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--work", type=Path, required=True, help="bench/validation.py's --work folder")
-    parser.add_argument("--a", required=True, help="reference model folder name")
-    parser.add_argument("--b", required=True, nargs="+", help="model folder name(s) compared with A")
+    parser.add_argument("--a", help="reference model folder name")
+    parser.add_argument("--b", nargs="+", help="model folder name(s) compared with A")
+    parser.add_argument("--pairs", nargs="+", metavar="A:B",
+                        help="instead of --a/--b: one change made on several seeds (E1:C1 E2:C2 ...); reports "
+                             "the mean of the pairs' B - A, resampling the images once for all pairs")
     parser.add_argument("--tta", type=int, default=1)
     parser.add_argument("--isic-val", type=Path, default=root.parent / "shared/data/isic2017/val")
     parser.add_argument("--isic2020", type=Path, default=root.parent / "shared/data/isic2020")
     parser.add_argument("--resamples", type=int, default=2000)
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
+    if bool(args.pairs) == bool(args.a or args.b) or (args.a is None) != (args.b is None):
+        parser.error("give --a and --b, or --pairs A:B ...")
+    if args.pairs:
+        if not all(p.count(":") == 1 and all(p.split(":")) for p in args.pairs):
+            parser.error("--pairs takes A:B, model folder names joined by one colon")
+        comparisons = [(", ".join(p.split(":")[1] for p in args.pairs) + " (mean of B - A)",
+                        [tuple(p.split(":")) for p in args.pairs])]
+    else:
+        comparisons = [(b, [(args.a, b)]) for b in args.b]
     print("| B | set | figure | A | B | B - A [95 % paired] |")
     print("|---|---|---|---:|---:|---|")
-    for b in args.b:
+    for shown, names in comparisons:
         for key, title in SETS.items():
-            fa, fb = _folders(args.work, args.a, args.tta, key), _folders(args.work, b, args.tta, key)
-            if not all((f / "masks" / "predictions.csv").is_file() for f in fa + fb):
+            pairs = [(_folders(args.work, a, args.tta, key), _folders(args.work, b, args.tta, key)) for a, b in names]
+            if not all((f / "masks" / "predictions.csv").is_file() for fa, fb in pairs for f in fa + fb):
                 continue
             labels = args.isic_val / "labels.csv" if key == "isic" else args.work / (
                 "ham-val" if key == "ham10000" else "i20-val") / "labels.csv"
             metadata = args.isic2020 / "metadata.csv" if key == "isic2020" else None
-            for name, (va, vb, ci) in compare(fa, fb, labels, metadata, args.resamples, args.seed).items():
+            for name, (va, vb, ci) in compare_pairs(pairs, labels, metadata, args.resamples, args.seed).items():
                 interval = f"{vb - va:+.3f} [{ci[0]:+.3f}, {ci[1]:+.3f}]" if ci is not None else f"{vb - va:+.3f}"
-                print(f"| {b} | {title} | {name} | {va:.3f} | {vb:.3f} | {interval} |")
+                print(f"| {shown} | {title} | {name} | {va:.3f} | {vb:.3f} | {interval} |")
 
 
 if __name__ == "__main__":
