@@ -23,6 +23,7 @@ from __future__ import annotations
 import argparse
 import csv
 import json
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -165,7 +166,10 @@ def main() -> None:
     for shown, names in comparisons:
         for key, title in SETS.items():
             pairs = [(_folders(args.work, a, args.tta, key), _folders(args.work, b, args.tta, key)) for a, b in names]
-            if not all((f / "masks" / "predictions.csv").is_file() for fa, fb in pairs for f in fa + fb):
+            missing = [f for fa, fb in pairs for f in fa + fb if not (f / "masks" / "predictions.csv").is_file()]
+            if missing:  # that set was not run for every model: say so rather than print a shorter table
+                print(f"skipped {title}: no {missing[0] / 'masks' / 'predictions.csv'} "
+                      f"(run bench/validation.py for that model)", file=sys.stderr)
                 continue
             labels = args.isic_val / "labels.csv" if key == "isic" else args.work / (
                 "ham-val" if key == "ham10000" else "i20-val") / "labels.csv"

@@ -291,7 +291,7 @@ def _check_train_options(o: dict) -> None:
         if o[name] not in allowed:
             fail(f"--{name.replace('_', '-')} must be one of {', '.join(a for a in allowed if a)}, not {o[name]!r}.")
     try:
-        parse_groups(o["augment"])
+        groups = parse_groups(o["augment"])
     except ValueError as exc:
         fail(f"--augment: {exc}.")
     if o["ema"] and not 0.5 <= o["ema"] < 1.0:
@@ -307,10 +307,10 @@ def _check_train_options(o: dict) -> None:
                  "(use cls or joint).")
         if o["batch_size"] is not None and o["batch_size"] % 2:
             fail(f"--consistency needs an even --batch-size (each image comes twice in a batch), not {o['batch_size']}.")
-    if "pair-flips" in str(o["augment"]).split("+") and not o["consistency"]:
+    if "pair-flips" in groups and not o["consistency"]:
         fail("--augment pair-flips turns the second image of each consistency pair, so it needs --consistency "
              "(e.g. 3).")
-    if "mixup" in str(o["augment"]).split("+") and o["task"] == "seg":
+    if "mixup" in groups and o["task"] == "seg":
         fail("--augment mixup blends the diagnosis targets of two images; --task seg has no classifier "
              "(use cls or joint).")
     if o["cls_views"] == "frame+lesion" and o["task"] != "joint":
