@@ -568,6 +568,38 @@ def calibrate_cli(
     console.print(escape(f"wrote {written}"), highlight=False, soft_wrap=True)
 
 
+@app.command("ensemble")
+def ensemble_cli(
+    out: Path = typer.Argument(..., help="The new model folder to write (must not exist, or be empty)."),
+    models: list[Path] = typer.Argument(..., help="2 to 8 model folders of one architecture and input preparation (runs of dermtool train or slim model folders; not exports, not ensembles)."),
+    float16: bool = typer.Option(False, "--float16", help="Store the weights as float16: half the size on disk; they still compute in float32."),
+) -> None:
+    """Join trained models into one ensemble model folder: each output is the mean of theirs.
+
+    Networks trained apart (other starts or seeds) err on different images, so their mean ranks
+    and labels better than each alone; it costs one forward pass per member. The folder is an
+    ordinary model folder: infer, calibrate, export and the LiteRT engine run it as one model.
+    It keeps the first model's lesion view and mask threshold; its temperature and melanoma
+    threshold are reset (they were fitted for one network), so run dermtool calibrate on its
+    validation predictions before using the label column.
+
+    Example: dermtool ensemble models/ens runs/seed1 runs/seed2 --float16
+    """
+    from dermtool.ensemble import make_ensemble
+
+    for model in models:
+        if not (model / "config.json").is_file():
+            fail(f"{model}: not a model folder (no config.json).")
+    try:
+        made = make_ensemble(out, models, float16=float16)
+    except InputError as exc:
+        fail(str(exc))
+    except OSError as exc:
+        fail(write_failure(exc, "the ensemble", out))
+    console.print(escape(f"{made}: the ensemble of {len(models)} models; calibrate it (dermtool calibrate) before "
+                         "using its labels"), highlight=False, soft_wrap=True)
+
+
 @app.command("merge")
 def merge_cli(
     out: Path = typer.Argument(..., help="The --out folder that infer --shard K/N wrote all N parts to."),

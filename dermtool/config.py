@@ -23,6 +23,8 @@ INPUT_CHAINS = ("direct", "jpeg256")  # dermtool.preprocess.CHAINS, without impo
 CLS_VIEWS = ("frame", "frame+lesion")  # what the classifier looks at in infer (dermtool.infer.predict_batch)
 FREEZES = ("none", "encoder", "decoder", "encoder+decoder", "stem", "early")  # train --freeze (dermtool.train.apply_freeze)
 
+#: the most networks `dermtool ensemble` joins (each one more forward pass of the whole network)
+ENSEMBLE_MAX = 8
 _MEMORY = "memory grows with its square: 1024 px at batch 16 already needs tens of GB"
 #: The architecture's numbers: key -> (lowest, highest, why). `train` checks its options
 #: against these, and a config.json is refused outside them (`check_model_section`).
@@ -33,6 +35,8 @@ MODEL_RANGES = {
     "depth": (1, 7, "pooling levels, each halving the square; the size must be a multiple of 2**depth"),
     "cls_pool_size": (1, 64, "the pooling window of the thesis's dense classifier head"),
     "cls_dense_units": (1, 8192, "units of the thesis's dense classifier head"),
+    "members": (1, ENSEMBLE_MAX, "networks of one architecture whose outputs an ensemble averages; each costs a "
+                                 "forward pass"),
 }
 #: The keys a config.json's model section must give: those that decide the network, its input
 #: and the meaning of its outputs (the others have defaults older folders may lack).
@@ -79,6 +83,9 @@ class ModelConfig:
     cls_views: str = "frame"
     threshold: float = 0.5
     class_names: tuple = CLASS_NAMES
+    # how many networks of this architecture the folder holds (`dermtool ensemble`): each sees the
+    # same input, and the model's outputs are the mean of theirs (dermtool.models.build_models)
+    members: int = 1
     # The decision (dermtool.decision), fitted by `dermtool calibrate`; the defaults are the plain
     # softmax and argmax, so older model folders read and run as before.
     temperature: float = 1.0  # class probabilities = softmax(log(p) / temperature)
@@ -108,6 +115,9 @@ class ModelConfig:
             raise InputError("--pretrained needs a pretrained encoder: add --encoder efficientnet-lite0 (or -lite1, -lite2).")
         if self.padding == "same" and self.size % (2**self.depth):
             raise InputError(f"size {self.size} must be a multiple of 2**depth = {2 ** self.depth}.")
+        if not (isinstance(self.members, int) and not isinstance(self.members, bool)
+                and 1 <= self.members <= ENSEMBLE_MAX):
+            raise InputError(f"members must be a whole number from 1 to {ENSEMBLE_MAX}, not {self.members!r}.")
         object.__setattr__(self, "class_names", tuple(self.class_names))
         self._check_decision()
 

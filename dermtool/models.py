@@ -8,14 +8,17 @@ variants by name (`--init-from`).
 
 from __future__ import annotations
 
+import dataclasses
+
 from dermtool import _tf
 
 _tf.load()
 
 import keras  # noqa: E402  (after the quiet TensorFlow import)
-from keras import layers  # noqa: E402
+from keras import layers, ops  # noqa: E402
 
 from dermtool.config import ModelConfig
+from dermtool.errors import InputError
 
 SEG_OUTPUT = "seg"
 CLS_OUTPUT = "cls"
@@ -207,6 +210,11 @@ def build_models(cfg: ModelConfig, seg_batch: int = 0) -> tuple[keras.Model, ker
     classifier update gets cheaper. Both models share every layer; the first is the one to
     validate and save. Otherwise both are the same object.
     """
+    if cfg.members > 1:
+        if seg_batch:
+            raise InputError("an ensemble is not trained as one network: train each member, then join them "
+                             "with dermtool ensemble.")
+        return (ensemble := build_ensemble(cfg)), ensemble
     inputs, skips, bottleneck = build_encoder(cfg)
     outputs, head = {}, None
     if cfg.has_seg:
@@ -220,6 +228,45 @@ def build_models(cfg: ModelConfig, seg_batch: int = 0) -> tuple[keras.Model, ker
     take = _FirstImages(seg_batch, name="seg_batch")
     train_outputs = {**outputs, SEG_OUTPUT: head([take(t) for t in skips], take(bottleneck))}
     return model, keras.Model(inputs, train_outputs, name=f"dermtool_{cfg.preset}_{cfg.task}_train")
+
+
+class _Mean(layers.Layer):
+    """The mean of same-shaped tensors, as a stack and a mean over it.
+
+    Not keras's Average or Add: at the export's batch of one, the TFLite converter folds a sum of
+    two (1, 3) tensors into a bias add through a reshape fixed at that batch, which the LiteRT
+    engine then cannot resize to a batch.
+    """
+
+    def call(self, xs):
+        return ops.mean(ops.stack(xs, axis=-1), axis=-1)
+
+    def compute_output_shape(self, shapes):
+        return shapes[0]
+
+
+def build_ensemble(cfg: ModelConfig) -> keras.Model:
+    """`cfg.members` networks of one architecture on one input; each output the mean of theirs.
+
+    Each member is the single network of `cfg` (its layers keep their names inside a sub-model
+    `member_<i>`), so the weights of a trained model folder load into a member unchanged
+    (`dermtool.ensemble`). The class probabilities are averaged, as are the lesion probabilities:
+    everything downstream (threshold, temperature, lesion view, export) sees one model.
+    """
+    single = dataclasses.replace(cfg, members=1)
+    inputs = keras.Input((cfg.input_size, cfg.input_size, 3), name="image")
+    nets = []
+    for i in range(cfg.members):
+        net = build_model(single)
+        net.name = f"member_{i}"
+        nets.append(net(inputs))
+    outputs = {key: _Mean(name=key, dtype="float32")([n[key] for n in nets]) for key in nets[0]}
+    return keras.Model(inputs, outputs, name=f"dermtool_{cfg.preset}_{cfg.task}_ensemble{cfg.members}")
+
+
+def ensemble_members(model: keras.Model) -> list[keras.Model]:
+    """The member networks of an ensemble built by `build_ensemble`, in order."""
+    return sorted((l for l in model.layers if l.name.startswith("member_")), key=lambda l: int(l.name[7:]))
 
 
 def load_pretrained(model: keras.Model, cfg: ModelConfig, log=None) -> int:

@@ -327,6 +327,9 @@ def check_init_inputs(cfg: ModelConfig, tcfg: TrainConfig, log) -> None:
     if not tcfg.init_from:
         return
     src_cfg, _, _ = load_config(Path(tcfg.init_from))
+    if src_cfg.members > 1:
+        raise InputError(f"{tcfg.init_from}: an ensemble of {src_cfg.members} networks (dermtool ensemble); "
+                         "--init-from takes one network: give one of its members.")
     differ = [f"{option} {getattr(src_cfg, field)} there, {getattr(cfg, field)} here"
               for field, option in INPUT_OPTIONS.items() if getattr(src_cfg, field) != getattr(cfg, field)]
     if differ and tcfg.freeze in ("encoder", "encoder+decoder"):

@@ -19,10 +19,8 @@ from pathlib import Path
 import numpy as np
 
 from dermtool.config import load_config, save_config
+from dermtool.ensemble import NOT_ARCHITECTURE  # what a config.json may differ in: fitted per network
 from dermtool.errors import InputError
-
-# fitted per network, or an inference setting (infer --cls-views): not the architecture
-NOT_ARCHITECTURE = {"temperature", "melanoma_threshold", "calibration", "cls_views"}
 
 if len(sys.argv) < 4:
     sys.exit("usage: python examples/soup.py OUT MODEL MODEL [MODEL ...]")

@@ -90,3 +90,25 @@ def isic_dir() -> Path:
 def ham_dir() -> Path:
     """The development copy of HAM10000 (`../shared/data/ham10000`); skips the test when absent."""
     return _shared_data("ham10000", "HAM10000")
+
+
+def tiny_model_folder(folder: Path, seed: int, spread: tuple = (0.0, 0.1), **changes) -> Path:
+    """A model folder of a tiny compact joint network (32 px) whose every weight, batch-norm
+    statistics too, is moved by a seeded uniform draw from `spread`: two seeds give two models
+    that differ everywhere. `changes` replace fields of its config."""
+    import dataclasses
+
+    import keras
+
+    from dermtool.config import preset_config, save_config
+    from dermtool.models import build_model
+
+    folder.mkdir()
+    cfg = dataclasses.replace(preset_config("compact", "joint", size=32, base_filters=4, depth=2), **changes)
+    save_config(folder / "config.json", cfg)
+    keras.utils.set_random_seed(seed)
+    model = build_model(cfg)
+    rng = np.random.default_rng(seed)
+    model.set_weights([w + rng.uniform(*spread, w.shape).astype(w.dtype) for w in model.get_weights()])
+    model.save_weights(str(folder / "model.weights.h5"))
+    return folder

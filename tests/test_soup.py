@@ -1,32 +1,22 @@
 """examples/soup.py: the mean of model folders' weights, as a user runs it."""
 
-import dataclasses
 import json
 import subprocess
 import sys
 from pathlib import Path
 
-import keras
 import numpy as np
 import pytest
 
-from dermtool.config import load_config, preset_config, save_config
+from conftest import tiny_model_folder
+from dermtool.config import load_config
 from dermtool.modelio import load_model
-from dermtool.models import build_model
 
 SOUP = Path(__file__).resolve().parent.parent / "examples" / "soup.py"
 
 
 def _model_folder(folder: Path, seed: int, **changes) -> Path:
-    folder.mkdir()
-    cfg = dataclasses.replace(preset_config("compact", "joint", size=32, base_filters=4, depth=2), **changes)
-    save_config(folder / "config.json", cfg)
-    keras.utils.set_random_seed(seed)
-    model = build_model(cfg)
-    rng = np.random.default_rng(seed)  # every weight differs between the models, batch-norm statistics too
-    model.set_weights([w + rng.uniform(0.0, 0.1, w.shape).astype(w.dtype) for w in model.get_weights()])
-    model.save_weights(str(folder / "model.weights.h5"))
-    return folder
+    return tiny_model_folder(folder, seed, **changes)
 
 
 def _soup(*args):

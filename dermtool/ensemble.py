@@ -1,0 +1,114 @@
+"""Join trained model folders into one ensemble folder (`dermtool ensemble`).
+
+Networks trained apart (from other starts or seeds) err on different images, so the mean of
+their probabilities ranks and labels better than each alone; fine-tunes of one network err
+alike and gain little (the model card's "Ensembles"). The ensemble folder is an ordinary model
+folder: its config.json says `members: N`, and `dermtool.models.build_ensemble` rebuilds the N
+networks on one input with each output the mean of theirs, so infer, calibrate, export, the
+LiteRT engine and the Python API run it as one model, at N forward passes of the work.
+
+The members must share the architecture and the input preparation: their config.json model
+sections may differ only in what is fitted per network (temperature, operating point) and the
+lesion view. The ensemble keeps the first member's lesion view and mask threshold; its
+temperature is reset to 1 and its melanoma threshold removed, since those were fitted for one
+network: run `dermtool calibrate` on its validation predictions before using its labels.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import shutil
+from pathlib import Path
+
+import numpy as np
+
+from dermtool.config import ENSEMBLE_MAX, load_config, save_config
+from dermtool.errors import InputError
+
+#: fitted per network, or an inference setting (infer --cls-views): not the architecture
+NOT_ARCHITECTURE = {"temperature", "melanoma_threshold", "calibration", "cls_views"}
+
+
+def check_members(models: list[Path]) -> None:
+    """InputError unless `models` can be joined: 2 to ENSEMBLE_MAX single networks of one architecture."""
+    if not 2 <= len(models) <= ENSEMBLE_MAX:
+        raise InputError(f"an ensemble joins 2 to {ENSEMBLE_MAX} model folders, not {len(models)}.")
+    configs = [load_config(m) for m in models]
+    for model, (cfg, _, raw) in zip(models, configs):
+        if raw.get("export"):
+            raise InputError(f"{model}: an export folder; give the Keras model folder it was exported from.")
+        if cfg.members > 1:
+            raise InputError(f"{model}: already an ensemble of {cfg.members} networks; give its members instead.")
+    sections = [{k: v for k, v in raw["model"].items() if k not in NOT_ARCHITECTURE | {"members"}}
+                for _, _, raw in configs]
+    for model, section in zip(models[1:], sections[1:]):
+        if section != sections[0]:
+            keys = sorted(k for k in section.keys() | sections[0].keys() if section.get(k) != sections[0].get(k))
+            raise InputError(f"{model}: its config.json differs from {models[0]}'s in {', '.join(keys)}; an ensemble "
+                             "joins networks of one architecture and input preparation.")
+
+
+def _halve(path: Path) -> None:
+    """Rewrite a Keras weights file with its float32 arrays stored as float16 (half the size).
+
+    Keras casts them back to the variables' float32 when it loads the file; the model card
+    measures what the rounding changes.
+    """
+    import h5py
+
+    tmp = path.with_name(path.name + ".half")
+    with h5py.File(path, "r") as src, h5py.File(tmp, "w") as dst:
+        for key, value in src.attrs.items():
+            dst.attrs[key] = value
+
+        def copy(name, obj):
+            if isinstance(obj, h5py.Dataset):
+                data = obj[()]
+                dst.create_dataset(name, data=data.astype(np.float16) if data.dtype == np.float32 else data)
+            else:
+                group = dst.require_group(name)
+                for key, value in obj.attrs.items():
+                    group.attrs[key] = value
+
+        src.visititems(copy)
+    tmp.replace(path)
+
+
+def make_ensemble(out: Path, models: list[Path], float16: bool = False) -> Path:
+    """Write the ensemble of `models` to the new folder `out` (whole or not at all).
+
+    Args:
+        out: a folder that does not exist yet, or is empty.
+        models: 2 to ENSEMBLE_MAX model folders of one architecture (`check_members`).
+        float16: store the weights as float16, half the size (they compute in float32).
+    """
+    out, models = Path(out), [Path(m) for m in models]
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        # an old weights file or litert/ export there would be taken for the ensemble's
+        raise InputError(f"{out}: already exists and is not an empty folder; name a new one for the ensemble.")
+    check_members(models)
+    from dermtool.modelio import load_model  # TensorFlow loads only once the folders agree
+    from dermtool.models import build_model, ensemble_members
+
+    first, tcfg, _ = load_config(models[0])
+    cfg = dataclasses.replace(first, members=len(models), temperature=1.0, melanoma_threshold=None,
+                              calibration=None)
+    ensemble = build_model(cfg)
+    for member, folder in zip(ensemble_members(ensemble), models):
+        member.set_weights(load_model(folder)[0].get_weights())
+    staging = out.with_name(out.name + ".partial")
+    shutil.rmtree(staging, ignore_errors=True)
+    staging.mkdir(parents=True)
+    try:
+        ensemble.save_weights(str(staging / "model.weights.h5"))
+        if float16:
+            _halve(staging / "model.weights.h5")
+        save_config(staging / "config.json", cfg, tcfg, ensemble_of=[str(m) for m in models],
+                    weights_dtype="float16" if float16 else "float32")
+        if out.exists():
+            out.rmdir()  # empty, checked above
+        staging.rename(out)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    return out

@@ -1,0 +1,173 @@
+"""dermtool ensemble: model folders joined into one, run by infer and export as one model."""
+
+import csv
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+from typer.testing import CliRunner
+
+from conftest import tiny_model_folder
+from dermtool.cli import app
+from dermtool.config import load_config
+from dermtool.modelio import load_model
+
+runner = CliRunner()
+CLASSES = ("melanoma", "seborrheic_keratosis", "nevus")
+
+
+def _model_folder(folder: Path, seed: int, **changes) -> Path:
+    # the members differ in every weight, so their outputs differ
+    return tiny_model_folder(folder, seed, spread=(-0.2, 0.2), **changes)
+
+
+def ensemble(*args):
+    return runner.invoke(app, ["ensemble", *map(str, args)])
+
+
+def _one_line_error(result, *words):
+    assert result.exit_code == 2, result.output
+    message = " ".join(result.output.split())
+    assert message.startswith("error:") and "Traceback" not in result.output, result.output
+    for word in words:
+        assert word in message, message
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory) -> dict:
+    root = tmp_path_factory.mktemp("members")
+    return {
+        # the first carries an operating point fitted for it alone
+        "a": _model_folder(root / "a", 1, temperature=0.5, melanoma_threshold=0.3),
+        "b": _model_folder(root / "b", 2),
+        "c": _model_folder(root / "c", 3),
+        "wider": _model_folder(root / "wider", 4, base_filters=8),
+    }
+
+
+@pytest.fixture(scope="module")
+def images(tmp_path_factory) -> Path:
+    from dermtool.synthetic import write_dataset
+
+    root = tmp_path_factory.mktemp("ensemble_data") / "data"
+    return write_dataset(root, 5, rng_seed=21, sizes=[(120, 160), (96, 96)], formats=("jpg", "png")) / "images"
+
+
+def test_each_output_is_the_mean_of_the_members_outputs(models, tmp_path):
+    out = tmp_path / "ens"
+    result = ensemble(out, models["a"], models["b"], models["c"])
+    assert result.exit_code == 0, result.output
+    x = np.random.default_rng(0).uniform(0, 255, (3, 32, 32, 3)).astype("float32")
+    parts = [load_model(models[k])[0].predict_on_batch(x) for k in "abc"]
+    net, cfg = load_model(out)
+    got = net.predict_on_batch(x)
+    for key in ("seg", "cls"):
+        assert not np.allclose(parts[0][key], parts[1][key], atol=1e-3)
+        np.testing.assert_allclose(got[key], np.mean([p[key] for p in parts], axis=0), rtol=0, atol=1e-6)
+    assert cfg.members == 3
+    # fitted for the first network alone: reset, and the command says to calibrate
+    assert cfg.temperature == 1.0 and cfg.melanoma_threshold is None and cfg.calibration is None
+    assert "calibrate" in result.output
+    raw = json.loads((out / "config.json").read_text())
+    assert raw["ensemble_of"] == [str(models[k]) for k in "abc"] and raw["weights_dtype"] == "float32"
+    assert sorted(p.name for p in out.iterdir()) == ["config.json", "model.weights.h5"]
+
+
+def test_float16_halves_the_file_and_rounds_little(models, tmp_path):
+    assert ensemble(tmp_path / "f32", models["a"], models["b"]).exit_code == 0
+    assert ensemble(tmp_path / "f16", models["a"], models["b"], "--float16").exit_code == 0
+    import h5py
+
+    def arrays(path: Path) -> dict:  # dataset name -> (dtype, bytes); a tiny model's file is mostly HDF5 overhead
+        found = {}
+        with h5py.File(path / "model.weights.h5") as fh:
+            fh.visititems(lambda n, o: found.update({n: (o.dtype, o.nbytes)}) if isinstance(o, h5py.Dataset) else None)
+        return found
+
+    full, half = arrays(tmp_path / "f32"), arrays(tmp_path / "f16")
+    assert full.keys() == half.keys() and {d for d, _ in full.values()} == {np.dtype("float32")}
+    assert {d for d, _ in half.values()} == {np.dtype("float16")}
+    assert sum(b for _, b in half.values()) * 2 == sum(b for _, b in full.values())
+    x = np.random.default_rng(1).uniform(0, 255, (2, 32, 32, 3)).astype("float32")
+    a, b = load_model(tmp_path / "f32")[0].predict_on_batch(x), load_model(tmp_path / "f16")[0].predict_on_batch(x)
+    assert not np.array_equal(a["cls"], b["cls"])  # rounded, so not the same bits
+    np.testing.assert_allclose(a["cls"], b["cls"], atol=0.01)
+    assert json.loads((tmp_path / "f16" / "config.json").read_text())["weights_dtype"] == "float16"
+
+
+def _probs(csv_path: Path) -> dict:
+    with open(csv_path, newline="") as fh:
+        return {r["image_id"]: np.array([float(r[c]) for c in CLASSES]) for r in csv.DictReader(fh)}
+
+
+def test_infer_runs_the_ensemble_as_one_model(models, images, tmp_path):
+    assert ensemble(tmp_path / "ens", models["b"], models["c"]).exit_code == 0
+    for name, model in (("b", models["b"]), ("c", models["c"]), ("ens", tmp_path / "ens")):
+        result = runner.invoke(app, ["infer", str(images), "--out", str(tmp_path / f"out-{name}"),
+                                     "--model", str(model)])
+        assert result.exit_code == 0, result.output
+    b, c, ens = (_probs(tmp_path / f"out-{n}" / "predictions.csv") for n in ("b", "c", "ens"))
+    assert sorted(ens) == sorted(b) and len(ens) == 5
+    for image_id in ens:  # temperature 1 and the frame view: the CSV holds the mean of the two
+        np.testing.assert_allclose(ens[image_id], (b[image_id] + c[image_id]) / 2, atol=2e-4)
+    assert len(list((tmp_path / "out-ens").glob("*_segmentation.png"))) == 5
+
+
+def test_the_litert_export_of_an_ensemble_matches_keras(models, tmp_path):
+    assert ensemble(tmp_path / "ens", models["a"], models["b"]).exit_code == 0
+    result = runner.invoke(app, ["export", str(tmp_path / "ens"), "--out", str(tmp_path / "tfl"),
+                                 "--format", "tflite"])
+    assert result.exit_code == 0, result.output
+    from dermtool.modelio import load_engine
+
+    x = np.random.default_rng(2).uniform(0, 255, (2, 32, 32, 3)).astype("float32")
+    want = load_model(tmp_path / "ens")[0].predict_on_batch(x)
+    got = load_engine(tmp_path / "tfl").predict_on_batch(x)
+    for key in ("seg", "cls"):
+        np.testing.assert_allclose(got[key], want[key], atol=1e-4)
+
+
+def test_models_of_another_architecture_are_refused(models, tmp_path):
+    out = tmp_path / "ens"
+    _one_line_error(ensemble(out, models["a"], models["wider"]), str(models["wider"]), "base_filters")
+    assert not out.exists() and not out.with_name("ens.partial").exists()
+
+
+@pytest.mark.parametrize("case", ["one", "not_a_model", "not_empty", "nested"])
+def test_what_cannot_be_joined_is_refused_in_one_line(models, tmp_path, case):
+    out = tmp_path / "ens"
+    if case == "one":
+        args, words = [models["a"]], ["2 to 8", "not 1"]
+    elif case == "not_a_model":
+        args, words = [models["a"], tmp_path], [str(tmp_path), "no config.json"]
+    elif case == "not_empty":
+        out.mkdir()
+        (out / "old.txt").write_text("keep")
+        args, words = [models["a"], models["b"]], [str(out), "not an empty folder"]
+    else:
+        assert ensemble(tmp_path / "inner", models["a"], models["b"]).exit_code == 0
+        args, words = [tmp_path / "inner", models["c"]], [str(tmp_path / "inner"), "already an ensemble"]
+    _one_line_error(ensemble(out, *args), *words)
+    assert sorted(p.name for p in out.iterdir()) == ["old.txt"] if case == "not_empty" else not out.exists()
+
+
+def test_an_ensemble_is_not_an_init_from(models, tmp_path):
+    from dermtool.config import TrainConfig
+    from dermtool.errors import InputError
+    from dermtool.train import check_init_inputs
+
+    assert ensemble(tmp_path / "ens", models["a"], models["b"]).exit_code == 0
+    cfg, _, _ = load_config(models["a"])
+    with pytest.raises(InputError, match="an ensemble of 2 networks.*one of its members"):
+        check_init_inputs(cfg, TrainConfig(init_from=str(tmp_path / "ens")), log=lambda m: None)
+
+
+def test_members_out_of_range_in_config_json_is_refused(models, tmp_path):
+    from dermtool.errors import InputError
+
+    raw = json.loads((models["a"] / "config.json").read_text())
+    raw["model"]["members"] = 9
+    (tmp_path / "config.json").write_text(json.dumps(raw))
+    with pytest.raises(InputError, match="model.members must be an integer from 1 to 8"):
+        load_config(tmp_path)
