@@ -23,6 +23,7 @@ the thesis model and the synthetic images are handled in helper processes.
 
     python bench/infer_bench.py                        # bundled model + thesis preset
     python bench/infer_bench.py --model runs/joint160  # a trained run folder instead
+    python bench/infer_bench.py --model weights/isic-ham-lite0-joint-192 --model models/pair --no-thesis
 """
 
 from __future__ import annotations
@@ -107,7 +108,7 @@ def snapshot_model(model_dir: Path, work: Path) -> Path | None:
     if weights is None:
         return None
     copy = work / "model_snapshot"
-    copy.mkdir()
+    copy.mkdir(parents=True)
     shutil.copy2(model_dir / "config.json", copy)
     shutil.copy2(weights, copy / weights.name)
     return copy
@@ -159,8 +160,9 @@ def print_table(rows: list[Row]) -> None:
 
 def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--model", type=Path, default=None,
-                        help="Model or run folder to time (default: the bundled model in weights/).")
+    parser.add_argument("--model", type=Path, action="append", default=None,
+                        help="Model or run folder to time (default: the bundled model in weights/); repeat "
+                             "to time several in one run (an ensemble against its members, say).")
     parser.add_argument("--val", type=Path, default=DATA / "val" / "images",
                         help="256 px images (default: ../shared/data/isic2017/val/images).")
     parser.add_argument("--val-fullres", type=Path, default=DATA / "val_fullres" / "images",
@@ -217,12 +219,13 @@ def main(argv=None) -> int:
     with tempfile.TemporaryDirectory(prefix="dermtool_infer_bench_") as tmp:
         work = Path(tmp)
         models: list[tuple[str, Path | None, int]] = []
-        if args.model is not None:
-            snapshot = snapshot_model(args.model, work) if (args.model / "config.json").is_file() else None
-            if snapshot is None:
-                print(f"error: {args.model}: not a model folder (config.json and weights).")
-                return 2
-            models.append((str(args.model), snapshot, 0))
+        if args.model:
+            for k, model in enumerate(args.model):
+                snapshot = snapshot_model(model, work / f"model_{k}") if (model / "config.json").is_file() else None
+                if snapshot is None:
+                    print(f"error: {model}: not a model folder (config.json and weights).")
+                    return 2
+                models.append((str(model), snapshot, 0))
         else:
             bundled = helper("default-model")
             if bundled.startswith("none: "):
