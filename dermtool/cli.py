@@ -573,6 +573,7 @@ def ensemble_cli(
     out: Path = typer.Argument(..., help="The new model folder to write (must not exist, or be empty)."),
     models: list[Path] = typer.Argument(..., help="2 to 8 model folders of one architecture and input preparation (runs of dermtool train or slim model folders; not exports, not ensembles)."),
     float16: bool = typer.Option(False, "--float16", help="Store the weights as float16: half the size on disk; they still compute in float32."),
+    weights: Optional[str] = typer.Option(None, "--weights", help="The models' shares of the mean, comma-separated, one positive number per model in their order (2,1: the first counts twice). Default: equal."),
 ) -> None:
     """Join trained models into one ensemble model folder: each output is the mean of theirs.
 
@@ -590,8 +591,16 @@ def ensemble_cli(
     for model in models:
         if not (model / "config.json").is_file():
             fail(f"{model}: not a model folder (no config.json).")
+    shares = None
+    if weights is not None:
+        try:
+            shares = [float(v) for v in weights.split(",")]
+        except ValueError:
+            fail(f"--weights takes numbers joined by commas (2,1), not {weights!r}.")
+        if len(shares) != len(models) or not all(0 < v < float("inf") for v in shares):
+            fail(f"--weights needs one positive number per model ({len(models)}), not {weights!r}.")
     try:
-        made = make_ensemble(out, models, float16=float16)
+        made = make_ensemble(out, models, float16=float16, weights=shares)
     except InputError as exc:
         fail(str(exc))
     except OSError as exc:

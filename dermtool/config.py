@@ -86,6 +86,8 @@ class ModelConfig:
     # how many networks of this architecture the folder holds (`dermtool ensemble`): each sees the
     # same input, and the model's outputs are the mean of theirs (dermtool.models.build_models)
     members: int = 1
+    # the members' shares of the mean, in member order (None: equal); `dermtool ensemble --weights`
+    member_weights: tuple | None = None
     # The decision (dermtool.decision), fitted by `dermtool calibrate`; the defaults are the plain
     # softmax and argmax, so older model folders read and run as before.
     temperature: float = 1.0  # class probabilities = softmax(log(p) / temperature)
@@ -118,6 +120,14 @@ class ModelConfig:
         if not (isinstance(self.members, int) and not isinstance(self.members, bool)
                 and 1 <= self.members <= ENSEMBLE_MAX):
             raise InputError(f"members must be a whole number from 1 to {ENSEMBLE_MAX}, not {self.members!r}.")
+        if self.member_weights is not None:
+            w = self.member_weights
+            if not (isinstance(w, (list, tuple)) and len(w) == self.members and self.members > 1
+                    and all(isinstance(v, (int, float)) and not isinstance(v, bool) and 0 < v < float("inf")
+                            for v in w)):
+                raise InputError(f"member_weights must be {self.members} positive numbers, one per member of an "
+                                 f"ensemble, not {str(w)[:60]}.")
+            object.__setattr__(self, "member_weights", tuple(float(v) for v in w))
         object.__setattr__(self, "class_names", tuple(self.class_names))
         self._check_decision()
 

@@ -39,7 +39,7 @@ def check_members(models: list[Path]) -> None:
             raise InputError(f"{model}: an export folder; give the Keras model folder it was exported from.")
         if cfg.members > 1:
             raise InputError(f"{model}: already an ensemble of {cfg.members} networks; give its members instead.")
-    sections = [{k: v for k, v in raw["model"].items() if k not in NOT_ARCHITECTURE | {"members"}}
+    sections = [{k: v for k, v in raw["model"].items() if k not in NOT_ARCHITECTURE | {"members", "member_weights"}}
                 for _, _, raw in configs]
     for model, section in zip(models[1:], sections[1:]):
         if section != sections[0]:
@@ -74,25 +74,28 @@ def _halve(path: Path) -> None:
     tmp.replace(path)
 
 
-def make_ensemble(out: Path, models: list[Path], float16: bool = False) -> Path:
+def make_ensemble(out: Path, models: list[Path], float16: bool = False, weights=None) -> Path:
     """Write the ensemble of `models` to the new folder `out` (whole or not at all).
 
     Args:
         out: a folder that does not exist yet, or is empty.
         models: 2 to ENSEMBLE_MAX model folders of one architecture (`check_members`).
         float16: store the weights as float16, half the size (they compute in float32).
+        weights: the members' shares of the mean, one positive number each (None: equal).
     """
     out, models = Path(out), [Path(m) for m in models]
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         # an old weights file or litert/ export there would be taken for the ensemble's
         raise InputError(f"{out}: already exists and is not an empty folder; name a new one for the ensemble.")
     check_members(models)
+    if weights is not None and len(weights) != len(models):
+        raise InputError(f"--weights gives {len(weights)} numbers for {len(models)} models; give one per model.")
     from dermtool.modelio import load_model  # TensorFlow loads only once the folders agree
     from dermtool.models import build_model, ensemble_members
 
     first, tcfg, _ = load_config(models[0])
     cfg = dataclasses.replace(first, members=len(models), temperature=1.0, melanoma_threshold=None,
-                              calibration=None)
+                              calibration=None, member_weights=None if weights is None else tuple(weights))
     ensemble = build_model(cfg)
     for member, folder in zip(ensemble_members(ensemble), models):
         member.set_weights(load_model(folder)[0].get_weights())

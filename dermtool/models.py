@@ -231,36 +231,44 @@ def build_models(cfg: ModelConfig, seg_batch: int = 0) -> tuple[keras.Model, ker
 
 
 class _Mean(layers.Layer):
-    """The mean of same-shaped tensors, as a stack and a mean over it.
+    """The mean of same-shaped tensors (weighted by `weights`, if given), as a stack and a mean over it.
 
     Not keras's Average or Add: at the export's batch of one, the TFLite converter folds a sum of
     two (1, 3) tensors into a bias add through a reshape fixed at that batch, which the LiteRT
     engine then cannot resize to a batch.
     """
 
+    def __init__(self, weights=None, **kwargs):
+        super().__init__(**kwargs)
+        self.shares = None if weights is None else [float(w) / sum(weights) for w in weights]
+
     def call(self, xs):
-        return ops.mean(ops.stack(xs, axis=-1), axis=-1)
+        stacked = ops.stack(xs, axis=-1)
+        if self.shares is None:
+            return ops.mean(stacked, axis=-1)
+        return ops.sum(stacked * ops.convert_to_tensor(self.shares, dtype=stacked.dtype), axis=-1)
 
     def compute_output_shape(self, shapes):
         return shapes[0]
 
 
 def build_ensemble(cfg: ModelConfig) -> keras.Model:
-    """`cfg.members` networks of one architecture on one input; each output the mean of theirs.
+    """`cfg.members` networks of one architecture on one input; each output the mean of theirs
+    (weighted by `cfg.member_weights`, if set).
 
     Each member is the single network of `cfg` (its layers keep their names inside a sub-model
     `member_<i>`), so the weights of a trained model folder load into a member unchanged
     (`dermtool.ensemble`). The class probabilities are averaged, as are the lesion probabilities:
     everything downstream (threshold, temperature, lesion view, export) sees one model.
     """
-    single = dataclasses.replace(cfg, members=1)
+    single = dataclasses.replace(cfg, members=1, member_weights=None)
     inputs = keras.Input((cfg.input_size, cfg.input_size, 3), name="image")
     nets = []
     for i in range(cfg.members):
         net = build_model(single)
         net.name = f"member_{i}"
         nets.append(net(inputs))
-    outputs = {key: _Mean(name=key, dtype="float32")([n[key] for n in nets]) for key in nets[0]}
+    outputs = {key: _Mean(cfg.member_weights, name=key, dtype="float32")([n[key] for n in nets]) for key in nets[0]}
     return keras.Model(inputs, outputs, name=f"dermtool_{cfg.preset}_{cfg.task}_ensemble{cfg.members}")
 
 

@@ -171,3 +171,36 @@ def test_members_out_of_range_in_config_json_is_refused(models, tmp_path):
     (tmp_path / "config.json").write_text(json.dumps(raw))
     with pytest.raises(InputError, match="model.members must be an integer from 1 to 8"):
         load_config(tmp_path)
+
+
+def test_weights_set_each_members_share_of_the_mean(models, tmp_path):
+    out = tmp_path / "ens"
+    assert ensemble(out, models["a"], models["b"], "--weights", "2,1").exit_code == 0
+    x = np.random.default_rng(3).uniform(0, 255, (2, 32, 32, 3)).astype("float32")
+    a, b = (load_model(models[k])[0].predict_on_batch(x) for k in "ab")
+    net, cfg = load_model(out)
+    got = net.predict_on_batch(x)
+    for key in ("seg", "cls"):
+        np.testing.assert_allclose(got[key], (2 * a[key] + b[key]) / 3, rtol=0, atol=1e-6)
+    assert cfg.member_weights == (2.0, 1.0)
+
+
+@pytest.mark.parametrize("weights, words", [("2", ["one positive number per model (2)", "'2'"]),
+                                            ("1,-1", ["one positive number per model", "'1,-1'"]),
+                                            ("2,x", ["numbers joined by commas", "'2,x'"])])
+def test_bad_weights_are_refused_in_one_line(models, tmp_path, weights, words):
+    out = tmp_path / "ens"
+    _one_line_error(ensemble(out, models["a"], models["b"], "--weights", weights), "--weights", *words)
+    assert not out.exists()
+
+
+def test_member_weights_that_do_not_fit_the_members_in_config_json_are_refused(models, tmp_path):
+    from dermtool.errors import InputError
+
+    assert ensemble(tmp_path / "ens", models["a"], models["b"]).exit_code == 0
+    raw = json.loads((tmp_path / "ens" / "config.json").read_text())
+    for bad in ([1.0], [1.0, 0.0], [1.0, "x"]):
+        raw["model"]["member_weights"] = bad
+        (tmp_path / "ens" / "config.json").write_text(json.dumps(raw))
+        with pytest.raises(InputError, match="member_weights must be 2 positive numbers"):
+            load_config(tmp_path / "ens")
