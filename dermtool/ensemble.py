@@ -88,14 +88,13 @@ def make_ensemble(out: Path, models: list[Path], float16: bool = False, weights=
         # an old weights file or litert/ export there would be taken for the ensemble's
         raise InputError(f"{out}: already exists and is not an empty folder; name a new one for the ensemble.")
     check_members(models)
-    if weights is not None and len(weights) != len(models):
-        raise InputError(f"--weights gives {len(weights)} numbers for {len(models)} models; give one per model.")
-    from dermtool.modelio import load_model  # TensorFlow loads only once the folders agree
-    from dermtool.models import build_model, ensemble_members
-
     first, tcfg, _ = load_config(models[0])
+    # ModelConfig checks the weights as it checks a config.json's: one positive number per member
     cfg = dataclasses.replace(first, members=len(models), temperature=1.0, melanoma_threshold=None,
                               calibration=None, member_weights=None if weights is None else tuple(weights))
+    from dermtool.modelio import load_model  # TensorFlow loads only once the folders and weights agree
+    from dermtool.models import build_model, ensemble_members
+
     ensemble = build_model(cfg)
     for member, folder in zip(ensemble_members(ensemble), models):
         member.set_weights(load_model(folder)[0].get_weights())

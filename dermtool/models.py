@@ -214,7 +214,8 @@ def build_models(cfg: ModelConfig, seg_batch: int = 0) -> tuple[keras.Model, ker
         if seg_batch:
             raise InputError("an ensemble is not trained as one network: train each member, then join them "
                              "with dermtool ensemble.")
-        return (ensemble := build_ensemble(cfg)), ensemble
+        ensemble = build_ensemble(cfg)
+        return ensemble, ensemble
     inputs, skips, bottleneck = build_encoder(cfg)
     outputs, head = {}, None
     if cfg.has_seg:

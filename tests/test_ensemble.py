@@ -185,12 +185,12 @@ def test_weights_set_each_members_share_of_the_mean(models, tmp_path):
     assert cfg.member_weights == (2.0, 1.0)
 
 
-@pytest.mark.parametrize("weights, words", [("2", ["one positive number per model (2)", "'2'"]),
-                                            ("1,-1", ["one positive number per model", "'1,-1'"]),
-                                            ("2,x", ["numbers joined by commas", "'2,x'"])])
+@pytest.mark.parametrize("weights, words", [("2", ["member_weights must be 2 positive numbers", "(2.0,)"]),
+                                            ("1,-1", ["member_weights must be 2 positive numbers", "(1.0, -1.0)"]),
+                                            ("2,x", ["--weights takes numbers joined by commas", "'2,x'"])])
 def test_bad_weights_are_refused_in_one_line(models, tmp_path, weights, words):
     out = tmp_path / "ens"
-    _one_line_error(ensemble(out, models["a"], models["b"], "--weights", weights), "--weights", *words)
+    _one_line_error(ensemble(out, models["a"], models["b"], "--weights", weights), *words)
     assert not out.exists()
 
 
