@@ -451,6 +451,7 @@ def infer_cli(
     workers: int = typer.Option(0, "--workers", help="Decode/write threads (0: automatic; at most 64)."),
     report: bool = typer.Option(False, "--report", help="Also write OUT/report.html: the run's facts and a gallery of thumbnails with contour, class and probabilities, in triage order (as dermtool report OUT)."),
     melanoma_threshold: Optional[float] = typer.Option(None, "--melanoma-threshold", help="Label an image melanoma when its melanoma probability is at least this (between 0 and 1), else the likelier other class. Default: the model's stored operating point (dermtool calibrate), else the plain argmax."),
+    ids: Optional[Path] = typer.Option(None, "--ids", help="Only the image ids listed in this file, one per line (e.g. train.txt or val.txt of dermtool split); an id without an image in the folder is an error."),
     cls_views: Optional[str] = typer.Option(None, "--cls-views", help="frame: classify the whole image; frame+lesion (joint models): also the square around the lesion the model found, averaging the two (a second model pass per image). Default: the model's own (config.json; the bundled model: frame+lesion)."),
 ) -> None:
     """Segment and classify every image of a folder.
@@ -466,11 +467,14 @@ def infer_cli(
     the exit code is 1 when any image failed or was skipped so. --resume refuses a folder written
     with another model or other settings.
     """
+    from dermtool.data import read_id_list
     from dermtool.infer import InferOptions, predict_folder
     from dermtool.postprocess import PostprocessConfig
 
     if not images.is_dir():
         fail(f"{images}: images folder not found.")
+    if ids is not None and not ids.is_file():
+        fail(f"{ids}: id list not found.")
     check_out_folder(out, "an output folder")
     k_n = _parse_shard(shard)
     if dicom_seg:
@@ -496,7 +500,7 @@ def infer_cli(
         opts = InferOptions(
             batch_size=batch_size, tta=tta, probabilities=probabilities, overlay=overlay, resume=resume,
             shard=k_n, workers=workers, engine=engine, melanoma_threshold=melanoma_threshold, dicom_seg=dicom_seg,
-            cls_views=cls_views,
+            cls_views=cls_views, ids=None if ids is None else tuple(read_id_list(ids)),
             post=PostprocessConfig(threshold=threshold, closing_radius=closing_radius,
                                    largest_component=largest, fill_holes=fill_holes),
         )

@@ -49,6 +49,7 @@ class InferOptions:
     melanoma_threshold: float | None = None  # None: the model's own (config.json); see dermtool.decision
     dicom_seg: bool = False  # also a DICOM Segmentation for each DICOM source (dicom.write_segmentation)
     cls_views: str | None = None  # "frame" or "frame+lesion"; None: the model's own (config.json)
+    ids: tuple | None = None  # only these image ids of the folder (e.g. one side of dermtool split); None: all
 
 
 @dataclass
@@ -70,13 +71,22 @@ class InferSummary:
         return self.done / self.seconds if self.seconds else 0.0
 
 
-def select_images(images_dir: Path, shard: tuple[int, int] = (1, 1)) -> list[Path]:
+def select_images(images_dir: Path, shard: tuple[int, int] = (1, 1), ids=None) -> list[Path]:
     """Images of the folder, sorted by name; shard (k, n) keeps those whose id hashes to k
-    (`shards.shard_of`), so a file's shard does not depend on the other files."""
+    (`shards.shard_of`), so a file's shard does not depend on the other files. `ids` keeps only
+    those image ids; one without an image in the folder is an error, whatever the shard."""
     k, n = shard
     if not (1 <= k <= n):
         raise InputError(f"--shard {k}/{n}: K must be between 1 and N.")
-    return [p for p in find_images(images_dir) if shard_of(image_id_of(p), n) == k]
+    paths = find_images(images_dir)
+    if ids is not None:
+        keep = set(ids)
+        missing = sorted(keep - {image_id_of(p) for p in paths})
+        if missing:
+            raise InputError(f"{len(missing)} id(s) of the id list have no image in {images_dir} "
+                             f"(e.g. {', '.join(missing[:3])}).")
+        paths = [p for p in paths if image_id_of(p) in keep]
+    return [p for p in paths if shard_of(image_id_of(p), n) == k]
 
 
 def _run_model(model, x: np.ndarray, tta: int = 1, batch_size: int | None = None) -> dict:
@@ -247,7 +257,7 @@ def predict_folder(images_dir: Path, out_dir: Path, model_dir: Path | None = Non
     out_dir = Path(out_dir)
     # one id, one output: of a.jpg and a.png only the first by name is used, so no two
     # images ever write (or race for) the same files
-    paths, duplicates = unique_ids(select_images(images_dir, opts.shard))
+    paths, duplicates = unique_ids(select_images(images_dir, opts.shard, opts.ids))
     if opts.melanoma_threshold is not None:
         opts = replace(opts, melanoma_threshold=check_threshold(opts.melanoma_threshold))
     model = load_engine(model_dir, opts.engine, log=log)

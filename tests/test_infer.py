@@ -28,6 +28,7 @@ from conftest import UNWRITABLE
 from dermtool import CLASS_NAMES, io
 from dermtool.cli import app
 from dermtool.config import preset_config, save_config
+from dermtool.errors import InputError
 from dermtool.infer import InferOptions, predict_folder, select_images
 from dermtool.shards import shard_of
 from dermtool.models import build_model
@@ -360,6 +361,36 @@ def test_select_images_shards_partition_any_folder(tmp_path):
         assert sorted(p for part in parts for p in part) == everything
         assert sum(len(part) for part in parts) == len(everything)
 
+
+
+def test_select_images_keeps_an_id_list_and_names_ids_without_an_image(tmp_path):
+    for name in ("a.jpg", "b.png", "c.jpg", "d.tif"):
+        (tmp_path / name).write_bytes(b"")
+    assert [p.name for p in select_images(tmp_path, ids=["d", "a"])] == ["a.jpg", "d.tif"]
+    for n in (2, 3):  # an id list and shards: the parts still partition the listed images
+        parts = [select_images(tmp_path, (k, n), ids=["a", "c", "d"]) for k in range(1, n + 1)]
+        assert sorted(p.name for part in parts for p in part) == ["a.jpg", "c.jpg", "d.tif"]
+    with pytest.raises(InputError, match=r"2 id\(s\) of the id list have no image in .*\(e.g. x, y\)"):
+        select_images(tmp_path, (1, 2), ids=["a", "y", "x"])
+
+
+def test_infer_ids_processes_only_the_listed_images(models, dataset, tmp_path):
+    ids = tmp_path / "train.txt"
+    ids.write_text("# one side of a split\nwide\n\ntall\n")
+    out = tmp_path / "out"
+    result = infer(dataset["images"], "--out", out, "--model", models["joint"], "--ids", ids)
+    assert result.exit_code == 0, result.output
+    rows = list(csv.DictReader(open(out / "predictions.csv")))
+    assert sorted(r["image_id"] for r in rows) == ["tall", "wide"]
+    assert sorted(p.name for p in out.glob("*_segmentation.png")) == ["tall_segmentation.png",
+                                                                      "wide_segmentation.png"]
+    ids.write_text("wide\nnot_there\n")
+    refused = infer(dataset["images"], "--out", tmp_path / "out2", "--model", models["joint"], "--ids", ids)
+    assert refused.exit_code == 2
+    assert "1 id(s) of the id list have no image in" in " ".join(refused.output.split())
+    assert not (tmp_path / "out2" / "predictions.csv").exists()
+    missing = infer(dataset["images"], "--out", tmp_path / "out3", "--ids", tmp_path / "nope.txt")
+    assert missing.exit_code == 2 and "nope.txt: id list not found." in " ".join(missing.output.split())
 
 # --- model variants and optional outputs ----------------------------------------------------
 
