@@ -210,6 +210,8 @@ def train_cli(
     progressive: int = typer.Option(0, "--progressive", help="Progressive resizing: train the first epochs on smaller squares, from this side up in steps of 32 px to the model's size, equal shares of the epochs (e.g. 128 at size 192: a third each at 128, 160 and 192). Validation is always at the model's size. 0: off."),
     ema: float = typer.Option(0.0, "--ema", help="Keep an exponential moving average of the weights with this momentum (e.g. 0.99; 0: off); validation and the saved weights use the average."),
     consistency: float = typer.Option(0.0, "--consistency", help="Teach the classifier that the resampling chain carries no diagnosis: each batch holds half as many images, each twice through independently drawn down/up-scaling, blur, JPEG re-compression, sensor noise and a shift of up to 2 pixels (same crop, flip and colour), and the loss adds this weight x the symmetric KL divergence between the two predictions (e.g. 3; 0: off). cls and joint; an even --batch-size."),
+    teacher: Optional[list[Path]] = typer.Option(None, "--teacher", help="Distillation: a predictions CSV of dermtool infer run over the training images by another model (typically a dermtool ensemble); with --distill its probabilities become part of the classifier's targets. Repeat for several files (each image once). cls and joint."),
+    distill: float = typer.Option(0.0, "--distill", help="The teacher's share of the classifier targets: each training image with a true class and a --teacher row learns (1 - w) x its label + w x the teacher's probabilities (e.g. 0.5; 0: off). Partial and missing labels stay as they are."),
     resume: bool = typer.Option(False, "--resume", help="Continue the run in --out from its last completed epoch, with its own settings and caches (only --epochs may change)."),
     mixed_precision: bool = typer.Option(False, "--mixed-precision", help="float16 compute on a GPU under TensorFlow, bfloat16 under KERAS_BACKEND=jax (weights and outputs stay float32)."),
     strategy: str = typer.Option("default", "--strategy", help="default | mirrored (all GPUs of this machine; the batch is split across them)."),
@@ -259,7 +261,7 @@ def train_cli(
             seg_loss="bce+dice" if dice else "bce", augment="+".join(parse_groups(augment)) or "none", seed=seed,
             mixed_precision=mixed_precision, strategy=strategy, freeze=freeze, schedule=schedule,
             sampler=sampler, steps_per_epoch=steps_per_epoch, seg_batch=seg_batch, ema=ema, consistency=consistency,
-            progressive=progressive,
+            progressive=progressive, teacher=tuple(str(t.resolve()) for t in teacher or ()), distill=distill,
             init_from=str(init_from.resolve()) if init_from else "", command=_command_line(ctx, only_given=resume),
         )
         from dermtool.train import train
@@ -307,6 +309,18 @@ def _check_train_options(o: dict) -> None:
                  "(use cls or joint).")
         if o["batch_size"] is not None and o["batch_size"] % 2:
             fail(f"--consistency needs an even --batch-size (each image comes twice in a batch), not {o['batch_size']}.")
+    if o["distill"] or o["teacher"]:
+        check_range("--distill", o["distill"], 0.0, 1.0, "the teacher's share of the classifier targets")
+        if o["distill"] and not o["teacher"] and not o["resume"]:  # a resumed run has its own teacher
+            fail("--distill mixes a teacher's probabilities into the targets; give the teacher with --teacher "
+                 "PREDICTIONS.csv (dermtool infer over the training images).")
+        if o["teacher"] and not o["distill"] and not o["resume"]:
+            fail("--teacher needs --distill, the teacher's share of the targets (e.g. 0.5).")
+        if o["task"] == "seg":
+            fail("--teacher gives the classifier soft targets; --task seg has none (use cls or joint).")
+        for path in o["teacher"]:
+            if not Path(path).is_file():
+                fail(f"{path}: teacher predictions CSV not found.")
     if "pair-flips" in groups and not o["consistency"]:
         fail("--augment pair-flips turns the second image of each consistency pair, so it needs --consistency "
              "(e.g. 3).")
@@ -351,7 +365,7 @@ _RESUME_SETTINGS = {
     "freeze": ("train", "freeze"), "mixed_precision": ("train", "mixed_precision"),
     "strategy": ("train", "strategy"), "seg_batch": ("train", "seg_batch"), "ema": ("train", "ema"),
     "progressive": ("train", "progressive"), "cls_views": ("model", "cls_views"),
-    "consistency": ("train", "consistency"),
+    "consistency": ("train", "consistency"), "teacher": ("train", "teacher"), "distill": ("train", "distill"),
 }
 
 
@@ -366,6 +380,8 @@ def _given_settings(ctx: typer.Context) -> dict:
             value = "bce+dice" if value else "bce"
         elif param.name == "init_from":
             value = str(Path(value).resolve())
+        elif param.name == "teacher":
+            value = [str(Path(v).resolve()) for v in value]
         elif param.name == "augment":
             from dermtool.augment import parse_groups
 

@@ -238,6 +238,11 @@ class TrainConfig:
     progressive: int = 0  # progressive resizing: the first epochs train at this side, then +32 ... (0: off)
     ema: float = 0.0  # momentum of an exponential moving average of the weights (0: off)
     consistency: float = 0.0  # weight of the loss tying two resampling chains of one image together (0: off)
+    # distillation (dermtool.distill): the teacher predictions CSVs (absolute paths), a SHA-256 of
+    # their bytes (--resume refuses changed teachers) and the teacher's share of the targets
+    teacher: tuple = ()
+    teacher_sha256: str = ""
+    distill: float = 0.0
     init_from: str = ""
     command: str = ""
     # absolute paths of the caches, so --resume can refuse others (dermtool.train.resume_caches)
@@ -264,6 +269,13 @@ class TrainConfig:
         if "pair-flips" in str(self.augment).split("+") and not self.consistency:
             raise InputError("train.augment: pair-flips turns the second image of each consistency pair, so it "
                              "needs --consistency (a weight above 0)")
+        if not (isinstance(self.distill, (int, float)) and not isinstance(self.distill, bool)
+                and 0 <= self.distill <= 1):
+            raise InputError(f"train.distill must be the teacher's share of the targets, from 0 (off) to 1, "
+                             f"not {self.distill!r}")
+        if bool(self.distill) != bool(self.teacher):
+            raise InputError("train.distill and train.teacher go together: a teacher's predictions need a "
+                             "share of the targets above 0, and a share needs a teacher")
         if self.consistency and (not isinstance(self.batch_size, int) or self.batch_size % 2):
             raise InputError(f"train.consistency needs an even batch size (each image comes twice), "
                              f"not {self.batch_size!r}")

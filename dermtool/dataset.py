@@ -34,6 +34,8 @@ class TrainingSet:
 
     caches: list[Cache]
     resize: list[bool]
+    #: (N, classes) teacher probabilities per image, NaN where none (train --teacher; dermtool.distill)
+    soft: np.ndarray | None = None
 
     def __post_init__(self):
         sizes = [len(c) for c in self.caches]
@@ -139,9 +141,12 @@ def make_batches(cache: Cache, cfg, indices: np.ndarray, resize: bool):
     return images, masks, cache.labels[idx]
 
 
-def targets(cfg, masks, labels) -> dict:
+def targets(cfg, masks, labels, soft: np.ndarray | None = None, distill: float = 0.0) -> dict:
     """Model targets; a missing mask (MISSING_MASK) becomes -1 and a missing label (-1) a zero row,
-    which the losses skip, and a NOT_MELANOMA partial label the row PARTIAL_ROW (dermtool.losses)."""
+    which the losses skip, and a NOT_MELANOMA partial label the row PARTIAL_ROW (dermtool.losses).
+
+    `soft` (teacher probabilities per row, NaN where none) and `distill` (its weight) mix a
+    teacher into the rows with a true class (dermtool.distill.blend)."""
     y = {}
     if cfg.has_seg:
         seg = masks[..., None].astype(np.float32)
@@ -153,5 +158,9 @@ def targets(cfg, masks, labels) -> dict:
         known = (labels >= 0) & (labels < len(cfg.class_names))
         onehot[np.flatnonzero(known), labels[known]] = 1.0
         onehot[labels == NOT_MELANOMA] = PARTIAL_ROW
+        if soft is not None and distill:
+            from dermtool.distill import blend
+
+            onehot = blend(onehot, soft, distill)
         y["cls"] = onehot
     return y

@@ -93,15 +93,17 @@ class BatchSource:
         images, masks, labels = self.data.read(take, self.cfg)
         # input and target are centred squares, so one dihedral map aligns both (valid models too)
         rng = np.random.default_rng([self.tcfg.seed, epoch, step])
+        soft = self.data.soft[take] if (self.tcfg.distill and self.data.soft is not None) else None
         if self.tcfg.consistency:
             x, aug_masks, _ = augment_pairs(images, masks, rng, self.tcfg.augment)
             labels = np.repeat(labels, 2, axis=0)
+            soft = None if soft is None else np.repeat(soft, 2, axis=0)
         else:
             x, aug_masks, _ = augment_batch(images, masks, rng, self.tcfg.augment)
         side = phase_size(self.cfg, self.tcfg, epoch)
         if side != self.cfg.input_size:  # progressive resizing: this epoch trains on smaller squares
             x, aug_masks = shrink_batch(x, aug_masks, side)
-        y = targets(self.cfg, aug_masks, labels)
+        y = targets(self.cfg, aug_masks, labels, soft, self.tcfg.distill)
         if "cls" in y and "mixup" in parse_groups(self.tcfg.augment):  # its own stream: the rest repeats
             x, y["cls"] = mixup(x, y["cls"], np.random.default_rng([self.tcfg.seed, epoch, step, MIXUP_STREAM]),
                                 2 if self.tcfg.consistency else 1)
@@ -439,6 +441,12 @@ def train(cfg: ModelConfig, tcfg: TrainConfig, train_cache, val_cache, out_dir: 
     log(f"devices: {gpus} GPU(s){backend}" if gpus else f"devices: CPU{backend}")
 
     data = load_training_set(train_paths, cfg, log)
+    if tcfg.distill:
+        if not cfg.has_cls:
+            raise InputError(f"--teacher gives the classifier soft targets; task {cfg.task} has no classifier.")
+        from dermtool.distill import attach_teacher
+
+        tcfg = replace(tcfg, teacher_sha256=attach_teacher(data, tcfg, cfg.class_names, log, resume))
     vals = [load_cache(p) for p in val_paths]
     resize_va = [check_cache(v, cfg, log) for v in vals]
 
