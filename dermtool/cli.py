@@ -318,7 +318,7 @@ def _check_train_options(o: dict) -> None:
             fail("--teacher needs --distill, the teacher's share of the targets (e.g. 0.5).")
         if o["task"] == "seg":
             fail("--teacher gives the classifier soft targets; --task seg has none (use cls or joint).")
-        for path in o["teacher"]:
+        for path in o["teacher"] or ():
             if not Path(path).is_file():
                 fail(f"{path}: teacher predictions CSV not found.")
     if "pair-flips" in groups and not o["consistency"]:
