@@ -3,8 +3,8 @@
 # network trained apart from it joined with `dermtool ensemble`, its predictions on the training
 # images written by `dermtool infer`, then the bundled model fine-tuned with step 4's recipe twice
 # on the same batches: once with those predictions as half of each target (`--teacher ...
-# --distill 0.5`), once without (the control). Both are scored on the three validation sets and
-# paired against the bundled model and against each other.
+# --distill 0.5`), once without (the control). Their last epochs are scored on the three
+# validation sets and paired against the bundled model and against each other.
 #
 #   DATA=../shared/data CACHE=cache SPLITS=splits SECOND=runs/m-B192-s1 bash examples/distill.sh
 #
@@ -50,8 +50,8 @@ fine_tune() {  # fine_tune NAME CORE [options]
       --epochs "$EPOCHS" --steps-per-epoch "$STEPS" --batch-size 16 --dice --freeze stem --seg-batch 4 --ema 0.99 \
       --consistency 3 --seed 9 --out "$WORK/$name" "$@" > "$WORK/$name.log" 2>&1
   fi
-  python -c 'import sys; from pathlib import Path; from dermtool.modelio import save_model_folder
-save_model_folder(Path(sys.argv[1]), Path(sys.argv[2]))' "$WORK/$name" "$WORK/m-$name"
+  # the last epoch's weights, as the ablation scripts compare (no epoch chosen on validation)
+  [ -d "$WORK/m-$name" ] || python examples/last_weights_model.py "$WORK/$name" "$WORK/m-$name"
 }
 fine_tune distilled 0 "${teachers[@]}" --distill "$DISTILL" & a=$!
 fine_tune control 1 & b=$!
