@@ -320,7 +320,7 @@ class CacheReport:
             setattr(self, n, [tuple(i) if isinstance(i, list) else i for i in items])
 
 
-def _keep_ids(paths: list[Path], labels: dict, ids: list[str], folder: Path) -> tuple[list[Path], dict]:
+def keep_ids(paths: list[Path], labels: dict, ids: list[str], folder: Path) -> tuple[list[Path], dict]:
     """Only the images (and label rows) of an id list; an id with no image is an error."""
     keep = set(ids)
     missing = sorted(keep - {image_id_of(p) for p in paths})
@@ -352,7 +352,7 @@ def build_cache(layout: Layout, out: Path, size: int = 256, fit: str = "squash",
     report.duplicate_ids = [f"{p.name} and {first.name}" for p, first in duplicates]
     labels = read_class_csv(layout.labels, role="labels") if layout.labels else {}
     if ids is not None:
-        paths, labels = _keep_ids(paths, labels, ids, layout.images)
+        paths, labels = keep_ids(paths, labels, ids, layout.images)
     lesions = read_lesion_ids(layout.metadata) if layout.metadata else {}
     benign = read_benign_ids(layout.metadata) if layout.metadata else set()
     masks = find_masks(layout.masks) if layout.masks else {}

@@ -53,6 +53,8 @@ def read_teacher(paths: list[Path], class_names: list[str] | tuple) -> dict[str,
             if len(row) != len(header):
                 raise InputError(f"{path}, line {line}: {len(row)} fields where the header has {len(header)}.")
             image_id = row[id_col].strip()
+            if not image_id:
+                raise InputError(f"{path}, line {line}: no image id.")
             if image_id in table:
                 raise InputError(f"{path}, line {line}: image {image_id!r} has a teacher row already "
                                  f"(in {where[image_id]}); give each image once.")

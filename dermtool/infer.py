@@ -23,7 +23,7 @@ import numpy as np
 from dermtool import CLASS_NAMES
 from dermtool.augment import dihedral, undo_dihedral
 from dermtool.config import ModelConfig, check_cls_views
-from dermtool.data import find_images, image_id_of, unique_ids
+from dermtool.data import find_images, image_id_of, keep_ids, unique_ids
 from dermtool.decision import apply_temperature, check_threshold, decide
 from dermtool.errors import InputError, disk_full, write_failure
 from dermtool.io import encode_mask_png, read_csv_rows, read_json, write_atomic, write_csv_atomic
@@ -79,13 +79,8 @@ def select_images(images_dir: Path, shard: tuple[int, int] = (1, 1), ids=None) -
     if not (1 <= k <= n):
         raise InputError(f"--shard {k}/{n}: K must be between 1 and N.")
     paths = find_images(images_dir)
-    if ids is not None:
-        keep = set(ids)
-        missing = sorted(keep - {image_id_of(p) for p in paths})
-        if missing:
-            raise InputError(f"{len(missing)} id(s) of the id list have no image in {images_dir} "
-                             f"(e.g. {', '.join(missing[:3])}).")
-        paths = [p for p in paths if image_id_of(p) in keep]
+    if ids is not None:  # as preprocess --ids keeps them
+        paths = keep_ids(paths, {}, list(ids), images_dir)[0]
     return [p for p in paths if shard_of(image_id_of(p), n) == k]
 
 

@@ -12,18 +12,16 @@ from dermtool.config import TrainConfig, load_config, preset_config
 from dermtool.data import build_cache, load_cache, resolve_layout
 from dermtool.distill import blend, read_teacher, teacher_rows
 from dermtool.errors import InputError
-from dermtool.synthetic import write_dataset
 
 SIZE = 32
 CLASSES = ("melanoma", "seborrheic_keratosis", "nevus")
 
 
 @pytest.fixture(scope="module")
-def cache(tmp_path_factory):
-    root = tmp_path_factory.mktemp("distill")
-    data = write_dataset(root / "data", 12, rng_seed=11, sizes=[(48, 64), (64, 48)], formats=("png",))
-    build_cache(resolve_layout(data), root / "cache", size=SIZE, fit="squash", progress=False)
-    return root / "cache"
+def cache(synthetic_dataset, tmp_path_factory):
+    out = tmp_path_factory.mktemp("distill") / "cache"
+    build_cache(resolve_layout(synthetic_dataset), out, size=SIZE, fit="squash", progress=False)
+    return out
 
 
 def write_teacher(path: Path, rows: dict[str, tuple], header=("image_id", *CLASSES, "label")) -> Path:
@@ -64,6 +62,7 @@ def test_read_teacher_takes_the_class_columns_by_name(tmp_path):
     ("image_id,melanoma,seborrheic_keratosis,nevus,label\na,0.5,0.5,0.5,nevus\n", "sum to 1.5000, not 1"),
     ("image_id,melanoma,seborrheic_keratosis,nevus,label\na,nan,0.5,0.5,nevus\n", "must lie in [0, 1]"),
     ("image_id,melanoma,seborrheic_keratosis,nevus,label\na,0.5,0.5\n", "line 2: 3 fields where the header has 5"),
+    ("image_id,melanoma,seborrheic_keratosis,nevus,label\n , 0.2, 0.3, 0.5, nevus\n", "line 2: no image id"),
     ("image_id,melanoma,seborrheic_keratosis,nevus,label\n", "no teacher rows"),
     ("", "is empty"),
 ])
