@@ -709,6 +709,7 @@ def export_cli(
     with dermtool infer --model OUT (or OUT/model.tflite, OUT/model.onnx).
     """
     from dermtool.export import export
+    from dermtool.modelio import CLASSIFIER_FILE
 
     for p, what in ((calibration, "--calibration folder"), (check, "--check folder")):
         if p is not None and not p.is_dir():
@@ -724,7 +725,10 @@ def export_cli(
     parts = [f"{k} {diff[k]:.2g}" for k in ("seg", "cls") if k in diff]
     if "mask_pixels_changed" in diff:
         parts.append(f"mask pixels changed at the threshold {100 * diff['mask_pixels_changed']:.3f} %")
-    typer.echo(f"wrote {report.path} ({report.size_bytes / 1e6:.1f} MB, {report.seconds:.0f} s)")
+    if "classifier" in diff:
+        parts.append(f"cls of {CLASSIFIER_FILE} (the lesion view's classifier alone) {diff['classifier']:.2g}")
+    also = f" and {CLASSIFIER_FILE}" if "classifier" in diff else ""
+    typer.echo(f"wrote {report.path}{also} ({report.size_bytes / 1e6:.1f} MB, {report.seconds:.0f} s)")
     typer.echo(f"largest difference from the Keras model over {diff['images']} images: {', '.join(parts)}")
     if report.check:
         keras_scores, export_scores = report.check["keras"], report.check["export"]

@@ -24,7 +24,7 @@ from dermtool.config import ModelConfig, load_config
 from dermtool.data import Layout, find_images, resolve_layout
 from dermtool.errors import InputError
 from dermtool.io import read_class_csv, read_json
-from dermtool.modelio import KerasEngine, check_format, shown_path, load_engine, resolve_model, write_export
+from dermtool.modelio import CLASSIFIER_FILE, KerasEngine, check_format, shown_path, load_engine, resolve_model, write_export
 from dermtool.preprocess import prepare
 
 #: images compared output by output right after writing (the whole --check folder is scored)
@@ -88,6 +88,11 @@ def compare_outputs(reference, engine, x: np.ndarray, threshold: float, batch_si
             total += a["seg"].size
     if total:
         diff["mask_pixels_changed"] = changed / total
+    classify = getattr(engine, "classify", None)
+    if classify is not None and getattr(engine, "name", "") != "keras":  # its classifier-only file, checked alike
+        for i in range(0, len(x), batch_size):
+            a, b = reference.predict_on_batch(x[i:i + batch_size]), classify(x[i:i + batch_size])
+            diff["classifier"] = max(diff.get("classifier", 0.0), float(np.abs(a["cls"] - b["cls"]).max()))
     return diff
 
 
@@ -174,6 +179,9 @@ def export(model_dir: Path, out_dir: Path, fmt: str, quantize: str = "none", cal
         raise
     seconds = time.perf_counter() - started
     size = sum(p.stat().st_size for p in path.rglob("*") if p.is_file()) if path.is_dir() else path.stat().st_size
+    extra = out_dir / CLASSIFIER_FILE if fmt == "tflite" else None
+    if extra is not None and extra.is_file():  # a joint model's classifier-only file travels with it
+        size += extra.stat().st_size
     if check is not None:
         x = load_inputs(resolve_layout(check).images, cfg, COMPARE_IMAGES, log)
     elif calib is not None:

@@ -84,21 +84,27 @@ def select_images(images_dir: Path, shard: tuple[int, int] = (1, 1), ids=None) -
     return [p for p in paths if shard_of(image_id_of(p), n) == k]
 
 
-def _run_model(model, x: np.ndarray, tta: int = 1, batch_size: int | None = None) -> dict:
+def _run_model(model, x: np.ndarray, tta: int = 1, batch_size: int | None = None, cls_only: bool = False) -> dict:
     """Model outputs for a batch, averaged over `tta` symmetries of the square (1, 4 or 8).
 
     4 = the flips, 8 = flips and transposes (the model trained on all 8); each mask is mapped
     back before averaging. A short last batch is padded to `batch_size` so the traced graph is
-    reused, not rebuilt.
+    reused, not rebuilt. `cls_only`: only the class probabilities are wanted, so an engine that
+    can classify without the mask decoder (`classify`, the Keras engine) runs only its encoder and
+    classifier; any other runs whole and its mask is dropped.
     """
     n = x.shape[0]
     if batch_size and n < batch_size:
         x = np.concatenate([x, np.zeros((batch_size - n, *x.shape[1:]), x.dtype)])
     codes = {1: [0], 4: [0, 1, 2, 3], 8: list(range(8))}[int(tta) or 1]
+    run = model.predict_on_batch
+    if cls_only:
+        classify = getattr(model, "classify", None)
+        run = classify or (lambda xi: {"cls": model.predict_on_batch(xi)["cls"]})
     acc: dict = {}
     for k in codes:
         xi = np.ascontiguousarray(np.stack([dihedral(img, k) for img in x])) if k else x
-        out = model.predict_on_batch(xi)
+        out = run(xi)
         for key, val in out.items():
             val = np.asarray(val, dtype=np.float32)
             if key == "seg":
@@ -153,7 +159,8 @@ def predict_batch(model, inputs: list[np.ndarray], tta: int = 1, batch_size: int
         if near:
             crops = np.stack([crop_square(np.clip(x[j], 0, 255).astype(np.uint8), boxes[j], Image.BILINEAR)
                               for j in near]).astype(np.float32)
-            out["cls"][near] = (out["cls"][near] + _run_model(model, crops, tta, batch_size)["cls"]) / 2
+            # the crops need only the classifier: the mask decoder is most of a joint pass
+            out["cls"][near] = (out["cls"][near] + _run_model(model, crops, tta, batch_size, cls_only=True)["cls"]) / 2
     if "cls" in out:
         out["cls"] = apply_temperature(out["cls"], temperature)
     return [(out["seg"][j] if "seg" in out else None, out["cls"][j] if "cls" in out else None)
@@ -273,7 +280,10 @@ def predict_folder(images_dir: Path, out_dir: Path, model_dir: Path | None = Non
     # never pad beyond the images there are: memory follows the work, not --batch-size
     batch_size = max(1, min(opts.batch_size, len(todo)))
     if todo:  # one call on zeros traces the graph now, so the first real batch is not the slow one
-        _run_model(model, np.zeros((batch_size, cfg.input_size, cfg.input_size, 3), np.float32), False)
+        zeros = np.zeros((batch_size, cfg.input_size, cfg.input_size, 3), np.float32)
+        _run_model(model, zeros)
+        if opts.cls_views == "frame+lesion":  # and the lesion view's classifier-only graph
+            _run_model(model, zeros, cls_only=True)
     summary.load_seconds = time.perf_counter() - started
     started = time.perf_counter()  # images/s counts the pipeline, not the one-off model load
     summary.device, summary.skipped = _device(model.name), len(paths) - len(todo)

@@ -49,6 +49,8 @@ INPUT_NAME = "image"
 #: convolutions compute their output shape at run time, which splits the graph and keeps
 #: XNNPACK's quantised kernels out (dynamic-range int8 ran 6x slower that way).
 TFLITE_BATCH = 1
+#: a joint model's TFLite export also holds its encoder + classifier alone, for the lesion view
+CLASSIFIER_FILE = "classifier.tflite"
 EXTRAS = {"litert": "litert", "onnx": "onnx"}
 
 
@@ -135,9 +137,21 @@ class KerasEngine:
     def __init__(self, model_dir: Path):
         self.model, self.cfg = load_model(model_dir)
         self.path = weights_file(Path(model_dir))
+        self._classifier = None
 
     def predict_on_batch(self, x: np.ndarray) -> dict:
         return {k: np.asarray(v, np.float32) for k, v in self.model.predict_on_batch(x).items()}
+
+    def classify(self, x: np.ndarray) -> dict:
+        """{"cls": class probabilities} through the encoder and classifier only (models.classifier_model:
+        the same weights as `predict_on_batch`, without the mask decoder), for the lesion view's crops."""
+        if self._classifier is None:
+            from dermtool.models import classifier_model
+
+            self._classifier = classifier_model(self.model)
+            if self._classifier is None:
+                raise InputError(f"{self.path}: not a joint model; it has no classifier of its own to run.")
+        return {"cls": np.asarray(self._classifier.predict_on_batch(x)["cls"], np.float32)}
 
 
 def _litert_interpreter():
@@ -166,22 +180,30 @@ class LiteRTEngine:
 
     name = "litert"
 
-    def __init__(self, path: Path, cfg: ModelConfig):
-        Interpreter = _litert_interpreter()
+    def __init__(self, path: Path, cfg: ModelConfig, classifier: Path | None = None):
         self.cfg, self.path = cfg, path
+        self._runner, self.input_name = self._open(path, cfg, {n for n, on in (("seg", cfg.has_seg), ("cls", cfg.has_cls)) if on})
+        if classifier is not None:  # a joint export's encoder + classifier alone: the lesion view's second look
+            self._classifier, self._classifier_input = self._open(classifier, cfg, {"cls"})
+            self.classify = self._classify
+
+    @staticmethod
+    def _open(path: Path, cfg: ModelConfig, outputs: set):
+        Interpreter = _litert_interpreter()
         try:
             with warnings.catch_warnings(), _quiet():
                 warnings.simplefilter("ignore")
                 interp = Interpreter(model_path=str(path), num_threads=os.cpu_count() or 1)
-                self._runner = interp.get_signature_runner()
+                runner = interp.get_signature_runner()
         except (ValueError, RuntimeError) as exc:
             raise InputError(f"{path}: not a readable TFLite model ({_short(exc)}).")
-        inputs = self._runner.get_input_details()
-        self.input_name, detail = next(iter(inputs.items()))
+        inputs = runner.get_input_details()
+        name, detail = next(iter(inputs.items()))
         _check_io(path, cfg, list(inputs), [int(s) for s in detail["shape"][1:]],
-                  list(self._runner.get_output_details()))
+                  list(runner.get_output_details()), outputs)
         with _quiet():  # the delegate announces itself on the first call
-            self._run(np.zeros(detail["shape"], np.float32))
+            runner(**{name: np.zeros(detail["shape"], np.float32)})
+        return runner, name
 
     def _run(self, x: np.ndarray) -> dict:
         return self._runner(**{self.input_name: x})
@@ -189,6 +211,10 @@ class LiteRTEngine:
     def predict_on_batch(self, x: np.ndarray) -> dict:
         out = self._run(np.ascontiguousarray(x, dtype=np.float32))
         return {k: np.asarray(v, np.float32) for k, v in out.items()}
+
+    def _classify(self, x: np.ndarray) -> dict:
+        out = self._classifier(**{self._classifier_input: np.ascontiguousarray(x, dtype=np.float32)})
+        return {"cls": np.asarray(out["cls"], np.float32)}
 
 
 class OnnxEngine:
@@ -244,10 +270,11 @@ class SavedModelEngine:
 _ENGINE_CLASSES = {"litert": LiteRTEngine, "onnx": OnnxEngine, "savedmodel": SavedModelEngine}
 
 
-def _check_io(path: Path, cfg: ModelConfig, inputs: list, shape: list, outputs: list) -> None:
+def _check_io(path: Path, cfg: ModelConfig, inputs: list, shape: list, outputs: list, expected: set | None = None) -> None:
     """A foreign model (other inputs or outputs than config.json describes) is refused by name."""
     s = cfg.input_size
-    expected = {n for n, on in (("seg", cfg.has_seg), ("cls", cfg.has_cls)) if on}
+    if expected is None:
+        expected = {n for n, on in (("seg", cfg.has_seg), ("cls", cfg.has_cls)) if on}
     if len(inputs) != 1 or shape != [s, s, 3] or set(outputs) != expected:
         raise InputError(
             f"{path}: not the model its config.json describes (expects one {s}x{s}x3 input and outputs "
@@ -337,10 +364,27 @@ def load_engine(path: Path | None = None, engine: str | None = None, log=None):
         if shipped is None and (folder / engine / "config.json").is_file() and log:
             log(f"not using {folder / engine}: it was exported from other weights than {folder}'s")
         folder, file, fmt = resolve_model(shipped or cached_export(folder, engine, log))
-    cfg, _, _ = load_config(folder)
+    cfg, _, raw = load_config(folder)
     if not file.exists():
         raise InputError(f"{file}: missing; its export folder {folder} is incomplete.")
+    if engine == "litert":
+        return LiteRTEngine(file, cfg, _classifier_file(folder, raw))
     return _ENGINE_CLASSES[engine](file, cfg)
+
+
+def _classifier_file(folder: Path, raw: dict) -> Path | None:
+    """The export's classifier-only TFLite file (CLASSIFIER_FILE), if its config.json lists one."""
+    export = raw.get("export") if isinstance(raw.get("export"), dict) else {}
+    entry = export.get("classifier")
+    if entry is None:
+        return None
+    name = entry.get("file") if isinstance(entry, dict) else None
+    if not isinstance(name, str) or name in ("", ".", "..") or Path(name).name != name:
+        raise InputError(f"{folder / 'config.json'}: export.classifier.file must name a file inside the export "
+                         f"folder, not {str(name)[:60]!r}.")
+    if not (folder / name).is_file():
+        raise InputError(f"{folder / name}: missing; its export folder {folder} is incomplete.")
+    return folder / name
 
 
 # --------------------------------------------------------------------------- writing exports
@@ -464,6 +508,11 @@ def write_export(model_dir: Path, out_dir: Path, fmt: str, quantize: str = "none
         _write_savedmodel(model, cfg, dest)
     elif fmt == "tflite":
         _write_tflite(model, cfg, dest, quantize, calibration)
+        from dermtool.models import classifier_model
+
+        classifier = classifier_model(model)
+        if classifier is not None:  # the lesion view's second look, without the mask decoder
+            _write_tflite(classifier, cfg, out_dir / CLASSIFIER_FILE, quantize, calibration)
     else:
         _write_onnx(model, cfg, dest, quantize)
     _, tcfg, raw = load_config(model_dir)
@@ -498,6 +547,10 @@ def export_description(cfg: ModelConfig, fmt: str, quantize: str, source: Path,
                             "and zero-pad to a square (plus border); then a reflected margin on each side"},
         "outputs": outputs, "threshold": cfg.threshold, "class_names": list(cfg.class_names),
         **({"decision": _decision(cfg)} if cfg.has_cls else {}),
+        **({"classifier": {"file": CLASSIFIER_FILE, "outputs": {"cls": outputs["cls"]},
+                           "meaning": "the same network without the mask decoder (the same input; class "
+                                      "probabilities only): the lesion view's second look"}}
+           if fmt == "tflite" and cfg.has_seg and cfg.has_cls else {}),
     }
 
 

@@ -273,6 +273,16 @@ def build_ensemble(cfg: ModelConfig) -> keras.Model:
     return keras.Model(inputs, outputs, name=f"dermtool_{cfg.preset}_{cfg.task}_ensemble{cfg.members}")
 
 
+def classifier_model(model: keras.Model) -> keras.Model:
+    """The encoder and classifier of a joint `model` as a network of their own (the same layers
+    and weights, no mask decoder): a second look at an image needs only its class probabilities,
+    and the full-size decoder is most of a joint pass. None for a model without both heads."""
+    outputs = model.output
+    if not isinstance(outputs, dict) or SEG_OUTPUT not in outputs or CLS_OUTPUT not in outputs:
+        return None
+    return keras.Model(model.input, {CLS_OUTPUT: outputs[CLS_OUTPUT]}, name=f"{model.name}_classifier")
+
+
 def ensemble_members(model: keras.Model) -> list[keras.Model]:
     """The member networks of an ensemble built by `build_ensemble`, in order."""
     return sorted((l for l in model.layers if l.name.startswith("member_")), key=lambda l: int(l.name[7:]))

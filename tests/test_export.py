@@ -21,9 +21,10 @@ import pytest
 from PIL import Image
 from typer.testing import CliRunner
 
-from conftest import UNWRITABLE
+from conftest import UNWRITABLE, tiny_model_folder
 from dermtool.cli import app
 from dermtool.config import load_config, preset_config, save_config
+from dermtool.errors import InputError
 from dermtool.export import compare_outputs, synthetic_inputs
 from dermtool.models import build_model
 from dermtool.modelio import KerasEngine, load_engine
@@ -126,6 +127,8 @@ def exports(tiny, images, tmp_path_factory) -> dict:
             result = export(tiny, "--out", out, "--format", fmt, "--quantize", quantize, *extra)
             assert result.exit_code == 0, result.output
             assert "largest difference from the Keras model" in result.output
+            # the tiny net is joint: a TFLite export also writes its classifier alone, and checks it
+            assert (f"{out / 'model.tflite'} and classifier.tflite" in " ".join(result.output.split())) == (fmt == "tflite")
             made[(fmt, quantize)] = out
         return made[(fmt, quantize)]
 
@@ -205,6 +208,51 @@ def test_litert_runs_a_batch_as_one_call_with_the_outputs_of_image_by_image(expo
         one = engine.predict_on_batch(x[i:i + 1])
         for key in whole:
             np.testing.assert_allclose(one[key][0], whole[key][i], atol=1e-6)
+
+
+@litert
+@pytest.mark.parametrize("quantize", ["none", "mixed"])
+def test_a_joint_tflite_export_carries_its_classifier_alone_for_the_lesion_view(quantize, exports, tiny, tmp_path):
+    """classifier.tflite: the encoder and classifier without the mask decoder, listed in config.json,
+    run by the LiteRT engine's classify with the class probabilities of the whole file."""
+    out = exports("tflite", quantize)
+    described = json.loads((out / "config.json").read_text())["export"]
+    assert described["classifier"]["file"] == "classifier.tflite"
+    assert (out / "classifier.tflite").stat().st_size < (out / "model.tflite").stat().st_size
+    engine = load_engine(out)
+    x = synthetic_inputs(engine.cfg, 5)
+    alone, whole = engine.classify(x)["cls"], engine.predict_on_batch(x)["cls"]
+    assert alone.shape == whole.shape == (5, 3)
+    # the same float32 graph gives the same numbers; calibrated apart, int8 ranges may differ a little
+    np.testing.assert_allclose(alone, whole, atol=1e-5 if quantize == "none" else CASES[("tflite", quantize)])
+    np.testing.assert_allclose(alone, KerasEngine(tiny).predict_on_batch(x)["cls"], atol=CASES[("tflite", quantize)])
+    # an export written before the classifier existed still runs: its crops go through the whole file
+    old = tmp_path / "old"
+    shutil.copytree(out, old)
+    config = json.loads((old / "config.json").read_text())
+    del config["export"]["classifier"]
+    (old / "config.json").write_text(json.dumps(config))
+    (old / "classifier.tflite").unlink()
+    assert not hasattr(load_engine(old), "classify")
+    # listed but missing, or a path out of the folder: refused in one sentence
+    config["export"]["classifier"] = {"file": "classifier.tflite"}
+    (old / "config.json").write_text(json.dumps(config))
+    with pytest.raises(InputError, match="classifier.tflite: missing; its export folder .* is incomplete"):
+        load_engine(old)
+    config["export"]["classifier"] = {"file": "../classifier.tflite"}
+    (old / "config.json").write_text(json.dumps(config))
+    with pytest.raises(InputError, match="export.classifier.file must name a file inside the export folder"):
+        load_engine(old)
+
+
+@litert
+def test_a_model_without_both_heads_exports_no_classifier_file(tmp_path):
+    folder = tiny_model_folder(tmp_path / "cls", 1, task="cls")
+    result = export(folder, "--out", tmp_path / "ex", "--format", "tflite")
+    assert result.exit_code == 0, result.output
+    assert "classifier" not in json.loads((tmp_path / "ex" / "config.json").read_text())["export"]
+    assert "classifier.tflite" not in result.output
+    assert not (tmp_path / "ex" / "classifier.tflite").exists()
 
 
 @litert

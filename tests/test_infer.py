@@ -888,6 +888,58 @@ def test_the_lesion_view_averages_the_frame_with_the_square_around_the_models_ow
     assert none[0] == pytest.approx(0.0)  # no lesion found: the frame's answer alone
 
 
+def test_the_lesion_views_second_look_runs_the_classifier_alone_with_the_same_answer(models):
+    """The crops need only class probabilities: the Keras engine classifies them without the mask
+    decoder (models.classifier_model), and the result is the same as the whole network's."""
+    from dermtool.infer import predict_batch
+    from dermtool.modelio import load_engine
+    from dermtool.models import classifier_model
+
+    engine = load_engine(models["joint"])
+    alone = classifier_model(engine.model)
+    assert list(alone.output) == ["cls"] and "seg" not in {layer.name for layer in alone.layers}
+    assert len(alone.weights) < len(engine.model.weights)  # the decoder's are not in it
+    assert classifier_model(load_engine(models["cls"]).model) is None  # no decoder to leave out
+    rng = np.random.default_rng(3)
+    x = []
+    for side in (10, 14, 18, 22, 26):  # bright squares on noise: the lesions the fake mask finds
+        img = rng.uniform(0, 90, (32, 32, 3)).astype(np.float32)
+        top, left = rng.integers(0, 32 - side, 2)
+        img[top:top + side, left:left + side] += 150
+        x.append(img)
+    np.testing.assert_allclose(engine.classify(np.stack(x))["cls"], engine.predict_on_batch(np.stack(x))["cls"], atol=1e-6)
+    calls = []
+
+    def whole(self, batch):  # the real net's classes; the mask: its bright pixels (the tiny net's is scattered)
+        calls.append("whole")
+        return {"seg": (batch.mean(axis=-1, keepdims=True) > 127).astype(np.float32),
+                "cls": engine.predict_on_batch(batch)["cls"]}
+
+    class Spy:  # the engine, counting which of its two entry points ran
+        cfg = engine.cfg
+        predict_on_batch = whole
+
+        def classify(self, batch):
+            calls.append("classify")
+            return engine.classify(batch)
+
+    class WholeOnly:  # an engine without classify (ONNX, SavedModel): the crops run the whole net
+        cfg = engine.cfg
+        predict_on_batch = whole
+
+    with_view = predict_batch(Spy(), x, tta=4, batch_size=8, lesion_view=True)
+    assert calls == ["whole"] * 4 + ["classify"] * 4  # 4 views of the frames, then of the crops
+    calls.clear()
+    fallback = predict_batch(WholeOnly(), x, tta=4, batch_size=8, lesion_view=True)
+    assert calls == ["whole"] * 8
+    frame_only = predict_batch(WholeOnly(), x, tta=4, batch_size=8)
+    for (sa, ca), (sb, cb) in zip(with_view, fallback):
+        np.testing.assert_allclose(ca, cb, atol=1e-6)
+        np.testing.assert_array_equal(sa, sb)
+    moved = [float(np.abs(a[1] - f[1]).max()) for a, f in zip(with_view, frame_only)]
+    assert max(moved) > 1e-4, moved  # the crops were looked at: the mean moved
+
+
 def test_a_model_with_the_lesion_view_uses_it_in_infer_and_the_api(models, few_images, tmp_path, monkeypatch):
     """The view itself is checked above with a model whose mask is known; here, that the
     config's cls_views reaches it from both entry points (the tiny net's mask is scattered)."""

@@ -58,6 +58,11 @@ def test_the_bundled_litert_export_is_of_these_weights(bundled):
     pytest.importorskip("ai_edge_litert")
     engine = load_engine(folder, "litert")
     assert engine.name == "litert" and engine.path == shipped / "model.tflite"
+    # and its classifier alone, for the lesion view's second look, agrees with the whole file
+    from dermtool.export import synthetic_inputs
+
+    x = synthetic_inputs(cfg, 4)
+    np.testing.assert_allclose(engine.classify(x)["cls"], engine.predict_on_batch(x)["cls"], atol=0.05)
 
 
 def _infer_and_score(images, labels, masks, out, *options):
