@@ -513,6 +513,8 @@ def write_export(model_dir: Path, out_dir: Path, fmt: str, quantize: str = "none
         classifier = classifier_model(model)
         if classifier is not None:  # the lesion view's second look, without the mask decoder
             _write_tflite(classifier, cfg, out_dir / CLASSIFIER_FILE, quantize, calibration)
+        else:  # an earlier joint model's file in a reused folder would be of other weights
+            (out_dir / CLASSIFIER_FILE).unlink(missing_ok=True)
     else:
         _write_onnx(model, cfg, dest, quantize)
     _, tcfg, raw = load_config(model_dir)

@@ -248,6 +248,8 @@ def test_a_joint_tflite_export_carries_its_classifier_alone_for_the_lesion_view(
 @litert
 def test_a_model_without_both_heads_exports_no_classifier_file(tmp_path):
     folder = tiny_model_folder(tmp_path / "cls", 1, task="cls")
+    (tmp_path / "ex").mkdir()  # a folder an earlier joint export wrote: its classifier file goes
+    (tmp_path / "ex" / "classifier.tflite").write_bytes(b"of other weights")
     result = export(folder, "--out", tmp_path / "ex", "--format", "tflite")
     assert result.exit_code == 0, result.output
     assert "classifier" not in json.loads((tmp_path / "ex" / "config.json").read_text())["export"]
