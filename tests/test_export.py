@@ -239,6 +239,12 @@ def test_a_joint_tflite_export_carries_its_classifier_alone_for_the_lesion_view(
     (old / "config.json").write_text(json.dumps(config))
     with pytest.raises(InputError, match="classifier.tflite: missing; its export folder .* is incomplete"):
         load_engine(old)
+    (old / "classifier.tflite").write_bytes(b"not a model")
+    with pytest.raises(InputError, match="classifier.tflite: not a readable TFLite model"):
+        load_engine(old)
+    shutil.copy(out / "model.tflite", old / "classifier.tflite")  # a model, but with a mask output too
+    with pytest.raises(InputError, match="not the model its config.json describes"):
+        load_engine(old)
     config["export"]["classifier"] = {"file": "../classifier.tflite"}
     (old / "config.json").write_text(json.dumps(config))
     with pytest.raises(InputError, match="export.classifier.file must name a file inside the export folder"):
