@@ -15,7 +15,8 @@ names these weights (their sha1), and converts the folder otherwise.
 
 `load_engine` opens any of them as an engine with `predict_on_batch(x) -> {"seg", "cls"}` (raw
 0-255 RGB in, float32 probabilities out), its `cfg`, `name` and `path` (the file it runs),
-which is all inference needs; `write_export` writes
+which is all inference needs; the Keras engine, and the LiteRT engine of an export that carries
+CLASSIFIER_FILE, also `classify(x) -> {"cls"}` without the mask decoder. `write_export` writes
 an export folder. A new format is a writer and an engine class here, nothing elsewhere.
 """
 
