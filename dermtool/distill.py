@@ -13,64 +13,37 @@ partial label ("not melanoma") or none keep their targets: the teacher never inv
 from __future__ import annotations
 
 import hashlib
-import math
 from pathlib import Path
 
 import numpy as np
 
+from dermtool.calibrate import SUM_TOLERANCE
 from dermtool.errors import InputError
-from dermtool.io import read_csv_rows
-
-#: how far a teacher row's probabilities may sum from 1 (the CSV keeps 6 decimals)
-SUM_TOLERANCE = 1e-3
+from dermtool.io import read_class_csv
 
 
-def read_teacher(paths: list[Path], class_names: list[str] | tuple) -> dict[str, np.ndarray]:
-    """image id -> the teacher's probabilities (float32, in `class_names` order), from one or
-    more predictions CSVs.
+def read_teacher(paths: list[Path]) -> dict[str, np.ndarray]:
+    """image id -> the teacher's probabilities (float32, CLASS_NAMES order, rescaled to sum 1),
+    from one or more predictions CSVs, each read and checked as `dermtool score` reads one
+    (`io.read_class_csv`).
 
     Raises:
-        InputError: naming the file and the problem: a header without an image_id column or
-            without one of the classes, a probability that is not a number in [0, 1], a row
-            whose probabilities do not sum to 1, or an image id given twice.
+        InputError: naming the file and the problem: what `read_class_csv` refuses (columns,
+            numbers in [0, 1], empty ids, repeated ids), a row whose probabilities do not sum to 1
+            (within calibrate's SUM_TOLERANCE: an int8 engine's softmax is quantised), or an
+            image id given in two files.
     """
     table: dict[str, np.ndarray] = {}
     where: dict[str, Path] = {}
-    for path in paths:
-        path = Path(path)
-        rows = read_csv_rows(path, "teacher predictions CSV")
-        if not rows or not rows[0]:
-            raise InputError(f"{path}: the teacher predictions CSV is empty; write it with dermtool infer.")
-        header = [h.strip() for h in rows[0]]
-        missing = [c for c in ("image_id", *class_names) if c not in header]
-        if missing:
-            raise InputError(f"{path}: the teacher predictions CSV has no {', '.join(missing)} column "
-                             f"(dermtool infer writes image_id, {', '.join(class_names)}, label).")
-        id_col, cols = header.index("image_id"), [header.index(c) for c in class_names]
-        for line, row in enumerate(rows[1:], start=2):
-            if not row or not any(cell.strip() for cell in row):
-                continue
-            if len(row) != len(header):
-                raise InputError(f"{path}, line {line}: {len(row)} fields where the header has {len(header)}.")
-            image_id = row[id_col].strip()
-            if not image_id:
-                raise InputError(f"{path}, line {line}: no image id.")
+    for path in map(Path, paths):
+        for image_id, p in read_class_csv(path, role="teacher predictions").items():
             if image_id in table:
-                raise InputError(f"{path}, line {line}: image {image_id!r} has a teacher row already "
-                                 f"(in {where[image_id]}); give each image once.")
-            try:
-                p = np.array([float(row[c]) for c in cols], np.float64)
-            except ValueError:
-                raise InputError(f"{path}, line {line}: the probabilities of {image_id!r} are not all numbers.") from None
-            if not all(math.isfinite(v) and 0.0 <= v <= 1.0 for v in p):
-                raise InputError(f"{path}, line {line}: the probabilities of {image_id!r} must lie in [0, 1].")
+                raise InputError(f"{path}: image {image_id!r} has a teacher row already (in {where[image_id]}); "
+                                 "give each image once.")
             if abs(p.sum() - 1.0) > SUM_TOLERANCE:
-                raise InputError(f"{path}, line {line}: the probabilities of {image_id!r} sum to {p.sum():.4f}, "
-                                 "not 1.")
+                raise InputError(f"{path}: the probabilities of {image_id!r} sum to {p.sum():.4f}, not 1.")
             table[image_id] = (p / p.sum()).astype(np.float32)
             where[image_id] = path
-    if not table:
-        raise InputError(f"{', '.join(str(p) for p in paths)}: no teacher rows (only a header).")
     return table
 
 
@@ -121,7 +94,7 @@ def attach_teacher(data, tcfg, class_names, log, resume: bool = False) -> str:
     if resume and tcfg.teacher_sha256 and digest != tcfg.teacher_sha256:
         raise InputError(f"{', '.join(map(str, paths))}: the teacher predictions changed since this run started; "
                          "a resumed run must learn from the same teacher (start a new run instead).")
-    table = read_teacher(paths, class_names)
+    table = read_teacher(paths)
     ids = [image_id for cache in data.caches for image_id in cache.ids]
     data.soft = teacher_rows(ids, table, len(class_names))
     labelled = (data.labels >= 0) & (data.labels < len(class_names))

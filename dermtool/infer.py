@@ -90,8 +90,8 @@ def _run_model(model, x: np.ndarray, tta: int = 1, batch_size: int | None = None
     4 = the flips, 8 = flips and transposes (the model trained on all 8); each mask is mapped
     back before averaging. A short last batch is padded to `batch_size` so the traced graph is
     reused, not rebuilt. `cls_only`: only the class probabilities are wanted, so an engine that
-    can classify without the mask decoder (`classify`, the Keras engine) runs only its encoder and
-    classifier; any other runs whole and its mask is dropped.
+    can classify without the mask decoder (`classify`: Keras, and LiteRT with an export's
+    classifier.tflite) runs only its encoder and classifier; any other runs whole, its mask dropped.
     """
     n = x.shape[0]
     if batch_size and n < batch_size:
