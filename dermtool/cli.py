@@ -696,8 +696,8 @@ def report_cli(
 def export_cli(
     model: Optional[Path] = typer.Argument(None, help="Model folder (config.json + weights): a run of dermtool train or a bundled model. Default: the bundled model."),
     out: Path = typer.Option(..., "--out", "-o", help="Export folder to write: the model file (model.tflite, model.onnx or saved_model/) and its config.json."),
-    fmt: str = typer.Option(..., "--format", "-f", help="savedmodel (TF Serving, TF.js, any TensorFlow) | tflite (LiteRT: phones, small CPUs) | onnx (onnxruntime)."),
-    quantize: str = typer.Option("none", "--quantize", help="none | float16 | dynamic (int8 weights) | int8 (int8 weights and activations) | mixed (int8 except the input normalisation and the encoder's first stage, float32: int8's speed at dynamic's accuracy). int8 and mixed need --calibration. tflite takes all five, onnx none and dynamic."),
+    fmt: str = typer.Option(..., "--format", "-f", help="savedmodel (TF Serving, TF.js, any TensorFlow) | tflite (LiteRT: phones, small CPUs) | onnx (onnxruntime) | keras (a model folder for dermtool again: with --quantize float16, half the size on disk)."),
+    quantize: str = typer.Option("none", "--quantize", help="none | float16 | dynamic (int8 weights) | int8 (int8 weights and activations) | mixed (int8 except the input normalisation and the encoder's first stage, float32: int8's speed at dynamic's accuracy). int8 and mixed need --calibration. tflite takes all five, onnx none and dynamic, keras none and float16 (weights stored as float16, computed in float32)."),
     calibration: Optional[Path] = typer.Option(None, "--calibration", help="Folder of images that set the int8 activation ranges (a few hundred of the training images)."),
     check: Optional[Path] = typer.Option(None, "--check", help="Labelled folder (images/, masks/, labels.csv): score the Keras and the exported model on it, side by side."),
 ) -> None:
@@ -707,6 +707,8 @@ def export_cli(
     their outputs is printed. With --check DIR both go through dermtool infer and dermtool
     score on DIR, and JAC, BACC and the melanoma AUC are printed side by side. Run the export
     with dermtool infer --model OUT (or OUT/model.tflite, OUT/model.onnx).
+
+    Example: dermtool export runs/joint --out models/joint-f16 --format keras --quantize float16
     """
     from dermtool.export import export
     from dermtool.modelio import CLASSIFIER_FILE

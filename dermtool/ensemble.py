@@ -20,8 +20,6 @@ import dataclasses
 import shutil
 from pathlib import Path
 
-import numpy as np
-
 from dermtool.config import ENSEMBLE_MAX, load_config, save_config
 from dermtool.errors import InputError
 
@@ -48,32 +46,6 @@ def check_members(models: list[Path]) -> None:
                              "joins networks of one architecture and input preparation.")
 
 
-def _halve(path: Path) -> None:
-    """Rewrite a Keras weights file with its float32 arrays stored as float16 (half the size).
-
-    Keras casts them back to the variables' float32 when it loads the file; the model card
-    measures what the rounding changes.
-    """
-    import h5py
-
-    tmp = path.with_name(path.name + ".half")
-    with h5py.File(path, "r") as src, h5py.File(tmp, "w") as dst:
-        for key, value in src.attrs.items():
-            dst.attrs[key] = value
-
-        def copy(name, obj):
-            if isinstance(obj, h5py.Dataset):
-                data = obj[()]
-                dst.create_dataset(name, data=data.astype(np.float16) if data.dtype == np.float32 else data)
-            else:
-                group = dst.require_group(name)
-                for key, value in obj.attrs.items():
-                    group.attrs[key] = value
-
-        src.visititems(copy)
-    tmp.replace(path)
-
-
 def make_ensemble(out: Path, models: list[Path], float16: bool = False, weights=None) -> Path:
     """Write the ensemble of `models` to the new folder `out` (whole or not at all).
 
@@ -92,7 +64,7 @@ def make_ensemble(out: Path, models: list[Path], float16: bool = False, weights=
     # ModelConfig checks the weights as it checks a config.json's: one positive number per member
     cfg = dataclasses.replace(first, members=len(models), temperature=1.0, melanoma_threshold=None,
                               calibration=None, member_weights=None if weights is None else tuple(weights))
-    from dermtool.modelio import load_model  # TensorFlow loads only once the folders and weights agree
+    from dermtool.modelio import halve_weights, load_model  # TensorFlow loads only once the folders and weights agree
     from dermtool.models import build_model, ensemble_members
 
     ensemble = build_model(cfg)
@@ -104,7 +76,7 @@ def make_ensemble(out: Path, models: list[Path], float16: bool = False, weights=
     try:
         ensemble.save_weights(str(staging / "model.weights.h5"))
         if float16:
-            _halve(staging / "model.weights.h5")
+            halve_weights(staging / "model.weights.h5")
         save_config(staging / "config.json", cfg, tcfg, ensemble_of=[str(m) for m in models],
                     weights_dtype="float16" if float16 else "float32")
         if out.exists():

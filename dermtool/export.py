@@ -1,7 +1,8 @@
 """`dermtool export`: write a model for another runtime, then check it against the Keras model.
 
-The file itself is written by `modelio.write_export`; this module adds the two checks a user
-needs before trusting it:
+The file itself is written by `modelio.write_export` (or, for --format keras, a model folder
+again by `modelio.write_keras`: float16 weights); this module adds the two checks a user needs
+before trusting it:
 
 - the largest difference between the exported and the Keras model's outputs on the same inputs
   (the --check images, else the --calibration images, else synthetic lesions);
@@ -24,7 +25,8 @@ from dermtool.config import ModelConfig, load_config
 from dermtool.data import Layout, find_images, resolve_layout
 from dermtool.errors import InputError
 from dermtool.io import read_class_csv, read_json
-from dermtool.modelio import CLASSIFIER_FILE, KerasEngine, check_format, shown_path, load_engine, resolve_model, write_export
+from dermtool.modelio import (CLASSIFIER_FILE, KerasEngine, check_format, shown_path, load_engine, resolve_model, write_export,
+                              write_keras)
 from dermtool.preprocess import prepare
 
 #: images compared output by output right after writing (the whole --check folder is scored)
@@ -132,10 +134,11 @@ def check_folder(check_dir: Path, cfg: ModelConfig) -> Layout:
     return layout
 
 
-def check_target(folder: Path, out_dir: Path) -> None:
+def check_target(folder: Path, out_dir: Path, fmt: str = "tflite") -> None:
     """Refuse an --out the export would damage: a file, the model folder itself, or any other
     model folder (its config.json would become the export's, and the folder would then run the
-    exported file instead of its weights). An earlier export's folder may be overwritten."""
+    exported file instead of its weights). An earlier export's folder may be overwritten; a
+    --format keras copy is a model folder, written only into a new or empty folder."""
     if out_dir.exists() and not out_dir.is_dir():
         raise InputError(f"{out_dir}: exists and is a file; --out is a folder (it gets the model file and its config.json).")
     if out_dir.suffix.lower() in (".tflite", ".onnx"):
@@ -143,6 +146,9 @@ def check_target(folder: Path, out_dir: Path) -> None:
     if out_dir.resolve() == folder.resolve():
         raise InputError(f"{out_dir}: is the model folder itself; its config.json would be replaced by the export's. "
                          f"Write the export into a folder of its own, e.g. --out {out_dir / 'litert'}.")
+    if fmt == "keras" and out_dir.is_dir() and any(out_dir.iterdir()):
+        raise InputError(f"{out_dir}: already exists and is not empty; --format keras writes a model folder, "
+                         "so name a new folder for it.")
     config = out_dir / "config.json"
     if config.exists():
         try:
@@ -163,7 +169,7 @@ def export(model_dir: Path, out_dir: Path, fmt: str, quantize: str = "none", cal
         raise InputError(f"{model_dir}: already an export; export from the model folder (config.json + weights).")
     out_dir = Path(out_dir)
     check_format(fmt, quantize, calibration is not None)
-    check_target(folder, out_dir)
+    check_target(folder, out_dir, fmt)
     cfg, _, _ = load_config(folder)
     if check is not None:  # every input is checked before any work: a refusal leaves nothing behind
         check_folder(check, cfg)
@@ -171,8 +177,11 @@ def export(model_dir: Path, out_dir: Path, fmt: str, quantize: str = "none", cal
     started = time.perf_counter()
     fresh = not out_dir.exists()
     try:
-        path = write_export(folder, out_dir, fmt, quantize, calib,
-                            calibration_from=shown_path(calibration) if calibration else None)
+        if fmt == "keras":
+            path = write_keras(folder, out_dir, quantize) / "model.weights.h5"
+        else:
+            path = write_export(folder, out_dir, fmt, quantize, calib,
+                                calibration_from=shown_path(calibration) if calibration else None)
     except BaseException:
         if fresh:  # a half-written export must not look like one
             shutil.rmtree(out_dir, ignore_errors=True)
@@ -189,6 +198,8 @@ def export(model_dir: Path, out_dir: Path, fmt: str, quantize: str = "none", cal
     else:
         x = synthetic_inputs(cfg)
     difference = compare_outputs(KerasEngine(folder), load_engine(out_dir), x, cfg.threshold)
+    if fmt != "tflite":  # only a TFLite export carries a classifier file of its own to check
+        difference.pop("classifier", None)
     report = ExportReport(path, size, seconds, difference)
     if check is not None:
         log(f"scoring the Keras and the exported model on {check} ...")

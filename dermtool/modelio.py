@@ -18,6 +18,8 @@ names these weights (their sha1), and converts the folder otherwise.
 which is all inference needs; the Keras engine, and the LiteRT engine of an export that carries
 CLASSIFIER_FILE, also `classify(x) -> {"cls"}` without the mask decoder. `write_export` writes
 an export folder. A new format is a writer and an engine class here, nothing elsewhere.
+`write_keras` writes a model folder again (`dermtool export --format keras`), its weights
+stored as float16 if asked: half the size on disk, computing in float32 as before.
 """
 
 from __future__ import annotations
@@ -40,7 +42,10 @@ from dermtool.io import read_json
 WEIGHT_NAMES = ("best.weights.h5", "model.weights.h5", "last.weights.h5")
 #: export format -> the file or folder it writes inside the export folder
 FORMATS = {"tflite": "model.tflite", "onnx": "model.onnx", "savedmodel": "saved_model"}
-QUANTIZE = {"tflite": ("none", "float16", "dynamic", "int8", "mixed"), "onnx": ("none", "dynamic"), "savedmodel": ("none",)}
+QUANTIZE = {"tflite": ("none", "float16", "dynamic", "int8", "mixed"), "onnx": ("none", "dynamic"), "savedmodel": ("none",),
+            "keras": ("none", "float16")}
+#: what `dermtool export --format` takes: the FORMATS, and keras (a model folder again, `write_keras`)
+EXPORT_FORMATS = (*FORMATS, "keras")
 #: --engine choices; a model folder converted for litert/onnx uses this quantisation
 ENGINES = ("keras", "litert", "onnx", "savedmodel")
 ENGINE_QUANTIZE = {"litert": "dynamic", "onnx": "none", "savedmodel": "none"}
@@ -480,8 +485,8 @@ def _write_onnx(model, cfg: ModelConfig, dest: Path, quantize: str) -> None:
 
 def check_format(fmt: str, quantize: str, calibrated: bool) -> None:
     """Refuse a format, a quantisation it does not take, or int8/mixed without calibration images."""
-    if fmt not in FORMATS:
-        raise InputError(f"--format must be one of {', '.join(FORMATS)}, not {fmt!r}.")
+    if fmt not in EXPORT_FORMATS:
+        raise InputError(f"--format must be one of {', '.join(EXPORT_FORMATS)}, not {fmt!r}.")
     if quantize not in QUANTIZE[fmt]:
         raise InputError(f"--quantize {quantize} is not available for {fmt} (choose {', '.join(QUANTIZE[fmt])}).")
     if quantize in ("int8", "mixed") and not calibrated:
@@ -522,6 +527,61 @@ def write_export(model_dir: Path, out_dir: Path, fmt: str, quantize: str = "none
     save_config(out_dir / "config.json", cfg, tcfg, export=export_description(cfg, fmt, quantize, model_dir, calibration, calibration_from),
                 **{k: raw[k] for k in ("best_epoch", "best_metric") if k in raw})
     return dest
+
+
+def write_keras(model_dir: Path, out_dir: Path, quantize: str = "none") -> Path:
+    """Write `out_dir` as a model folder of its own: `model_dir`'s config.json and weights
+    (model.weights.h5), the weights stored as float16 with quantize="float16".
+
+    float16 halves the file; Keras casts the values back to the float32 variables when it loads
+    them, so the model computes in float32 as before, on weights rounded to 11 significant bits
+    (`dermtool export` then prints what that changes in the outputs). The folder carries no
+    exports: a carried litert/ was written from the other weights (export it again from here).
+    Its config.json records the source and its sha1 under "copied_from".
+
+    Returns: `out_dir`.
+    """
+    check_format("keras", quantize, False)
+    model_dir, out_dir = Path(model_dir), Path(out_dir)
+    cfg, tcfg, raw = load_config(model_dir)
+    source = weights_file(model_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    dest = out_dir / "model.weights.h5"
+    shutil.copyfile(source, dest)
+    if quantize == "float16":
+        halve_weights(dest)
+    kept = {k: v for k, v in raw.items() if k not in ("model", "train", "export", "weights_dtype", "copied_from")}
+    dtype = "float16" if quantize == "float16" else raw.get("weights_dtype", "float32")
+    save_config(out_dir / "config.json", cfg, tcfg, **kept, weights_dtype=dtype,
+                copied_from={"source": shown_path(model_dir), "source_sha1": model_fingerprint(model_dir),
+                             "quantize": quantize, "dermtool_version": __version__})
+    return out_dir
+
+
+def halve_weights(path: Path) -> None:
+    """Rewrite a Keras weights file with its float32 arrays stored as float16 (half the size).
+
+    Keras casts them back to the variables' float32 when it loads the file.
+    """
+    import h5py
+
+    path = Path(path)
+    tmp = path.with_name(path.name + ".half")
+    with h5py.File(path, "r") as src, h5py.File(tmp, "w") as dst:
+        for key, value in src.attrs.items():
+            dst.attrs[key] = value
+
+        def copy(name, obj):
+            if isinstance(obj, h5py.Dataset):
+                data = obj[()]
+                dst.create_dataset(name, data=data.astype(np.float16) if data.dtype == np.float32 else data)
+            else:
+                group = dst.require_group(name)
+                for key, value in obj.attrs.items():
+                    group.attrs[key] = value
+
+        src.visititems(copy)
+    tmp.replace(path)
 
 
 def export_description(cfg: ModelConfig, fmt: str, quantize: str, source: Path,

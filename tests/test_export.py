@@ -434,6 +434,46 @@ def test_check_scores_both_models_through_infer_and_score(tiny, images, tmp_path
     assert rows["JAC"][0] == rows["JAC"][1]  # float32: the same masks, the same score
 
 
+@pytest.mark.parametrize("quantize", ["none", "float16"])
+def test_format_keras_writes_a_model_folder_again_with_float16_weights_if_asked(quantize, tiny, images, tmp_path):
+    import h5py
+
+    from dermtool.modelio import model_fingerprint
+
+    out = tmp_path / "copy"
+    result = export(tiny, "--out", out, "--format", "keras", "--quantize", quantize)
+    assert result.exit_code == 0, result.output
+    text = " ".join(result.output.split())
+    assert f"wrote {out / 'model.weights.h5'} (" in text and "classifier.tflite" not in text
+    assert sorted(p.name for p in out.iterdir()) == ["config.json", "model.weights.h5"]
+    dtypes = set()
+    with h5py.File(out / "model.weights.h5") as fh:
+        fh.visititems(lambda n, o: dtypes.add(o.dtype) if isinstance(o, h5py.Dataset) else None)
+    assert dtypes == {np.dtype("float16" if quantize == "float16" else "float32")}
+    raw, source = json.loads((out / "config.json").read_text()), json.loads((tiny / "config.json").read_text())
+    assert raw["model"] == source["model"] and "export" not in raw
+    assert raw["weights_dtype"] == ("float16" if quantize == "float16" else "float32")
+    assert raw["copied_from"]["source_sha1"] == model_fingerprint(tiny) and raw["copied_from"]["quantize"] == quantize
+    # a model folder like any other: infer runs it, and float16 moves the probabilities only a little
+    assert infer(images / "images", "--out", tmp_path / "a", "--model", tiny).exit_code == 0
+    assert infer(images / "images", "--out", tmp_path / "b", "--model", out).exit_code == 0
+    def probs(path: Path) -> dict:
+        with open(path, newline="") as fh:
+            return {r["image_id"]: [float(r["melanoma"]), float(r["seborrheic_keratosis"])] for r in csv.DictReader(fh)}
+
+    a, b = probs(tmp_path / "a" / "predictions.csv"), probs(tmp_path / "b" / "predictions.csv")
+    assert a.keys() == b.keys() and len(a) == 6
+    pa, pb = np.array([a[k] for k in sorted(a)]), np.array([b[k] for k in sorted(b)])
+    if quantize == "none":
+        np.testing.assert_array_equal(pa, pb)
+    else:
+        assert not np.array_equal(pa, pb)  # rounded weights: not the same bits
+        np.testing.assert_allclose(pa, pb, atol=0.01)
+    # the largest difference printed is the one between the two models' outputs
+    largest = float(text.split("cls ")[1].split(",")[0].split()[0])
+    assert (largest == 0.0) == (quantize == "none")
+
+
 # --- errors -------------------------------------------------------------------------------------
 
 
@@ -480,7 +520,7 @@ def test_a_corrupt_or_foreign_model_is_one_clear_error(case, exports, images, tm
 
 
 @pytest.mark.parametrize("case", ["int8_without_calibration", "mixed_without_calibration", "onnx_float16", "unknown_format", "export_of_export",
-                                  "out_is_a_file_name", "engine_mismatch"])
+                                  "out_is_a_file_name", "engine_mismatch", "keras_dynamic", "keras_into_a_used_folder"])
 def test_bad_export_requests_are_one_clear_error(case, tiny, exports, images, tmp_path):
     out = tmp_path / "out"
     args = {
@@ -492,6 +532,8 @@ def test_bad_export_requests_are_one_clear_error(case, tiny, exports, images, tm
         "out_is_a_file_name": ["export", tiny, "--out", tmp_path / "model.tflite", "--format", "tflite"],
         "engine_mismatch": ["infer", images / "images", "--out", out, "--model", exports("savedmodel"),
                             "--engine", "onnx"],
+        "keras_dynamic": ["export", tiny, "--out", out, "--format", "keras", "--quantize", "dynamic"],
+        "keras_into_a_used_folder": ["export", tiny, "--out", images, "--format", "keras", "--quantize", "float16"],
     }[case]
     _one_line_error(runner.invoke(app, [str(a) for a in args]))
 
