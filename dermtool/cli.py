@@ -695,7 +695,7 @@ def report_cli(
 @app.command("export")
 def export_cli(
     model: Optional[Path] = typer.Argument(None, help="Model folder (config.json + weights): a run of dermtool train or a bundled model. Default: the bundled model."),
-    out: Path = typer.Option(..., "--out", "-o", help="Export folder to write: the model file (model.tflite, model.onnx or saved_model/) and its config.json."),
+    out: Path = typer.Option(..., "--out", "-o", help="Export folder to write: the model file (model.tflite, model.onnx, saved_model/ or, for keras, model.weights.h5) and its config.json."),
     fmt: str = typer.Option(..., "--format", "-f", help="savedmodel (TF Serving, TF.js, any TensorFlow) | tflite (LiteRT: phones, small CPUs) | onnx (onnxruntime) | keras (a model folder for dermtool again: with --quantize float16, half the size on disk)."),
     quantize: str = typer.Option("none", "--quantize", help="none | float16 | dynamic (int8 weights) | int8 (int8 weights and activations) | mixed (int8 except the input normalisation and the encoder's first stage, float32: int8's speed at dynamic's accuracy). int8 and mixed need --calibration. tflite takes all five, onnx none and dynamic, keras none and float16 (weights stored as float16, computed in float32)."),
     calibration: Optional[Path] = typer.Option(None, "--calibration", help="Folder of images that set the int8 activation ranges (a few hundred of the training images)."),

@@ -143,12 +143,12 @@ def check_target(folder: Path, out_dir: Path, fmt: str = "tflite") -> None:
         raise InputError(f"{out_dir}: exists and is a file; --out is a folder (it gets the model file and its config.json).")
     if out_dir.suffix.lower() in (".tflite", ".onnx"):
         raise InputError(f"{out_dir}: --out is a folder (it gets the model file and its config.json).")
-    if out_dir.resolve() == folder.resolve():
-        raise InputError(f"{out_dir}: is the model folder itself; its config.json would be replaced by the export's. "
-                         f"Write the export into a folder of its own, e.g. --out {out_dir / 'litert'}.")
     if fmt == "keras" and out_dir.is_dir() and any(out_dir.iterdir()):
         raise InputError(f"{out_dir}: already exists and is not empty; --format keras writes a model folder, "
                          "so name a new folder for it.")
+    if out_dir.resolve() == folder.resolve():
+        raise InputError(f"{out_dir}: is the model folder itself; its config.json would be replaced by the export's. "
+                         f"Write the export into a folder of its own, e.g. --out {out_dir / 'litert'}.")
     config = out_dir / "config.json"
     if config.exists():
         try:

@@ -520,7 +520,8 @@ def test_a_corrupt_or_foreign_model_is_one_clear_error(case, exports, images, tm
 
 
 @pytest.mark.parametrize("case", ["int8_without_calibration", "mixed_without_calibration", "onnx_float16", "unknown_format", "export_of_export",
-                                  "out_is_a_file_name", "engine_mismatch", "keras_dynamic", "keras_into_a_used_folder"])
+                                  "out_is_a_file_name", "engine_mismatch", "keras_dynamic", "keras_into_a_used_folder",
+                                  "keras_into_its_own_folder"])
 def test_bad_export_requests_are_one_clear_error(case, tiny, exports, images, tmp_path):
     out = tmp_path / "out"
     args = {
@@ -534,6 +535,7 @@ def test_bad_export_requests_are_one_clear_error(case, tiny, exports, images, tm
                             "--engine", "onnx"],
         "keras_dynamic": ["export", tiny, "--out", out, "--format", "keras", "--quantize", "dynamic"],
         "keras_into_a_used_folder": ["export", tiny, "--out", images, "--format", "keras", "--quantize", "float16"],
+        "keras_into_its_own_folder": ["export", tiny, "--out", tiny, "--format", "keras", "--quantize", "float16"],
     }[case]
     _one_line_error(runner.invoke(app, [str(a) for a in args]))
 
