@@ -545,6 +545,7 @@ def write_keras(model_dir: Path, out_dir: Path, quantize: str = "none") -> Path:
     model_dir, out_dir = Path(model_dir), Path(out_dir)
     cfg, tcfg, raw = load_config(model_dir)
     source = weights_file(model_dir)
+    load_model(model_dir)  # weights that do not fit their config.json are refused before anything is written
     out_dir.mkdir(parents=True, exist_ok=True)
     dest = out_dir / "model.weights.h5"
     shutil.copyfile(source, dest)

@@ -521,7 +521,7 @@ def test_a_corrupt_or_foreign_model_is_one_clear_error(case, exports, images, tm
 
 @pytest.mark.parametrize("case", ["int8_without_calibration", "mixed_without_calibration", "onnx_float16", "unknown_format", "export_of_export",
                                   "out_is_a_file_name", "engine_mismatch", "keras_dynamic", "keras_into_a_used_folder",
-                                  "keras_into_its_own_folder"])
+                                  "keras_into_its_own_folder", "keras_of_weights_that_do_not_fit"])
 def test_bad_export_requests_are_one_clear_error(case, tiny, exports, images, tmp_path):
     out = tmp_path / "out"
     args = {
@@ -536,8 +536,14 @@ def test_bad_export_requests_are_one_clear_error(case, tiny, exports, images, tm
         "keras_dynamic": ["export", tiny, "--out", out, "--format", "keras", "--quantize", "dynamic"],
         "keras_into_a_used_folder": ["export", tiny, "--out", images, "--format", "keras", "--quantize", "float16"],
         "keras_into_its_own_folder": ["export", tiny, "--out", tiny, "--format", "keras", "--quantize", "float16"],
+        "keras_of_weights_that_do_not_fit": ["export", tmp_path / "bad", "--out", out, "--format", "keras", "--quantize", "float16"],
     }[case]
+    if case == "keras_of_weights_that_do_not_fit":  # a 32 px config beside weights of another network
+        (tmp_path / "bad").mkdir()
+        shutil.copy(tiny / "config.json", tmp_path / "bad" / "config.json")
+        keras.Sequential([keras.Input((8,)), keras.layers.Dense(2)]).save_weights(str(tmp_path / "bad" / "model.weights.h5"))
     _one_line_error(runner.invoke(app, [str(a) for a in args]))
+    assert not out.exists()  # nothing half-written
 
 
 @onnx
