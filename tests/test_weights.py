@@ -28,6 +28,22 @@ def test_the_bundled_folder_describes_itself(bundled):
     assert cfg.class_names == ("melanoma", "seborrheic_keratosis", "nevus")
 
 
+#: issue 17: the bundled folder, its carried LiteRT export included, stays within 25 MB
+BUNDLE_LIMIT_BYTES = 25_000_000
+
+
+def test_the_bundled_folder_stays_small_and_says_how_its_weights_are_stored(bundled):
+    import h5py
+
+    folder = bundled[0]
+    assert sum(p.stat().st_size for p in folder.rglob("*") if p.is_file()) <= BUNDLE_LIMIT_BYTES
+    dtypes = set()
+    with h5py.File(folder / "model.weights.h5") as fh:
+        fh.visititems(lambda n, o: dtypes.add(o.dtype.name) if isinstance(o, h5py.Dataset) else None)
+    # config.json says what the file holds (float16: `dermtool export --format keras --quantize float16`)
+    assert dtypes == {load_config(folder)[2].get("weights_dtype", "float32")}
+
+
 def test_the_bundled_model_predicts_a_mask_and_class_probabilities(bundled, tmp_path):
     folder, model, cfg = bundled
     rgb, _, _ = make_lesion(300, 400, np.random.default_rng(5))
