@@ -457,6 +457,7 @@ def test_format_keras_writes_a_model_folder_again_with_float16_weights_if_asked(
     # a model folder like any other: infer runs it, and float16 moves the probabilities only a little
     assert infer(images / "images", "--out", tmp_path / "a", "--model", tiny).exit_code == 0
     assert infer(images / "images", "--out", tmp_path / "b", "--model", out).exit_code == 0
+
     def probs(path: Path) -> dict:
         with open(path, newline="") as fh:
             return {r["image_id"]: [float(r["melanoma"]), float(r["seborrheic_keratosis"])] for r in csv.DictReader(fh)}
