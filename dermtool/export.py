@@ -76,25 +76,26 @@ def synthetic_inputs(cfg: ModelConfig, n: int = 8) -> np.ndarray:
     return np.stack([make_lesion(cfg.input_size, cfg.input_size, rng)[0] for _ in range(n)]).astype(np.float32)
 
 
-def compare_outputs(reference, engine, x: np.ndarray, threshold: float, batch_size: int = 8) -> dict:
+def compare_outputs(reference, engine, x: np.ndarray, threshold: float, batch_size: int = 8,
+                    classifier: bool = True) -> dict:
     """Largest absolute difference per output over the images `x`, and the share of mask pixels
-    on the other side of `threshold` (what a probability difference does to a mask)."""
+    on the other side of `threshold` (what a probability difference does to a mask). With
+    `classifier`, an engine's `classify` (an export's classifier-only file) is checked alike."""
     diff: dict = {"images": int(len(x))}
     changed = total = 0
+    classify = getattr(engine, "classify", None) if classifier else None
     for i in range(0, len(x), batch_size):
-        a, b = reference.predict_on_batch(x[i:i + batch_size]), engine.predict_on_batch(x[i:i + batch_size])
+        xb = x[i:i + batch_size]
+        a, b = reference.predict_on_batch(xb), engine.predict_on_batch(xb)
         for key in a:
             diff[key] = max(diff.get(key, 0.0), float(np.abs(a[key] - b[key]).max()))
         if "seg" in a:
             changed += int(np.count_nonzero((a["seg"] > threshold) != (b["seg"] > threshold)))
             total += a["seg"].size
+        if classify is not None:
+            diff["classifier"] = max(diff.get("classifier", 0.0), float(np.abs(a["cls"] - classify(xb)["cls"]).max()))
     if total:
         diff["mask_pixels_changed"] = changed / total
-    classify = getattr(engine, "classify", None)
-    if classify is not None:  # the export's classifier-only file, checked alike
-        for i in range(0, len(x), batch_size):
-            a, b = reference.predict_on_batch(x[i:i + batch_size]), classify(x[i:i + batch_size])
-            diff["classifier"] = max(diff.get("classifier", 0.0), float(np.abs(a["cls"] - b["cls"]).max()))
     return diff
 
 
@@ -197,9 +198,9 @@ def export(model_dir: Path, out_dir: Path, fmt: str, quantize: str = "none", cal
         x = calib[:COMPARE_IMAGES]
     else:
         x = synthetic_inputs(cfg)
-    difference = compare_outputs(KerasEngine(folder), load_engine(out_dir), x, cfg.threshold)
-    if fmt != "tflite":  # only a TFLite export carries a classifier file of its own to check
-        difference.pop("classifier", None)
+    # only a TFLite export carries a classifier file of its own; a keras copy's is its own graph
+    difference = compare_outputs(KerasEngine(folder), load_engine(out_dir), x, cfg.threshold,
+                                 classifier=fmt == "tflite")
     report = ExportReport(path, size, seconds, difference)
     if check is not None:
         log(f"scoring the Keras and the exported model on {check} ...")
