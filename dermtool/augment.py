@@ -26,6 +26,12 @@ An augmentation is a set of groups joined by "+" (`--augment flips+geometry+colo
 - `pair-flips` (with `train --consistency` only): the second image of each consistency pair also
   gets its own one of the 7 other symmetries, so the pair loss ties the diagnosis of a lesion
   across orientations too, what `infer --tta 8` averages out at 8x the work.
+- `pair-anchor` (with `train --consistency` only): the first image of each pair skips the
+  resampling chain, the noise and the shift (it is the image as `infer` would see it), and the
+  pair loss pulls only the second copy's prediction toward the first's, which is held fixed
+  (`dermtool.losses.PairConsistentCrossentropy`): the copy learns to answer as the image does,
+  instead of the two meeting halfway. The random draws are those of the plain pairs, so the
+  second copies are exactly theirs.
 - `mixup` (models with a classifier): half of the images are blended with another image of the
   batch, x = l * x_i + (1 - l) * x_j, and their diagnosis targets alike, with l ~ Beta(0.4, 0.4)
   taken as max(l, 1 - l) so the image's own lesion always dominates (Zhang et al. 2018). Its mask
@@ -46,7 +52,10 @@ import math
 import numpy as np
 from PIL import Image, ImageFilter
 
-GROUPS = ("flips", "color", "color-strong", "lesion-crop", "geometry", "chain", "cutout", "pair-flips", "mixup")
+GROUPS = ("flips", "color", "color-strong", "lesion-crop", "geometry", "chain", "cutout", "pair-flips", "pair-anchor",
+          "mixup")
+#: the groups only consistency pairs have (`augment_pairs`; `train --consistency`)
+PAIR_GROUPS = ("pair-flips", "pair-anchor")
 LESION_MARGIN = 0.15  # the view infer classifies: the lesion's box plus 15 % of its size on each side
 LESION_MIN_SIDE = 0.25  # no closer than a quarter of the frame (a speck is not worth a view)
 #: infer's lesion view needs a mask of at least this share of the frame: a few stray pixels are no
@@ -104,7 +113,7 @@ def augment_batch(images: np.ndarray, masks: np.ndarray | None, rng: np.random.G
     Returns:
         (float32 images in 0..255, masks, the dihedral code drawn for each sample).
     """
-    groups = tuple(g for g in parse_groups(mode) if g != "pair-flips")  # augment_pairs' own
+    groups = tuple(g for g in parse_groups(mode) if g not in PAIR_GROUPS)  # augment_pairs' own
     n = images.shape[0]
     codes = np.zeros(n, np.int64)
     if not groups:
@@ -154,13 +163,15 @@ def augment_pairs(images: np.ndarray, masks: np.ndarray | None, rng: np.random.G
     apart their predictions are teaches the model to ignore the chain. Colour is applied before
     the chain here (acquisition, then copy); the chain is drawn for every pair, whether or not
     `mode` names it. With `pair-flips` in `mode`, row 2i + 1 is then also turned by its own one of
-    the 7 symmetries other than the identity, its mask with it.
+    the 7 symmetries other than the identity, its mask with it. With `pair-anchor`, row 2i is the
+    image before the chain, noise and shift (they are still drawn, so row 2i + 1 is unchanged).
 
     Returns (float32 images, masks and dihedral codes), 2N rows each.
     """
-    turn = "pair-flips" in parse_groups(mode)
-    groups = [g for g in parse_groups(mode) if g not in ("chain", "pair-flips")]
+    turn, anchor = "pair-flips" in parse_groups(mode), "pair-anchor" in parse_groups(mode)
+    groups = [g for g in parse_groups(mode) if g not in ("chain", *PAIR_GROUPS)]
     base, masks, codes = augment_batch(images, masks, rng, "+".join(groups) or "none")
+    base_masks = masks
     once = np.clip(np.rint(base), 0, 255).astype(np.uint8)
     views = np.stack([resampling_chain(im, rng) for im in np.repeat(once, 2, axis=0)]).astype(np.float32)
     masks = None if masks is None else np.repeat(masks, 2, axis=0)
@@ -168,6 +179,10 @@ def augment_pairs(images: np.ndarray, masks: np.ndarray | None, rng: np.random.G
         views[i], shifted = pixel_jitter(views[i], None if masks is None else masks[i], rng)
         if masks is not None:
             masks[i] = shifted
+    if anchor:  # the first of each pair as it was before the chain; its draws above are discarded
+        views[0::2] = once
+        if masks is not None:
+            masks[0::2] = base_masks
     codes = np.repeat(codes, 2)
     if turn:
         extra = rng.integers(1, 8, size=len(images))  # never the identity: every pair differs in orientation

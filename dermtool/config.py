@@ -266,9 +266,10 @@ class TrainConfig:
                 and 0 <= self.consistency <= CONSISTENCY_MAX):
             raise InputError(f"train.consistency must be a weight from 0 (off) to {CONSISTENCY_MAX:g}, "
                              f"not {self.consistency!r}")
-        if "pair-flips" in str(self.augment).split("+") and not self.consistency:
-            raise InputError("train.augment: pair-flips turns the second image of each consistency pair, so it "
-                             "needs --consistency (a weight above 0)")
+        for group in ("pair-flips", "pair-anchor"):
+            if group in str(self.augment).split("+") and not self.consistency:
+                raise InputError(f"train.augment: {group} changes the consistency pairs, so it needs "
+                                 "--consistency (a weight above 0)")
         if not (isinstance(self.distill, (int, float)) and not isinstance(self.distill, bool)
                 and 0 <= self.distill <= 1):
             raise InputError(f"train.distill must be the teacher's share of the targets, from 0 (off) to 1, "

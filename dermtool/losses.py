@@ -98,11 +98,18 @@ class PairConsistentCrossentropy(WeightedCategoricalCrossentropy):
 
     Every row carries its pair's divergence, labelled or not, so Keras's mean over the batch adds
     `consistency` x the mean divergence over the pairs. The batch must have an even number of rows.
+
+    With `anchored` (`--augment ...+pair-anchor`: row 2i is the image itself, row 2i + 1 a copy),
+    the divergence is KL(a || b) with row 2i's prediction a held fixed (no gradient): the copy's
+    prediction b moves toward the image's, and the image's answer is left to the classification
+    loss alone.
     """
 
-    def __init__(self, class_weights=(1.0, 1.0, 1.0), consistency: float = 1.0, name: str = "cls_loss", **kwargs):
+    def __init__(self, class_weights=(1.0, 1.0, 1.0), consistency: float = 1.0, anchored: bool = False,
+                 name: str = "cls_loss", **kwargs):
         super().__init__(class_weights=class_weights, name=name, **kwargs)
         self.consistency = float(consistency)
+        self.anchored = bool(anchored)
 
     def call(self, y_true, y_pred):
         eps = keras.config.epsilon()
@@ -110,21 +117,26 @@ class PairConsistentCrossentropy(WeightedCategoricalCrossentropy):
         n_classes = ops.shape(y_pred)[-1]
         p2, log_p2 = ops.reshape(y_pred, (-1, 2, n_classes)), ops.reshape(log_p, (-1, 2, n_classes))
         a, b = p2[:, 0], p2[:, 1]
-        diff = log_p2[:, 0] - log_p2[:, 1]
-        divergence = 0.5 * ops.sum((a - b) * diff, axis=-1)  # (KL(a||b) + KL(b||a)) / 2
+        if self.anchored:  # KL(a || b), a a fixed target
+            a, log_a = ops.stop_gradient(a), ops.stop_gradient(log_p2[:, 0])
+            divergence = ops.sum(a * (log_a - log_p2[:, 1]), axis=-1)
+        else:
+            diff = log_p2[:, 0] - log_p2[:, 1]
+            divergence = 0.5 * ops.sum((a - b) * diff, axis=-1)  # (KL(a||b) + KL(b||a)) / 2
         per_row = ops.reshape(ops.repeat(divergence[:, None], 2, axis=1), (-1,))
         return super().call(y_true, y_pred) + self.consistency * per_row
 
     def get_config(self):
-        return {**super().get_config(), "consistency": self.consistency}
+        return {**super().get_config(), "consistency": self.consistency, "anchored": self.anchored}
 
 
-def with_consistency(losses: dict, consistency: float) -> dict:
+def with_consistency(losses: dict, consistency: float, anchored: bool = False) -> dict:
     """The training losses under `train --consistency`: the classifier's becomes pair-consistent
-    (validation keeps the plain one, as its images come one at a time)."""
+    (validation keeps the plain one, as its images come one at a time); `anchored` under
+    `--augment ...+pair-anchor`."""
     if not consistency or "cls" not in losses:
         return losses
-    return {**losses, "cls": PairConsistentCrossentropy(losses["cls"].class_weights, consistency)}
+    return {**losses, "cls": PairConsistentCrossentropy(losses["cls"].class_weights, consistency, anchored)}
 
 
 def build_losses(has_seg: bool, has_cls: bool, alpha: float, dice: bool, class_weights) -> tuple[dict, dict]:

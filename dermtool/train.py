@@ -500,7 +500,8 @@ def train(cfg: ModelConfig, tcfg: TrainConfig, train_cache, val_cache, out_dir: 
         apply_freeze(model, tcfg.freeze)
         losses, loss_weights = build_losses(cfg.has_seg, cfg.has_cls, tcfg.alpha,
                                             tcfg.seg_loss == "bce+dice", weights or (1, 1, 1))
-        fit_losses = with_consistency(losses, tcfg.consistency)  # validation scores the plain losses
+        fit_losses = with_consistency(losses, tcfg.consistency,  # validation scores the plain losses
+                                      anchored="pair-anchor" in parse_groups(tcfg.augment))
         ema = {"use_ema": True, "ema_momentum": tcfg.ema} if tcfg.ema else {}
         optimizer = keras.optimizers.Adam(tcfg.learning_rate, **ema)
         model.compile(optimizer=optimizer, loss=fit_losses, loss_weights=loss_weights)

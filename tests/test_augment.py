@@ -329,6 +329,24 @@ def test_pair_flips_turn_the_second_copy_and_its_mask_and_report_the_turn():
     np.testing.assert_array_equal(x, again)
 
 
+def test_pair_anchor_keeps_the_first_image_as_it_was_and_the_second_as_the_plain_pairs():
+    images, masks = _batch(8, side=48)
+    plain, plain_m, plain_codes = augment_pairs(images, masks, batch_rng(4, 0, 0), "flips+color+lesion-crop")
+    x, m, codes = augment_pairs(images, masks, batch_rng(4, 0, 0), "flips+color+lesion-crop+pair-anchor")
+    # the same draws: the copies are the plain pairs' second images exactly
+    np.testing.assert_array_equal(x[1::2], plain[1::2])
+    np.testing.assert_array_equal(m[1::2], plain_m[1::2])
+    np.testing.assert_array_equal(codes, plain_codes)
+    # the first of each pair is the crop, flip and colour alone, rounded to 8 bits, with its mask unmoved
+    base, base_m, base_codes = augment_batch(images, masks, batch_rng(4, 0, 0), "flips+color+lesion-crop")
+    np.testing.assert_array_equal(x[0::2], np.clip(np.rint(base), 0, 255))
+    np.testing.assert_array_equal(m[0::2], base_m)
+    np.testing.assert_array_equal(codes[0::2], base_codes)
+    assert np.any(plain[0::2] != x[0::2])  # where the plain pairs had a chain and noise
+    again, _, _ = augment_pairs(images, masks, batch_rng(4, 0, 0), "flips+color+lesion-crop+pair-anchor")
+    np.testing.assert_array_equal(x, again)
+
+
 def test_pair_flips_change_nothing_outside_the_pairs():
     images, masks = _batch(8, side=48)
     a = augment_batch(images, masks, batch_rng(3, 0, 0), "flips+color")

@@ -286,6 +286,32 @@ def test_the_consistency_loss_adds_the_weighted_symmetric_kl_of_each_pair():
         float(WeightedCategoricalCrossentropy()(y, same)), rel=1e-6)
 
 
+def test_the_anchored_consistency_loss_pulls_only_the_copy_toward_the_image():
+    import tensorflow as tf
+
+    from dermtool.losses import PairConsistentCrossentropy, WeightedCategoricalCrossentropy
+
+    y = np.array([[1, 0, 0], [1, 0, 0], [0, 0, 0], [0, 0, 0]], np.float32)  # pair 2 has no label
+    pred = np.array([[0.6, 0.2, 0.2], [0.4, 0.3, 0.3], [0.1, 0.1, 0.8], [0.2, 0.1, 0.7]], np.float32)
+    a, b = pred[0::2].astype(np.float64), pred[1::2].astype(np.float64)
+    kl = np.sum(a * np.log(a / b), axis=1)  # KL(image || copy), each pair
+    plain = float(WeightedCategoricalCrossentropy()(y, pred))
+    loss = PairConsistentCrossentropy((1.0, 1.0, 1.0), 3.0, anchored=True)
+    assert float(loss(y, pred)) == pytest.approx(plain + 3.0 * kl.mean(), rel=1e-5)
+    # the gradient: the image's rows only through their own cross-entropy, the copies' also through the KL
+    x = tf.Variable(pred)
+    with tf.GradientTape() as tape:
+        total = loss(y, x)
+    grad = tape.gradient(total, x).numpy()
+    with tf.GradientTape() as tape:
+        ce = WeightedCategoricalCrossentropy()(y, x)
+    grad_ce = tape.gradient(ce, x).numpy()
+    np.testing.assert_allclose(grad[0::2], grad_ce[0::2], rtol=1e-5, atol=1e-7)
+    # d KL(a || b) / d b = -a / b, times the weight 3, carried by both rows of its pair in the mean over 4
+    np.testing.assert_allclose(grad[1::2], grad_ce[1::2] - 3.0 * a / b * 2 / 4, rtol=1e-4, atol=1e-6)
+    assert PairConsistentCrossentropy.from_config(loss.get_config()).anchored
+
+
 def test_split_prints_a_folder_name_with_brackets_as_it_is(tmp_path):
     from typer.testing import CliRunner
 

@@ -799,6 +799,7 @@ def test_freeze_early_on_lite0_names_the_stages_at_half_and_quarter_size():
     (["--consistency", "-1"], "--consistency must be between 0.0 and 100.0"),
     (["--consistency", "nan"], "--consistency must be between"),
     (["--augment", "flips+pair-flips"], "--augment pair-flips turns the second image of each consistency pair"),
+    (["--augment", "flips+pair-anchor"], "--augment pair-anchor makes the first image of each consistency pair"),
     (["--augment", "flips+mixup", "--task", "seg"], "--augment mixup blends the diagnosis targets of two images"),
 ])
 def test_train_refuses_bad_seg_batch_ema_and_freeze(caches, tmp_path, args, words):
@@ -877,6 +878,7 @@ def one_epoch_seg_run(caches, tmp_path_factory):
     ("progressive", "big", "train.progressive must be a whole number"),
     ("freeze", "head", "train.freeze must be one of"),
     ("consistency", -1, "train.consistency must be a weight from 0 (off) to 100"),
+    ("augment", "flips+pair-anchor", "train.augment: pair-anchor changes the consistency pairs"),
 ])
 def test_a_damaged_train_setting_in_config_json_is_refused_on_resume(one_epoch_seg_run, tmp_path, key, value, words):
     from typer.testing import CliRunner
@@ -929,8 +931,20 @@ def test_consistency_trains_records_its_weight_and_resumes_only_with_it(caches, 
     assert result.exit_code == 2 and "--consistency 2.0" in " ".join(result.output.split())
 
 
-def test_a_joint_run_trains_with_mixup_and_records_it(caches, tmp_path):
-    out = run(caches, tmp_path / "r", "joint", epochs=1, consistency=1.0, augment="flips+mixup")
-    assert load_config(out / "config.json")[1].augment == "flips+mixup"
+@pytest.mark.parametrize("augment", ["flips+mixup", "flips+pair-anchor"])
+def test_a_joint_run_trains_with_mixup_or_anchored_pairs_and_records_it(caches, tmp_path, augment, monkeypatch):
+    import dermtool.losses
+
+    built, real = [], dermtool.losses.with_consistency
+
+    def spy(*args, **kwargs):
+        losses = real(*args, **kwargs)
+        built.append(losses["cls"])
+        return losses
+
+    monkeypatch.setattr(dermtool.losses, "with_consistency", spy)
+    out = run(caches, tmp_path / "r", "joint", epochs=1, consistency=1.0, augment=augment)
+    assert load_config(out / "config.json")[1].augment == augment
+    assert [loss.anchored for loss in built] == ["pair-anchor" in augment]  # the pair loss the run trained with
     row = history(out)[0]
     assert np.isfinite(float(row["loss"])) and np.isfinite(float(row["val_loss"]))
