@@ -266,7 +266,7 @@ class TrainConfig:
                 and 0 <= self.consistency <= CONSISTENCY_MAX):
             raise InputError(f"train.consistency must be a weight from 0 (off) to {CONSISTENCY_MAX:g}, "
                              f"not {self.consistency!r}")
-        for group in ("pair-flips", "pair-anchor"):
+        for group in ("pair-flips", "pair-anchor"):  # dermtool.augment.PAIR_GROUPS, without importing Pillow here
             if group in str(self.augment).split("+") and not self.consistency:
                 raise InputError(f"train.augment: {group} changes the consistency pairs, so it needs "
                                  "--consistency (a weight above 0)")
