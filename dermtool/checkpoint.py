@@ -5,12 +5,18 @@
     RUN/last.weights.h5, best.weights.h5, history.csv
                                     links to the committed checkpoint's files (what `infer --model
                                     RUN` and people read)
+    RUN/epochs/epoch-NNN/           with `train --keep-epochs`: every committed epoch as a model
+                                    folder (config.json + model.weights.h5, a link to its weights)
 
 Epoch N is written into `checkpoints/epoch-NNN.tmp/`, renamed to `checkpoints/epoch-NNN/`, and
 committed by replacing `state.json` (one rename). Until that rename, `state.json` still names
 epoch N-1's complete folder; after it, epoch N's. The links in RUN are refreshed after the
 commit and again on resume or after an interrupt; older checkpoint folders are then removed
 (best.weights.h5 is a hard link, so the best epoch's weights outlive their folder).
+
+A kept epoch's folder is written as `epochs/epoch-NNN.tmp/` and renamed just before the commit;
+`tidy` removes any kept folder of an epoch that was not committed, so after it `epochs/` holds
+the committed epochs only.
 
 Every file operation goes through one of the `WRITERS` below, so a test can interrupt each.
 """
@@ -32,6 +38,7 @@ from dermtool.io import read_csv_rows, read_json
 
 LAST, BEST, OPTIMIZER, HISTORY, STATE = "last.weights.h5", "best.weights.h5", "optimizer.npz", "history.csv", "state.json"
 FOLDER = "checkpoints"
+EPOCHS, MODEL_WEIGHTS, CONFIG = "epochs", "model.weights.h5", "config.json"
 WRITERS = ("_make_dir", "_save_weights", "_save_optimizer", "_link", "_write_text", "_rename", "_remove")
 
 
@@ -131,15 +138,19 @@ def load(run_dir: Path, model, optimizer) -> dict:
 # -- writing --------------------------------------------------------------------------------
 
 def start_fresh(run_dir: Path) -> None:
-    """Remove the checkpoint folders an interrupted first epoch left (none was committed)."""
-    if (Path(run_dir) / FOLDER).exists():
-        _remove(Path(run_dir) / FOLDER)
+    """Remove the checkpoint and kept-epoch folders an interrupted first epoch left (none was committed)."""
+    for name in (FOLDER, EPOCHS):
+        if (Path(run_dir) / name).exists():
+            _remove(Path(run_dir) / name)
 
 
-def commit(run_dir: Path, model, state: dict, row: dict, fields: list[str], improved: bool) -> None:
+def commit(run_dir: Path, model, state: dict, row: dict, fields: list[str], improved: bool,
+           keep: bool = False) -> None:
     """Write epoch `state["epoch"]` as one checkpoint folder and make it the run's state.
 
-    `state` is the state after this epoch; `row` its history.csv row.
+    `state` is the state after this epoch; `row` its history.csv row. `keep`: the epoch's weights
+    also become the model folder `epochs/epoch-NNN` (the run's config.json and a link to the
+    weights), which later epochs leave in place.
     """
     run_dir = Path(run_dir)
     previous = read_state(run_dir)
@@ -155,9 +166,22 @@ def commit(run_dir: Path, model, state: dict, row: dict, fields: list[str], impr
     before = history_text(committed_folder(run_dir, previous), fields, previous["epoch"]) if previous else None
     _write_text(tmp / HISTORY, (before or _header(fields)) + _csv_row(row, fields))
     _rename(tmp, final)
+    if keep:
+        _keep_epoch(run_dir, final, name)
     _write_text(run_dir / (STATE + ".tmp"), json.dumps({**state, "checkpoint": f"{FOLDER}/{name}"}, indent=2))
     _rename(run_dir / (STATE + ".tmp"), run_dir / STATE)  # the commit
     tidy(run_dir)
+
+
+def _keep_epoch(run_dir: Path, checkpoint: Path, name: str) -> None:
+    tmp, final = run_dir / EPOCHS / (name + ".tmp"), run_dir / EPOCHS / name
+    for stale in (tmp, final):  # an earlier, interrupted try at this epoch
+        if stale.exists():
+            _remove(stale)
+    _make_dir(tmp)
+    _link(checkpoint / LAST, tmp / MODEL_WEIGHTS)
+    _write_text(tmp / CONFIG, (run_dir / CONFIG).read_text())
+    _rename(tmp, final)
 
 
 def tidy(run_dir: Path) -> None:
@@ -167,6 +191,12 @@ def tidy(run_dir: Path) -> None:
     """
     run_dir = Path(run_dir)
     state = read_state(run_dir)
+    if (run_dir / EPOCHS).is_dir():  # kept epochs never committed (an interrupt before the commit)
+        committed = state["epoch"] if state else 0
+        for path in sorted((run_dir / EPOCHS).iterdir()):
+            number = path.name[6:] if path.name.startswith("epoch-") else ""
+            if path.name.endswith(".tmp") or (number.isdigit() and int(number) > committed):
+                _remove(path)
     if state is None or "checkpoint" not in state:
         return
     folder = committed_folder(run_dir, state)

@@ -209,6 +209,7 @@ def train_cli(
     seg_batch: int = typer.Option(0, "--seg-batch", help="Joint only: the decoder trains on the first N images of each batch, the encoder and classifier on all of them (0: all). The full-size decoder is a large part of a joint step's cost: 4 of 16 trained 1.24x the images per second, 1.46x with --freeze stem (bench/train_bench.py --recipes, CPU)."),
     progressive: int = typer.Option(0, "--progressive", help="Progressive resizing: train the first epochs on smaller squares, from this side up in steps of 32 px to the model's size, equal shares of the epochs (e.g. 128 at size 192: a third each at 128, 160 and 192). Validation is always at the model's size. 0: off."),
     ema: float = typer.Option(0.0, "--ema", help="Keep an exponential moving average of the weights with this momentum (e.g. 0.99; 0: off); validation and the saved weights use the average."),
+    keep_epochs: bool = typer.Option(False, "--keep-epochs", help="Keep every epoch's weights, not only the best and the last: RUN/epochs/epoch-NNN is then a model folder (config.json + model.weights.h5; the moving average with --ema) that infer --model, export and --init-from take, so an epoch can be chosen afterwards by a check the run's validation does not make. Each epoch costs a weights file's size on disk."),
     consistency: float = typer.Option(0.0, "--consistency", help="Teach the classifier that the resampling chain carries no diagnosis: each batch holds half as many images, each twice through independently drawn down/up-scaling, blur, JPEG re-compression, sensor noise and a shift of up to 2 pixels (same crop, flip and colour), and the loss adds this weight x the symmetric KL divergence between the two predictions (e.g. 3; 0: off). cls and joint; an even --batch-size."),
     teacher: Optional[list[Path]] = typer.Option(None, "--teacher", help="Distillation: a predictions CSV of dermtool infer run over the training images by another model (typically a dermtool ensemble); with --distill its probabilities become part of the classifier's targets. Repeat for several files (each image once). cls and joint."),
     distill: float = typer.Option(0.0, "--distill", help="The teacher's share of the classifier targets: each training image with a true class and a --teacher row learns (1 - w) x its label + w x the teacher's probabilities (e.g. 0.5; 0: off). Partial and missing labels stay as they are."),
@@ -261,6 +262,7 @@ def train_cli(
             seg_loss="bce+dice" if dice else "bce", augment="+".join(parse_groups(augment)) or "none", seed=seed,
             mixed_precision=mixed_precision, strategy=strategy, freeze=freeze, schedule=schedule,
             sampler=sampler, steps_per_epoch=steps_per_epoch, seg_batch=seg_batch, ema=ema, consistency=consistency,
+            keep_epochs=keep_epochs,
             progressive=progressive, teacher=tuple(str(t.resolve()) for t in teacher or ()), distill=distill,
             init_from=str(init_from.resolve()) if init_from else "", command=_command_line(ctx, only_given=resume),
         )
@@ -367,7 +369,7 @@ _RESUME_SETTINGS = {
     "input_chain": ("model", "input_chain"), "seed": ("train", "seed"), "init_from": ("train", "init_from"),
     "freeze": ("train", "freeze"), "mixed_precision": ("train", "mixed_precision"),
     "strategy": ("train", "strategy"), "seg_batch": ("train", "seg_batch"), "ema": ("train", "ema"),
-    "progressive": ("train", "progressive"), "cls_views": ("model", "cls_views"),
+    "keep_epochs": ("train", "keep_epochs"), "progressive": ("train", "progressive"), "cls_views": ("model", "cls_views"),
     "consistency": ("train", "consistency"), "teacher": ("train", "teacher"), "distill": ("train", "distill"),
 }
 

@@ -237,6 +237,7 @@ class TrainConfig:
     seg_batch: int = 0  # joint: the decoder trains on the first N images of each batch (0: all)
     progressive: int = 0  # progressive resizing: the first epochs train at this side, then +32 ... (0: off)
     ema: float = 0.0  # momentum of an exponential moving average of the weights (0: off)
+    keep_epochs: bool = False  # every epoch's weights also kept as a model folder, RUN/epochs/epoch-NNN
     consistency: float = 0.0  # weight of the loss tying two resampling chains of one image together (0: off)
     # distillation (dermtool.distill): the teacher predictions CSVs (absolute paths), a SHA-256 of
     # their bytes (--resume refuses changed teachers) and the teacher's share of the targets
@@ -262,6 +263,8 @@ class TrainConfig:
         if not (isinstance(self.ema, (int, float)) and not isinstance(self.ema, bool)
                 and (self.ema == 0 or 0.5 <= self.ema < 1)):
             raise InputError(f"train.ema must be 0 (off) or a momentum from 0.5 to below 1, not {self.ema!r}")
+        if not isinstance(self.keep_epochs, bool):
+            raise InputError(f"train.keep_epochs must be true or false, not {self.keep_epochs!r}")
         if not (isinstance(self.consistency, (int, float)) and not isinstance(self.consistency, bool)
                 and 0 <= self.consistency <= CONSISTENCY_MAX):
             raise InputError(f"train.consistency must be a weight from 0 (off) to {CONSISTENCY_MAX:g}, "

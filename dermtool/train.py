@@ -701,7 +701,8 @@ class EpochEnd(keras.callbacks.Callback):
         row["seconds"] = round(time.perf_counter() - self.started, 1)
         st["epoch"] = epoch + 1
         prefixes = self.prefixes if self.vals else []
-        checkpoint.commit(self.out_dir, self.m, st, row, history_fields(prefixes), improved)
+        checkpoint.commit(self.out_dir, self.m, st, row, history_fields(prefixes), improved,
+                          keep=self.tcfg.keep_epochs)
         if self.tcfg.ema:
             swap_ema(self.m, self.m.optimizer)
             # fit ends by putting the average into the model (Keras' finalize_variable_values); the

@@ -347,6 +347,35 @@ def weights_of(path: Path, cfg) -> list[np.ndarray]:
     return model.get_weights()
 
 
+def test_keep_epochs_keeps_each_epoch_as_a_model_folder_that_infer_runs(caches, tmp_path):
+    """train --keep-epochs: epochs/epoch-NNN holds epoch N's weights (a one-epoch run of the same
+    seed gives epoch 1's exactly, dropout off), and the folder is a model folder infer takes."""
+    from dermtool.modelio import load_model
+
+    cfg = tiny("joint", dropout=0.0)
+    out = run(caches, tmp_path / "r", "joint", epochs=2, cfg=cfg, keep_epochs=True)
+    assert load_config(out / "config.json")[1].keep_epochs is True
+    first, second = out / "epochs" / "epoch-001", out / "epochs" / "epoch-002"
+    assert sorted(p.name for p in first.iterdir()) == ["config.json", "model.weights.h5"]
+    assert (first / "config.json").read_text() == (out / "config.json").read_text()
+    one = run(caches, tmp_path / "one", "joint", epochs=1, cfg=cfg)
+    for a, b in zip(weights_of(first / "model.weights.h5", cfg), weights_of(one / "last.weights.h5", cfg)):
+        np.testing.assert_array_equal(a, b)
+    for a, b in zip(weights_of(second / "model.weights.h5", cfg), weights_of(out / "last.weights.h5", cfg)):
+        np.testing.assert_array_equal(a, b)
+    assert any(not np.array_equal(a, b) for a, b in zip(weights_of(first / "model.weights.h5", cfg),
+                                                        weights_of(second / "model.weights.h5", cfg)))
+    assert load_model(first)[1].task == "joint"
+    images = tmp_path / "images"
+    images.mkdir()
+    for src in sorted(resolve_layout(caches.parent / "data").images.iterdir())[:2]:
+        shutil.copy(src, images / src.name)
+    result = cli("infer", images, "--out", tmp_path / "pred", "--model", first)
+    assert result.exit_code == 0, result.output
+    assert len((tmp_path / "pred" / "predictions.csv").read_text().splitlines()) == 3
+    assert not (run(caches, tmp_path / "plain", "seg", epochs=1) / "epochs").exists()
+
+
 def test_without_val_the_last_epoch_is_kept_and_no_training_figure_is_called_val(caches, tmp_path):
     from dermtool.train import train
 
@@ -433,11 +462,12 @@ class Trap:
         self.calls, self.at, self.after = 0, at, after
 
 
-@pytest.mark.parametrize("improved", [True, False])
-def test_an_interrupt_at_any_checkpoint_write_leaves_one_whole_epoch(tmp_path, monkeypatch, improved):
+@pytest.mark.parametrize("improved, keep", [(True, False), (False, False), (True, True)])
+def test_an_interrupt_at_any_checkpoint_write_leaves_one_whole_epoch(tmp_path, monkeypatch, improved, keep):
     """Ctrl-C before and after every file operation of epoch 2's checkpoint (and before epoch 1's
     first): after the tidy that train runs on an interrupt, RUN holds exactly epoch 1 or epoch 2,
-    and committing the epoch again gives the uninterrupted run's files."""
+    and committing the epoch again gives the uninterrupted run's files. With `keep` (train
+    --keep-epochs), epochs/ holds a model folder for each committed epoch and for no other."""
     import keras
 
     from dermtool import checkpoint
@@ -449,8 +479,17 @@ def test_an_interrupt_at_any_checkpoint_write_leaves_one_whole_epoch(tmp_path, m
 
     def epoch(run_dir, e):
         model.set_weights([np.full_like(w, e) for w in model.get_weights()])
+        run_dir.mkdir(parents=True, exist_ok=True)
+        (run_dir / "config.json").write_text('{"run": "%s"}' % run_dir.name)
         checkpoint.commit(run_dir, model, {"epoch": e, "lr": 0.1 / e}, {"epoch": e, "loss": 1.0 / e}, fields,
-                          improved=improved or e == 1)
+                          improved=improved or e == 1, keep=keep)
+
+    def kept_ok(run_dir, epochs):
+        names = sorted(p.name for p in (run_dir / "epochs").iterdir()) if (run_dir / "epochs").exists() else []
+        assert names == ([f"epoch-{e:03d}" for e in range(1, epochs + 1)] if keep else [])  # no .tmp left
+        for e in range(1, epochs + 1) if keep else ():
+            assert weights(run_dir / "epochs" / f"epoch-{e:03d}" / "model.weights.h5") == {float(e)}
+            assert (run_dir / "epochs" / f"epoch-{e:03d}" / "config.json").read_text() == '{"run": "%s"}' % run_dir.name
 
     def weights(path):
         model.load_weights(str(path))
@@ -481,7 +520,8 @@ def test_an_interrupt_at_any_checkpoint_write_leaves_one_whole_epoch(tmp_path, m
             assert weights(run_dir / "best.weights.h5") == {float(kept if improved else 1)}, (at, after)
             assert [int(r["epoch"]) for r in history(run_dir)] == list(range(1, kept + 1)), (at, after)
             assert [p.name for p in (run_dir / "checkpoints").iterdir()] == [f"epoch-{kept:03d}"], (at, after)
-        else:
+        kept_ok(run_dir, kept)
+        if not kept:
             checkpoint.start_fresh(run_dir)  # what train does when it starts over
             epoch(run_dir, 1)
         if kept < 2:
@@ -490,6 +530,7 @@ def test_an_interrupt_at_any_checkpoint_write_leaves_one_whole_epoch(tmp_path, m
             assert weights(run_dir / name) == weights(tmp_path / "straight" / name), (at, after, name)
         assert history(run_dir) == history(tmp_path / "straight"), (at, after)
         assert sorted(p.name for p in (run_dir / "checkpoints").iterdir()) == ["epoch-002"], (at, after)
+        kept_ok(run_dir, 2)
 
 
 def test_an_interrupt_in_an_epochs_checkpoint_resumes_to_the_uninterrupted_run(caches, tmp_path, monkeypatch):
@@ -879,6 +920,7 @@ def one_epoch_seg_run(caches, tmp_path_factory):
     ("freeze", "head", "train.freeze must be one of"),
     ("consistency", -1, "train.consistency must be a weight from 0 (off) to 100"),
     ("augment", "flips+pair-anchor", "train.augment: pair-anchor changes the consistency pairs"),
+    ("keep_epochs", "yes", "train.keep_epochs must be true or false"),
 ])
 def test_a_damaged_train_setting_in_config_json_is_refused_on_resume(one_epoch_seg_run, tmp_path, key, value, words):
     from typer.testing import CliRunner
