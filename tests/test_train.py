@@ -418,10 +418,13 @@ def test_resume_refuses_options_that_contradict_the_run_and_takes_caches_from_co
     assert config["train"]["train_caches"] == [str(caches.resolve())]
     assert config["train"]["val_caches"] == [str(caches.resolve())]
     for bad, named in ((("--task", "joint"), "--task"), (("--batch-size", 8), "--batch-size"),
-                       (("--learning-rate", 0.01), "--learning-rate"), (("--dice",), "--dice")):
+                       (("--learning-rate", 0.01), "--learning-rate"), (("--dice",), "--dice"),
+                       (("--keep-epochs",), "--keep-epochs off")):
         result = cli("train", caches, "--out", out, "--resume", "--epochs", 2, *bad)
         assert result.exit_code == 2, result.output
-        assert "config.json" in result.output and named in result.output and "--epochs" in result.output
+        text = " ".join(result.output.split())
+        assert "config.json" in text and named in text and "--epochs" in text
+        assert f"drop {' '.join(map(str, bad))}," in text  # what was given, as it was typed
     for flag in ((other,), (caches, "--val", other)):
         result = cli("train", *flag, "--out", out, "--resume", "--epochs", 2)
         assert result.exit_code == 2 and "config.json" in result.output and "other" in result.output, result.output
