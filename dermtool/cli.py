@@ -358,13 +358,14 @@ def _check_train_options(o: dict) -> None:
             check_range(option, o[name], low, high, reason)
 
 
-#: train options --resume compares with the run's config.json: option -> (section, field, as stored)
+#: train options --resume compares with the run's config.json: option -> (section, field); the field
+#: "dice" is the property TrainConfig.dice, read from the stored seg_loss
 _RESUME_SETTINGS = {
     "task": ("model", "task"), "preset": ("model", "preset"), "encoder": ("model", "encoder"),
     "pretrained": ("model", "pretrained"), "size": ("model", "size"), "base_filters": ("model", "base_filters"),
     "depth": ("model", "depth"), "fit": ("model", "fit"), "batch_size": ("train", "batch_size"),
     "learning_rate": ("train", "learning_rate"), "schedule": ("train", "schedule"), "sampler": ("train", "sampler"),
-    "steps_per_epoch": ("train", "steps_per_epoch"), "alpha": ("train", "alpha"), "dice": ("train", "seg_loss"),
+    "steps_per_epoch": ("train", "steps_per_epoch"), "alpha": ("train", "alpha"), "dice": ("train", "dice"),
     "augment": ("train", "augment"), "color_constancy": ("model", "color_constancy"),
     "input_chain": ("model", "input_chain"), "seed": ("train", "seed"), "init_from": ("train", "init_from"),
     "freeze": ("train", "freeze"), "mixed_precision": ("train", "mixed_precision"),
@@ -375,15 +376,14 @@ _RESUME_SETTINGS = {
 
 
 def _given_settings(ctx: typer.Context) -> dict:
-    """The settings this command line gives (not typer's defaults), keyed by option, as config.json stores them."""
+    """The settings this command line gives (not typer's defaults): option as typed -> (section, field,
+    value as the run's config reads it)."""
     given = {}
     for param in ctx.command.params:
         if param.name not in _RESUME_SETTINGS or not _given(ctx, param.name):
             continue
         value = ctx.params[param.name]
-        if param.name == "dice":
-            value = "bce+dice" if value else "bce"
-        elif param.name == "init_from":
+        if param.name == "init_from":
             value = str(Path(value).resolve())
         elif param.name == "teacher":
             value = [str(Path(v).resolve()) for v in value]
@@ -391,7 +391,7 @@ def _given_settings(ctx: typer.Context) -> dict:
             from dermtool.augment import parse_groups
 
             value = "+".join(parse_groups(value)) or "none"
-        option = param.opts[0] if param.name != "dice" or ctx.params["dice"] else param.secondary_opts[0]
+        option = param.secondary_opts[0] if value is False and param.secondary_opts else param.opts[0]  # as typed
         given[option] = (*_RESUME_SETTINGS[param.name], value)
     return given
 

@@ -250,6 +250,11 @@ class TrainConfig:
     train_caches: tuple = ()
     val_caches: tuple = ()
 
+    @property
+    def dice(self) -> bool:
+        """--dice: the mask loss adds the Dice term (seg_loss "bce+dice")."""
+        return self.seg_loss == "bce+dice"
+
     def __post_init__(self):
         """The settings a resumed run reads back from its config.json, checked like train's options."""
         def count(value) -> bool:

@@ -621,8 +621,10 @@ def check_resume_options(out_dir: Path, given: dict) -> None:
               for option, (section, field, value) in given.items()
               if getattr(cfg if section == "model" else tcfg, field) != value]
     if differ:
-        run = ", ".join(_setting(o, old) for o, old, _ in differ)
-        asked = ", ".join(o if _is_flag(o, new) else f"{o} {_shown(new)}" for o, _, new in differ)  # as typed
+        # an on/off option reads "--dice off" for the run, and as it was typed ("--no-dice") for the command
+        run = ", ".join(f"{o.replace('--no-', '--', 1) if isinstance(old, bool) else o} {_shown(old)}"
+                        for o, old, _ in differ)
+        asked = ", ".join(o if isinstance(new, bool) else f"{o} {_shown(new)}" for o, _, new in differ)
         raise InputError(
             f"{config}: this run has {run}, and --resume continues it as it is (only --epochs may change); "
             f"drop {asked}, or start a new run with another --out.")
@@ -630,18 +632,6 @@ def check_resume_options(out_dir: Path, given: dict) -> None:
 
 def _shown(value) -> str:
     return {True: "on", False: "off"}.get(value, str(value)) if isinstance(value, bool) else str(value)
-
-
-def _is_flag(option: str, value) -> bool:
-    """An on/off option (--keep-epochs, --dice/--no-dice: stored as the seg loss's name)."""
-    return isinstance(value, bool) or option in ("--dice", "--no-dice")
-
-
-def _setting(option: str, value) -> str:
-    """How the run's own value of `option` reads: "--dice off", "--keep-epochs on", "--batch-size 16"."""
-    if option in ("--dice", "--no-dice"):
-        return f"--dice {'on' if 'dice' in str(value) else 'off'}"
-    return f"{option} {_shown(value)}"
 
 
 def cosine_lr(base: float, epoch: int, epochs: int, warmup: int = 1) -> float:

@@ -418,7 +418,7 @@ def test_resume_refuses_options_that_contradict_the_run_and_takes_caches_from_co
     assert config["train"]["train_caches"] == [str(caches.resolve())]
     assert config["train"]["val_caches"] == [str(caches.resolve())]
     for bad, named in ((("--task", "joint"), "--task"), (("--batch-size", 8), "--batch-size"),
-                       (("--learning-rate", 0.01), "--learning-rate"), (("--dice",), "--dice"),
+                       (("--learning-rate", 0.01), "--learning-rate"), (("--dice",), "--dice off"),
                        (("--keep-epochs",), "--keep-epochs off")):
         result = cli("train", caches, "--out", out, "--resume", "--epochs", 2, *bad)
         assert result.exit_code == 2, result.output
@@ -436,6 +436,13 @@ def test_resume_refuses_options_that_contradict_the_run_and_takes_caches_from_co
     assert [r["epoch"] for r in rows] == ["1", "2"] and rows[1]["val_jac"] != ""  # still validated
     resumed_line = (out / "command.txt").read_text().splitlines()[-1]
     assert "--augment" not in resumed_line  # command.txt logs what was given, not defaults it did not use
+    # an on/off option given off: the run's setting reads "--dice on", the command as it was typed
+    with_dice = tmp_path / "dice"
+    assert cli("train", caches, "--task", "seg", "--out", with_dice, "--epochs", 1, "--dice", *TINY_CLI).exit_code == 0
+    refused = cli("train", "--out", with_dice, "--resume", "--epochs", 2, "--no-dice")
+    text = " ".join(refused.output.split())
+    assert refused.exit_code == 2 and "this run has --dice on," in text and "drop --no-dice," in text, text
+    assert cli("train", "--out", with_dice, "--resume", "--epochs", 2, "--dice").exit_code == 0  # the same: no contradiction
 
 
 class Trap:
