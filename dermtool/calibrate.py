@@ -4,7 +4,8 @@
 their truth CSVs, pools them, and fits
 
 - the temperature T that minimises the negative log-likelihood of the true classes
-  (a bounded 1-D search over log T, T in [0.05, 20]), then
+  (a bounded 1-D search over log T, T in [0.05, 20]; a fit within 2x of either end is refused:
+  too few images, or ranked too perfectly for any temperature), then
 - the melanoma threshold t that keeps the melanoma sensitivity at or above the target on the
   pooled, temperature-scaled probabilities (`decision.threshold_for_sensitivity` states the rule),
 
@@ -35,6 +36,8 @@ from dermtool.errors import InputError
 
 #: Search range of the temperature: far beyond any fitted value (they are near 1 to 3).
 TEMPERATURE_RANGE = (0.05, 20.0)
+#: fewer validation images than this (or a class absent) is named in a note of the result
+FEW_IMAGES = 100
 #: How far a row of a predictions CSV may sum from 1 and still count as softmax probabilities:
 #: six decimals leave 1.5e-6, but an int8 engine's softmax is quantised in steps of 1/256
 #: (the bundled model's mixed-int8 LiteRT export: sums 0.996 to 1.004). Rows are rescaled to 1.
@@ -207,8 +210,19 @@ def calibrate(model_dir: Path, pairs: list[tuple[Path, Path]], sensitivity: floa
         raise InputError(f"no melanoma in the truth CSV(s) {', '.join(str(s.truth) for s in sets)}: "
                          "the threshold is chosen for a melanoma sensitivity, so the sets need melanomas.")
     temperature = fit_temperature(probs, y_true)
+    if not TEMPERATURE_RANGE[0] * 2 < temperature < TEMPERATURE_RANGE[1] / 2:  # within 2x of an end: no fit
+        sources = ", ".join(str(s.truth) for s in sets)
+        raise InputError(f"the temperature ran to the edge of its search range ({temperature:g}, range "
+                         f"{TEMPERATURE_RANGE[0]:g} to {TEMPERATURE_RANGE[1]:g}) on the {y_true.size} image(s) of {sources}: "
+                         "too few, or ranked so perfectly (or so wrongly) that no temperature fits; "
+                         "calibrate on a larger validation set of every class.")
     threshold = threshold_for_sensitivity(apply_temperature(probs, temperature)[:, m], y_true == m, sensitivity)
     result = CalibrationResult(temperature, threshold, sensitivity, notes=[s.note for s in sets if s.note])
+    missing = [name for k, name in enumerate(CLASS_NAMES) if not np.any(y_true == k)]
+    if y_true.size < FEW_IMAGES or missing:
+        lacking = f", with no {' and no '.join(missing)}" if missing else ""
+        result.notes.append(f"fitted on {y_true.size} image(s){lacking}: the temperature and threshold are rough; "
+                            f"a validation set of {FEW_IMAGES} or more of every class fits them better")
     shared = len([i for s in sets for i in s.ids]) - len({i for s in sets for i in s.ids})
     if shared:
         result.notes.append(f"{shared} image id(s) are in more than one set: they count once per set in the fit")

@@ -145,7 +145,7 @@ def split_cli(
     data: Path = typer.Argument(..., help="A labelled folder: images/, labels.csv and metadata.csv (image_id, lesion_id), e.g. HAM10000."),
     out: Path = typer.Option(..., "--out", "-o", help="Folder for train.txt, val.txt (one image id a line) and split.json."),
     fraction: float = typer.Option(0.1, "--fraction", min=0.01, max=0.9, help="Share of each class's lesions that goes to validation."),
-    seed: int = typer.Option(0, "--seed", help="Seed of the shuffle; the same data and seed give the same split."),
+    seed: int = typer.Option(0, "--seed", min=0, help="Seed of the shuffle (0 or more); the same data and seed give the same split."),
     group: str = typer.Option("lesion_id", "--group", help="metadata.csv column whose groups stay on one side: lesion_id, or patient_id (ISIC 2020) so no patient is on both sides."),
 ) -> None:
     """Split a folder into training and validation ids by lesion: no lesion on both sides.
@@ -203,7 +203,7 @@ def train_cli(
     input_chain: Optional[str] = typer.Option(None, "--input-chain", help="direct | jpeg256: how images reach the model, in infer as in the caches (dermtool preprocess --chain). jpeg256 makes an original and its 256 px copy give nearly the same answer. Default: the preset's (direct)."),
     color_constancy: Optional[str] = typer.Option(None, "--color-constancy", help="none | shades-of-gray: remove each image's colour cast inside the model (Shades of Gray, p = 6), so train, infer and exports apply it alike. Default: the preset's (none)."),
     cls_views: Optional[str] = typer.Option(None, "--cls-views", help="frame | frame+lesion: what the trained model's classifier looks at in infer; frame+lesion (joint only) also classifies the square around the lesion the model found and averages the two (train it with --augment ...+lesion-crop). Default: frame, or the --init-from joint model's."),
-    seed: int = typer.Option(0, "--seed", help="Seed for weights, shuffling and augmentation; recorded in config.json."),
+    seed: int = typer.Option(0, "--seed", min=0, help="Seed for weights, shuffling and augmentation (0 or more); recorded in config.json."),
     init_from: Optional[Path] = typer.Option(None, "--init-from", help="Run folder whose layers are copied where names and shapes match (e.g. a seg run's encoder into cls/joint)."),
     freeze: str = typer.Option("none", "--freeze", help="encoder | decoder | encoder+decoder | stem | early | none: layers kept fixed while training (encoder+decoder: only the classifier head learns, the masks stay exactly as they were, batch-norm statistics included; stem: the encoder's first, full-resolution stage; early: that and its stages at 1/2 and 1/4 size; no gradient through the largest feature maps makes each step cheaper)."),
     seg_batch: int = typer.Option(0, "--seg-batch", help="Joint only: the decoder trains on the first N images of each batch, the encoder and classifier on all of them (0: all). The full-size decoder is a large part of a joint step's cost: 4 of 16 trained 1.24x the images per second, 1.46x with --freeze stem (bench/train_bench.py --recipes, CPU)."),
@@ -751,13 +751,13 @@ _SCORE_HELP = (
     "Score predictions against ground truth with the ISIC 2017 conventions.\n\n"
     "[bold]Classification[/] (the two CSVs, ISIC 2017 Part 3 format, values in [0, 1]): "
     "without a nevus column, nevus = 1 - melanoma - seborrheic_keratosis (a truth row with both "
-    "0 is a nevus). The class of a row is the argmax over (melanoma, seborrheic_keratosis, "
+    "0 is a nevus; a truth row names one class, with 0s and 1s). The class of a row is the argmax over (melanoma, seborrheic_keratosis, "
     "nevus), an exact tie going to the earlier one. Reports per-class SE/SP/ACC (one-vs-all), "
     "ROC AUC on the probabilities, balanced accuracy BACC = mean of the sensitivities, and the "
     "confusion matrix. Beside them: the same figures for the classes of the predictions' label "
     "column (the decision dermtool infer made, e.g. at a calibrated melanoma threshold), and the "
     "expected calibration error (ECE, 15 equal-width bins of the top probability).\n\n"
-    "[bold]Segmentation[/] (--pred-masks with --truth-masks): masks are matched by the name "
+    "[bold]Segmentation[/] (--pred-masks with --truth-masks, with or without the CSVs): masks are matched by the name "
     "<image_id>_segmentation.png and binarised at > 128, as the ISIC scorer does. Every truth "
     "mask is scored: both masks empty -> Jaccard 1.0; a missing prediction -> 0, counted. "
     "Reports the mean Jaccard (JAC), Dice, and the ISIC 2018 thresholded Jaccard (an image "
@@ -769,12 +769,12 @@ _SCORE_HELP = (
 
 @app.command("score", help=_SCORE_HELP)
 def score_cli(
-    pred_csv: Path = typer.Argument(
-        ..., metavar="PRED_CSV", show_default=False,
-        help="Predictions CSV: image_id,melanoma,seborrheic_keratosis\\[,nevus].",
+    pred_csv: Optional[Path] = typer.Argument(
+        None, metavar="PRED_CSV", show_default=False,
+        help="Predictions CSV: image_id,melanoma,seborrheic_keratosis\\[,nevus]. Leave both CSVs out to score the masks alone.",
     ),
-    truth_csv: Path = typer.Argument(
-        ..., metavar="TRUTH_CSV", show_default=False,
+    truth_csv: Optional[Path] = typer.Argument(
+        None, metavar="TRUTH_CSV", show_default=False,
         help="Ground-truth CSV in the same ISIC 2017 Part 3 format.",
     ),
     pred_masks: Optional[Path] = typer.Option(
@@ -787,10 +787,10 @@ def score_cli(
         None, "--json", metavar="FILE", help="Also write every number, per image too, as JSON.",
     ),
     bootstrap: int = typer.Option(
-        0, "--bootstrap", min=0, metavar="N",
+        0, "--bootstrap", min=0, max=100000, metavar="N",
         help="Resample the images N times for 95 % intervals of JAC, BACC and each AUC (0: none).",
     ),
-    seed: int = typer.Option(0, "--seed", help="Seed of the bootstrap resampling."),
+    seed: int = typer.Option(0, "--seed", min=0, help="Seed of the bootstrap resampling (0 or more)."),
     plots: Optional[Path] = typer.Option(
         None, "--plots", metavar="DIR",
         help="Also write figures (ROC per class, confusion matrix, per-image Jaccard) and DIR/score.html.",
@@ -808,6 +808,12 @@ def score_cli(
     # gets the same one-line message as every other bad input.
     if images is not None and (plots is None or not images.is_dir()):
         fail(f"{images}: images folder not found." if plots else "--images is read only with --plots DIR.")
+    if json_file is not None:
+        if json_file.is_dir() or not json_file.name:
+            fail(f"{json_file}: is a folder; --json names the file to write (e.g. {Path(json_file, 'scores.json')}).")
+        for given in (pred_csv, truth_csv):
+            if given is not None and json_file.exists() and given.exists() and json_file.resolve() == given.resolve():
+                fail(f"{json_file}: is the input {given}; --json names a new file, the inputs are never overwritten.")
     try:
         result = score(pred_csv, truth_csv, pred_masks, truth_masks, bootstrap=bootstrap, seed=seed)
     except InputError as exc:

@@ -17,14 +17,19 @@ network: run `dermtool calibrate` on its validation predictions before using its
 from __future__ import annotations
 
 import dataclasses
+import errno
+import os
 import shutil
 from pathlib import Path
 
 from dermtool.config import ENSEMBLE_MAX, load_config, save_config
 from dermtool.errors import InputError
+from dermtool.io import publish, staging_folder
 
 #: fitted per network, or an inference setting (infer --cls-views): not the architecture
 NOT_ARCHITECTURE = {"temperature", "melanoma_threshold", "calibration", "cls_views"}
+#: room beyond the weights for config.json and the file system's own blocks
+DISK_MARGIN = 1 << 20
 
 
 def check_members(models: list[Path]) -> None:
@@ -55,34 +60,42 @@ def make_ensemble(out: Path, models: list[Path], float16: bool = False, weights=
         float16: store the weights as float16, half the size (they compute in float32).
         weights: the members' shares of the mean, one positive number each (None: equal).
     """
-    out, models = Path(out), [Path(m) for m in models]
+    given, models = Path(out), [Path(m) for m in models]
+    out = Path(os.path.abspath(given))  # "." has a name once absolute
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         # an old weights file or litert/ export there would be taken for the ensemble's
-        raise InputError(f"{out}: already exists and is not an empty folder; name a new one for the ensemble.")
+        raise InputError(f"{given}: already exists and is not an empty folder; name a new one for the ensemble.")
     check_members(models)
     first, tcfg, _ = load_config(models[0])
     # ModelConfig checks the weights as it checks a config.json's: one positive number per member
     cfg = dataclasses.replace(first, members=len(models), temperature=1.0, melanoma_threshold=None,
                               calibration=None, member_weights=None if weights is None else tuple(weights))
+    from dermtool.modelio import weights_file
+
+    out.parent.mkdir(parents=True, exist_ok=True)
+    # the weights file is about the members' together: a disk without room for it is named now,
+    # before h5py meets the full disk halfway through a write (its errors are pages long)
+    out_bytes = 2 if float16 else 4  # per weight; a member stored as float16 has 2
+    need = sum(weights_file(m).stat().st_size * out_bytes // (2 if load_config(m)[2].get("weights_dtype") == "float16" else 4)
+               for m in models)
+    if shutil.disk_usage(out.parent).free < need + DISK_MARGIN:
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(given))
     from dermtool.modelio import halve_weights, load_model  # TensorFlow loads only once the folders and weights agree
     from dermtool.models import build_model, ensemble_members
 
     ensemble = build_model(cfg)
     for member, folder in zip(ensemble_members(ensemble), models):
         member.set_weights(load_model(folder)[0].get_weights())
-    staging = out.with_name(out.name + ".partial")
-    shutil.rmtree(staging, ignore_errors=True)
-    staging.mkdir(parents=True)
+    # a fresh name of its own: a folder already there (a model, the user's files) is never touched
+    staging = staging_folder(out)
     try:
         ensemble.save_weights(str(staging / "model.weights.h5"))
         if float16:
             halve_weights(staging / "model.weights.h5")
         save_config(staging / "config.json", cfg, tcfg, ensemble_of=[str(m) for m in models],
                     weights_dtype="float16" if float16 else "float32")
-        if out.exists():
-            out.rmdir()  # empty, checked above
-        staging.rename(out)
+        publish(staging, out)  # into an empty folder, config.json last
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
-    return out
+    return given

@@ -13,6 +13,8 @@ before trusting it:
 
 from __future__ import annotations
 
+import errno
+import os
 import shutil
 import tempfile
 import time
@@ -23,9 +25,9 @@ import numpy as np
 
 from dermtool.config import ModelConfig, load_config
 from dermtool.data import Layout, find_images, resolve_layout
-from dermtool.errors import InputError
-from dermtool.io import read_class_csv, read_json
-from dermtool.modelio import (CLASSIFIER_FILE, KerasEngine, check_format, shown_path, load_engine, resolve_model, write_export,
+from dermtool.errors import InputError, disk_full
+from dermtool.io import publish, read_class_csv, read_json, staging_folder
+from dermtool.modelio import (CLASSIFIER_FILE, FORMATS, KerasEngine, check_format, shown_path, load_engine, resolve_model, write_export,
                               write_keras)
 from dermtool.preprocess import prepare
 
@@ -176,33 +178,67 @@ def export(model_dir: Path, out_dir: Path, fmt: str, quantize: str = "none", cal
         check_folder(check, cfg)
     calib = load_inputs(calibration, cfg, CALIBRATION_IMAGES, log) if calibration else None
     started = time.perf_counter()
-    fresh = not out_dir.exists()
+    # built whole in a folder of its own, checked there, then moved in: an interrupted or failed
+    # export leaves the folder as it was (an earlier export in it still runs) and nothing new
+    final = Path(os.path.abspath(out_dir))
+    try:
+        final.parent.mkdir(parents=True, exist_ok=True)
+    except (FileExistsError, NotADirectoryError):  # a file where a folder of the path should be
+        raise NotADirectoryError(errno.ENOTDIR, os.strerror(errno.ENOTDIR), str(out_dir)) from None
+    staging = staging_folder(final)
     try:
         if fmt == "keras":
-            path = write_keras(folder, out_dir, quantize) / "model.weights.h5"
+            path = write_keras(folder, staging, quantize) / "model.weights.h5"
         else:
-            path = write_export(folder, out_dir, fmt, quantize, calib,
+            path = write_export(folder, staging, fmt, quantize, calib,
                                 calibration_from=shown_path(calibration) if calibration else None)
-    except BaseException:
-        if fresh:  # a half-written export must not look like one
-            shutil.rmtree(out_dir, ignore_errors=True)
+        seconds = time.perf_counter() - started
+        size = sum(p.stat().st_size for p in path.rglob("*") if p.is_file()) if path.is_dir() else path.stat().st_size
+        extra = staging / CLASSIFIER_FILE if fmt == "tflite" else None
+        if extra is not None and extra.is_file():  # a joint model's classifier-only file travels with it
+            size += extra.stat().st_size
+        if check is not None:
+            x = load_inputs(resolve_layout(check).images, cfg, COMPARE_IMAGES, log)
+        elif calib is not None:
+            x = calib[:COMPARE_IMAGES]
+        else:
+            x = synthetic_inputs(cfg)
+        # only a TFLite export carries a classifier file of its own; a keras copy's is its own graph
+        difference = compare_outputs(KerasEngine(folder), load_engine(staging), x, cfg.threshold,
+                                     classifier=fmt == "tflite")
+        report = ExportReport(out_dir / path.relative_to(staging), size, seconds, difference)
+        if check is not None:
+            log(f"scoring the Keras and the exported model on {check} ...")
+            report.check = {"keras": score_folder(folder, check, engine="keras"), "export": score_folder(staging, check)}
+        commit_export(staging, final)
+    except BaseException as exc:
+        shutil.rmtree(staging, ignore_errors=True)
+        named = str(getattr(exc, "filename", "") or "")
+        if isinstance(exc, OSError) and (named.startswith(str(staging)) or disk_full(exc)):
+            # name the folder asked for: not the staging folder, nor the source a full disk's copy had open
+            raise OSError(exc.errno or errno.ENOSPC, exc.strerror or os.strerror(errno.ENOSPC), str(out_dir)) from None
         raise
-    seconds = time.perf_counter() - started
-    size = sum(p.stat().st_size for p in path.rglob("*") if p.is_file()) if path.is_dir() else path.stat().st_size
-    extra = out_dir / CLASSIFIER_FILE if fmt == "tflite" else None
-    if extra is not None and extra.is_file():  # a joint model's classifier-only file travels with it
-        size += extra.stat().st_size
-    if check is not None:
-        x = load_inputs(resolve_layout(check).images, cfg, COMPARE_IMAGES, log)
-    elif calib is not None:
-        x = calib[:COMPARE_IMAGES]
-    else:
-        x = synthetic_inputs(cfg)
-    # only a TFLite export carries a classifier file of its own; a keras copy's is its own graph
-    difference = compare_outputs(KerasEngine(folder), load_engine(out_dir), x, cfg.threshold,
-                                 classifier=fmt == "tflite")
-    report = ExportReport(path, size, seconds, difference)
-    if check is not None:
-        log(f"scoring the Keras and the exported model on {check} ...")
-        report.check = {"keras": score_folder(folder, check, engine="keras"), "export": score_folder(out_dir, check)}
     return report
+
+
+def commit_export(staging: Path, final: Path) -> None:
+    """Move the finished export from `staging` onto `final` (`io.publish`).
+
+    A new or empty `final` simply gets the files. An earlier export's folder (check_target
+    lets only such a folder, or one without config.json, be reused) gets the new files: its
+    config.json goes first, so the folder is never the old config.json over new model files,
+    then every export file of dermtool's (model.tflite, model.onnx, saved_model/,
+    classifier.tflite) the new export does not have is removed, so a stale file of another
+    format cannot run under the new config.json; files of other names are left.
+    """
+    (final / "config.json").unlink(missing_ok=True)  # an earlier export's (check_target refused a model folder's)
+    new = {p.name for p in staging.iterdir()}
+    for name in (*FORMATS.values(), CLASSIFIER_FILE):
+        target = final / name
+        if name in new or not (target.exists() or target.is_symlink()):
+            continue
+        if target.is_dir() and not target.is_symlink():
+            shutil.rmtree(target)
+        else:
+            target.unlink()
+    publish(staging, final)  # config.json last

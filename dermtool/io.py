@@ -16,7 +16,9 @@ import json
 import math
 import os
 import re
+import shutil
 import struct
+import tempfile
 import warnings
 import zlib
 from contextlib import contextmanager
@@ -136,14 +138,25 @@ def read_json(path: Path, what: str, kind: type = dict):
     return value
 
 
-def write_atomic(path: Path, write: Callable[[Path], object]) -> None:
+def write_atomic(path: Path, write: Callable[[Path], object], *, named: bool = False) -> None:
     """Write `path` whole or not at all: `write(tmp)` fills a temporary file beside it, which then
     replaces `path` (one rename). The one writer of dermtool's output files.
 
     A failure leaves no temporary file, and its OSError names `path`, not the temporary file,
     so `errors.write_failure` words it for the file the user asked for.
+
+    named: the user named this file itself (score --json FILE), so a symbolic link is followed
+    (the file it names is replaced, the link stays) and a FIFO or a device (/dev/stdout) is
+    written through. A file dermtool names inside a folder (a mask of infer --out) is never
+    written through a link: a link planted there replaces nothing outside the folder.
     """
     path = Path(path)
+    if named and path.is_symlink():  # replace the file it points to, not the link
+        path = path.resolve()
+    if named and path.exists() and not path.is_file() and not path.is_dir():
+        # a FIFO or a device (/dev/stdout, /dev/null): written through, never replaced by a file
+        write(path)
+        return
     # A plain name (not mkstemp) so the file gets the usual umask permissions, not 0600.
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     try:
@@ -156,6 +169,35 @@ def write_atomic(path: Path, write: Callable[[Path], object]) -> None:
     finally:
         if tmp.is_file():
             tmp.unlink()
+
+
+def staging_folder(final: Path) -> Path:
+    """A new, empty folder beside `final` to build it in, renamed onto it when whole: a name of
+    its own (never an existing folder, which may be the user's), hidden, and with the usual
+    umask permissions (mkdtemp alone makes it 0700, which the rename would keep)."""
+    final = Path(final)
+    staging = Path(tempfile.mkdtemp(prefix=f".{final.name}.partial-", dir=final.parent))
+    mask = os.umask(0)
+    os.umask(mask)
+    staging.chmod(0o777 & ~mask)
+    return staging
+
+
+def publish(staging: Path, final: Path, last: str = "config.json") -> None:
+    """Move what was built in `staging` (see staging_folder) onto `final`: one rename when
+    `final` does not exist; else each entry is moved in (replacing its namesake) and `last`
+    (the file that makes the folder what it is: a model's config.json, a page) arrives last.
+    An existing `final` stays the same folder, so a shell inside it still sees it."""
+    staging, final = Path(staging), Path(final)
+    if not final.exists():
+        staging.rename(final)
+        return
+    for item in sorted(staging.iterdir(), key=lambda p: p.name == last):
+        target = final / item.name
+        if target.is_dir() and not target.is_symlink():
+            shutil.rmtree(target)
+        os.replace(item, target)
+    staging.rmdir()
 
 
 def read_class_csv(path: Path, *, role: str = "truth") -> dict[str, np.ndarray]:
@@ -175,7 +217,8 @@ def read_class_csv(path: Path, *, role: str = "truth") -> dict[str, np.ndarray]:
 
     Raises:
         InputError: missing/empty file, missing columns, duplicate ids, a value that is
-            empty, non-numeric, NaN or outside [0, 1], or (role "truth") both classes in a row.
+            empty, non-numeric, NaN or outside [0, 1], or (role "truth") a value other than
+            0 or 1, or a row that names two classes or (with a nevus column) none.
     """
     path = Path(path)
     what = f"{role} CSV {path}"
@@ -190,6 +233,10 @@ def read_class_csv(path: Path, *, role: str = "truth") -> dict[str, np.ndarray]:
             f"The {what} lacks the column(s) {', '.join(missing)}; "
             f"its header is {','.join(header)}."
         )
+    repeated = [name for name in ("image_id", *CLASS_NAMES) if header.count(name) > 1]
+    if repeated:
+        raise InputError(f"The {what} has the column {repeated[0]} {header.count(repeated[0])} times; "
+                         "which one to read would be a guess.")
     if len(rows) == 1:
         raise InputError(f"The {what} has a header but no rows.")
     value_columns = [name for name in CLASS_NAMES if name in header]
@@ -199,11 +246,8 @@ def read_class_csv(path: Path, *, role: str = "truth") -> dict[str, np.ndarray]:
         result_id, values = _parse_row(row, index, value_columns, what, line)
         if result_id in result:
             raise InputError(f"The {what} repeats image_id {result_id} at row {line}.")
-        if role == "truth" and both_classes(values[0], values[1]):
-            raise InputError(
-                f"The {what} has melanoma = {values[0]:g}, seborrheic_keratosis = {values[1]:g} at "
-                f"row {line} ({result_id}); a truth row names one diagnosis, so set the other to 0."
-            )
+        if role == "truth":
+            _check_truth_row(values, header, what, line, result_id)
         result[result_id] = values
     return result
 
@@ -260,6 +304,24 @@ def _parse_row(
     return image_id, np.array([values[name] for name in CLASS_NAMES], dtype=np.float64)
 
 
+def _check_truth_row(values: np.ndarray, header: list[str], what: str, line: int, image_id: str) -> None:
+    """A truth row names exactly one diagnosis, each value 0 or 1 (the ISIC files' 0.0 / 1.0): a
+    row naming two classes, or (with a nevus column) none, is refused, never counted as the
+    first class of a tie."""
+    given = [name for name in CLASS_NAMES if name in header]
+    named = {name: float(values[CLASS_NAMES.index(name)]) for name in given}
+    odd = [f"{name} = {v:g}" for name, v in named.items() if v not in (0.0, 1.0)]
+    if odd:
+        raise InputError(f"The {what} has {', '.join(odd)} at row {line} ({image_id}); a truth value is 0 or 1.")
+    ones = [name for name, v in named.items() if v == 1.0]
+    if len(ones) > 1:
+        raise InputError(f"The {what} names {' and '.join(ones)} at row {line} ({image_id}); "
+                         "a truth row names one diagnosis, so set the others to 0.")
+    if not ones and "nevus" in header:
+        raise InputError(f"The {what} has every class 0 at row {line} ({image_id}); "
+                         "a truth row names one diagnosis (with a nevus column, set it to 1 for a nevus).")
+
+
 def both_classes(melanoma: float, seborrheic_keratosis: float) -> bool:
     """A truth row that names both diagnoses (each at 0.5 or more): ambiguous, never silently
     counted as the first of them."""
@@ -276,8 +338,9 @@ def read_mask(path: Path) -> np.ndarray:
 
 
 def is_zero_one(values: np.ndarray) -> bool:
-    """True for a mask stored as 0/1 (a common export): a lesion of 1s on 0, no other value."""
-    return bool(values.any()) and int(values.max()) == 1 and int(values.min()) == 0
+    """True for a mask stored as 0/1 (a common export): a lesion of 1s on 0, no other value; a
+    mask of 1s only is a lesion that fills the frame."""
+    return values.size > 0 and int(values.max()) == 1
 
 
 def binarise_mask(values: np.ndarray) -> np.ndarray:

@@ -285,6 +285,10 @@ def negative_log_likelihood(probs: np.ndarray, y_true: np.ndarray, floor: float 
         return float(-np.mean(np.log(np.maximum(probs[np.arange(y_true.size), y_true], floor))))
 
 
+#: resamples drawn at a time: memory stays at 1,000 x the images, however many are asked for
+BOOTSTRAP_CHUNK = 1000
+
+
 def bootstrap_ci(
     statistic: Callable[[np.ndarray], float],
     n_items: int,
@@ -308,8 +312,10 @@ def bootstrap_ci(
     if n_items <= 0 or n_resamples <= 0:
         return float("nan"), float("nan")
     rng = np.random.default_rng(seed)
-    draws = rng.integers(0, n_items, size=(n_resamples, n_items))
-    values = np.array([statistic(indices) for indices in draws], dtype=np.float64)
+    values = np.empty(n_resamples, dtype=np.float64)
+    for start in range(0, n_resamples, BOOTSTRAP_CHUNK):  # the same draws as one (n_resamples, n_items) array
+        draws = rng.integers(0, n_items, size=(min(BOOTSTRAP_CHUNK, n_resamples - start), n_items))
+        values[start:start + len(draws)] = [statistic(indices) for indices in draws]
     values = values[~np.isnan(values)]
     if values.size == 0:
         return float("nan"), float("nan")

@@ -9,12 +9,14 @@ by `infer --overlay` and the infer report.
 
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from dermtool import CLASS_NAMES, metrics
+from dermtool.io import publish, staging_folder
 from dermtool.overlay import CLASS_COLOURS, DISPLAY_NAMES, PRED_COLOUR, TRUTH_COLOUR
 
 HIST_BINS = np.linspace(0.0, 1.0, 21)  # 0.05 wide: 0.65 falls on an edge
@@ -222,11 +224,24 @@ def write_plots(result: dict[str, Any], plots_dir: Path, pred_csv: Path | None =
     Returns:
         the path of score.html.
     """
+    final = Path(plots_dir)
+    final.mkdir(parents=True, exist_ok=True)
+    # drawn in a folder of its own, then moved in with score.html last: an interrupted or failed
+    # run leaves no figures without their page (nor a page over another run's figures)
+    plots_dir = staging_folder(final.resolve())
+    try:
+        _draw(result, plots_dir, pred_csv, truth_csv, pred_masks, truth_masks, images_dir)
+        publish(plots_dir, final, last="score.html")
+    finally:
+        shutil.rmtree(plots_dir, ignore_errors=True)
+    return final / "score.html"
+
+
+def _draw(result: dict[str, Any], plots_dir: Path, pred_csv, truth_csv, pred_masks, truth_masks, images_dir) -> Path:
+    """write_plots' figures and page, drawn into `plots_dir`."""
     from dermtool.pages import write_page
     from dermtool.score import class_arrays
 
-    plots_dir = Path(plots_dir)
-    plots_dir.mkdir(parents=True, exist_ok=True)
     figures = []
     cls, seg = result.get("classification"), result.get("segmentation")
     if cls is not None and pred_csv is not None:

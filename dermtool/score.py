@@ -180,8 +180,9 @@ def score_segmentation(
     truth masks with no lesion are counted in `n_empty_truth` (they score 1 only when the
     prediction is empty too, so many of them flatter or sink JAC: the count says which);
     a prediction of another size than its truth mask is an error (never a silent resize).
-    Masks stored as 0/1 are read with foreground = 1 (`io.binarise_mask`) and counted in
-    `n_zero_one_masks`, truth and predictions together.
+    Masks stored as 0/1 are read with foreground = 1 (`io.binarise_mask`; 1s only: a lesion
+    filling the frame) and counted in `n_zero_one_masks`, truth and predictions together; a
+    label map (largest value 2 to LABEL_MAP_MAX) is refused.
     """
     for folder, role in ((pred_masks, "predicted"), (truth_masks, "truth")):
         if not Path(folder).is_dir():
@@ -230,9 +231,17 @@ def score_segmentation(
     return result
 
 
+#: a mask whose largest value is 2 to this is a label map (small class numbers), refused
+LABEL_MAP_MAX = 8
+
+
 def _read_mask(path: Path) -> tuple[np.ndarray, bool]:
     """A mask as booleans, and whether it was stored as 0/1."""
     values = io.read_mask_values(path)
+    if values.size and 1 < float(values.max()) <= LABEL_MAP_MAX:
+        found = ", ".join(f"{v:g}" for v in np.unique(values)[:6])
+        raise InputError(f"The mask file {path} has the values {found}: a label map, not a lesion mask "
+                         "(0 and 255, or 0 and 1); > 128 would read it as empty.")
     return io.binarise_mask(values), io.is_zero_one(values)
 
 
@@ -262,7 +271,7 @@ def _plain(value: Any) -> Any:
 def write_json(result: dict[str, Any], path: Path) -> None:
     """Write a `score()` result as indented JSON (null for undefined numbers)."""
     text = json.dumps(result, indent=2) + "\n"
-    io.write_atomic(Path(path), lambda tmp: tmp.write_text(text, encoding="utf-8"))
+    io.write_atomic(Path(path), lambda tmp: tmp.write_text(text, encoding="utf-8"), named=True)
 
 
 def _fmt(value: float | None, digits: int = 4) -> str:

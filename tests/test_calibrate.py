@@ -210,9 +210,17 @@ def _damaged_record(tmp_path, sets):
     return pred, truth
 
 
+def _perfectly_ranked(tmp_path, sets):
+    """Every image's true class far the likeliest: the likelihood falls all the way to T = 0.05,
+    which was once written into config.json as if it were a fit."""
+    y = np.array([0, 1, 2, 0, 2, 1])
+    return write_pair(tmp_path / "perfect", np.where(np.eye(3)[y] == 1, 0.9, 0.05), y)
+
+
 @pytest.mark.parametrize("make, words", [(_no_melanoma, "no melanoma"), (_missing_column, "nevus"),
                                          (_missing_id, "has no row"), (_not_probabilities, "sum to"),
-                                         (_damaged_record, "infer.json")])
+                                         (_damaged_record, "infer.json"),
+                                         (_perfectly_ranked, "ran to the edge of its search range (0.0")])
 def test_bad_input_is_refused_in_one_line(make, words, sets, model, tmp_path):
     before = (model / "config.json").read_bytes()
     result = calibrate_cli(model, make(tmp_path, sets))
@@ -220,6 +228,13 @@ def test_bad_input_is_refused_in_one_line(make, words, sets, model, tmp_path):
     lines = result.output.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error:") and words in lines[0], result.output
     assert (model / "config.json").read_bytes() == before
+
+
+def test_a_small_set_is_fitted_with_a_note_naming_its_size(model, tmp_path):
+    probs, y = synthetic_set(60, 4)
+    result = calibrate_cli(model, write_pair(tmp_path / "small", probs, y), extra=["--dry-run"])
+    assert result.exit_code == 0, result.output
+    assert "fitted on 60 image(s): the temperature and threshold are rough" in " ".join(result.output.split())
 
 
 def test_unpaired_options_and_a_seg_model_are_refused(sets, model, tmp_path):

@@ -131,7 +131,7 @@ def test_the_litert_export_of_an_ensemble_matches_keras(models, tmp_path):
 def test_models_of_another_architecture_are_refused(models, tmp_path):
     out = tmp_path / "ens"
     _one_line_error(ensemble(out, models["a"], models["wider"]), str(models["wider"]), "base_filters")
-    assert not out.exists() and not out.with_name("ens.partial").exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == []
 
 
 @pytest.mark.parametrize("case", ["one", "not_a_model", "not_empty", "nested"])
@@ -150,6 +150,35 @@ def test_what_cannot_be_joined_is_refused_in_one_line(models, tmp_path, case):
         args, words = [tmp_path / "inner", models["c"]], [str(tmp_path / "inner"), "already an ensemble"]
     _one_line_error(ensemble(out, *args), *words)
     assert sorted(p.name for p in out.iterdir()) == ["old.txt"] if case == "not_empty" else not out.exists()
+
+
+def test_a_folder_named_like_the_staging_one_is_never_touched(models, tmp_path, monkeypatch):
+    """OUT.partial was once removed unasked, even when it was one of the members."""
+    import shutil
+
+    (tmp_path / "ens.partial").mkdir()
+    (tmp_path / "ens.partial" / "notes.txt").write_text("mine")
+    member = Path(shutil.copytree(models["b"], tmp_path / "b.partial"))
+    monkeypatch.chdir(tmp_path)
+    result = ensemble("ens", models["a"], member)
+    assert result.exit_code == 0, result.output
+    assert (tmp_path / "ens.partial" / "notes.txt").read_text() == "mine"
+    assert load_model(member)[1] == load_config(models["b"])[0]
+    (tmp_path / "b").mkdir()
+    monkeypatch.chdir(tmp_path / "b")
+    assert ensemble(".", models["a"], member).exit_code == 0  # "." an empty folder: it becomes the ensemble
+    assert (tmp_path / "b" / "config.json").is_file()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["b", "b.partial", "ens", "ens.partial"]
+
+
+def test_a_disk_without_room_is_named_before_any_write(models, tmp_path, monkeypatch):
+    import shutil
+    from collections import namedtuple
+
+    usage = namedtuple("usage", "total used free")
+    monkeypatch.setattr(shutil, "disk_usage", lambda path: usage(10**9, 10**9, 4096))
+    _one_line_error(ensemble(tmp_path / "ens", models["a"], models["b"]), str(tmp_path / "ens"), "the disk is full")
+    assert sorted(p.name for p in tmp_path.iterdir()) == []
 
 
 def test_an_ensemble_is_not_an_init_from(models, tmp_path):

@@ -308,8 +308,18 @@ def test_calibrate_gives_the_carried_litert_export_the_same_decision(tiny, expor
         return np.array([r[1:4] for r in rows], dtype=float), [r[4] for r in rows]
 
     plain, _ = run(tmp_path / "plain")
-    result = runner.invoke(app, ["calibrate", str(folder), "--preds", str(tmp_path / "plain" / "predictions.csv"),
-                                 "--truth", str(images / "labels.csv"), "--sensitivity", "1"])
+    # the decision is fitted on a validation set of 300 over-confident predictions (T = 2): the
+    # tiny untrained model's own 6 are too few for any temperature (calibrate refuses them)
+    rng = np.random.default_rng(0)
+    z = rng.normal(0.0, 1.5, size=(300, 3))
+    y = [rng.choice(3, p=row) for row in np.exp(z) / np.exp(z).sum(axis=1, keepdims=True)]
+    p = np.exp(2 * z) / np.exp(2 * z).sum(axis=1, keepdims=True)
+    (tmp_path / "val.csv").write_text("image_id,melanoma,seborrheic_keratosis,nevus\n" + "".join(
+        f"V{i},{a:.6f},{b:.6f},{c:.6f}\n" for i, (a, b, c) in enumerate(p)))
+    (tmp_path / "val_truth.csv").write_text("image_id,melanoma,seborrheic_keratosis\n" + "".join(
+        f"V{i},{int(k == 0)},{int(k == 1)}\n" for i, k in enumerate(y)))
+    result = runner.invoke(app, ["calibrate", str(folder), "--preds", str(tmp_path / "val.csv"),
+                                 "--truth", str(tmp_path / "val_truth.csv"), "--sensitivity", "0.85"])
     assert result.exit_code == 0, result.output
     cfg = load_config(folder)[0]
     assert load_config(folder / "litert")[0].melanoma_threshold == cfg.melanoma_threshold is not None
@@ -598,6 +608,39 @@ def test_an_export_may_go_into_the_model_folder_beside_its_config(model_copy, im
     result = infer(images / "images", "--out", tmp_path / "a", "--model", model_copy)
     assert result.exit_code == 0, result.output
     assert json.loads((tmp_path / "a" / "infer.json").read_text())["engine"] == "keras"
+
+
+def test_a_failed_export_over_an_earlier_one_leaves_it_as_it_was(model_copy, tmp_path, monkeypatch):
+    """An interrupted re-export once left the earlier export's model file at 0 bytes."""
+    import dermtool.modelio
+
+    out = tmp_path / "exp"
+    assert export(model_copy, "--out", out, "--format", "savedmodel").exit_code == 0
+    before = {p.relative_to(out): p.read_bytes() for p in out.rglob("*") if p.is_file()}
+
+    def interrupted(model, cfg, dest, *args):
+        (dest / "variables").mkdir(parents=True)
+        (dest / "saved_model.pb").write_bytes(b"")
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(dermtool.modelio, "_write_savedmodel", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        from dermtool.export import export as export_function
+
+        export_function(model_copy, out, "savedmodel", log=lambda m: None)
+    assert {p.relative_to(out): p.read_bytes() for p in out.rglob("*") if p.is_file()} == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["exp", "run"]
+
+
+@litert
+def test_an_export_in_another_format_over_an_earlier_one_removes_the_stale_model_files(model_copy, tmp_path):
+    """model.tflite of the earlier export once stayed, and ran under the new config.json."""
+    out = tmp_path / "exp"
+    assert export(model_copy, "--out", out, "--format", "tflite").exit_code == 0
+    (out / "notes.txt").write_text("mine")
+    assert export(model_copy, "--out", out, "--format", "savedmodel").exit_code == 0
+    assert sorted(p.name for p in out.iterdir()) == ["config.json", "notes.txt", "saved_model"]
+    assert json.loads((out / "config.json").read_text())["export"]["format"] == "savedmodel"
 
 
 @pytest.mark.parametrize("case", ["images_only", "no_images", "bad_labels"])

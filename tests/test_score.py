@@ -14,7 +14,7 @@ import pytest
 from PIL import Image
 from typer.testing import CliRunner
 
-from dermtool import io
+from dermtool import CLASS_NAMES, io
 from dermtool.cli import app
 from dermtool.score import score
 
@@ -188,7 +188,7 @@ def test_nevus_is_derived_when_the_column_is_absent(hand_case):
     report = score(hand_case["pred"], hand_case["truth"])
     assert report["classification"]["confusion"] == [[1, 1, 1], [0, 2, 0], [1, 1, 3]]
     assert report["segmentation"] is None and report["mean_performance"] is None
-    np.testing.assert_allclose(io.read_class_csv(hand_case["pred"])[IDS[4]], [0.2, 0.5, 0.3])
+    np.testing.assert_allclose(io.read_class_csv(hand_case["pred"], role="predictions")[IDS[4]], [0.2, 0.5, 0.3])
 
 
 def test_undefined_numbers_are_null_in_json(hand_case):
@@ -256,6 +256,40 @@ def test_zero_one_masks_score_as_their_lesions_not_as_empty(hand_case):
     assert report["segmentation"]["jac"] == pytest.approx(1 / 4)  # only the both-empty image scores
 
 
+def test_a_zero_one_mask_of_ones_only_is_a_lesion_filling_the_frame(tmp_path):
+    """1s everywhere, stored 0/1: the lesion fills the frame; > 128 alone would read it empty."""
+    for folder in ("truth", "pred"):
+        (tmp_path / folder).mkdir()
+    Image.fromarray(np.ones((5, 4), np.uint8)).save(tmp_path / "truth" / "X_segmentation.png")
+    write_mask(tmp_path / "pred" / "X_segmentation.png", np.pad(np.ones((5, 2), bool), ((0, 0), (0, 2))))
+    seg = score(None, None, tmp_path / "pred", tmp_path / "truth")["segmentation"]
+    assert seg["per_image"] == {"X": 0.5} and seg["n_empty_truth"] == 0 and seg["n_zero_one_masks"] == 1
+
+
+def test_score_cli_scores_masks_alone(hand_case):
+    result = runner.invoke(app, ["score", "--pred-masks", str(hand_case["pred_masks"]),
+                                 "--truth-masks", str(hand_case["truth_masks"]), "--json", str(hand_case["dir"] / "s.json")])
+    assert result.exit_code == 0, result.output
+    report = json.loads((hand_case["dir"] / "s.json").read_text())
+    assert report["classification"] is None
+    assert report["segmentation"] == score(None, None, hand_case["pred_masks"], hand_case["truth_masks"])["segmentation"]
+
+
+def test_score_json_never_overwrites_an_input_and_writes_through_a_link(hand_case):
+    before = hand_case["pred"].read_bytes()
+    result = run_score(hand_case, "--json", str(hand_case["pred"]), masks=False)
+    assert result.exit_code == 2 and "is the input" in result.stderr
+    assert hand_case["pred"].read_bytes() == before
+    result = run_score(hand_case, "--json", str(hand_case["dir"]), masks=False)
+    assert result.exit_code == 2 and "is a folder" in result.stderr
+    target, link = hand_case["dir"] / "target.json", hand_case["dir"] / "link.json"
+    target.write_text("old")
+    link.symlink_to(target.name)
+    result = run_score(hand_case, "--json", str(link), masks=False)
+    assert result.exit_code == 0, result.output
+    assert link.is_symlink() and json.loads(target.read_text())["classification"]["n_images"] == len(IDS)
+
+
 def test_write_csv_atomic_leaves_only_the_file(tmp_path):
     target = tmp_path / "sub" / "predictions.csv"
     io.write_csv_atomic(target, ["image_id", "melanoma"], [["a", 0.25]])
@@ -280,6 +314,12 @@ def _bad_pred_text(case, text):
 def _garbage_mask(case, folder):
     path = case[folder] / f"{IDS[0]}_segmentation.png"
     path.write_text("this is not a PNG")
+    return path
+
+
+def _label_map_mask(case):
+    path = case["truth_masks"] / f"{IDS[0]}_segmentation.png"
+    Image.fromarray(np.array([[0, 1], [2, 0]], dtype=np.uint8)).save(path)
     return path
 
 
@@ -329,8 +369,25 @@ BAD_INPUTS = {
     ),
     "truth row with both classes": (
         lambda c: _bad_truth_rows(c, [[IDS[0], 0.0, 0.0], [IDS[1], 1.0, 1.0]]),
-        "melanoma = 1, seborrheic_keratosis = 1 at row 3 (ISIC_0000001)",
+        "names melanoma and seborrheic_keratosis at row 3 (ISIC_0000001)",
     ),
+    "truth value neither 0 nor 1": (
+        lambda c: _bad_truth_rows(c, [[IDS[0], 0.4, 0.0]]),
+        "melanoma = 0.4 at row 2 (ISIC_0000000); a truth value is 0 or 1",
+    ),
+    "truth row naming melanoma and nevus": (
+        lambda c: _bad_truth_rows(c, [[IDS[0], 1, 0, 1]], header=("image_id", *CLASS_NAMES)),
+        "names melanoma and nevus at row 2",
+    ),
+    "truth row naming no class beside a nevus column": (
+        lambda c: _bad_truth_rows(c, [[IDS[0], 0, 1, 0], [IDS[1], 0, 0, 0]], header=("image_id", *CLASS_NAMES)),
+        "has every class 0 at row 3 (ISIC_0000001)",
+    ),
+    "repeated column": (
+        lambda c: _bad_truth_rows(c, [[IDS[0], 1, 0, 0]], header=("image_id", "melanoma", "seborrheic_keratosis", "melanoma")),
+        "has the column melanoma 2 times",
+    ),
+    "label-map truth mask": (_label_map_mask, "has the values 0, 1, 2: a label map"),
     "non-image prediction mask": (lambda c: _garbage_mask(c, "pred_masks"), "not a readable image"),
     "non-image truth mask": (lambda c: _garbage_mask(c, "truth_masks"), "not a readable image"),
     "prediction of another size": (_big_pred_mask, "is 3x4 pixels but its truth mask"),
@@ -502,6 +559,9 @@ def test_a_json_file_that_cannot_be_written_is_one_line(hand_case, case, monkeyp
     result = run_score(hand_case, "--json", str(json_path))
     assert result.exit_code == 2, result.output
     message = result.stderr.strip()
-    assert "\n" not in message and message.startswith(f"error: {json_path}: cannot write")
-    assert ("the disk is full" if case == "disk_full" else "a folder is where the file should be") in message
+    assert "\n" not in message
+    if case == "disk_full":
+        assert message.startswith(f"error: {json_path}: cannot write") and "the disk is full" in message
+    else:  # refused before any scoring
+        assert message.startswith(f"error: {json_path}: is a folder; --json names the file to write")
     assert [p.name for p in hand_case["dir"].iterdir() if p.name.startswith(".")] == []
