@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 import sys
 from pathlib import Path
 from typing import Optional
@@ -447,6 +448,8 @@ def _parse_shard(value: str) -> tuple[int, int]:
         k, n = (int(v) for v in value.split("/"))
     except ValueError:
         fail(f"--shard must look like K/N (e.g. 2/4), not {value!r}.")
+    if n < 1:
+        fail(f"--shard {value}: N (the number of parts) must be 1 or more.")
     if not (1 <= k <= n):
         fail(f"--shard {value}: K must be between 1 and N.")
     return k, n
@@ -483,17 +486,24 @@ def infer_cli(
     threshold (dermtool calibrate, --melanoma-threshold) the label is melanoma when p_melanoma
     reaches it, else the likelier other class; without one, the argmax), plus OUT/infer.json
     with the run summary and the post-processing used: threshold → closing → largest component
-    → hole filling → restore to the original size. Unreadable files are reported and skipped;
-    of two files with one image id (a.jpg, a.png) the first by name is used and the other named;
-    the exit code is 1 when any image failed or was skipped so. --resume refuses a folder written
-    with another model or other settings.
+    → hole filling → restore to the original size. Unreadable files are reported and skipped,
+    and so are a broken link, a folder or a FIFO named like an image, and a name starting with
+    = + - or @ (a spreadsheet would run it as a formula); of two files with one image id (a.jpg,
+    a.png) the first by name is used and the other named; the exit code is 1 when any image
+    failed or was skipped so. Subfolders are not searched; hidden files and ISIC side files
+    (*_segmentation, *_superpixels) are not images. Masks follow the stored pixels: an EXIF
+    orientation tag is not applied. --resume refuses a folder written with another model,
+    other settings or another images folder; --out may not be the images folder.
     """
     from dermtool.data import read_id_list
     from dermtool.infer import InferOptions, predict_folder
     from dermtool.postprocess import PostprocessConfig
 
     if not images.is_dir():
-        fail(f"{images}: images folder not found.")
+        fail(f"{images}: is a file; give the folder of images." if images.exists() else f"{images}: images folder not found.")
+    if out.exists() and out.resolve() == images.resolve():
+        fail(f"{out}: is the images folder; --out names another folder, so the masks and CSV never overwrite "
+             "an input (a truth mask of the same name) and are never read as images by the next run.")
     if ids is not None and not ids.is_file():
         fail(f"{ids}: id list not found.")
     check_out_folder(out, "an output folder")
@@ -676,8 +686,12 @@ def _write_report(out: Path, images: Optional[Path]) -> None:
     except OSError as exc:
         fail(write_failure(exc, "the report", out))
     missing = f", {len(made.missing_images)} without their image" if made.missing_images else ""
+    for image_id, problem in made.failed:
+        console.print(f"[red]failed[/] {escape(image_id)}: {escape(problem)}", highlight=False, soft_wrap=True)
     console.print(f"[green]report[/]: {escape(str(made.path))} ({made.entries} images{missing}, {made.thumbnails} "
                   f"thumbnails drawn in {made.seconds:.1f} s)", highlight=False, soft_wrap=True)
+    if made.failed:
+        raise typer.Exit(1)
 
 
 @app.command("report")
@@ -838,3 +852,25 @@ def _write_plots(result, plots: Path, pred_csv, truth_csv, pred_masks, truth_mas
     except OSError as exc:
         fail(write_failure(exc, "the plots", plots))
     console.print(f"[green]plots[/]: {escape(str(page))}", highlight=False, soft_wrap=True)
+
+
+def _reflow(doc: str) -> str:
+    """A docstring as help text: the lines of each paragraph joined, so the terminal wraps them
+    at its own width (rich keeps a docstring's line breaks, which at 80 columns leaves a short
+    line after every long one); paragraphs and "- " list items keep their breaks."""
+    paragraphs = []
+    for block in inspect.cleandoc(doc).split("\n\n"):
+        lines = [line.strip() for line in block.splitlines()]
+        joined = []
+        for line in lines:
+            if joined and not line.startswith("- "):
+                joined[-1] += " " + line
+            else:
+                joined.append(line)
+        paragraphs.append("\n".join(joined))
+    return "\n\n".join(paragraphs)
+
+
+for _command in app.registered_commands:
+    if _command.help is None and _command.callback is not None and _command.callback.__doc__:
+        _command.help = _reflow(_command.callback.__doc__)

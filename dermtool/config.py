@@ -134,12 +134,12 @@ class ModelConfig:
     def _check_decision(self) -> None:
         from dermtool.decision import check_temperature, check_threshold
 
-        object.__setattr__(self, "temperature", check_temperature(self.temperature, "config.json temperature"))
+        object.__setattr__(self, "temperature", check_temperature(self.temperature, "model.temperature"))
         if self.melanoma_threshold is not None:
             if not self.has_cls or "melanoma" not in self.class_names:
                 raise InputError("a melanoma_threshold needs a model with a classifier that has a melanoma class.")
             object.__setattr__(self, "melanoma_threshold",
-                               check_threshold(self.melanoma_threshold, "config.json melanoma_threshold"))
+                               check_threshold(self.melanoma_threshold, "model.melanoma_threshold"))
 
     @property
     def has_seg(self) -> bool:

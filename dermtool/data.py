@@ -22,7 +22,7 @@ from dermtool.io import read_csv_rows, read_json
 from dermtool.preprocess import IMAGE_EXTENSIONS, Transform
 
 # Files the ISIC downloads keep beside the images that are not images to segment.
-_NOT_IMAGES = ("_superpixels", "_segmentation")
+NOT_IMAGES = ("_superpixels", "_segmentation")
 
 
 def image_id_of(path: Path) -> str:
@@ -53,7 +53,7 @@ def find_images(folder: Path) -> list[Path]:
     found = [
         p for p in folder.iterdir()
         if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS
-        and not p.stem.endswith(_NOT_IMAGES) and not p.name.startswith(".")
+        and not p.stem.endswith(NOT_IMAGES) and not p.name.startswith(".")
     ]
     return sorted(found, key=lambda p: p.name)
 

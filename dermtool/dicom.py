@@ -15,6 +15,7 @@ from pathlib import Path
 import numpy as np
 
 from dermtool.errors import InputError
+from dermtool.io import check_pixel_limit
 
 #: Photometric interpretations of a colour photograph; pydicom returns all of them as RGB.
 COLOUR = ("RGB", "YBR_FULL", "YBR_FULL_422", "YBR_ICT", "YBR_RCT")
@@ -40,13 +41,18 @@ def read_dicom_rgb(path: Path) -> np.ndarray:
     problem = not_a_colour_photograph(ds)
     if problem:
         raise InputError(f"{path}: {problem}, not a colour photograph (RGB or YBR, one frame); skipped.")
+    try:  # the declared size, checked before any decoding: a small file may declare a huge frame
+        check_pixel_limit(path, int(ds.get("Columns", 0) or 0), int(ds.get("Rows", 0) or 0))
+    except (TypeError, ValueError):
+        raise InputError(f"{path}: its Rows and Columns are not numbers; not a readable DICOM image.") from None
     try:
         pixels = ds.pixel_array  # pydicom 3 converts YCbCr to RGB (its as_rgb default)
     except Exception as exc:  # a missing decoder plugin raises RuntimeError, damaged data anything
         syntax = getattr(getattr(ds, "file_meta", None), "TransferSyntaxUID", None)
         name = getattr(syntax, "name", "unknown transfer syntax")
-        raise InputError(f"{path}: its pixels ({name}) cannot be decoded ({_short(exc)}); {_INSTALL} "
-                         "adds the JPEG decoders.") from None
+        text = " ".join(str(exc).split()).lower()
+        hint = f"; {_INSTALL} adds the JPEG decoders" if "plugin" in text or "decoder" in text else ""
+        raise InputError(f"{path}: its pixels ({name}) cannot be decoded ({_short(exc)}){hint}.") from None
     if pixels.dtype != np.uint8:  # 12- or 16-bit colour: keep the top 8 of the stored bits
         shift = max(0, int(ds.get("BitsStored", 8)) - 8)
         pixels = np.clip(pixels.astype(np.int64) >> shift, 0, 255).astype(np.uint8)
@@ -78,9 +84,12 @@ def _pydicom(path: Path):
     return pydicom
 
 
-def _short(exc: Exception) -> str:
+def _short(exc: Exception, limit: int = 160) -> str:
+    """The error's text on one line, cut at a word (with an ellipsis) when longer than `limit`."""
     text = " ".join(str(exc).split()) or type(exc).__name__
-    return text[:120]
+    if len(text) <= limit:
+        return text
+    return text[:limit].rsplit(" ", 1)[0].rstrip(" ,;:") + " …"
 
 
 def write_segmentation(source: Path, mask: np.ndarray, dest: Path) -> None:

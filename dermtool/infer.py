@@ -23,13 +23,13 @@ import numpy as np
 from dermtool import CLASS_NAMES
 from dermtool.augment import dihedral, undo_dihedral
 from dermtool.config import ModelConfig, check_cls_views
-from dermtool.data import find_images, image_id_of, keep_ids, unique_ids
+from dermtool.data import NOT_IMAGES, find_images, image_id_of, keep_ids, unique_ids
 from dermtool.decision import apply_temperature, check_threshold, decide
 from dermtool.errors import InputError, disk_full, write_failure
 from dermtool.io import encode_mask_png, read_csv_rows, read_json, write_atomic, write_csv_atomic
 from dermtool.modelio import default_model_dir, load_engine, load_model, model_fingerprint  # noqa: F401  (load_model: re-exported)
 from dermtool.postprocess import PostprocessConfig, postprocess
-from dermtool.preprocess import Transform, prepare, restore, restore_mask
+from dermtool.preprocess import IMAGE_EXTENSIONS, Transform, prepare, restore, restore_mask
 from dermtool.shards import differing_settings, predictions_name, record_name, shard_of
 
 MASK_SUFFIX = "_segmentation.png"
@@ -79,9 +79,40 @@ def select_images(images_dir: Path, shard: tuple[int, int] = (1, 1), ids=None) -
     if not (1 <= k <= n):
         raise InputError(f"--shard {k}/{n}: K must be between 1 and N.")
     paths = find_images(images_dir)
+    if not paths and not unusable_entries(images_dir):
+        raise InputError(f"{images_dir}: holds no images ({' '.join(IMAGE_EXTENSIONS)}); its subfolders are not "
+                         "searched, and files named *_segmentation or *_superpixels (ISIC side files) or hidden ones are "
+                         "not images.")
     if ids is not None:  # as preprocess --ids keeps them
         paths = keep_ids(paths, {}, list(ids), images_dir)[0]
     return [p for p in paths if shard_of(image_id_of(p), n) == k]
+
+
+#: the first characters that make a spreadsheet read a CSV cell as a formula (CSV injection)
+FORMULA_STARTS = ("=", "+", "-", "@", "\t", "\r")
+
+
+def unusable_entries(images_dir: Path, shard: tuple[int, int] = (1, 1), ids=None) -> list[tuple[Path, str]]:
+    """Entries of the folder named as images that infer does not run, each with why, so the run
+    names them (find_images passes them over): a link to nothing, a folder or a FIFO named
+    x.jpg, and a file whose id would start a spreadsheet formula in predictions.csv. Only those
+    of this shard (and of `ids`)."""
+    found = []
+    for p in sorted(Path(images_dir).iterdir(), key=lambda p: p.name):
+        if p.suffix.lower() not in IMAGE_EXTENSIONS or p.name.startswith(".") or p.stem.endswith(NOT_IMAGES):
+            continue
+        if ids is not None and p.stem not in ids or shard_of(image_id_of(p), shard[1]) != shard[0]:
+            continue
+        if p.is_symlink() and not p.exists():
+            found.append((p, f"{p}: a link to nothing ({os.readlink(p)}); skipped."))
+        elif p.is_dir():
+            found.append((p, f"{p}: a folder, not an image file; skipped."))
+        elif not p.is_file():
+            found.append((p, f"{p}: not a regular file (a FIFO, socket or device); skipped."))
+        elif p.stem.startswith(FORMULA_STARTS):
+            found.append((p, f"{p}: its name starts with {p.stem[0]!r}, which a spreadsheet opening predictions.csv "
+                             "would run as a formula; rename the file to infer it."))
+    return found
 
 
 def _run_model(model, x: np.ndarray, tta: int = 1, batch_size: int | None = None, cls_only: bool = False) -> dict:
@@ -260,12 +291,16 @@ def predict_folder(images_dir: Path, out_dir: Path, model_dir: Path | None = Non
     # one id, one output: of a.jpg and a.png only the first by name is used, so no two
     # images ever write (or race for) the same files
     paths, duplicates = unique_ids(select_images(images_dir, opts.shard, opts.ids))
+    unusable = unusable_entries(images_dir, opts.shard, None if opts.ids is None else set(opts.ids))
+    named = {p for p, _ in unusable}
+    paths = [p for p in paths if p not in named]
     if opts.melanoma_threshold is not None:
         opts = replace(opts, melanoma_threshold=check_threshold(opts.melanoma_threshold))
     model = load_engine(model_dir, opts.engine, log=log)
     cfg = model.cfg
     opts = with_model_threshold(opts, cfg, model_dir)
-    summary = InferSummary(model=str(model_dir), engine=model.name, engine_file=str(model.path), duplicates=duplicates)
+    summary = InferSummary(model=str(model_dir), engine=model.name, engine_file=str(model.path), duplicates=duplicates,
+                           failed=[(str(p), why) for p, why in unusable])
     record = _run_record(images_dir, model_fingerprint(model_dir), summary, cfg, opts)
     if opts.resume:
         _check_resume(out_dir / record_name(opts.shard), record, out_dir)
@@ -398,6 +433,9 @@ def _check_resume(record_path: Path, record: dict, out_dir: Path) -> None:
         raise InputError(f"{str(exc).rstrip('.')}; --resume cannot check that it continues the same run: "
                          "run without --resume to redo the folder, or delete the record to resume unchecked.") from None
     diffs = differing_settings(earlier, record)
+    if earlier.get("images") and earlier["images"] != record["images"]:
+        # the rows of the other folder's images would stay, and an id in both would be skipped as done
+        diffs.insert(0, f"images folder {earlier['images']} in the run, {record['images']} now")
     if diffs:
         raise InputError(f"{record_path}: --resume would mix two runs in {out_dir}, {'; '.join(diffs)}; "
                          "resume with the run's settings, or write to another --out.")

@@ -96,8 +96,22 @@ def load_model(model_dir: Path):
             warnings.simplefilter("ignore")
             model.load_weights(str(path))
     except Exception as exc:  # h5 mismatch: wrong architecture or a damaged file
-        raise InputError(f"{path}: weights do not fit the model in config.json ({_mismatch(exc)}).")
+        damage = _unreadable_h5(path)
+        if damage:
+            raise InputError(f"{path}: not a readable weights file, damaged or cut short ({damage}).") from None
+        raise InputError(f"{path}: weights do not fit the model in config.json ({_mismatch(exc)}).") from None
     return model, cfg
+
+
+def _unreadable_h5(path: Path) -> str:
+    """Why h5py cannot open `path` as an HDF5 file, in a few words ("" when it can)."""
+    import h5py
+
+    try:
+        with h5py.File(path, "r"):
+            return ""
+    except Exception as exc:  # OSError for a truncated or foreign file
+        return _short(exc)
 
 
 def _mismatch(exc: Exception) -> str:

@@ -36,6 +36,7 @@ class ReportSummary:
     entries: int = 0
     thumbnails: int = 0  # drawn now (fresh ones from an earlier report are reused)
     missing_images: list = field(default_factory=list)  # ids whose original image was not found
+    failed: list = field(default_factory=list)  # (image id, why): drawn without a thumbnail
     seconds: float = 0.0
 
 
@@ -61,6 +62,8 @@ def write_report(out_dir: Path, images_dir: Path | None = None, workers: int = 0
     sources = _find_sources(images_dir)
     summary = ReportSummary(out_dir / REPORT, entries=len(rows))
     files = out_dir / FILES
+    if files.exists() and not files.is_dir():
+        raise InputError(f"{files}: a file is where the report's thumbnail folder goes; move it away and run again.")
     files.mkdir(exist_ok=True)
     class_cols = [c for c in CLASS_NAMES if c in header]
     jobs = []
@@ -74,8 +77,9 @@ def write_report(out_dir: Path, images_dir: Path | None = None, workers: int = 0
     with ThreadPoolExecutor(workers) as pool:  # Pillow decodes and encodes without the GIL
         drawn = list(pool.map(lambda job: _thumbnail(job[0], job[1], out_dir, files, class_cols, thumb_side),
                               jobs))
-    summary.thumbnails = sum(1 for d in drawn if d == "drawn")
-    has_thumb = {row["image_id"] for (row, _), d in zip(jobs, drawn) if d}
+    summary.thumbnails = sum(1 for d, _ in drawn if d == "drawn")
+    summary.failed = [(row["image_id"], problem) for (row, _), (_, problem) in zip(jobs, drawn) if problem]
+    has_thumb = {row["image_id"] for (row, _), (d, _) in zip(jobs, drawn) if d}
     payload = _payload(rows, class_cols, has_thumb, out_dir)
     from dermtool.pages import write_page
 
@@ -122,12 +126,15 @@ def read_predictions(out_dir: Path) -> tuple[list[str], list[dict]]:
             if len(cells) != len(header):
                 raise InputError(f"{p}, row {i}: {len(cells)} fields where the header has {len(header)}.")
             row = dict(zip(header, cells))
-            try:
-                for c in CLASS_NAMES:
-                    if c in row:
+            for c in CLASS_NAMES:
+                if c in row:
+                    try:
                         row[c] = float(row[c])
-            except (TypeError, ValueError):
-                raise InputError(f"{p}, row {i}: a probability is not a number.")
+                    except (TypeError, ValueError):
+                        raise InputError(f"{p}, row {i}: the {c} probability {row[c]!r} is not a number.") from None
+                    if not 0.0 <= row[c] <= 1.0:  # nan too: the page's JSON would not parse
+                        raise InputError(f"{p}, row {i}: the {c} probability {cells[header.index(c)]} is not "
+                                         "a number in [0, 1].")
             rows.append(row)
     if "image_id" not in header:
         raise InputError(f"{parts[0]}: no image_id column; is it a predictions.csv of dermtool infer?")
@@ -157,8 +164,10 @@ def _find_sources(images_dir: Path | None) -> dict[str, Path]:
     return {image_id_of(p): p for p in find_images(Path(images_dir))}
 
 
-def _thumbnail(row: dict, source: Path, out_dir: Path, files: Path, class_cols: list[str], side: int) -> str:
-    """Draw one thumbnail; returns "drawn", "kept" (already fresh) or "" (image unreadable)."""
+def _thumbnail(row: dict, source: Path, out_dir: Path, files: Path, class_cols: list[str],
+               side: int) -> tuple[str, str]:
+    """Draw one thumbnail; returns ("drawn" | "kept" (already fresh) | "" (none), the problem
+    when its mask could not be read, else "")."""
     from dermtool.overlay import class_label, draw_overlay, read_mask_at, thumbnail_size
     from dermtool.preprocess import load_image
 
@@ -167,19 +176,22 @@ def _thumbnail(row: dict, source: Path, out_dir: Path, files: Path, class_cols: 
     mask_path = out_dir / f"{image_id}{MASK_SUFFIX}"
     newest = max(source.stat().st_mtime, mask_path.stat().st_mtime if mask_path.is_file() else 0.0)
     if target.is_file() and mask_path.is_file() and target.stat().st_mtime >= newest:
-        return "kept"  # `infer --resume --report`: only the images redone get new thumbnails
+        return "kept", ""  # `infer --resume --report`: only the images redone get new thumbnails
     try:  # the size from the file's header, so any format load_image reads (DICOM too) works
         pixels, _ = load_image(source, resize_to=lambda height, width: thumbnail_size(height, width, side))
     except (OSError, InputError):  # load_image words a decompression bomb as an InputError
-        return ""
+        return "", ""
     size = pixels.shape[:2]
-    mask = read_mask_at(mask_path, size) if mask_path.is_file() else None
+    try:
+        mask = read_mask_at(mask_path, size) if mask_path.is_file() else None
+    except InputError as exc:  # one damaged mask: the others are still drawn, this one is named
+        return "", str(exc)
     label, colour = ("", (0, 0, 0))
     if class_cols:
         label, colour = class_label(np.array([row[c] for c in class_cols]), class_cols, _label_index(row, class_cols))
     img = draw_overlay(pixels, mask, label, colour)
     write_atomic(target, lambda tmp: img.save(tmp, format="JPEG", quality=85))
-    return "drawn"
+    return "drawn", ""
 
 
 def _payload(rows: list[dict], class_cols: list[str], has_thumb: set, out_dir: Path) -> dict:

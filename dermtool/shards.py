@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Mapping
 
+from dermtool import CLASS_NAMES
 from dermtool.data import find_images, image_id_of, unique_ids
 from dermtool.errors import InputError
 from dermtool.io import first_few, read_csv_rows, read_json, write_csv_atomic
@@ -131,6 +132,10 @@ def merge(out_dir: Path, images_dir: Path | None = None) -> MergeResult:
     header, rows = _read_parts(parts)
     result = MergeResult(parts=n, rows=len(rows), unchecked=unchecked)
     folders = {r.get("images") for r in records.values()} - {None}
+    if images_dir is None and len(folders) > 1:
+        raise InputError(f"{out_dir}: the shards' records name {len(folders)} images folders ({', '.join(sorted(folders))}); "
+                         "parts of different folders would merge into one CSV without a word. If they are one folder "
+                         "seen from different machines, give it with --images to check every image has a row.")
     images_dir = Path(images_dir) if images_dir else (Path(folders.pop()) if len(folders) == 1 else None)
     if images_dir is not None and images_dir.is_dir():
         result.failed = _check_complete(images_dir, rows, records, out_dir, n)
@@ -141,7 +146,8 @@ def merge(out_dir: Path, images_dir: Path | None = None) -> MergeResult:
 
 def _find_parts(out_dir: Path) -> dict[int, Path]:
     if not out_dir.is_dir():
-        raise InputError(f"{out_dir}: output folder not found.")
+        raise InputError(f"{out_dir}: is a file; give the --out folder of the shards." if out_dir.exists()
+                         else f"{out_dir}: output folder not found.")
     found = {}
     for path in out_dir.iterdir():
         match = _PART.fullmatch(path.name)
@@ -153,6 +159,10 @@ def _find_parts(out_dir: Path) -> dict[int, Path]:
         raise InputError(f"{out_dir}: holds parts of {' and of '.join(map(str, sorted(found)))} shards; "
                          "remove the parts of the other split and merge again.")
     (n, parts), = found.items()
+    beyond = sorted(k for k in parts if not 1 <= k <= n)
+    if beyond:
+        raise InputError(f"{parts[beyond[0]]}: part {beyond[0]} of {n} does not exist (parts run 1 to {n}); "
+                         "remove it and merge again.")
     for k in range(1, n + 1):
         if k not in parts:
             raise InputError(f"{out_dir / predictions_name((k, n))}: part {k} of {n} is missing; run "
@@ -199,10 +209,19 @@ def _read_parts(parts: dict[int, Path]) -> tuple[list[str], dict[str, list[str]]
         elif lines[0] != header:
             raise InputError(f"{path}: its columns {','.join(lines[0])} differ from the other parts' "
                              f"{','.join(header)}; the shards ran different models.")
-        for row in lines[1:]:
+        values = [i for i, name in enumerate(header) if name in CLASS_NAMES]
+        for line, row in enumerate(lines[1:], start=2):
             if len(row) != len(header):
                 raise InputError(f"{path}: the row of {row[0] if row else '(empty)'} has {len(row)} fields, "
                                  f"not {len(header)}; rerun this shard with --resume.")
+            for i in values:
+                try:
+                    ok = 0.0 <= float(row[i]) <= 1.0  # nan fails too
+                except ValueError:
+                    ok = False
+                if not ok:
+                    raise InputError(f"{path}: row {line} ({row[0]}) has {header[i]} = {row[i]!r}, not a probability "
+                                     "in [0, 1]; the part was edited or damaged: rerun this shard into a fresh --out.")
             if row[0] in rows:
                 also = "twice" if source[row[0]] == path else f"in {source[row[0]]} too"
                 raise InputError(f"{path}: image id {row[0]} is {also}; every id must be in exactly one "

@@ -128,6 +128,26 @@ def test_other_dicom_files_are_refused_by_name(folders, name, words):
     assert str(folders["dicom"] / name) in str(caught.value)
 
 
+def test_a_frame_declared_over_the_pixel_limit_is_refused_before_decoding(tmp_path, monkeypatch):
+    """A 3.5 MB file declaring 15000 x 15000 pixels was decoded (7.9 GB of memory) while the same
+    JPEG as a .jpg was refused: the header's Rows x Columns are now checked first."""
+    import pydicom.dataset
+
+    rgb, _, _ = make_lesion(40, 60, np.random.default_rng(3))
+    path = tmp_path / "bomb.dcm"
+    write_jpeg_dicom(path, rgb)
+    ds = pydicom.dcmread(path)
+    ds.Rows, ds.Columns = 15000, 15000
+    ds.save_as(path, enforce_file_format=True)
+
+    def decoded(self):
+        raise AssertionError("the pixels were decoded before the size was checked")
+
+    monkeypatch.setattr(pydicom.dataset.Dataset, "pixel_array", property(decoded))
+    with pytest.raises(InputError, match=re.escape("15000 x 15000 pixels (225 megapixels) is over the 200-megapixel limit")):
+        read_dicom_rgb(path)
+
+
 def _rows(path: Path) -> dict[str, list[str]]:
     with open(path, newline="") as fh:
         return {row[0]: row for row in list(csv.reader(fh))[1:]}

@@ -335,6 +335,33 @@ def test_merge_refuses_an_id_in_two_parts(sharded):
     assert first[0] in message and "predictions.part-1-of-2.csv" in message and "predictions.part-2-of-2.csv" in message
 
 
+@pytest.mark.parametrize("value", ["nan", "7.5", "x"])
+def test_merge_refuses_a_value_that_is_not_a_probability(value, tmp_path):
+    """nan or 7.5 once went into predictions.csv, and the report page's JSON then did not parse."""
+    header = "image_id,melanoma,seborrheic_keratosis,nevus,label\n"
+    (tmp_path / "predictions.part-1-of-2.csv").write_text(header + "a,0.2,0.3,0.5,nevus\n")
+    (tmp_path / "predictions.part-2-of-2.csv").write_text(header + f"b,0.1,{value},0.5,nevus\n")
+    assert f"row 2 (b) has seborrheic_keratosis = '{value}', not a probability in [0, 1]" in merge(tmp_path)
+
+
+def test_merge_refuses_a_part_beyond_n(sharded):
+    _, out = sharded
+    shutil.copy(out / "predictions.part-1-of-2.csv", out / "predictions.part-3-of-2.csv")
+    assert "part 3 of 2 does not exist" in merge(out)
+
+
+def test_merge_refuses_shards_of_different_image_folders_unless_given_one(sharded, models, tmp_path):
+    """Shards run on two folders once merged without a word, an image of one in no part."""
+    images, out = sharded
+    other = Path(shutil.copytree(images, tmp_path / "other"))
+    result = infer(other, "--out", out, "--model", models["seg"], "--shard", "2/2")
+    assert result.exit_code == 0, result.output
+    assert "name 2 images folders" in merge(out)
+    result = runner.invoke(app, ["merge", str(out), "--images", str(images)])
+    assert result.exit_code == 0, result.output
+    assert sorted(rows_by_id(out / "predictions.csv")) == sorted(Path(n).stem for n in GOOD)
+
+
 def test_merge_refuses_an_image_no_part_holds(sharded):
     """An image added after the shards ran is named, with the shard that must run again."""
     images, out = sharded
@@ -441,7 +468,8 @@ def test_postprocessing_switches_are_recorded(models, dataset, tmp_path):
 # --- bad paths: exit 2 and one line --------------------------------------------------------------
 
 
-@pytest.mark.parametrize("case", ["no_images", "no_model", "model_without_weights", "bad_shard", "shard_range",
+@pytest.mark.parametrize("case", ["no_images", "empty_folder", "images_a_file", "out_is_images", "shard_of_0",
+                                  "no_model", "model_without_weights", "bad_shard", "shard_range",
                                   "bad_tta", "out_is_file", "closing_radius_33", "closing_radius_200",
                                   "threshold_above_1", "threshold_below_0", "batch_size_0", "batch_size_huge",
                                   "workers_huge", "melanoma_threshold_0", "melanoma_threshold_1",
@@ -459,7 +487,13 @@ def test_bad_paths_and_options_exit_2_with_one_line(case, models, dataset, tmp_p
         "shard_range": [dataset["images"], "--out", out, "--model", models["joint"], "--shard", "3/2"],
         "bad_tta": [dataset["images"], "--out", out, "--model", models["joint"], "--tta", "3"],
         "out_is_file": [dataset["images"], "--out", tmp_path / "file.csv", "--model", models["joint"]],
+        "empty_folder": [tmp_path / "empty", "--out", out, "--model", models["joint"]],
+        "images_a_file": [tmp_path / "file.csv", "--out", out, "--model", models["joint"]],
+        "out_is_images": [tmp_path / "empty", "--out", tmp_path / "empty", "--model", models["joint"]],
+        "shard_of_0": [dataset["images"], "--out", out, "--model", models["joint"], "--shard", "1/0"],
     }.get(case)
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "empty" / "x_segmentation.png").write_bytes(b"a truth mask")
     out_of_range = {
         "closing_radius_33": ("--closing-radius", "33"), "closing_radius_200": ("--closing-radius", "200"),
         "threshold_above_1": ("--threshold", "1.5"), "threshold_below_0": ("--threshold", "-0.1"),
@@ -481,7 +515,10 @@ def test_bad_paths_and_options_exit_2_with_one_line(case, models, dataset, tmp_p
         assert option in lines[0] and value in lines[0] and "(" in lines[0], lines[0]
     if case == "out_is_file":
         assert str(tmp_path / "file.csv") in lines[0] and "not a folder" in lines[0]
-    assert not out.exists()
+    words = {"empty_folder": "holds no images", "images_a_file": "is a file; give the folder of images",
+             "out_is_images": "is the images folder", "shard_of_0": "N (the number of parts) must be 1 or more"}
+    assert words.get(case, "") in lines[0]
+    assert not out.exists() and [p.name for p in (tmp_path / "empty").iterdir()] == ["x_segmentation.png"]
 
 
 def test_tta_averages_the_views_with_each_mask_mapped_back(models):
@@ -595,6 +632,33 @@ def test_interrupt_through_the_cli_exits_130(models, dataset, tmp_path, monkeypa
 
 
 # --- two files with one id --------------------------------------------------------------------
+
+
+def test_entries_named_like_images_that_are_not_run_are_named_and_the_rest_done(models, few_images, tmp_path):
+    """A broken link, a folder, a FIFO named x.jpg, and a name a spreadsheet would run as a
+    formula, were passed over in silence (or the name went into predictions.csv as it was)."""
+    import os
+
+    (few_images / "dangling.jpg").symlink_to(tmp_path / "nowhere.jpg")
+    (few_images / "folder.png").mkdir()
+    os.mkfifo(few_images / "pipe.jpg")
+    shutil.copy(few_images / "wide.jpg", few_images / "=HYPERLINK(1).jpg")
+    out = tmp_path / "out"
+    result = infer(few_images, "--out", out, "--model", models["seg"])
+    assert result.exit_code == 1, result.output
+    text = " ".join(result.output.split())
+    for words in ("dangling.jpg: a link to nothing", "folder.png: a folder, not an image file",
+                  "pipe.jpg: not a regular file", "=HYPERLINK(1).jpg: its name starts with '='"):
+        assert words in text, text
+    assert sorted(rows_by_id(out / "predictions.csv")) == ["gray", "tall", "wide"]
+    assert len(json.loads((out / "infer.json").read_text())["failed"]) == 4
+
+
+def test_resume_with_another_images_folder_is_refused(models, few_images, tmp_path):
+    out = tmp_path / "out"
+    assert infer(few_images, "--out", out, "--model", models["seg"]).exit_code == 0
+    other = Path(shutil.copytree(few_images, tmp_path / "other"))
+    _one_line(infer(other, "--out", out, "--model", models["seg"], "--resume"), "images folder", str(other.resolve()))
 
 
 def test_two_files_with_one_id_use_the_first_by_name_and_exit_1(models, dataset, tmp_path):

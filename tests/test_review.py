@@ -168,8 +168,20 @@ def test_report_command_redraws_only_changed_thumbnails(tmp_path):
     assert "1 thumbnails drawn" in runner.invoke(app, ["report", str(out)]).stderr
 
 
+def test_a_damaged_mask_is_named_and_the_other_thumbnails_are_drawn(tmp_path):
+    """One unreadable mask once stopped the whole report."""
+    out = make_infer_folder(tmp_path, 3)
+    (out / "IMG_00001_segmentation.png").write_text("not a PNG")
+    result = runner.invoke(app, ["report", str(out)])
+    assert result.exit_code == 1, result.output
+    assert "failed IMG_00001:" in result.stderr and "not a readable image" in result.stderr
+    assert sorted(p.name for p in (out / FILES).iterdir()) == ["IMG_00000.jpg", "IMG_00002.jpg"]
+    assert [row[0] for row in payload(out)["rows"]] == ["IMG_00000", "IMG_00001", "IMG_00002"]
+
+
 @pytest.mark.parametrize("case", ["not a folder", "no predictions", "images missing", "infer.json a list",
-                                  "predictions not UTF-8", "a short row", "report.html a folder"])
+                                  "predictions not UTF-8", "a short row", "report.html a folder",
+                                  "a probability of nan", "a probability above 1", "report_files a file"])
 def test_report_of_a_bad_folder_exits_2_with_one_line(case, tmp_path):
     out = make_infer_folder(tmp_path, 2)
     args = ["report", str(out)]
@@ -185,11 +197,20 @@ def test_report_of_a_bad_folder_exits_2_with_one_line(case, tmp_path):
         (out / "predictions.csv").write_bytes((out / "predictions.csv").read_bytes() + b"IMG_00009,0.1\n")
     elif case == "report.html a folder":
         (out / "report.html").mkdir()
+    elif case in ("a probability of nan", "a probability above 1"):
+        value = "nan" if "nan" in case else "7.5"
+        (out / "predictions.csv").write_text((out / "predictions.csv").read_text() + f"IMG_00009,{value},0,0,nevus\n")
+    elif case == "report_files a file":
+        (out / FILES).write_text("mine")
     else:
         args += ["--images", str(tmp_path / "gone")]
     result = runner.invoke(app, args)
     assert result.exit_code == 2, result.output
     assert result.stderr.count("\n") == 1 and "error" in result.stderr and "Traceback" not in result.output
+    words = {"a probability of nan": "row 4: the melanoma probability nan is not a number in [0, 1]",
+             "a probability above 1": "row 4: the melanoma probability 7.5 is not a number in [0, 1]",
+             "report_files a file": "a file is where the report's thumbnail folder goes"}
+    assert words.get(case, "") in " ".join(result.stderr.split())
 
 
 def test_infer_report_through_the_command(tmp_path):
