@@ -122,10 +122,7 @@ class Model:
             InputError: an option out of range, or an image that is not readable (naming it);
                 an iterator raises it when it reaches that image.
         """
-        if tta not in (1, 4, 8):
-            raise InputError(f"tta must be 1, 4 or 8, not {tta}.")
-        if not 1 <= batch_size <= 1024:
-            raise InputError(f"batch_size must be between 1 and 1024, not {batch_size}.")
+        # PostprocessConfig and InferOptions check every option as dermtool infer does
         post = PostprocessConfig(threshold, closing_radius, largest_component, fill_holes)
         if melanoma_threshold is not None:
             melanoma_threshold = check_threshold(melanoma_threshold)
@@ -163,6 +160,8 @@ class Model:
             x, t = prepare(path, cfg.size, cfg.fit, cfg.border, cfg.margin, cfg.input_chain)
             return x, t, image_id_of(path)
         image_id = None
+        if not isinstance(image, np.ndarray) and not _is_one_image(image):
+            raise InputError(f"an image is a path, an H x W x 3 uint8 array or a PIL image, not {type(image).__name__}.")
         if not isinstance(image, np.ndarray):  # a PIL image: the colour conversion files get
             filename = getattr(image, "filename", "")
             image_id = image_id_of(Path(filename)) if filename else None
@@ -206,4 +205,6 @@ def load_model(path: str | os.PathLike | None = None, engine: str | None = None)
     """
     from dermtool.modelio import load_engine
 
+    if path is not None and not isinstance(path, (str, os.PathLike)):
+        raise InputError(f"path must be a model folder or file path (or None: the bundled model), not {type(path).__name__}.")
     return Model(load_engine(Path(path) if path is not None else None, engine))

@@ -52,13 +52,18 @@ def _save_weights(model, path: Path) -> None:
     model.save_weights(str(path))
 
 
-def _save_optimizer(model, path: Path) -> None:
-    """Adam's slots and step count, so --resume continues the same optimizer.
+def _seed_states(model) -> list:
+    """The model's random-stream states (each Dropout layer's SeedGenerator), which the weights
+    file does not hold: every classifier head has dropout, whatever the preset's `dropout`."""
+    weights = {id(v) for v in model.weights}
+    return [v for v in model.variables if id(v) not in weights]
 
-    (Dropout's random stream is not carried over: a resumed run draws different dropout masks,
-    so it matches an uninterrupted one closely but not bit for bit when dropout > 0.)
-    """
-    np.savez(path, **{f"v{i}": np.asarray(v) for i, v in enumerate(model.optimizer.variables)})
+
+def _save_optimizer(model, path: Path) -> None:
+    """Adam's slots and step count, and the dropout layers' random streams, so --resume continues
+    the same optimizer with the same dropout masks (a resumed run equals an uninterrupted one)."""
+    np.savez(path, **{f"v{i}": np.asarray(v) for i, v in enumerate(model.optimizer.variables)},
+             **{f"seed{i}": np.asarray(v) for i, v in enumerate(_seed_states(model))})
 
 
 def _link(source: Path, target: Path) -> None:
@@ -122,16 +127,27 @@ def load(run_dir: Path, model, optimizer) -> dict:
         raise InputError(f"{run_dir}: nothing to resume (no state.json: no epoch was completed); "
                          "start without --resume.")
     folder = committed_folder(run_dir, state)
-    with warnings.catch_warnings():
-        # the optimizer's slots come from optimizer.npz below, so the weights file's are not needed
-        warnings.filterwarnings("ignore", message="Skipping variable loading for optimizer")
-        model.load_weights(str(folder / LAST))
-    optimizer.build(model.trainable_variables)
-    saved = np.load(folder / OPTIMIZER)
-    if len(saved.files) != len(optimizer.variables):
+    for name in (LAST, OPTIMIZER):  # a read, not a write: named as the checkpoint it is
+        if not (folder / name).is_file():
+            raise InputError(f"{folder / name}: the checkpoint of epoch {state['epoch']} is missing, so the run "
+                             "cannot resume; start a new run with another --out.")
+    try:
+        with warnings.catch_warnings():
+            # the optimizer's slots come from optimizer.npz below, so the weights file's are not needed
+            warnings.filterwarnings("ignore", message="Skipping variable loading for optimizer")
+            model.load_weights(str(folder / LAST))
+        optimizer.build(model.trainable_variables)
+        saved = np.load(folder / OPTIMIZER)
+    except (OSError, ValueError) as exc:
+        raise InputError(f"{folder}: the checkpoint of epoch {state['epoch']} is damaged "
+                         f"({' '.join(str(exc).split())[:100]}); the run cannot resume.") from None
+    if len([k for k in saved.files if k.startswith("v")]) != len(optimizer.variables):
         raise InputError(f"{folder / OPTIMIZER}: optimizer state does not match this model; cannot resume.")
     for i, v in enumerate(optimizer.variables):
         v.assign(saved[f"v{i}"])
+    for i, v in enumerate(_seed_states(model)):  # absent from an older dermtool's checkpoint
+        if f"seed{i}" in saved.files:
+            v.assign(saved[f"seed{i}"])
     return state
 
 

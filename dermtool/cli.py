@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import inspect
+import os
 import sys
 from pathlib import Path
 from typing import Optional
@@ -81,6 +82,24 @@ def main(
     ),
 ) -> None:
     """dermtool command line."""
+    import signal
+
+    # a scheduler's stop (SLURM, Kubernetes, timeout) is SIGTERM: handled as Ctrl-C is, so every
+    # command cleans up its temporary files and a run keeps its last whole epoch
+    global _MAIN_PID
+    _MAIN_PID = os.getpid()
+    signal.signal(signal.SIGTERM, _terminated)
+
+
+_MAIN_PID = None
+
+
+def _terminated(signum, frame) -> None:
+    if os.getpid() != _MAIN_PID:  # a forked worker (train's batch processes): stopped as by default,
+        signal.signal(signum, signal.SIG_DFL)  # or its pool could never stop it
+        os.kill(os.getpid(), signum)
+        return
+    raise KeyboardInterrupt
 
 
 @app.command("preprocess")
@@ -89,10 +108,10 @@ def preprocess_cli(
     out: Path = typer.Option(..., "--out", "-o", help="Cache folder to write (created)."),
     masks: Optional[Path] = typer.Option(None, "--masks", help="Folder of <image_id>_segmentation.png masks. Found automatically for the two known layouts."),
     labels: Optional[Path] = typer.Option(None, "--labels", help="ISIC 2017 Part 3 label CSV (image_id,melanoma,seborrheic_keratosis). Found automatically for the two known layouts."),
-    size: int = typer.Option(256, "--size", min=8, help="Side of the square the model predicts."),
+    size: int = typer.Option(256, "--size", min=8, max=2048, help="Side of the square the model predicts (8 to 2048)."),
     fit: str = typer.Option("squash", "--fit", help="pad: keep the aspect ratio, zero-pad to a square; squash: stretch the whole frame to a square."),
     border: float = typer.Option(0.0, "--border", min=0.0, max=1.0, help="With --fit pad: extra zero border on each side, as a fraction of the long side."),
-    margin: int = typer.Option(0, "--margin", min=0, help="Reflected border for valid-convolution models (the thesis U-Net: 92 at --size 388)."),
+    margin: int = typer.Option(0, "--margin", min=0, max=1024, help="Reflected border for valid-convolution models (the thesis U-Net: 92 at --size 388); 0 to 1024."),
     chain: str = typer.Option("direct", "--chain", help="How pixels reach the model: direct (decode and resize) or jpeg256 (first the form of the public 256 px training copies: bicubic to 256 px, JPEG quality 75). Must match the model's --input-chain."),
     workers: int = typer.Option(0, "--workers", min=0, help="Decoding threads (0: one per core, at most 8)."),
     strict: bool = typer.Option(False, "--strict", help="Exit with code 1 when the data check finds any problem."),
@@ -110,6 +129,9 @@ def preprocess_cli(
 
     if fit not in ("pad", "squash"):
         fail(f"--fit must be pad or squash, not {fit!r}.")
+    if border and fit != "pad":
+        fail(f"--border {border:g} pads the square of --fit pad; --fit squash fills the square with the image, "
+             "so give --fit pad or leave --border out.")
     if chain not in ("direct", "jpeg256"):
         fail(f"--chain must be direct or jpeg256, not {chain!r}.")
     for p, what in ((images, "images folder"), (masks, "masks folder")):
@@ -119,12 +141,16 @@ def preprocess_cli(
         fail(f"{labels}: label CSV not found.")
     check_out_folder(out, "a cache folder")
     if ids is not None and not ids.is_file():
-        fail(f"{ids}: id list not found.")
+        fail(f"{ids}: is a folder; --ids names a file of ids, one per line." if ids.is_dir() else f"{ids}: id list not found.")
     try:
         from dermtool.data import read_id_list
 
         keep = read_id_list(ids) if ids is not None else None
         layout = resolve_layout(images, masks, labels)
+        for given, what in ((layout.images, "images"), (layout.masks, "masks")):
+            if given is not None and out.exists() and out.resolve() == Path(given).resolve():
+                fail(f"{out}: is the {what} folder; --out names a folder of its own, so the cache never replaces "
+                     "an input (an images.tif of yours) and is never read as input by the next run.")
         report = build_cache(layout, out, size=size, fit=fit, border=border, margin=margin,
                              workers=workers, progress=sys.stderr.isatty(), ids=keep, chain=chain)
     except InputError as exc:
@@ -146,7 +172,7 @@ def split_cli(
     data: Path = typer.Argument(..., help="A labelled folder: images/, labels.csv and metadata.csv (image_id, lesion_id), e.g. HAM10000."),
     out: Path = typer.Option(..., "--out", "-o", help="Folder for train.txt, val.txt (one image id a line) and split.json."),
     fraction: float = typer.Option(0.1, "--fraction", min=0.01, max=0.9, help="Share of each class's lesions that goes to validation."),
-    seed: int = typer.Option(0, "--seed", min=0, help="Seed of the shuffle (0 or more); the same data and seed give the same split."),
+    seed: int = typer.Option(0, "--seed", min=0, max=2**32 - 1, help="Seed of the shuffle (0 to 2^32 - 1); the same data and seed give the same split."),
     group: str = typer.Option("lesion_id", "--group", help="metadata.csv column whose groups stay on one side: lesion_id, or patient_id (ISIC 2020) so no patient is on both sides."),
 ) -> None:
     """Split a folder into training and validation ids by lesion: no lesion on both sides.
@@ -161,7 +187,8 @@ def split_cli(
         fail(f"{data}: folder not found.")
     check_out_folder(out, "a folder")
     try:
-        train, val, lesions = split_folder(data, fraction, seed, group)
+        train, val, lesions = split_folder(data, fraction, seed, group,
+                                           log=lambda m: console.print(m, highlight=False, markup=False, soft_wrap=True))
         if not lesions:
             console.print(f"note: no metadata.csv in {data}; each image counts as its own group", markup=False)
         write_split(out, train, val, {"data": str(data), "fraction": fraction, "seed": seed,
@@ -174,8 +201,8 @@ def split_cli(
         fail(write_failure(exc, "the split", out))
     n_lesions = len({lesions.get(i) or i for i in val})
     console.print(f"split: {len(train)} training and {len(val)} validation images "
-                  f"({n_lesions} groups by {group}) -> {out / 'train.txt'}, {out / 'val.txt'}", highlight=False,
-                  markup=False)
+                  f"({n_lesions} groups by {group if lesions else 'image_id'}) -> {out / 'train.txt'}, "
+                  f"{out / 'val.txt'}", highlight=False, markup=False)
 
 
 @app.command("train")
@@ -204,7 +231,7 @@ def train_cli(
     input_chain: Optional[str] = typer.Option(None, "--input-chain", help="direct | jpeg256: how images reach the model, in infer as in the caches (dermtool preprocess --chain). jpeg256 makes an original and its 256 px copy give nearly the same answer. Default: the preset's (direct)."),
     color_constancy: Optional[str] = typer.Option(None, "--color-constancy", help="none | shades-of-gray: remove each image's colour cast inside the model (Shades of Gray, p = 6), so train, infer and exports apply it alike. Default: the preset's (none)."),
     cls_views: Optional[str] = typer.Option(None, "--cls-views", help="frame | frame+lesion: what the trained model's classifier looks at in infer; frame+lesion (joint only) also classifies the square around the lesion the model found and averages the two (train it with --augment ...+lesion-crop). Default: frame, or the --init-from joint model's."),
-    seed: int = typer.Option(0, "--seed", min=0, help="Seed for weights, shuffling and augmentation (0 or more); recorded in config.json."),
+    seed: int = typer.Option(0, "--seed", min=0, max=2**32 - 1, help="Seed for weights, shuffling and augmentation (0 to 2^32 - 1); recorded in config.json."),
     init_from: Optional[Path] = typer.Option(None, "--init-from", help="Run folder whose layers are copied where names and shapes match (e.g. a seg run's encoder into cls/joint)."),
     freeze: str = typer.Option("none", "--freeze", help="encoder | decoder | encoder+decoder | stem | early | none: layers kept fixed while training (encoder+decoder: only the classifier head learns, the masks stay exactly as they were, batch-norm statistics included; stem: the encoder's first, full-resolution stage; early: that and its stages at 1/2 and 1/4 size; no gradient through the largest feature maps makes each step cheaper)."),
     seg_batch: int = typer.Option(0, "--seg-batch", help="Joint only: the decoder trains on the first N images of each batch, the encoder and classifier on all of them (0: all). The full-size decoder is a large part of a joint step's cost: 4 of 16 trained 1.24x the images per second, 1.46x with --freeze stem (bench/train_bench.py --recipes, CPU)."),
@@ -295,10 +322,16 @@ def _check_train_options(o: dict) -> None:
     for name, allowed in choices.items():
         if o[name] not in allowed:
             fail(f"--{name.replace('_', '-')} must be one of {', '.join(a for a in allowed if a)}, not {o[name]!r}.")
+    if not str(o["augment"]).strip():
+        fail("--augment is empty; give none to train without augmentation, or groups such as flips+color.")
     try:
         groups = parse_groups(o["augment"])
     except ValueError as exc:
         fail(f"--augment: {exc}.")
+    if o["task"] == "seg" and o["alpha"] != 0.5:
+        fail(f"--alpha {o['alpha']:g} weighs the mask and the class loss of --task joint; --task seg has only the mask loss.")
+    if o["task"] == "cls" and o["dice"]:
+        fail("--dice adds a Dice term to the mask loss; --task cls has no masks (use seg or joint).")
     if o["ema"] and not 0.5 <= o["ema"] < 1.0:
         fail(f"--ema must be 0 (off) or a momentum from 0.5 to below 1, such as 0.99, not {o['ema']}: the average "
              "keeps that share of itself at every step.")
@@ -406,7 +439,7 @@ def _train_interrupted(out: Path) -> str:
 
     state = read_state(out) if out.is_dir() else None
     if state is None:
-        return (f"interrupted before the first epoch was complete: {out} holds no checkpoint; "
+        return (f"interrupted before the first epoch was complete: nothing of this start is kept in {out}; "
                 "run the same command again to start over.")
     total = load_config(out)[1].epochs
     if state.get("best_metric") is None:
@@ -804,7 +837,7 @@ def score_cli(
         0, "--bootstrap", min=0, max=100000, metavar="N",
         help="Resample the images N times for 95 % intervals of JAC, BACC and each AUC (0: none).",
     ),
-    seed: int = typer.Option(0, "--seed", min=0, help="Seed of the bootstrap resampling (0 or more)."),
+    seed: int = typer.Option(0, "--seed", min=0, max=2**32 - 1, help="Seed of the bootstrap resampling (0 to 2^32 - 1)."),
     plots: Optional[Path] = typer.Option(
         None, "--plots", metavar="DIR",
         help="Also write figures (ROC per class, confusion matrix, per-image Jaccard) and DIR/score.html.",

@@ -249,6 +249,9 @@ class TrainConfig:
     # absolute paths of the caches, so --resume can refuse others (dermtool.train.resume_caches)
     train_caches: tuple = ()
     val_caches: tuple = ()
+    # the caches' fingerprints (cache.json) when the run started, in the order above, so --resume
+    # refuses a cache rebuilt from other data at the same path
+    cache_fingerprints: tuple = ()
 
     @property
     def dice(self) -> bool:

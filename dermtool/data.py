@@ -202,8 +202,20 @@ def load_cache(folder: Path) -> Cache:
     if not {"image_id", "class_index", "has_mask"} <= set(table[0]) or any(len(r) != len(table[0]) for r in table[1:] if r):
         raise InputError(f"{folder / 'manifest.csv'}: the cache manifest is damaged (missing columns or short rows); "
                          "run dermtool preprocess again.")
-    images = tifffile.memmap(folder / "images.tif", mode="r")
-    masks = tifffile.memmap(folder / "masks.tif", mode="r") if (folder / "masks.tif").is_file() else None
+    stacks = []
+    for name in ("images.tif", "masks.tif"):
+        path = folder / name
+        if name == "masks.tif" and not path.is_file():
+            stacks.append(None)
+            continue
+        try:
+            stacks.append(tifffile.memmap(path, mode="r"))
+        except FileNotFoundError:
+            raise InputError(f"{path}: missing from the cache; run dermtool preprocess again to rebuild it.") from None
+        except (ValueError, OSError) as exc:  # cut short: "mmap length is greater than file size"
+            raise InputError(f"{path}: damaged ({' '.join(str(exc).split())[:100]}); run dermtool preprocess "
+                             "again to rebuild the cache.") from None
+    images, masks = stacks
     if images.shape[0] != len(rows):
         raise InputError(f"{folder}: images.tif holds {images.shape[0]} images but manifest.csv {len(rows)} rows.")
     return Cache(
@@ -278,9 +290,11 @@ def _fingerprint(paths: list[Path], params: dict) -> str:
 
 
 _CHECKS = ("failed", "no_mask", "no_label", "labels_without_image", "mask_size_mismatch", "mask_zero_one",
-           "mask_nonbinary", "mask_empty", "both_labels", "duplicate_ids")
+           "mask_nonbinary", "mask_empty", "both_labels", "no_class_labels", "duplicate_ids")
 #: Changes when the way a mask is read changes, so that caches built the old way are rebuilt.
 _MASK_RULE = "0/1 masks as 0/1, else > 128"
+#: Likewise for the labels: a row of 0s (beside a nevus column) was once the argmax's melanoma.
+_LABEL_RULE = "a row of 0s names no class"
 
 
 @dataclass
@@ -298,6 +312,7 @@ class CacheReport:
     mask_nonbinary: list = None
     mask_empty: list = None
     both_labels: list = None
+    no_class_labels: list = None  # every class 0 beside a nevus column: no class, not a melanoma
     duplicate_ids: list = None
     seconds: float = 0.0
 
@@ -359,7 +374,7 @@ def build_cache(layout: Layout, out: Path, size: int = 256, fit: str = "squash",
     image_ids = {image_id_of(p) for p in paths}
     report.labels_without_image = [i for i in labels if i not in image_ids]
     params = dict(size=size, fit=fit, border=border, margin=margin, chain=chain,
-                  masks=str(layout.masks), labels=str(layout.labels), mask_rule=_MASK_RULE,
+                  masks=str(layout.masks), labels=str(layout.labels), mask_rule=_MASK_RULE, label_rule=_LABEL_RULE,
                   metadata=str(layout.metadata), ids=len(ids) if ids is not None else None)
     fingerprint = _fingerprint(paths + sorted(masks.values()) + [p for p in (layout.labels, layout.metadata) if p],
                                params)
@@ -369,11 +384,15 @@ def build_cache(layout: Layout, out: Path, size: int = 256, fit: str = "squash",
     except InputError:  # a damaged cache.json: rebuild rather than fail
         old_meta = {}
     if old_meta.get("fingerprint") == fingerprint:
-        report.reused = True
-        report.n_images = len(load_cache(out))
-        report.restore_checks(old_meta.get("check", {}))
-        report.seconds = time.perf_counter() - started
-        return report
+        try:
+            report.n_images = len(load_cache(out))
+        except InputError:  # its record matches but a stack is damaged or gone: build it again
+            pass
+        else:
+            report.reused = True
+            report.restore_checks(old_meta.get("check", {}))
+            report.seconds = time.perf_counter() - started
+            return report
 
     out.mkdir(parents=True, exist_ok=True)
     for name in _CACHE_FILES:
@@ -444,7 +463,9 @@ def _fill_stacks(layout: Layout, out: Path, paths: list[Path], masks: dict, labe
                     problem = "mask_size_mismatch" if item.mask_problem == "size" else f"mask_{item.mask_problem}"
                     getattr(report, problem).append(item.image_id)
                 cls, label = -1, ""
-                if item.image_id in labels:
+                if item.image_id in labels and not labels[item.image_id].any():
+                    report.no_class_labels.append(item.image_id)  # argmax of zeros would make it a melanoma
+                elif item.image_id in labels:
                     row = labels[item.image_id]
                     if both_classes(row[0], row[1]):
                         report.both_labels.append(item.image_id)

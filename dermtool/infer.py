@@ -22,7 +22,7 @@ import numpy as np
 
 from dermtool import CLASS_NAMES
 from dermtool.augment import dihedral, undo_dihedral
-from dermtool.config import ModelConfig, check_cls_views
+from dermtool.config import CLS_VIEWS, ModelConfig, check_cls_views
 from dermtool.data import NOT_IMAGES, find_images, image_id_of, keep_ids, unique_ids
 from dermtool.decision import apply_temperature, check_threshold, decide
 from dermtool.errors import InputError, disk_full, write_failure
@@ -50,6 +50,24 @@ class InferOptions:
     dicom_seg: bool = False  # also a DICOM Segmentation for each DICOM source (dicom.write_segmentation)
     cls_views: str | None = None  # "frame" or "frame+lesion"; None: the model's own (config.json)
     ids: tuple | None = None  # only these image ids of the folder (e.g. one side of dermtool split); None: all
+
+    def __post_init__(self):
+        """The ranges `dermtool infer` checks, for the Python API too (tta=3 once failed after
+        infer.json and an empty predictions.csv were written)."""
+        def whole(value, low, high) -> bool:
+            return isinstance(value, (int, np.integer)) and not isinstance(value, bool) and low <= value <= high
+
+        if not whole(self.batch_size, 1, 1024):
+            raise InputError(f"batch_size must be a whole number from 1 to 1024, not {self.batch_size!r}.")
+        if self.tta not in (1, 4, 8) or isinstance(self.tta, bool):
+            raise InputError(f"tta must be 1, 4 or 8, not {self.tta!r}.")
+        if not isinstance(self.post, PostprocessConfig):
+            raise InputError(f"post must be a PostprocessConfig, not {type(self.post).__name__}.")
+        if not whole(self.workers, 0, 64):
+            raise InputError(f"workers must be a whole number from 0 (automatic) to 64, not {self.workers!r}.")
+        if self.cls_views is not None and self.cls_views not in CLS_VIEWS:
+            raise InputError(f"cls_views must be one of {', '.join(CLS_VIEWS)} (or None: the model's), "
+                             f"not {self.cls_views!r}.")
 
 
 @dataclass
@@ -286,8 +304,20 @@ def predict_folder(images_dir: Path, out_dir: Path, model_dir: Path | None = Non
     from tqdm import tqdm
 
     started = time.perf_counter()
+    if not isinstance(opts, InferOptions):
+        raise InputError(f"opts must be an InferOptions, not {type(opts).__name__}.")
+    for name, value in (("images_dir", images_dir), ("out_dir", out_dir), ("model_dir", model_dir)):
+        if not isinstance(value, (str, os.PathLike)) and not (name == "model_dir" and value is None):
+            raise InputError(f"{name} must be a path, not {type(value).__name__}.")
     model_dir = Path(model_dir) if model_dir else default_model_dir()
-    out_dir = Path(out_dir)
+    images_dir, out_dir = Path(images_dir), Path(out_dir)
+    if not images_dir.is_dir():
+        raise InputError(f"{images_dir}: is a file; give the folder of images." if images_dir.exists()
+                         else f"{images_dir}: images folder not found.")
+    if out_dir.exists() and not out_dir.is_dir():
+        raise InputError(f"{out_dir}: exists and is not a folder; out_dir is the folder infer writes.")
+    if out_dir.exists() and out_dir.resolve() == images_dir.resolve():
+        raise InputError(f"{out_dir}: is the images folder; the outputs go to a folder of their own.")
     # one id, one output: of a.jpg and a.png only the first by name is used, so no two
     # images ever write (or race for) the same files
     paths, duplicates = unique_ids(select_images(images_dir, opts.shard, opts.ids))

@@ -16,12 +16,32 @@ from skimage.measure import label
 from skimage.morphology import disk
 
 
+#: the widest closing infer takes: wider joins areas a third of the bundled model's square apart
+CLOSING_RADIUS_MAX = 32
+
+
 @dataclass(frozen=True)
 class PostprocessConfig:
     threshold: float | None = 0.5  # None: the model's own (config.json), filled in by infer
     closing_radius: int = 3  # pixels at model resolution; 0 switches closing off
     largest_component: bool = True
     fill_holes: bool = True
+
+    def __post_init__(self):
+        """The ranges `dermtool infer` checks, for the Python API too: a threshold of 2 once gave
+        empty masks without a word."""
+        from dermtool.errors import InputError
+
+        t = self.threshold
+        if t is not None and (isinstance(t, bool) or not isinstance(t, (int, float)) or not 0.0 <= t <= 1.0):
+            raise InputError(f"threshold must be a lesion probability from 0 to 1 (or None: the model's), not {t!r}.")
+        r = self.closing_radius
+        if isinstance(r, bool) or not isinstance(r, (int, np.integer)) or not 0 <= r <= CLOSING_RADIUS_MAX:
+            raise InputError(f"closing_radius must be a whole number of model pixels from 0 (off) to "
+                             f"{CLOSING_RADIUS_MAX}, not {r!r}.")
+        for name in ("largest_component", "fill_holes"):
+            if not isinstance(getattr(self, name), (bool, np.bool_)):
+                raise InputError(f"{name} must be True or False, not {getattr(self, name)!r}.")
 
     def to_dict(self) -> dict:
         return asdict(self)

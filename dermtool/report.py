@@ -22,6 +22,7 @@ CHECK_TITLES = {
     "mask_nonbinary": "mask not binary (binarised at > 128)",
     "mask_empty": "mask empty after binarising at > 128",
     "both_labels": "label rows with melanoma = seborrheic_keratosis = 1 (counted as melanoma)",
+    "no_class_labels": "label rows with every class 0 beside a nevus column (left without a class)",
 }
 
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 from pathlib import Path
 from typing import Any
 
@@ -47,6 +48,15 @@ def score(
     Raises:
         InputError: any bad input, with one sentence naming the file.
     """
+    for name, value in (("pred_csv", pred_csv), ("truth_csv", truth_csv), ("pred_masks", pred_masks),
+                        ("truth_masks", truth_masks)):
+        if value is not None and not isinstance(value, (str, os.PathLike)):
+            raise InputError(f"{name} must be a path, not {type(value).__name__}.")
+    for name, value in (("bootstrap", bootstrap), ("seed", seed)):
+        if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
+            raise InputError(f"{name} must be a whole number, not {value!r}.")
+    if not 0 <= seed <= 2**32 - 1:
+        raise InputError(f"seed must be from 0 to 2^32 - 1, not {seed}.")
     if (pred_csv is None) != (truth_csv is None):
         raise InputError("Classification needs both a predictions CSV and a truth CSV.")
     if (pred_masks is None) != (truth_masks is None):

@@ -56,13 +56,15 @@ def split_by_group(ids: list[str], groups: list[str], classes: list[str], fracti
     return train, val
 
 
-def split_folder(data: Path, fraction: float, seed: int = 0,
-                 group: str = "lesion_id") -> tuple[list[str], list[str], dict[str, str]]:
+def split_folder(data: Path, fraction: float, seed: int = 0, group: str = "lesion_id",
+                 log=None) -> tuple[list[str], list[str], dict[str, str]]:
     """(train ids, val ids, image_id -> group) of a labelled folder, split by lesion (or by
     another metadata.csv column: `group="patient_id"` keeps each patient on one side).
 
     The folder is read as `dermtool preprocess` reads it (images/, labels.csv, metadata.csv);
-    without metadata.csv the group map is empty and each image is its own group.
+    without metadata.csv the group map is empty and each image is its own group. `log` gets
+    a note on what does not match: label rows without an image, images without a label, no
+    labels at all (the split is then not stratified by class).
     """
     from dermtool.data import find_images, image_id_of, read_lesion_ids, resolve_layout
     from dermtool.errors import InputError
@@ -74,6 +76,17 @@ def split_folder(data: Path, fraction: float, seed: int = 0,
         raise InputError(f"{layout.images}: no images in this folder.")
     lesions = read_lesion_ids(layout.metadata, group) if layout.metadata else {}
     labels = read_class_csv(layout.labels, role="truth") if layout.labels else {}
+    if log is not None:
+        from dermtool.io import first_few
+
+        ghosts = sorted(set(labels) - set(ids))
+        unlabelled = [i for i in ids if i not in labels]
+        if not labels:
+            log(f"note: no labels.csv in {data}: the split keeps groups together but cannot balance the classes")
+        elif unlabelled:
+            log(f"note: {len(unlabelled)} image(s) without a label row ({first_few(unlabelled)}): split as a class of their own")
+        if ghosts:
+            log(f"note: {len(ghosts)} label row(s) without an image ({first_few(ghosts)}): left out")
     train, val = split_by_group(ids, [lesions.get(i, "") for i in ids], class_names_of(ids, labels), fraction, seed)
     return train, val, lesions
 

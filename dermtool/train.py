@@ -35,6 +35,7 @@ from dermtool.config import ModelConfig, TrainConfig, load_config, save_config
 from dermtool.data import Cache, load_cache
 from dermtool.dataset import targets
 from dermtool.errors import InputError
+from dermtool.io import read_json
 from dermtool.modelio import load_model
 from dermtool.validation import predict_cache, selection_metric, validation_metrics, validation_targets
 
@@ -253,6 +254,7 @@ class BatchSequence(keras.utils.PyDataset):
             # a worker process: Ctrl-C (sent to the whole process group) is for the main process to
             # handle once, keeping the last whole epoch, not for every worker to print a traceback
             signal.signal(signal.SIGINT, signal.SIG_IGN)
+            signal.signal(signal.SIGTERM, signal.SIG_DFL)  # the pool stops its workers with SIGTERM
         x, y = self.source.batch(self.first + i // self.steps, i % self.steps)
         return x, {k: y[k] for k in self.keys}
 
@@ -311,6 +313,18 @@ def transfer_weights(model, source_dir: Path, freeze: str, log) -> list[str]:
         raise InputError(f"{source_dir}: no layer of this run matches the new model by name and shape (it is a "
                          f"{src_cfg.preset} {src_cfg.task} model, {src_cfg.size} px, {src_cfg.base_filters} base "
                          f"filters, depth {src_cfg.depth}), so --init-from would copy nothing.")
+    from dermtool.models import encoder_layer_names
+
+    encoder = [n for n in encoder_layer_names(model) if model.get_layer(n).weights]
+    missed = [n for n in encoder if n not in copied]
+    if encoder and len(missed) > len(encoder) // 2:  # the encoder is what every --init-from is for
+        raise InputError(f"{source_dir}: only {len(encoder) - len(missed)} of the new model's {len(encoder)} encoder "
+                         f"layers match it by name and shape (it is a {src_cfg.preset} {src_cfg.task} model, "
+                         f"{src_cfg.size} px, {src_cfg.base_filters} base filters, depth {src_cfg.depth}), so "
+                         "--init-from would start nearly from scratch; give the same architecture options.")
+    if missed:
+        log(f"note: init-from {source_dir}: {len(missed)} of the {len(encoder)} encoder layers did not match "
+            f"(first: {missed[0]}) and start from scratch")
     log(f"init-from {source_dir}: copied {len(copied)} layers")
     return copied
 
@@ -412,21 +426,34 @@ def train(cfg: ModelConfig, tcfg: TrainConfig, train_cache, val_cache, out_dir: 
                              "start without --resume.")
         cfg, saved_tcfg, _ = load_config(out_dir)
         train_paths, val_paths = resume_caches(out_dir, saved_tcfg, train_paths, val_paths, log)
+        done = checkpoint.read_state(out_dir)["epoch"]
+        if tcfg.epochs and tcfg.epochs < done:
+            raise InputError(f"{out_dir}: {done} epochs are done already, more than --epochs {tcfg.epochs}; "
+                             f"--resume --epochs gives the new total to reach (more than {done}), and the run's "
+                             "weights after an earlier epoch are its checkpoints' (or --keep-epochs') only.")
         # the run's own settings (config.json keeps the original command); only the epoch total
         # may change, and command.txt gets this resume command too
         tcfg = replace(saved_tcfg, epochs=tcfg.epochs or saved_tcfg.epochs, train_caches=_resolved(train_paths),
                        val_caches=_resolved(val_paths))
+        check_cache_fingerprints(out_dir, tcfg, [*train_paths, *val_paths])
     elif checkpoint.read_state(out_dir) is not None:
         raise InputError(f"{out_dir}: already holds a run; use --resume to continue it or choose another --out.")
     else:
         if not train_paths:
             raise InputError("no training cache given.")
-        tcfg = replace(tcfg, train_caches=_resolved(train_paths), val_caches=_resolved(val_paths))
+        check_cache_overlap(train_paths, val_paths, log)
+        tcfg = replace(tcfg, train_caches=_resolved(train_paths), val_caches=_resolved(val_paths),
+                       cache_fingerprints=tuple(cache_fingerprint(p) for p in [*train_paths, *val_paths]))
     if tcfg.strategy == "multiworker":  # before anything is written
         raise InputError(MULTIWORKER_REMOVED)
     check_progressive(cfg, tcfg)
     if not resume:
         check_init_inputs(cfg, tcfg, log)
+        if tcfg.freeze != "none" and not tcfg.init_from and not (cfg.pretrained and tcfg.freeze in ("stem", "early", "encoder")):
+            # a note, not a refusal: timing a recipe (bench/train_bench.py) needs no trained weights
+            log(f"note: --freeze {tcfg.freeze} keeps layers fixed that nothing has trained (no --init-from"
+                f"{', no pretrained encoder' if tcfg.freeze in ('stem', 'early', 'encoder') else ''}): they stay "
+                "random; give --init-from a run to freeze what it learned")
 
     keras.utils.set_random_seed(tcfg.seed)
     gpus = _tf.gpu_count()
@@ -448,6 +475,12 @@ def train(cfg: ModelConfig, tcfg: TrainConfig, train_cache, val_cache, out_dir: 
 
         tcfg = replace(tcfg, teacher_sha256=attach_teacher(data, tcfg, cfg.class_names, log, resume))
     vals = [load_cache(p) for p in val_paths]
+    for path, val in zip(val_paths, vals):
+        scored = (cfg.has_seg and val.has_mask.any()) or (cfg.has_cls and (val.labels >= 0).any())  # a partial label counts
+        if not scored:  # its loss would be 0 every epoch, and the first epoch would stay the best
+            wanted = {"seg": "masks", "cls": "labels", "joint": "masks or labels"}[cfg.task]
+            raise InputError(f"{path}: the --val cache has no {wanted}, so it cannot score a {cfg.task} model; "
+                             "preprocess it with them, or leave it out.")
     resize_va = [check_cache(v, cfg, log) for v in vals]
 
     weights = tuple(tcfg.class_weights)
@@ -470,14 +503,6 @@ def train(cfg: ModelConfig, tcfg: TrainConfig, train_cache, val_cache, out_dir: 
                          f"not {tcfg.batch_size}.")
     if not vals:
         log("note: no --val: best.weights.h5 is the last epoch (a training loss is no validation score)")
-    out_dir.mkdir(parents=True, exist_ok=True)
-    if not resume:
-        checkpoint.start_fresh(out_dir)  # what an interrupted first epoch left
-    save_config(out_dir / "config.json", cfg, tcfg)
-    if command:
-        with open(out_dir / "command.txt", "a") as fh:
-            fh.write(command + "\n")
-
     from dermtool.losses import build_losses, with_consistency
     from dermtool.models import build_models, load_pretrained
 
@@ -511,6 +536,17 @@ def train(cfg: ModelConfig, tcfg: TrainConfig, train_cache, val_cache, out_dir: 
             if train_model is not model:
                 train_model.compile(optimizer=model.optimizer, loss=fit_losses, loss_weights=loss_weights)
             model.optimizer.build(model.trainable_variables)
+
+    # written once the model is built and its --init-from copied: a start that fails before
+    # leaves no run folder behind
+    created = not out_dir.exists()
+    out_dir.mkdir(parents=True, exist_ok=True)
+    if not resume:
+        checkpoint.start_fresh(out_dir)  # what an interrupted first epoch left
+    save_config(out_dir / "config.json", cfg, tcfg)
+    if command:
+        with open(out_dir / "command.txt", "a") as fh:
+            fh.write(command + "\n")
 
     metric_name = selection_metric(cfg) if vals else None
     # the plateau schedule watches the validation loss, or without validation the training loss,
@@ -556,8 +592,11 @@ def train(cfg: ModelConfig, tcfg: TrainConfig, train_cache, val_cache, out_dir: 
                                               workers=workers)
             fit_model.fit(batches, epochs=end, initial_epoch=max(first, state["epoch"]), steps_per_epoch=steps,
                           shuffle=False, verbose=1 if progress else 0, callbacks=callbacks)
-    except KeyboardInterrupt:
-        checkpoint.tidy(out_dir)  # RUN's files show the last committed epoch, whatever the cut
+    except BaseException:
+        if not resume and checkpoint.read_state(out_dir) is None:
+            undo_start(out_dir, created)  # no epoch was committed: nothing of this start is kept
+        else:
+            checkpoint.tidy(out_dir)  # RUN's files show the last committed epoch, whatever the cut
         raise
     if metric_name:
         log(f"done: best epoch {state['best_epoch']} ({metric_name} {state['best_metric']:.4f}) "
@@ -565,6 +604,20 @@ def train(cfg: ModelConfig, tcfg: TrainConfig, train_cache, val_cache, out_dir: 
     else:
         log(f"done: {state['epoch']} epochs; without --val the last epoch is kept -> {out_dir / 'best.weights.h5'}")
     return out_dir
+
+
+def undo_start(out_dir: Path, created: bool) -> None:
+    """Remove what a start that committed no epoch wrote: the whole run folder when it made it,
+    else its files in the folder that was there (config.json, command.txt, logs/, checkpoints)."""
+    import shutil
+
+    if created:
+        shutil.rmtree(out_dir, ignore_errors=True)
+        return
+    checkpoint.start_fresh(out_dir)
+    for name in ("config.json", "command.txt", "history.csv"):
+        (out_dir / name).unlink(missing_ok=True)
+    shutil.rmtree(out_dir / "logs", ignore_errors=True)
 
 
 def swap_ema(model, optimizer) -> None:
@@ -605,6 +658,36 @@ def resume_caches(out_dir: Path, saved: TrainConfig, train_paths: list[Path], va
     if not saved.train_caches and not result[1]:
         log(f"note: {config} records no caches (a run of an older dermtool); resuming without --val")
     return result[0], result[1]
+
+
+def cache_fingerprint(path: Path) -> str:
+    """The fingerprint of a cache's inputs and settings, as its cache.json records it."""
+    return str(read_json(Path(path) / "cache.json", "cache record").get("fingerprint", ""))
+
+
+def check_cache_fingerprints(out_dir: Path, tcfg: TrainConfig, paths: list[Path]) -> None:
+    """A resumed run goes on with the data it started with: a cache rebuilt at the same path from
+    other images or labels since then is refused (a run of an older dermtool recorded none)."""
+    for path, recorded in zip(paths, tcfg.cache_fingerprints):
+        if cache_fingerprint(path) != recorded:
+            raise InputError(f"{path}: rebuilt from other data or settings since {out_dir} started (its cache.json "
+                             "fingerprint changed), and --resume continues the run on the data it began with; "
+                             "start a new run with another --out, or rebuild the cache as it was.")
+
+
+def check_cache_overlap(train_paths: list[Path], val_paths: list[Path], log) -> None:
+    """Note a cache given twice, or as both training and validation data: the images then count
+    twice, or the epochs are chosen on images the model learns from."""
+    seen = {}
+    for role, paths in (("training", train_paths), ("validation", val_paths)):
+        for path in paths:
+            key = str(Path(path).resolve())
+            if key in seen:
+                log(f"note: {path} is given as {seen[key]} and {role} data: "
+                    + ("its images count twice in every epoch" if seen[key] == role == "training"
+                       else "the run is validated on images it learns from" if role != seen[key]
+                       else "it is scored twice"))
+            seen.setdefault(key, role)
 
 
 def check_resume_options(out_dir: Path, given: dict) -> None:

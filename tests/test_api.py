@@ -132,6 +132,7 @@ def test_a_cls_only_model_has_no_mask(models):  # noqa: F811
     (np.zeros((20, 20, 3), np.float32), "H x W x 3 uint8"),
     ("missing.jpg", "missing.jpg: file not found"),
     (42, "not int"),
+    ([[1, 2, 3]], "an image is a path, an H x W x 3 uint8 array or a PIL image, not list"),
 ])
 def test_bad_input_raises_one_sentence(models, bad, words):  # noqa: F811
     model = dermtool.load_model(models["seg"])
@@ -139,11 +140,42 @@ def test_bad_input_raises_one_sentence(models, bad, words):  # noqa: F811
         model.predict(bad)
 
 
-def test_bad_options_and_models_are_refused(models, tmp_path):  # noqa: F811
-    with pytest.raises(InputError, match="tta must be 1, 4 or 8"):
-        dermtool.load_model(models["seg"]).predict(np.zeros((8, 8, 3), np.uint8), tta=3)
+@pytest.mark.parametrize("options, words", [
+    ({"tta": 3}, "tta must be 1, 4 or 8"),
+    ({"threshold": 2}, "threshold must be a lesion probability from 0 to 1"),  # all-empty masks once
+    ({"threshold": float("nan")}, "threshold must be a lesion probability"),
+    ({"threshold": "0.5"}, "threshold must be a lesion probability"),
+    ({"closing_radius": -1}, "closing_radius must be a whole number of model pixels from 0"),
+    ({"closing_radius": 1000}, "closing_radius must be"),
+    ({"batch_size": "2"}, "batch_size must be a whole number from 1 to 1024"),
+    ({"workers": -1}, "workers must be a whole number from 0"),
+])
+def test_bad_options_are_refused_as_the_cli_refuses_them(models, options, words):  # noqa: F811
+    with pytest.raises(InputError, match=words):
+        dermtool.load_model(models["seg"]).predict(np.zeros((8, 8, 3), np.uint8), **options)
+
+
+def test_bad_models_paths_and_folder_options_are_refused(models, images, tmp_path):  # noqa: F811
     with pytest.raises(InputError, match="no config.json"):
         dermtool.load_model(tmp_path)
+    with pytest.raises(InputError, match="path must be a model folder or file path"):
+        dermtool.load_model(5)
+    with pytest.raises(InputError, match="images_dir must be a path, not int"):
+        dermtool.predict_folder(5, tmp_path / "out")
+    with pytest.raises(InputError, match="opts must be an InferOptions, not dict"):
+        dermtool.predict_folder(images, tmp_path / "out", models["seg"], opts={"tta": 4})
+    with pytest.raises(InputError, match="tta must be 1, 4 or 8"):
+        dermtool.InferOptions(tta=3)
+    with pytest.raises(InputError, match="threshold must be a lesion probability"):
+        dermtool.InferOptions(post=dermtool.PostprocessConfig(threshold=5.0))
+    (tmp_path / "afile").write_text("x")
+    with pytest.raises(InputError, match="exists and is not a folder"):
+        dermtool.predict_folder(images, tmp_path / "afile", models["seg"])
+    with pytest.raises(InputError, match="pred_csv must be a path, not int"):
+        dermtool.score(5, "truth.csv")
+    with pytest.raises(InputError, match="bootstrap must be a whole number"):
+        dermtool.score("a.csv", "b.csv", bootstrap="5")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["afile"]  # nothing half-written
 
 
 def test_predict_folder_and_score_are_the_commands(models, images, tmp_path):  # noqa: F811

@@ -185,3 +185,60 @@ def test_bad_path_through_the_installed_script(tmp_path):
     proc = subprocess.run(["dermtool", "preprocess", str(tmp_path / "missing"), "--out", str(tmp_path / "c")],
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2 and proc.stderr.count("\n") == 1 and "missing" in proc.stderr
+
+
+def test_a_label_row_of_zeros_beside_a_nevus_column_gets_no_class(synthetic_copy, tmp_path):
+    """The argmax of three 0s made it a melanoma, while score refused the same row."""
+    labels = synthetic_copy / "labels.csv"
+    rows = list(csv.reader(open(labels)))
+    header = rows[0]
+    table = [["image_id", "melanoma", "seborrheic_keratosis", "nevus"]]
+    for row in rows[1:]:
+        mel, sk = float(row[header.index("melanoma")]), float(row[header.index("seborrheic_keratosis")])
+        table.append([row[0], mel, sk, 0.0 if row[0] == "SYN_0000002" else 1.0 - mel - sk])
+    with open(labels, "w", newline="") as fh:
+        csv.writer(fh).writerows(table)
+    result = run(synthetic_copy, "--out", tmp_path / "cache", "--size", SIZE, "--strict")
+    assert result.exit_code == 1 and "every class 0 beside a nevus column" in " ".join(result.stderr.split())
+    manifest = {r["image_id"]: r for r in csv.DictReader(open(tmp_path / "cache" / "manifest.csv"))}
+    assert (manifest["SYN_0000002"]["label"], manifest["SYN_0000002"]["class_index"]) == ("", "-1")
+
+
+def test_out_may_not_be_the_images_folder(synthetic_copy, tmp_path):
+    """An images.tif of the user's was replaced by the cache stack."""
+    images = synthetic_copy / "images"
+    mine = images / "images.tif"
+    shutil.copy(next(images.glob("*.png")), mine)
+    before = mine.read_bytes()
+    assert "is the images folder" in one_line_error(run(images, "--out", images, "--size", SIZE))
+    assert mine.read_bytes() == before
+
+
+def test_a_damaged_cache_is_rebuilt_and_named_where_it_is_read(synthetic_dataset, tmp_path):
+    """A cut images.tif gave a traceback (mmap length is greater than file size) and was never rebuilt."""
+    from dermtool.data import load_cache
+    from dermtool.errors import InputError
+
+    out = tmp_path / "cache"
+    assert run(synthetic_dataset, "--out", out, "--size", SIZE).exit_code == 0
+    whole = (out / "images.tif").read_bytes()
+    os.truncate(out / "images.tif", 20000)
+    with pytest.raises(InputError, match="images.tif: damaged"):
+        load_cache(out)
+    result = run(synthetic_dataset, "--out", out, "--size", SIZE)
+    assert result.exit_code == 0 and "up to date" not in result.stderr
+    assert (out / "images.tif").read_bytes() == whole
+    (out / "images.tif").unlink()
+    with pytest.raises(InputError, match="images.tif: missing from the cache"):
+        load_cache(out)
+
+
+@pytest.mark.parametrize("args, words", [
+    (["--fit", "squash", "--border", "0.5"], "--fit squash fills the square"),
+    (["--margin", "100000"], "--margin"),
+    (["--size", "100000"], "--size"),
+])
+def test_options_that_do_nothing_or_too_much_are_refused(synthetic_dataset, tmp_path, args, words):
+    result = run(synthetic_dataset, "--out", tmp_path / "cache", *args)
+    assert result.exit_code == 2 and words in result.output, result.output
+    assert not (tmp_path / "cache").exists()

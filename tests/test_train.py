@@ -85,6 +85,16 @@ def test_resume_continues_from_the_saved_epoch_and_matches_an_uninterrupted_run(
     assert_same_weights(cfg, straight, resumed)
 
 
+def test_resume_carries_the_dropout_streams_so_a_joint_run_matches_exactly(caches, tmp_path):
+    # the classifier head has dropout whatever cfg.dropout says; its random stream (a SeedGenerator
+    # state, not in the weights file) is checkpointed too, or epoch 2 redrew epoch 1's masks
+    cfg = tiny("joint")
+    straight = run(caches, tmp_path / "straight", "joint", epochs=2, cfg=cfg)
+    run(caches, tmp_path / "part", "joint", epochs=1, cfg=cfg)
+    resumed = run(caches, tmp_path / "part", "joint", epochs=2, resume=True, cfg=cfg)
+    assert_same_weights(cfg, straight, resumed)
+
+
 def test_a_second_run_into_the_same_folder_needs_resume(caches, tmp_path):
     from dermtool.errors import InputError
 
@@ -1000,3 +1010,91 @@ def test_a_joint_run_trains_with_mixup_or_anchored_pairs_and_records_it(caches, 
     assert [loss.anchored for loss in built] == ["pair-anchor" in augment]  # the pair loss the run trained with
     row = history(out)[0]
     assert np.isfinite(float(row["loss"])) and np.isfinite(float(row["val_loss"]))
+
+
+# --- refusals found by a hostile test of train ----------------------------------------------------
+
+
+def _cli(*args):
+    from typer.testing import CliRunner
+
+    from dermtool.cli import app
+
+    return CliRunner().invoke(app, ["train", *map(str, args)])
+
+
+@pytest.mark.parametrize("args, words", [
+    (["--task", "seg", "--alpha", "0.2"], "--task seg has only the mask loss"),
+    (["--task", "cls", "--dice"], "--task cls has no masks"),
+    (["--augment", ""], "--augment is empty; give none"),
+    (["--seed", str(2**32)], "--seed"),
+])
+def test_train_refuses_options_that_mean_nothing_for_the_task(caches, tmp_path, args, words):
+    result = _cli(caches, "--out", tmp_path / "r", *args)
+    assert result.exit_code == 2 and words in " ".join(result.output.split()), result.output
+    assert not (tmp_path / "r").exists()
+
+
+def test_a_validation_cache_with_nothing_to_score_is_refused(caches, tmp_path):
+    """Its loss was 0 every epoch and epoch 1 stayed the best."""
+    from dermtool.errors import InputError
+    from dermtool.train import train
+
+    data = write_dataset(tmp_path / "data", 4, rng_seed=8, sizes=[(48, 64)], formats=("png",))
+    shutil.rmtree(data / "masks")
+    build_cache(resolve_layout(data), tmp_path / "nomask", size=SIZE, fit="squash", progress=False)
+    tcfg = TrainConfig(epochs=1, batch_size=4, augment="none")
+    with pytest.raises(InputError, match="the --val cache has no masks, so it cannot score a seg model"):
+        train(tiny("seg"), tcfg, caches, tmp_path / "nomask", tmp_path / "r", log=lambda m: None, progress=False)
+    assert not (tmp_path / "r").exists()
+
+
+def test_resume_refuses_a_cache_rebuilt_from_other_data(caches, tmp_path):
+    """The run went on, on relabelled images, without a word."""
+    from dermtool.errors import InputError
+    from dermtool.train import train
+
+    cache = Path(shutil.copytree(caches, tmp_path / "cache"))
+    tcfg = TrainConfig(epochs=1, batch_size=4, augment="none", seed=3)
+    train(tiny("seg"), tcfg, cache, [], tmp_path / "r", log=lambda m: None, progress=False)
+    meta = json.loads((cache / "cache.json").read_text())
+    (cache / "cache.json").write_text(json.dumps({**meta, "fingerprint": "rebuilt"}))
+    with pytest.raises(InputError, match="rebuilt from other data or settings since"):
+        train(None, TrainConfig(epochs=2), [], [], tmp_path / "r", resume=True, log=lambda m: None, progress=False)
+
+
+def test_resume_refuses_fewer_epochs_than_done(caches, tmp_path):
+    from dermtool.errors import InputError
+
+    out = run(caches, tmp_path / "r", "seg", epochs=2)
+    before = (out / "config.json").read_text()
+    with pytest.raises(InputError, match="2 epochs are done already, more than --epochs 1"):
+        run(caches, out, "seg", epochs=1, resume=True)
+    assert (out / "config.json").read_text() == before
+
+
+def test_init_from_a_model_of_another_width_is_refused(caches, tmp_path):
+    """It copied 1 of 43 layers (the classifier) and trained from scratch."""
+    from dermtool.errors import InputError
+
+    source = run(caches, tmp_path / "src", "joint", epochs=1)
+    with pytest.raises(InputError, match="encoder layers match it by name and shape"):
+        run(caches, tmp_path / "r", "joint", epochs=1, cfg=tiny("joint", base_filters=3), init_from=str(source))
+    assert not (tmp_path / "r").exists()  # a start that fails keeps nothing
+
+
+def test_a_start_cut_before_its_first_epoch_keeps_nothing(caches, tmp_path, monkeypatch):
+    import dermtool.checkpoint
+
+    def cut(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(dermtool.checkpoint, "commit", cut)
+    with pytest.raises(KeyboardInterrupt):
+        run(caches, tmp_path / "new", "seg", epochs=1)
+    assert not (tmp_path / "new").exists()
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "notes.txt").write_text("kept")
+    with pytest.raises(KeyboardInterrupt):
+        run(caches, tmp_path / "mine", "seg", epochs=1)
+    assert [p.name for p in (tmp_path / "mine").iterdir()] == ["notes.txt"]
