@@ -26,7 +26,7 @@ from dermtool.config import CLS_VIEWS, ModelConfig, check_cls_views
 from dermtool.data import NOT_IMAGES, find_images, image_id_of, keep_ids, unique_ids
 from dermtool.decision import apply_temperature, check_threshold, decide
 from dermtool.errors import InputError, disk_full, write_failure
-from dermtool.io import encode_mask_png, read_csv_rows, read_json, write_atomic, write_csv_atomic
+from dermtool.io import MASK_SUFFIX, encode_mask_png, first_few, read_csv_rows, read_json, write_atomic, write_csv_atomic
 from dermtool.modelio import default_model_dir, load_engine, load_model, model_fingerprint  # noqa: F401  (load_model: re-exported)
 from dermtool.postprocess import PostprocessConfig, postprocess
 from dermtool.preprocess import IMAGE_EXTENSIONS, Transform, prepare, restore, restore_mask
@@ -352,6 +352,13 @@ def predict_folder(images_dir: Path, out_dir: Path, model_dir: Path | None = Non
     summary.load_seconds = time.perf_counter() - started
     started = time.perf_counter()  # images/s counts the pipeline, not the one-off model load
     summary.device, summary.skipped = _device(model.name), len(paths) - len(todo)
+    if opts.shard == (1, 1) and opts.ids is None and out_dir.is_dir():
+        this_run = {image_id_of(p) for p in paths}
+        left = sorted(p.name[:-len(MASK_SUFFIX)] for p in out_dir.glob(f"*{MASK_SUFFIX}")
+                      if p.name[:-len(MASK_SUFFIX)] not in this_run)
+        if left:  # score would take them for predictions of those ids
+            log(f"note: {out_dir} holds {len(left)} mask(s) of images not in this run ({first_few(left)}), left by an "
+                "earlier run; predictions.csv lists only this run's images, so write to a fresh --out to keep them apart")
     out_dir.mkdir(parents=True, exist_ok=True)
     if csv_path.is_dir():  # found now, not after every image is done
         raise IsADirectoryError(errno.EISDIR, os.strerror(errno.EISDIR), str(csv_path))

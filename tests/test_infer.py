@@ -654,6 +654,15 @@ def test_entries_named_like_images_that_are_not_run_are_named_and_the_rest_done(
     assert len(json.loads((out / "infer.json").read_text())["failed"]) == 4
 
 
+def test_masks_left_by_an_earlier_run_of_other_images_are_named(models, few_images, tmp_path):
+    out = tmp_path / "out"
+    assert infer(few_images, "--out", out, "--model", models["seg"]).exit_code == 0
+    (few_images / "wide.jpg").unlink()
+    result = infer(few_images, "--out", out, "--model", models["seg"])
+    assert result.exit_code == 0, result.output
+    assert "holds 1 mask(s) of images not in this run (wide)" in " ".join(result.output.split())
+
+
 def test_resume_with_another_images_folder_is_refused(models, few_images, tmp_path):
     out = tmp_path / "out"
     assert infer(few_images, "--out", out, "--model", models["seg"]).exit_code == 0
