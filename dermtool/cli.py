@@ -114,7 +114,7 @@ def preprocess_cli(
     margin: int = typer.Option(0, "--margin", min=0, max=1024, help="Reflected border for valid-convolution models (the thesis U-Net: 92 at --size 388); 0 to 1024."),
     chain: str = typer.Option("direct", "--chain", help="How pixels reach the model: direct (decode and resize) or jpeg256 (first the form of the public 256 px training copies: bicubic to 256 px, JPEG quality 75). Must match the model's --input-chain."),
     workers: int = typer.Option(0, "--workers", min=0, help="Decoding threads (0: one per core, at most 8)."),
-    strict: bool = typer.Option(False, "--strict", help="Exit with code 1 when the data check finds any problem."),
+    strict: bool = typer.Option(False, "--strict", help="Exit with code 1 when the data check finds any problem (the cache is still written, so a script can stop, look and decide)."),
     ids: Optional[Path] = typer.Option(None, "--ids", help="Keep only the image ids listed in this file, one per line (e.g. train.txt or val.txt of dermtool split)."),
 ) -> None:
     """Decode, fit and stack images (and masks, labels) into a fast, memory-mapped training cache.
