@@ -33,6 +33,7 @@ from dermtool import CLASS_NAMES, __version__, metrics
 from dermtool.config import ModelConfig, load_config
 from dermtool.decision import MELANOMA, PROB_FLOOR, apply_temperature, decide, describe, threshold_for_sensitivity
 from dermtool.errors import InputError
+from dermtool.io import write_atomic
 
 #: Search range of the temperature: far beyond any fitted value (they are near 1 to 3).
 TEMPERATURE_RANGE = (0.05, 20.0)
@@ -275,12 +276,8 @@ def _update_config(path: Path, temperature: float, threshold: float, provenance:
     ModelConfig(**raw["model"])  # still a valid model description
     if source_sha1 is not None:
         raw["export"].update(source_sha1=source_sha1, decision=describe(temperature, threshold))
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        tmp.write_text(json.dumps(raw, indent=2) + "\n")
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
+    text = json.dumps(raw, indent=2) + "\n"
+    write_atomic(path, lambda tmp: tmp.write_text(text))
 
 
 def render(result: CalibrationResult, console) -> None:

@@ -34,7 +34,7 @@ from pathlib import Path
 import numpy as np
 
 from dermtool.errors import InputError
-from dermtool.io import read_csv_rows, read_json
+from dermtool.io import claim, read_csv_rows, read_json
 
 LAST, BEST, OPTIMIZER, HISTORY, STATE = "last.weights.h5", "best.weights.h5", "optimizer.npz", "history.csv", "state.json"
 FOLDER = "checkpoints"
@@ -75,7 +75,7 @@ def _link(source: Path, target: Path) -> None:
 
 
 def _write_text(path: Path, text: str) -> None:
-    path.write_text(text)
+    claim(path).write_text(text)
 
 
 def _rename(source: Path, target: Path) -> None:
@@ -83,7 +83,9 @@ def _rename(source: Path, target: Path) -> None:
 
 
 def _remove(path: Path) -> None:
-    if path.is_dir():
+    if path.is_symlink():  # the link goes, never what it points to
+        path.unlink()
+    elif path.is_dir():
         shutil.rmtree(path)
     else:
         path.unlink()
@@ -92,9 +94,28 @@ def _remove(path: Path) -> None:
 # -- reading --------------------------------------------------------------------------------
 
 def read_state(run_dir: Path) -> dict | None:
-    """The committed state (epoch, best epoch, learning rate ...), or None before the first epoch."""
-    path = Path(run_dir) / STATE
-    return read_json(path, "training state") if path.exists() else None
+    """The committed state (epoch, best epoch, learning rate ...), or None before the first epoch.
+
+    Checked before anything acts on it, since tidy removes what is not the committed checkpoint:
+    the checkpoint must be RUN/checkpoints/epoch-NNN of the state's own epoch, and neither
+    checkpoints/ nor epochs/ may be a link (a run folder from elsewhere could point them at the
+    user's files)."""
+    run_dir = Path(run_dir)
+    path = run_dir / STATE
+    if not path.exists():
+        return None
+    state = read_json(path, "training state")
+    epoch = state.get("epoch")
+    if isinstance(epoch, bool) or not isinstance(epoch, int) or epoch < 1:
+        raise InputError(f"{path}: epoch must be a whole number from 1, not {epoch!r}; the run's state is damaged.")
+    if "checkpoint" in state and state["checkpoint"] != f"{FOLDER}/epoch-{epoch:03d}":
+        raise InputError(f"{path}: checkpoint {str(state['checkpoint'])[:80]!r} is not {FOLDER}/epoch-{epoch:03d}, the "
+                         "folder of its epoch inside the run; the run's state is damaged or was edited.")
+    for name in (FOLDER, EPOCHS):
+        if (run_dir / name).is_symlink():
+            raise InputError(f"{run_dir / name}: a link, where a run keeps a folder of its own; dermtool removes "
+                             "old checkpoints there, so it does not follow a link out of the run.")
+    return state
 
 
 def committed_folder(run_dir: Path, state: dict) -> Path:

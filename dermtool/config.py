@@ -298,7 +298,9 @@ def save_config(path: Path, model: ModelConfig, train: TrainConfig | None = None
     if train is not None:
         payload["train"] = dataclasses.asdict(train)
     payload.update(extra)
-    tmp = Path(path).with_suffix(".json.tmp")
+    from dermtool.io import claim
+
+    tmp = claim(Path(path).with_suffix(".json.tmp"))
     tmp.write_text(json.dumps(payload, indent=2) + "\n")
     tmp.replace(path)
 
@@ -316,12 +318,11 @@ def load_config(path: Path) -> tuple[ModelConfig, TrainConfig | None, dict]:
     path = Path(path)
     if path.is_dir():
         path = path / "config.json"
-    try:
-        raw = json.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
+    if not path.exists():
         raise InputError(f"{path}: no config.json here; is this a model folder written by dermtool train?")
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise InputError(f"{path}: not a valid dermtool config ({' '.join(str(exc).split())[:120]}).")
+    from dermtool.io import read_json
+
+    raw = read_json(path, "dermtool config", kind=object)  # size-limited, and deep nesting is refused
     try:
         if not isinstance(raw, dict):
             raise InputError("the file is not a JSON object")

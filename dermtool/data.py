@@ -18,7 +18,7 @@ import numpy as np
 
 from dermtool import CLASS_NAMES
 from dermtool.errors import InputError
-from dermtool.io import read_csv_rows, read_json
+from dermtool.io import FORMULA_STARTS, claim, read_csv_rows, read_json
 from dermtool.preprocess import IMAGE_EXTENSIONS, Transform
 
 # Files the ISIC downloads keep beside the images that are not images to segment.
@@ -107,6 +107,10 @@ def read_lesion_ids(path: Path, column: str = "lesion_id") -> dict[str, str]:
         raise InputError(f"{path}: a metadata CSV needs image_id and {column} columns "
                          f"(found {', '.join(header) or 'none'}).")
     i, j = header.index("image_id"), header.index(column)
+    for line, r in enumerate(rows, start=2):
+        if len(r) > j and r[j].strip().startswith(FORMULA_STARTS):
+            raise InputError(f"{path}: row {line} has the {column} {r[j][:40]!r}, which a spreadsheet would run as "
+                             "a formula once copied into manifest.csv; fix the metadata.")
     return {r[i]: r[j] for r in rows if len(r) > max(i, j)}
 
 
@@ -365,6 +369,11 @@ def build_cache(layout: Layout, out: Path, size: int = 256, fit: str = "squash",
         raise InputError(f"{layout.images}: no images (*.jpg, *.png, *.tif, *.bmp) in this folder.")
     paths, duplicates = unique_ids(paths)
     report.duplicate_ids = [f"{p.name} and {first.name}" for p, first in duplicates]
+    formula = [p for p in paths if p.stem.startswith(FORMULA_STARTS)]  # would start a formula in manifest.csv
+    paths = [p for p in paths if p not in formula]
+    if not paths:
+        raise InputError(f"{layout.images}: every image's name starts with one of {' '.join(FORMULA_STARTS[:4])}, "
+                         "which a spreadsheet runs as a formula; rename the files.")
     labels = read_class_csv(layout.labels, role="labels") if layout.labels else {}
     if ids is not None:
         paths, labels = keep_ids(paths, labels, ids, layout.images)
@@ -400,12 +409,14 @@ def build_cache(layout: Layout, out: Path, size: int = 256, fit: str = "squash",
     try:
         rows = _fill_stacks(layout, out, paths, masks, labels, report, size, fit, border, margin, workers, progress,
                             benign, chain)
+        report.failed += [(str(p), f"{p}: its name starts with {p.stem[0]!r}, which a spreadsheet opening "
+                                   "manifest.csv would run as a formula; rename the file.") for p in formula]
         for row in rows:
             row["lesion_id"] = lesions.get(row["image_id"], "")
         _write_manifest(out, rows)
         meta = dict(params, n_images=len(rows), fingerprint=fingerprint, input_size=size + 2 * margin,
                     check=report.checks())
-        (out / "cache.json.tmp").write_text(json.dumps(meta, indent=2) + "\n")
+        claim(out / "cache.json.tmp").write_text(json.dumps(meta, indent=2) + "\n")
         (out / "cache.json.tmp").replace(meta_path)  # written last: its presence marks a complete cache
     except BaseException:
         # Ctrl-C or a failure: no temp file stays behind, nor a cache that is not whole
@@ -439,7 +450,9 @@ def _fill_stacks(layout: Layout, out: Path, paths: list[Path], masks: dict, labe
     from dermtool.io import both_classes
 
     n, in_size = len(paths), size + 2 * margin
-    tmp_images, tmp_masks = out / "images.tif.tmp", out / "masks.tif.tmp"
+    tmp_images, tmp_masks = claim(out / "images.tif.tmp"), out / "masks.tif.tmp"
+    if masks:
+        claim(tmp_masks)
     img_stack = tifffile.memmap(tmp_images, shape=(n, in_size, in_size, 3), dtype=np.uint8, photometric="rgb")
     mask_stack = tifffile.memmap(tmp_masks, shape=(n, size, size), dtype=np.uint8,
                                   photometric="minisblack") if masks else None
@@ -499,7 +512,7 @@ def _fill_stacks(layout: Layout, out: Path, paths: list[Path], masks: dict, labe
 
 
 def _write_manifest(out: Path, rows: list[dict]) -> None:
-    with open(out / "manifest.csv.tmp", "w", newline="") as fh:
+    with open(claim(out / "manifest.csv.tmp"), "w", newline="") as fh:
         writer = csv.DictWriter(fh, fieldnames=MANIFEST_FIELDS)
         writer.writeheader()
         writer.writerows(rows)

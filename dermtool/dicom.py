@@ -55,7 +55,7 @@ def read_dicom_rgb(path: Path) -> np.ndarray:
         raise InputError(f"{path}: its pixels ({name}) cannot be decoded ({_short(exc)}){hint}.") from None
     if pixels.dtype != np.uint8:  # 12- or 16-bit colour: keep the top 8 of the stored bits
         shift = max(0, int(ds.get("BitsStored", 8)) - 8)
-        pixels = np.clip(pixels.astype(np.int64) >> shift, 0, 255).astype(np.uint8)
+        pixels = np.clip(pixels >> shift, 0, 255).astype(np.uint8)  # in its own dtype: no int64 copy
     return np.ascontiguousarray(pixels)
 
 

@@ -27,7 +27,7 @@ from dermtool.config import ModelConfig, load_config
 from dermtool.data import Layout, find_images, resolve_layout
 from dermtool.errors import InputError, disk_full
 from dermtool.io import publish, read_class_csv, read_json, staging_folder
-from dermtool.modelio import (CLASSIFIER_FILE, FORMATS, KerasEngine, check_format, shown_path, load_engine, resolve_model, write_export,
+from dermtool.modelio import (CLASSIFIER_FILE, FORMATS, KerasEngine, trust_written_savedmodel, check_format, shown_path, load_engine, resolve_model, write_export,
                               write_keras)
 from dermtool.preprocess import prepare
 
@@ -211,6 +211,8 @@ def export(model_dir: Path, out_dir: Path, fmt: str, quantize: str = "none", cal
             log(f"scoring the Keras and the exported model on {check} ...")
             report.check = {"keras": score_folder(folder, check, engine="keras"), "export": score_folder(staging, check)}
         commit_export(staging, final)
+        if fmt == "savedmodel":  # written here: this process may run it (modelio._check_savedmodel_trusted)
+            trust_written_savedmodel(final / FORMATS[fmt])
     except BaseException as exc:
         shutil.rmtree(staging, ignore_errors=True)
         named = str(getattr(exc, "filename", "") or "")

@@ -26,11 +26,11 @@ from dermtool.config import CLS_VIEWS, ModelConfig, check_cls_views
 from dermtool.data import NOT_IMAGES, find_images, image_id_of, keep_ids, unique_ids
 from dermtool.decision import apply_temperature, check_threshold, decide
 from dermtool.errors import InputError, disk_full, write_failure
-from dermtool.io import MASK_SUFFIX, encode_mask_png, first_few, read_csv_rows, read_json, write_atomic, write_csv_atomic
+from dermtool.io import FORMULA_STARTS, MASK_SUFFIX, claim, encode_mask_png, first_few, open_append, read_csv_rows, read_json, write_atomic, write_csv_atomic
 from dermtool.modelio import default_model_dir, load_engine, load_model, model_fingerprint  # noqa: F401  (load_model: re-exported)
 from dermtool.postprocess import PostprocessConfig, postprocess
 from dermtool.preprocess import IMAGE_EXTENSIONS, Transform, prepare, restore, restore_mask
-from dermtool.shards import differing_settings, predictions_name, record_name, shard_of
+from dermtool.shards import check_prediction_row, differing_settings, predictions_name, record_name, shard_of
 
 MASK_SUFFIX = "_segmentation.png"
 
@@ -104,10 +104,6 @@ def select_images(images_dir: Path, shard: tuple[int, int] = (1, 1), ids=None) -
     if ids is not None:  # as preprocess --ids keeps them
         paths = keep_ids(paths, {}, list(ids), images_dir)[0]
     return [p for p in paths if shard_of(image_id_of(p), n) == k]
-
-
-#: the first characters that make a spreadsheet read a CSV cell as a formula (CSV injection)
-FORMULA_STARTS = ("=", "+", "-", "@", "\t", "\r")
 
 
 def unusable_entries(images_dir: Path, shard: tuple[int, int] = (1, 1), ids=None) -> list[tuple[Path, str]]:
@@ -270,8 +266,10 @@ def _csv_header(cfg: ModelConfig) -> list[str]:
     return ["image_id"] + list(cfg.class_names) + ["label"] if cfg.has_cls else ["image_id"]
 
 
-def _read_rows(path: Path, width: int) -> dict[str, list]:
-    """Rows of an earlier (possibly interrupted) run, keyed by image id; broken lines dropped."""
+def _read_rows(path: Path, header: list[str]) -> dict[str, list]:
+    """Rows of an earlier (possibly interrupted) run, keyed by image id; broken lines dropped, and
+    a row that is not one of dermtool's (an edited file) refused, as merge refuses it."""
+    width = len(header)
     rows: dict[str, list] = {}
     if not path.exists():
         return rows
@@ -279,6 +277,7 @@ def _read_rows(path: Path, width: int) -> dict[str, list]:
         if i == 0 and row and row[0] == "image_id":
             continue
         if len(row) == width and row[0]:
+            check_prediction_row(path, i + 1, row, header)
             rows[row[0]] = row
     return rows
 
@@ -337,8 +336,8 @@ def predict_folder(images_dir: Path, out_dir: Path, model_dir: Path | None = Non
     header = _csv_header(cfg)
     csv_path = out_dir / predictions_name(opts.shard)
     partial_path = out_dir / f".{csv_path.stem}.partial.csv"  # appended per image: survives a kill
-    rows = _read_rows(csv_path, len(header)) if opts.resume else {}
-    rows.update(_read_rows(partial_path, len(header)) if opts.resume else {})
+    rows = _read_rows(csv_path, header) if opts.resume else {}
+    rows.update(_read_rows(partial_path, header) if opts.resume else {})
     todo = [p for p in paths if not (opts.resume and _is_done(image_id_of(p), cfg, rows, out_dir))]
     if not opts.resume:
         rows = {}
@@ -365,7 +364,9 @@ def predict_folder(images_dir: Path, out_dir: Path, model_dir: Path | None = Non
     # the settings are on disk before any output, so even a killed run can be checked on --resume
     _write_run_json(out_dir / record_name(opts.shard), record, summary, running=True)
     workers = opts.workers or min(8, max(2, os.cpu_count() or 1))
-    partial = open(partial_path, "a" if opts.resume else "w", newline="")
+    if not opts.resume:
+        claim(partial_path)  # a new, empty file of this run's (a link planted there is removed)
+    partial = open_append(partial_path, newline="")
     partial_writer = csv.writer(partial)
     bar = tqdm(total=len(todo), unit="img", desc="infer", disable=not progress, leave=False)
 
@@ -375,6 +376,8 @@ def predict_folder(images_dir: Path, out_dir: Path, model_dir: Path | None = Non
             return path, x, t, ""
         except InputError as exc:
             return path, None, None, str(exc)
+        except MemoryError:  # one image too large for this machine: named, and the rest go on
+            return path, None, None, f"{path}: not enough memory to decode it; skipped."
 
     batches = [todo[i:i + batch_size] for i in range(0, len(todo), batch_size)]
     writes: deque = deque()  # (path, future of its CSV row), in submission order

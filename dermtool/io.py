@@ -40,6 +40,8 @@ MASK_THRESHOLD = 128
 #: megapixels; a file declaring more is refused from its header, before any pixel is decoded,
 #: since a few kB of PNG can declare gigabytes.
 MAX_PIXELS = 200_000_000
+#: the most bytes one decoded image may take: MAX_PIXELS of 16-bit RGBA
+MAX_DECODED_BYTES = MAX_PIXELS * 8
 #: How many ids an error message lists before "..." (keeps it one readable sentence).
 _IDS_SHOWN = 3
 #: The largest text file read (CSV, JSON, id list): a label CSV of a million images is ~50 MB,
@@ -48,6 +50,10 @@ MAX_TEXT_BYTES = 256 * 2**20
 #: Byte-order marks Windows tools write (Notepad, Excel's "Unicode text"), and their codecs.
 _BOMS = ((codecs.BOM_UTF8, "utf-8", "UTF-8"), (codecs.BOM_UTF16_LE, "utf-16-le", "UTF-16"),
          (codecs.BOM_UTF16_BE, "utf-16-be", "UTF-16"))
+
+
+#: the first characters that make a spreadsheet read a CSV cell as a formula (CSV injection)
+FORMULA_STARTS = ("=", "+", "-", "@", "\t", "\r")
 
 
 def first_few(ids: list[str]) -> str:
@@ -160,7 +166,7 @@ def write_atomic(path: Path, write: Callable[[Path], object], *, named: bool = F
     # A plain name (not mkstemp) so the file gets the usual umask permissions, not 0600.
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     try:
-        write(tmp)
+        write(claim(tmp))
         os.replace(tmp, path)
     except OSError as exc:
         if not exc.errno:
@@ -169,6 +175,25 @@ def write_atomic(path: Path, write: Callable[[Path], object], *, named: bool = F
     finally:
         if tmp.is_file():
             tmp.unlink()
+
+
+def claim(path: Path) -> Path:
+    """Make `path` a new, empty regular file of dermtool's before a fixed-name temporary file is
+    written there: whatever was at the name, a link planted by someone who can write the folder
+    included, is removed (never followed), and the file is created with O_EXCL | O_NOFOLLOW, so
+    a link made in between fails the write rather than redirecting it outside the folder."""
+    path = Path(path)
+    if path.is_symlink() or path.is_file():
+        path.unlink()
+    os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0), 0o666))
+    return path
+
+
+def open_append(path: Path, **kwargs):
+    """`open(path, "a")` that never appends through a link (O_NOFOLLOW): a command.txt or a
+    partial CSV planted as a link to a file outside the folder is refused (ELOOP)."""
+    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | getattr(os, "O_NOFOLLOW", 0), 0o666)
+    return os.fdopen(fd, "a", **kwargs)
 
 
 def staging_folder(final: Path) -> Path:
@@ -353,6 +378,13 @@ def check_pixel_limit(path: Path, width: int, height: int) -> None:
     """Refuse (InputError naming `path`) an image or mask that declares more than MAX_PIXELS."""
     if width * height > MAX_PIXELS:
         _over_limit(path, f"{width} x {height} pixels ({width * height / 1e6:.0f} megapixels)")
+
+
+def check_decoded_size(path: Path, n_bytes: int) -> None:
+    """Refuse (InputError naming `path`) an image whose decoded array would exceed MAX_DECODED_BYTES:
+    the pixel limit alone lets a file of many samples or wide ones through."""
+    if n_bytes > MAX_DECODED_BYTES:
+        _over_limit(path, f"{n_bytes / 1e9:.1f} GB decoded")
 
 
 def _over_limit(path: Path, size: str):

@@ -271,6 +271,7 @@ class SavedModelEngine:
     name = "savedmodel"
 
     def __init__(self, path: Path, cfg: ModelConfig):
+        _check_savedmodel_trusted(path)
         tf = _tf()
         self.cfg, self.path = cfg, path
         try:
@@ -288,6 +289,28 @@ class SavedModelEngine:
 
 
 _ENGINE_CLASSES = {"litert": LiteRTEngine, "onnx": OnnxEngine, "savedmodel": SavedModelEngine}
+
+#: A SavedModel's graph is a program: its ops may read and write any file the user can. One runs
+#: only if dermtool wrote it (this process's exports, the engine cache), or with this set to 1.
+TRUST_SAVEDMODEL_ENV = "DERMTOOL_TRUST_SAVEDMODEL"
+_WRITTEN_SAVEDMODELS: set = set()
+
+
+def trust_written_savedmodel(path: Path) -> None:
+    """Let this process run the SavedModel dermtool wrote at `path` (an export moved into place)."""
+    _WRITTEN_SAVEDMODELS.add(str(Path(path).resolve()))
+
+
+def _check_savedmodel_trusted(path: Path) -> None:
+    """Refuse a SavedModel dermtool did not write, unless the user said it is trusted."""
+    where = Path(path).resolve()
+    if os.environ.get(TRUST_SAVEDMODEL_ENV) == "1" or str(where) in _WRITTEN_SAVEDMODELS:
+        return
+    if cache_dir().resolve() in where.parents:
+        return
+    raise InputError(f"{path}: a SavedModel runs its own TensorFlow graph, which can read and write files, so dermtool "
+                     f"runs one only from a source you trust: set {TRUST_SAVEDMODEL_ENV}=1 to run it, or infer from "
+                     "the model folder it was exported from.")
 
 
 def _check_io(path: Path, cfg: ModelConfig, inputs: list, shape: list, outputs: list, expected: set | None = None) -> None:
@@ -418,6 +441,7 @@ def _input_spec(cfg: ModelConfig, batch: int | None):
 def _write_savedmodel(model, cfg: ModelConfig, dest: Path, batch: int | None = None) -> None:
     with _quiet():
         model.export(str(dest), format="tf_saved_model", verbose=False, input_signature=[_input_spec(cfg, batch)])
+    trust_written_savedmodel(dest)  # export's own check may load it
 
 
 def _write_tflite(model, cfg: ModelConfig, dest: Path, quantize: str, calibration: np.ndarray | None) -> None:

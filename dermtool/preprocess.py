@@ -23,7 +23,7 @@ import numpy as np
 from PIL import Image, ImageFile
 
 from dermtool.errors import InputError
-from dermtool.io import check_pixel_limit, open_image
+from dermtool.io import check_decoded_size, check_pixel_limit, open_image
 
 # A truncated JPEG must be reported, not silently padded with grey.
 ImageFile.LOAD_TRUNCATED_IMAGES = False
@@ -95,15 +95,25 @@ def _to_rgb_image(img: Image.Image) -> Image.Image:
     if img.mode == "RGB":
         return img
     if img.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
-        arr = np.asarray(img, dtype=np.float64)
+        arr = np.asarray(img)
         top = 65535.0 if arr.max() > 255 else 255.0
-        arr = np.clip(arr / top * 255.0 + 0.5, 0, 255).astype(np.uint8)
-        return Image.fromarray(np.repeat(arr[..., None], 3, axis=2))
+        return Image.fromarray(np.repeat(_scaled_to_uint8(arr, top)[..., None], 3, axis=2))
     if img.mode in ("RGBA", "LA", "PA") or (img.mode == "P" and "transparency" in img.info):
         img = img.convert("RGBA")
         background = Image.new("RGBA", img.size, (0, 0, 0, 255))
         img = Image.alpha_composite(background, img)
     return img.convert("RGB")
+
+
+def _scaled_to_uint8(arr: np.ndarray, top: float) -> np.ndarray:
+    """`arr` / top as 8 bits (rounded), a block of rows at a time in float32: a 16-bit image of
+    200 megapixels never becomes one float64 array of 1.6 GB (and its temporaries)."""
+    out = np.empty(arr.shape, np.uint8)
+    rows = max(1, (1 << 22) // max(1, math.prod(arr.shape[1:])))
+    for start in range(0, arr.shape[0], rows):
+        block = arr[start:start + rows].astype(np.float32)
+        out[start:start + rows] = np.clip(block / np.float32(top) * 255.0 + 0.5, 0, 255)
+    return out
 
 
 def _tiff_to_rgb(path: Path) -> np.ndarray:
@@ -114,13 +124,16 @@ def _tiff_to_rgb(path: Path) -> np.ndarray:
         # every plane of the series counts (pages, depth), not its colour samples
         planes = [n for n, axis in zip(series.shape, series.axes) if axis != "S"] or [1]
         check_pixel_limit(path, planes[-1], math.prod(planes[:-1]))
+        samples = math.prod(n for n, axis in zip(series.shape, series.axes) if axis == "S")
+        if samples > 4:  # a colour image has 1 to 4; thousands would decode to gigabytes
+            raise InputError(f"{path}: {samples} samples per pixel; an image has 1 to 4 (grey, RGB, RGBA).")
+        check_decoded_size(path, math.prod(series.shape) * np.dtype(series.dtype).itemsize)
         arr, axes = series.asarray(), series.axes
     if axes.endswith("SYX"):  # planar (C, H, W) storage; the tags say so, the shape cannot
         arr = np.moveaxis(arr, -3, -1)
     if arr.dtype != np.uint8:
-        arr = arr.astype(np.float64)
         top = 65535.0 if arr.max() > 255 else (1.0 if arr.max() <= 1.0 else 255.0)
-        arr = np.clip(arr / top * 255.0 + 0.5, 0, 255).astype(np.uint8)
+        arr = _scaled_to_uint8(arr, top)
     if arr.ndim == 2:
         arr = np.repeat(arr[..., None], 3, axis=2)
     if arr.ndim != 3 or arr.shape[-1] not in (1, 2, 3, 4):

@@ -62,6 +62,9 @@ def write_report(out_dir: Path, images_dir: Path | None = None, workers: int = 0
     sources = _find_sources(images_dir)
     summary = ReportSummary(out_dir / REPORT, entries=len(rows))
     files = out_dir / FILES
+    if files.is_symlink():
+        raise InputError(f"{files}: a link, where the report keeps a folder of its own thumbnails; dermtool does "
+                         "not write through it (remove the link and run again).")
     if files.exists() and not files.is_dir():
         raise InputError(f"{files}: a file is where the report's thumbnail folder goes; move it away and run again.")
     files.mkdir(exist_ok=True)

@@ -18,7 +18,7 @@ from typing import Mapping
 from dermtool import CLASS_NAMES
 from dermtool.data import find_images, image_id_of, unique_ids
 from dermtool.errors import InputError
-from dermtool.io import first_few, read_csv_rows, read_json, write_csv_atomic
+from dermtool.io import FORMULA_STARTS, first_few, read_csv_rows, read_json, write_csv_atomic
 
 #: What must not differ between two runs writing one folder (keys of infer.json).
 SETTINGS = ("model_sha1", "engine", "task", "tta", "postprocess", "probabilities", "overlay",
@@ -209,25 +209,40 @@ def _read_parts(parts: dict[int, Path]) -> tuple[list[str], dict[str, list[str]]
         elif lines[0] != header:
             raise InputError(f"{path}: its columns {','.join(lines[0])} differ from the other parts' "
                              f"{','.join(header)}; the shards ran different models.")
-        values = [i for i, name in enumerate(header) if name in CLASS_NAMES]
         for line, row in enumerate(lines[1:], start=2):
             if len(row) != len(header):
                 raise InputError(f"{path}: the row of {row[0] if row else '(empty)'} has {len(row)} fields, "
                                  f"not {len(header)}; rerun this shard with --resume.")
-            for i in values:
-                try:
-                    ok = 0.0 <= float(row[i]) <= 1.0  # nan fails too
-                except ValueError:
-                    ok = False
-                if not ok:
-                    raise InputError(f"{path}: row {line} ({row[0]}) has {header[i]} = {row[i]!r}, not a probability "
-                                     "in [0, 1]; the part was edited or damaged: rerun this shard into a fresh --out.")
+            check_prediction_row(path, line, row, header)
             if row[0] in rows:
                 also = "twice" if source[row[0]] == path else f"in {source[row[0]]} too"
                 raise InputError(f"{path}: image id {row[0]} is {also}; every id must be in exactly one "
                                  "part: remove the extra row, or rerun the shards into a fresh --out.")
             rows[row[0]], source[row[0]] = row, path
     return header, rows
+
+
+def check_prediction_row(path: Path, line: int, row: list[str], header: list[str]) -> None:
+    """A row as dermtool infer writes it, or InputError naming the file and row: an id that does
+    not start a spreadsheet formula, probabilities in [0, 1] (nan fails), a label that is a class
+    name. Merge and infer --resume copy rows into the CSV they write, so an edited or damaged
+    part is refused rather than passed on."""
+    fix = "the file was edited or damaged: rerun that run or shard into a fresh --out."
+    if row[0].startswith(FORMULA_STARTS):
+        raise InputError(f"{path}: row {line} has the image id {row[0][:40]!r}, which a spreadsheet would run as a "
+                         f"formula; {fix}")
+    for i, name in enumerate(header):
+        if name in CLASS_NAMES:
+            try:
+                ok = 0.0 <= float(row[i]) <= 1.0
+            except ValueError:
+                ok = False
+            if not ok:
+                raise InputError(f"{path}: row {line} ({row[0]}) has {name} = {row[i]!r}, not a probability in [0, 1]; "
+                                 f"{fix}")
+        elif name == "label" and row[i] not in CLASS_NAMES:
+            raise InputError(f"{path}: row {line} ({row[0]}) has the label {row[i][:40]!r}, not one of "
+                             f"{', '.join(CLASS_NAMES)}; {fix}")
 
 
 def _check_complete(images_dir: Path, rows: dict, records: dict, out_dir: Path, n: int) -> list[str]:

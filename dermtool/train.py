@@ -35,7 +35,7 @@ from dermtool.config import ModelConfig, TrainConfig, load_config, save_config
 from dermtool.data import Cache, load_cache
 from dermtool.dataset import targets
 from dermtool.errors import InputError
-from dermtool.io import read_json
+from dermtool.io import open_append, read_json
 from dermtool.modelio import load_model
 from dermtool.validation import predict_cache, selection_metric, validation_metrics, validation_targets
 
@@ -541,12 +541,17 @@ def train(cfg: ModelConfig, tcfg: TrainConfig, train_cache, val_cache, out_dir: 
     # leaves no run folder behind
     created = not out_dir.exists()
     out_dir.mkdir(parents=True, exist_ok=True)
-    if not resume:
-        checkpoint.start_fresh(out_dir)  # what an interrupted first epoch left
-    save_config(out_dir / "config.json", cfg, tcfg)
-    if command:
-        with open(out_dir / "command.txt", "a") as fh:
-            fh.write(command + "\n")
+    try:
+        if not resume:
+            checkpoint.start_fresh(out_dir)  # what an interrupted first epoch left
+        save_config(out_dir / "config.json", cfg, tcfg)
+        if command:
+            with open_append(out_dir / "command.txt") as fh:
+                fh.write(command + "\n")
+    except BaseException:
+        if not resume:
+            undo_start(out_dir, created)
+        raise
 
     metric_name = selection_metric(cfg) if vals else None
     # the plateau schedule watches the validation loss, or without validation the training loss,
