@@ -198,3 +198,22 @@ def test_shard_auto_without_a_scheduler_exits_2_with_one_line(models, reference,
     lines = result.output.strip().splitlines()
     assert len(lines) == 1 and "--shard auto" in lines[0] and "give --shard K/N" in lines[0], result.output
     assert not (tmp_path / "out").exists()
+
+
+def test_a_lone_array_task_beside_the_parts_of_a_sharded_run_is_refused(models, reference, tmp_path, monkeypatch):  # noqa: F811
+    """`sbatch --array=2` alone is an array of one task, part 1 of 1: it redid the whole folder
+    into OUT beside the parts, and the merge still failed."""
+    out = tmp_path / "out"
+    result = runner.invoke(app, ["infer", str(reference["images"]), "--out", str(out), "--model", str(models["joint"]),
+                                 "--shard", "1/4"])
+    assert result.exit_code == 0, result.output
+    for name in SCHEDULER_VARS:
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("SLURM_ARRAY_TASK_ID", "2")
+    monkeypatch.setenv("SLURM_ARRAY_TASK_MIN", "2")
+    monkeypatch.setenv("SLURM_ARRAY_TASK_COUNT", "1")
+    before = sorted(p.name for p in out.iterdir())
+    result = runner.invoke(app, ["infer", str(reference["images"]), "--out", str(out), "--model", str(models["joint"]),
+                                 "--shard", "auto", "--resume"])
+    assert result.exit_code == 2 and "resubmit the whole array" in " ".join(result.output.split())
+    assert sorted(p.name for p in out.iterdir()) == before

@@ -12,9 +12,11 @@
 # - IMAGES and OUT must lie on a file system every node mounts (a shared home, /scratch).
 # - The number of parts is the --array line alone (0-7 makes 8); nothing else changes.
 # - Options after OUT go to every part: --model runs/joint, --engine litert, --tta 4, ...
-# - A part that failed or ran out of time: rerun that task, e.g. `sbatch --array=2
-#   examples/slurm/infer-array.sh IMAGES OUT` (--resume keeps the images it wrote), then
-#   `dermtool merge OUT`.
+# - A part that failed or ran out of time: submit the whole script again, the same way
+#   (`bash examples/slurm/infer-array.sh IMAGES OUT ...`). Every task runs with --resume, so the
+#   finished parts skip all their images and the cut one does only what it lacks; the merge job
+#   follows. Do not resubmit one task alone (`sbatch --array=2`): SLURM then reports an array of
+#   one task, which --shard auto reads as part 1 of 1, the whole folder.
 # - The merge runs after the array ends whatever its exit codes (afterany): an infer part exits
 #   1 when some images were unreadable (named in its log), and merge lists those; a missing or
 #   incomplete part makes merge stop with one line naming the part to rerun.
