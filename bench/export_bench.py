@@ -106,7 +106,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", type=Path, default=None, help="Model folder (default: the bundled model).")
     parser.add_argument("--val", type=Path, default=DATA / "val", help="Labelled folder: images/, masks/, labels.csv.")
-    parser.add_argument("--fullres", type=Path, default=DATA / "val_fullres" / "images")
+    parser.add_argument("--fullres", type=Path, default=DATA / "val_fullres" / "images",
+                        help="Folder of the original-size JPEGs themselves, timed only (not a labelled folder "
+                             "like --val: no images/ inside; default: ../shared/data/isic2017/val_fullres/images).")
     parser.add_argument("--engines", default="keras,litert,litert-dynamic,litert-float32,onnx")
     parser.add_argument("--calibration", type=Path, default=None,
                         help="Images for litert-int8 and litert-mixed (both added when given).")

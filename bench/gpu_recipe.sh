@@ -134,7 +134,7 @@ $PYTHON -c 'import sys; from pathlib import Path; from dermtool.modelio import s
 save_model_folder(Path(sys.argv[1]), Path(sys.argv[2]))' "$WORK/run" "$WORK/model"
 if [ "$PACKED" = 1 ]; then
   echo "== done in $(( $(date +%s) - start )) s: model in $WORK/model; score it where the validation data is:"
-  echo "   python bench/validation.py MODEL --split HAM_SPLIT --isic2020-split I20_SPLIT --bootstrap 1000"
+  echo "   python bench/validation.py MODEL --split HAM_SPLIT --isic2020-split I20_SPLIT --work OUT_DIR --bootstrap 1000"
   exit 0
 fi
 $PYTHON bench/validation.py "$WORK/model" --split "$WORK/ham-split" --isic2020-split "$WORK/i20-split" \

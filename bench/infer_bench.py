@@ -215,6 +215,10 @@ def main(argv=None) -> int:
             sets.append((label, folder))
         else:
             print(f"skipping {label}: {folder} not found")
+    if not sets and not args.rss_images:
+        print(f"skipped: neither {args.val} nor {args.val_fullres} found (the real ISIC 2017 data is needed), "
+              "and --rss-images 0 leaves nothing to time.")
+        return 0
     rows: list[Row] = []
     with tempfile.TemporaryDirectory(prefix="dermtool_infer_bench_") as tmp:
         work = Path(tmp)

@@ -94,6 +94,9 @@ def main() -> None:
     parser.add_argument("--limit", type=int, default=0, help="the first N images only (0: all)")
     parser.add_argument("--resamples", type=int, default=2000)
     args = parser.parse_args()
+    if not args.images.is_dir():
+        print(f"skipped: {args.images} not found (a folder of jpg/png images is needed).")
+        return
     images = sorted(p for p in args.images.iterdir() if p.suffix.lower() in (".jpg", ".jpeg", ".png"))
     if args.limit:
         images = images[:args.limit]

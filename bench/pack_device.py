@@ -180,7 +180,13 @@ def main() -> None:
     ap.add_argument("--like", type=Path, default=Path("weights/isic-ham-lite0-joint-192"),
                     help="model folder whose architecture init/ copies")
     args = ap.parse_args()
+    needed = ["isic2017/train", "isic2020", "ham10000"] + (["isic2017/val"] if args.with_val else [])
+    missing = [args.data / name for name in needed if not (args.data / name).is_dir()]
+    if missing:
+        print(f"skipped: {missing[0]} not found (the real data sets are needed).")
+        return
     try:
+        _ids(args.ham_split), _ids(args.isic2020_split)  # a wrong split folder, before minutes of copying
         pack(args)
     except InputError as exc:
         raise SystemExit(f"error: {exc}")

@@ -78,7 +78,10 @@ def infer(images: Path, out: Path, model: str, engine: str, tta: int) -> dict[st
         cmd = ["dermtool", "infer", str(images), "--out", str(out), "--model", model, "--engine", engine,
                "--tta", str(tta)]
         print("$", " ".join(cmd), file=sys.stderr, flush=True)
-        subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL)
+        code = subprocess.run(cmd, stdout=subprocess.DEVNULL).returncode
+        if code:  # infer has said why on stderr, above
+            print(f"error: dermtool infer on {images} exited {code}.", file=sys.stderr)
+            sys.exit(code)
     with open(csv_path, newline="") as fh:
         return {r["image_id"]: (np.array([float(r["melanoma"]), float(r["seborrheic_keratosis"]),
                                           float(r["nevus"])]), r["label"]) for r in csv.DictReader(fh)}
@@ -171,12 +174,21 @@ def main() -> None:
     parser.add_argument("--tta", type=int, default=1)
     parser.add_argument("--resamples", type=int, default=2000, help="bootstrap resamples of the paired comparison")
     args = parser.parse_args()
+    if not (args.originals / "images").is_dir():
+        print(f"skipped: {args.originals / 'images'} not found (the original JPEGs and labels.csv are needed).")
+        return
+    from dermtool.errors import InputError
+
     pooled = {}
     print("| model | input | labels agree (argmax) | decisions agree (label column) | mean abs dp(mel) | "
           "max abs dp(mel) | mean p(mel) | BACC | mel AUC | SK AUC |")
     print("|---|---|---:|---:|---:|---:|---:|---:|---:|---:|")
     for model in args.model:
-        rows = run(model, args.originals, args.copies, args.work, args.engine, args.tta)
+        try:
+            rows = run(model, args.originals, args.copies, args.work, args.engine, args.tta)
+        except InputError as exc:  # a missing or malformed labels.csv: one line, no traceback
+            print(f"error: {exc}", file=sys.stderr)
+            sys.exit(2)
         pooled[model] = rows[-1][1]  # the pooled row carries the per-image arrays
         for name, r in rows:
             print(f"| {Path(model).name} | {name} | {r['agree']:.3f} | {r['agree_label']:.3f} | {r['mean_dp']:.3f} | "

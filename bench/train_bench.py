@@ -90,11 +90,22 @@ def main() -> None:
     parser.add_argument("--images", type=int, default=32)
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--task", default="joint")
-    parser.add_argument("--presets", nargs="*", default=None)
+    parser.add_argument("--presets", nargs="*", default=None, metavar="NAME",
+                        help=f"the presets to time (default: all): {', '.join(PRESETS)}; with --recipes, "
+                             "the recipes, named as in this file's RECIPES (\"joint\", \"joint seg-batch 4 + "
+                             "freeze early @160\", \"cls alone\", ...: quote each); a wrong name lists them all")
     parser.add_argument("--recipes", action="store_true", help="time the Lite0 joint recipes instead of the presets")
     args = parser.parse_args()
     table = RECIPES if args.recipes else PRESETS
     names = args.presets or list(table)
+    unknown = [name for name in names if name not in table]
+    if unknown:
+        kind, other = ("recipe", "presets: drop --recipes") if args.recipes else ("preset", "recipes: add --recipes")
+        in_other = unknown[0] in (PRESETS if args.recipes else RECIPES)
+        hint = f" ({unknown[0]!r} is one of the {other})" if in_other else ""
+        print(f"error: unknown {kind} {unknown[0]!r}{hint}; the {kind}s are: "
+              + ", ".join(repr(name) for name in table) + ".", file=sys.stderr)
+        sys.exit(2)
 
     from dermtool.synthetic import write_dataset
 

@@ -10,7 +10,7 @@ For each model (and each --tta value) it runs the real commands, keeps their JSO
 one markdown row per (model, set): JAC, BACC, melanoma AUC, SE and SK AUC with bootstrap 95 %
 intervals, and the images/s infer reported.
 
-    python bench/validation.py weights/lite0-joint-192 runs/other --split /work/data/ham-split \
+    python bench/validation.py weights/isic-ham-lite0-joint-192 runs/other --split /work/data/ham-split \\
         --work /tmp/val --bootstrap 1000 --tta 1 --tta 4
 """
 
@@ -28,7 +28,9 @@ from pathlib import Path
 def ham_val_folder(ham: Path, split: Path, work: Path, name: str = "ham-val") -> Path:
     """A folder of links to the holdout images and masks, and its truth CSV (labelled images only)."""
     folder = work / name
-    ids = [i for i in (split / "val.txt").read_text().split() if i]
+    from dermtool.io import read_text
+
+    ids = [i for i in read_text(split / "val.txt", "id list").split() if i]
     for sub, name in (("images", "{}.jpg"), ("masks", "{}_segmentation.png")):
         if not (ham / sub).is_dir():  # ISIC 2020 has no masks
             continue
@@ -132,4 +134,10 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    from dermtool.errors import InputError
+
+    try:
+        main()
+    except InputError as exc:  # a wrong model or split folder: one line, no traceback
+        print(f"error: {exc}", file=sys.stderr)
+        sys.exit(2)

@@ -48,15 +48,23 @@ fine_tune() {  # fine_tune NAME CORE [options]
       --task joint --preset lite0 --input-chain jpeg256 --color-constancy shades-of-gray --init-from "$START" \
       --augment flips+color-strong+lesion-crop+chain --sampler balanced --schedule cosine --learning-rate 1e-4 \
       --epochs "$EPOCHS" --steps-per-epoch "$STEPS" --batch-size 16 --dice --freeze stem --seg-batch 4 --ema 0.99 \
-      --consistency 3 --seed 9 --out "$WORK/$name" "$@" > "$WORK/$name.log" 2>&1
+      --consistency 3 --seed 9 --out "$WORK/$name" "$@" > "$WORK/$name.log" 2>&1 || {
+      code=$?
+      # one write, so the two runs' messages do not interleave when both fail
+      printf 'distill.sh: dermtool train of the %s run failed (exit %s); the end of %s:\n%s\n' \
+        "$name" "$code" "$WORK/$name.log" "$(tail -n 5 "$WORK/$name.log")" >&2
+      exit "$code"
+    }
   fi
   # the last epoch's weights, as the ablation scripts compare (no epoch chosen on validation)
   [ -d "$WORK/m-$name" ] || python examples/last_weights_model.py "$WORK/$name" "$WORK/m-$name"
 }
 fine_tune distilled 0 "${teachers[@]}" --distill "$DISTILL" & a=$!
 fine_tune control 1 & b=$!
-wait $a
-wait $b
+failed=0
+wait $a || failed=$?  # both waited for, so neither run is left behind when the other fails
+wait $b || failed=$?
+[ "$failed" = 0 ] || exit "$failed"
 
 # 3. validation: the real infer + score on the three sets, paired on the same images
 for model in "$START" "$WORK/m-distilled" "$WORK/m-control"; do
