@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import inspect
 import os
+import signal
 import sys
 from pathlib import Path
 from typing import Optional
@@ -82,8 +83,6 @@ def main(
     ),
 ) -> None:
     """dermtool command line."""
-    import signal
-
     # a scheduler's stop (SLURM, Kubernetes, timeout) is SIGTERM: handled as Ctrl-C is, so every
     # command cleans up its temporary files and a run keeps its last whole epoch
     global _MAIN_PID

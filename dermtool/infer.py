@@ -26,7 +26,7 @@ from dermtool.config import CLS_VIEWS, ModelConfig, check_cls_views
 from dermtool.data import NOT_IMAGES, find_images, image_id_of, keep_ids, unique_ids
 from dermtool.decision import apply_temperature, check_threshold, decide
 from dermtool.errors import InputError, disk_full, write_failure
-from dermtool.io import FORMULA_STARTS, MASK_SUFFIX, claim, encode_mask_png, first_few, open_append, read_csv_rows, read_json, write_atomic, write_csv_atomic
+from dermtool.io import FORMULA_STARTS, claim, encode_mask_png, first_few, open_append, read_csv_rows, read_json, write_atomic, write_csv_atomic
 from dermtool.modelio import default_model_dir, load_engine, load_model, model_fingerprint  # noqa: F401  (load_model: re-exported)
 from dermtool.postprocess import PostprocessConfig, postprocess
 from dermtool.preprocess import IMAGE_EXTENSIONS, Transform, prepare, restore, restore_mask

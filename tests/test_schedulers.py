@@ -217,3 +217,30 @@ def test_a_lone_array_task_beside_the_parts_of_a_sharded_run_is_refused(models, 
                                  "--shard", "auto", "--resume"])
     assert result.exit_code == 2 and "resubmit the whole array" in " ".join(result.output.split())
     assert sorted(p.name for p in out.iterdir()) == before
+
+
+def test_sigterm_is_ctrl_c_in_the_command_and_the_default_stop_in_a_forked_worker(monkeypatch):
+    """A scheduler stops a job with SIGTERM: the command cleans up as after Ctrl-C, while a
+    forked batch worker still dies at once (its pool stops it with SIGTERM)."""
+    import signal
+    import time
+
+    import dermtool.cli as cli
+
+    previous = signal.getsignal(signal.SIGTERM)
+    monkeypatch.setattr(cli, "_MAIN_PID", os.getpid())
+    signal.signal(signal.SIGTERM, cli._terminated)
+    try:
+        pid = os.fork()
+        if pid == 0:  # the worker: sleeps until stopped
+            time.sleep(30)
+            os._exit(0)
+        time.sleep(0.3)
+        os.kill(pid, signal.SIGTERM)
+        _, status = os.waitpid(pid, 0)
+        assert os.WIFSIGNALED(status) and os.WTERMSIG(status) == signal.SIGTERM
+        with pytest.raises(KeyboardInterrupt):
+            os.kill(os.getpid(), signal.SIGTERM)
+            time.sleep(1)
+    finally:
+        signal.signal(signal.SIGTERM, previous)
