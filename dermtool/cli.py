@@ -85,9 +85,12 @@ def main(
     """dermtool command line."""
     # a scheduler's stop (SLURM, Kubernetes, timeout) is SIGTERM: handled as Ctrl-C is, so every
     # command cleans up its temporary files and a run keeps its last whole epoch
+    import threading
+
     global _MAIN_PID
-    _MAIN_PID = os.getpid()
-    signal.signal(signal.SIGTERM, _terminated)
+    if threading.current_thread() is threading.main_thread():  # only there can Python set a handler
+        _MAIN_PID = os.getpid()
+        signal.signal(signal.SIGTERM, _terminated)
 
 
 _MAIN_PID = None

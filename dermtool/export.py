@@ -180,7 +180,7 @@ def export(model_dir: Path, out_dir: Path, fmt: str, quantize: str = "none", cal
     started = time.perf_counter()
     # built whole in a folder of its own, checked there, then moved in: an interrupted or failed
     # export leaves the folder as it was (an earlier export in it still runs) and nothing new
-    final = Path(os.path.abspath(out_dir))
+    final = Path(out_dir).resolve()  # through a link to the folder it names (staging goes beside or in it)
     try:
         final.parent.mkdir(parents=True, exist_ok=True)
     except (FileExistsError, NotADirectoryError):  # a file where a folder of the path should be
@@ -226,16 +226,23 @@ def export(model_dir: Path, out_dir: Path, fmt: str, quantize: str = "none", cal
 def commit_export(staging: Path, final: Path) -> None:
     """Move the finished export from `staging` onto `final` (`io.publish`).
 
-    A new or empty `final` simply gets the files. An earlier export's folder (check_target
-    lets only such a folder, or one without config.json, be reused) gets the new files: its
-    config.json goes first, so the folder is never the old config.json over new model files,
-    then every export file of dermtool's (model.tflite, model.onnx, saved_model/,
-    classifier.tflite) the new export does not have is removed, so a stale file of another
-    format cannot run under the new config.json; files of other names are left.
+    The export was built and checked in `staging` (the long part, which a failure or Ctrl-C
+    leaves the folder untouched by); this is a few renames. A new or empty `final` simply gets
+    the files. An earlier export's folder (check_target lets only such a folder, or one without
+    config.json, be reused) gets the new files: its config.json goes first, so the folder is
+    never the old config.json over new model files, then every export file of dermtool's
+    (model.tflite, model.onnx, saved_model/, classifier.tflite) the new export does not have is
+    removed, so a stale file of another format cannot run under the new config.json. In a folder
+    without an export's config.json only a stale classifier.tflite goes; other files stay.
     """
-    (final / "config.json").unlink(missing_ok=True)  # an earlier export's (check_target refused a model folder's)
+    earlier = (final / "config.json").is_file()  # an earlier export's (check_target refused a model folder's)
+    # first: without config.json the folder is no export at all, so a failure in the few renames
+    # below leaves one that is refused by name, never old settings over new files
+    (final / "config.json").unlink(missing_ok=True)
     new = {p.name for p in staging.iterdir()}
     for name in (*FORMATS.values(), CLASSIFIER_FILE):
+        if not earlier and name != CLASSIFIER_FILE:  # a folder of the user's: their model.onnx stays
+            continue
         target = final / name
         if name in new or not (target.exists() or target.is_symlink()):
             continue

@@ -266,9 +266,11 @@ def _csv_header(cfg: ModelConfig) -> list[str]:
     return ["image_id"] + list(cfg.class_names) + ["label"] if cfg.has_cls else ["image_id"]
 
 
-def _read_rows(path: Path, header: list[str]) -> dict[str, list]:
+def _read_rows(path: Path, header: list[str], partial: bool = False) -> dict[str, list]:
     """Rows of an earlier (possibly interrupted) run, keyed by image id; broken lines dropped, and
-    a row that is not one of dermtool's (an edited file) refused, as merge refuses it."""
+    a row that is not one of dermtool's (an edited file) refused, as merge refuses it. In the
+    partial file a kill may have cut the last line short: a row failing the check is dropped
+    there (its image is done again), not refused."""
     width = len(header)
     rows: dict[str, list] = {}
     if not path.exists():
@@ -277,7 +279,12 @@ def _read_rows(path: Path, header: list[str]) -> dict[str, list]:
         if i == 0 and row and row[0] == "image_id":
             continue
         if len(row) == width and row[0]:
-            check_prediction_row(path, i + 1, row, header)
+            try:
+                check_prediction_row(path, i + 1, row, header)
+            except InputError:
+                if not partial:
+                    raise
+                continue
             rows[row[0]] = row
     return rows
 
@@ -337,7 +344,7 @@ def predict_folder(images_dir: Path, out_dir: Path, model_dir: Path | None = Non
     csv_path = out_dir / predictions_name(opts.shard)
     partial_path = out_dir / f".{csv_path.stem}.partial.csv"  # appended per image: survives a kill
     rows = _read_rows(csv_path, header) if opts.resume else {}
-    rows.update(_read_rows(partial_path, header) if opts.resume else {})
+    rows.update(_read_rows(partial_path, header, partial=True) if opts.resume else {})
     todo = [p for p in paths if not (opts.resume and _is_done(image_id_of(p), cfg, rows, out_dir))]
     if not opts.resume:
         rows = {}

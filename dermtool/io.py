@@ -18,7 +18,6 @@ import os
 import re
 import shutil
 import struct
-import tempfile
 import warnings
 import zlib
 from contextlib import contextmanager
@@ -197,15 +196,22 @@ def open_append(path: Path, **kwargs):
 
 
 def staging_folder(final: Path) -> Path:
-    """A new, empty folder beside `final` to build it in, renamed onto it when whole: a name of
-    its own (never an existing folder, which may be the user's), hidden, and with the usual
-    umask permissions (mkdtemp alone makes it 0700, which the rename would keep)."""
+    """A new, empty folder to build `final` in (see `publish`): inside `final` when that folder
+    exists (the same file system, and no need to write its parent), else beside it, renamed onto
+    it when whole. A hidden name of its own, never an existing folder (which may be the user's),
+    made with mode 0777 so the kernel applies the umask as for any folder (mkdtemp's 0700 would
+    stay after the rename, and reading the umask means setting it, which threads would race)."""
+    import secrets
+
     final = Path(final)
-    staging = Path(tempfile.mkdtemp(prefix=f".{final.name}.partial-", dir=final.parent))
-    mask = os.umask(0)
-    os.umask(mask)
-    staging.chmod(0o777 & ~mask)
-    return staging
+    parent = final if final.is_dir() else final.parent
+    while True:
+        staging = parent / f".{final.name}.partial-{secrets.token_hex(4)}"
+        try:
+            staging.mkdir(0o777)
+            return staging
+        except FileExistsError:
+            continue
 
 
 def publish(staging: Path, final: Path, last: str = "config.json") -> None:
@@ -217,6 +223,8 @@ def publish(staging: Path, final: Path, last: str = "config.json") -> None:
     if not final.exists():
         staging.rename(final)
         return
+    if staging.parent.resolve() != final.resolve():
+        raise ValueError(f"{staging} is not inside {final}")  # staging_folder puts it there
     for item in sorted(staging.iterdir(), key=lambda p: p.name == last):
         target = final / item.name
         if target.is_dir() and not target.is_symlink():

@@ -301,16 +301,20 @@ def trust_written_savedmodel(path: Path) -> None:
     _WRITTEN_SAVEDMODELS.add(str(Path(path).resolve()))
 
 
+def savedmodel_trusted(path: Path) -> bool:
+    """Whether dermtool may run the SavedModel at `path`: it wrote it (this process, or its engine
+    cache), or the user said so (TRUST_SAVEDMODEL_ENV=1)."""
+    where = Path(path).resolve()
+    return (os.environ.get(TRUST_SAVEDMODEL_ENV) == "1" or str(where) in _WRITTEN_SAVEDMODELS
+            or cache_dir().resolve() in where.parents)
+
+
 def _check_savedmodel_trusted(path: Path) -> None:
     """Refuse a SavedModel dermtool did not write, unless the user said it is trusted."""
-    where = Path(path).resolve()
-    if os.environ.get(TRUST_SAVEDMODEL_ENV) == "1" or str(where) in _WRITTEN_SAVEDMODELS:
-        return
-    if cache_dir().resolve() in where.parents:
-        return
-    raise InputError(f"{path}: a SavedModel runs its own TensorFlow graph, which can read and write files, so dermtool "
-                     f"runs one only from a source you trust: set {TRUST_SAVEDMODEL_ENV}=1 to run it, or infer from "
-                     "the model folder it was exported from.")
+    if not savedmodel_trusted(path):
+        raise InputError(f"{path}: a SavedModel runs its own TensorFlow graph, which can read and write files, so "
+                         f"dermtool runs one only from a source you trust: set {TRUST_SAVEDMODEL_ENV}=1 to run it, or "
+                         "run the Keras model folder it was exported from (--engine savedmodel converts it itself).")
 
 
 def _check_io(path: Path, cfg: ModelConfig, inputs: list, shape: list, outputs: list, expected: set | None = None) -> None:
@@ -406,6 +410,11 @@ def load_engine(path: Path | None = None, engine: str | None = None, log=None):
         shipped = shipped_export(folder, engine)
         if shipped is None and (folder / engine / "config.json").is_file() and log:
             log(f"not using {folder / engine}: it was exported from other weights than {folder}'s")
+        if engine == "savedmodel" and shipped is not None and not savedmodel_trusted(shipped / FORMATS["savedmodel"]):
+            if log:  # the weights are data; the SavedModel beside them is a program from wherever the folder came
+                log(f"not running {shipped}: a SavedModel dermtool did not write (set {TRUST_SAVEDMODEL_ENV}=1 to "
+                    "run it); converting the weights instead")
+            shipped = None
         folder, file, fmt = resolve_model(shipped or cached_export(folder, engine, log))
     cfg, _, raw = load_config(folder)
     if not file.exists():

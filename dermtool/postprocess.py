@@ -33,7 +33,8 @@ class PostprocessConfig:
         from dermtool.errors import InputError
 
         t = self.threshold
-        if t is not None and (isinstance(t, bool) or not isinstance(t, (int, float)) or not 0.0 <= t <= 1.0):
+        if t is not None and (isinstance(t, bool) or not isinstance(t, (int, float, np.integer, np.floating))
+                              or not 0.0 <= t <= 1.0):
             raise InputError(f"threshold must be a lesion probability from 0 to 1 (or None: the model's), not {t!r}.")
         r = self.closing_radius
         if isinstance(r, bool) or not isinstance(r, (int, np.integer)) or not 0 <= r <= CLOSING_RADIUS_MAX:

@@ -75,7 +75,15 @@ def split_folder(data: Path, fraction: float, seed: int = 0, group: str = "lesio
     if not ids:
         raise InputError(f"{layout.images}: no images in this folder.")
     lesions = read_lesion_ids(layout.metadata, group) if layout.metadata else {}
-    labels = read_class_csv(layout.labels, role="truth") if layout.labels else {}
+    # read as preprocess reads training labels (a soft label, a row of 0s: the data check's
+    # business, not a refusal); a row naming melanoma and keratosis both is still refused here
+    labels = read_class_csv(layout.labels, role="labels") if layout.labels else {}
+    from dermtool.io import both_classes
+
+    for image_id, row in labels.items():
+        if both_classes(row[0], row[1]):
+            raise InputError(f"The labels CSV {layout.labels} names melanoma and seborrheic_keratosis for {image_id}; "
+                             "a label row names one diagnosis, so set the other to 0.")
     if log is not None:
         from dermtool.io import first_few
 
@@ -102,7 +110,7 @@ def write_split(out: Path, train: list[str], val: list[str], info: dict) -> None
 
 
 def class_names_of(ids: list[str], labels: dict) -> list[str]:
-    """Class name per id from a read_class_csv dict ("" for ids without a row)."""
+    """Class name per id from a read_class_csv dict ("" for ids without a row, or a row of 0s)."""
     from dermtool.data import truth_class
 
-    return [CLASS_NAMES[truth_class(labels[i])] if i in labels else "" for i in ids]
+    return [CLASS_NAMES[truth_class(labels[i])] if i in labels and labels[i].any() else "" for i in ids]

@@ -16,6 +16,7 @@
 from __future__ import annotations
 
 import contextlib
+import json
 import math
 import os
 import signal
@@ -35,7 +36,7 @@ from dermtool.config import ModelConfig, TrainConfig, load_config, save_config
 from dermtool.data import Cache, load_cache
 from dermtool.dataset import targets
 from dermtool.errors import InputError
-from dermtool.io import open_append, read_json
+from dermtool.io import open_append, read_csv_rows, read_json
 from dermtool.modelio import load_model
 from dermtool.validation import predict_cache, selection_metric, validation_metrics, validation_targets
 
@@ -539,7 +540,7 @@ def train(cfg: ModelConfig, tcfg: TrainConfig, train_cache, val_cache, out_dir: 
 
     # written once the model is built and its --init-from copied: a start that fails before
     # leaves no run folder behind
-    created = not out_dir.exists()
+    created, before = not out_dir.exists(), _folder_before(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     try:
         if not resume:
@@ -548,39 +549,33 @@ def train(cfg: ModelConfig, tcfg: TrainConfig, train_cache, val_cache, out_dir: 
         if command:
             with open_append(out_dir / "command.txt") as fh:
                 fh.write(command + "\n")
-    except BaseException:
-        if not resume:
-            undo_start(out_dir, created)
-        raise
+        metric_name = selection_metric(cfg) if vals else None
+        # the plateau schedule watches the validation loss, or without validation the training loss,
+        # each under its own name
+        state = {"epoch": 0, "lr": tcfg.learning_rate, "wait": 0, "best_val_loss": None, "best_train_loss": None,
+                 "best_by": metric_name or "last epoch", "best_metric": None, "best_epoch": None}
+        if resume:
+            state = {**state, **checkpoint.load(out_dir, model, optimizer)}
+            if tcfg.ema:  # the checkpoint holds the average in the model and the raw weights in the slots
+                swap_ema(model, optimizer)
+            checkpoint.tidy(out_dir)  # links left stale by an interrupt
+            log(f"resuming {out_dir} after epoch {state['epoch']} (lr {state['lr']:.3g})")
+        optimizer.learning_rate.assign(state["lr"])
+        if state["epoch"] >= tcfg.epochs:
+            log(f"{out_dir}: all {tcfg.epochs} epochs already done")
+            return out_dir
 
-    metric_name = selection_metric(cfg) if vals else None
-    # the plateau schedule watches the validation loss, or without validation the training loss,
-    # each under its own name
-    state = {"epoch": 0, "lr": tcfg.learning_rate, "wait": 0, "best_val_loss": None, "best_train_loss": None,
-             "best_by": metric_name or "last epoch", "best_metric": None, "best_epoch": None}
-    if resume:
-        state = {**state, **checkpoint.load(out_dir, model, optimizer)}
-        if tcfg.ema:  # the checkpoint holds the average in the model and the raw weights in the slots
-            swap_ema(model, optimizer)
-        checkpoint.tidy(out_dir)  # links left stale by an interrupt
-        log(f"resuming {out_dir} after epoch {state['epoch']} (lr {state['lr']:.3g})")
-    optimizer.learning_rate.assign(state["lr"])
-    if state["epoch"] >= tcfg.epochs:
-        log(f"{out_dir}: all {tcfg.epochs} epochs already done")
-        return out_dir
+        callback = EpochEnd(model, cfg, tcfg, list(zip(vals, resize_va)), losses, loss_weights, out_dir, state,
+                            metric_name, log)
+        callbacks = [callback]
+        try:
+            import tensorboard  # noqa: F401  (keras needs it to write summaries)
 
-    callback = EpochEnd(model, cfg, tcfg, list(zip(vals, resize_va)), losses, loss_weights, out_dir, state,
-                        metric_name, log)
-    callbacks = [callback]
-    try:
-        import tensorboard  # noqa: F401  (keras needs it to write summaries)
-
-        if _tf.backend() != "tensorflow":  # Keras writes them through tf.summary
-            raise ImportError
-        callbacks.append(keras.callbacks.TensorBoard(str(out_dir / "logs"), write_graph=False, update_freq="epoch"))
-    except ImportError:
-        log("note: no TensorBoard logs (they need tensorboard and TensorFlow); history.csv has every number")
-    try:
+            if _tf.backend() != "tensorflow":  # Keras writes them through tf.summary
+                raise ImportError
+            callbacks.append(keras.callbacks.TensorBoard(str(out_dir / "logs"), write_graph=False, update_freq="epoch"))
+        except ImportError:
+            log("note: no TensorBoard logs (they need tensorboard and TensorFlow); history.csv has every number")
         for side, first, end in progressive_phases(cfg, tcfg):
             if end <= state["epoch"]:
                 continue
@@ -598,10 +593,11 @@ def train(cfg: ModelConfig, tcfg: TrainConfig, train_cache, val_cache, out_dir: 
             fit_model.fit(batches, epochs=end, initial_epoch=max(first, state["epoch"]), steps_per_epoch=steps,
                           shuffle=False, verbose=1 if progress else 0, callbacks=callbacks)
     except BaseException:
-        if not resume and checkpoint.read_state(out_dir) is None:
-            undo_start(out_dir, created)  # no epoch was committed: nothing of this start is kept
+        if not resume and not _committed(out_dir):
+            undo_start(out_dir, created, before)  # no epoch was committed: nothing of this start is kept
         else:
-            checkpoint.tidy(out_dir)  # RUN's files show the last committed epoch, whatever the cut
+            with contextlib.suppress(InputError):  # a damaged state.json is the error being raised
+                checkpoint.tidy(out_dir)  # RUN's files show the last committed epoch, whatever the cut
         raise
     if metric_name:
         log(f"done: best epoch {state['best_epoch']} ({metric_name} {state['best_metric']:.4f}) "
@@ -611,18 +607,57 @@ def train(cfg: ModelConfig, tcfg: TrainConfig, train_cache, val_cache, out_dir: 
     return out_dir
 
 
-def undo_start(out_dir: Path, created: bool) -> None:
-    """Remove what a start that committed no epoch wrote: the whole run folder when it made it,
-    else its files in the folder that was there (config.json, command.txt, logs/, checkpoints)."""
+def _folder_before(out_dir: Path) -> dict:
+    """What --out held before a start: its entries' names, and command.txt's length (a start
+    appends one line to it)."""
+    if not out_dir.is_dir():
+        return {"names": set(), "command_bytes": 0, "logs": set()}
+    command, logs = out_dir / "command.txt", out_dir / "logs"
+    return {"names": {p.name for p in out_dir.iterdir()},
+            "command_bytes": command.stat().st_size if command.is_file() and not command.is_symlink() else 0,
+            "logs": {p.name for p in logs.iterdir()} if logs.is_dir() and not logs.is_symlink() else set()}
+
+
+def _committed(out_dir: Path) -> bool:
+    try:
+        return checkpoint.read_state(out_dir) is not None
+    except InputError:
+        return True  # a state.json is there, damaged: not this start's to remove
+
+
+def undo_start(out_dir: Path, created: bool, before: dict) -> None:
+    """Remove what a start that committed no epoch wrote: the whole run folder when it made it;
+    in a folder that was there, only what was not there before (`_folder_before`): a config.json,
+    history.csv or logs/ of the user's stay, and command.txt goes back to its earlier length."""
     import shutil
 
     if created:
         shutil.rmtree(out_dir, ignore_errors=True)
         return
     checkpoint.start_fresh(out_dir)
-    for name in ("config.json", "command.txt", "history.csv"):
-        (out_dir / name).unlink(missing_ok=True)
-    shutil.rmtree(out_dir / "logs", ignore_errors=True)
+    logs = out_dir / "logs"
+    if "logs" in before["names"] and logs.is_dir() and not logs.is_symlink():  # TensorBoard's train/ in the user's logs/
+        for path in logs.iterdir():
+            if path.name in before["logs"]:
+                continue
+            if path.is_dir() and not path.is_symlink():
+                shutil.rmtree(path, ignore_errors=True)
+            else:
+                path.unlink()
+    for name in ("config.json", "history.csv", "logs"):
+        path = out_dir / name
+        if name in before["names"]:
+            continue
+        if path.is_dir() and not path.is_symlink():
+            shutil.rmtree(path, ignore_errors=True)
+        else:
+            path.unlink(missing_ok=True)
+    command = out_dir / "command.txt"
+    if "command.txt" not in before["names"]:
+        command.unlink(missing_ok=True)
+    elif command.is_file() and not command.is_symlink():
+        with open(command, "r+b") as fh:
+            fh.truncate(before["command_bytes"])
 
 
 def swap_ema(model, optimizer) -> None:
@@ -665,9 +700,23 @@ def resume_caches(out_dir: Path, saved: TrainConfig, train_paths: list[Path], va
     return result[0], result[1]
 
 
+#: cache.json settings that change what a cache holds
+_CACHE_SETTINGS = ("size", "fit", "border", "margin", "chain", "mask_rule", "label_rule", "input_size")
+
+
 def cache_fingerprint(path: Path) -> str:
-    """The fingerprint of a cache's inputs and settings, as its cache.json records it."""
-    return str(read_json(Path(path) / "cache.json", "cache record").get("fingerprint", ""))
+    """What a cache holds for training: its settings and every image's id, class and mask flag
+    (manifest.csv). A fresh copy of the same data (new file times) gives the same; relabelled or
+    other images do not."""
+    import hashlib
+
+    meta = read_json(Path(path) / "cache.json", "cache record")
+    table = read_csv_rows(Path(path) / "manifest.csv", "cache manifest")
+    columns = [table[0].index(c) for c in ("image_id", "class_index", "has_mask") if c in table[0]]
+    h = hashlib.sha1(json.dumps({k: meta.get(k) for k in _CACHE_SETTINGS}, sort_keys=True).encode())
+    for row in table[1:]:
+        h.update(("|".join(row[c] for c in columns if c < len(row)) + "\n").encode())
+    return h.hexdigest()
 
 
 def check_cache_fingerprints(out_dir: Path, tcfg: TrainConfig, paths: list[Path]) -> None:
@@ -675,8 +724,8 @@ def check_cache_fingerprints(out_dir: Path, tcfg: TrainConfig, paths: list[Path]
     other images or labels since then is refused (a run of an older dermtool recorded none)."""
     for path, recorded in zip(paths, tcfg.cache_fingerprints):
         if cache_fingerprint(path) != recorded:
-            raise InputError(f"{path}: rebuilt from other data or settings since {out_dir} started (its cache.json "
-                             "fingerprint changed), and --resume continues the run on the data it began with; "
+            raise InputError(f"{path}: rebuilt from other data or settings since {out_dir} started (its images, "
+                             "labels or settings changed), and --resume continues the run on the data it began with; "
                              "start a new run with another --out, or rebuild the cache as it was.")
 
 

@@ -322,3 +322,26 @@ def test_split_prints_a_folder_name_with_brackets_as_it_is(tmp_path):
     res = CliRunner().invoke(app, ["split", str(data), "--out", str(out), "--fraction", "0.5"])
     assert res.exit_code == 0, res.output
     assert str(out / "train.txt") in "".join(res.output.split())
+
+
+def test_split_reads_labels_as_preprocess_does_and_notes_what_does_not_match(tmp_path):
+    """A row of 0s beside a nevus column, which preprocess takes (as no class), was refused by split."""
+    from typer.testing import CliRunner
+
+    from dermtool.cli import app
+
+    data = write_dataset(tmp_path / "d", 6, rng_seed=4, sizes=[(30, 40)], formats=("jpg",))
+    rows = list(csv.DictReader(open(data / "labels.csv")))
+    with open(data / "labels.csv", "w", newline="") as fh:
+        w = csv.writer(fh)
+        w.writerow(["image_id", "melanoma", "seborrheic_keratosis", "nevus"])
+        for k, r in enumerate(rows):
+            mel, sk = float(r["melanoma"]), float(r["seborrheic_keratosis"])
+            w.writerow([r["image_id"], mel, sk, 0.0 if k == 0 else 1.0 - mel - sk])
+        w.writerow(["GHOST_1", 1, 0, 0])
+    res = CliRunner().invoke(app, ["split", str(data), "--out", str(tmp_path / "s")])
+    assert res.exit_code == 0, res.output
+    text = " ".join(res.output.split())
+    assert "1 label row(s) without an image (GHOST_1)" in text and "groups by image_id" in text
+    ids = (tmp_path / "s" / "train.txt").read_text().split() + (tmp_path / "s" / "val.txt").read_text().split()
+    assert sorted(ids) == sorted(r["image_id"] for r in rows)

@@ -643,6 +643,18 @@ def test_an_export_in_another_format_over_an_earlier_one_removes_the_stale_model
     assert json.loads((out / "config.json").read_text())["export"]["format"] == "savedmodel"
 
 
+def test_an_export_through_a_linked_folder_lands_in_the_folder_it_names(model_copy, tmp_path):
+    """The staging folder was made beside the link, on another file system: the rename failed."""
+    real = tmp_path / "real"
+    real.mkdir()
+    (tmp_path / "link").symlink_to(real)
+    for _ in range(2):  # new, then over the earlier export
+        result = export(model_copy, "--out", tmp_path / "link", "--format", "savedmodel")
+        assert result.exit_code == 0, result.output
+    assert sorted(p.name for p in real.iterdir()) == ["config.json", "saved_model"]
+    assert (tmp_path / "link").is_symlink()
+
+
 @pytest.mark.parametrize("case", ["images_only", "no_images", "bad_labels"])
 def test_a_check_folder_that_cannot_score_is_refused_before_any_work(case, tiny, images, tmp_path, monkeypatch):
     """It was refused only after the export was written, and the export was left behind."""

@@ -663,6 +663,19 @@ def test_masks_left_by_an_earlier_run_of_other_images_are_named(models, few_imag
     assert "holds 1 mask(s) of images not in this run (wide)" in " ".join(result.output.split())
 
 
+def test_resume_drops_a_partial_line_a_kill_cut_short(models, few_images, tmp_path):
+    """A last line cut mid-write (still the right number of fields) made --resume refuse the folder."""
+    out = tmp_path / "out"
+    assert infer(few_images, "--out", out, "--model", models["joint"]).exit_code == 0
+    done = read_csv(out / "predictions.csv")
+    (out / "predictions.csv").write_text("\n".join(",".join(r) for r in done[:2]) + "\n")  # the run was cut
+    cut = done[2][:4] + [done[2][4][:3]]  # the label cut to 'nev' or 'mel'
+    (out / ".predictions.partial.csv").write_text(",".join(cut))
+    result = infer(few_images, "--out", out, "--model", models["joint"], "--resume")
+    assert result.exit_code == 0, result.output
+    assert read_csv(out / "predictions.csv") == done
+
+
 def test_resume_with_another_images_folder_is_refused(models, few_images, tmp_path):
     out = tmp_path / "out"
     assert infer(few_images, "--out", out, "--model", models["seg"]).exit_code == 0

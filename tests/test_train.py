@@ -1058,9 +1058,16 @@ def test_resume_refuses_a_cache_rebuilt_from_other_data(caches, tmp_path):
     tcfg = TrainConfig(epochs=1, batch_size=4, augment="none", seed=3)
     train(tiny("seg"), tcfg, cache, [], tmp_path / "r", log=lambda m: None, progress=False)
     meta = json.loads((cache / "cache.json").read_text())
-    (cache / "cache.json").write_text(json.dumps({**meta, "fingerprint": "rebuilt"}))
+    (cache / "cache.json").write_text(json.dumps({**meta, "fingerprint": "a fresh copy: new file times"}))
+    train(None, TrainConfig(epochs=2), [], [], tmp_path / "r", resume=True, log=lambda m: None, progress=False)
+    rows = list(csv.DictReader(open(cache / "manifest.csv")))
+    rows[0]["class_index"] = str((int(rows[0]["class_index"]) + 1) % 3)  # relabelled
+    with open(cache / "manifest.csv", "w", newline="") as fh:
+        writer = csv.DictWriter(fh, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
     with pytest.raises(InputError, match="rebuilt from other data or settings since"):
-        train(None, TrainConfig(epochs=2), [], [], tmp_path / "r", resume=True, log=lambda m: None, progress=False)
+        train(None, TrainConfig(epochs=3), [], [], tmp_path / "r", resume=True, log=lambda m: None, progress=False)
 
 
 def test_resume_refuses_fewer_epochs_than_done(caches, tmp_path):
@@ -1098,3 +1105,23 @@ def test_a_start_cut_before_its_first_epoch_keeps_nothing(caches, tmp_path, monk
     with pytest.raises(KeyboardInterrupt):
         run(caches, tmp_path / "mine", "seg", epochs=1)
     assert [p.name for p in (tmp_path / "mine").iterdir()] == ["notes.txt"]
+
+
+def test_a_cut_start_in_a_folder_of_the_users_keeps_the_users_files(caches, tmp_path, monkeypatch):
+    """undo_start once removed a logs/ and a command.txt that were there before the start."""
+    import dermtool.checkpoint
+
+    out = tmp_path / "mine"
+    (out / "logs").mkdir(parents=True)
+    (out / "logs" / "slurm-1.out").write_text("the scheduler's log")
+    (out / "command.txt").write_text("an earlier line\n")
+
+    def cut(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(dermtool.checkpoint, "commit", cut)
+    with pytest.raises(KeyboardInterrupt):
+        run(caches, out, "seg", epochs=1, command="dermtool train ...")
+    assert sorted(p.name for p in out.iterdir()) == ["command.txt", "logs"]
+    assert (out / "command.txt").read_text() == "an earlier line\n"
+    assert [p.name for p in (out / "logs").iterdir()] == ["slurm-1.out"]
