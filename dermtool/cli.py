@@ -534,11 +534,6 @@ def infer_cli(
     from dermtool.infer import InferOptions, predict_folder
     from dermtool.postprocess import PostprocessConfig
 
-    if not images.is_dir():
-        fail(f"{images}: is a file; give the folder of images." if images.exists() else f"{images}: images folder not found.")
-    if out.exists() and out.resolve() == images.resolve():
-        fail(f"{out}: is the images folder; --out names another folder, so the masks and CSV never overwrite "
-             "an input (a truth mask of the same name) and are never read as images by the next run.")
     if ids is not None and not ids.is_file():
         fail(f"{ids}: id list not found.")
     check_out_folder(out, "an output folder")

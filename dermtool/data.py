@@ -18,7 +18,7 @@ import numpy as np
 
 from dermtool import CLASS_NAMES
 from dermtool.errors import InputError
-from dermtool.io import FORMULA_STARTS, claim, read_csv_rows, read_json
+from dermtool.io import FORMULA_STARTS, claim, formula_name, read_csv_rows, read_json
 from dermtool.preprocess import IMAGE_EXTENSIONS, Transform
 
 # Files the ISIC downloads keep beside the images that are not images to segment.
@@ -369,7 +369,7 @@ def build_cache(layout: Layout, out: Path, size: int = 256, fit: str = "squash",
         raise InputError(f"{layout.images}: no images (*.jpg, *.png, *.tif, *.bmp) in this folder.")
     paths, duplicates = unique_ids(paths)
     report.duplicate_ids = [f"{p.name} and {first.name}" for p, first in duplicates]
-    formula = [p for p in paths if p.stem.startswith(FORMULA_STARTS)]  # would start a formula in manifest.csv
+    formula = [p for p in paths if formula_name(p, "manifest.csv")]
     paths = [p for p in paths if p not in formula]
     if not paths:
         raise InputError(f"{layout.images}: every image's name starts with one of {' '.join(FORMULA_STARTS[:4])}, "
@@ -409,8 +409,7 @@ def build_cache(layout: Layout, out: Path, size: int = 256, fit: str = "squash",
     try:
         rows = _fill_stacks(layout, out, paths, masks, labels, report, size, fit, border, margin, workers, progress,
                             benign, chain)
-        report.failed += [(str(p), f"{p}: its name starts with {p.stem[0]!r}, which a spreadsheet opening "
-                                   "manifest.csv would run as a formula; rename the file.") for p in formula]
+        report.failed += [(str(p), formula_name(p, "manifest.csv")) for p in formula]
         for row in rows:
             row["lesion_id"] = lesions.get(row["image_id"], "")
         _write_manifest(out, rows)

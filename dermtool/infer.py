@@ -26,7 +26,7 @@ from dermtool.config import CLS_VIEWS, ModelConfig, check_cls_views
 from dermtool.data import NOT_IMAGES, find_images, image_id_of, keep_ids, unique_ids
 from dermtool.decision import apply_temperature, check_threshold, decide
 from dermtool.errors import InputError, disk_full, write_failure
-from dermtool.io import FORMULA_STARTS, claim, encode_mask_png, first_few, open_append, read_csv_rows, read_json, write_atomic, write_csv_atomic
+from dermtool.io import claim, formula_name, encode_mask_png, first_few, open_append, read_csv_rows, read_json, write_atomic, write_csv_atomic
 from dermtool.modelio import default_model_dir, load_engine, load_model, model_fingerprint  # noqa: F401  (load_model: re-exported)
 from dermtool.postprocess import PostprocessConfig, postprocess
 from dermtool.preprocess import IMAGE_EXTENSIONS, Transform, prepare, restore, restore_mask
@@ -123,9 +123,8 @@ def unusable_entries(images_dir: Path, shard: tuple[int, int] = (1, 1), ids=None
             found.append((p, f"{p}: a folder, not an image file; skipped."))
         elif not p.is_file():
             found.append((p, f"{p}: not a regular file (a FIFO, socket or device); skipped."))
-        elif p.stem.startswith(FORMULA_STARTS):
-            found.append((p, f"{p}: its name starts with {p.stem[0]!r}, which a spreadsheet opening predictions.csv "
-                             "would run as a formula; rename the file to infer it."))
+        elif formula_name(p, "predictions.csv"):
+            found.append((p, formula_name(p, "predictions.csv")))
     return found
 
 
@@ -323,7 +322,9 @@ def predict_folder(images_dir: Path, out_dir: Path, model_dir: Path | None = Non
     if out_dir.exists() and not out_dir.is_dir():
         raise InputError(f"{out_dir}: exists and is not a folder; out_dir is the folder infer writes.")
     if out_dir.exists() and out_dir.resolve() == images_dir.resolve():
-        raise InputError(f"{out_dir}: is the images folder; the outputs go to a folder of their own.")
+        raise InputError(f"{out_dir}: is the images folder; the outputs go to a folder of their own, so the masks and "
+                         "CSV never overwrite an input (a truth mask of the same name) and are never read as images "
+                         "by the next run.")
     # one id, one output: of a.jpg and a.png only the first by name is used, so no two
     # images ever write (or race for) the same files
     paths, duplicates = unique_ids(select_images(images_dir, opts.shard, opts.ids))

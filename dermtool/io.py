@@ -55,6 +55,16 @@ _BOMS = ((codecs.BOM_UTF8, "utf-8", "UTF-8"), (codecs.BOM_UTF16_LE, "utf-16-le",
 FORMULA_STARTS = ("=", "+", "-", "@", "\t", "\r")
 
 
+def formula_name(path: Path, csv_name: str) -> str:
+    """Why an image file cannot be run under its name (its id would start a formula in
+    `csv_name` when a spreadsheet opens it), or "" when it can."""
+    path = Path(path)
+    if not path.stem.startswith(FORMULA_STARTS):
+        return ""
+    return (f"{path}: its name starts with {path.stem[0]!r}, which a spreadsheet opening {csv_name} would run as a "
+            "formula; rename the file.")
+
+
 def first_few(ids: list[str]) -> str:
     """The first few ids, comma separated, with "..." when there are more."""
     shown = ", ".join(ids[:_IDS_SHOWN])

@@ -22,6 +22,7 @@ import numpy as np
 from dermtool import CLASS_NAMES
 from dermtool.errors import InputError
 from dermtool.io import read_csv_rows, read_json, read_text, write_atomic
+from dermtool.shards import check_prediction_row
 
 REPORT = "report.html"
 FILES = "report_files"
@@ -128,16 +129,11 @@ def read_predictions(out_dir: Path) -> tuple[list[str], list[dict]]:
                 continue
             if len(cells) != len(header):
                 raise InputError(f"{p}, row {i}: {len(cells)} fields where the header has {len(header)}.")
+            check_prediction_row(p, i, cells, header)  # nan would leave the page's JSON unparsable
             row = dict(zip(header, cells))
             for c in CLASS_NAMES:
                 if c in row:
-                    try:
-                        row[c] = float(row[c])
-                    except (TypeError, ValueError):
-                        raise InputError(f"{p}, row {i}: the {c} probability {row[c]!r} is not a number.") from None
-                    if not 0.0 <= row[c] <= 1.0:  # nan too: the page's JSON would not parse
-                        raise InputError(f"{p}, row {i}: the {c} probability {cells[header.index(c)]} is not "
-                                         "a number in [0, 1].")
+                    row[c] = float(row[c])
             rows.append(row)
     if "image_id" not in header:
         raise InputError(f"{parts[0]}: no image_id column; is it a predictions.csv of dermtool infer?")

@@ -36,7 +36,7 @@ from dermtool.config import ModelConfig, TrainConfig, load_config, save_config
 from dermtool.data import Cache, load_cache
 from dermtool.dataset import targets
 from dermtool.errors import InputError
-from dermtool.io import open_append, read_csv_rows, read_json
+from dermtool.io import open_append
 from dermtool.modelio import load_model
 from dermtool.validation import predict_cache, selection_metric, validation_metrics, validation_targets
 
@@ -436,15 +436,13 @@ def train(cfg: ModelConfig, tcfg: TrainConfig, train_cache, val_cache, out_dir: 
         # may change, and command.txt gets this resume command too
         tcfg = replace(saved_tcfg, epochs=tcfg.epochs or saved_tcfg.epochs, train_caches=_resolved(train_paths),
                        val_caches=_resolved(val_paths))
-        check_cache_fingerprints(out_dir, tcfg, [*train_paths, *val_paths])
     elif checkpoint.read_state(out_dir) is not None:
         raise InputError(f"{out_dir}: already holds a run; use --resume to continue it or choose another --out.")
     else:
         if not train_paths:
             raise InputError("no training cache given.")
         check_cache_overlap(train_paths, val_paths, log)
-        tcfg = replace(tcfg, train_caches=_resolved(train_paths), val_caches=_resolved(val_paths),
-                       cache_fingerprints=tuple(cache_fingerprint(p) for p in [*train_paths, *val_paths]))
+        tcfg = replace(tcfg, train_caches=_resolved(train_paths), val_caches=_resolved(val_paths))
     if tcfg.strategy == "multiworker":  # before anything is written
         raise InputError(MULTIWORKER_REMOVED)
     check_progressive(cfg, tcfg)
@@ -476,6 +474,11 @@ def train(cfg: ModelConfig, tcfg: TrainConfig, train_cache, val_cache, out_dir: 
 
         tcfg = replace(tcfg, teacher_sha256=attach_teacher(data, tcfg, cfg.class_names, log, resume))
     vals = [load_cache(p) for p in val_paths]
+    fingerprints = tuple(cache_fingerprint(c) for c in [*data.caches, *vals])
+    if resume:
+        check_cache_fingerprints(out_dir, tcfg, [*train_paths, *val_paths], fingerprints)
+    else:
+        tcfg = replace(tcfg, cache_fingerprints=fingerprints)
     for path, val in zip(val_paths, vals):
         scored = (cfg.has_seg and val.has_mask.any()) or (cfg.has_cls and (val.labels >= 0).any())  # a partial label counts
         if not scored:  # its loss would be 0 every epoch, and the first epoch would stay the best
@@ -704,26 +707,23 @@ def resume_caches(out_dir: Path, saved: TrainConfig, train_paths: list[Path], va
 _CACHE_SETTINGS = ("size", "fit", "border", "margin", "chain", "mask_rule", "label_rule", "input_size")
 
 
-def cache_fingerprint(path: Path) -> str:
-    """What a cache holds for training: its settings and every image's id, class and mask flag
-    (manifest.csv). A fresh copy of the same data (new file times) gives the same; relabelled or
-    other images do not."""
+def cache_fingerprint(cache: Cache) -> str:
+    """What an opened cache holds for training: its settings and every image's id, class and mask
+    flag. A fresh copy of the same data (new file times) gives the same; relabelled or other
+    images do not."""
     import hashlib
 
-    meta = read_json(Path(path) / "cache.json", "cache record")
-    table = read_csv_rows(Path(path) / "manifest.csv", "cache manifest")
-    columns = [table[0].index(c) for c in ("image_id", "class_index", "has_mask") if c in table[0]]
-    h = hashlib.sha1(json.dumps({k: meta.get(k) for k in _CACHE_SETTINGS}, sort_keys=True).encode())
-    for row in table[1:]:
-        h.update(("|".join(row[c] for c in columns if c < len(row)) + "\n").encode())
+    h = hashlib.sha1(json.dumps({k: cache.meta.get(k) for k in _CACHE_SETTINGS}, sort_keys=True).encode())
+    for image_id, label, has_mask in zip(cache.ids, cache.labels, cache.has_mask):
+        h.update(f"{image_id}|{int(label)}|{int(has_mask)}\n".encode())
     return h.hexdigest()
 
 
-def check_cache_fingerprints(out_dir: Path, tcfg: TrainConfig, paths: list[Path]) -> None:
+def check_cache_fingerprints(out_dir: Path, tcfg: TrainConfig, paths: list[Path], fingerprints: tuple) -> None:
     """A resumed run goes on with the data it started with: a cache rebuilt at the same path from
     other images or labels since then is refused (a run of an older dermtool recorded none)."""
-    for path, recorded in zip(paths, tcfg.cache_fingerprints):
-        if cache_fingerprint(path) != recorded:
+    for path, recorded, now in zip(paths, tcfg.cache_fingerprints, fingerprints):
+        if now != recorded:
             raise InputError(f"{path}: rebuilt from other data or settings since {out_dir} started (its images, "
                              "labels or settings changed), and --resume continues the run on the data it began with; "
                              "start a new run with another --out, or rebuild the cache as it was.")

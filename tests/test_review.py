@@ -207,8 +207,8 @@ def test_report_of_a_bad_folder_exits_2_with_one_line(case, tmp_path):
     result = runner.invoke(app, args)
     assert result.exit_code == 2, result.output
     assert result.stderr.count("\n") == 1 and "error" in result.stderr and "Traceback" not in result.output
-    words = {"a probability of nan": "row 4: the melanoma probability nan is not a number in [0, 1]",
-             "a probability above 1": "row 4: the melanoma probability 7.5 is not a number in [0, 1]",
+    words = {"a probability of nan": "row 4 (IMG_00009) has melanoma = 'nan', not a probability in [0, 1]",
+             "a probability above 1": "row 4 (IMG_00009) has melanoma = '7.5', not a probability in [0, 1]",
              "report_files a file": "a file is where the report's thumbnail folder goes"}
     assert words.get(case, "") in " ".join(result.stderr.split())
 
