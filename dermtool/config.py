@@ -67,7 +67,8 @@ class ModelConfig:
     depth: int = 4
     padding: str = "same"  # "same" or "valid" (thesis)
     batch_norm: bool = True
-    dropout: float = 0.1
+    dropout: float = 0.1  # inside the U-Net encoder's conv blocks and bottleneck; each classifier
+    # head (cls_head) has its own fixed dropout, part of that head's design (models.py)
     cls_head: str = "global"  # "global" (pooling) or "dense" (thesis: maxpool-flatten-1024)
     cls_pool_size: int = 2
     cls_dense_units: int = 1024

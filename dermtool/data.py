@@ -247,12 +247,12 @@ class ItemResult:
     mask: np.ndarray | None = None
     transform: Transform | None = None
     error: str = ""
-    mask_problem: str = ""  # "size", "zero_one", "nonbinary" or "empty"
+    mask_problem: str = ""  # "size", "zero_one", "nonbinary", "empty" or "label_map"
 
 
 def _process_one(path: Path, mask_path: Path | None, size: int, fit: str, border: float,
                  margin: int, chain: str = "direct") -> ItemResult:
-    from dermtool.io import binarise_mask, is_zero_one, read_mask_values
+    from dermtool.io import binarise_mask, is_label_map, is_zero_one, read_mask_values
     from dermtool.preprocess import fit_mask, prepare
 
     item = ItemResult(image_id_of(path), str(path))
@@ -261,6 +261,9 @@ def _process_one(path: Path, mask_path: Path | None, size: int, fit: str, border
         if mask_path is not None:
             raw = read_mask_values(mask_path)
             t = item.transform
+            if is_label_map(raw):  # class numbers, not a lesion: kept without a mask (score refuses it)
+                item.mask_problem = "label_map"
+                return item
             if raw.shape[:2] != (t.orig_h, t.orig_w):
                 item.mask_problem = "size"
             elif is_zero_one(raw):
@@ -294,9 +297,9 @@ def _fingerprint(paths: list[Path], params: dict) -> str:
 
 
 _CHECKS = ("failed", "no_mask", "no_label", "labels_without_image", "mask_size_mismatch", "mask_zero_one",
-           "mask_nonbinary", "mask_empty", "both_labels", "no_class_labels", "duplicate_ids")
+           "mask_nonbinary", "mask_empty", "mask_label_map", "both_labels", "no_class_labels", "duplicate_ids")
 #: Changes when the way a mask is read changes, so that caches built the old way are rebuilt.
-_MASK_RULE = "0/1 masks as 0/1, else > 128"
+_MASK_RULE = "0/1 masks as 0/1, label maps (largest value 2-8) kept without a mask, else > 128"
 #: Likewise for the labels: a row of 0s (beside a nevus column) was once the argmax's melanoma.
 _LABEL_RULE = "a row of 0s names no class"
 
@@ -315,6 +318,7 @@ class CacheReport:
     mask_zero_one: list = None
     mask_nonbinary: list = None
     mask_empty: list = None
+    mask_label_map: list = None
     both_labels: list = None
     no_class_labels: list = None  # every class 0 beside a nevus column: no class, not a melanoma
     duplicate_ids: list = None
@@ -469,7 +473,7 @@ def _fill_stacks(layout: Layout, out: Path, paths: list[Path], masks: dict, labe
                 has_mask = item.mask is not None
                 if mask_stack is not None and has_mask:
                     mask_stack[k] = item.mask
-                if layout.masks and not has_mask:
+                if layout.masks and not has_mask and item.mask_problem != "label_map":
                     report.no_mask.append(item.image_id)
                 if item.mask_problem:
                     problem = "mask_size_mismatch" if item.mask_problem == "size" else f"mask_{item.mask_problem}"

@@ -386,6 +386,17 @@ def is_zero_one(values: np.ndarray) -> bool:
     return values.size > 0 and int(values.max()) == 1
 
 
+#: a mask whose largest value is 2 to this is a label map (small class numbers), not a lesion mask
+LABEL_MAP_MAX = 8
+
+
+def is_label_map(values: np.ndarray) -> bool:
+    """True for a label map (largest value 2 to LABEL_MAP_MAX): class numbers, not a lesion mask.
+    Binarising it at > 128 would read it as empty, so `score` refuses it and `preprocess` keeps
+    its image without a mask."""
+    return values.size > 0 and 1 < float(values.max()) <= LABEL_MAP_MAX
+
+
 def binarise_mask(values: np.ndarray) -> np.ndarray:
     """Mask values -> boolean foreground: value > 128 (the ISIC rule), except that a 0/1 mask
     (see `is_zero_one`) has foreground = 1, because > 128 would silently read it as empty."""

@@ -192,7 +192,7 @@ def score_segmentation(
     a prediction of another size than its truth mask is an error (never a silent resize).
     Masks stored as 0/1 are read with foreground = 1 (`io.binarise_mask`; 1s only: a lesion
     filling the frame) and counted in `n_zero_one_masks`, truth and predictions together; a
-    label map (largest value 2 to LABEL_MAP_MAX) is refused.
+    label map (`io.is_label_map`) is refused.
     """
     for folder, role in ((pred_masks, "predicted"), (truth_masks, "truth")):
         if not Path(folder).is_dir():
@@ -241,14 +241,10 @@ def score_segmentation(
     return result
 
 
-#: a mask whose largest value is 2 to this is a label map (small class numbers), refused
-LABEL_MAP_MAX = 8
-
-
 def _read_mask(path: Path) -> tuple[np.ndarray, bool]:
     """A mask as booleans, and whether it was stored as 0/1."""
     values = io.read_mask_values(path)
-    if values.size and 1 < float(values.max()) <= LABEL_MAP_MAX:
+    if io.is_label_map(values):
         found = ", ".join(f"{v:g}" for v in np.unique(values)[:6])
         raise InputError(f"The mask file {path} has the values {found}: a label map, not a lesion mask "
                          "(0 and 255, or 0 and 1); > 128 would read it as empty.")

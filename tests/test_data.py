@@ -208,6 +208,9 @@ def messy(tmp_path_factory, synthetic_dataset):
     # 6: a 0/1-valued mask, which binarising at > 128 empties
     one = (np.asarray(Image.open(masks / "SYN_0000006_segmentation.png")) > 128).astype(np.uint8)
     Image.fromarray(one).save(masks / "SYN_0000006_segmentation.png")
+    # 7: a label map (class 2 on 0), which binarising at > 128 would read as empty
+    two = (np.asarray(Image.open(masks / "SYN_0000007_segmentation.png")) > 128).astype(np.uint8) * 2
+    Image.fromarray(two).save(masks / "SYN_0000007_segmentation.png")
     # 2: no mask; 3: no label row; 5: melanoma and seborrheic keratosis both 1
     (masks / "SYN_0000002_segmentation.png").unlink()
     rows = [r for r in csv.reader(open(root / "labels.csv"))][1:]
@@ -247,6 +250,15 @@ def test_check_zero_one_mask_is_read_as_binary_and_reported(messy):
     assert cache.masks[i].any() and np.array_equal(cache.masks[i], fit_mask(ones, cache.transforms[i]))
 
 
+def test_check_label_map_mask_keeps_its_image_without_a_mask(messy):
+    root, out, report = messy
+    assert report.mask_label_map == ["SYN_0000007"] and "SYN_0000007" not in report.no_mask
+    assert report.mask_empty == [] and "SYN_0000007" not in report.mask_nonbinary
+    cache = load_cache(out)
+    i = cache_index(out, "SYN_0000007")
+    assert not cache.has_mask[i] and not cache.masks[i].any()
+
+
 def test_check_label_ids_without_an_image(messy):
     root, out, report = messy
     assert report.labels_without_image == ["SYN_0000099"]
@@ -280,7 +292,7 @@ def test_check_unreadable_files_are_skipped_and_the_rest_cached(messy):
     assert report.n_images == len(cache) == 10
     assert cache.ids == [i for i in _ids(12) if i not in ("SYN_0000008", "SYN_0000009")]
     assert cache.images.shape[0] == cache.masks.shape[0] == 10
-    assert report.problems == 10
+    assert report.problems == 11
 
 
 def test_reused_cache_reports_the_same_problems(messy):
