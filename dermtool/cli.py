@@ -505,7 +505,7 @@ def infer_cli(
     probabilities: bool = typer.Option(False, "--probabilities", help="Also write <image_id>_probability.tif (float32 lesion probability, original size)."),
     overlay: bool = typer.Option(False, "--overlay", help="Also write <image_id>_overlay.jpg: the contour and predicted class drawn on the image."),
     dicom_seg: bool = typer.Option(False, "--dicom-seg", help="Also write <image_id>_segmentation.dcm for each DICOM image: its mask as a DICOM Segmentation in the image's study, referencing it (needs the dicomseg extra). The PNG mask is written as always."),
-    resume: bool = typer.Option(False, "--resume", help="Skip images whose outputs are already complete in OUT."),
+    resume: bool = typer.Option(False, "--resume", help="Skip images whose outputs are already complete in OUT; an image changed since (its size or modification time) is done again."),
     shard: str = typer.Option("1/1", "--shard", help="Process only part K of N (by a hash of the image id); writes predictions.part-K-of-N.csv. dermtool merge OUT joins the parts. auto: K and N of this task of a SLURM job array (SLURM_ARRAY_TASK_ID, _MIN, _COUNT) or a Kubernetes Indexed Job (JOB_COMPLETION_INDEX, with N in DERMTOOL_SHARDS)."),
     workers: int = typer.Option(0, "--workers", help="Decode/write threads (0: automatic; at most 64)."),
     report: bool = typer.Option(False, "--report", help="Also write OUT/report.html: the run's facts and a gallery of thumbnails with contour, class and probabilities, in triage order (as dermtool report OUT)."),

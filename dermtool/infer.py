@@ -294,6 +294,32 @@ def _is_done(image_id: str, cfg: ModelConfig, rows: dict, out_dir: Path) -> bool
     return image_id in rows
 
 
+#: the columns of the hidden file that keeps, per image done, the size and time of the file read
+SOURCE_FIELDS = ["image_id", "size", "mtime_ns"]
+
+
+def _file_key(path: Path) -> tuple[str, str]:
+    """What identifies the version of an image file read (as `preprocess` fingerprints its files):
+    a file rewritten in place changes its modification time, a different one its size too."""
+    try:
+        st = Path(path).stat()
+    except OSError:
+        return ("", "")  # gone: never equal to a recorded key, so it is tried again and named
+    return (str(st.st_size), str(st.st_mtime_ns))
+
+
+def _read_sources(path: Path) -> dict[str, tuple[str, str]]:
+    """image id -> file key of the image each earlier row was computed from (the last one wins).
+    A folder written before this file existed has none: its rows are trusted, as before."""
+    keys: dict[str, tuple[str, str]] = {}
+    if not path.is_file() or path.is_symlink():
+        return keys
+    for row in read_csv_rows(path, "infer's record of the images read", empty_ok=True):
+        if len(row) == len(SOURCE_FIELDS) and row[0] and row != SOURCE_FIELDS:
+            keys[row[0]] = (row[1], row[2])
+    return keys
+
+
 def _device(engine: str) -> str:
     if engine in ("litert", "onnx"):  # their CPU builds: TensorFlow's GPUs are not theirs
         return "CPU"
@@ -344,9 +370,19 @@ def predict_folder(images_dir: Path, out_dir: Path, model_dir: Path | None = Non
     header = _csv_header(cfg)
     csv_path = out_dir / predictions_name(opts.shard)
     partial_path = out_dir / f".{csv_path.stem}.partial.csv"  # appended per image: survives a kill
+    # the size and time of each image read, so that --resume does again an image changed since
+    sources_path = out_dir / f".{csv_path.stem}.sources.csv"
     rows = _read_rows(csv_path, header) if opts.resume else {}
     rows.update(_read_rows(partial_path, header, partial=True) if opts.resume else {})
-    todo = [p for p in paths if not (opts.resume and _is_done(image_id_of(p), cfg, rows, out_dir))]
+    sources = _read_sources(sources_path) if opts.resume else {}
+    changed = [p for p in paths if opts.resume and image_id_of(p) in rows
+               and sources.get(image_id_of(p), _file_key(p)) != _file_key(p)]
+    redo = set(changed)
+    todo = [p for p in paths if not (opts.resume and _is_done(image_id_of(p), cfg, rows, out_dir))
+            or p in redo]
+    if changed:
+        log(f"note: {len(changed)} image(s) changed since the earlier run ({first_few([p.name for p in changed])}); "
+            "doing them again")
     if not opts.resume:
         rows = {}
     # never pad beyond the images there are: memory follows the work, not --batch-size
@@ -374,11 +410,24 @@ def predict_folder(images_dir: Path, out_dir: Path, model_dir: Path | None = Non
     workers = opts.workers or min(8, max(2, os.cpu_count() or 1))
     if not opts.resume:
         claim(partial_path)  # a new, empty file of this run's (a link planted there is removed)
+        claim(sources_path)
     partial = open_append(partial_path, newline="")
     partial_writer = csv.writer(partial)
+    sources_file = open_append(sources_path, newline="")
+    sources_writer = csv.writer(sources_file)
+    read_keys: dict[Path, tuple[str, str]] = {}  # taken before decoding: the version the outputs are of
+
+    def done(path: Path, row: list) -> None:  # a row is in: kept in the partial CSV and its source's key
+        rows[row[0]] = row
+        partial_writer.writerow(row)
+        partial.flush()
+        sources[row[0]] = read_keys.get(path, ("", ""))
+        sources_writer.writerow([row[0], *sources[row[0]]])
+        sources_file.flush()
     bar = tqdm(total=len(todo), unit="img", desc="infer", disable=not progress, leave=False)
 
     def load(path: Path):
+        read_keys[path] = _file_key(path)
         try:
             x, t = prepare(path, cfg.size, cfg.fit, cfg.border, cfg.margin, cfg.input_chain)
             return path, x, t, ""
@@ -415,31 +464,33 @@ def predict_folder(images_dir: Path, out_dir: Path, model_dir: Path | None = Non
                     writes.append((path, write_pool.submit(_finish_one, image_id_of(path), path, t, seg, cls,
                                                            cfg, opts, out_dir)))
                 while writes and (len(writes) > 4 * batch_size or writes[0][1].done()):
-                    _collect(writes.popleft(), summary, rows, partial, partial_writer, bar)
+                    _collect(writes.popleft(), summary, done, bar)
             while writes:
-                _collect(writes.popleft(), summary, rows, partial, partial_writer, bar)
+                _collect(writes.popleft(), summary, done, bar)
     except KeyboardInterrupt:
         summary.interrupted = True
         # Leaving the pools waited for the writes already submitted: their files are on disk,
         # so their rows go into the CSV too, which then lists exactly the images written.
         for path, future in writes:
             if not isinstance(future.exception(), KeyboardInterrupt):
-                _collect((path, future), summary, rows, partial, partial_writer, bar)
+                _collect((path, future), summary, done, bar)
     finally:
         bar.close()
         partial.close()
+        sources_file.close()
         ids = [image_id_of(p) for p in paths]
         in_folder = set(ids)
         ordered = [rows[i] for i in ids if i in rows]
         extra = [r for k, r in rows.items() if k not in in_folder]  # earlier runs' rows, kept on --resume
         write_csv_atomic(csv_path, header, extra + ordered)
         partial_path.unlink(missing_ok=True)
+        write_csv_atomic(sources_path, SOURCE_FIELDS, [[k, *sources[k]] for k in sorted(sources) if k in rows])
         summary.seconds = time.perf_counter() - started
         _write_run_json(out_dir / record_name(opts.shard), record, summary, running=False)
     return summary
 
 
-def _collect(item, summary: InferSummary, rows: dict, partial, writer, bar) -> None:
+def _collect(item, summary: InferSummary, done, bar) -> None:
     path, future = item
     try:
         row = future.result()
@@ -450,9 +501,7 @@ def _collect(item, summary: InferSummary, rows: dict, partial, writer, bar) -> N
             raise
         summary.failed.append((str(path), write_failure(exc, f"the outputs of {path.name}")))
     else:
-        rows[row[0]] = row
-        writer.writerow(row)
-        partial.flush()
+        done(path, row)
         summary.done += 1
     bar.update(1)
 

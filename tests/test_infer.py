@@ -12,6 +12,7 @@ from __future__ import annotations
 import csv
 import io as _io
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -140,7 +141,9 @@ def rows_by_id(path: Path) -> dict[str, list[str]]:
 
 
 def assert_no_temp_files(folder: Path) -> None:
-    leftovers = [p.name for p in folder.iterdir() if p.name.startswith(".") or ".tmp" in p.name]
+    """Nothing half-written: the one hidden file kept is the record of the image files read."""
+    leftovers = [p.name for p in folder.iterdir() if (p.name.startswith(".") or ".tmp" in p.name)
+                 and not (p.name.startswith(".predictions") and p.name.endswith(".sources.csv"))]
     assert leftovers == []
 
 
@@ -674,6 +677,35 @@ def test_resume_drops_a_partial_line_a_kill_cut_short(models, few_images, tmp_pa
     result = infer(few_images, "--out", out, "--model", models["joint"], "--resume")
     assert result.exit_code == 0, result.output
     assert read_csv(out / "predictions.csv") == done
+
+
+def test_resume_does_again_an_image_changed_since_the_earlier_run(models, few_images, tmp_path):
+    """An image replaced under the same name was skipped as done, its old outputs kept."""
+    out = tmp_path / "out"
+    assert infer(few_images, "--out", out, "--model", models["joint"]).exit_code == 0
+    before = rows_by_id(out / "predictions.csv")
+    mtimes = {i: (out / f"{i}_segmentation.png").stat().st_mtime_ns for i in before}
+    Image.open(few_images / "gray.png").convert("RGB").save(few_images / "wide.jpg")  # new content, same name
+
+    result = infer(few_images, "--out", out, "--model", models["joint"], "--resume")
+    assert result.exit_code == 0, result.output
+    assert "1 image(s) changed since the earlier run (wide.jpg)" in " ".join(result.output.split())
+    after = rows_by_id(out / "predictions.csv")
+    assert (out / "wide_segmentation.png").stat().st_mtime_ns != mtimes["wide"]
+    assert {i: (out / f"{i}_segmentation.png").stat().st_mtime_ns for i in ("gray", "tall")} == \
+        {i: mtimes[i] for i in ("gray", "tall")}
+    assert infer(few_images, "--out", tmp_path / "fresh", "--model", models["joint"]).exit_code == 0
+    fresh = rows_by_id(tmp_path / "fresh" / "predictions.csv")
+    assert after["wide"] == fresh["wide"] and fresh["wide"] != before["wide"]  # the new image's outputs
+    assert (out / "wide_segmentation.png").read_bytes() == (tmp_path / "fresh" / "wide_segmentation.png").read_bytes()
+    assert after["tall"] == before["tall"]
+    # a folder of an older dermtool (no record of the files read) resumes as before: rows trusted
+    (out / ".predictions.sources.csv").unlink()
+    os.utime(few_images / "tall.jpeg")
+    result = infer(few_images, "--out", out, "--model", models["joint"], "--resume")
+    assert result.exit_code == 0 and "changed since" not in result.output, result.output
+    assert rows_by_id(out / "predictions.csv") == after
+    assert_no_temp_files(out)
 
 
 def test_resume_with_another_images_folder_is_refused(models, few_images, tmp_path):
