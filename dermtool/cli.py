@@ -863,18 +863,20 @@ def score_cli(
         for given in (pred_csv, truth_csv):
             if given is not None and json_file.exists() and given.exists() and json_file.resolve() == given.resolve():
                 fail(f"{json_file}: is the input {given}; --json names a new file, the inputs are never overwritten.")
+    if plots is not None and (plots.exists() or plots.is_symlink()) and not plots.is_dir():
+        fail(f"{plots}: is a file; --plots names the folder for the figures and score.html.")
     try:
         result = score(pred_csv, truth_csv, pred_masks, truth_masks, bootstrap=bootstrap, seed=seed)
     except InputError as exc:
         fail(str(exc))  # a path may contain "[...]", which is not rich markup
     render(result, Console())
+    if plots is not None:  # first: a failure there leaves no JSON of a half-done command
+        _write_plots(result, plots, pred_csv, truth_csv, pred_masks, truth_masks, images)
     if json_file is not None:
         try:
             write_json(result, json_file)
         except OSError as exc:
             fail(write_failure(exc, "the scores' JSON file", json_file))
-    if plots is not None:
-        _write_plots(result, plots, pred_csv, truth_csv, pred_masks, truth_masks, images)
 
 
 def _write_plots(result, plots: Path, pred_csv, truth_csv, pred_masks, truth_masks, images) -> None:

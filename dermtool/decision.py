@@ -107,7 +107,8 @@ def threshold_for_sensitivity(p_melanoma: np.ndarray, is_melanoma: np.ndarray, s
     sits exactly on t.
 
     Raises:
-        InputError: no melanoma among the cases, or `sensitivity` not in (0, 1].
+        InputError: no melanoma among the cases, `sensitivity` not in (0, 1], or a melanoma it
+            needs scored below PROB_FLOOR (no threshold in (0, 1) reaches the target).
     """
     p = np.asarray(p_melanoma, dtype=np.float64).ravel()
     positive = np.asarray(is_melanoma, dtype=bool).ravel()
@@ -118,6 +119,10 @@ def threshold_for_sensitivity(p_melanoma: np.ndarray, is_melanoma: np.ndarray, s
         raise InputError("no melanoma in the truth: a melanoma threshold cannot be chosen for a sensitivity.")
     k = max(1, math.ceil(sensitivity * n - 1e-9))  # 0.85 * 20 is 17.000000000000004 in floating point
     s_k = float(np.sort(p[positive])[::-1][k - 1])
+    if s_k < PROB_FLOOR:  # t would have to be ~0: every case melanoma, and still below the target
+        raise InputError(f"a sensitivity of {sensitivity:g} needs {k} of the {n} melanomas called melanoma, but the "
+                         f"{k}-th highest melanoma probability is {s_k:.1e}, below any threshold (the least is "
+                         f"{PROB_FLOOR:g}); choose a lower --sensitivity.")
     below = p[p < s_k]
     t = (s_k + float(below.max())) / 2 if below.size else s_k / 2
     return min(max(t, PROB_FLOOR), 1.0 - PROB_FLOOR)  # a threshold lies strictly between 0 and 1

@@ -361,10 +361,16 @@ def predict_folder(images_dir: Path, out_dir: Path, model_dir: Path | None = Non
         opts = replace(opts, melanoma_threshold=check_threshold(opts.melanoma_threshold))
     model = load_engine(model_dir, opts.engine, log=log)
     cfg = model.cfg
+    threshold_given = opts.melanoma_threshold is not None
     opts = with_model_threshold(opts, cfg, model_dir)
     summary = InferSummary(model=str(model_dir), engine=model.name, engine_file=str(model.path), duplicates=duplicates,
                            failed=[(str(p), why) for p, why in unusable])
     record = _run_record(images_dir, model_fingerprint(model_dir), summary, cfg, opts)
+    # where the threshold came from, as it was then: the model may be recalibrated after the run
+    record["melanoma_threshold_source"] = (None if opts.melanoma_threshold is None else
+                                           "option" if threshold_given else "model")
+    record["target_sensitivity"] = (None if threshold_given or opts.melanoma_threshold is None
+                                    else (cfg.calibration or {}).get("target_sensitivity"))
     if opts.resume:
         _check_resume(out_dir / record_name(opts.shard), record, out_dir)
     header = _csv_header(cfg)

@@ -331,6 +331,8 @@ def _parse_row(
     for name in value_columns:
         cell = row[index[name]].strip()
         try:
+            if "_" in cell:  # float() reads "0.7_0" as 0.70: a typo, not a number
+                raise ValueError(cell)
             value = float(cell)
         except ValueError:
             raise InputError(

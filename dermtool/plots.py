@@ -16,6 +16,7 @@ from typing import Any
 import numpy as np
 
 from dermtool import CLASS_NAMES, metrics
+from dermtool.errors import InputError
 from dermtool.io import publish, staging_folder
 from dermtool.overlay import CLASS_COLOURS, DISPLAY_NAMES, PRED_COLOUR, TRUTH_COLOUR
 
@@ -173,22 +174,28 @@ def plot_jaccard(data: dict[str, Any], jac_ci, path: Path) -> Path:
 def plot_worst(worst: list[tuple[str, float]], images: dict[str, Path], pred_masks: Path, truth_masks: Path,
                path: Path) -> Path | None:
     """A sheet of the worst-segmented images: truth (magenta) and prediction (green) contours."""
-    from dermtool.io import open_image
+    from dermtool.io import find_masks, open_image
     from dermtool.overlay import draw_overlay, read_mask_at, thumbnail_size
     from dermtool.preprocess import load_image
+    from dermtool.score import mask_ids_as_read
 
-    tiles = []
+    truths = mask_ids_as_read(find_masks(Path(truth_masks)), truth_masks)  # found as score found them
+    preds = mask_ids_as_read(find_masks(Path(pred_masks)), pred_masks)
+    tiles, unreadable = [], 0
     for image_id, jac in worst:
-        source = images.get(image_id)
-        if source is None:
+        source, truth_path = images.get(image_id), truths.get(image_id)
+        if source is None or truth_path is None:
             continue
-        truth_path = Path(truth_masks) / f"{image_id}_segmentation.png"
         with open_image(truth_path) as m:
             width, height = m.size
         size = thumbnail_size(height, width, TILE_SIDE)
-        pixels, _ = load_image(source, resize_to=size)
-        pred_path = Path(pred_masks) / f"{image_id}_segmentation.png"
-        pred = read_mask_at(pred_path, size) if pred_path.is_file() else None
+        try:
+            pixels, _ = load_image(source, resize_to=size)
+        except InputError:  # a thumbnail of a broken original is left out, as the infer report does
+            unreadable += 1
+            continue
+        pred_path = preds.get(image_id)
+        pred = read_mask_at(pred_path, size) if pred_path is not None else None
         tiles.append((image_id, jac, draw_overlay(pixels, pred, truth=read_mask_at(truth_path, size))))
     if not tiles:
         return None
@@ -205,7 +212,8 @@ def plot_worst(worst: list[tuple[str, float]], images: dict[str, Path], pred_mas
     fig.legend(handles=[Line2D([], [], color=np.array(TRUTH_COLOUR) / 255, lw=3, label="truth"),
                         Line2D([], [], color=np.array(PRED_COLOUR) / 255, lw=3, label="prediction")],
                loc="outside lower center", ncols=2, fontsize=10)
-    fig.suptitle(f"The {len(tiles)} worst-segmented images", fontsize=12)
+    left_out = f" ({unreadable} unreadable left out)" if unreadable else ""
+    fig.suptitle(f"The {len(tiles)} worst-segmented images{left_out}", fontsize=12)
     fig.savefig(path)
     return path
 
@@ -225,6 +233,7 @@ def write_plots(result: dict[str, Any], plots_dir: Path, pred_csv: Path | None =
         the path of score.html.
     """
     final = Path(plots_dir)
+    made = not final.exists()
     final.mkdir(parents=True, exist_ok=True)
     # drawn in a folder of its own, then moved in with score.html last: an interrupted or failed
     # run leaves no figures without their page (nor a page over another run's figures)
@@ -232,6 +241,14 @@ def write_plots(result: dict[str, Any], plots_dir: Path, pred_csv: Path | None =
     try:
         _draw(result, plots_dir, pred_csv, truth_csv, pred_masks, truth_masks, images_dir)
         publish(plots_dir, final, last="score.html")
+    except BaseException:
+        shutil.rmtree(plots_dir, ignore_errors=True)
+        if made:  # the folder this call made, empty again: not left behind
+            try:
+                final.rmdir()
+            except OSError:
+                pass
+        raise
     finally:
         shutil.rmtree(plots_dir, ignore_errors=True)
     return final / "score.html"
@@ -248,8 +265,9 @@ def _draw(result: dict[str, Any], plots_dir: Path, pred_csv, truth_csv, pred_mas
         _, y_true, pred_probs = class_arrays(pred_csv, truth_csv)
         figures.append(("ROC curves", plot_roc(roc_data(y_true, pred_probs), cls.get("auc_ci95"),
                                               plots_dir / "roc.png", operating_point_data(cls))))
-        figures.append(("Reliability diagram", plot_reliability(reliability_data(y_true, pred_probs),
-                                                                plots_dir / "reliability.png")))
+        if cls.get("ece") is not None:  # rows that do not sum to 1 are scores, not probabilities
+            figures.append(("Reliability diagram", plot_reliability(reliability_data(y_true, pred_probs),
+                                                                    plots_dir / "reliability.png")))
         figures.append(("Confusion matrix", plot_confusion(cls["confusion"], cls["classes"],
                                                            plots_dir / "confusion.png")))
     worst = []
@@ -260,7 +278,7 @@ def _draw(result: dict[str, Any], plots_dir: Path, pred_csv, truth_csv, pred_mas
         if images_dir is not None and worst:
             from dermtool.data import find_images, image_id_of
 
-            images = {image_id_of(p): p for p in find_images(Path(images_dir))}
+            images = {image_id_of(p).strip(): p for p in find_images(Path(images_dir))}  # ids as score read them
             sheet = plot_worst(worst, images, pred_masks, truth_masks, plots_dir / "worst.png")
             if sheet is not None:
                 figures.append(("Worst-segmented images", sheet))
@@ -289,6 +307,8 @@ def _tables(result: dict[str, Any]) -> dict[str, Any]:
             ("empty predictions, lesion in truth", str(seg["n_empty_pred"]), ""),
             ("empty truth masks (no lesion)", str(seg.get("n_empty_truth", 0)), ""),
         ]
+        if seg.get("n_zero_one_masks"):  # as the terminal table shows it
+            tables["seg"].append(("masks stored as 0/1 (read as 1 = lesion)", str(seg["n_zero_one_masks"]), ""))
     if cls is not None:
         auc_ci = cls.get("auc_ci95") or {}
         tables["cls"] = {
@@ -299,8 +319,10 @@ def _tables(result: dict[str, Any]) -> dict[str, Any]:
                       st["tp"], st["fn"], st["fp"], st["tn"]) for name, st in cls["per_class"].items()],
             "names": [DISPLAY_NAMES.get(c, c) for c in cls["classes"]],
             "confusion": cls["confusion"],
-            "ece": f"{_fmt(cls.get('ece'))} ({cls.get('ece_bins')} equal-width bins of the top probability)",
+            "ece": cls.get("ece_note") or f"{_fmt(cls.get('ece'))} ({cls.get('ece_bins')} equal-width bins of the "
+                                           "top probability)",
             "decision": _decision_table(cls.get("decision")),
+            "decision_note": cls.get("decision_note"),  # why the label column was not scored
         }
     return tables
 

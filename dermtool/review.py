@@ -231,11 +231,16 @@ def operating_point(run: dict) -> str:
         model_cfg = None
     parts = []
     if threshold is not None:
-        target = ((model_cfg.calibration or {}).get("target_sensitivity") if model_cfg else None)
-        source = ("" if model_cfg is None else
-                  " (given with --melanoma-threshold)" if model_cfg.melanoma_threshold != threshold else
-                  f" (chosen on validation for melanoma sensitivity ≥ {target:g})" if target else
-                  " (stored with the model)")
+        given = run.get("melanoma_threshold_source")
+        if given is not None:  # the run recorded where its threshold came from
+            target = run.get("target_sensitivity")
+        else:  # an older record: only the model as it is now can say, and only if it still holds that threshold
+            stored = model_cfg is not None and model_cfg.melanoma_threshold == threshold
+            given = "model" if stored else ""
+            target = (model_cfg.calibration or {}).get("target_sensitivity") if stored else None
+        source = (" (given with --melanoma-threshold)" if given == "option" else
+                  f" (chosen on validation for melanoma sensitivity ≥ {target:g})" if given == "model" and target else
+                  " (stored with the model)" if given == "model" else "")
         parts.append(f"melanoma when p ≥ {threshold:.4f}{source}, else the likelier other class")
     else:
         parts.append("class = argmax of the probabilities")

@@ -85,6 +85,11 @@ def score(
     )
 
 
+#: how far a row's three class values may sum from 1 and still be read as probabilities (rounded
+#: to one decimal, three values sum to 0.85-1.15; independent scores often sum far from 1)
+SUM_TOLERANCE = 0.2
+
+
 def score_classification(
     pred_csv: Path, truth_csv: Path, bootstrap: int = 0, seed: int = 0
 ) -> dict[str, Any]:
@@ -95,7 +100,8 @@ def score_classification(
     figures for the classes the CSV's `label` column names (the decision `dermtool infer` made,
     e.g. at a melanoma threshold; None without that column, or with values that are not class
     names, which `decision_note` then names), and `ece`, the expected
-    calibration error of the probabilities (`metrics.expected_calibration_error`, 15 bins).
+    calibration error of the probabilities (`metrics.expected_calibration_error`, 15 bins; None,
+    with `ece_note` saying why, when some rows' values do not sum to 1 within SUM_TOLERANCE).
     """
     ids, y_true, pred_probs = class_arrays(pred_csv, truth_csv)
     y_pred = metrics.to_labels(pred_probs)
@@ -117,11 +123,18 @@ def score_classification(
         },
         "bacc_ci95": None,
         "auc_ci95": None,
-        "ece": metrics.expected_calibration_error(pred_probs, y_true),
+        "ece": None,
+        "ece_note": None,
         "ece_bins": metrics.ECE_BINS,
         "decision": None,
         "decision_note": None,
     }
+    off = np.abs(pred_probs.sum(axis=1) - 1.0) > SUM_TOLERANCE
+    if off.any():  # scores, not probabilities (ISIC accepts them): a calibration error means nothing
+        result["ece_note"] = (f"ECE not computed: the three class values of {int(off.sum())} row(s) do not sum to 1 "
+                              f"({io.first_few([i for i, o in zip(ids, off) if o])})")
+    else:
+        result["ece"] = metrics.expected_calibration_error(pred_probs, y_true)
     try:
         result["decision"] = decision_scores(pred_csv, ids, y_true, y_pred)
     except InputError as exc:  # another tool's "label" column: the argmax figures still stand
@@ -197,8 +210,8 @@ def score_segmentation(
     for folder, role in ((pred_masks, "predicted"), (truth_masks, "truth")):
         if not Path(folder).is_dir():
             raise InputError(f"The {role} mask folder {folder} does not exist or is not a folder.")
-    truth_paths = io.find_masks(Path(truth_masks))
-    pred_paths = io.find_masks(Path(pred_masks))
+    truth_paths = mask_ids_as_read(io.find_masks(Path(truth_masks)), truth_masks)
+    pred_paths = mask_ids_as_read(io.find_masks(Path(pred_masks)), pred_masks)
     if not truth_paths:
         raise InputError(
             f"The truth mask folder {truth_masks} has no files named <image_id>{io.MASK_SUFFIX}."
@@ -239,6 +252,21 @@ def score_segmentation(
             lambda idx: jac_values[idx].mean(), len(jacs), bootstrap, seed=seed
         )
     return result
+
+
+def mask_ids_as_read(masks: dict[str, Path], folder: Path) -> dict[str, Path]:
+    """Mask ids as the CSV readers read ids (spaces around them stripped), so that the
+    segmentation and classification halves of one score name an image alike."""
+    stripped: dict[str, Path] = {}
+    for image_id, path in masks.items():
+        key = image_id.strip()
+        if not key:
+            continue
+        if key in stripped:
+            raise InputError(f"The mask folder {folder} has two masks of image {key!r}: {stripped[key].name!r} and "
+                             f"{path.name!r} (spaces around an id do not count, as in the CSVs).")
+        stripped[key] = path
+    return stripped
 
 
 def _read_mask(path: Path) -> tuple[np.ndarray, bool]:
@@ -332,8 +360,11 @@ def _render_classification(cls: dict[str, Any], console) -> None:
     for name, row in zip(cls["classes"], cls["confusion"]):
         confusion.add_row(_SHORT_NAMES.get(name, name), *map(str, row))
     console.print(confusion)
-    console.print(f"expected calibration error (ECE, {cls['ece_bins']} bins on the top probability): "
-                  f"{_fmt(cls['ece'])}", highlight=False)
+    if cls.get("ece_note"):
+        console.print(cls["ece_note"], highlight=False, markup=False, soft_wrap=True)
+    else:
+        console.print(f"expected calibration error (ECE, {cls['ece_bins']} bins on the top probability): "
+                      f"{_fmt(cls['ece'])}", highlight=False)
     decision = cls.get("decision")
     if decision is not None:
         _render_decision(decision, console)

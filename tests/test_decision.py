@@ -58,6 +58,15 @@ def test_a_zero_probability_counts_as_the_floor():
     assert out[0, 1] == pytest.approx(np.sqrt(PROB_FLOOR) / (1 + 2 * np.sqrt(PROB_FLOOR)))
 
 
+def test_a_sensitivity_no_threshold_reaches_is_refused_not_missed():
+    """A melanoma at p = 1e-11 needs t below the least threshold: the floor used to miss the target silently."""
+    p = np.array([0.9, 0.5, 1e-11, 0.3, 0.2])
+    mel = np.array([1, 1, 1, 0, 0], bool)
+    with pytest.raises(InputError, match="needs 3 of the 3 melanomas .* 1.0e-11, below any threshold"):
+        threshold_for_sensitivity(p, mel, 1.0)
+    assert threshold_for_sensitivity(p, mel, 0.6) == pytest.approx(0.4)  # 2 of 3: between 0.5 and 0.3
+
+
 def test_threshold_for_sensitivity_by_hand():
     # melanoma scores 0.9, 0.7, 0.4, 0.2; others 0.8, 0.5, 0.3, 0.1
     p = np.array([0.9, 0.7, 0.4, 0.2, 0.8, 0.5, 0.3, 0.1])

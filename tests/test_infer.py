@@ -842,6 +842,7 @@ def test_a_stored_decision_scales_the_probabilities_and_sets_the_labels(joint_ru
     assert 0 < labels.count("melanoma") < len(IDS)
     record = json.loads((out / "infer.json").read_text())
     assert (record["temperature"], record["melanoma_threshold"]) == (3.0, t)
+    assert record["melanoma_threshold_source"] == "model"  # as it was then: the report reads it
 
 
 def test_melanoma_threshold_overrides_the_stored_one_and_is_recorded(models, dataset, tmp_path):
@@ -860,7 +861,9 @@ def test_melanoma_threshold_overrides_the_stored_one_and_is_recorded(models, dat
     probs2, labels = _probs_and_labels(again / "predictions.csv")
     assert labels == ["melanoma"] * len(IDS) and labels != stored
     np.testing.assert_array_equal(probs2, probs)  # the threshold decides labels, never probabilities
-    assert json.loads((again / "infer.json").read_text())["melanoma_threshold"] == low
+    record = json.loads((again / "infer.json").read_text())
+    assert (record["melanoma_threshold"], record["melanoma_threshold_source"], record["target_sensitivity"]) == \
+        (low, "option", None)
 
 
 def test_melanoma_threshold_needs_a_classifier(models, dataset, tmp_path):

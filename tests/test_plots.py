@@ -4,6 +4,7 @@ command writes the figures and score.html."""
 from __future__ import annotations
 
 import json
+import shutil
 import re
 import subprocess
 import sys
@@ -166,6 +167,56 @@ def test_images_without_plots_or_missing_exit_2(case, tmp_path):
     result = runner.invoke(app, [*base, "--plots", str(tmp_path / "p"), "--images", str(tmp_path / "nope")])
     assert result.exit_code == 2 and "nope" in result.stderr
     assert not (tmp_path / "p").exists()
+
+
+def test_an_unreadable_original_is_left_out_of_the_worst_sheet_not_fatal(case, tmp_path):
+    images = Path(shutil.copytree(case["images"], tmp_path / "images"))
+    worst = images / "SYN_023.jpg"  # shifted the most: on the sheet
+    seg = score(None, None, case["pred_masks"], case["truth_masks"])["segmentation"]
+    assert "SYN_023" in [image_id for image_id, _ in worst_data(seg["per_image"])]
+    worst.write_bytes(worst.read_bytes()[:300])
+    out = tmp_path / "plots"
+    result = runner.invoke(app, ["score", "--pred-masks", str(case["pred_masks"]), "--truth-masks",
+                                 str(case["truth_masks"]), "--plots", str(out), "--images", str(images)])
+    assert result.exit_code == 0, result.output
+    assert (out / "worst.png").is_file() and (out / "score.html").is_file()
+
+
+def test_the_page_shows_the_notes_the_terminal_prints(case, tmp_path):
+    """The page dropped "label column not scored" and the count of 0/1 masks."""
+    rows = case["pred"].read_text().splitlines()
+    pred = tmp_path / "pred.csv"
+    pred.write_text("\n".join([rows[0] + ",label"] + [r + ",benign" for r in rows[1:]]) + "\n")
+    masks = Path(shutil.copytree(case["pred_masks"], tmp_path / "masks"))
+    one = masks / "SYN_000_segmentation.png"
+    Image.fromarray((np.asarray(Image.open(one)) > 128).astype(np.uint8)).save(one)
+    out = tmp_path / "plots"
+    result = runner.invoke(app, ["score", str(pred), str(case["truth"]), "--pred-masks", str(masks),
+                                 "--truth-masks", str(case["truth_masks"]), "--plots", str(out)])
+    assert result.exit_code == 0, result.output
+    page = " ".join((out / "score.html").read_text().split())
+    assert "label column not scored" in page and "Decision of the label column" not in page
+    assert "<td>masks stored as 0/1 (read as 1 = lesion)</td><td>1</td>" in page
+
+
+@pytest.mark.parametrize("how", ["plots_is_a_file", "drawing_fails"])
+def test_a_failed_plots_leaves_no_json_and_no_folder(case, tmp_path, monkeypatch, how):
+    """The JSON was written before the plots failed, and an empty plots folder was left."""
+    from dermtool import plots
+
+    out = tmp_path / "plots"
+    if how == "plots_is_a_file":
+        out.write_text("mine")
+    else:
+        def broken(*args, **kwargs):
+            raise OSError(28, "No space left on device")
+        monkeypatch.setattr(plots, "_draw", broken)
+    result = runner.invoke(app, ["score", str(case["pred"]), str(case["truth"]), "--plots", str(out),
+                                 "--json", str(tmp_path / "s.json")])
+    assert result.exit_code == 2 and str(out) in " ".join(result.stderr.split()), result.output
+    assert not (tmp_path / "s.json").exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == (["plots"] if how == "plots_is_a_file" else [])
+    assert how == "drawing_fails" or out.read_text() == "mine"
 
 
 def test_plots_do_not_import_tensorflow(case, tmp_path):

@@ -127,9 +127,26 @@ def test_report_shows_the_operating_point_and_the_decided_classes(tmp_path):
     assert "melanoma when p ≥ 0.2000 (chosen on validation for melanoma sensitivity ≥ 0.85)" in html
     assert "temperature 1.800" in html
     assert payload(out)["rows"][argmax_not_melanoma - 1][1] == 0  # the card shows the label, not the argmax
+    # an older record (no source kept) whose model now holds another threshold: no source claimed
     _with_decision(out, 0.35, 1.8, stored=0.2)
     write_report(out)
-    assert "melanoma when p ≥ 0.3500 (given with --melanoma-threshold)" in (out / "report.html").read_text()
+    assert "melanoma when p ≥ 0.3500, else" in (out / "report.html").read_text()
+
+
+@pytest.mark.parametrize("source, target, says", [
+    ("option", None, "(given with --melanoma-threshold)"),
+    ("model", 0.9, "(chosen on validation for melanoma sensitivity ≥ 0.9)"),
+    ("model", None, "(stored with the model)")])
+def test_report_names_the_threshold_source_the_run_recorded_not_the_models_current_one(tmp_path, source, target,
+                                                                                     says):
+    """After a recalibration the model holds another threshold and target than the run used."""
+    out = make_infer_folder(tmp_path, 4, images=False)
+    _with_decision(out, 0.35, 1.8, stored=0.2)  # the model now: 0.2 for 0.85
+    run = json.loads((out / "infer.json").read_text())
+    run.update(melanoma_threshold_source=source, target_sensitivity=target)
+    (out / "infer.json").write_text(json.dumps(run))
+    write_report(out)
+    assert f"melanoma when p ≥ 0.3500 {says}" in (out / "report.html").read_text()
 
 
 def test_report_of_an_argmax_run_has_no_operating_point(small):

@@ -15,6 +15,7 @@ from PIL import Image
 from typer.testing import CliRunner
 
 from dermtool import CLASS_NAMES, io
+from dermtool.errors import InputError
 from dermtool.cli import app
 from dermtool.score import score
 
@@ -179,6 +180,43 @@ def test_expected_calibration_error_of_the_hand_case(hand_case):
     assert cls["ece"] == pytest.approx(0.46) and cls["ece_bins"] == 15
     # the hand case's label column holds "x", another tool's column: not scored, and said so
     assert cls["decision"] is None and "'x'" in cls["decision_note"]
+
+
+def test_rows_that_do_not_sum_to_one_get_no_calibration_error_and_say_why(hand_case):
+    """ISIC accepts independent scores (0.5, 0.9, 0.5); an ECE of them was printed as if meaningful."""
+    rows = [[i, *((0.5, 0.9, 0.5) if k == 4 else p)] for k, (i, p) in enumerate(zip(IDS, PRED_PROBS))]
+    pred = write_csv(hand_case["dir"] / "scores.csv", ["image_id", *CLASS_NAMES], rows)
+    cls = score(pred, hand_case["truth"])["classification"]
+    assert cls["ece"] is None and "1 row(s) do not sum to 1 (ISIC_0000004)" in cls["ece_note"]
+    assert cls["bacc"] == pytest.approx(29 / 45)  # argmax of row 4 is still SK: the scores stand
+    result = runner.invoke(app, ["score", str(pred), str(hand_case["truth"])])
+    assert result.exit_code == 0 and "ECE not computed" in result.output, result.output
+
+
+def test_a_number_with_an_underscore_is_refused_not_read(hand_case):
+    """float() reads "0.7_0" as 0.70."""
+    rows = [[i, *(("0.7_0", 0.2, 0.1) if k == 0 else p)] for k, (i, p) in enumerate(zip(IDS, PRED_PROBS))]
+    pred = write_csv(hand_case["dir"] / "typo.csv", ["image_id", *CLASS_NAMES], rows)
+    with pytest.raises(InputError, match="non-numeric melanoma value '0.7_0' at row 2"):
+        score(pred, hand_case["truth"])
+
+
+def test_ids_with_spaces_around_them_are_one_image_in_both_halves(hand_case):
+    """The CSV reader strips ids and the mask finder did not: ' a' was two images in one score."""
+    folder = hand_case["dir"]
+    for sub in ("truth_masks", "pred_masks"):
+        masks = folder / sub
+        for path in masks.glob(f"{IDS[0]}_segmentation.png"):
+            path.rename(masks / f" {path.name}")  # " ISIC_0000000_segmentation.png"
+    text = hand_case["pred"].read_text().replace(f"{IDS[0]},", f" {IDS[0]} ,")
+    hand_case["pred"].write_text(text)
+    result = score(hand_case["pred"], hand_case["truth"], hand_case["pred_masks"], hand_case["truth_masks"])
+    assert result["segmentation"]["per_image"][IDS[0]] == pytest.approx(1 / 3)
+    assert result["segmentation"]["jac"] == pytest.approx(1 / 3)
+    assert result["classification"]["per_image"][IDS[0]] == {"true": "melanoma", "pred": "melanoma"}
+    write_mask(folder / "pred_masks" / f"{IDS[0]}_segmentation.png", EMPTY)  # and "ISIC_0000000" beside it
+    with pytest.raises(InputError, match="two masks of image 'ISIC_0000000'"):
+        score(hand_case["pred"], hand_case["truth"], hand_case["pred_masks"], hand_case["truth_masks"])
 
 
 def test_nevus_is_derived_when_the_column_is_absent(hand_case):
