@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import csv
 import json
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -56,6 +57,22 @@ def find_images(folder: Path) -> list[Path]:
         and not p.stem.endswith(NOT_IMAGES) and not p.name.startswith(".")
     ]
     return sorted(found, key=lambda p: p.name)
+
+
+def not_files(folder: Path) -> list[tuple[Path, str]]:
+    """Entries of `folder` named as images that are not image files, each with why (find_images
+    passes them over silently): a link to nothing, a folder or a FIFO named x.jpg."""
+    found = []
+    for p in sorted(Path(folder).iterdir(), key=lambda p: p.name):
+        if p.suffix.lower() not in IMAGE_EXTENSIONS or p.name.startswith(".") or p.stem.endswith(NOT_IMAGES):
+            continue
+        if p.is_symlink() and not p.exists():
+            found.append((p, f"{p}: a link to nothing ({os.readlink(p)}); skipped."))
+        elif p.is_dir():
+            found.append((p, f"{p}: a folder, not an image file; skipped."))
+        elif not p.is_file():
+            found.append((p, f"{p}: not a regular file (a FIFO, socket or device); skipped."))
+    return found
 
 
 @dataclass(frozen=True)
@@ -373,11 +390,13 @@ def build_cache(layout: Layout, out: Path, size: int = 256, fit: str = "squash",
         raise InputError(f"{layout.images}: no images (*.jpg, *.png, *.tif, *.bmp) in this folder.")
     paths, duplicates = unique_ids(paths)
     report.duplicate_ids = [f"{p.name} and {first.name}" for p, first in duplicates]
-    formula = [p for p in paths if formula_name(p, "manifest.csv")]
-    paths = [p for p in paths if p not in formula]
+    # named, not cached: a name the manifest cannot hold, and a link to nothing, a folder or a FIFO named as an image
+    unusable = [(p, formula_name(p, "manifest.csv")) for p in paths if formula_name(p, "manifest.csv")]
+    unusable += not_files(layout.images)
+    paths = [p for p in paths if p not in {q for q, _ in unusable}]
     if not paths:
-        raise InputError(f"{layout.images}: every image's name starts with one of {' '.join(FORMULA_STARTS[:4])}, "
-                         "which a spreadsheet runs as a formula; rename the files.")
+        raise InputError(f"{layout.images}: no usable image; the first: {unusable[0][1]}" if unusable else
+                         f"{layout.images}: no images (*.jpg, *.png, *.tif, *.bmp) in this folder.")
     labels = read_class_csv(layout.labels, role="labels") if layout.labels else {}
     if ids is not None:
         paths, labels = keep_ids(paths, labels, ids, layout.images)
@@ -413,7 +432,7 @@ def build_cache(layout: Layout, out: Path, size: int = 256, fit: str = "squash",
     try:
         rows = _fill_stacks(layout, out, paths, masks, labels, report, size, fit, border, margin, workers, progress,
                             benign, chain)
-        report.failed += [(str(p), formula_name(p, "manifest.csv")) for p in formula]
+        report.failed += [(os.fsencode(p).decode("utf-8", "replace"), why) for p, why in unusable]
         for row in rows:
             row["lesion_id"] = lesions.get(row["image_id"], "")
         _write_manifest(out, rows)

@@ -69,9 +69,19 @@ def not_a_colour_photograph(ds) -> str:
     if frames > 1:
         return f"a multi-frame {kind} image ({frames} frames)"
     interpretation = str(ds.get("PhotometricInterpretation", "")).strip()
-    if interpretation not in COLOUR or int(ds.get("SamplesPerPixel", 1)) != 3:
+    if interpretation not in COLOUR:
         return f"a {kind} image ({interpretation or 'no photometric interpretation'})"
+    if _samples(ds) != 3:
+        return f"a {kind} image ({interpretation} with {ds.get('SamplesPerPixel', '') or 'no'} samples per pixel, not 3)"
     return ""
+
+
+def _samples(ds) -> int:
+    """SamplesPerPixel, 0 when it is empty or not a number (a damaged header): not a colour frame."""
+    try:
+        return int(ds.get("SamplesPerPixel", 1))
+    except (TypeError, ValueError):
+        return 0
 
 
 def _pydicom(path: Path):
@@ -128,4 +138,7 @@ def write_segmentation(source: Path, mask: np.ndarray, dest: Path) -> None:
     except AttributeError as exc:  # pydicom names the attribute: "... has no attribute 'StudyInstanceUID'"
         missing = str(exc).rsplit(" ", 1)[-1].strip("'")
         raise InputError(f"{source}: has no {missing}, which its DICOM SEG must copy; no SEG written.") from None
+    except (ValueError, TypeError) as exc:  # a value highdicom refuses to copy: PatientSex 'X', a dashed date
+        raise InputError(f"{source}: its header cannot be copied into a DICOM SEG ({_short(exc)}); "
+                         "no SEG written.") from None
     seg.save_as(dest)

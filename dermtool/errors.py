@@ -50,3 +50,10 @@ def write_failure(exc: OSError, what: str, path=None) -> str:
     else:
         reason = str(exc) or type(exc).__name__
     return f"{where}: cannot write {what} ({reason})."
+
+
+def unreadable(path, exc: BaseException, what: str = "not a readable image") -> str:
+    """One sentence for a file a decoder or writer failed on with its own error (zlib's, a bad
+    tag's), named with the error's type and first line, cut to 120 characters."""
+    text = " ".join(str(exc).split()) or type(exc).__name__
+    return f"{path}: {what} ({type(exc).__name__}: {text[:120]})."

@@ -53,16 +53,32 @@ _BOMS = ((codecs.BOM_UTF8, "utf-8", "UTF-8"), (codecs.BOM_UTF16_LE, "utf-16-le",
 
 #: the first characters that make a spreadsheet read a CSV cell as a formula (CSV injection)
 FORMULA_STARTS = ("=", "+", "-", "@", "\t", "\r")
+#: the longest image id (UTF-8 bytes) whose outputs fit a file name of 255 bytes: the longest
+#: suffix is "_segmentation.png" / "_segmentation.dcm" (17)
+MAX_ID_BYTES = 255 - len("_segmentation.png")
 
 
 def formula_name(path: Path, csv_name: str) -> str:
-    """Why an image file cannot be run under its name (its id would start a formula in
-    `csv_name` when a spreadsheet opens it), or "" when it can."""
+    """Why an image file cannot be run under its name, or "" when it can: its id would start a
+    formula in `csv_name` when a spreadsheet opens it, break a row of it (a line break or other
+    control character), cannot be written to it (a name that is not UTF-8, as a file copied
+    from a Latin-1 system may have), or is too long for its outputs' names (`MAX_ID_BYTES`)."""
     path = Path(path)
-    if not path.stem.startswith(FORMULA_STARTS):
-        return ""
-    return (f"{path}: its name starts with {path.stem[0]!r}, which a spreadsheet opening {csv_name} would run as a "
-            "formula; rename the file.")
+    try:
+        size = len(path.stem.encode("utf-8"))
+    except UnicodeEncodeError:
+        return (f"{os.fsencode(path)!r}: its name is not valid UTF-8 (a file from a system of another encoding), so "
+                f"{csv_name} cannot name it; rename the file.")
+    if path.stem.startswith(FORMULA_STARTS):
+        return (f"{path}: its name starts with {path.stem[0]!r}, which a spreadsheet opening {csv_name} would run as "
+                "a formula; rename the file.")
+    if any(ord(c) < 32 or ord(c) == 127 for c in path.stem):
+        return (f"{path!r}: its name holds a line break or another control character, which would break its row of "
+                f"{csv_name}; rename the file.")
+    if size > MAX_ID_BYTES:
+        return (f"{path.name[:60]}...: its name is {size} bytes long; its outputs' names (<id>_segmentation.png) "
+                f"would pass the file system's 255, so ids of at most {MAX_ID_BYTES} bytes are run; rename the file.")
+    return ""
 
 
 def first_few(ids: list[str]) -> str:
@@ -173,7 +189,7 @@ def write_atomic(path: Path, write: Callable[[Path], object], *, named: bool = F
         write(path)
         return
     # A plain name (not mkstemp) so the file gets the usual umask permissions, not 0600.
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp = path.with_name(f"{temp_prefix(path.name)}{os.getpid()}.tmp")
     try:
         write(claim(tmp))
         os.replace(tmp, path)
@@ -182,8 +198,39 @@ def write_atomic(path: Path, write: Callable[[Path], object], *, named: bool = F
             raise
         raise type(exc)(exc.errno, exc.strerror, str(path)) from None
     finally:
-        if tmp.is_file():
-            tmp.unlink()
+        try:
+            if tmp.is_file():
+                tmp.unlink()
+        except OSError:  # never hide the error that brought us here
+            pass
+
+
+def temp_prefix(name: str) -> str:
+    """The start of the temporary names `write_atomic` gives while writing `name` (then the pid
+    and ".tmp"): ".NAME.", or, where that would pass 255 bytes, ".<sha1 of NAME>."."""
+    prefix = f".{name}."
+    if len(os.fsencode(prefix)) + 24 <= 255:
+        return prefix
+    import hashlib
+
+    return f".{hashlib.sha1(os.fsencode(name)).hexdigest()}."
+
+
+def remove_stale_temps(folder: Path, names: set[str]) -> int:
+    """Remove temporary files `write_atomic` left in `folder` for these output names (a run killed
+    mid-write leaves one); returns how many. Only for names this run writes again, so no other
+    process's file is touched."""
+    prefixes = {temp_prefix(n) for n in names}
+    removed = 0
+    for entry in os.scandir(folder):
+        name = entry.name
+        if not (name.startswith(".") and name.endswith(".tmp")) or not entry.is_file(follow_symlinks=False):
+            continue
+        head, _, pid = name[:-4].rpartition(".")
+        if pid.isdigit() and f"{head}." in prefixes:
+            Path(entry.path).unlink(missing_ok=True)
+            removed += 1
+    return removed
 
 
 def claim(path: Path) -> Path:

@@ -96,13 +96,24 @@ def _to_rgb_image(img: Image.Image) -> Image.Image:
         return img
     if img.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
         arr = np.asarray(img)
-        top = 65535.0 if arr.max() > 255 else 255.0
+        top = _full_scale(arr) if img.mode == "F" else 65535.0  # Pillow's I modes here are 16-bit files
         return Image.fromarray(np.repeat(_scaled_to_uint8(arr, top)[..., None], 3, axis=2))
     if img.mode in ("RGBA", "LA", "PA") or (img.mode == "P" and "transparency" in img.info):
         img = img.convert("RGBA")
         background = Image.new("RGBA", img.size, (0, 0, 0, 255))
         img = Image.alpha_composite(background, img)
     return img.convert("RGB")
+
+
+def _full_scale(arr: np.ndarray) -> float:
+    """The value that is white in `arr`: an unsigned integer type's full range (a 16-bit image
+    is scaled by 65535 whatever its values, so one pixel never rescales the whole image); for
+    floats and signed types, which carry no range, 1 for values within [0, 1], else 255 for
+    values within 8 bits, else 65535."""
+    if arr.dtype.kind == "u":
+        return float(np.iinfo(arr.dtype).max)
+    top = float(arr.max()) if arr.size else 0.0
+    return 1.0 if top <= 1.0 else 255.0 if top <= 255.0 else 65535.0
 
 
 def _scaled_to_uint8(arr: np.ndarray, top: float) -> np.ndarray:
@@ -116,24 +127,65 @@ def _scaled_to_uint8(arr: np.ndarray, top: float) -> np.ndarray:
     return out
 
 
+class _ViaPillow(Exception):
+    """A TIFF that tifffile would return as raw numbers (CMYK, YCbCr, Lab) or cannot decode
+    without the imagecodecs package (LZW, JPEG): Pillow converts it instead."""
+
+
+#: tifffile's photometric interpretations this reader converts itself (the rest go to Pillow)
+_TIFF_OWN = ("MINISBLACK", "MINISWHITE", "RGB", "PALETTE")
+
+
 def _tiff_to_rgb(path: Path) -> np.ndarray:
+    """A TIFF's first page as 8-bit RGB (a multi-page file is read as its first image, as Pillow
+    reads one). Grey, RGB, palette (through its colour map) and white-is-zero pages are
+    converted here; any other colour space, or a compression tifffile needs imagecodecs for,
+    raises _ViaPillow."""
+    import logging
+
     import tifffile
 
-    with tifffile.TiffFile(path) as tif:
-        series = tif.series[0]
-        # every plane of the series counts (pages, depth), not its colour samples
-        planes = [n for n, axis in zip(series.shape, series.axes) if axis != "S"] or [1]
-        check_pixel_limit(path, planes[-1], math.prod(planes[:-1]))
-        samples = math.prod(n for n, axis in zip(series.shape, series.axes) if axis == "S")
-        if samples > 4:  # a colour image has 1 to 4; thousands would decode to gigabytes
-            raise InputError(f"{path}: {samples} samples per pixel; an image has 1 to 4 (grey, RGB, RGBA).")
-        check_decoded_size(path, math.prod(series.shape) * np.dtype(series.dtype).itemsize)
-        arr, axes = series.asarray(), series.axes
+    quiet = logging.getLogger("tifffile")
+    level = quiet.level
+    quiet.setLevel(logging.ERROR)  # a damaged file's warnings are not the one line it gets
+    try:
+        with tifffile.TiffFile(path) as tif:
+            if not len(tif.pages):
+                raise InputError(f"{path}: a TIFF without an image.")
+            page = tif.pages[0]
+            photometric = getattr(page.photometric, "name", str(page.photometric))
+            if photometric not in _TIFF_OWN:
+                raise _ViaPillow(photometric)
+            shape, axes = page.shape, page.axes
+            # every plane of the page counts (depth), not its colour samples
+            planes = [n for n, axis in zip(shape, axes) if axis != "S"] or [1]
+            check_pixel_limit(path, planes[-1], math.prod(planes[:-1]))
+            samples = math.prod(n for n, axis in zip(shape, axes) if axis == "S")
+            if samples > 4:  # a colour image has 1 to 4; thousands would decode to gigabytes
+                raise InputError(f"{path}: {samples} samples per pixel; an image has 1 to 4 (grey, RGB, RGBA).")
+            check_decoded_size(path, math.prod(shape) * np.dtype(page.dtype).itemsize)
+            try:
+                arr = page.asarray()
+            except ValueError as exc:
+                if "imagecodecs" in str(exc):
+                    raise _ViaPillow(str(exc)) from None
+                raise
+            colormap = page.colormap if photometric == "PALETTE" else None
+    finally:
+        quiet.setLevel(level)
     if axes.endswith("SYX"):  # planar (C, H, W) storage; the tags say so, the shape cannot
         arr = np.moveaxis(arr, -3, -1)
+    if colormap is not None and arr.ndim == 2:  # indices into a colour map of 16-bit (3, N) entries
+        cmap = np.asarray(colormap).astype(np.uint16)
+        if int(arr.max(initial=0)) >= cmap.shape[-1]:
+            raise InputError(f"{path}: a palette index beyond its colour map of {cmap.shape[-1]} colours.")
+        # the high byte, as libtiff reads it (a map with no value above 255 was written with 8-bit values)
+        cmap = (cmap >> 8 if int(cmap.max()) > 255 else cmap).astype(np.uint8)
+        return np.ascontiguousarray(np.moveaxis(cmap[:, arr], 0, -1))
     if arr.dtype != np.uint8:
-        top = 65535.0 if arr.max() > 255 else (1.0 if arr.max() <= 1.0 else 255.0)
-        arr = _scaled_to_uint8(arr, top)
+        arr = _scaled_to_uint8(arr, 1.0 if arr.dtype == bool else _full_scale(arr))
+    if photometric == "MINISWHITE":
+        arr = 255 - arr
     if arr.ndim == 2:
         arr = np.repeat(arr[..., None], 3, axis=2)
     if arr.ndim != 3 or arr.shape[-1] not in (1, 2, 3, 4):
@@ -195,8 +247,13 @@ def load_image(path: Path, min_size: tuple[int, int] | None = None,
     try:
         if chain not in CHAINS:
             raise InputError(f"unknown input chain {chain!r}; choose one of {', '.join(CHAINS)}.")
+        arr = None
         if path.suffix.lower() in (".tif", ".tiff", ".dcm"):  # decoded whole, then resized
-            arr = _tiff_to_rgb(path) if path.suffix.lower() != ".dcm" else _dicom_to_rgb(path)
+            try:
+                arr = _tiff_to_rgb(path) if path.suffix.lower() != ".dcm" else _dicom_to_rgb(path)
+            except _ViaPillow:
+                arr = None  # Pillow's reading, below
+        if arr is not None:
             original = arr.shape[:2]  # the transform maps back to this, whatever the chain did
             target = resize_to(*original) if callable(resize_to) else resize_to
             if chain == "jpeg256":
@@ -227,6 +284,10 @@ def load_image(path: Path, min_size: tuple[int, int] | None = None,
         raise InputError(f"{path}: file not found.")
     except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as exc:
         raise InputError(f"{path}: not a readable image ({_short(exc)}).")
+    except MemoryError:
+        raise
+    except Exception as exc:  # a decoder's own error on a damaged file (zlib, a bad tag's IndexError)
+        raise InputError(f"{path}: not a readable image ({type(exc).__name__}: {_short(exc)}).") from None
 
 
 def _short(exc: Exception) -> str:

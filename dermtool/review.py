@@ -154,13 +154,14 @@ def model_summary(model_dir: Path) -> str:
 
 
 def _find_sources(images_dir: Path | None) -> dict[str, Path]:
-    from dermtool.data import find_images, image_id_of
+    from dermtool.data import find_images, image_id_of, unique_ids
 
     if images_dir is None:
         return {}
     if not Path(images_dir).is_dir():
         raise InputError(f"{images_dir}: images folder not found; pass --images DIR for the thumbnails.")
-    return {image_id_of(p): p for p in find_images(Path(images_dir))}
+    # of a.jpg and a.png the first by name, the one infer ran: the thumbnail shows that image
+    return {image_id_of(p): p for p in unique_ids(find_images(Path(images_dir)))[0]}
 
 
 def _thumbnail(row: dict, source: Path, out_dir: Path, files: Path, class_cols: list[str],

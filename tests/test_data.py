@@ -295,6 +295,25 @@ def test_check_unreadable_files_are_skipped_and_the_rest_cached(messy):
     assert report.problems == 11
 
 
+def test_entries_and_names_the_cache_cannot_take_are_named_not_passed_over(synthetic_copy, tmp_path):
+    """preprocess passed a broken link, a folder and a FIFO named like images over in silence,
+    and a name that is not UTF-8 stopped it with a traceback."""
+    images = synthetic_copy / "images"
+    (images / "dangling.jpg").symlink_to(tmp_path / "nowhere.jpg")
+    (images / "folder.png").mkdir()
+    os.mkfifo(images / "pipe.jpg")
+    with open(os.fsencode(images) + b"/caf\xe9.jpg", "wb") as fh:
+        fh.write((images / "SYN_0000000.jpg").read_bytes())
+    shutil.copy(images / "SYN_0000000.jpg", images / "cr\rname.jpg")
+    report = build_cache(resolve_layout(synthetic_copy), tmp_path / "c", size=SIZE, progress=False)
+    why = {Path(f).name: message for f, message in report.failed}
+    assert sorted(why) == ["caf\ufffd.jpg", "cr\rname.jpg", "dangling.jpg", "folder.png", "pipe.jpg"]
+    assert "a link to nothing" in why["dangling.jpg"] and "a folder" in why["folder.png"]
+    assert "not a regular file" in why["pipe.jpg"] and "not valid UTF-8" in why["caf\ufffd.jpg"]
+    assert "line break" in why["cr\rname.jpg"]
+    assert load_cache(tmp_path / "c").ids == _ids(12)
+
+
 def test_reused_cache_reports_the_same_problems(messy):
     root, out, report = messy
     again = build_cache(resolve_layout(root), out, size=SIZE, progress=False)

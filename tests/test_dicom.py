@@ -12,6 +12,7 @@ from __future__ import annotations
 import csv
 import io
 import re
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -238,3 +239,32 @@ def test_dicom_seg_of_a_source_without_its_study_is_refused_by_name(folders, tmp
     with pytest.raises(InputError, match=re.escape(f"{source}: has no StudyInstanceUID, which its DICOM SEG must copy")):
         write_segmentation(source, np.ones((120, 160), bool), tmp_path / "seg.dcm")
     assert not (tmp_path / "seg.dcm").exists()
+
+
+def test_an_empty_samples_per_pixel_is_named_not_a_crash(folders, tmp_path):
+    """int(None) of an empty SamplesPerPixel stopped the whole run with a TypeError."""
+    ds = pydicom.dcmread(folders["dicom"] / "ISIC_rgb.dcm")
+    ds.SamplesPerPixel = None
+    ds.save_as(tmp_path / "empty_spp.dcm")
+    with pytest.raises(InputError, match="RGB with no samples per pixel, not 3"):
+        read_dicom_rgb(tmp_path / "empty_spp.dcm")
+
+
+def test_a_header_a_dicom_seg_cannot_copy_fails_that_image_only(folders, models, tmp_path):  # noqa: F811
+    """highdicom's ValueError on PatientSex 'X' stopped the run; the images already written had no rows."""
+    pytest.importorskip("highdicom")
+    images = tmp_path / "images"
+    images.mkdir()
+    shutil.copy(folders["dicom"] / "ISIC_rgb.dcm", images / "a_good.dcm")
+    ds = pydicom.dcmread(folders["dicom"] / "ISIC_rgb.dcm")
+    ds.PatientSex, ds.SOPInstanceUID = "X", generate_uid()
+    ds.save_as(images / "b_sex_x.dcm")
+    shutil.copy(folders["dicom"] / "ISIC_ycc.dcm", images / "c_good.dcm")
+    out = tmp_path / "out"
+    result = runner.invoke(app, ["infer", str(images), "--out", str(out), "--model", str(models["seg"]),
+                                 "--dicom-seg", "--overlay"])
+    assert result.exit_code == 1, result.output
+    assert "b_sex_x.dcm: its header cannot be copied into a DICOM SEG" in " ".join(result.output.split())
+    assert sorted(_rows(out / "predictions.csv")) == ["a_good", "c_good"]
+    assert not list(out.glob("b_sex_x*"))  # neither its overlay nor a mask: all of an image's outputs or none
+    assert len(list(out.glob("c_good*"))) == 3

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import struct
 import zlib
 
@@ -312,6 +313,65 @@ def test_16bit_rgb_tiff(tmp_path, planar):
 def test_16bit_grayscale_tiff(tmp_path):
     tifffile.imwrite(tmp_path / "g16.tiff", _U16)
     _check(tmp_path / "g16.tiff", np.repeat(np.round(_U16 / 257).astype(np.uint8)[..., None], 3, axis=2))
+
+
+def test_a_16bit_image_is_scaled_by_its_full_range_whatever_its_values(tmp_path):
+    """The scale followed the image's largest value: one pixel at 256 instead of 255 turned a dark
+    image (read as 0-255) into a black one (read as 0-65535)."""
+    dark = np.full((4, 6), 200, np.uint16)
+    Image.fromarray(dark).save(tmp_path / "a.png")
+    dark[0, 0] = 256
+    Image.fromarray(dark).save(tmp_path / "b.png")
+    tifffile.imwrite(tmp_path / "c.tif", dark)
+    expected = np.repeat(np.round(dark / 257).astype(np.uint8)[..., None], 3, axis=2)  # 200 -> 1
+    for name in ("b.png", "c.tif"):
+        _check(tmp_path / name, expected)
+    _check(tmp_path / "a.png", np.full((4, 6, 3), 1, np.uint8))
+
+
+def test_palette_tiff_gives_its_colour_map(tmp_path):
+    """A palette TIFF was read as its index numbers: grey, and a different diagnosis."""
+    Image.fromarray(_RGB).quantize(colors=8, method=Image.Quantize.MAXCOVERAGE).save(tmp_path / "p.tif")
+    assert Image.open(tmp_path / "p.tif").mode == "P"
+    _check(tmp_path / "p.tif", _RGB)
+
+
+def test_white_is_zero_tiff_is_inverted(tmp_path):
+    tifffile.imwrite(tmp_path / "w.tif", 255 - _RGB[..., 0], photometric="miniswhite")
+    _check(tmp_path / "w.tif", np.repeat(_RGB[..., :1], 3, axis=2))
+
+
+@pytest.mark.parametrize("kind", ["cmyk", "ycbcr", "lzw", "jpeg"])
+def test_tiffs_tifffile_would_read_raw_or_not_at_all_go_through_pillow(tmp_path, kind):
+    """CMYK and YCbCr pages came out as raw samples; LZW and JPEG compression needed imagecodecs."""
+    big = np.kron(_RGB, np.ones((8, 8, 1), np.uint8))  # JPEG needs room: 16 x 24
+    path = tmp_path / f"{kind}.tif"
+    if kind == "cmyk":
+        tifffile.imwrite(path, np.asarray(Image.fromarray(big).convert("CMYK")), photometric="separated")
+    elif kind == "ycbcr":
+        Image.fromarray(big).convert("YCbCr").save(path)
+    else:
+        Image.fromarray(big).save(path, compression="tiff_lzw" if kind == "lzw" else "jpeg")
+    _check(path, np.asarray(Image.open(path).convert("RGB")))  # Pillow's own reading
+    _check(path, big, tol={"cmyk": 0, "ycbcr": 3, "lzw": 0, "jpeg": 40}[kind])
+
+
+def test_a_multi_page_tiff_is_read_as_its_first_page(tmp_path):
+    """Pages of one size were refused ("unsupported TIFF layout (2, ...)"); of two sizes, page 1 was read."""
+    with tifffile.TiffWriter(tmp_path / "m.tif") as tif:
+        tif.write(_RGB, photometric="rgb")
+        tif.write(_RGB[::-1].copy(), photometric="rgb")
+    _check(tmp_path / "m.tif", _RGB)
+
+
+def test_a_damaged_tiff_is_one_named_error(tmp_path):
+    """zlib's error (and tifffile's IndexError, ZeroDivisionError) escaped load_image."""
+    path = tmp_path / "d.tif"
+    tifffile.imwrite(path, np.kron(_RGB, np.ones((32, 32, 1), np.uint8)), photometric="rgb", compression="zlib")
+    data = path.read_bytes()
+    path.write_bytes(data[:len(data) // 2] + bytes(len(data) - len(data) // 2))  # the stream cut, the tags kept
+    with pytest.raises(InputError, match=re.escape(str(path)) + ": not a readable image"):
+        load_image(path)
 
 
 def test_bmp_and_uppercase_extension(tmp_path):

@@ -149,6 +149,17 @@ def test_report_names_the_threshold_source_the_run_recorded_not_the_models_curre
     assert f"melanoma when p ≥ 0.3500 {says}" in (out / "report.html").read_text()
 
 
+def test_the_thumbnail_of_a_duplicate_id_is_of_the_image_infer_ran(tmp_path):
+    """Of IMG_00000.jpg and IMG_00000.png infer runs the first by name; the report drew the other."""
+    out = make_infer_folder(tmp_path, 1)
+    images = tmp_path / "images"
+    Image.new("RGB", (60, 45), (250, 250, 250)).save(images / "IMG_00000.png")  # white: not the lesion
+    write_report(out)
+    thumb = np.asarray(Image.open(out / FILES / "IMG_00000.jpg").convert("RGB")).astype(int)
+    ran = np.asarray(Image.open(images / "IMG_00000.jpg").convert("RGB").resize(thumb.shape[1::-1])).astype(int)
+    assert np.abs(thumb - ran).mean() < np.abs(thumb - 250).mean()
+
+
 def test_report_of_an_argmax_run_has_no_operating_point(small):
     assert "operating point" not in (small / "report.html").read_text()
 
