@@ -7,10 +7,11 @@
     for p in model.predict(my_generator_of_arrays()):  # streamed in batches: flat memory
         ...
 
-An image is decoded and fitted by `preprocess.prepare` (a path) or `preprocess.prepare_pixels`
-(an array or PIL image), the model runs through `infer.predict_batch` and the outputs are
-post-processed by `infer.finish_image`: the functions `dermtool infer` uses, so a Prediction
-equals the CLI's outputs for the same image and options.
+An image is decoded and fitted by `preprocess.prepare` (a path, or a PIL JPEG opened from a file
+and not yet decoded) or `preprocess.prepare_pixels` (an array or another PIL image), the model
+runs through `infer.predict_batch` and the outputs are post-processed by `infer.finish_image`:
+the functions `dermtool infer` uses, so a Prediction equals the CLI's outputs for the same image
+and options.
 """
 
 from __future__ import annotations
@@ -165,6 +166,11 @@ class Model:
         if not isinstance(image, np.ndarray):  # a PIL image: the colour conversion files get
             filename = getattr(image, "filename", "")
             image_id = image_id_of(Path(filename)) if filename else None
+            source = _unread_jpeg_file(image)
+            if source is not None:  # read as its file is: decoded at reduced size, as the path would be
+                x, t = prepare(source, cfg.size, cfg.fit, cfg.border, cfg.margin, cfg.input_chain)
+                if (t.orig_w, t.orig_h) == image.size:
+                    return x, t, image_id
             image = np.asarray(_to_rgb_image(image))
         _check_pixels(image)
         x, t = prepare_pixels(image, cfg.size, cfg.fit, cfg.border, cfg.margin, cfg.input_chain)
@@ -183,6 +189,26 @@ def _is_one_image(images) -> bool:
     if isinstance(images, (str, os.PathLike)):
         return True
     return hasattr(images, "getbands") and hasattr(images, "size")  # a PIL image, without importing PIL
+
+
+def _unread_jpeg_file(image) -> Path | None:
+    """The file of a PIL JPEG opened from it and not yet decoded (`Image.open(path)`), else None.
+
+    The path route decodes a large JPEG at reduced size (DCT scaling, `preprocess.load_image`),
+    a model input other than its full-size pixels; such an image goes that route too, so it gives
+    the path's result. One already decoded (`.load()`, or any pixel access), drafted, or opened
+    from a file object has only its pixels to go by.
+    """
+    filename = getattr(image, "filename", "")
+    fp = getattr(image, "fp", None)
+    if getattr(image, "format", None) != "JPEG" or not filename or not getattr(image, "tile", None):
+        return None
+    if getattr(image, "decoderconfig", ()) or fp is None:  # drafted: the caller chose another size
+        return None
+    try:  # the very file it was opened from, not another one put at that path since
+        return Path(filename) if os.path.samestat(os.fstat(fp.fileno()), os.stat(filename)) else None
+    except (OSError, ValueError, AttributeError):  # no file descriptor (BytesIO), or the file is gone
+        return None
 
 
 def _check_pixels(pixels: np.ndarray) -> None:

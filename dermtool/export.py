@@ -219,8 +219,22 @@ def export(model_dir: Path, out_dir: Path, fmt: str, quantize: str = "none", cal
         if isinstance(exc, OSError) and (named.startswith(str(staging)) or disk_full(exc)):
             # name the folder asked for: not the staging folder, nor the source a full disk's copy had open
             raise OSError(exc.errno or errno.ENOSPC, exc.strerror or os.strerror(errno.ENOSPC), str(out_dir)) from None
+        if isinstance(exc, Exception) and not isinstance(exc, OSError) and (
+                not isinstance(exc, InputError) or str(staging) in str(exc)):
+            raise InputError(failed_export(exc, out_dir, staging, fmt, quantize)) from None
         raise
     return report
+
+
+def failed_export(exc: Exception, out_dir: Path, staging: Path, fmt: str, quantize: str) -> str:
+    """One sentence for a converter or runtime that failed on the model (TensorFlow's, LiteRT's,
+    tf2onnx's own errors): the export asked for, that nothing was written, and the error's first
+    words, with the staging folder (removed by now) named as the folder asked for."""
+    text = " ".join(str(exc).replace(str(staging), str(out_dir)).split()) or type(exc).__name__
+    text = text if isinstance(exc, InputError) else f"{type(exc).__name__}: {text}"
+    how = f" --quantize {quantize}" if quantize != "none" else ""
+    return (f"{out_dir}: the {fmt}{how} export of this model failed, and nothing was written "
+            f"({text[:320].rstrip('.')}{'...' if len(text) > 320 else ''}).")
 
 
 def commit_export(staging: Path, final: Path) -> None:

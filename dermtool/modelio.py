@@ -42,8 +42,13 @@ from dermtool.io import read_json
 WEIGHT_NAMES = ("best.weights.h5", "model.weights.h5", "last.weights.h5")
 #: export format -> the file or folder it writes inside the export folder
 FORMATS = {"tflite": "model.tflite", "onnx": "model.onnx", "savedmodel": "saved_model"}
-QUANTIZE = {"tflite": ("none", "float16", "dynamic", "int8", "mixed"), "onnx": ("none", "dynamic"), "savedmodel": ("none",),
+QUANTIZE = {"tflite": ("none", "float16", "dynamic", "int8", "mixed"), "onnx": ("none",), "savedmodel": ("none",),
             "keras": ("none", "float16")}
+#: quantisations refused for a format with a reason, not only the list of what it takes
+WHY_NOT = {("onnx", "dynamic"): "onnxruntime's dynamic quantisation turns this U-Net's convolutions into integer "
+                                "kernels that ran slower than float32 and changed the bundled model's masks and "
+                                "classes (README, dermtool export); export onnx with --quantize none, or tflite with "
+                                "--quantize mixed for an int8 model"}
 #: what `dermtool export --format` takes: the FORMATS, and keras (a model folder again, `write_keras`)
 EXPORT_FORMATS = (*FORMATS, "keras")
 #: --engine choices; a model folder converted for litert/onnx uses this quantisation
@@ -221,8 +226,12 @@ class LiteRTEngine:
         name, detail = next(iter(inputs.items()))
         _check_io(path, cfg, list(inputs), [int(s) for s in detail["shape"][1:]],
                   list(runner.get_output_details()), outputs)
-        with _quiet():  # the delegate announces itself on the first call
-            runner(**{name: np.zeros(detail["shape"], np.float32)})
+        try:
+            with _quiet():  # the delegate announces itself on the first call
+                runner(**{name: np.zeros(detail["shape"], np.float32)})  # a black image: any model must run it
+        except RuntimeError as exc:  # a kernel refused (an int8 division by its zero point, say)
+            first = " ".join(str(exc).split()).split("failed to invoke.")[0]  # LiteRT repeats it, once per try
+            raise InputError(f"{path}: LiteRT cannot run this model on a black image ({first.strip()[:200]}).") from None
         return runner, name
 
     def _run(self, x: np.ndarray) -> dict:
@@ -465,8 +474,8 @@ def _write_tflite(model, cfg: ModelConfig, dest: Path, quantize: str, calibratio
         if quantize in ("int8", "mixed"):  # input and outputs stay float32 so engines need no scales
             converter.representative_dataset = lambda: ([x[None].astype(np.float32)] for x in calibration)
         with _quiet():
-            if quantize == "mixed":
-                dest.write_bytes(_mixed_int8(converter, _float_nodes(Path(tmp) / "sm", cfg), calibration))
+            if float_layers(cfg, quantize):
+                dest.write_bytes(_mixed_int8(converter, _float_nodes(Path(tmp) / "sm", cfg, quantize), calibration))
             else:
                 dest.write_bytes(converter.convert())
 
@@ -478,28 +487,37 @@ def shown_path(path: Path) -> str:
     return rel if not rel.startswith(os.pardir + os.sep + os.pardir) else str(Path(path).resolve())
 
 
-def _mixed_float_layers(cfg: ModelConfig) -> tuple:
+def float_layers(cfg: ModelConfig, quantize: str) -> tuple:
+    """Prefixes of the layers an int8 export keeps in float32 (none for the other quantisations).
+
+    Colour constancy always: it divides by each channel's p-norm mean, and in int8 a dark channel's
+    mean rounds to the zero point, so the division fails at run time (TFLite's DIV refuses a zero
+    divisor: the bundled model's full-int8 file, calibrated on 40 ISIC 2017 training images, failed
+    on a black image and on 16 of the 2,000 training images) and a bright one's gain is rounded.
+    `mixed` adds MIXED_FLOAT_LAYERS.
+    """
     from dermtool.models import MIXED_FLOAT_LAYERS
 
-    # colour constancy is a division by per-image p-norm means: int8 would quantise the gains
+    if quantize not in ("int8", "mixed"):
+        return ()
     extra = ("color_constancy",) if cfg.color_constancy != "none" else ()
-    return extra + MIXED_FLOAT_LAYERS[cfg.encoder]
+    return extra + (MIXED_FLOAT_LAYERS[cfg.encoder] if quantize == "mixed" else ())
 
 
-def _float_nodes(saved_model: Path, cfg: ModelConfig) -> list[str]:
-    """TFLite tensor names of the layers `--quantize mixed` keeps in float32 (MIXED_FLOAT_LAYERS).
+def _float_nodes(saved_model: Path, cfg: ModelConfig, quantize: str) -> list[str]:
+    """TFLite tensor names of the layers an int8 export keeps in float32 (`float_layers`).
 
     A converted op's tensor is named by the Keras layers fused into it
     ("model/enc_stem_relu_1/Relu6;model/enc_stem_conv_1/convolution"), so a path component
     that starts with a listed prefix marks it.
     """
-    prefixes = _mixed_float_layers(cfg)
+    prefixes = float_layers(cfg, quantize)
     float_model = _tf().lite.TFLiteConverter.from_saved_model(str(saved_model)).convert()
     interpreter = _litert_interpreter()(model_content=float_model)
     names = [t["name"] for t in interpreter.get_tensor_details()]
     chosen = [n for n in names if any(part.startswith(prefixes) for part in n.replace(";", "/").split("/"))]
     if not chosen:
-        raise RuntimeError(f"--quantize mixed: no layer of this model starts with {', '.join(prefixes)}")
+        raise RuntimeError(f"--quantize {quantize}: no layer of this model starts with {', '.join(prefixes)}")
     return chosen
 
 
@@ -514,7 +532,7 @@ def _mixed_int8(converter, float_nodes: list[str], calibration: np.ndarray) -> b
     return debugger.get_nondebug_quantized_model()
 
 
-def _write_onnx(model, cfg: ModelConfig, dest: Path, quantize: str) -> None:
+def _write_onnx(model, cfg: ModelConfig, dest: Path) -> None:
     tf = _tf()
     try:
         import tf2onnx
@@ -524,16 +542,14 @@ def _write_onnx(model, cfg: ModelConfig, dest: Path, quantize: str) -> None:
     with _quiet():
         tf2onnx.convert.from_function(fn, input_signature=[_input_spec(cfg, None)], opset=17,
                                       output_path=str(dest))
-        if quantize == "dynamic":
-            from onnxruntime.quantization import QuantType, quantize_dynamic
-
-            quantize_dynamic(str(dest), str(dest), weight_type=QuantType.QInt8)
 
 
 def check_format(fmt: str, quantize: str, calibrated: bool) -> None:
     """Refuse a format, a quantisation it does not take, or int8/mixed without calibration images."""
     if fmt not in EXPORT_FORMATS:
         raise InputError(f"--format must be one of {', '.join(EXPORT_FORMATS)}, not {fmt!r}.")
+    if (fmt, quantize) in WHY_NOT:
+        raise InputError(f"--quantize {quantize} is not available for {fmt}: {WHY_NOT[(fmt, quantize)]}.")
     if quantize not in QUANTIZE[fmt]:
         raise InputError(f"--quantize {quantize} is not available for {fmt} (choose {', '.join(QUANTIZE[fmt])}).")
     if quantize in ("int8", "mixed") and not calibrated:
@@ -569,7 +585,7 @@ def write_export(model_dir: Path, out_dir: Path, fmt: str, quantize: str = "none
         else:  # an earlier joint model's file in a reused folder would be of other weights
             (out_dir / CLASSIFIER_FILE).unlink(missing_ok=True)
     else:
-        _write_onnx(model, cfg, dest, quantize)
+        _write_onnx(model, cfg, dest)
     _, tcfg, raw = load_config(model_dir)
     save_config(out_dir / "config.json", cfg, tcfg, export=export_description(cfg, fmt, quantize, model_dir, calibration, calibration_from),
                 **{k: raw[k] for k in ("best_epoch", "best_metric") if k in raw})
@@ -649,7 +665,7 @@ def export_description(cfg: ModelConfig, fmt: str, quantize: str, source: Path,
         "source_sha1": model_fingerprint(source),
         **({"calibration": {"images": int(len(calibration)), "from": calibration_from}}
            if quantize in ("int8", "mixed") and calibration is not None else {}),
-        **({"float32_layers": list(_mixed_float_layers(cfg))} if quantize == "mixed" else {}),
+        **({"float32_layers": list(float_layers(cfg, quantize))} if float_layers(cfg, quantize) else {}),
         "dermtool_version": __version__,
         "input": {"name": INPUT_NAME, "shape": [batch, s, s, 3], "dtype": "float32", "layout": "NHWC",
                   "values": f"RGB 0-255, not normalised: the model applies {cfg.normalization} itself"},

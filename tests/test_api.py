@@ -95,6 +95,31 @@ def test_an_array_or_a_pil_image_gives_what_its_file_gives(models, images):  # n
         assert other.probabilities == pytest.approx(from_file.probabilities, abs=1e-6)
 
 
+def test_a_pil_image_of_a_large_jpeg_gives_what_its_path_gives(models, tmp_path):  # noqa: F811
+    """The path decodes a large JPEG at reduced size (DCT scaling); Image.open(path) was decoded at
+    full size, and the bundled model's probabilities moved by up to 0.1 on ISIC originals. An
+    unread PIL JPEG of a file now goes the path's way; a decoded one, or one opened from bytes,
+    has only its pixels (full size), which is what makes the comparison a real one."""
+    import io
+
+    model = dermtool.load_model(models["joint"])
+    path = tmp_path / "large.jpg"
+    Image.fromarray(make_lesion(900, 1200, np.random.default_rng(5))[0]).save(path, quality=90)
+    from_path = model.predict(path)
+    with Image.open(path) as img:
+        from_pil = model.predict(img)
+    with Image.open(path) as img:
+        img.load()
+        from_pixels = model.predict(img)
+    from_bytes = model.predict(Image.open(io.BytesIO(path.read_bytes())))
+    assert from_pil.image_id == from_path.image_id == "large" and from_pil.mask.shape == (900, 1200)
+    np.testing.assert_array_equal(from_pil.mask, from_path.mask)
+    assert from_pil.probabilities == pytest.approx(from_path.probabilities, abs=1e-6)
+    # full-size pixels are another model input: not the path's answer, and the same for both
+    assert from_pixels.probabilities != pytest.approx(from_path.probabilities, abs=1e-6)
+    assert from_bytes.probabilities == pytest.approx(from_pixels.probabilities, abs=1e-6)
+
+
 def test_one_image_in_one_prediction_out_and_a_generator_is_streamed(models, images):  # noqa: F811
     model = dermtool.load_model(models["seg"])
     rgb = make_lesion(50, 70, np.random.default_rng(3))[0]
