@@ -468,10 +468,10 @@ def check_out_folder(out: Path, what: str) -> None:
 
 
 def _parse_shard(value: str) -> tuple[int, int]:
+    from dermtool.shards import parse_shard, shard_from_env
+
     if value == "auto":
         import os
-
-        from dermtool.shards import shard_from_env
 
         try:
             k_n, source = shard_from_env(os.environ)
@@ -480,14 +480,9 @@ def _parse_shard(value: str) -> tuple[int, int]:
         console.print(f"shard {k_n[0]}/{k_n[1]} ({source})", highlight=False, markup=False)
         return k_n
     try:
-        k, n = (int(v) for v in value.split("/"))
-    except ValueError:
-        fail(f"--shard must look like K/N (e.g. 2/4), not {value!r}.")
-    if n < 1:
-        fail(f"--shard {value}: N (the number of parts) must be 1 or more.")
-    if not (1 <= k <= n):
-        fail(f"--shard {value}: K must be between 1 and N.")
-    return k, n
+        return parse_shard(value)
+    except InputError as exc:
+        fail(str(exc))
 
 
 @app.command("infer")
@@ -506,7 +501,7 @@ def infer_cli(
     overlay: bool = typer.Option(False, "--overlay", help="Also write <image_id>_overlay.jpg: the contour and predicted class drawn on the image."),
     dicom_seg: bool = typer.Option(False, "--dicom-seg", help="Also write <image_id>_segmentation.dcm for each DICOM image: its mask as a DICOM Segmentation in the image's study, referencing it (needs the dicomseg extra). The PNG mask is written as always."),
     resume: bool = typer.Option(False, "--resume", help="Skip images whose outputs are already complete in OUT; an image changed since (its size or modification time) is done again."),
-    shard: str = typer.Option("1/1", "--shard", help="Process only part K of N (by a hash of the image id); writes predictions.part-K-of-N.csv. dermtool merge OUT joins the parts. auto: K and N of this task of a SLURM job array (SLURM_ARRAY_TASK_ID, _MIN, _COUNT) or a Kubernetes Indexed Job (JOB_COMPLETION_INDEX, with N in DERMTOOL_SHARDS)."),
+    shard: str = typer.Option("1/1", "--shard", help="Process only part K of N (by a hash of the image id); writes predictions.part-K-of-N.csv. dermtool merge OUT joins the parts. N: 1 to 100000. auto: K and N of this task of a SLURM job array (SLURM_ARRAY_TASK_ID, _MIN, _COUNT) or a Kubernetes Indexed Job (JOB_COMPLETION_INDEX, with N in DERMTOOL_SHARDS)."),
     workers: int = typer.Option(0, "--workers", help="Decode/write threads (0: automatic; at most 64)."),
     report: bool = typer.Option(False, "--report", help="Also write OUT/report.html: the run's facts and a gallery of thumbnails with contour, class and probabilities, in triage order (as dermtool report OUT)."),
     melanoma_threshold: Optional[float] = typer.Option(None, "--melanoma-threshold", help="Label an image melanoma when its melanoma probability is at least this (between 0 and 1), else the likelier other class. Default: the model's stored operating point (dermtool calibrate), else the plain argmax."),
@@ -522,8 +517,9 @@ def infer_cli(
     reaches it, else the likelier other class; without one, the argmax), plus OUT/infer.json
     with the run summary and the post-processing used: threshold → closing → largest component
     → hole filling → restore to the original size. Unreadable files are reported and skipped,
-    and so are a broken link, a folder or a FIFO named like an image, and a name starting with
-    = + - or @ (a spreadsheet would run it as a formula); of two files with one image id (a.jpg,
+    and so are a broken link, a folder or a FIFO named like an image, and a name predictions.csv
+    cannot hold: starting with = + - or @ (a spreadsheet would run it as a formula), with a line
+    break or another control character, not UTF-8, or over 238 bytes; of two files with one image id (a.jpg,
     a.png) the first by name is used and the other named; the exit code is 1 when any image
     failed or was skipped so. Subfolders are not searched; hidden files and ISIC side files
     (*_segmentation, *_superpixels) are not images. Masks follow the stored pixels: an EXIF
@@ -682,10 +678,13 @@ def merge_cli(
     """Join predictions.part-K-of-N.csv into predictions.csv, checking every image id appears exactly once.
 
     Refuses (exit 2, naming the file) a missing part, parts of different N, parts written with
-    another model or other settings, a damaged shard record (infer.shardKofN.json), an id in two
-    rows, and an image of the folder that no part holds (added after its shard ran: rerun that
-    shard with --resume). A missing shard record is named: that shard's settings are not
-    compared. Images that failed in their shard are listed and give exit code 1.
+    another model, other settings or another --ids list, a damaged shard record
+    (infer.shardKofN.json), an id in two rows, an image of the folder (of the shards' --ids list,
+    if they had one) that no part holds (added after its shard ran: rerun that shard with
+    --resume), a row of an image that is not there, and an edited row: probabilities that do not
+    sum to 1, or a label that is not the decision at the run's melanoma threshold. A missing
+    shard record is named: that shard's settings are not compared. Images that failed in their
+    shard are listed and give exit code 1.
     """
     from dermtool.shards import merge
 
@@ -702,9 +701,16 @@ def merge_cli(
                              "compared with the others'"), highlight=False, soft_wrap=True)
     for source in result.failed:
         console.print(escape(f"no row for {source}: it failed in its shard"), highlight=False, soft_wrap=True)
-    checked = (f"every image of {result.images} has one{' but those that failed' if result.failed else ''}"
-               if result.images else
-               "not checked against an images folder (pass --images to check that none is missing)")
+    but = " but those that failed" if result.failed else ""
+    listed = f"every one of the {result.ids} ids of the shards' --ids list has one{but}"
+    if result.images and result.ids is not None:
+        checked = f"{listed}, each an image of {result.images}"
+    elif result.images:
+        checked = f"every image of {result.images} has one{but}"
+    elif result.ids is not None:
+        checked = f"{listed}; the images folder was not found, so not checked against it (pass --images)"
+    else:
+        checked = "not checked against an images folder (pass --images to check that none is missing)"
     console.print(escape(f"merged {result.parts} parts: {result.rows} rows in {out / 'predictions.csv'}; {checked}"),
                   highlight=False, soft_wrap=True)
     if result.failed:
@@ -751,7 +757,7 @@ def export_cli(
     model: Optional[Path] = typer.Argument(None, help="Model folder (config.json + weights): a run of dermtool train or a bundled model. Default: the bundled model."),
     out: Path = typer.Option(..., "--out", "-o", help="Export folder to write: the model file (model.tflite, model.onnx, saved_model/ or, for keras, model.weights.h5) and its config.json."),
     fmt: str = typer.Option(..., "--format", "-f", help="savedmodel (TF Serving, TF.js, any TensorFlow) | tflite (LiteRT: phones, small CPUs) | onnx (onnxruntime) | keras (a model folder for dermtool again: with --quantize float16, half the size on disk)."),
-    quantize: str = typer.Option("none", "--quantize", help="none | float16 | dynamic (int8 weights) | int8 (int8 weights and activations) | mixed (int8 except the input normalisation and the encoder's first stage, float32: int8's speed at dynamic's accuracy). int8 and mixed need --calibration. tflite takes all five, onnx none and dynamic, keras none and float16 (weights stored as float16, computed in float32)."),
+    quantize: str = typer.Option("none", "--quantize", help="none | float16 | dynamic (int8 weights) | int8 (int8 weights and activations; colour constancy stays float32) | mixed (int8 except colour constancy, the input normalisation and the encoder's first stage, float32: int8's speed at dynamic's accuracy). int8 and mixed need --calibration. tflite takes all five, onnx none, keras none and float16 (weights stored as float16, computed in float32)."),
     calibration: Optional[Path] = typer.Option(None, "--calibration", help="Folder of images that set the int8 activation ranges (a few hundred of the training images)."),
     check: Optional[Path] = typer.Option(None, "--check", help="Labelled folder (images/, masks/, labels.csv): score the Keras and the exported model on it, side by side."),
 ) -> None:

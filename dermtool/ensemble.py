@@ -8,10 +8,11 @@ networks on one input with each output the mean of theirs, so infer, calibrate, 
 LiteRT engine and the Python API run it as one model, at N forward passes of the work.
 
 The members must share the architecture and the input preparation: their config.json model
-sections may differ only in what is fitted per network (temperature, operating point) and the
-lesion view. The ensemble keeps the first member's lesion view and mask threshold; its
-temperature is reset to 1 and its melanoma threshold removed, since those were fitted for one
-network: run `dermtool calibrate` on its validation predictions before using its labels.
+sections may differ only in what is fitted per network (temperature, operating point, mask
+threshold) and the lesion view. The ensemble keeps the first member's lesion view and mask
+threshold; its temperature is reset to 1 and its melanoma threshold removed, since those were
+fitted for one network: run `dermtool calibrate` on its validation predictions before using its
+labels. config.json's `ensemble_of` names the members by absolute path.
 """
 
 from __future__ import annotations
@@ -26,8 +27,9 @@ from dermtool.config import ENSEMBLE_MAX, load_config, save_config
 from dermtool.errors import InputError
 from dermtool.io import publish, staging_folder
 
-#: fitted per network, or an inference setting (infer --cls-views): not the architecture
-NOT_ARCHITECTURE = {"temperature", "melanoma_threshold", "calibration", "cls_views"}
+#: fitted per network, or an inference setting (infer --cls-views, the mask threshold that infer
+#: --threshold overrides): not the architecture. The ensemble keeps the first member's.
+NOT_ARCHITECTURE = {"temperature", "melanoma_threshold", "calibration", "cls_views", "threshold"}
 #: room beyond the weights for config.json and the file system's own blocks
 DISK_MARGIN = 1 << 20
 
@@ -92,7 +94,8 @@ def make_ensemble(out: Path, models: list[Path], float16: bool = False, weights=
         ensemble.save_weights(str(staging / "model.weights.h5"))
         if float16:
             halve_weights(staging / "model.weights.h5")
-        save_config(staging / "config.json", cfg, tcfg, ensemble_of=[str(m) for m in models],
+        # absolute: the folder is read from anywhere, and a path relative to where it was made says nothing there
+        save_config(staging / "config.json", cfg, tcfg, ensemble_of=[str(m.resolve()) for m in models],
                     weights_dtype="float16" if float16 else "float32")
         publish(staging, out)  # into an empty folder, config.json last
     except BaseException:

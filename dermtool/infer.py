@@ -23,10 +23,11 @@ import numpy as np
 from dermtool import CLASS_NAMES
 from dermtool.augment import dihedral, undo_dihedral
 from dermtool.config import CLS_VIEWS, ModelConfig, check_cls_views
-from dermtool.data import NOT_IMAGES, find_images, image_id_of, keep_ids, unique_ids
+from dermtool.data import find_images, image_id_of, keep_ids, not_files, unique_ids
 from dermtool.decision import apply_temperature, check_threshold, decide
-from dermtool.errors import InputError, disk_full, write_failure
-from dermtool.io import claim, formula_name, encode_mask_png, first_few, open_append, read_csv_rows, read_json, write_atomic, write_csv_atomic
+from dermtool.errors import InputError, disk_full, unreadable, write_failure
+from dermtool.io import (claim, formula_name, encode_mask_png, first_few, open_append, read_csv_rows, read_json,
+                         remove_stale_temps, write_atomic, write_csv_atomic)
 from dermtool.modelio import default_model_dir, load_engine, load_model, model_fingerprint  # noqa: F401  (load_model: re-exported)
 from dermtool.postprocess import PostprocessConfig, postprocess
 from dermtool.preprocess import IMAGE_EXTENSIONS, Transform, prepare, restore, restore_mask
@@ -101,31 +102,28 @@ def select_images(images_dir: Path, shard: tuple[int, int] = (1, 1), ids=None) -
         raise InputError(f"{images_dir}: holds no images ({' '.join(IMAGE_EXTENSIONS)}); its subfolders are not "
                          "searched, and files named *_segmentation or *_superpixels (ISIC side files) or hidden ones are "
                          "not images.")
+    paths = [p for p in paths if not formula_name(p, "predictions.csv")]  # named by unusable_entries
     if ids is not None:  # as preprocess --ids keeps them
         paths = keep_ids(paths, {}, list(ids), images_dir)[0]
     return [p for p in paths if shard_of(image_id_of(p), n) == k]
 
 
+def _shard_id(p: Path) -> str:
+    """The id a file is sharded by: its own, or for a name that is not UTF-8 (refused, but named
+    by one shard) the same with its undecodable bytes replaced."""
+    return os.fsencode(image_id_of(p)).decode("utf-8", "replace")
+
+
 def unusable_entries(images_dir: Path, shard: tuple[int, int] = (1, 1), ids=None) -> list[tuple[Path, str]]:
     """Entries of the folder named as images that infer does not run, each with why, so the run
     names them (find_images passes them over): a link to nothing, a folder or a FIFO named
-    x.jpg, and a file whose id would start a spreadsheet formula in predictions.csv. Only those
-    of this shard (and of `ids`)."""
-    found = []
-    for p in sorted(Path(images_dir).iterdir(), key=lambda p: p.name):
-        if p.suffix.lower() not in IMAGE_EXTENSIONS or p.name.startswith(".") or p.stem.endswith(NOT_IMAGES):
-            continue
-        if ids is not None and p.stem not in ids or shard_of(image_id_of(p), shard[1]) != shard[0]:
-            continue
-        if p.is_symlink() and not p.exists():
-            found.append((p, f"{p}: a link to nothing ({os.readlink(p)}); skipped."))
-        elif p.is_dir():
-            found.append((p, f"{p}: a folder, not an image file; skipped."))
-        elif not p.is_file():
-            found.append((p, f"{p}: not a regular file (a FIFO, socket or device); skipped."))
-        elif formula_name(p, "predictions.csv"):
-            found.append((p, formula_name(p, "predictions.csv")))
-    return found
+    x.jpg (`data.not_files`), and a file whose name predictions.csv cannot hold (`io.formula_name`:
+    a formula, a control character, not UTF-8, too long). Only those of this shard (and of `ids`)."""
+    named = [(p, formula_name(p, "predictions.csv")) for p in find_images(images_dir)]
+    found = not_files(images_dir) + [(p, why) for p, why in named if why]
+    return sorted(((p, why) for p, why in found
+                   if (ids is None or p.stem in ids) and shard_of(_shard_id(p), shard[1]) == shard[0]),
+                  key=lambda entry: entry[0].name)
 
 
 def _run_model(model, x: np.ndarray, tta: int = 1, batch_size: int | None = None, cls_only: bool = False) -> dict:
@@ -247,15 +245,24 @@ def _finish_one(image_id: str, source: Path, t: Transform, seg, cls, cfg: ModelC
     mask, label = finish_image(seg, cls, t, opts.post, opts.melanoma_threshold)
     k = CLASS_NAMES.index(label) if cls is not None else None
     if seg is not None:
-        if opts.probabilities:
-            _save_tiff(out_dir / f"{image_id}_probability.tif", restore(seg, t))
-        if opts.overlay:
-            _save_overlay(out_dir / f"{image_id}_overlay.jpg", source, mask, cls, k)
-        if opts.dicom_seg and source.suffix.lower() == ".dcm":
-            from dermtool.dicom import write_segmentation
+        written = []  # a failure part-way removes this image's files: all of its outputs or none
+        try:
+            if opts.probabilities:
+                written.append(out_dir / f"{image_id}_probability.tif")
+                _save_tiff(written[-1], restore(seg, t))
+            if opts.overlay:
+                written.append(out_dir / f"{image_id}_overlay.jpg")
+                _save_overlay(written[-1], source, mask, cls, k)
+            if opts.dicom_seg and source.suffix.lower() == ".dcm":
+                from dermtool.dicom import write_segmentation
 
-            write_atomic(out_dir / f"{image_id}_segmentation.dcm", lambda tmp: write_segmentation(source, mask, tmp))
-        _save_png(out_dir / f"{image_id}{MASK_SUFFIX}", mask)  # last: marks the image as done
+                written.append(out_dir / f"{image_id}_segmentation.dcm")
+                write_atomic(written[-1], lambda tmp: write_segmentation(source, mask, tmp))
+            _save_png(out_dir / f"{image_id}{MASK_SUFFIX}", mask)  # last: marks the image as done
+        except BaseException:
+            for path in written:
+                path.unlink(missing_ok=True)
+            raise
     if cls is None:
         return [image_id]
     return [image_id] + [f"{p:.6f}" for p in cls] + [label]
@@ -409,6 +416,10 @@ def predict_folder(images_dir: Path, out_dir: Path, model_dir: Path | None = Non
             log(f"note: {out_dir} holds {len(left)} mask(s) of images not in this run ({first_few(left)}), left by an "
                 "earlier run; predictions.csv lists only this run's images, so write to a fresh --out to keep them apart")
     out_dir.mkdir(parents=True, exist_ok=True)
+    # temporary files a killed run left, of the outputs this run writes again
+    remove_stale_temps(out_dir, {f"{image_id_of(p)}{suffix}" for p in todo for suffix in
+                                 (MASK_SUFFIX, "_overlay.jpg", "_probability.tif", "_segmentation.dcm")}
+                       | {csv_path.name, sources_path.name, record_name(opts.shard)})
     if csv_path.is_dir():  # found now, not after every image is done
         raise IsADirectoryError(errno.EISDIR, os.strerror(errno.EISDIR), str(csv_path))
     # the settings are on disk before any output, so even a killed run can be checked on --resume
@@ -441,6 +452,8 @@ def predict_folder(images_dir: Path, out_dir: Path, model_dir: Path | None = Non
             return path, None, None, str(exc)
         except MemoryError:  # one image too large for this machine: named, and the rest go on
             return path, None, None, f"{path}: not enough memory to decode it; skipped."
+        except Exception as exc:  # a decoder's own error on a damaged file (zlib, a bad tag): that file only
+            return path, None, None, unreadable(path, exc)
 
     batches = [todo[i:i + batch_size] for i in range(0, len(todo), batch_size)]
     writes: deque = deque()  # (path, future of its CSV row), in submission order
@@ -506,6 +519,8 @@ def _collect(item, summary: InferSummary, done, bar) -> None:
         if disk_full(exc):  # every image after it would fail too: stop with the one line
             raise
         summary.failed.append((str(path), write_failure(exc, f"the outputs of {path.name}")))
+    except Exception as exc:  # one image's post-processing or writing: named, and the rest go on
+        summary.failed.append((str(path), unreadable(path, exc, "could not be processed")))
     else:
         done(path, row)
         summary.done += 1
@@ -522,6 +537,9 @@ def _run_record(images_dir: Path, model_sha1: str, summary: InferSummary, cfg: M
         "overlay": opts.overlay, "dicom_seg": opts.dicom_seg, "shard": f"{opts.shard[0]}/{opts.shard[1]}",
         "temperature": cfg.temperature, "melanoma_threshold": opts.melanoma_threshold,
         "cls_views": opts.cls_views,
+        # the ids themselves, not a path or a hash: merge checks every one has a row, wherever it
+        # runs and whatever became of the list file (10,000 ids are about 170 KB)
+        "ids": None if opts.ids is None else sorted(set(opts.ids)),
     }
 
 

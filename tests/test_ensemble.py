@@ -70,7 +70,7 @@ def test_each_output_is_the_mean_of_the_members_outputs(models, tmp_path):
     assert cfg.temperature == 1.0 and cfg.melanoma_threshold is None and cfg.calibration is None
     assert "calibrate" in result.output
     raw = json.loads((out / "config.json").read_text())
-    assert raw["ensemble_of"] == [str(models[k]) for k in "abc"] and raw["weights_dtype"] == "float32"
+    assert raw["ensemble_of"] == [str(models[k].resolve()) for k in "abc"] and raw["weights_dtype"] == "float32"
     assert sorted(p.name for p in out.iterdir()) == ["config.json", "model.weights.h5"]
 
 
@@ -150,6 +150,29 @@ def test_what_cannot_be_joined_is_refused_in_one_line(models, tmp_path, case):
         args, words = [tmp_path / "inner", models["c"]], [str(tmp_path / "inner"), "already an ensemble"]
     _one_line_error(ensemble(out, *args), *words)
     assert sorted(p.name for p in out.iterdir()) == ["old.txt"] if case == "not_empty" else not out.exists()
+
+
+def test_members_of_other_mask_thresholds_are_joined_keeping_the_first(models, tmp_path):
+    """The docs said the first member's mask threshold is kept, but a member of another was
+    refused as "differs ... in threshold"."""
+    other = _model_folder(tmp_path / "other", 5, threshold=0.3)
+    for first, second, kept in ((models["b"], other, load_config(models["b"])[0].threshold), (other, models["b"], 0.3)):
+        out = tmp_path / f"ens-{kept}"
+        result = ensemble(out, first, second)
+        assert result.exit_code == 0, result.output
+        assert load_config(out)[0].threshold == kept and load_config(out)[0].members == 2
+    assert load_config(models["b"])[0].threshold != 0.3
+
+
+def test_ensemble_of_names_the_members_by_absolute_path(models, tmp_path, monkeypatch):
+    """Given as relative paths, the members were recorded relative to the folder the command
+    ran in, which says nothing to whoever reads the ensemble from elsewhere."""
+    monkeypatch.chdir(models["b"].parent)
+    assert ensemble(tmp_path / "ens", "b", "./c").exit_code == 0
+    monkeypatch.chdir(tmp_path)
+    recorded = json.loads((tmp_path / "ens" / "config.json").read_text())["ensemble_of"]
+    assert recorded == [str(models["b"].resolve()), str(models["c"].resolve())]
+    assert all(Path(m).is_absolute() and (Path(m) / "config.json").is_file() for m in recorded)
 
 
 def test_a_folder_named_like_the_staging_one_is_never_touched(models, tmp_path, monkeypatch):

@@ -657,6 +657,77 @@ def test_entries_named_like_images_that_are_not_run_are_named_and_the_rest_done(
     assert len(json.loads((out / "infer.json").read_text())["failed"]) == 4
 
 
+def test_names_predictions_csv_cannot_hold_are_named_and_the_rest_done(models, few_images, tmp_path):
+    """A name that is not UTF-8 stopped infer with a traceback before anything ran; a carriage
+    return in a name broke its CSV row; a 240-byte name failed on its mask's temporary name and
+    then stopped every --resume (File name too long)."""
+    latin1 = os.fsencode(few_images) + b"/caf\xe9.jpg"
+    with open(latin1, "wb") as fh:
+        fh.write((few_images / "wide.jpg").read_bytes())
+    shutil.copy(few_images / "wide.jpg", few_images / "cr\rname.jpg")
+    shutil.copy(few_images / "wide.jpg", few_images / ("a" * 240 + ".jpg"))
+    out = tmp_path / "out"
+    for resume in ((), ("--resume",)):
+        result = infer(few_images, "--out", out, "--model", models["joint"], *resume)
+        assert result.exit_code == 1, result.output
+        text = " ".join(result.output.split())
+        for words in ("caf\\xe9.jpg': its name is not valid UTF-8", "its name holds a line break",
+                      "its name is 240 bytes long"):
+            assert words in text, text
+        assert sorted(rows_by_id(out / "predictions.csv")) == ["gray", "tall", "wide"]
+        assert len(json.loads((out / "infer.json").read_text())["failed"]) == 3
+    assert_no_temp_files(out)
+
+
+def test_a_decoder_error_fails_its_image_only(models, few_images, tmp_path):
+    """zlib's error on a damaged TIFF escaped infer's decode: a traceback, the batch lost, and
+    every --resume the same."""
+    path = few_images / "damaged.tif"
+    pixels = np.kron(np.arange(18, dtype=np.uint8).reshape(2, 3, 3) * 10, np.ones((32, 32, 1), np.uint8))
+    tifffile.imwrite(path, pixels, photometric="rgb", compression="zlib")  # the stream cut below, the tags kept
+    data = path.read_bytes()
+    path.write_bytes(data[:len(data) // 2] + bytes(len(data) - len(data) // 2))
+    out = tmp_path / "out"
+    result = infer(few_images, "--out", out, "--model", models["joint"], "--batch-size", "4")
+    assert result.exit_code == 1, result.output
+    assert "damaged.tif: not a readable image (error: Error" in " ".join(result.output.split())
+    assert sorted(rows_by_id(out / "predictions.csv")) == ["gray", "tall", "wide"]
+    assert sorted(p.name for p in out.glob(f"*{io.MASK_SUFFIX}")) == [f"{i}{io.MASK_SUFFIX}" for i in
+                                                                     ("gray", "tall", "wide")]
+
+
+def test_a_failure_while_writing_removes_that_images_other_outputs(models, few_images, tmp_path, monkeypatch):
+    """An overlay written before its mask failed stayed behind without a mask or row."""
+    from dermtool import infer as infer_module
+
+    real = infer_module._save_png
+
+    def failing(path, mask):
+        if path.name.startswith("tall"):
+            raise ValueError("a writer's own error")
+        real(path, mask)
+
+    monkeypatch.setattr(infer_module, "_save_png", failing)
+    out = tmp_path / "out"
+    result = infer(few_images, "--out", out, "--model", models["joint"], "--overlay", "--probabilities")
+    assert result.exit_code == 1, result.output
+    assert "tall.jpeg: could not be processed (ValueError: a writer's own error)" in " ".join(result.output.split())
+    assert sorted(rows_by_id(out / "predictions.csv")) == ["gray", "wide"]
+    assert not list(out.glob("tall*")) and len(list(out.glob("wide*"))) == 3
+
+
+def test_temporary_files_a_killed_run_left_are_removed_when_their_image_is_done_again(models, few_images,
+                                                                                   tmp_path):
+    out = tmp_path / "out"
+    assert infer(few_images, "--out", out, "--model", models["joint"]).exit_code == 0
+    (out / f"wide{io.MASK_SUFFIX}").unlink()  # killed while writing it: its temporary file is left
+    (out / f".wide{io.MASK_SUFFIX}.99999.tmp").write_bytes(b"")
+    (out / f".other{io.MASK_SUFFIX}.99999.tmp").write_bytes(b"")  # not this run's image: not touched
+    result = infer(few_images, "--out", out, "--model", models["joint"], "--resume")
+    assert result.exit_code == 0, result.output
+    assert sorted(p.name for p in out.iterdir() if p.name.endswith(".tmp")) == [f".other{io.MASK_SUFFIX}.99999.tmp"]
+
+
 def test_masks_left_by_an_earlier_run_of_other_images_are_named(models, few_images, tmp_path):
     out = tmp_path / "out"
     assert infer(few_images, "--out", out, "--model", models["seg"]).exit_code == 0

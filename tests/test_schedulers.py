@@ -5,13 +5,16 @@ once (each array task with the SLURM_ARRAY_* variables SLURM sets); the Indexed 
 examples/kubernetes/infer-job.yaml runs its container command once per index with the Job's
 env and JOB_COMPLETION_INDEX, then the merge Job's command. Both must give what one unsharded
 run gives. `shard_from_env` is checked on hand-worked cases, and `--shard auto` without a
-scheduler stops with one line.
+scheduler stops with one line. Merge joins shards of an --ids list, and refuses rows of images
+that are not there and rows edited since infer wrote them.
 """
 
 from __future__ import annotations
 
 import csv
+import json
 import os
+import re
 import shutil
 import stat
 import subprocess
@@ -26,7 +29,7 @@ from typer.testing import CliRunner
 
 from dermtool.cli import app
 from dermtool.errors import InputError
-from dermtool.shards import shard_from_env
+from dermtool.shards import SHARDS_MAX, check_prediction_row, parse_shard, shard_from_env
 from dermtool.synthetic import make_lesion
 
 yaml = pytest.importorskip("yaml")
@@ -181,12 +184,76 @@ def test_shard_from_env(env, expected):
     ({"JOB_COMPLETION_INDEX": "5", "DERMTOOL_SHARDS": "5"}, "not part 1..5"),
     # --array=1,5,9: three tasks, but 9 - 1 is no position among three
     ({"SLURM_ARRAY_TASK_ID": "9", "SLURM_ARRAY_TASK_MIN": "1", "SLURM_ARRAY_TASK_COUNT": "3"}, "not part 1..3"),
+    # SLURM sets _MIN and _COUNT in every array task: one missing is named as not set
     ({"SLURM_ARRAY_TASK_ID": "2", "SLURM_ARRAY_TASK_MIN": "", "SLURM_ARRAY_TASK_COUNT": "3"},
-     "SLURM_ARRAY_TASK_MIN='' is not a whole number"),
+     "SLURM_ARRAY_TASK_ID is set but SLURM_ARRAY_TASK_MIN is not"),
+    ({"SLURM_ARRAY_TASK_ID": "2", "SLURM_ARRAY_TASK_MIN": "1"}, "but SLURM_ARRAY_TASK_COUNT is not"),
+    # int() takes these; no scheduler writes them
+    ({"SLURM_ARRAY_TASK_ID": "1_0", "SLURM_ARRAY_TASK_MIN": "0", "SLURM_ARRAY_TASK_COUNT": "20"},
+     "SLURM_ARRAY_TASK_ID='1_0' is not a whole number"),
+    ({"JOB_COMPLETION_INDEX": "\u0663", "DERMTOOL_SHARDS": "5"}, "JOB_COMPLETION_INDEX='\u0663' is not a whole number"),
+    ({"JOB_COMPLETION_INDEX": " 1", "DERMTOOL_SHARDS": "5"}, "JOB_COMPLETION_INDEX=' 1' is not a whole number"),
+    ({"JOB_COMPLETION_INDEX": "0", "DERMTOOL_SHARDS": str(SHARDS_MAX + 1)}, f"more parts than the {SHARDS_MAX}"),
+    ({"SLURM_ARRAY_TASK_ID": "0", "SLURM_ARRAY_TASK_MIN": "0", "JOB_COMPLETION_INDEX": "0",
+      "SLURM_ARRAY_TASK_COUNT": "2", "DERMTOOL_SHARDS": "2"}, "both a SLURM array"),
 ])
 def test_shard_from_env_refuses(env, words):
     with pytest.raises(InputError, match=words.replace(".", r"\.")):
         shard_from_env(env)
+
+
+def test_a_long_environment_value_is_not_echoed_whole():
+    for name in ("SLURM_ARRAY_TASK_ID", "SLURM_ARRAY_TASK_COUNT"):
+        env = {"SLURM_ARRAY_TASK_ID": "1", "SLURM_ARRAY_TASK_MIN": "0", "SLURM_ARRAY_TASK_COUNT": "2"}
+        for value in ("7" * 5000, "x" * 5000):  # digits (int() of 5000 of them raises) and junk
+            with pytest.raises(InputError) as caught:
+                shard_from_env({**env, name: value})
+            message = str(caught.value)
+            assert f"{name}=" in message and value[:40] in message and value[:41] not in message, message
+            assert "(5000 characters)" in message and len(message) < 400
+
+
+@pytest.mark.parametrize("value, words", [
+    ("1_0/20", "must look like K/N"),  # int("1_0") is 10
+    ("\u0661/\u0662", "must look like K/N"),  # Arabic-Indic digits: int() reads them
+    ("1/2 ", "must look like K/N"),
+    ("+1/2", "must look like K/N"),
+    ("1/99999999999999999999999", f"N (the number of parts) must be at most {SHARDS_MAX}"),
+    (f"1/{SHARDS_MAX + 1}", f"must be at most {SHARDS_MAX}"),
+    ("1/0", "N (the number of parts) must be 1 or more"),
+    ("0/2", "K must be between 1 and N"),
+    ("3/2", "K must be between 1 and N"),
+    ("1/" + "9" * 5000, "(5002 characters)"),
+])
+def test_parse_shard_takes_only_ascii_digits_and_n_up_to_the_maximum(value, words):
+    with pytest.raises(InputError, match=words.replace("(", r"\(").replace(")", r"\)")) as caught:
+        parse_shard(value)
+    assert len(str(caught.value)) < 200
+
+
+def test_parse_shard_reads_what_a_user_writes():
+    assert parse_shard("2/4") == (2, 4)
+    assert parse_shard("02/04") == (2, 4)
+    assert parse_shard(f"{SHARDS_MAX}/{SHARDS_MAX}") == (SHARDS_MAX, SHARDS_MAX)
+
+
+def test_junk_shard_is_one_line_before_anything_is_written(models, reference, tmp_path, monkeypatch):  # noqa: F811
+    out = tmp_path / "out"
+    result = runner.invoke(app, ["infer", str(reference["images"]), "--out", str(out), "--model", str(models["joint"]),
+                                 "--shard", "1_0/20"])
+    assert result.exit_code == 2 and len(result.output.strip().splitlines()) == 1, result.output
+    assert "must look like K/N" in result.output and not out.exists()
+    for name in SCHEDULER_VARS:
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("SLURM_ARRAY_TASK_ID", "1_0")
+    monkeypatch.setenv("SLURM_ARRAY_TASK_MIN", "0")
+    monkeypatch.setenv("SLURM_ARRAY_TASK_COUNT", "2_0")
+    result = runner.invoke(app, ["infer", str(reference["images"]), "--out", str(out), "--model", str(models["joint"]),
+                                 "--shard", "auto"])
+    assert result.exit_code == 2 and "SLURM_ARRAY_TASK_ID='1_0' is not a whole number" in result.output
+    assert not out.exists()
+    help_text = re.sub(r"[\s│╭╮╰╯─]", "", runner.invoke(app, ["infer", "--help"]).output)  # wrapping aside
+    assert f"N:1to{SHARDS_MAX}" in help_text
 
 
 def test_shard_auto_without_a_scheduler_exits_2_with_one_line(models, reference, tmp_path, monkeypatch):  # noqa: F811
@@ -244,3 +311,207 @@ def test_sigterm_is_ctrl_c_in_the_command_and_the_default_stop_in_a_forked_worke
             time.sleep(1)
     finally:
         signal.signal(signal.SIGTERM, previous)
+
+
+# --- merge: shards of an --ids list; rows of images not there; rows edited since infer -------
+
+
+def _infer_ok(*args) -> None:
+    result = runner.invoke(app, ["infer", *map(str, args)])
+    assert result.exit_code == 0, result.output
+
+
+def _merge_refused(out: Path, *words: str) -> str:
+    result = runner.invoke(app, ["merge", str(out)])
+    assert result.exit_code == 2, result.output
+    lines = result.output.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error:") and "Traceback" not in result.output, result.output
+    for word in words:
+        assert word in lines[0], lines[0]
+    assert not (out / "predictions.csv").exists()
+    return lines[0]
+
+
+def _same_predictions(merged: Path, one: Path) -> None:
+    """The rows of one run, up to float noise of other batches in the probabilities."""
+    got, want = _rows(merged), _rows(one)
+    assert [r[:1] + r[4:] for r in got] == [r[:1] + r[4:] for r in want]
+    np.testing.assert_allclose(np.array([r[1:4] for r in got[1:]], float),
+                               np.array([r[1:4] for r in want[1:]], float), atol=1e-5)
+
+
+@pytest.fixture(scope="module")
+def listed(models, reference, tmp_path_factory) -> dict:  # noqa: F811
+    """Four of the six images as an --ids list, inferred whole and in two shards (not merged)."""
+    root = tmp_path_factory.mktemp("listed")
+    ids = sorted(p.stem for p in reference["images"].iterdir())[1:5]
+    (root / "ids.txt").write_text("# four of the six\n" + "\n".join(reversed(ids)) + "\n")
+    common = ["--model", models["joint"], "--ids", root / "ids.txt"]
+    _infer_ok(reference["images"], "--out", root / "one", *common)
+    for k in (1, 2):
+        _infer_ok(reference["images"], "--out", root / "shards", *common, "--shard", f"{k}/2")
+    parts = [_rows(root / "shards" / f"predictions.part-{k}-of-2.csv")[1:] for k in (1, 2)]
+    assert parts[0] and parts[1]  # both shards hold some: the check runs across parts
+    return {"ids": ids, "one": root / "one", "shards": root / "shards"}
+
+
+@pytest.fixture(scope="module")
+def plain(models, reference, tmp_path_factory) -> Path:  # noqa: F811
+    """The six images inferred in two shards (not merged)."""
+    out = tmp_path_factory.mktemp("plain") / "out"
+    for k in (1, 2):
+        _infer_ok(reference["images"], "--out", out, "--model", models["joint"], "--shard", f"{k}/2")
+    return out
+
+
+def test_shards_of_an_id_list_merge_to_what_one_run_of_the_list_gives(listed, tmp_path):
+    """--ids with --shard was always refused: merge took every image of the folder not listed
+    for one that no part holds."""
+    out = Path(shutil.copytree(listed["shards"], tmp_path / "out"))
+    assert json.loads((out / "infer.shard1of2.json").read_text())["ids"] == listed["ids"]
+    result = runner.invoke(app, ["merge", str(out)])
+    assert result.exit_code == 0, result.output
+    assert "every one of the 4 ids of the shards' --ids list has one" in " ".join(result.output.split())
+    _same_predictions(out / "predictions.csv", listed["one"] / "predictions.csv")
+
+
+def test_merge_checks_an_id_list_even_when_the_images_folder_is_gone(listed, tmp_path):
+    out = Path(shutil.copytree(listed["shards"], tmp_path / "out"))
+    for k in (1, 2):  # as if merged on a machine that does not see the images
+        record = out / f"infer.shard{k}of2.json"
+        record.write_text(json.dumps({**json.loads(record.read_text()), "images": str(tmp_path / "gone")}))
+    part = out / "predictions.part-2-of-2.csv"
+    rows = _rows(part)
+    with open(part, "w", newline="") as fh:
+        csv.writer(fh).writerows(rows[:-1])  # the part cut short: its last id has no row
+    _merge_refused(out, "1 image(s) are in no part", rows[-1][0], "--ids LIST", "--shard 2/2 --resume")
+    with open(part, "w", newline="") as fh:
+        csv.writer(fh).writerows(rows)
+    result = runner.invoke(app, ["merge", str(out)])
+    assert result.exit_code == 0, result.output
+    assert "every one of the 4 ids" in " ".join(result.output.split())
+
+
+@pytest.mark.parametrize("other, words", [
+    ("three", ["an --ids list of 3 id(s)", "an --ids list of 4 id(s)"]),
+    ("none", ["every image of the folder (no --ids)"]),
+])
+def test_merge_refuses_shards_of_different_id_lists(listed, tmp_path, other, words):
+    out = Path(shutil.copytree(listed["shards"], tmp_path / "out"))
+    record = out / "infer.shard2of2.json"
+    ids = listed["ids"][:3] if other == "three" else None
+    record.write_text(json.dumps({**json.loads(record.read_text()), "ids": ids}))
+    _merge_refused(out, str(record), "infer.shard1of2.json", *words)
+
+
+def test_merge_refuses_a_damaged_id_list_in_a_record(listed, tmp_path):
+    out = Path(shutil.copytree(listed["shards"], tmp_path / "out"))
+    record = out / "infer.shard1of2.json"
+    record.write_text(json.dumps({**json.loads(record.read_text()), "ids": "ISIC_0000001"}))
+    _merge_refused(out, str(record), "its ids are not a list of image ids")
+
+
+def _append_row_of(part: Path, image_id: str) -> None:
+    """A row as infer would write it (sums to 1, labelled by the argmax), of another image."""
+    rows = _rows(part)
+    with open(part, "a", newline="") as fh:
+        csv.writer(fh).writerow([image_id, *rows[1][1:]])
+
+
+def test_merge_refuses_a_row_of_an_image_not_in_the_folder(plain, tmp_path):
+    out = Path(shutil.copytree(plain, tmp_path / "out"))
+    _append_row_of(out / "predictions.part-2-of-2.csv", "ISIC_9999999")
+    _merge_refused(out, str(out / "predictions.part-2-of-2.csv"), "1 row(s) are of images not in", "ISIC_9999999")
+
+
+def test_merge_refuses_a_row_of_an_image_not_on_the_id_list(listed, reference, tmp_path):
+    out = Path(shutil.copytree(listed["shards"], tmp_path / "out"))
+    unlisted = sorted(p.stem for p in reference["images"].iterdir())[0]  # in the folder, not on the list
+    assert unlisted not in listed["ids"]
+    _append_row_of(out / "predictions.part-1-of-2.csv", unlisted)
+    _merge_refused(out, str(out / "predictions.part-1-of-2.csv"), "not on the shards' --ids list", unlisted)
+
+
+@pytest.mark.parametrize("edit, words", [
+    ("sum", ["row 2", "has probabilities that sum to", "not 1"]),
+    ("label", ["row 2", "has the label nevus, but its probabilities make it melanoma", "the argmax"]),
+])
+def test_merge_refuses_a_row_edited_since_infer_wrote_it(plain, tmp_path, edit, words):
+    out = Path(shutil.copytree(plain, tmp_path / "out"))
+    part = out / "predictions.part-1-of-2.csv"
+    rows = _rows(part)
+    assert rows[1][4] == "melanoma" and float(rows[1][3]) < float(rows[1][1]) - 0.01  # see the reference run
+    if edit == "sum":
+        rows[1][1] = "0.900000"  # still a probability, still the argmax: only the sum tells
+    else:
+        rows[1][4] = "nevus"  # a class name, but not the decision
+    with open(part, "w", newline="") as fh:
+        csv.writer(fh).writerows(rows)
+    _merge_refused(out, str(part), rows[1][0], *words)
+
+
+def _threshold_between(reference: dict) -> float:
+    """A melanoma threshold that labels some of the six images other than their argmax."""
+    p = sorted(float(r[1]) for r in _rows(reference["out"] / "predictions.csv")[1:])
+    return round((p[2] + p[3]) / 2, 6)
+
+
+@pytest.mark.parametrize("task, options", [
+    ("joint", []),
+    ("joint", ["--melanoma-threshold", "between"]),
+    ("joint", ["--tta", "4"]),
+    ("cls", []),
+    ("seg", []),  # no class columns at all
+])
+def test_what_infer_writes_merges(models, reference, tmp_path, task, options):  # noqa: F811
+    options = [str(_threshold_between(reference)) if o == "between" else o for o in options]
+    common = ["--model", models[task], *options]
+    _infer_ok(reference["images"], "--out", tmp_path / "one", *common)
+    for k in (1, 2):
+        _infer_ok(reference["images"], "--out", tmp_path / "out", *common, "--shard", f"{k}/2")
+    result = runner.invoke(app, ["merge", str(tmp_path / "out")])
+    assert result.exit_code == 0, result.output
+    merged = _rows(tmp_path / "out" / "predictions.csv")
+    assert len(merged) == 7
+    if task == "seg":
+        assert merged == _rows(tmp_path / "one" / "predictions.csv") and merged[0] == ["image_id"]
+    else:
+        _same_predictions(tmp_path / "out" / "predictions.csv", tmp_path / "one" / "predictions.csv")
+    if "--melanoma-threshold" in options:  # the labels are the threshold's, which the argmax would refuse
+        names = merged[0][1:4]
+        assert any(r[4] != names[int(np.argmax([float(v) for v in r[1:4]]))] for r in merged[1:])
+
+
+HEADER = ["image_id", "melanoma", "seborrheic_keratosis", "nevus", "label"]
+KERAS = {"engine": "keras", "temperature": 1.0, "melanoma_threshold": None}
+#: a LiteRT run of an int8 export at temperature 1: its softmax moves in steps of 1/256
+LITERT = {"engine": "litert", "temperature": 1.0, "melanoma_threshold": None}
+
+
+@pytest.mark.parametrize("row, run", [
+    ("0.333333,0.333333,0.333333,melanoma", KERAS),  # rounded down three times: sums to 0.999999
+    ("0.333333,0.333333,0.333333,nevus", KERAS),  # a tie: any of the three may have been ahead
+    ("0.333334,0.333333,0.333333,melanoma", KERAS),
+    ("0.019531,0.480469,0.503906,nevus", LITERT),  # measured on the bundled export: sums to 1 + 1/256
+    ("0.019531,0.480469,0.503906,nevus", {}),  # no record: nothing says the engine was not LiteRT
+    ("0.300000,0.200000,0.500000,nevus", {**KERAS, "melanoma_threshold": 0.3}),  # p may have been 0.2999996
+    ("0.300000,0.200000,0.500000,melanoma", {**KERAS, "melanoma_threshold": 0.3}),
+    ("0.300000,0.200000,0.500000,melanoma", {"engine": "keras"}),  # an older record: the label is not checked
+])
+def test_rows_as_infer_writes_them_pass(row, run):
+    check_prediction_row(Path("p.csv"), 2, ["a", *row.split(",")], HEADER, run)
+
+
+@pytest.mark.parametrize("row, run, words", [
+    ("0.019531,0.480469,0.503906,nevus", KERAS, "sum to 1.003906, not 1"),
+    ("0.019531,0.480469,0.503906,nevus", {**LITERT, "temperature": 0.7}, "sum to 1.003906"),  # renormalised
+    ("0.100000,0.100000,0.900000,nevus", LITERT, "sum to 1.100000"),
+    ("0.333335,0.333333,0.333332,nevus", KERAS, "has the label nevus, but its probabilities make it melanoma"),
+    ("0.300002,0.200000,0.499998,nevus", {**KERAS, "melanoma_threshold": 0.3},
+     "make it melanoma (melanoma from p = 0.3"),
+    ("0.299998,0.200000,0.500002,melanoma", {**KERAS, "melanoma_threshold": 0.3}, "make it nevus"),
+])
+def test_rows_edited_since_infer_are_refused_naming_file_and_row(row, run, words):
+    with pytest.raises(InputError) as caught:
+        check_prediction_row(Path("p.csv"), 2, ["a", *row.split(",")], HEADER, run)
+    assert str(caught.value).startswith("p.csv: row 2 (a) has") and words in str(caught.value), str(caught.value)
