@@ -1,3 +1,3 @@
-from dermtool.cli import app
+from dermtool.cli import entry
 
-app(prog_name="dermtool")
+entry()

@@ -33,7 +33,7 @@ from pathlib import Path
 
 import numpy as np
 
-from dermtool.errors import InputError
+from dermtool.errors import InputError, as_disk_full
 from dermtool.io import claim, read_csv_rows, read_json
 
 LAST, BEST, OPTIMIZER, HISTORY, STATE = "last.weights.h5", "best.weights.h5", "optimizer.npz", "history.csv", "state.json"
@@ -49,7 +49,10 @@ def _make_dir(path: Path) -> None:
 
 
 def _save_weights(model, path: Path) -> None:
-    model.save_weights(str(path))
+    try:
+        model.save_weights(str(path))
+    except RuntimeError as exc:  # h5py's word for a full disk: no errno, no OSError
+        raise as_disk_full(exc, path) from None
 
 
 def _seed_states(model) -> list:

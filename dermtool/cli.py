@@ -94,6 +94,20 @@ def main(
 
 
 _MAIN_PID = None
+#: set by `entry`, the console script: this process is dermtool's own, not a test's or a notebook's
+_HARD_EXIT = False
+
+
+def entry() -> None:
+    """The `dermtool` command (and `python -m dermtool`): the app, run as a process of its own.
+
+    Only then may an interrupted train leave with os._exit once its run is committed: a tf.data
+    pipeline interrupted mid-epoch can deadlock its own teardown (its map workers' iterator
+    waiting on a compute thread), which once left a SIGTERMed train alive after its last line.
+    """
+    global _HARD_EXIT
+    _HARD_EXIT = True
+    app(prog_name="dermtool")
 
 
 def _terminated(signum, frame) -> None:
@@ -306,7 +320,13 @@ def train_cli(
     except OSError as exc:  # a full disk, a read-only --out, a file where a folder should be
         fail(write_failure(exc, "the run", out))
     except KeyboardInterrupt:
-        fail(_train_interrupted(out), 130)
+        message = _train_interrupted(out)
+        if _HARD_EXIT:  # the run is committed; leave without tearing tf.data down (see `entry`)
+            console.print(f"[bold red]error:[/] {escape(message)}", highlight=False, soft_wrap=True)
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os._exit(130)
+        fail(message, 130)
 
 
 def _check_train_options(o: dict) -> None:
@@ -330,8 +350,12 @@ def _check_train_options(o: dict) -> None:
         groups = parse_groups(o["augment"])
     except ValueError as exc:
         fail(f"--augment: {exc}.")
-    if o["task"] == "seg" and o["alpha"] != 0.5:
-        fail(f"--alpha {o['alpha']:g} weighs the mask and the class loss of --task joint; --task seg has only the mask loss.")
+    if o["task"] in ("seg", "cls") and o["alpha"] != 0.5:
+        only = "the mask loss" if o["task"] == "seg" else "the class loss"
+        fail(f"--alpha {o['alpha']:g} weighs the mask and the class loss of --task joint; --task {o['task']} has only "
+             f"{only}.")
+    if o["task"] == "cls" and o["freeze"] == "decoder":
+        fail("--freeze decoder: --task cls has no decoder (its model is the encoder and the classifier head).")
     if o["task"] == "cls" and o["dice"]:
         fail("--dice adds a Dice term to the mask loss; --task cls has no masks (use seg or joint).")
     if o["ema"] and not 0.5 <= o["ema"] < 1.0:
@@ -377,6 +401,9 @@ def _check_train_options(o: dict) -> None:
     if o["freeze"] == "encoder+decoder" and o["task"] == "joint" and o["alpha"] == 1.0:
         fail("--freeze encoder+decoder trains only the classifier head, and --alpha 1 gives it no loss, so "
              "nothing would learn; use --alpha 0.")
+    if o["progressive"] is not None and o["progressive"] < 0:
+        fail(f"--progressive must be 0 (off) or the side of the first, smallest training square (e.g. 128), "
+             f"not {o['progressive']}.")
     if o["seg_batch"] and o["task"] != "joint":
         fail(f"--seg-batch applies to --task joint only (the decoder's share of a joint batch), not {o['task']}.")
     if o["seg_batch"] and o["batch_size"] is not None and not 0 < o["seg_batch"] <= o["batch_size"]:

@@ -112,12 +112,14 @@ class ModelConfig:
             raise InputError(f"unknown encoder {self.encoder!r}; choose one of {', '.join(ENCODERS)}.")
         if self.encoder != "unet" and (self.padding != "same" or self.size % 32 or self.depth != 5
                                        or self.normalization != "lite"):
-            raise InputError(f"the {self.encoder} encoder needs --preset lite0 (same padding, depth 5, its own "
-                             f"normalisation) and a size that is a multiple of 32 (got {self.size}).")
+            raise InputError(f"the {self.encoder} encoder needs same padding, depth 5 and its own normalisation "
+                             f"(--preset lite0 sets them) and a --size that is a multiple of 32, not {self.size}.")
         if self.pretrained and self.encoder == "unet":
             raise InputError("--pretrained needs a pretrained encoder: add --encoder efficientnet-lite0 (or -lite1, -lite2).")
         if self.padding == "same" and self.size % (2**self.depth):
-            raise InputError(f"size {self.size} must be a multiple of 2**depth = {2 ** self.depth}.")
+            raise InputError(f"--size {self.size} must be a multiple of 2**depth = {2 ** self.depth} (--depth "
+                             f"{self.depth} halves the square that many times), e.g. "
+                             f"{max(2 ** self.depth, self.size // 2 ** self.depth * 2 ** self.depth)}.")
         if not (isinstance(self.members, int) and not isinstance(self.members, bool)
                 and 1 <= self.members <= ENSEMBLE_MAX):
             raise InputError(f"members must be a whole number from 1 to {ENSEMBLE_MAX}, not {self.members!r}.")

@@ -24,7 +24,7 @@ import shutil
 from pathlib import Path
 
 from dermtool.config import ENSEMBLE_MAX, load_config, save_config
-from dermtool.errors import InputError
+from dermtool.errors import InputError, as_disk_full
 from dermtool.io import publish, staging_folder
 
 #: fitted per network, or an inference setting (infer --cls-views, the mask threshold that infer
@@ -91,7 +91,10 @@ def make_ensemble(out: Path, models: list[Path], float16: bool = False, weights=
     # a fresh name of its own: a folder already there (a model, the user's files) is never touched
     staging = staging_folder(out)
     try:
-        ensemble.save_weights(str(staging / "model.weights.h5"))
+        try:
+            ensemble.save_weights(str(staging / "model.weights.h5"))
+        except RuntimeError as exc:  # h5py's word for a full disk
+            raise as_disk_full(exc, out) from None
         if float16:
             halve_weights(staging / "model.weights.h5")
         # absolute: the folder is read from anywhere, and a path relative to where it was made says nothing there

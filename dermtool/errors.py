@@ -57,3 +57,14 @@ def unreadable(path, exc: BaseException, what: str = "not a readable image") -> 
     tag's), named with the error's type and first line, cut to 120 characters."""
     text = " ".join(str(exc).split()) or type(exc).__name__
     return f"{path}: {what} ({type(exc).__name__}: {text[:120]})."
+
+
+def as_disk_full(exc: BaseException, path) -> BaseException:
+    """h5py and TensorFlow word a write that ran out of space as a RuntimeError, without errno:
+    that one becomes the OSError (ENOSPC, naming `path`) every command already words as one line;
+    any other error is returned as it is."""
+    import os
+
+    if isinstance(exc, OSError) or not disk_full(exc):
+        return exc
+    return OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path))

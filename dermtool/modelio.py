@@ -36,7 +36,7 @@ import numpy as np
 
 from dermtool import __version__
 from dermtool.config import ModelConfig, load_config, save_config
-from dermtool.errors import InputError
+from dermtool.errors import InputError, as_disk_full
 from dermtool.io import read_json
 
 WEIGHT_NAMES = ("best.weights.h5", "model.weights.h5", "last.weights.h5")
@@ -142,7 +142,10 @@ def save_model_folder(run_dir: Path, out_dir: Path) -> Path:
     _, tcfg, _ = load_config(run_dir)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    model.save_weights(str(out_dir / "model.weights.h5"))
+    try:
+        model.save_weights(str(out_dir / "model.weights.h5"))
+    except RuntimeError as exc:  # h5py's word for a full disk
+        raise as_disk_full(exc, out_dir / "model.weights.h5") from None
     from dermtool.checkpoint import read_state
 
     state = read_state(run_dir) or {}

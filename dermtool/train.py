@@ -36,7 +36,7 @@ from dermtool.config import ModelConfig, TrainConfig, load_config, save_config
 from dermtool.data import Cache, load_cache
 from dermtool.dataset import targets
 from dermtool.errors import InputError
-from dermtool.io import open_append
+from dermtool.io import open_append, read_json
 from dermtool.modelio import load_model
 from dermtool.validation import predict_cache, selection_metric, validation_metrics, validation_targets
 
@@ -441,6 +441,7 @@ def train(cfg: ModelConfig, tcfg: TrainConfig, train_cache, val_cache, out_dir: 
     else:
         if not train_paths:
             raise InputError("no training cache given.")
+        check_fresh_out(out_dir)
         check_cache_overlap(train_paths, val_paths, log)
         tcfg = replace(tcfg, train_caches=_resolved(train_paths), val_caches=_resolved(val_paths))
     if tcfg.strategy == "multiworker":  # before anything is written
@@ -467,6 +468,9 @@ def train(cfg: ModelConfig, tcfg: TrainConfig, train_cache, val_cache, out_dir: 
     log(f"devices: {gpus} GPU(s){backend}" if gpus else f"devices: CPU{backend}")
 
     data = load_training_set(train_paths, cfg, log)
+    if tcfg.batch_size > len(data):  # a batch holds each image about batch / n times: say so
+        log(f"note: --batch-size {tcfg.batch_size} is more than the {len(data)} training images, so each batch "
+            f"repeats them (about {tcfg.batch_size / len(data):.0f} times each); one step is then several passes.")
     if tcfg.distill:
         if not cfg.has_cls:
             raise InputError(f"--teacher gives the classifier soft targets; task {cfg.task} has no classifier.")
@@ -602,12 +606,53 @@ def train(cfg: ModelConfig, tcfg: TrainConfig, train_cache, val_cache, out_dir: 
             with contextlib.suppress(InputError):  # a damaged state.json is the error being raised
                 checkpoint.tidy(out_dir)  # RUN's files show the last committed epoch, whatever the cut
         raise
-    if metric_name:
-        log(f"done: best epoch {state['best_epoch']} ({metric_name} {state['best_metric']:.4f}) "
+    if metric_name and state["best_metric"] is not None:
+        log(f"done: best epoch {state['best_epoch']} ({state['best_by']} {state['best_metric']:.4f}) "
             f"-> {out_dir / 'best.weights.h5'}")
     else:
         log(f"done: {state['epoch']} epochs; without --val the last epoch is kept -> {out_dir / 'best.weights.h5'}")
     return out_dir
+
+
+#: what a run writes at the top of its folder and replaces (command.txt is appended to, and logs/
+#: gets a train/ of TensorBoard's beside a scheduler's logs)
+RUN_FILES = {checkpoint.CONFIG, checkpoint.HISTORY, checkpoint.FOLDER, checkpoint.EPOCHS, checkpoint.LAST,
+             checkpoint.BEST, checkpoint.OPTIMIZER}
+
+
+def check_fresh_out(out_dir: Path) -> None:
+    """A new run may start in a new or empty folder, one with files of other names (a scheduler's
+    log), or the folder of its own earlier start that committed no epoch (killed in epoch 1);
+    never over a model folder or another tool's config.json or history.csv, which it would
+    replace without a word.
+
+    Raises:
+        InputError: naming the folder and the files a run would overwrite.
+    """
+    if not out_dir.is_dir():
+        return
+    clash = sorted(name for name in os.listdir(out_dir) if name in RUN_FILES | {checkpoint.MODEL_WEIGHTS})
+    if not clash:
+        return
+    if checkpoint.MODEL_WEIGHTS in clash:
+        raise InputError(f"{out_dir}: holds model.weights.h5, a model folder; a run there would replace its "
+                         "config.json and leave the weights under another model's settings. Choose a new --out "
+                         "(--init-from the folder starts from its weights).")
+    if not _own_start(out_dir):
+        raise InputError(f"{out_dir}: holds {', '.join(clash)}, which a new run would overwrite, and is not a "
+                         "dermtool run; choose a new or empty --out.")
+
+
+def _own_start(out_dir: Path) -> bool:
+    """Whether `out_dir` is what a start of `dermtool train` left: its command.txt and a config.json
+    with the training settings."""
+    if not (out_dir / "command.txt").is_file():
+        return False
+    try:
+        raw = read_json(out_dir / checkpoint.CONFIG, "run configuration")
+    except InputError:
+        return False
+    return isinstance(raw, dict) and isinstance(raw.get("train"), dict) and "train_caches" in raw["train"]
 
 
 def _folder_before(out_dir: Path) -> dict:
@@ -813,17 +858,21 @@ class EpochEnd(keras.callbacks.Callback):
         if self.tcfg.ema:  # validate and keep the moving average; train on from the raw weights
             swap_ema(self.m, self.m.optimizer)
         if self.vals:
-            scores, val_losses = [], []
+            scores, val_losses, used = [], [], []
             for (val, resize), truth, prefix in zip(self.vals, self.truths, self.prefixes):
                 pred = predict_cache(self.m, val, self.cfg, resize)
                 row.update(validation_metrics(pred, truth, self.cfg, prefix))
                 row[prefix + "loss"] = self._val_loss(pred, truth)
                 val_losses.append(row[prefix + "loss"])
-                name = prefix + self.metric_name[len("val_"):]
-                if name in row:
-                    scores.append(row[name])
-                elif prefix + "mel_auc" in row:  # a set without masks or full labels (ISIC 2020:
-                    scores.append(row[prefix + "mel_auc"])  # melanoma vs benign) still has its say
+                # the task's metric; a set that cannot give it (no masks or no full labels, as ISIC
+                # 2020's melanoma vs benign) still has its say with its melanoma AUC
+                for name in (self.metric_name[len("val_"):], "mel_auc"):
+                    if row.get(prefix + name) is not None:
+                        scores.append(row[prefix + name])
+                        used.append(prefix + name)
+                        break
+            if used:  # what the kept epoch was chosen on, as the run's last line names it
+                st["best_by"] = used[0] if len(used) == 1 else f"mean of {', '.join(used)}"
             monitored = float(np.mean(val_losses))
             # several validation sets: epochs are chosen on the mean of their selection metrics
             score = float(np.mean(scores)) if scores else -monitored

@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import json
 import os
+import re
 import shutil
 from pathlib import Path
 
@@ -695,22 +696,58 @@ def test_a_run_whose_last_epoch_was_not_its_best_leaves_no_temporary_file(tmp_pa
     assert os.path.samefile(tmp_path / "best.weights.h5", tmp_path / "checkpoints" / "epoch-003" / "best.weights.h5")
 
 
-@pytest.mark.parametrize("case", ["out_under_a_file", "disk_full"])
+@pytest.mark.parametrize("case", ["out_under_a_file", "disk_full", "disk_full_h5py"])
 def test_a_run_that_cannot_be_written_is_one_line(case, caches, tmp_path, monkeypatch, under_a_file, no_space):
-    """Both were OSError tracebacks."""
+    """All were tracebacks: OSError, and h5py's RuntimeError for a disk that fills while it writes."""
+    import keras
+
     import dermtool.checkpoint
 
     def full(model, path):
         raise no_space(path)
 
+    def h5py_full(self, path, *args, **kwargs):  # h5py's words, as a real full disk gave them
+        raise RuntimeError("Disable slist on flush dest failure failed (file write failed: errno = 28, "
+                           "error message = 'No space left on device')")
+
     if case == "disk_full":
         monkeypatch.setattr(dermtool.checkpoint, "_save_weights", full)
+    if case == "disk_full_h5py":
+        monkeypatch.setattr(keras.Model, "save_weights", h5py_full)
+        case = "disk_full"
     out = under_a_file if case == "out_under_a_file" else tmp_path / "run"
     result = cli("train", caches, "--val", caches, "--out", out, "--task", "seg", "--epochs", 1, *TINY_CLI)
     assert result.exit_code == 2, result.output
     line = result.output.strip().splitlines()[-1]
     assert line.startswith("error:") and "Traceback" not in result.output, result.output
     assert "cannot write the run" in line and UNWRITABLE[case] in line
+
+
+def test_a_sigterm_ends_the_train_process_with_its_run_committed(caches, tmp_path):
+    """A scheduler's SIGTERM to `dermtool train`: exit 130 with the last whole epoch kept. The
+    process leaves with os._exit once that is so (a tf.data teardown once hung after the line)."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from dermtool.checkpoint import read_state
+
+    out = tmp_path / "r"
+    proc = subprocess.Popen([sys.executable, "-m", "dermtool", "train", str(caches), "--out", str(out), "--task",
+                             "seg", "--epochs", "100000", *map(str, TINY_CLI)],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        limit = time.monotonic() + 300  # a safety limit, not a timing: the first epoch takes seconds
+        while not (out / "state.json").exists() and proc.poll() is None and time.monotonic() < limit:
+            time.sleep(0.2)
+        proc.send_signal(signal.SIGTERM)
+        output, _ = proc.communicate(timeout=300)
+    finally:
+        proc.kill()
+    assert proc.returncode == 130, output
+    assert "interrupted:" in output and "--resume" in output and "Traceback" not in output, output
+    assert read_state(out)["epoch"] >= 1
 
 
 def test_seg_batch_runs_the_shared_decoder_on_the_first_images_only(caches, tmp_path):
@@ -1026,6 +1063,10 @@ def _cli(*args):
 @pytest.mark.parametrize("args, words", [
     (["--task", "seg", "--alpha", "0.2"], "--task seg has only the mask loss"),
     (["--task", "cls", "--dice"], "--task cls has no masks"),
+    (["--task", "cls", "--alpha", "0.9"], "--task cls has only the class loss"),
+    (["--task", "cls", "--freeze", "decoder"], "--task cls has no decoder"),
+    (["--size", "48", "--depth", "5"], "--size 48 must be a multiple of 2**depth = 32 (--depth 5"),
+    (["--progressive", "-32"], "--progressive must be 0 (off)"),
     (["--augment", ""], "--augment is empty; give none"),
     (["--seed", str(2**32)], "--seed"),
 ])
@@ -1033,6 +1074,37 @@ def test_train_refuses_options_that_mean_nothing_for_the_task(caches, tmp_path, 
     result = _cli(caches, "--out", tmp_path / "r", *args)
     assert result.exit_code == 2 and words in " ".join(result.output.split()), result.output
     assert not (tmp_path / "r").exists()
+
+
+def test_the_run_names_the_metric_its_epoch_was_chosen_on(caches, tmp_path):
+    """A joint run whose --val has no masks chose on melanoma AUC and called it val_mean_performance."""
+    from dermtool.checkpoint import read_state
+    from dermtool.train import train
+
+    data = write_dataset(tmp_path / "data", 6, rng_seed=8, sizes=[(48, 64)], formats=("png",))
+    shutil.rmtree(data / "masks")
+    build_cache(resolve_layout(data), tmp_path / "nomask", size=SIZE, fit="squash", progress=False)
+    lines = []
+    tcfg = TrainConfig(epochs=1, batch_size=4, augment="none", steps_per_epoch=1)
+    train(tiny("joint"), tcfg, caches, tmp_path / "nomask", tmp_path / "r", log=lines.append, progress=False)
+    state = read_state(tmp_path / "r")
+    assert state["best_by"] == "val_mel_auc"
+    assert f"(val_mel_auc {state['best_metric']:.4f})" in lines[-1]
+    train(tiny("joint"), tcfg, caches, [caches, tmp_path / "nomask"], tmp_path / "r2", log=lambda m: None,
+          progress=False)
+    assert read_state(tmp_path / "r2")["best_by"] == "mean of val_mean_performance, val2_mel_auc"
+
+
+def test_a_batch_larger_than_the_training_set_is_noted(caches, tmp_path):
+    """--batch-size 1024 on 24 images trained 43 passes an epoch without a word."""
+    from dermtool.train import train
+
+    lines = []
+    n = len(load_cache(caches))
+    train(tiny("seg"), TrainConfig(epochs=1, batch_size=4 * n, augment="none"), caches, None, tmp_path / "r",
+          log=lines.append, progress=False)
+    assert f"note: --batch-size {4 * n} is more than the {n} training images" in " ".join(lines)
+    assert "(about 4 times each)" in " ".join(lines)
 
 
 def test_a_validation_cache_with_nothing_to_score_is_refused(caches, tmp_path):
@@ -1105,6 +1177,37 @@ def test_a_start_cut_before_its_first_epoch_keeps_nothing(caches, tmp_path, monk
     with pytest.raises(KeyboardInterrupt):
         run(caches, tmp_path / "mine", "seg", epochs=1)
     assert [p.name for p in (tmp_path / "mine").iterdir()] == ["notes.txt"]
+
+
+@pytest.mark.parametrize("holds, words", [
+    ({"config.json": '{"model": {}}', "model.weights.h5": "w"}, "holds model.weights.h5, a model folder"),
+    ({"config.json": '{"tool": "another"}'}, "holds config.json, which a new run would overwrite"),
+    ({"history.csv": "epoch,loss\n"}, "holds history.csv, which a new run would overwrite")])
+def test_a_new_run_never_overwrites_a_model_folder_or_another_tools_files(caches, tmp_path, holds, words):
+    """train --out on a model folder replaced its config.json (calibration gone) and left its
+    weights under the new model's settings, exit 0."""
+    from dermtool.errors import InputError
+
+    out = tmp_path / "mine"
+    out.mkdir()
+    for name, text in holds.items():
+        (out / name).write_text(text)
+    with pytest.raises(InputError, match=re.escape(f"{out}: {words}")):
+        run(caches, out, "seg", epochs=1)
+    assert {p.name: p.read_text() for p in out.iterdir()} == holds
+
+
+def test_a_start_killed_in_its_first_epoch_can_start_again_in_its_folder(caches, tmp_path):
+    """Its own config.json and command.txt (no epoch committed: SIGKILL left them) are not another
+    tool's files."""
+    from dermtool.config import save_config
+
+    out = tmp_path / "run"
+    out.mkdir()
+    save_config(out / "config.json", tiny("seg"), TrainConfig(epochs=1, train_caches=(str(caches),)))
+    (out / "command.txt").write_text("dermtool train ...\n")
+    run(caches, out, "seg", epochs=1)
+    assert (out / "state.json").is_file()
 
 
 def test_a_cut_start_in_a_folder_of_the_users_keeps_the_users_files(caches, tmp_path, monkeypatch):
