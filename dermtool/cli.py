@@ -545,8 +545,8 @@ def infer_cli(
     with the run summary and the post-processing used: threshold → closing → largest component
     → hole filling → restore to the original size. Unreadable files are reported and skipped,
     and so are a broken link, a folder or a FIFO named like an image, and a name predictions.csv
-    cannot hold: starting with = + - or @ (a spreadsheet would run it as a formula), with a line
-    break or another control character, not UTF-8, or over 238 bytes; of two files with one image id (a.jpg,
+    cannot hold: starting with = + - or @ (a spreadsheet would run it as a formula), with a space
+    at either end, a line break or another control character, not UTF-8, or over 238 bytes; of two files with one image id (a.jpg,
     a.png) the first by name is used and the other named; the exit code is 1 when any image
     failed or was skipped so. Subfolders are not searched; hidden files and ISIC side files
     (*_segmentation, *_superpixels) are not images. Masks follow the stored pixels: an EXIF

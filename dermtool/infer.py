@@ -34,6 +34,8 @@ from dermtool.preprocess import IMAGE_EXTENSIONS, Transform, prepare, restore, r
 from dermtool.shards import check_prediction_row, differing_settings, predictions_name, record_name, shard_of
 
 MASK_SUFFIX = "_segmentation.png"
+#: every file infer may write for one image, after its id
+OUTPUT_SUFFIXES = (MASK_SUFFIX, "_overlay.jpg", "_probability.tif", "_segmentation.dcm")
 
 
 @dataclass
@@ -90,39 +92,36 @@ class InferSummary:
         return self.done / self.seconds if self.seconds else 0.0
 
 
-def select_images(images_dir: Path, shard: tuple[int, int] = (1, 1), ids=None) -> list[Path]:
+def select_images(images_dir: Path, shard: tuple[int, int] = (1, 1), ids=None,
+                  images: list[Path] | None = None) -> list[Path]:
     """Images of the folder, sorted by name; shard (k, n) keeps those whose id hashes to k
     (`shards.shard_of`), so a file's shard does not depend on the other files. `ids` keeps only
-    those image ids; one without an image in the folder is an error, whatever the shard."""
+    those image ids; one without an image in the folder is an error, whatever the shard.
+    `images`: the folder's `find_images`, when the caller has listed it already."""
     k, n = shard
     if not (1 <= k <= n):
         raise InputError(f"--shard {k}/{n}: K must be between 1 and N.")
-    paths = find_images(images_dir)
-    if not paths and not unusable_entries(images_dir):
+    paths = find_images(images_dir) if images is None else images
+    if not paths and not not_files(images_dir):
         raise InputError(f"{images_dir}: holds no images ({' '.join(IMAGE_EXTENSIONS)}); its subfolders are not "
                          "searched, and files named *_segmentation or *_superpixels (ISIC side files) or hidden ones are "
                          "not images.")
-    paths = [p for p in paths if not formula_name(p, "predictions.csv")]  # named by unusable_entries
     if ids is not None:  # as preprocess --ids keeps them
         paths = keep_ids(paths, {}, list(ids), images_dir)[0]
     return [p for p in paths if shard_of(image_id_of(p), n) == k]
 
 
-def _shard_id(p: Path) -> str:
-    """The id a file is sharded by: its own, or for a name that is not UTF-8 (refused, but named
-    by one shard) the same with its undecodable bytes replaced."""
-    return os.fsencode(image_id_of(p)).decode("utf-8", "replace")
-
-
-def unusable_entries(images_dir: Path, shard: tuple[int, int] = (1, 1), ids=None) -> list[tuple[Path, str]]:
+def unusable_entries(images_dir: Path, shard: tuple[int, int] = (1, 1), ids=None,
+                     images: list[Path] | None = None) -> list[tuple[Path, str]]:
     """Entries of the folder named as images that infer does not run, each with why, so the run
     names them (find_images passes them over): a link to nothing, a folder or a FIFO named
     x.jpg (`data.not_files`), and a file whose name predictions.csv cannot hold (`io.formula_name`:
-    a formula, a control character, not UTF-8, too long). Only those of this shard (and of `ids`)."""
-    named = [(p, formula_name(p, "predictions.csv")) for p in find_images(images_dir)]
+    a formula, a control character, not UTF-8, too long). Only those of this shard (and of `ids`).
+    `images`: the folder's `find_images`, when the caller has listed it already."""
+    named = [(p, formula_name(p, "predictions.csv")) for p in (find_images(images_dir) if images is None else images)]
     found = not_files(images_dir) + [(p, why) for p, why in named if why]
     return sorted(((p, why) for p, why in found
-                   if (ids is None or p.stem in ids) and shard_of(_shard_id(p), shard[1]) == shard[0]),
+                   if (ids is None or p.stem in ids) and shard_of(image_id_of(p), shard[1]) == shard[0]),
                   key=lambda entry: entry[0].name)
 
 
@@ -360,8 +359,9 @@ def predict_folder(images_dir: Path, out_dir: Path, model_dir: Path | None = Non
                          "by the next run.")
     # one id, one output: of a.jpg and a.png only the first by name is used, so no two
     # images ever write (or race for) the same files
-    paths, duplicates = unique_ids(select_images(images_dir, opts.shard, opts.ids))
-    unusable = unusable_entries(images_dir, opts.shard, None if opts.ids is None else set(opts.ids))
+    listing = find_images(images_dir)  # listed once: a shared folder may hold 100,000 files
+    paths, duplicates = unique_ids(select_images(images_dir, opts.shard, opts.ids, listing))
+    unusable = unusable_entries(images_dir, opts.shard, None if opts.ids is None else set(opts.ids), listing)
     named = {p for p, _ in unusable}
     paths = [p for p in paths if p not in named]
     if opts.melanoma_threshold is not None:
@@ -396,6 +396,11 @@ def predict_folder(images_dir: Path, out_dir: Path, model_dir: Path | None = Non
     if changed:
         log(f"note: {len(changed)} image(s) changed since the earlier run ({first_few([p.name for p in changed])}); "
             "doing them again")
+        for p in changed:  # the old file's outputs go: a redo that fails must not leave them standing
+            rows.pop(image_id_of(p), None)
+            sources.pop(image_id_of(p), None)
+            for suffix in OUTPUT_SUFFIXES:
+                (out_dir / f"{image_id_of(p)}{suffix}").unlink(missing_ok=True)
     if not opts.resume:
         rows = {}
     # never pad beyond the images there are: memory follows the work, not --batch-size
@@ -417,8 +422,7 @@ def predict_folder(images_dir: Path, out_dir: Path, model_dir: Path | None = Non
                 "earlier run; predictions.csv lists only this run's images, so write to a fresh --out to keep them apart")
     out_dir.mkdir(parents=True, exist_ok=True)
     # temporary files a killed run left, of the outputs this run writes again
-    remove_stale_temps(out_dir, {f"{image_id_of(p)}{suffix}" for p in todo for suffix in
-                                 (MASK_SUFFIX, "_overlay.jpg", "_probability.tif", "_segmentation.dcm")}
+    remove_stale_temps(out_dir, {f"{image_id_of(p)}{suffix}" for p in todo for suffix in OUTPUT_SUFFIXES}
                        | {csv_path.name, sources_path.name, record_name(opts.shard)})
     if csv_path.is_dir():  # found now, not after every image is done
         raise IsADirectoryError(errno.EISDIR, os.strerror(errno.EISDIR), str(csv_path))

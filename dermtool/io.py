@@ -60,8 +60,8 @@ MAX_ID_BYTES = 255 - len("_segmentation.png")
 
 def formula_name(path: Path, csv_name: str) -> str:
     """Why an image file cannot be run under its name, or "" when it can: its id would start a
-    formula in `csv_name` when a spreadsheet opens it, break a row of it (a line break or other
-    control character), cannot be written to it (a name that is not UTF-8, as a file copied
+    formula in `csv_name` when a spreadsheet opens it, be read stripped (a space at either end),
+    break a row of it (a line break or other control character), cannot be written to it (a name that is not UTF-8, as a file copied
     from a Latin-1 system may have), or is too long for its outputs' names (`MAX_ID_BYTES`)."""
     path = Path(path)
     try:
@@ -72,6 +72,9 @@ def formula_name(path: Path, csv_name: str) -> str:
     if path.stem.startswith(FORMULA_STARTS):
         return (f"{path}: its name starts with {path.stem[0]!r}, which a spreadsheet opening {csv_name} would run as "
                 "a formula; rename the file.")
+    if path.stem != path.stem.strip():  # CSV readers strip it: " a" and "a" would be one image to score
+        return (f"{path!r}: its name starts or ends with a space, which CSV readers strip, so {csv_name} could not "
+                "tell it from the name without; rename the file.")
     if any(ord(c) < 32 or ord(c) == 127 for c in path.stem):
         return (f"{path!r}: its name holds a line break or another control character, which would break its row of "
                 f"{csv_name}; rename the file.")

@@ -106,13 +106,13 @@ def _to_rgb_image(img: Image.Image) -> Image.Image:
 
 
 def _full_scale(arr: np.ndarray) -> float:
-    """The value that is white in `arr`: an unsigned integer type's full range (a 16-bit image
-    is scaled by 65535 whatever its values, so one pixel never rescales the whole image); for
-    floats and signed types, which carry no range, 1 for values within [0, 1], else 255 for
-    values within 8 bits, else 65535."""
-    if arr.dtype.kind == "u":
+    """The value that is white in `arr`: an 8- or 16-bit unsigned type's full range (a 16-bit
+    image is scaled by 65535 whatever its values, so one pixel never rescales the whole image);
+    for floats, signed and 32-bit types, which carry no range a camera fills, 1 for values
+    within [0, 1], else 255 for values within 8 bits, else 65535 (as Pillow's 32-bit mode I)."""
+    if arr.dtype.kind == "u" and arr.dtype.itemsize <= 2:
         return float(np.iinfo(arr.dtype).max)
-    top = float(arr.max()) if arr.size else 0.0
+    top = float(arr.max()) if arr.size else 0.0  # wider types (32-bit grey) hold 16-bit data at most
     return 1.0 if top <= 1.0 else 255.0 if top <= 255.0 else 65535.0
 
 

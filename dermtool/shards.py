@@ -51,7 +51,9 @@ ROUNDING = 1e-6
 def shard_of(image_id: str, n: int) -> int:
     """The shard (1..n) of an image id: a stable hash of the id, never its position in the folder,
     so adding or removing other images between shard runs moves no image to another shard."""
-    digest = hashlib.sha1(image_id.encode("utf-8")).digest()
+    # surrogateescape: a file name that is not UTF-8 (refused by infer, named by its shard) hashes
+    # as its own bytes; every UTF-8 id hashes as before
+    digest = hashlib.sha1(image_id.encode("utf-8", "surrogateescape")).digest()
     return int.from_bytes(digest[:8], "big") % n + 1
 
 

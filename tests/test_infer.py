@@ -666,16 +666,17 @@ def test_names_predictions_csv_cannot_hold_are_named_and_the_rest_done(models, f
         fh.write((few_images / "wide.jpg").read_bytes())
     shutil.copy(few_images / "wide.jpg", few_images / "cr\rname.jpg")
     shutil.copy(few_images / "wide.jpg", few_images / ("a" * 240 + ".jpg"))
+    shutil.copy(few_images / "wide.jpg", few_images / " wide.jpg")  # " wide" and "wide": one id to a CSV reader
     out = tmp_path / "out"
     for resume in ((), ("--resume",)):
         result = infer(few_images, "--out", out, "--model", models["joint"], *resume)
         assert result.exit_code == 1, result.output
         text = " ".join(result.output.split())
         for words in ("caf\\xe9.jpg': its name is not valid UTF-8", "its name holds a line break",
-                      "its name is 240 bytes long"):
+                      "its name is 240 bytes long", "its name starts or ends with a space"):
             assert words in text, text
         assert sorted(rows_by_id(out / "predictions.csv")) == ["gray", "tall", "wide"]
-        assert len(json.loads((out / "infer.json").read_text())["failed"]) == 3
+        assert len(json.loads((out / "infer.json").read_text())["failed"]) == 4
     assert_no_temp_files(out)
 
 
@@ -777,6 +778,29 @@ def test_resume_does_again_an_image_changed_since_the_earlier_run(models, few_im
     assert result.exit_code == 0 and "changed since" not in result.output, result.output
     assert rows_by_id(out / "predictions.csv") == after
     assert_no_temp_files(out)
+
+
+def test_a_changed_image_that_now_fails_keeps_no_old_outputs(models, few_images, tmp_path):
+    """The old file's row and mask stayed while the run named the new file as failed."""
+    out = tmp_path / "out"
+    assert infer(few_images, "--out", out, "--model", models["joint"], "--overlay").exit_code == 0
+    (few_images / "wide.jpg").write_bytes((few_images / "wide.jpg").read_bytes()[:300])
+    result = infer(few_images, "--out", out, "--model", models["joint"], "--overlay", "--resume")
+    assert result.exit_code == 1, result.output
+    assert sorted(rows_by_id(out / "predictions.csv")) == ["gray", "tall"]
+    assert not list(out.glob("wide*"))
+
+
+def test_an_id_list_naming_a_refused_file_names_it_and_does_the_rest(models, few_images, tmp_path):
+    """select_images dropped the refused name before the id list was read: 'no image' for it, exit 2."""
+    shutil.copy(few_images / "wide.jpg", few_images / ("a" * 240 + ".jpg"))
+    ids = tmp_path / "ids.txt"
+    ids.write_text("a" * 240 + "\nwide\n")
+    out = tmp_path / "out"
+    result = infer(few_images, "--out", out, "--model", models["joint"], "--ids", ids)
+    assert result.exit_code == 1, result.output
+    assert "its name is 240 bytes long" in " ".join(result.output.split())
+    assert sorted(rows_by_id(out / "predictions.csv")) == ["wide"]
 
 
 def test_resume_with_another_images_folder_is_refused(models, few_images, tmp_path):

@@ -329,6 +329,12 @@ def test_a_16bit_image_is_scaled_by_its_full_range_whatever_its_values(tmp_path)
     _check(tmp_path / "a.png", np.full((4, 6, 3), 1, np.uint8))
 
 
+def test_a_32bit_tiff_of_16bit_values_is_not_black(tmp_path):
+    """Scaled by 2**32 - 1, a 32-bit grey TIFF of 16-bit data decoded as black."""
+    tifffile.imwrite(tmp_path / "u32.tif", _U16.astype(np.uint32))
+    _check(tmp_path / "u32.tif", np.repeat(np.round(_U16 / 257).astype(np.uint8)[..., None], 3, axis=2))
+
+
 def test_palette_tiff_gives_its_colour_map(tmp_path):
     """A palette TIFF was read as its index numbers: grey, and a different diagnosis."""
     Image.fromarray(_RGB).quantize(colors=8, method=Image.Quantize.MAXCOVERAGE).save(tmp_path / "p.tif")

@@ -418,6 +418,17 @@ def _append_row_of(part: Path, image_id: str) -> None:
         csv.writer(fh).writerow([image_id, *rows[1][1:]])
 
 
+def test_a_file_added_since_with_a_name_that_is_not_utf8_is_one_line(plain, reference, tmp_path):
+    """shard_of encoded the id as UTF-8 for merge's rerun hint: a traceback."""
+    out = Path(shutil.copytree(plain, tmp_path / "out"))
+    images = Path(shutil.copytree(reference["images"], tmp_path / "images"))
+    with open(os.fsencode(images) + b"/caf\xe9.jpg", "wb") as fh:
+        fh.write(next(images.iterdir()).read_bytes())
+    result = runner.invoke(app, ["merge", str(out), "--images", str(images)])
+    assert result.exit_code == 2 and "Traceback" not in result.output, result.output
+    assert "1 image(s) are in no part (caf" in " ".join(result.output.split())
+
+
 def test_merge_refuses_a_row_of_an_image_not_in_the_folder(plain, tmp_path):
     out = Path(shutil.copytree(plain, tmp_path / "out"))
     _append_row_of(out / "predictions.part-2-of-2.csv", "ISIC_9999999")
