@@ -365,7 +365,7 @@ def keep_ids(paths: list[Path], labels: dict, ids: list[str], folder: Path) -> t
     keep = set(ids)
     missing = sorted(keep - {image_id_of(p) for p in paths})
     if missing:
-        raise InputError(f"{len(missing)} id(s) of the id list have no image in {folder} "
+        raise InputError(f"{len(missing)} id(s) of the id list (--ids) have no image in {folder} "
                          f"(e.g. {', '.join(missing[:3])}).")
     return [p for p in paths if image_id_of(p) in keep], {k: v for k, v in labels.items() if k in keep}
 

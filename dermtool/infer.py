@@ -378,18 +378,29 @@ def predict_folder(images_dir: Path, out_dir: Path, model_dir: Path | None = Non
                                            "option" if threshold_given else "model")
     record["target_sensitivity"] = (None if threshold_given or opts.melanoma_threshold is None
                                     else (cfg.calibration or {}).get("target_sensitivity"))
-    if opts.resume:
-        _check_resume(out_dir / record_name(opts.shard), record, out_dir)
+    record["sources_kept"] = True  # this run keeps the file key of every image it does (see sources_path)
+    earlier = _check_resume(out_dir / record_name(opts.shard), record, out_dir) if opts.resume else {}
     header = _csv_header(cfg)
     csv_path = out_dir / predictions_name(opts.shard)
     partial_path = out_dir / f".{csv_path.stem}.partial.csv"  # appended per image: survives a kill
     # the size and time of each image read, so that --resume does again an image changed since
     sources_path = out_dir / f".{csv_path.stem}.sources.csv"
+    for own in (partial_path, sources_path):  # before reading them: a FIFO there would block the read
+        if os.path.lexists(own) and not own.is_symlink() and not own.is_file():
+            raise InputError(f"{own}: is a folder or another special file where infer keeps its own file; remove "
+                             "it, then run again.")
     rows = _read_rows(csv_path, header) if opts.resume else {}
     rows.update(_read_rows(partial_path, header, partial=True) if opts.resume else {})
-    sources = _read_sources(sources_path) if opts.resume else {}
+    try:
+        sources = _read_sources(sources_path) if opts.resume else {}
+    except InputError as exc:  # damaged: no image's key can be trusted, so every one counts as changed
+        log(f"note: {str(exc).rstrip('.')}; every image is checked as changed.")
+        sources = {}
+    # an image without a key in a folder whose run kept them (the file deleted or damaged since) counts
+    # as changed; a folder of an older dermtool kept none, and its rows are trusted as before
+    unknown = ("", "") if earlier.get("sources_kept") else None
     changed = [p for p in paths if opts.resume and image_id_of(p) in rows
-               and sources.get(image_id_of(p), _file_key(p)) != _file_key(p)]
+               and sources.get(image_id_of(p), unknown or _file_key(p)) != _file_key(p)]
     redo = set(changed)
     todo = [p for p in paths if not (opts.resume and _is_done(image_id_of(p), cfg, rows, out_dir))
             or p in redo]
@@ -400,7 +411,9 @@ def predict_folder(images_dir: Path, out_dir: Path, model_dir: Path | None = Non
             rows.pop(image_id_of(p), None)
             sources.pop(image_id_of(p), None)
             for suffix in OUTPUT_SUFFIXES:
-                (out_dir / f"{image_id_of(p)}{suffix}").unlink(missing_ok=True)
+                output = out_dir / f"{image_id_of(p)}{suffix}"
+                if output.is_symlink() or output.is_file():  # a folder there is not ours: its write fails, named
+                    output.unlink()
     if not opts.resume:
         rows = {}
     # never pad beyond the images there are: memory follows the work, not --batch-size
@@ -504,8 +517,11 @@ def predict_folder(images_dir: Path, out_dir: Path, model_dir: Path | None = Non
         ids = [image_id_of(p) for p in paths]
         in_folder = set(ids)
         ordered = [rows[i] for i in ids if i in rows]
-        extra = [r for k, r in rows.items() if k not in in_folder]  # earlier runs' rows, kept on --resume
-        write_csv_atomic(csv_path, header, extra + ordered)
+        gone = sorted(k for k in rows if k not in in_folder)
+        if gone:  # the CSV lists this run's images: an earlier run's row of an image gone since is dropped
+            log(f"note: dropped {len(gone)} row(s) of the earlier run whose image is no longer in this run "
+                f"({first_few(gone)})")
+        write_csv_atomic(csv_path, header, ordered)
         partial_path.unlink(missing_ok=True)
         write_csv_atomic(sources_path, SOURCE_FIELDS, [[k, *sources[k]] for k in sorted(sources) if k in rows])
         summary.seconds = time.perf_counter() - started
@@ -547,23 +563,28 @@ def _run_record(images_dir: Path, model_sha1: str, summary: InferSummary, cfg: M
     }
 
 
-def _check_resume(record_path: Path, record: dict, out_dir: Path) -> None:
-    """--resume only continues the same run: another model or other settings would fill the
-    rest of the folder with different outputs under one infer.json."""
+def _check_resume(record_path: Path, record: dict, out_dir: Path) -> dict:
+    """--resume only continues the same run: another model, other settings or another --ids list
+    would fill the rest of the folder with different outputs under one infer.json. Returns the
+    earlier record ({} when there is none)."""
     if not record_path.exists():
-        return  # no record (a run of an older dermtool): nothing to compare with
+        return {}  # no record (a run of an older dermtool): nothing to compare with
     try:
         earlier = read_json(record_path, "record of the earlier run")
     except InputError as exc:  # damaged: resuming unchecked could mix two runs without a word
         raise InputError(f"{str(exc).rstrip('.')}; --resume cannot check that it continues the same run: "
                          "run without --resume to redo the folder, or delete the record to resume unchecked.") from None
     diffs = differing_settings(earlier, record)
+    if "ids" in earlier and earlier["ids"] != record.get("ids"):  # the rows would be of two selections
+        count = lambda ids: "no --ids list" if ids is None else f"an --ids list of {len(ids)} id(s)"  # noqa: E731
+        diffs.append(f"{count(earlier['ids'])} in the run, {count(record.get('ids'))} now")
     if earlier.get("images") and earlier["images"] != record["images"]:
         # the rows of the other folder's images would stay, and an id in both would be skipped as done
         diffs.insert(0, f"images folder {earlier['images']} in the run, {record['images']} now")
     if diffs:
         raise InputError(f"{record_path}: --resume would mix two runs in {out_dir}, {'; '.join(diffs)}; "
                          "resume with the run's settings, or write to another --out.")
+    return earlier if isinstance(earlier, dict) else {}
 
 
 def _write_run_json(path: Path, record: dict, summary: InferSummary, running: bool) -> None:

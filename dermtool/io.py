@@ -73,10 +73,10 @@ def formula_name(path: Path, csv_name: str) -> str:
         return (f"{path}: its name starts with {path.stem[0]!r}, which a spreadsheet opening {csv_name} would run as "
                 "a formula; rename the file.")
     if path.stem != path.stem.strip():  # CSV readers strip it: " a" and "a" would be one image to score
-        return (f"{path!r}: its name starts or ends with a space, which CSV readers strip, so {csv_name} could not "
+        return (f"{str(path)!r}: its name starts or ends with a space, which CSV readers strip, so {csv_name} could not "
                 "tell it from the name without; rename the file.")
     if any(ord(c) < 32 or ord(c) == 127 for c in path.stem):
-        return (f"{path!r}: its name holds a line break or another control character, which would break its row of "
+        return (f"{str(path)!r}: its name holds a line break or another control character, which would break its row of "
                 f"{csv_name}; rename the file.")
     if size > MAX_ID_BYTES:
         return (f"{path.name[:60]}...: its name is {size} bytes long; its outputs' names (<id>_segmentation.png) "

@@ -400,7 +400,7 @@ def test_select_images_keeps_an_id_list_and_names_ids_without_an_image(tmp_path)
     for n in (2, 3):  # an id list and shards: the parts still partition the listed images
         parts = [select_images(tmp_path, (k, n), ids=["a", "c", "d"]) for k in range(1, n + 1)]
         assert sorted(p.name for part in parts for p in part) == ["a.jpg", "c.jpg", "d.tif"]
-    with pytest.raises(InputError, match=r"2 id\(s\) of the id list have no image in .*\(e.g. x, y\)"):
+    with pytest.raises(InputError, match=r"2 id\(s\) of the id list \(--ids\) have no image in .*\(e.g. x, y\)"):
         select_images(tmp_path, (1, 2), ids=["a", "y", "x"])
 
 
@@ -417,7 +417,7 @@ def test_infer_ids_processes_only_the_listed_images(models, dataset, tmp_path):
     ids.write_text("wide\nnot_there\n")
     refused = infer(dataset["images"], "--out", tmp_path / "out2", "--model", models["joint"], "--ids", ids)
     assert refused.exit_code == 2
-    assert "1 id(s) of the id list have no image in" in " ".join(refused.output.split())
+    assert "1 id(s) of the id list (--ids) have no image in" in " ".join(refused.output.split())
     assert not (tmp_path / "out2" / "predictions.csv").exists()
     missing = infer(dataset["images"], "--out", tmp_path / "out3", "--ids", tmp_path / "nope.txt")
     assert missing.exit_code == 2 and "nope.txt: id list not found." in " ".join(missing.output.split())
@@ -771,13 +771,71 @@ def test_resume_does_again_an_image_changed_since_the_earlier_run(models, few_im
     assert after["wide"] == fresh["wide"] and fresh["wide"] != before["wide"]  # the new image's outputs
     assert (out / "wide_segmentation.png").read_bytes() == (tmp_path / "fresh" / "wide_segmentation.png").read_bytes()
     assert after["tall"] == before["tall"]
-    # a folder of an older dermtool (no record of the files read) resumes as before: rows trusted
+    # the record of the files read deleted since: every image counts as changed, none is trusted
     (out / ".predictions.sources.csv").unlink()
+    result = infer(few_images, "--out", out, "--model", models["joint"], "--resume")
+    assert result.exit_code == 0, result.output
+    assert "3 image(s) changed since the earlier run" in " ".join(result.output.split())
+    assert rows_by_id(out / "predictions.csv") == after
+    # a folder of an older dermtool (no such record, and an infer.json that does not say it kept
+    # one) resumes as before: its rows are trusted
+    (out / ".predictions.sources.csv").unlink()
+    record = json.loads((out / "infer.json").read_text())
+    del record["sources_kept"]
+    (out / "infer.json").write_text(json.dumps(record))
     os.utime(few_images / "tall.jpeg")
     result = infer(few_images, "--out", out, "--model", models["joint"], "--resume")
     assert result.exit_code == 0 and "changed since" not in result.output, result.output
     assert rows_by_id(out / "predictions.csv") == after
     assert_no_temp_files(out)
+
+
+def test_resume_drops_the_rows_of_images_gone_since(models, few_images, tmp_path):
+    """A resumed run kept an earlier run's row of an image deleted since: merge then refused the part."""
+    out = tmp_path / "out"
+    assert infer(few_images, "--out", out, "--model", models["joint"]).exit_code == 0
+    (few_images / "wide.jpg").unlink()
+    result = infer(few_images, "--out", out, "--model", models["joint"], "--resume")
+    assert result.exit_code == 0, result.output
+    assert "dropped 1 row(s) of the earlier run whose image is no longer in this run (wide)" in \
+        " ".join(result.output.split())
+    assert sorted(rows_by_id(out / "predictions.csv")) == ["gray", "tall"]
+
+
+def test_resume_with_another_id_list_is_refused(models, few_images, tmp_path):
+    ids = tmp_path / "ids.txt"
+    ids.write_text("wide\ngray\n")
+    out = tmp_path / "out"
+    assert infer(few_images, "--out", out, "--model", models["joint"], "--ids", ids).exit_code == 0
+    ids.write_text("wide\n")
+    result = infer(few_images, "--out", out, "--model", models["joint"], "--ids", ids, "--resume")
+    assert result.exit_code == 2, result.output
+    assert "an --ids list of 2 id(s) in the run, an --ids list of 1 id(s) now" in " ".join(result.output.split())
+
+
+@pytest.mark.parametrize("what", ["fifo", "folder"])
+def test_a_special_file_at_infers_own_file_is_one_line_and_the_record_is_kept(models, few_images, tmp_path, what):
+    """A FIFO there hung --resume for ever; a folder there left infer.json saying 'running'."""
+    out = tmp_path / "out"
+    assert infer(few_images, "--out", out, "--model", models["joint"]).exit_code == 0
+    record = (out / "infer.json").read_text()
+    own = out / ".predictions.sources.csv"
+    own.unlink()
+    os.mkfifo(own) if what == "fifo" else own.mkdir()
+    result = infer(few_images, "--out", out, "--model", models["joint"], "--resume")
+    assert result.exit_code == 2, result.output
+    assert "is a folder or another special file where infer keeps its own file" in " ".join(result.output.split())
+    assert (out / "infer.json").read_text() == record
+
+
+def test_a_damaged_record_of_the_files_read_checks_every_image_again(models, few_images, tmp_path):
+    out = tmp_path / "out"
+    assert infer(few_images, "--out", out, "--model", models["joint"]).exit_code == 0
+    (out / ".predictions.sources.csv").write_bytes(b"\xff\xfe\x00")  # not UTF-16 text: an odd byte
+    result = infer(few_images, "--out", out, "--model", models["joint"], "--resume")
+    assert result.exit_code == 0, result.output
+    text = " ".join(result.output.split())
+    assert "every image is checked as changed" in text and "3 image(s) changed since" in text
 
 
 def test_a_changed_image_that_now_fails_keeps_no_old_outputs(models, few_images, tmp_path):
