@@ -35,12 +35,16 @@ def unique_ids(paths: list[Path]) -> tuple[list[Path], list[tuple[Path, Path]]]:
 
     Returns:
         (kept paths, [(skipped path, the kept path with its id)]): `a.jpg` and `a.png` are
-        one id, and two outputs named `a` would overwrite each other.
+        one id, and two outputs named `a` would overwrite each other. So are two names that
+        differ only in Unicode normal form (é as one character or as e + accent, as macOS
+        writes it): they look alike in every CSV and would be told apart by bytes only.
     """
+    import unicodedata
+
     by_id: dict[str, Path] = {}
     skipped = []
     for p in paths:
-        first = by_id.setdefault(image_id_of(p), p)
+        first = by_id.setdefault(unicodedata.normalize("NFC", image_id_of(p)), p)
         if first is not p:
             skipped.append((p, first))
     return list(by_id.values()), skipped

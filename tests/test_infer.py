@@ -680,6 +680,19 @@ def test_names_predictions_csv_cannot_hold_are_named_and_the_rest_done(models, f
     assert_no_temp_files(out)
 
 
+def test_names_that_differ_only_in_unicode_form_are_one_id(models, few_images, tmp_path):
+    """'mélanome' written NFC and NFD were two ids that look the same in the CSV and the report."""
+    import unicodedata
+
+    for form in ("NFC", "NFD"):
+        shutil.copy(few_images / "wide.jpg", few_images / (unicodedata.normalize(form, "mélanome") + ".jpg"))
+    out = tmp_path / "out"
+    result = infer(few_images, "--out", out, "--model", models["joint"])
+    assert result.exit_code == 1, result.output  # the second is named, as a.jpg beside a.png is
+    ids = [unicodedata.normalize("NFC", i) for i in rows_by_id(out / "predictions.csv")]
+    assert sorted(ids) == ["gray", "mélanome", "tall", "wide"]
+
+
 def test_a_decoder_error_fails_its_image_only(models, few_images, tmp_path):
     """zlib's error on a damaged TIFF escaped infer's decode: a traceback, the batch lost, and
     every --resume the same."""
