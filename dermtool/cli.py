@@ -98,6 +98,21 @@ _MAIN_PID = None
 _HARD_EXIT = False
 
 
+def _stop_children() -> None:
+    """Stop the batch workers (--workers: multiprocessing children) that os._exit would leave
+    running, orphaned, holding the terminal or a scheduler's log open; normal exit does this in
+    multiprocessing's exit handler, which os._exit skips."""
+    import multiprocessing
+
+    children = multiprocessing.active_children()
+    for child in children:
+        child.terminate()
+    for child in children:
+        child.join(timeout=5)
+        if child.is_alive():
+            child.kill()
+
+
 def entry() -> None:
     """The `dermtool` command (and `python -m dermtool`): the app, run as a process of its own.
 
@@ -325,6 +340,7 @@ def train_cli(
             console.print(f"[bold red]error:[/] {escape(message)}", highlight=False, soft_wrap=True)
             sys.stdout.flush()
             sys.stderr.flush()
+            _stop_children()
             os._exit(130)
         fail(message, 130)
 

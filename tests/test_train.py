@@ -723,9 +723,11 @@ def test_a_run_that_cannot_be_written_is_one_line(case, caches, tmp_path, monkey
     assert "cannot write the run" in line and UNWRITABLE[case] in line
 
 
-def test_a_sigterm_ends_the_train_process_with_its_run_committed(caches, tmp_path):
+@pytest.mark.parametrize("workers", ["1", "2"])
+def test_a_sigterm_ends_the_train_process_with_its_run_committed(caches, tmp_path, workers):
     """A scheduler's SIGTERM to `dermtool train`: exit 130 with the last whole epoch kept. The
-    process leaves with os._exit once that is so (a tf.data teardown once hung after the line)."""
+    process leaves with os._exit once that is so (a tf.data teardown once hung after the line),
+    after stopping its batch workers (--workers 2: orphans of os._exit held the output open)."""
     import signal
     import subprocess
     import sys
@@ -735,7 +737,7 @@ def test_a_sigterm_ends_the_train_process_with_its_run_committed(caches, tmp_pat
 
     out = tmp_path / "r"
     proc = subprocess.Popen([sys.executable, "-m", "dermtool", "train", str(caches), "--out", str(out), "--task",
-                             "seg", "--epochs", "100000", *map(str, TINY_CLI)],
+                             "seg", "--epochs", "100000", "--workers", workers, *map(str, TINY_CLI)],
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
         limit = time.monotonic() + 300  # a safety limit, not a timing: the first epoch takes seconds
