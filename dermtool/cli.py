@@ -98,19 +98,13 @@ _MAIN_PID = None
 _HARD_EXIT = False
 
 
-def _stop_children() -> None:
-    """Stop the batch workers (--workers: multiprocessing children) that os._exit would leave
-    running, orphaned, holding the terminal or a scheduler's log open; normal exit does this in
-    multiprocessing's exit handler, which os._exit skips."""
+def _has_children() -> bool:
+    """Whether batch workers (--workers 2 or more: a multiprocessing pool) are running: os._exit
+    would orphan them, and their pool restarts any one stopped by hand, so such a run leaves by
+    the normal exit, whose handlers stop the pool (the tf.data hang was seen without workers)."""
     import multiprocessing
 
-    children = multiprocessing.active_children()
-    for child in children:
-        child.terminate()
-    for child in children:
-        child.join(timeout=5)
-        if child.is_alive():
-            child.kill()
+    return bool(multiprocessing.active_children())
 
 
 def entry() -> None:
@@ -119,6 +113,7 @@ def entry() -> None:
     Only then may an interrupted train leave with os._exit once its run is committed: a tf.data
     pipeline interrupted mid-epoch can deadlock its own teardown (its map workers' iterator
     waiting on a compute thread), which once left a SIGTERMed train alive after its last line.
+    Not with batch worker processes (`_has_children`), which os._exit would orphan.
     """
     global _HARD_EXIT
     _HARD_EXIT = True
@@ -336,11 +331,10 @@ def train_cli(
         fail(write_failure(exc, "the run", out))
     except KeyboardInterrupt:
         message = _train_interrupted(out)
-        if _HARD_EXIT:  # the run is committed; leave without tearing tf.data down (see `entry`)
+        if _HARD_EXIT and not _has_children():  # the run is committed: leave without tearing tf.data down
             console.print(f"[bold red]error:[/] {escape(message)}", highlight=False, soft_wrap=True)
             sys.stdout.flush()
             sys.stderr.flush()
-            _stop_children()
             os._exit(130)
         fail(message, 130)
 
