@@ -22,7 +22,7 @@ from typing import Callable, NamedTuple
 import numpy as np
 from PIL import Image, ImageFile
 
-from dermtool.errors import InputError
+from dermtool.errors import InputError, unreadable
 from dermtool.io import check_decoded_size, check_pixel_limit, open_image
 
 # A truncated JPEG must be reported, not silently padded with grey.
@@ -287,7 +287,7 @@ def load_image(path: Path, min_size: tuple[int, int] | None = None,
     except MemoryError:
         raise
     except Exception as exc:  # a decoder's own error on a damaged file (zlib, a bad tag's IndexError)
-        raise InputError(f"{path}: not a readable image ({type(exc).__name__}: {_short(exc)}).") from None
+        raise InputError(unreadable(path, exc)) from None
 
 
 def _short(exc: Exception) -> str:

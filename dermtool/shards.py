@@ -20,7 +20,7 @@ import numpy as np
 
 from dermtool import CLASS_NAMES
 from dermtool.data import find_images, image_id_of, unique_ids
-from dermtool.decision import decide
+from dermtool.decision import check_threshold, decide
 from dermtool.errors import InputError
 from dermtool.io import FORMULA_STARTS, first_few, read_csv_rows, read_json, write_csv_atomic
 
@@ -267,7 +267,7 @@ def _read_records(out_dir: Path, n: int) -> tuple[dict[Path, dict], list[Path]]:
             missing.append(path)  # a record is a check, not the data: merge, but say so
             continue
         try:
-            records[path] = read_json(path, "shard record")
+            records[path] = _checked_record(path, read_json(path, "shard record"))
         except InputError as exc:
             raise InputError(f"{str(exc).rstrip('.')}; so this shard's model and settings cannot be checked: "
                              f"rerun that shard whole (dermtool infer IMAGES --out {out_dir} --shard {k}/{n}, without --resume), "
@@ -280,6 +280,20 @@ def _read_records(out_dir: Path, n: int) -> tuple[dict[Path, dict], list[Path]]:
                              f"{'; '.join(diffs).replace('in the run', 'there')}; rerun it with the same ones.")
     _check_same_ids(records, out_dir)
     return records, missing
+
+
+def _checked_record(path: Path, record) -> dict:
+    """A shard record whose values the row checks use are what infer writes: an object, a
+    melanoma threshold in (0, 1) or null, a positive temperature (an edited one is refused here,
+    not met as a TypeError in the middle of the rows)."""
+    if not isinstance(record, dict):
+        raise InputError(f"{path}: the shard record is not a JSON object.")
+    if record.get("melanoma_threshold") is not None:
+        check_threshold(record["melanoma_threshold"], f"{path}: melanoma_threshold")
+    temperature = record.get("temperature", 1.0)
+    if isinstance(temperature, bool) or not isinstance(temperature, (int, float)) or not temperature > 0:
+        raise InputError(f"{path}: temperature must be a positive number, not {str(temperature)[:40]!r}.")
+    return record
 
 
 def _check_same_ids(records: dict[Path, dict], out_dir: Path) -> None:

@@ -429,6 +429,17 @@ def test_a_file_added_since_with_a_name_that_is_not_utf8_is_one_line(plain, refe
     assert "1 image(s) are in no part (caf" in " ".join(result.output.split())
 
 
+@pytest.mark.parametrize("edit, words", [({"melanoma_threshold": "x"}, "melanoma_threshold must be a number"),
+                                         ({"temperature": "hot"}, "temperature must be a positive number")])
+def test_merge_refuses_a_record_edited_to_values_infer_never_writes(plain, tmp_path, edit, words):
+    """A threshold of "x" met the row checks as a TypeError traceback."""
+    out = Path(shutil.copytree(plain, tmp_path / "out"))
+    record = json.loads((out / "infer.shard1of2.json").read_text())
+    record.update(edit)
+    (out / "infer.shard1of2.json").write_text(json.dumps(record))
+    _merge_refused(out, "infer.shard1of2.json", words)
+
+
 def test_merge_refuses_a_row_of_an_image_not_in_the_folder(plain, tmp_path):
     out = Path(shutil.copytree(plain, tmp_path / "out"))
     _append_row_of(out / "predictions.part-2-of-2.csv", "ISIC_9999999")
