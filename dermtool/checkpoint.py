@@ -160,7 +160,8 @@ def load(run_dir: Path, model, optimizer) -> dict:
             # the optimizer's slots come from optimizer.npz below, so the weights file's are not needed
             warnings.filterwarnings("ignore", message="Skipping variable loading for optimizer")
             model.load_weights(str(folder / LAST))
-        optimizer.build(model.trainable_variables)
+        if not optimizer.built:  # a mixed-precision loss-scale wrapper built twice adds its variables again
+            optimizer.build(model.trainable_variables)
         saved = np.load(folder / OPTIMIZER)
     except (OSError, ValueError) as exc:
         raise InputError(f"{folder}: the checkpoint of epoch {state['epoch']} is damaged "

@@ -75,8 +75,8 @@ class BatchSource:
     exactly, and a resumed run continues as if it had never stopped.
     """
 
-    def __init__(self, data, cfg: ModelConfig, tcfg: TrainConfig, steps: int):
-        self.data, self.cfg, self.tcfg, self.steps = data, cfg, tcfg, steps
+    def __init__(self, data, cfg: ModelConfig, tcfg: TrainConfig, steps: int, replicas: int = 1):
+        self.data, self.cfg, self.tcfg, self.steps, self.replicas = data, cfg, tcfg, steps, replicas
         self._epoch, self._order = None, None
 
     def order(self, epoch: int) -> np.ndarray:
@@ -109,8 +109,11 @@ class BatchSource:
         if "cls" in y and "mixup" in parse_groups(self.tcfg.augment):  # its own stream: the rest repeats
             x, y["cls"] = mixup(x, y["cls"], np.random.default_rng([self.tcfg.seed, epoch, step, MIXUP_STREAM]),
                                 2 if self.tcfg.consistency else 1)
-        if "seg" in y and "cls" in y and self.tcfg.seg_batch:  # the decoder trains on these only
-            y["seg"] = y["seg"][:self.tcfg.seg_batch]
+        if "seg" in y and "cls" in y and 0 < self.tcfg.seg_batch < len(x):  # the decoder trains on these only
+            # each of the strategy's replicas gets an equal slice of the batch and runs the decoder on
+            # the first seg_batch / replicas images of its slice: their masks, slice by slice
+            per, k = len(x) // self.replicas, self.tcfg.seg_batch // self.replicas
+            y["seg"] = np.concatenate([y["seg"][r * per:r * per + k] for r in range(self.replicas)])
         return x, y
 
 
@@ -187,10 +190,10 @@ def training_batch(cache: Cache, cfg: ModelConfig, tcfg: TrainConfig, resize: bo
 
 
 def training_dataset(data, cfg: ModelConfig, tcfg: TrainConfig, first_epoch: int = 0, end_epoch: int | None = None,
-                     workers: int | None = None):
+                     workers: int | None = None, replicas: int = 1):
     """The stream of (epoch, step) -> batch for epochs first_epoch .. end_epoch - 1 (default: all
     remaining), and the steps per epoch. All these epochs must train at one side
-    (`progressive_phases`).
+    (`progressive_phases`). `replicas`: the devices a distribution strategy splits each batch across.
 
     One stream across epochs (fit with steps_per_epoch), so batches prepared ahead of time
     always belong to the epoch they are trained in. Under TensorFlow it is a tf.data pipeline
@@ -200,7 +203,7 @@ def training_dataset(data, cfg: ModelConfig, tcfg: TrainConfig, first_epoch: int
     from dermtool.dataset import steps_per_epoch
 
     steps = steps_per_epoch(len(data), tcfg.batch_size, tcfg.steps_per_epoch)
-    source = BatchSource(data, cfg, tcfg, steps)
+    source = BatchSource(data, cfg, tcfg, steps, replicas)
     keys = [k for k in ("seg", "cls") if (k == "seg" and cfg.has_seg) or (k == "cls" and cfg.has_cls)]
     end_epoch = tcfg.epochs if end_epoch is None else end_epoch
     if workers is not None or _tf.backend() != "tensorflow":
@@ -418,6 +421,15 @@ def train(cfg: ModelConfig, tcfg: TrainConfig, train_cache, val_cache, out_dir: 
     `train_cache` and `val_cache` are one path or a list of paths (several caches train as one
     set; every validation set is scored every epoch and the epochs are chosen on their mean).
     """
+    policy = keras.mixed_precision.global_policy()
+    try:
+        return _train(cfg, tcfg, train_cache, val_cache, out_dir, resume, log, progress, workers)
+    finally:  # --mixed-precision sets Keras's global policy: models built later in this process stay float32
+        keras.mixed_precision.set_global_policy(policy)
+
+
+def _train(cfg: ModelConfig, tcfg: TrainConfig, train_cache, val_cache, out_dir: Path,
+           resume: bool, log, progress: bool, workers: int | None) -> Path:
     out_dir = Path(out_dir)
     train_paths, val_paths = _as_list(train_cache), _as_list(val_cache)
     command = tcfg.command
@@ -509,6 +521,12 @@ def train(cfg: ModelConfig, tcfg: TrainConfig, train_cache, val_cache, out_dir: 
         raise InputError(f"--consistency with {strategy.num_replicas_in_sync} GPUs needs a batch size that is a "
                          f"multiple of {2 * strategy.num_replicas_in_sync} (each GPU gets whole pairs), "
                          f"not {tcfg.batch_size}.")
+    replicas = strategy.num_replicas_in_sync
+    if cfg.task == "joint" and 0 < tcfg.seg_batch < tcfg.batch_size and replicas > 1 and (
+            tcfg.batch_size % replicas or tcfg.seg_batch % replicas):
+        raise InputError(f"--seg-batch with {replicas} GPUs needs a batch size and a --seg-batch that are "
+                         f"multiples of {replicas} (each GPU runs the decoder on an equal share), not "
+                         f"{tcfg.batch_size} and {tcfg.seg_batch}.")
     if not vals:
         log("note: no --val: best.weights.h5 is the last epoch (a training loss is no validation score)")
     from dermtool.losses import build_losses, with_consistency
@@ -525,7 +543,7 @@ def train(cfg: ModelConfig, tcfg: TrainConfig, train_cache, val_cache, out_dir: 
         log("note: --alpha 0 gives the masks no loss, yet the decoder's batch-norm statistics still follow the "
             "training batches, so the masks change; --freeze encoder+decoder keeps them exactly")
     with strategy.scope():
-        model, train_model = build_models(cfg, seg_batch)
+        model, train_model = build_models(cfg, seg_batch // replicas)  # per replica
         if cfg.pretrained and not resume and not tcfg.init_from:
             load_pretrained(model, cfg, log=log)
         if tcfg.init_from and not resume:
@@ -562,9 +580,13 @@ def train(cfg: ModelConfig, tcfg: TrainConfig, train_cache, val_cache, out_dir: 
         state = {"epoch": 0, "lr": tcfg.learning_rate, "wait": 0, "best_val_loss": None, "best_train_loss": None,
                  "best_by": metric_name or "last epoch", "best_metric": None, "best_epoch": None}
         if resume:
-            state = {**state, **checkpoint.load(out_dir, model, optimizer)}
-            if tcfg.ema:  # the checkpoint holds the average in the model and the raw weights in the slots
-                swap_ema(model, optimizer)
+            # model.optimizer: under mixed precision the loss-scale wrapper, whose variables (the
+            # scale and its counter, then Adam's) are the ones each checkpoint saved
+            # in the strategy's scope: the load builds the optimizer's slots, mirrored like the weights
+            with strategy.scope():
+                state = {**state, **checkpoint.load(out_dir, model, model.optimizer)}
+                if tcfg.ema:  # the checkpoint holds the average in the model and the raw weights in the slots
+                    swap_ema(model, model.optimizer)
             checkpoint.tidy(out_dir)  # links left stale by an interrupt
             log(f"resuming {out_dir} after epoch {state['epoch']} (lr {state['lr']:.3g})")
         optimizer.learning_rate.assign(state["lr"])
@@ -596,7 +618,7 @@ def train(cfg: ModelConfig, tcfg: TrainConfig, train_cache, val_cache, out_dir: 
             elif len(progressive_phases(cfg, tcfg)) > 1:
                 log(f"epochs {max(first, state['epoch']) + 1}-{end}: {side} px squares, the model's own")
             batches, steps = training_dataset(data, cfg, tcfg, first_epoch=max(first, state["epoch"]), end_epoch=end,
-                                              workers=workers)
+                                              workers=workers, replicas=replicas)
             fit_model.fit(batches, epochs=end, initial_epoch=max(first, state["epoch"]), steps_per_epoch=steps,
                           shuffle=False, verbose=1 if progress else 0, callbacks=callbacks)
     except BaseException:

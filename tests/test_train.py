@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+from dataclasses import replace
 import json
 import os
 import re
@@ -784,6 +785,105 @@ def test_seg_batch_trains_the_decoder_from_those_images_only(caches):
     tcfg = TrainConfig(batch_size=4, seg_batch=3, augment="none")
     x, y = BatchSource(data, cfg, tcfg, steps_per_epoch(len(data), 4, 0)).batch(0, 0)
     assert x.shape[0] == 4 and y["cls"].shape[0] == 4 and y["seg"].shape[0] == 3
+
+
+def test_seg_batch_under_two_replicas_takes_the_first_images_of_each_replicas_slice(caches):
+    # a strategy splits the batch into equal slices, one per device, and each device's decoder runs
+    # on the first seg_batch / replicas images of its slice: the targets must be those images' masks
+    from dermtool.train import BatchSource
+    from dermtool.dataset import TrainingSet, steps_per_epoch
+
+    cfg = tiny("joint")
+    data = TrainingSet([load_cache(caches)], [False])
+    tcfg = TrainConfig(batch_size=8, seg_batch=4, augment="none")
+    steps = steps_per_epoch(len(data), 8, 0)
+    _, whole = BatchSource(data, cfg, replace(tcfg, seg_batch=0), steps).batch(0, 0)
+    _, split = BatchSource(data, cfg, tcfg, steps, replicas=2).batch(0, 0)
+    np.testing.assert_array_equal(split["seg"], whole["seg"][[0, 1, 4, 5]])
+    _, one = BatchSource(data, cfg, tcfg, steps).batch(0, 0)
+    np.testing.assert_array_equal(one["seg"], whole["seg"][:4])
+
+
+MIRRORED_ON_TWO_CPUS = """
+import sys
+from pathlib import Path
+from unittest import mock
+
+import numpy as np
+import tensorflow as tf
+
+cpu = tf.config.list_physical_devices("CPU")[0]
+tf.config.set_logical_device_configuration(cpu, [tf.config.LogicalDeviceConfiguration()] * 2)
+from dermtool.config import TrainConfig, preset_config
+from dermtool.models import build_model
+from dermtool.train import train
+
+cache, out = Path(sys.argv[1]), Path(sys.argv[2])
+mirrored = tf.distribute.MirroredStrategy
+cfg = preset_config("compact", "joint", size=32, base_filters=4, depth=2, dropout=0.0)
+tcfg = dict(batch_size=8, seg_batch=4, consistency=1.0, learning_rate=3e-3, seed=3, augment="flips",
+            strategy="mirrored")
+with mock.patch.object(tf.distribute, "MirroredStrategy", lambda: mirrored(["/cpu:0", "/cpu:1"])):
+    for name, epochs, resume in (("straight", 2, False), ("part", 1, False), ("part", 2, True)):
+        train(cfg, TrainConfig(epochs=epochs, **tcfg), cache, cache, out / name, resume=resume,
+              log=print, progress=False)
+a, b = build_model(cfg), build_model(cfg)
+a.load_weights(str(out / "straight" / "last.weights.h5"))
+b.load_weights(str(out / "part" / "last.weights.h5"))
+assert all(np.array_equal(x, y) for x, y in zip(a.get_weights(), b.get_weights())), "resumed != straight"
+print("replicas", tf.distribute.MirroredStrategy(["/cpu:0", "/cpu:1"]).num_replicas_in_sync)
+"""
+
+
+def test_mirrored_on_two_devices_splits_seg_batch_and_pairs_and_resumes_exactly(caches, tmp_path):
+    # two logical CPUs stand in for two GPUs: each replica gets half of each batch (whole pairs
+    # under --consistency) and the decoder's targets of its own images; the resume builds the
+    # optimizer's mirrored slots inside the strategy's scope
+    import subprocess
+    import sys
+
+    done = subprocess.run([sys.executable, "-c", MIRRORED_ON_TWO_CPUS, str(caches), str(tmp_path)],
+                          capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "replicas 2" in done.stdout
+    assert "the decoder trains on 4 of each batch's 8 images" in done.stdout
+    assert [int(r["epoch"]) for r in history(tmp_path / "part")] == [1, 2]
+
+
+def test_seg_batch_under_two_replicas_needs_an_even_share(caches, tmp_path, monkeypatch):
+    import tensorflow as tf
+
+    from dermtool.errors import InputError
+
+    class TwoReplicas:
+        num_replicas_in_sync = 2
+
+        def scope(self):
+            raise AssertionError("refused before any model is built")
+
+    monkeypatch.setattr(tf.distribute, "MirroredStrategy", TwoReplicas)
+    with pytest.raises(InputError, match="--seg-batch with 2 GPUs needs .* multiples of 2.*not 4 and 3"):
+        run(caches, tmp_path / "r", "joint", epochs=1, strategy="mirrored", seg_batch=3)
+    assert not (tmp_path / "r").exists()
+
+
+def test_mixed_precision_trains_resumes_exactly_and_leaves_float32_behind(caches, tmp_path, monkeypatch):
+    # the GPU path on the CPU: float16 compute under a loss-scale wrapper, whose variables (scale and
+    # counter) each checkpoint holds; --seg-batch builds the optimizer before the resume loads it
+    import keras
+
+    from dermtool import _tf
+    from dermtool.models import build_model
+
+    monkeypatch.setattr(_tf, "gpu_count", lambda: 1)
+    cfg = tiny("joint", dropout=0.0)
+    over = {"cfg": cfg, "mixed_precision": True, "seg_batch": 2, "ema": 0.5}
+    straight = run(caches, tmp_path / "straight", "joint", epochs=2, **over)
+    run(caches, tmp_path / "part", "joint", epochs=1, **over)
+    resumed = run(caches, tmp_path / "part", "joint", epochs=2, resume=True, **over)
+    assert_same_weights(cfg, straight, resumed)
+    assert keras.mixed_precision.global_policy().name == "float32"
+    assert build_model(cfg).compute_dtype == "float32"
 
 
 def test_ema_validates_and_keeps_the_average_and_resumes_exactly(caches, tmp_path):
