@@ -32,7 +32,6 @@ from dermtool import CLASS_NAMES, __version__, metrics
 from dermtool.config import ModelConfig, load_config
 from dermtool.decision import MELANOMA, PROB_FLOOR, apply_temperature, decide, describe, threshold_for_sensitivity
 from dermtool.errors import InputError
-from dermtool.io import write_atomic
 
 #: Search range of the temperature: far beyond any fitted value (they are near 1 to 3).
 TEMPERATURE_RANGE = (0.05, 20.0)
@@ -55,6 +54,7 @@ class PredictionSet:
     y_true: np.ndarray  # (N,)
     input_temperature: float = 1.0  # the temperature the infer run had applied (undone here)
     note: str = ""
+    records: list = field(default_factory=list)  # the infer records of the run that wrote it
 
 
 @dataclass
@@ -102,10 +102,11 @@ def read_set(pred_csv: Path, truth_csv: Path) -> PredictionSet:
         raise InputError(f"The predictions CSV {pred_csv} has rows whose probabilities sum to {sums[bad[0]]:.4f}, "
                          "not 1; calibration needs the softmax probabilities of dermtool infer.")
     probs = probs / sums[:, None]
-    temperature, note = run_temperature(pred_csv)
+    records = run_records(pred_csv)
+    temperature, note = run_temperature(pred_csv, records)
     if temperature != 1.0:  # softmax(T0 * log q) undoes q = softmax(log p / T0)
         probs = apply_temperature(probs, 1.0 / temperature)
-    return PredictionSet(pred_csv, truth_csv, ids, probs, y_true, temperature, note)
+    return PredictionSet(pred_csv, truth_csv, ids, probs, y_true, temperature, note, [r for _, r in records])
 
 
 def _header(path: Path) -> list[str]:
@@ -115,37 +116,73 @@ def _header(path: Path) -> list[str]:
     return [c.strip() for c in rows[0]] if rows else []
 
 
-def run_temperature(pred_csv: Path) -> tuple[float, str]:
-    """(the temperature the infer run that wrote `pred_csv` applied, a note when it is assumed).
+def run_records(pred_csv: Path) -> list[tuple[Path, dict]]:
+    """The records of the infer run that wrote `pred_csv`, read from beside it: infer.shardKofN.json
+    for a part; else infer.json (a predictions CSV copied or renamed in its run's folder is still
+    that run's), or after `dermtool merge` the shards' infer.shardKofN.json.
 
-    Read from the run's record beside the CSV: infer.json for predictions.csv (or, after
-    `dermtool merge`, the shards' infer.shardKofN.json), infer.shardKofN.json for a part. A
-    record without a temperature was written before dermtool had one: T = 1.
+    Raises:
+        InputError: a damaged record (guessing would miscalibrate silently).
     """
+    from dermtool.io import read_json
     from dermtool.shards import _PART, record_name
 
     folder = Path(pred_csv).parent
     part = _PART.fullmatch(Path(pred_csv).name)
     if part:
-        records = [folder / record_name((int(part[1]), int(part[2])))]
-    elif Path(pred_csv).name == "predictions.csv":
-        records = [folder / "infer.json"] if (folder / "infer.json").is_file() else sorted(folder.glob("infer.shard*of*.json"))
+        paths = [folder / record_name((int(part[1]), int(part[2])))]
     else:
-        records = []
-    from dermtool.decision import check_temperature
-    from dermtool.io import read_json
+        paths = [folder / "infer.json"] if (folder / "infer.json").is_file() else sorted(folder.glob("infer.shard*of*.json"))
+    records = []
+    for path in paths:
+        record = read_json(path, "infer record")
+        if not isinstance(record, dict):
+            raise InputError(f"{path}: not an infer record (a JSON object); it is damaged.")
+        records.append((path, record))
+    return records
 
+
+def run_temperature(pred_csv: Path, records: list[tuple[Path, dict]] | None = None) -> tuple[float, str]:
+    """(the temperature the infer run that wrote `pred_csv` applied, a note when it is assumed).
+
+    Read from the run's records (`run_records`). A record without a temperature was written
+    before dermtool had one: T = 1.
+    """
+    from dermtool.decision import check_temperature
+
+    records = run_records(pred_csv) if records is None else records
     values = set()
-    for path in records:  # a damaged record is refused: guessing T = 1 would miscalibrate silently
-        values.add(check_temperature(read_json(path, "infer record").get("temperature", 1.0),
-                                     f"{path}: temperature"))
+    for path, record in records:  # a damaged record is refused: guessing T = 1 would miscalibrate silently
+        values.add(check_temperature(record.get("temperature", 1.0), f"{path}: temperature"))
     if len(values) > 1:
-        raise InputError(f"{folder}: its infer records applied different temperatures ({sorted(values)}); "
-                         "run infer again into one folder with one model.")
+        raise InputError(f"{Path(pred_csv).parent}: its infer records applied different temperatures "
+                         f"({sorted(values)}); run infer again into one folder with one model.")
     if not values:
-        return 1.0, (f"{pred_csv}: no infer.json beside it, so its probabilities are taken as uncalibrated "
-                     "(made by a model with temperature 1)")
+        return 1.0, (f"{pred_csv}: no infer record (infer.json) beside it, so its probabilities are taken as "
+                     "uncalibrated (made by a model with temperature 1)")
     return values.pop(), ""
+
+
+def run_notes(s: PredictionSet, model_dir: Path, cfg: ModelConfig) -> list[str]:
+    """What differs between the run that wrote a set's predictions and the model being calibrated:
+    other weights, or classifier settings the model's own infer runs do not use."""
+    from dermtool.modelio import model_fingerprint
+
+    notes, weights = [], None
+    for record in s.records:
+        if record.get("weights_sha1") and weights is None:
+            weights = model_fingerprint(model_dir, config=False)
+        if record.get("weights_sha1") and record["weights_sha1"] != weights:
+            notes.append(f"{s.predictions}: made by {record.get('model')}, whose weights are not {model_dir}'s; "
+                         f"the decision is fitted to that model's probabilities")
+        if record.get("cls_views") and record["cls_views"] != cfg.cls_views:
+            notes.append(f"{s.predictions}: made with --cls-views {record['cls_views']}, while {model_dir} infers "
+                         f"with {cfg.cls_views} unless told; infer with --cls-views {record['cls_views']} for this "
+                         "decision to hold")
+        if isinstance(record.get("tta"), int) and record["tta"] != 1:
+            notes.append(f"{s.predictions}: made with --tta {record['tta']}; infer with --tta {record['tta']} for "
+                         "this decision to hold")
+    return list(dict.fromkeys(notes))  # the shards of one run say it once
 
 
 def fit_temperature(probs: np.ndarray, y_true: np.ndarray) -> float:
@@ -196,6 +233,7 @@ def calibrate(model_dir: Path, pairs: list[tuple[Path, Path]], sensitivity: floa
 
     model_dir = Path(model_dir)
     cfg, _, _ = load_config(model_dir)
+    check_not_carried(model_dir)
     if not cfg.has_cls:
         raise InputError(f"{model_dir}: a {cfg.task} model has no classifier to calibrate.")
     if not pairs:
@@ -218,6 +256,8 @@ def calibrate(model_dir: Path, pairs: list[tuple[Path, Path]], sensitivity: floa
                          "calibrate on a larger validation set of every class.")
     threshold = threshold_for_sensitivity(apply_temperature(probs, temperature)[:, m], y_true == m, sensitivity)
     result = CalibrationResult(temperature, threshold, sensitivity, notes=[s.note for s in sets if s.note])
+    for s in sets:
+        result.notes += run_notes(s, model_dir, cfg)
     missing = [name for k, name in enumerate(CLASS_NAMES) if not np.any(y_true == k)]
     if y_true.size < FEW_IMAGES or missing:
         lacking = f", with no {' and no '.join(missing)}" if missing else ""
@@ -239,44 +279,75 @@ def calibrate(model_dir: Path, pairs: list[tuple[Path, Path]], sensitivity: floa
     return result
 
 
+def check_not_carried(folder: Path) -> None:
+    """Refuse to calibrate the export a model folder carries (MODEL/litert) on its own: the model
+    and its export would then decide differently, by engine. Calibrating MODEL updates both."""
+    from dermtool.modelio import shipped_export
+
+    folder = Path(folder).resolve()
+    parent = folder.parent
+    if (parent / "config.json").is_file() and shipped_export(parent, folder.name) == folder:
+        raise InputError(f"{folder}: is the {folder.name} export that the model folder {parent} carries; calibrate "
+                         f"{parent} instead, which writes the same decision into both.")
+
+
 def write_decision(model_dir: Path, temperature: float, threshold: float, provenance: dict) -> tuple[list, list]:
     """Put the decision into MODEL/config.json and the carried MODEL/litert/config.json.
 
-    Each file is replaced whole (written beside it, then renamed). The carried export runs the
-    same network, so its record of the weights it came from (`export.source_sha1`) is moved to
-    the rewritten config.json; an export already stale (other weights) is left alone and named.
+    Both files change or neither: each new text is written beside its file first, and only when
+    both are written are they renamed into place (a full disk leaves the model as it was). The
+    carried export runs the same network, so its record of the weights it came from
+    (`export.source_sha1`) is moved to the rewritten config.json; an export already stale (other
+    weights) is left alone and named. An export folder calibrated on its own also gets its
+    `export.decision`, the description for those who run the file without dermtool.
 
     Returns:
         (files written, notes on what was left alone).
     """
+    import os
+
+    from dermtool.io import claim, temp_prefix
     from dermtool.modelio import model_fingerprint, shipped_export
 
     model_dir = Path(model_dir)
     carried = shipped_export(model_dir, "litert")  # checked before the model's config.json changes
     stale = model_dir / "litert" / "config.json"
-    _update_config(model_dir / "config.json", temperature, threshold, provenance)
-    written, notes = [model_dir / "config.json"], []
+    own = _decided_config(model_dir / "config.json", temperature, threshold, provenance)
+    texts, notes = {model_dir / "config.json": own}, []
     if carried is not None:
-        _update_config(carried / "config.json", temperature, threshold, provenance,
-                       source_sha1=model_fingerprint(model_dir))
-        written.append(carried / "config.json")
+        texts[carried / "config.json"] = _decided_config(
+            carried / "config.json", temperature, threshold, provenance,
+            source_sha1=model_fingerprint(model_dir, config_text=own))  # the model's once rewritten
     elif stale.is_file():
         notes.append(f"{stale}: not updated, it was exported from other weights than {model_dir}'s")
-    return written, notes
+    temps = {path: path.with_name(f"{temp_prefix(path.name)}{os.getpid()}.tmp") for path in texts}
+    try:
+        for path, text in texts.items():
+            try:
+                claim(temps[path]).write_text(text)
+            except OSError as exc:  # named as the file of the user's model, not the temporary one
+                raise type(exc)(exc.errno, exc.strerror, str(path)) from None
+        for path in texts:
+            os.replace(temps[path], path)
+    finally:
+        for tmp in temps.values():
+            tmp.unlink(missing_ok=True)
+    return list(texts), notes
 
 
-def _update_config(path: Path, temperature: float, threshold: float, provenance: dict,
-                   source_sha1: str | None = None) -> None:
-    """Rewrite one config.json with the decision; every other key is kept as it was."""
+def _decided_config(path: Path, temperature: float, threshold: float, provenance: dict,
+                    source_sha1: str | None = None) -> str:
+    """The text of one config.json with the decision; every other key is kept as it was."""
     raw = json.loads(path.read_text())
     from dermtool.score import _plain  # nan (an undefined rate) -> null: config.json stays strict JSON
 
     raw["model"].update(temperature=temperature, melanoma_threshold=threshold, calibration=_plain(provenance))
     ModelConfig(**raw["model"])  # still a valid model description
+    if isinstance(raw.get("export"), dict):  # an export folder, carried or on its own
+        raw["export"]["decision"] = describe(temperature, threshold)
     if source_sha1 is not None:
-        raw["export"].update(source_sha1=source_sha1, decision=describe(temperature, threshold))
-    text = json.dumps(raw, indent=2) + "\n"
-    write_atomic(path, lambda tmp: tmp.write_text(text))
+        raw["export"]["source_sha1"] = source_sha1
+    return json.dumps(raw, indent=2) + "\n"
 
 
 def render(result: CalibrationResult, console) -> None:

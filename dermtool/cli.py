@@ -641,10 +641,13 @@ def calibrate_cli(
     """Fit the model's temperature and melanoma threshold on validation predictions; store them in config.json.
 
     The temperature T minimises the negative log-likelihood of the pooled sets (probabilities =
-    softmax(log p / T)); the threshold t is the largest that keeps the melanoma sensitivity of
-    the pooled sets >= --sensitivity (set mid-gap below the last melanoma it must catch). dermtool infer then writes calibrated
-    probabilities and labels melanoma when p_melanoma >= t, else the likelier other class. The
-    carried LiteRT export (MODEL/litert/) gets the same decision. Prints NLL and ECE before and
+    softmax(log p / T)); the threshold t keeps the melanoma sensitivity of the pooled sets >=
+    --sensitivity with as few other images called melanoma as possible: it lies mid-gap below the
+    last melanoma it must catch. dermtool infer then writes calibrated probabilities and labels
+    melanoma when p_melanoma >= t, else the likelier other class. The carried LiteRT export
+    (MODEL/litert/) gets the same decision (calibrate MODEL, not MODEL/litert). The temperature
+    each set's run applied is read from the infer.json beside its CSV and undone; a note names a
+    set made by other weights, --cls-views or --tta than MODEL's. Prints NLL and ECE before and
     after, and melanoma SE/SP at t per set.
 
     Example: dermtool calibrate runs/joint --preds val/isic/predictions.csv --truth isic_val.csv

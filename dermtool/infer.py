@@ -370,9 +370,12 @@ def predict_folder(images_dir: Path, out_dir: Path, model_dir: Path | None = Non
     cfg = model.cfg
     threshold_given = opts.melanoma_threshold is not None
     opts = with_model_threshold(opts, cfg, model_dir)
-    summary = InferSummary(model=str(model_dir), engine=model.name, engine_file=str(model.path), duplicates=duplicates,
+    # the model as an absolute path: the report and calibrate read it later, from anywhere
+    summary = InferSummary(model=str(model_dir.resolve()),
+                           engine=model.name, engine_file=str(model.path), duplicates=duplicates,
                            failed=[(str(p), why) for p, why in unusable])
     record = _run_record(images_dir, model_fingerprint(model_dir), summary, cfg, opts)
+    record["weights_sha1"] = model_fingerprint(model_dir, config=False)  # what calibrate checks
     # where the threshold came from, as it was then: the model may be recalibrated after the run
     record["melanoma_threshold_source"] = (None if opts.melanoma_threshold is None else
                                            "option" if threshold_given else "model")

@@ -700,11 +700,17 @@ def cache_dir() -> Path:
     return base / "engines"
 
 
-def model_fingerprint(model: Path | None) -> str:
-    """sha1 of config.json and the weights (or the exported file): the same model wherever it lies."""
+def model_fingerprint(model: Path | None, config: bool = True, config_text: str | None = None) -> str:
+    """sha1 of config.json and the weights (or the exported file): the same model wherever it lies.
+
+    config=False: of the weights alone, which calibrating (a new temperature and threshold in
+    config.json) leaves as they were. config_text: the fingerprint the folder will have once its
+    config.json holds this text."""
     folder, file, fmt = resolve_model(model)
     h = hashlib.sha1()
-    files = [folder / "config.json"]
+    if config_text is not None:
+        h.update(config_text.encode())
+    files = [folder / "config.json"] if config and config_text is None else []
     if fmt == "keras":
         files.append(weights_file(folder))
     elif file.is_dir():  # a SavedModel folder

@@ -250,3 +250,61 @@ def test_unpaired_options_and_a_seg_model_are_refused(sets, model, tmp_path):
     assert result.exit_code == 2 and "no classifier" in result.output
     result = calibrate_cli(model, sets["a"], extra=["--sensitivity", "1.5"])
     assert result.exit_code == 2 and "--sensitivity" in result.output
+
+
+def test_the_carried_export_is_calibrated_through_its_model_only(sets, model):
+    # calibrated alone, the export and its model folder would decide differently by --engine
+    result = calibrate_cli(model / "litert", sets["a"])
+    assert result.exit_code == 2
+    assert "litert export that the model folder" in result.output and f"calibrate {model.resolve()}" in result.output
+    assert load_config(model / "litert")[0].temperature == load_config(model)[0].temperature
+
+
+def test_an_export_on_its_own_gets_its_decision_description_too(sets, model, tmp_path):
+    alone = tmp_path / "alone"
+    shutil.copytree(model / "litert", alone)
+    assert calibrate_cli(alone, sets["a"]).exit_code == 0
+    cfg, _, raw = load_config(alone)
+    assert raw["export"]["decision"]["melanoma_threshold"] == cfg.melanoma_threshold is not None
+    assert raw["export"]["decision"]["temperature"] == cfg.temperature
+
+
+def test_a_failed_second_write_leaves_the_model_and_its_export_as_they_were(sets, model, monkeypatch):
+    import dermtool.io
+
+    before = {p: p.read_bytes() for p in (model / "config.json", model / "litert" / "config.json")}
+    real = dermtool.io.claim
+    def full_for_the_export(path):  # noqa: E306
+        if path.parent.name == "litert":
+            raise OSError(28, "No space left on device", str(path))
+        return real(path)
+    monkeypatch.setattr(dermtool.io, "claim", full_for_the_export)
+    result = calibrate_cli(model, sets["a"])
+    assert result.exit_code == 2 and "litert/config.json" in result.output, result.output
+    assert {p: p.read_bytes() for p in before} == before
+    assert shipped_export(model, "litert") == model / "litert"
+    assert not [p for p in model.rglob("*") if p.name.startswith(".")]
+
+
+def test_predictions_of_other_weights_or_settings_are_named(sets, model, tmp_path):
+    pred, truth = sets["a"]
+    run = tmp_path / "run"
+    run.mkdir()
+    shutil.copy(pred, run / "val17.csv")  # renamed in its run's folder: still that run's
+    views = "frame" if load_config(model)[0].cls_views != "frame" else "frame+lesion"
+    record = {"temperature": 1.0, "model": "/elsewhere/other", "weights_sha1": "f" * 40,
+              "cls_views": views, "tta": 8}
+    (run / "infer.json").write_text(json.dumps(record))
+    notes = calibrate(model, [(run / "val17.csv", truth)], write=False).notes
+    text = " ".join(notes)
+    assert "made by /elsewhere/other, whose weights are not" in text
+    assert f"--cls-views {views}" in text and "--tta 8" in text
+    assert "no infer record" not in text
+    record.update(weights_sha1=model_fingerprint(model, config=False), cls_views=load_config(model)[0].cls_views,
+                  tta=1, temperature=2.0)
+    (run / "infer.json").write_text(json.dumps(record))
+    own = calibrate(model, [(run / "val17.csv", truth)], write=False)
+    assert own.notes == [] or all("fitted on" in n for n in own.notes)
+    # the renamed CSV's temperature is read from infer.json and undone
+    plain = calibrate(model, [sets["a"]], write=False)
+    assert own.temperature == pytest.approx(plain.temperature * 2.0, rel=0.03)  # not plain: T = 2 was read

@@ -196,8 +196,11 @@ def test_run_summary_records_counts_and_postprocessing(joint_run, models):
     summary = json.loads((out / "infer.json").read_text())
     assert summary["done"] == len(GOOD) and summary["skipped"] == 0
     assert sorted(Path(f).name for f in summary["failed"]) == sorted(BAD)
-    assert summary["model"] == str(models["joint"]) and summary["task"] == "joint"
+    assert summary["model"] == str(models["joint"].resolve()) and summary["task"] == "joint"
     assert summary["images_per_second"] > 0 and not summary["interrupted"]
+    from dermtool.modelio import model_fingerprint  # calibrate compares the weights alone
+
+    assert summary["weights_sha1"] == model_fingerprint(models["joint"], config=False) != summary["model_sha1"]
     assert summary["postprocess"] == {"threshold": 0.5, "closing_radius": 3,
                                       "largest_component": True, "fill_holes": True}
 
