@@ -102,6 +102,13 @@ def _ci_text(ci) -> str:
     return "" if not ci or None in ci or any(np.isnan(ci)) else f" [{ci[0]:.3f}, {ci[1]:.3f}]"
 
 
+def _literal(legend):
+    """The legend with its entries drawn as written: a class name's `$` starts no mathtext."""
+    for text in legend.get_texts():
+        text.set_parse_math(False)
+    return legend
+
+
 def _colour(name: str) -> tuple[float, float, float]:
     return tuple(c / 255 for c in CLASS_COLOURS.get(name, (0, 0, 0)))
 
@@ -125,7 +132,7 @@ def plot_roc(data: dict[str, dict], auc_ci: dict | None, path: Path,
     ax.set(xlim=(0, 1), ylim=(0, 1.01), xlabel="false positive rate (1 − specificity)",
            ylabel="true positive rate (sensitivity)", title="ROC, one class against the others")
     ax.set_aspect("equal")
-    ax.legend(loc="lower right", fontsize=9)
+    _literal(ax.legend(loc="lower right", fontsize=9))
     fig.savefig(path)
     return path
 
@@ -138,8 +145,8 @@ def plot_confusion(confusion: list[list[int]], classes: list[str], path: Path) -
     ax = fig.add_subplot()
     ax.imshow(share, cmap="Blues", vmin=0, vmax=1)
     names = [DISPLAY_NAMES.get(c, c).replace(" ", "\n") for c in classes]
-    ax.set_xticks(range(len(classes)), names)
-    ax.set_yticks(range(len(classes)), names)
+    ax.set_xticks(range(len(classes)), names, parse_math=False)  # names as written: see plot_worst
+    ax.set_yticks(range(len(classes)), names, parse_math=False)
     ax.set(xlabel="predicted class", ylabel="true class", title="Confusion matrix (count, share of the row)")
     for i in range(cm.shape[0]):
         for j in range(cm.shape[1]):
@@ -205,7 +212,9 @@ def plot_worst(worst: list[tuple[str, float]], images: dict[str, Path], pred_mas
     for i, (image_id, jac, img) in enumerate(tiles):
         ax = fig.add_subplot(rows, cols, i + 1)
         ax.imshow(np.asarray(img))
-        ax.set_title(f"{image_id}\nJAC {jac:.3f}", fontsize=9)
+        # an id is a file name, shown as written: as mathtext "cost$5$" showed "cost5", "x$\qq$y"
+        # failed the whole command, and "a\$b" lost its backslash
+        ax.set_title(f"{image_id}\nJAC {jac:.3f}", fontsize=9, parse_math=False)
         ax.axis("off")
     from matplotlib.lines import Line2D
 

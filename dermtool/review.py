@@ -87,19 +87,20 @@ def write_report(out_dir: Path, images_dir: Path | None = None, workers: int = 0
     payload = _payload(rows, class_cols, has_thumb, out_dir)
     from dermtool.pages import write_page
 
+    # counted from the payload's class index, the one the gallery's filter shows (`_label_index`:
+    # the label column, else the argmax), so a button's count is what its filter lists
+    decided = [packed[1] for packed in payload["rows"]]
     write_page(summary.path, "report.html.j2", run=_facts(run, out_dir, summary, images_dir),
                payload=payload, rows=rows, has_classes=bool(class_cols),
-               classes=[{"name": c, "display": _display(c),
-                         "count": sum(1 for r in rows if r.get("label") == c)} for c in class_cols])
+               classes=[{"name": c, "display": _display(c), "count": decided.count(k)}
+                        for k, c in enumerate(class_cols)])
     summary.seconds = time.perf_counter() - started
     return summary
 
 
 def read_run(out_dir: Path) -> dict:
     """infer.json of the folder ({} when absent); shard summaries are added up."""
-    single = out_dir / "infer.json"
-    parts = [single] if single.is_file() else sorted(out_dir.glob("infer.shard*of*.json"))
-    runs = [read_json(p, "infer record") for p in parts]
+    runs = [read_json(p, "infer record") for p in _records(out_dir)]
     if not runs:
         return {}
     run = dict(runs[0])
@@ -111,6 +112,12 @@ def read_run(out_dir: Path) -> dict:
         run["images_per_second"] = None
         run["shards"] = len(runs)
     return run
+
+
+def _records(out_dir: Path) -> list[Path]:
+    """infer.json, or else the shard records infer.shardKofN.json."""
+    single = out_dir / "infer.json"
+    return [single] if single.is_file() else sorted(out_dir.glob("infer.shard*of*.json"))
 
 
 def read_predictions(out_dir: Path) -> tuple[list[str], list[dict]]:
@@ -196,7 +203,7 @@ def _thumbnail(row: dict, source: Path, out_dir: Path, files: Path, class_cols: 
 
 def _payload(rows: list[dict], class_cols: list[str], has_thumb: set, out_dir: Path) -> dict:
     """The page's data: one short list per image, so 10,000 images stay about a megabyte."""
-    overlays = {p.name[: -len("_overlay.jpg")] for p in out_dir.glob("*_overlay.jpg")}
+    overlays = _overlays_of_the_run(out_dir, [row["image_id"] for row in rows])
     packed = []
     for row in rows:
         probs = [row[c] for c in class_cols]  # as written in the CSV: rounding would reorder ties
@@ -208,6 +215,48 @@ def _payload(rows: list[dict], class_cols: list[str], has_thumb: set, out_dir: P
     return {"classes": class_cols, "display": [_display(c) for c in class_cols],
             "short": [SHORT_NAMES.get(c, c) for c in class_cols], "rows": packed,
             "files": FILES, "page_size": PAGE_SIZE, "no_thumbnail": "no thumbnail (image not found)"}
+
+
+def _overlays_of_the_run(out_dir: Path, ids: list[str]) -> set[str]:
+    """The ids whose full-size overlay (ID_overlay.jpg) the run drew: the ones the page links.
+
+    infer without --resume rewrites the files of the images it does and leaves the others, so
+    OUT may hold overlays of an earlier run, drawn with another model or threshold; a link to
+    one would show another diagnosis beside this run's. The rule, from the run's record (of the
+    image's shard, for a sharded run):
+    - it must say "overlay": true; with false, or no record or an older one without the field,
+      no overlay is linked (a missing link loses nothing: the file is still in OUT);
+    - the overlay must not be older than the run's start, which the record gives: it is written
+      last, so its time less its "seconds" and "model_load_seconds" is when the run began, and
+      nothing this run wrote is older. File times are compared with a file time, never with this
+      machine's clock, so a report made later gives the same links;
+    - except for an image whose mask is older than that start too: `infer --resume` skipped it
+      as done, and its overlay is of the earlier part of the same run (--resume refuses another
+      overlay setting), so it is linked.
+    Copied without its file times (cp without -p), a folder's times no longer tell runs apart.
+    """
+    from dermtool.shards import shard_of
+
+    starts: dict[tuple[int, int], float] = {}  # shard (k, n) -> the start of its run
+    for path in _records(out_dir):
+        match = re.fullmatch(r"infer(?:\.shard([0-9]+)of([0-9]+))?\.json", path.name)
+        run = read_json(path, "infer record")
+        times = [run.get("seconds", 0), run.get("model_load_seconds", 0)]
+        if match is None or run.get("overlay") is not True or not all(
+                isinstance(t, (int, float)) and not isinstance(t, bool) for t in times):
+            continue
+        shard = (int(match[1]), int(match[2])) if match[1] else (1, 1)
+        starts[shard] = path.stat().st_mtime - sum(times)
+    linked = set()
+    for image_id in ids:
+        start = next((t for (k, n), t in starts.items() if shard_of(image_id, n) == k), None)
+        overlay, mask = out_dir / f"{image_id}_overlay.jpg", out_dir / f"{image_id}{MASK_SUFFIX}"
+        if start is None or not overlay.is_file():
+            continue
+        skipped = mask.is_file() and mask.stat().st_mtime < start
+        if skipped or overlay.stat().st_mtime >= start:
+            linked.add(image_id)
+    return linked
 
 
 def _label_index(row: dict, class_cols: list[str]) -> int:

@@ -18,7 +18,8 @@ from typer.testing import CliRunner
 from dermtool import CLASS_NAMES, metrics
 from dermtool.cli import app
 from dermtool.decision import label_names
-from dermtool.plots import jaccard_histogram_data, operating_point_data, reliability_data, roc_data, worst_data
+from dermtool.plots import (jaccard_histogram_data, operating_point_data, plot_confusion, plot_roc, reliability_data,
+                            roc_data, worst_data)
 from dermtool.score import class_arrays, score
 from dermtool.synthetic import make_lesion
 
@@ -158,6 +159,56 @@ def test_plots_without_images_or_masks(case, tmp_path):
     result = runner.invoke(app, ["score", str(case["pred"]), str(case["truth"]), "--plots", str(out)])
     assert result.exit_code == 0, result.output
     assert sorted(p.name for p in out.iterdir()) == ["confusion.png", "reliability.png", "roc.png", "score.html"]
+
+
+#: file names that matplotlib's mathtext reads as formulas: an unknown command, a number, and an
+#: escaped dollar whose backslash it drops
+DOLLAR_IDS = ["x$\\qq$y", "cost$5$", "a\\$b"]
+
+
+@pytest.fixture
+def drawn_text(monkeypatch) -> list[tuple[str, bool]]:
+    """(text, drawn as mathtext?) of every text matplotlib's Agg canvas draws while the test runs."""
+    from matplotlib.backends.backend_agg import RendererAgg
+
+    drawn, draw_text = [], RendererAgg.draw_text
+
+    def recording(self, gc, x, y, s, prop, angle, ismath=False, mtext=None):
+        drawn.append((s, bool(ismath)))
+        return draw_text(self, gc, x, y, s, prop, angle, ismath=ismath, mtext=mtext)
+
+    monkeypatch.setattr(RendererAgg, "draw_text", recording)
+    return drawn
+
+
+def test_image_ids_with_dollars_are_shown_as_written_on_the_worst_sheet(case, tmp_path, drawn_text):
+    """`x$\\qq$y` failed the whole command (no plots, no JSON) and `cost$5$` showed as "cost5"."""
+    folders = {name: tmp_path / name for name in ("images", "truth_masks", "pred_masks")}
+    for name, folder in folders.items():
+        folder.mkdir()
+        source = case[name] / ("SYN_000.jpg" if name == "images" else "SYN_000_segmentation.png")
+        for image_id in DOLLAR_IDS:
+            shutil.copy(source, folder / source.name.replace("SYN_000", image_id))
+    out = tmp_path / "plots"
+    result = runner.invoke(app, ["score", "--pred-masks", str(folders["pred_masks"]), "--truth-masks",
+                                 str(folders["truth_masks"]), "--plots", str(out), "--images",
+                                 str(folders["images"]), "--json", str(tmp_path / "s.json")])
+    assert result.exit_code == 0, result.output
+    assert (out / "worst.png").is_file() and sorted(json.loads((tmp_path / "s.json").read_text())
+                                                    ["segmentation"]["per_image"]) == sorted(DOLLAR_IDS)
+    for image_id in DOLLAR_IDS:
+        assert (image_id, False) in drawn_text  # its own line of the tile's title, as plain text
+
+
+def test_class_names_with_dollars_are_shown_as_written_in_legends_and_ticks(tmp_path, drawn_text):
+    y_true = np.array([0, 1, 2, 0, 1, 2])
+    probs = np.eye(3)[[0, 1, 2, 1, 1, 0]] * 0.7 + 0.1
+    plot_roc(roc_data(y_true, probs, DOLLAR_IDS), None, tmp_path / "roc.png")
+    plot_confusion([[1, 0, 1], [0, 2, 0], [0, 0, 1]], DOLLAR_IDS, tmp_path / "confusion.png")
+    legend = [s for s, _ in drawn_text if ": AUC " in s]
+    assert len(legend) == 3 and all(s.split(": AUC ")[0] in DOLLAR_IDS for s in legend)
+    assert all(not math for s, math in drawn_text if s in legend or s in DOLLAR_IDS)
+    assert sum(s in DOLLAR_IDS for s, _ in drawn_text) == 2 * len(DOLLAR_IDS)  # the x and the y ticks
 
 
 def test_images_without_plots_or_missing_exit_2(case, tmp_path):

@@ -21,6 +21,8 @@ from dermtool.cli import app
 from dermtool.review import FILES, PAGE_SIZE, model_summary, write_report
 from dermtool.synthetic import make_lesion
 
+from conftest import tiny_model_folder
+
 REPO_ROOT = Path(__file__).resolve().parents[1]
 runner = CliRunner()
 CARD = "# Model card\n\nA tiny test model: it knows nothing. Second sentence.\n\n## Data\n"
@@ -164,6 +166,56 @@ def test_report_of_an_argmax_run_has_no_operating_point(small):
     assert "operating point" not in (small / "report.html").read_text()
 
 
+def test_class_counts_are_of_the_class_the_gallery_shows_for_a_csv_without_labels(tmp_path):
+    """Without a label column the buttons counted no image of any class, while the gallery's
+    filter (the argmax) listed them."""
+    out = make_infer_folder(tmp_path, 24, images=False)
+    with open(out / "predictions.csv", newline="") as fh:
+        rows = [r[:-1] for r in csv.reader(fh)]  # the label column dropped
+    with open(out / "predictions.csv", "w", newline="") as fh:
+        csv.writer(fh).writerows(rows)
+    write_report(out)
+    argmax = [int(np.argmax([float(p) for p in r[1:]])) for r in rows[1:]]
+    assert [row[1] for row in payload(out)["rows"]] == argmax  # what the filter shows
+    html = (out / "report.html").read_text()
+    for k, name in enumerate(CLASS_NAMES):
+        button = re.search(rf'data-class="{name}"[^>]*>[^<]*\((\d+)\)</button>', html)
+        assert int(button.group(1)) == argmax.count(k)
+    assert sum(argmax.count(k) for k in range(3)) == 24 and max(argmax.count(k) for k in range(3)) > 0
+
+
+def _set_mtime(path: Path, when: float) -> None:
+    os.utime(path, (when, when))
+
+
+def test_only_overlays_the_run_drew_are_linked(tmp_path):
+    """An earlier run's overlay, left in OUT, was linked beside this run's other diagnosis."""
+    out = make_infer_folder(tmp_path, 4)
+    for i in range(4):
+        Image.new("RGB", (8, 8)).save(out / f"IMG_{i:05d}_overlay.jpg")
+    record = out / "infer.json"
+    assert "overlay" not in json.loads(record.read_text())  # an older record: it cannot tell whose they are
+    write_report(out)
+    assert [row[-1] for row in payload(out)["rows"]] == [0] * 4
+    run = json.loads(record.read_text())
+    run.update(overlay=True, seconds=20.0, model_load_seconds=5.0)
+    record.write_text(json.dumps(run))
+    end = record.stat().st_mtime
+    start = end - run["seconds"] - run["model_load_seconds"]
+    overlay, mask = "IMG_{:05d}_overlay.jpg", "IMG_{:05d}_segmentation.png"
+    _set_mtime(out / overlay.format(1), start - 60)  # left by an earlier run: its mask is this run's
+    for name in (overlay, mask):  # skipped as done by --resume: drawn by the earlier part of the run
+        _set_mtime(out / name.format(2), start - 60)
+    _set_mtime(out / overlay.format(3), start + 1)  # drawn during the run
+    write_report(out)
+    drawn_by_the_run = [int(i != 1) for i in range(4)]
+    assert [row[-1] for row in payload(out)["rows"]] == drawn_by_the_run
+    run["overlay"] = False  # this run drew none: its overlays, whatever their time, are another run's
+    record.write_text(json.dumps(run))
+    write_report(out)
+    assert [row[-1] for row in payload(out)["rows"]] == [0] * 4
+
+
 def test_model_summary_of_the_bundled_model_is_its_cards_first_sentence():
     bundled = next((REPO_ROOT / "weights").glob("*/MODEL_CARD.md")).parent
     summary = model_summary(bundled)
@@ -262,6 +314,29 @@ def test_infer_report_through_the_command(tmp_path):
     assert [row[0] for row in payload(out)["rows"]] == [f"S{i}" for i in range(5)]
     assert len(list((out / FILES).glob("*.jpg"))) == 5
     assert "corrupt.jpg" in (out / "report.html").read_text()
+
+
+def test_a_run_without_overlays_into_the_folder_of_one_with_them_links_none(tmp_path):
+    """`infer --overlay --report`, then `infer --melanoma-threshold 0.01 --report` into the same
+    OUT: the page linked the first run's overlays, which show its diagnosis, not the second's."""
+    model = tiny_model_folder(tmp_path / "model", seed=0)
+    images = tmp_path / "images"
+    images.mkdir()
+    for i in range(3):
+        Image.fromarray(make_lesion(60, 80, np.random.default_rng(i))[0]).save(images / f"S{i}.jpg")
+    out = tmp_path / "out"
+    base = ["infer", str(images), "--out", str(out), "--model", str(model), "--report"]
+    result = runner.invoke(app, [*base, "--overlay"])
+    assert result.exit_code == 0, result.output
+    assert [row[-1] for row in payload(out)["rows"]] == [1, 1, 1]
+    result = runner.invoke(app, [*base, "--melanoma-threshold", "0.01"])
+    assert result.exit_code == 0, result.output
+    assert len(list(out.glob("*_overlay.jpg"))) == 3  # the first run's, still there
+    assert json.loads((out / "infer.json").read_text())["overlay"] is False
+    assert [row[-1] for row in payload(out)["rows"]] == [0, 0, 0]
+    # what the page's rule for a skipped image rests on: a resumed run draws overlays as the run did
+    result = runner.invoke(app, [*base, "--overlay", "--resume"])
+    assert result.exit_code == 2 and "overlay False in the run, True now" in " ".join(result.output.split())
 
 
 # --- in a real browser ----------------------------------------------------------------------
