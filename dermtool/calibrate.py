@@ -319,7 +319,8 @@ def write_decision(model_dir: Path, temperature: float, threshold: float, proven
             carried / "config.json", temperature, threshold, provenance,
             source_sha1=model_fingerprint(model_dir, config_text=own))  # the model's once rewritten
     elif stale.is_file():
-        notes.append(f"{stale}: not updated, it was exported from other weights than {model_dir}'s")
+        notes.append(f"{stale}: not updated, it was exported from another state of {model_dir} (its weights or "
+                     "config.json changed since)")
     temps = {path: path.with_name(f"{temp_prefix(path.name)}{os.getpid()}.tmp") for path in texts}
     try:
         for path, text in texts.items():

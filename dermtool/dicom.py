@@ -45,18 +45,45 @@ def read_dicom_rgb(path: Path) -> np.ndarray:
         check_pixel_limit(path, int(ds.get("Columns", 0) or 0), int(ds.get("Rows", 0) or 0))
     except (TypeError, ValueError):
         raise InputError(f"{path}: its Rows and Columns are not numbers; not a readable DICOM image.") from None
+    excess = _excess_pixel_data(ds)
+    if excess:
+        raise InputError(f"{path}: {excess}; the Rows and Columns do not describe the pixel data, so the "
+                         "image would be read scrambled or cut; skipped.")
     try:
         pixels = ds.pixel_array  # pydicom 3 converts YCbCr to RGB (its as_rgb default)
     except Exception as exc:  # a missing decoder plugin raises RuntimeError, damaged data anything
         syntax = getattr(getattr(ds, "file_meta", None), "TransferSyntaxUID", None)
         name = getattr(syntax, "name", "unknown transfer syntax")
         text = " ".join(str(exc).split()).lower()
-        hint = f"; {_INSTALL} adds the JPEG decoders" if "plugin" in text or "decoder" in text else ""
+        # the extra helps only where pydicom has decoders whose packages are missing; damaged data
+        # ("raised by all available plugins") and a syntax nobody decodes (MPEG) it does not
+        hint = f"; {_INSTALL} adds the JPEG decoders" if "missing dependencies" in text else ""
         raise InputError(f"{path}: its pixels ({name}) cannot be decoded ({_short(exc)}){hint}.") from None
     if pixels.dtype != np.uint8:  # 12- or 16-bit colour: keep the top 8 of the stored bits
         shift = max(0, int(ds.get("BitsStored", 8)) - 8)
         pixels = np.clip(pixels >> shift, 0, 255).astype(np.uint8)  # in its own dtype: no int64 copy
     return np.ascontiguousarray(pixels)
+
+
+def _excess_pixel_data(ds) -> str:
+    """Why uncompressed pixel data is longer than its header says ("" when it is not): pydicom
+    then only warns and drops the excess, reading a wider image as stripes of a narrower one. A
+    shorter one pydicom refuses itself, as it does a compressed frame of another size."""
+    syntax = getattr(getattr(ds, "file_meta", None), "TransferSyntaxUID", None)
+    if syntax is None or syntax.is_compressed or "PixelData" not in ds:
+        return ""
+    try:
+        rows, cols, bits = int(ds.Rows), int(ds.Columns), int(ds.BitsAllocated)
+    except (AttributeError, TypeError, ValueError):
+        return ""  # pydicom's own reading names what is missing
+    # YBR_FULL_422 keeps 2 samples a pixel (Y for each, Cb and Cr shared by two); others 3
+    samples = 2 if str(ds.get("PhotometricInterpretation", "")).strip() == "YBR_FULL_422" else _samples(ds)
+    expected = rows * cols * samples * ((bits + 7) // 8)
+    actual = len(ds.PixelData)
+    if actual > expected + (expected % 2):  # an odd length is padded to an even one
+        return (f"its pixel data holds {actual} bytes, {actual - expected} more than {rows} rows x {cols} "
+                f"columns x {samples} samples of {bits} bits")
+    return ""
 
 
 def not_a_colour_photograph(ds) -> str:

@@ -294,9 +294,15 @@ def _read_rows(path: Path, header: list[str], partial: bool = False) -> dict[str
     return rows
 
 
-def _is_done(image_id: str, cfg: ModelConfig, rows: dict, out_dir: Path) -> bool:
-    if cfg.has_seg and not (out_dir / f"{image_id}{MASK_SUFFIX}").is_file():
-        return False
+def _is_done(source: Path, cfg: ModelConfig, rows: dict, out_dir: Path, opts: InferOptions) -> bool:
+    """Whether --resume may skip an image: its row and every file this run writes for it are there
+    (a file deleted since is written again, as `_finish_one` writes them)."""
+    image_id = image_id_of(source)
+    if cfg.has_seg:
+        wanted = [MASK_SUFFIX] + ["_probability.tif"] * opts.probabilities + ["_overlay.jpg"] * opts.overlay + (
+            ["_segmentation.dcm"] if opts.dicom_seg and source.suffix.lower() == ".dcm" else [])
+        if not all((out_dir / f"{image_id}{suffix}").is_file() for suffix in wanted):
+            return False
     return image_id in rows
 
 
@@ -405,7 +411,7 @@ def predict_folder(images_dir: Path, out_dir: Path, model_dir: Path | None = Non
     changed = [p for p in paths if opts.resume and image_id_of(p) in rows
                and sources.get(image_id_of(p), unknown or _file_key(p)) != _file_key(p)]
     redo = set(changed)
-    todo = [p for p in paths if not (opts.resume and _is_done(image_id_of(p), cfg, rows, out_dir))
+    todo = [p for p in paths if not (opts.resume and _is_done(p, cfg, rows, out_dir, opts))
             or p in redo]
     if changed:
         log(f"note: {len(changed)} image(s) changed since the earlier run ({first_few([p.name for p in changed])}); "

@@ -29,6 +29,7 @@ import os
 import re
 import shutil
 import tempfile
+import threading
 import warnings
 from pathlib import Path
 
@@ -204,12 +205,17 @@ class LiteRTEngine:
 
     The file is written for one image (TFLITE_BATCH); a batch of any length runs as one call,
     the signature runner resizing the input (the same outputs as image by image, and faster).
+
+    An interpreter holds one set of input and output buffers, so two threads running it at once
+    get each other's answers: every call takes the engine's lock, and its outputs are copied out
+    of the buffers before the lock is let go.
     """
 
     name = "litert"
 
     def __init__(self, path: Path, cfg: ModelConfig, classifier: Path | None = None):
         self.cfg, self.path = cfg, path
+        self._lock = threading.Lock()
         self._runner, self.input_name = self._open(path, cfg, {n for n, on in (("seg", cfg.has_seg), ("cls", cfg.has_cls)) if on})
         if classifier is not None:  # a joint export's encoder + classifier alone: the lesion view's second look
             self._classifier, self._classifier_input = self._open(classifier, cfg, {"cls"})
@@ -238,15 +244,16 @@ class LiteRTEngine:
         return runner, name
 
     def _run(self, x: np.ndarray) -> dict:
-        return self._runner(**{self.input_name: x})
+        with self._lock:
+            return {k: np.array(v, np.float32) for k, v in self._runner(**{self.input_name: x}).items()}
 
     def predict_on_batch(self, x: np.ndarray) -> dict:
-        out = self._run(np.ascontiguousarray(x, dtype=np.float32))
-        return {k: np.asarray(v, np.float32) for k, v in out.items()}
+        return self._run(np.ascontiguousarray(x, dtype=np.float32))
 
     def _classify(self, x: np.ndarray) -> dict:
-        out = self._classifier(**{self._classifier_input: np.ascontiguousarray(x, dtype=np.float32)})
-        return {"cls": np.asarray(out["cls"], np.float32)}
+        x = np.ascontiguousarray(x, dtype=np.float32)
+        with self._lock:  # the classifier's interpreter is the engine's too
+            return {"cls": np.array(self._classifier(**{self._classifier_input: x})["cls"], np.float32)}
 
 
 class OnnxEngine:
@@ -421,7 +428,8 @@ def load_engine(path: Path | None = None, engine: str | None = None, log=None):
             raise InputError(f"{file}: a {fmt} export runs on the {own} engine, not {engine}.")
         shipped = shipped_export(folder, engine)
         if shipped is None and (folder / engine / "config.json").is_file() and log:
-            log(f"not using {folder / engine}: it was exported from other weights than {folder}'s")
+            log(f"not using {folder / engine}: it was exported from another state of {folder} (its weights or "
+                "config.json changed since); using a conversion of the model instead")
         if engine == "savedmodel" and shipped is not None and not savedmodel_trusted(shipped / FORMATS["savedmodel"]):
             if log:  # the weights are data; the SavedModel beside them is a program from wherever the folder came
                 log(f"not running {shipped}: a SavedModel dermtool did not write (set {TRUST_SAVEDMODEL_ENV}=1 to "

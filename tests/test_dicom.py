@@ -268,3 +268,39 @@ def test_a_header_a_dicom_seg_cannot_copy_fails_that_image_only(folders, models,
     assert sorted(_rows(out / "predictions.csv")) == ["a_good", "c_good"]
     assert not list(out.glob("b_sex_x*"))  # neither its overlay nor a mask: all of an image's outputs or none
     assert len(list(out.glob("c_good*"))) == 3
+
+
+@pytest.mark.parametrize("rows, cols", [(40, 50), (30, 60)])
+def test_pixel_data_longer_than_rows_and_columns_say_is_refused_not_read_scrambled(tmp_path, rows, cols):
+    # pydicom only warns and drops the excess: 40 x 60 pixels declared as 40 x 50 came out as stripes
+    rgb = make_lesion(40, 60, np.random.default_rng(3))[0]
+    path = tmp_path / "wrong_size.dcm"
+    ds = _dataset(VLPhotographicImageStorage, rows, cols, "RGB", 3)
+    ds.PixelData = rgb.tobytes()
+    ds.save_as(path, enforce_file_format=True)
+    excess = rgb.size - rows * cols * 3
+    with pytest.raises(InputError, match=f"holds {rgb.size} bytes, {excess} more than {rows} rows x {cols} columns"):
+        read_dicom_rgb(path)
+    write_rgb_dicom(path, rgb)  # the same pixels, truly described
+    np.testing.assert_array_equal(read_dicom_rgb(path), rgb)
+    odd = make_lesion(41, 61, np.random.default_rng(4))[0]  # 7,503 bytes, stored padded to 7,504
+    ds = _dataset(VLPhotographicImageStorage, 41, 61, "RGB", 3)
+    ds.PixelData = odd.tobytes() + b"\0"
+    ds.save_as(path, enforce_file_format=True)
+    np.testing.assert_array_equal(read_dicom_rgb(path), odd)
+
+
+def test_damaged_jpeg_data_is_not_blamed_on_missing_decoders(tmp_path):
+    rgb = make_lesion(48, 64, np.random.default_rng(5))[0]
+    path = tmp_path / "damaged.dcm"
+    write_jpeg_dicom(path, rgb)
+    from pydicom import dcmread
+    from pydicom.encaps import generate_frames
+
+    ds = dcmread(path)
+    frame = next(generate_frames(ds.PixelData, number_of_frames=1))
+    ds.PixelData = encapsulate([frame[:200] + b"\xff\xd9"])  # cut short: damaged, not undecodable
+    ds.save_as(path, enforce_file_format=True)
+    with pytest.raises(InputError, match="cannot be decoded") as caught:
+        read_dicom_rgb(path)
+    assert "pip install" not in str(caught.value)

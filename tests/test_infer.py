@@ -754,6 +754,19 @@ def test_masks_left_by_an_earlier_run_of_other_images_are_named(models, few_imag
     assert "holds 1 mask(s) of images not in this run (wide)" in " ".join(result.output.split())
 
 
+def test_resume_redoes_an_image_whose_overlay_or_probability_map_is_gone(models, few_images, tmp_path):
+    out = tmp_path / "out"
+    options = ["--model", models["joint"], "--overlay", "--probabilities"]
+    assert infer(few_images, "--out", out, *options).exit_code == 0
+    ids = sorted(r[0] for r in read_csv(out / "predictions.csv")[1:])
+    (out / f"{ids[0]}_overlay.jpg").unlink()
+    (out / f"{ids[1]}_probability.tif").unlink()
+    result = infer(few_images, "--out", out, *options, "--resume")
+    assert result.exit_code == 0, result.output
+    assert f"2 images, {len(ids) - 2} skipped" in result.output
+    assert (out / f"{ids[0]}_overlay.jpg").is_file() and (out / f"{ids[1]}_probability.tif").is_file()
+
+
 def test_resume_drops_a_partial_line_a_kill_cut_short(models, few_images, tmp_path):
     """A last line cut mid-write (still the right number of fields) made --resume refuse the folder."""
     out = tmp_path / "out"
