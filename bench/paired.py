@@ -180,4 +180,9 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    from dermtool.errors import InputError
+
+    try:
+        main()
+    except InputError as exc:  # a missing truth CSV or predictions: one line, not a traceback
+        sys.exit(f"error: {exc}")

@@ -102,17 +102,26 @@ def main() -> None:
     root = Path(__file__).resolve().parents[1]
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("models", type=Path, nargs="+")
-    parser.add_argument("--isic-val", type=Path, default=root.parent / "shared/data/isic2017/val")
-    parser.add_argument("--ham", type=Path, default=root.parent / "shared/data/ham10000")
+    parser.add_argument("--isic-val", type=Path, help="default: ../shared/data/isic2017/val beside the repository")
+    parser.add_argument("--ham", type=Path, help="default: ../shared/data/ham10000 beside the repository")
     parser.add_argument("--split", type=Path, required=True, help="folder written by dermtool split (val.txt)")
-    parser.add_argument("--isic2020", type=Path, default=root.parent / "shared/data/isic2020")
+    parser.add_argument("--isic2020", type=Path, help="default: ../shared/data/isic2020 beside the repository")
     parser.add_argument("--isic2020-split", type=Path,
                         help="dermtool split ISIC2020 --group patient_id --fraction 0.5 --seed 0: adds its val side")
     parser.add_argument("--work", type=Path, required=True, help="folder for the outputs (reused when present)")
     parser.add_argument("--bootstrap", type=int, default=1000)
     parser.add_argument("--tta", type=int, action="append", help="repeat for several (default 1)")
     args = parser.parse_args()
-    if not (args.isic_val / "images").is_dir() or not (args.ham / "images").is_dir():
+    given = [name for name in ("isic_val", "ham", "isic2020") if getattr(args, name) is not None]
+    args.isic_val = args.isic_val or root.parent / "shared/data/isic2017/val"
+    args.ham = args.ham or root.parent / "shared/data/ham10000"
+    args.isic2020 = args.isic2020 or root.parent / "shared/data/isic2020"
+    missing = [path for path in (args.isic_val, args.ham) if not (path / "images").is_dir()]
+    if args.isic2020_split and not (args.isic2020 / "images").is_dir():
+        missing.append(args.isic2020)
+    if missing and given:  # the data named is not there: a script scoring on it must not go on quietly
+        sys.exit(f"error: {', '.join(map(str, missing))}: no images/ folder; the validation data given is absent.")
+    if missing:
         print("skipped: the ISIC 2017 or HAM10000 development copy is absent")
         return
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")

@@ -618,15 +618,18 @@ def write_keras(model_dir: Path, out_dir: Path, quantize: str = "none") -> Path:
     check_format("keras", quantize, False)
     model_dir, out_dir = Path(model_dir), Path(out_dir)
     cfg, tcfg, raw = load_config(model_dir)
-    source = weights_file(model_dir)
-    load_model(model_dir)  # weights that do not fit their config.json are refused before anything is written
+    # loaded first: weights that do not fit their config.json are refused before anything is written
+    model, _ = load_model(model_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     dest = out_dir / "model.weights.h5"
-    shutil.copyfile(source, dest)
-    if quantize == "float16":
-        halve_weights(dest)
+    try:  # the network alone: a run's checkpoint also holds the optimizer's slots, twice its size
+        model.save_weights(str(dest))
+    except RuntimeError as exc:  # h5py's word for a full disk
+        raise as_disk_full(exc, dest) from None
     kept = {k: v for k, v in raw.items() if k not in ("model", "train", "export", "weights_dtype", "copied_from")}
     dtype = "float16" if quantize == "float16" else raw.get("weights_dtype", "float32")
+    if dtype == "float16":  # asked for, or kept: the source stored its weights so
+        halve_weights(dest)
     save_config(out_dir / "config.json", cfg, tcfg, **kept, weights_dtype=dtype,
                 copied_from={"source": shown_path(model_dir), "source_sha1": model_fingerprint(model_dir),
                              "quantize": quantize, "dermtool_version": __version__})

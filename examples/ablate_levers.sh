@@ -8,12 +8,13 @@
 # $CACHE holds the jpeg256 caches j-isic-train192, j-ham-train192, j-i20-train192 and j-isic-val192
 # (`dermtool preprocess --chain jpeg256 --fit squash --size 192`, as in the README); $SPLITS holds
 # ham/ and i20/ from `dermtool split` (the model card's Data section). Needs '.[pretrained]'.
-# LEVERS, SEEDS, EPOCHS and STEPS can be overridden (the model card: all five levers, seeds 1 and 2
-# for three of them and seed 3 for geometry, 6 x 259 steps; on a 2-core CPU each run takes about
-# 25 minutes on one core).
+# DATA (default ../shared/data), LEVERS, SEEDS, EPOCHS and STEPS can be overridden (the model
+# card: all five levers, seeds 1 and 2 for three of them and seed 3 for geometry, 6 x 259 steps;
+# on a 2-core CPU each run takes about 25 minutes on one core).
 set -euo pipefail
 CACHE=${CACHE:?set CACHE to the folder of the jpeg256 caches}
 SPLITS=${SPLITS:?set SPLITS to the folder with the ham and i20 splits}
+DATA=${DATA:-../shared/data}  # the folder holding isic2017, ham10000 and isic2020, for the validation
 WORK=${WORK:-levers-work}
 LEVERS=${LEVERS:-noSoG noGeom noColor noChain noCrop}
 SEEDS=${SEEDS:-1 2}
@@ -49,6 +50,7 @@ for seed in $SEEDS; do
       python examples/last_weights_model.py "$WORK/$name" "$WORK/m-$name"
     fi
     python bench/validation.py "$WORK/m-$name" --split "$SPLITS/ham" --isic2020-split "$SPLITS/i20" \
+      --isic-val "$DATA/isic2017/val" --ham "$DATA/ham10000" --isic2020 "$DATA/isic2020" \
       --work "$WORK/validation" --bootstrap 200
   done
   others=()

@@ -9,12 +9,13 @@
 # $CACHE holds the jpeg256 caches j-isic-train192, j-ham-train192, j-i20-train192, j-isic-val192
 # and the same four at 224 (`dermtool preprocess --chain jpeg256 --fit squash --size 192`, and
 # `--size 224`); $SPLITS holds ham/ and i20/ from `dermtool split` (the model card's Data
-# section). Needs '.[pretrained,lite1]'. ARMS, SEEDS, EPOCHS and STEPS can be overridden (the
-# model card: seeds 1 and 2 for B192, seed 1 for B224 and L1, 6 x 259 steps; on a slow 2-core box
-# each run took 39-55 minutes on one core, two at a time).
+# section). Needs '.[pretrained,lite1]'. DATA (default ../shared/data), ARMS, SEEDS, EPOCHS and
+# STEPS can be overridden (the model card: seeds 1 and 2 for B192, seed 1 for B224 and L1,
+# 6 x 259 steps; on a slow 2-core box each run took 39-55 minutes on one core, two at a time).
 set -euo pipefail
 CACHE=${CACHE:?set CACHE to the folder of the jpeg256 caches}
 SPLITS=${SPLITS:?set SPLITS to the folder with the ham and i20 splits}
+DATA=${DATA:-../shared/data}  # the folder holding isic2017, ham10000 and isic2020, for the validation
 WORK=${WORK:-size-encoder-work}
 ARMS=${ARMS:-B224 L1}
 SEEDS=${SEEDS:-1}
@@ -49,6 +50,7 @@ for seed in $SEEDS; do
       python examples/last_weights_model.py "$WORK/$name" "$WORK/m-$name"
     fi
     python bench/validation.py "$WORK/m-$name" --split "$SPLITS/ham" --isic2020-split "$SPLITS/i20" \
+      --isic-val "$DATA/isic2017/val" --ham "$DATA/ham10000" --isic2020 "$DATA/isic2020" \
       --work "$WORK/validation" --bootstrap 200
   done
   others=()

@@ -69,6 +69,7 @@ wait $b || failed=$?
 # 3. validation: the real infer + score on the three sets, paired on the same images
 for model in "$START" "$WORK/m-distilled" "$WORK/m-control"; do
   python bench/validation.py "$model" --split "$SPLITS/ham" --isic2020-split "$SPLITS/i20" \
+      --isic-val "$DATA/isic2017/val" --ham "$DATA/ham10000" --isic2020 "$DATA/isic2020" \
     --work "$WORK/validation" --bootstrap 200
 done
 start_name=$(basename "$START")

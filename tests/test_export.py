@@ -749,3 +749,30 @@ def test_an_export_that_cannot_be_written_is_one_line_and_leaves_nothing(case, t
     result = export(tiny, "--out", out, "--format", "savedmodel")
     _one_line_error(result, "cannot write the export", UNWRITABLE[case])
     assert not out.exists()
+
+
+def test_format_keras_of_a_run_keeps_the_network_not_the_optimizer(tiny, tmp_path):
+    # a run's best.weights.h5 holds Adam's slots too (twice the network's size): a copy of the
+    # file carried them into the model folder that was to be smaller
+    import h5py
+
+    run_dir = tmp_path / "run"
+    shutil.copytree(tiny, run_dir)
+    cfg, _, _ = load_config(run_dir)
+    model = build_model(cfg)
+    model.load_weights(str(tiny / "best.weights.h5"))
+    model.compile(optimizer=keras.optimizers.Adam(), loss="mse")
+    model.optimizer.build(model.trainable_variables)
+    model.save_weights(str(run_dir / "best.weights.h5"))
+    with h5py.File(run_dir / "best.weights.h5") as fh:
+        assert "optimizer" in fh  # what a checkpoint holds
+
+    out = tmp_path / "copy"
+    assert export(run_dir, "--out", out, "--format", "keras").exit_code == 0
+    with h5py.File(out / "model.weights.h5") as fh:
+        assert "optimizer" not in fh
+    assert (out / "model.weights.h5").stat().st_size < 0.6 * (run_dir / "best.weights.h5").stat().st_size
+    copy = build_model(cfg)
+    copy.load_weights(str(out / "model.weights.h5"))
+    for a, b in zip(copy.get_weights(), model.get_weights()):
+        np.testing.assert_array_equal(a, b)
