@@ -177,6 +177,9 @@ def preprocess_cli(
             if given is not None and out.exists() and out.resolve() == Path(given).resolve():
                 fail(f"{out}: is the {what} folder; --out names a folder of its own, so the cache never replaces "
                      "an input (an images.tif of yours) and is never read as input by the next run.")
+        if out.resolve() == images.resolve():  # the folder around the images (DIR, the ISIC zips' folder)
+            fail(f"{out}: is the folder given as input (its images are in {layout.images}); --out names a folder "
+                 "of its own, so the cache's images.tif and masks.tif never sit among the inputs of the next run.")
         report = build_cache(layout, out, size=size, fit=fit, border=border, margin=margin,
                              workers=workers, progress=sys.stderr.isatty(), ids=keep, chain=chain)
     except InputError as exc:
@@ -187,6 +190,8 @@ def preprocess_cli(
         fail(f"interrupted: {out} holds no cache and no temporary files (a cache is only ever written "
              "whole); run the same command again to build it.", 130)
     print_cache_report(report, layout, out)
+    for note in report.notes:
+        console.print(f"note: {note}", highlight=False, markup=False, soft_wrap=True)
     if strict and report.problems:
         fail(f"--strict: the data check found {failed_checks(report)}.", 1)
     if report.failed:
@@ -195,6 +200,7 @@ def preprocess_cli(
 
 @app.command("split")
 def split_cli(
+    ctx: typer.Context,
     data: Path = typer.Argument(..., help="A labelled folder: images/, labels.csv and metadata.csv (image_id, lesion_id), e.g. HAM10000."),
     out: Path = typer.Option(..., "--out", "-o", help="Folder for train.txt, val.txt (one image id a line) and split.json."),
     fraction: float = typer.Option(0.1, "--fraction", min=0.01, max=0.9, help="Share of each class's lesions that goes to validation."),
@@ -215,12 +221,9 @@ def split_cli(
     try:
         train, val, lesions = split_folder(data, fraction, seed, group,
                                            log=lambda m: console.print(m, highlight=False, markup=False, soft_wrap=True))
-        if not lesions:
-            console.print(f"note: no metadata.csv in {data}; each image counts as its own group", markup=False)
         write_split(out, train, val, {"data": str(data), "fraction": fraction, "seed": seed,
                                       "group_by": group if lesions else "image_id",
-                                      "command": f"dermtool split {data} --out {out} --fraction {fraction} "
-                                                 f"--seed {seed} --group {group}"})
+                                      "command": _command_line(ctx)})  # quoted: it runs as it is in a shell
     except InputError as exc:
         fail(str(exc))
     except OSError as exc:

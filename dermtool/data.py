@@ -10,6 +10,7 @@ A cache folder holds
 from __future__ import annotations
 
 import csv
+import errno
 import json
 import os
 from dataclasses import dataclass
@@ -24,6 +25,9 @@ from dermtool.preprocess import IMAGE_EXTENSIONS, Transform
 
 # Files the ISIC downloads keep beside the images that are not images to segment.
 NOT_IMAGES = ("_superpixels", "_segmentation")
+#: A cache's own stacks: never images to read when a cache record (manifest.csv, cache.json) is beside them,
+#: as it is where a cache was written into a folder of inputs.
+CACHE_STACKS = ("images.tif", "masks.tif")
 
 
 def image_id_of(path: Path) -> str:
@@ -51,24 +55,49 @@ def unique_ids(paths: list[Path]) -> tuple[list[Path], list[tuple[Path, Path]]]:
 
 
 def find_images(folder: Path) -> list[Path]:
-    """Images in `folder` (not recursive), sorted by name; ISIC side files are skipped."""
+    """Images in `folder` (not recursive), sorted by name; ISIC side files are skipped, and so are
+    a cache's images.tif and masks.tif beside its manifest.csv or cache.json (`CACHE_STACKS`)."""
     folder = Path(folder)
     if not folder.is_dir():
         raise InputError(f"{folder}: not a folder of images.")
+    stacks = _cache_stacks(folder)
     found = [
         p for p in folder.iterdir()
         if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS
-        and not p.stem.endswith(NOT_IMAGES) and not p.name.startswith(".")
+        and not p.stem.endswith(NOT_IMAGES) and not p.name.startswith(".") and p.name not in stacks
     ]
     return sorted(found, key=lambda p: p.name)
+
+
+def _cache_stacks(folder: Path) -> tuple[str, ...]:
+    """CACHE_STACKS when `folder` holds a cache's record, so its stacks are no input images; else ()."""
+    return CACHE_STACKS if any((folder / name).is_file() for name in ("manifest.csv", "cache.json")) else ()
+
+
+def usable_images(folder: Path, csv_name: str = "manifest.csv"
+                  ) -> tuple[list[Path], list[tuple[Path, Path]], list[tuple[Path, str]]]:
+    """The images of `folder` that `preprocess` caches and `split` lists, by one rule.
+
+    Returns:
+        (usable paths, duplicates as `unique_ids` gives them, [(entry, why)] of the entries named
+        as images that cannot be run: a name `csv_name` cannot hold (`io.formula_name`), and a
+        link to nothing, a folder or a FIFO (`not_files`)).
+    """
+    paths, duplicates = unique_ids(find_images(folder))
+    unusable = [(p, why) for p in paths if (why := formula_name(p, csv_name))]
+    unusable += not_files(folder)
+    refused = {p for p, _ in unusable}
+    return [p for p in paths if p not in refused], duplicates, unusable
 
 
 def not_files(folder: Path) -> list[tuple[Path, str]]:
     """Entries of `folder` named as images that are not image files, each with why (find_images
     passes them over silently): a link to nothing, a folder or a FIFO named x.jpg."""
     found = []
+    stacks = _cache_stacks(Path(folder))
     for p in sorted(Path(folder).iterdir(), key=lambda p: p.name):
-        if p.suffix.lower() not in IMAGE_EXTENSIONS or p.name.startswith(".") or p.stem.endswith(NOT_IMAGES):
+        if (p.suffix.lower() not in IMAGE_EXTENSIONS or p.name.startswith(".") or p.stem.endswith(NOT_IMAGES)
+                or p.name in stacks):
             continue
         if p.is_symlink() and not p.exists():
             found.append((p, f"{p}: a link to nothing ({os.readlink(p)}); skipped."))
@@ -85,18 +114,28 @@ class Layout:
     masks: Path | None
     labels: Path | None
     metadata: Path | None = None  # HAM10000-style metadata.csv (image_id, lesion_id, ...)
+    #: the folders searched for labels.csv and metadata.csv, first first (named by the notes on them)
+    searched: tuple[Path, ...] = ()
+
+    @property
+    def searched_in(self) -> str:
+        """Where labels.csv and metadata.csv were looked for, for a note: "A or B"."""
+        return " or ".join(str(d) for d in (self.searched or (self.images.parent,)))
 
 
 def resolve_layout(images: Path, masks: Path | None = None, labels: Path | None = None) -> Layout:
-    """Fill in mask folder and label CSV for the two layouts dermtool knows.
+    """Fill in mask folder and label CSV for the layouts dermtool knows.
 
     - `DIR/images`, `DIR/masks`, `DIR/labels.csv` (the development copy); `images` may be DIR
       itself or DIR/images.
+    - A flat folder: the images with `labels.csv` and `metadata.csv` beside them.
     - ISIC 2017 as downloaded: `ISIC-2017_Training_Data/`, `ISIC-2017_Training_Part1_GroundTruth/`,
       `ISIC-2017_Training_Part3_GroundTruth.csv` side by side.
-    Explicit `masks` / `labels` always win.
+    labels.csv and metadata.csv are looked for beside the images when the folder given holds
+    them (a flat folder, or DIR/images given), then in the images folder's parent (DIR), the
+    first found winning. Explicit `masks` / `labels` always win.
     """
-    images = Path(images)
+    images = given = Path(images)
     if (images / "images").is_dir():
         images = images / "images"
     elif images.is_dir() and not _has_images(images):
@@ -111,28 +150,53 @@ def resolve_layout(images: Path, masks: Path | None = None, labels: Path | None 
         if isic:
             cands.append(parent / (images.name[:-len("_Data")] + "_Part1_GroundTruth"))
         masks = next((c for c in cands if c != images and c.is_dir()), None)
+    # the folder given first: a flat folder's own labels.csv wins over one in the folder around it
+    searched = tuple(dict.fromkeys([images, parent] if images == given else [parent]))
     if labels is None:
-        cands = [parent / "labels.csv"]
+        cands = [d / "labels.csv" for d in searched]
         if isic:
             cands.append(parent / (images.name[:-len("_Data")] + "_Part3_GroundTruth.csv"))
         labels = next((c for c in cands if c.is_file()), None)
-    metadata = parent / "metadata.csv"
-    return Layout(images, masks, labels, metadata if metadata.is_file() else None)
+    metadata = next((d / "metadata.csv" for d in searched if (d / "metadata.csv").is_file()), None)
+    return Layout(images, masks, labels, metadata, searched)
 
 
-def read_lesion_ids(path: Path, column: str = "lesion_id") -> dict[str, str]:
+def read_lesion_ids(path: Path, column: str = "lesion_id", *, missing_ok: bool = False) -> dict[str, str]:
     """image_id -> lesion_id (or another `column`, e.g. patient_id) from a HAM10000-style
-    metadata.csv (other columns are ignored)."""
+    metadata.csv (other columns are ignored). Values are read stripped, as labels.csv's ids are,
+    so "ISIC_1 " is the image ISIC_1; an image listed twice with the same value is one row.
+
+    Args:
+        missing_ok: a CSV without `column` gives {} instead of an error (preprocess only copies
+            lesion_id into its manifest, and ISIC 2020's metadata has patient_id only).
+
+    Raises:
+        InputError: naming the file: no image_id column (or no `column`), a value a spreadsheet
+            would run as a formula, or one image_id with two different values (which row to
+            believe would be a guess).
+    """
     header, rows = _metadata_rows(path)
-    if not {"image_id", column} <= set(header):
+    if "image_id" not in header or (column not in header and not missing_ok):
         raise InputError(f"{path}: a metadata CSV needs image_id and {column} columns "
                          f"(found {', '.join(header) or 'none'}).")
+    if column not in header:
+        return {}
     i, j = header.index("image_id"), header.index(column)
+    found: dict[str, str] = {}
+    row_of: dict[str, int] = {}
     for line, r in enumerate(rows, start=2):
         if len(r) > j and r[j].strip().startswith(FORMULA_STARTS):
             raise InputError(f"{path}: row {line} has the {column} {r[j][:40]!r}, which a spreadsheet would run as "
                              "a formula once copied into manifest.csv; fix the metadata.")
-    return {r[i]: r[j] for r in rows if len(r) > max(i, j)}
+        if len(r) <= max(i, j) or not r[i].strip():
+            continue
+        image_id, value = r[i].strip(), r[j].strip()
+        if found.setdefault(image_id, value) != value:
+            raise InputError(f"{path}: image_id {image_id} has the {column} {found[image_id]!r} at row "
+                             f"{row_of[image_id]} and {value!r} at row {line}; an image belongs to one, so fix "
+                             "the metadata.")
+        row_of.setdefault(image_id, line)
+    return found
 
 
 def read_benign_ids(path: Path) -> set[str]:
@@ -168,7 +232,8 @@ def read_id_list(path: Path) -> list[str]:
 
 
 def _has_images(folder: Path) -> bool:
-    return any(p.suffix.lower() in IMAGE_EXTENSIONS for p in folder.iterdir() if p.is_file())
+    stacks = _cache_stacks(folder)
+    return any(p.suffix.lower() in IMAGE_EXTENSIONS and p.name not in stacks for p in folder.iterdir() if p.is_file())
 
 
 #: class_index of a partial label: benign per the metadata, so not a melanoma, class unknown.
@@ -344,9 +409,10 @@ class CacheReport:
     no_class_labels: list = None  # every class 0 beside a nevus column: no class, not a melanoma
     duplicate_ids: list = None
     seconds: float = 0.0
+    notes: list = None  # sentences on how the inputs were read (not data-check problems)
 
     def __post_init__(self):
-        for name in _CHECKS:
+        for name in (*_CHECKS, "notes"):
             if getattr(self, name) is None:
                 setattr(self, name, [])
 
@@ -389,22 +455,25 @@ def build_cache(layout: Layout, out: Path, size: int = 256, fit: str = "squash",
     started = time.perf_counter()
     out = Path(out)
     report = CacheReport()
-    paths = find_images(layout.images)
-    if not paths:
-        raise InputError(f"{layout.images}: no images (*.jpg, *.png, *.tif, *.bmp) in this folder.")
-    paths, duplicates = unique_ids(paths)
-    report.duplicate_ids = [f"{p.name} and {first.name}" for p, first in duplicates]
     # named, not cached: a name the manifest cannot hold, and a link to nothing, a folder or a FIFO named as an image
-    unusable = [(p, formula_name(p, "manifest.csv")) for p in paths if formula_name(p, "manifest.csv")]
-    unusable += not_files(layout.images)
-    paths = [p for p in paths if p not in {q for q, _ in unusable}]
-    if not paths:
-        raise InputError(f"{layout.images}: no usable image; the first: {unusable[0][1]}" if unusable else
-                         f"{layout.images}: no images (*.jpg, *.png, *.tif, *.bmp) in this folder.")
+    paths, duplicates, unusable = usable_images(layout.images)
+    if not paths and not unusable:
+        raise InputError(f"{layout.images}: no images (*.jpg, *.png, *.tif, *.bmp) in this folder.")
     labels = read_class_csv(layout.labels, role="labels") if layout.labels else {}
     if ids is not None:
-        paths, labels = keep_ids(paths, labels, ids, layout.images)
-    lesions = read_lesion_ids(layout.metadata) if layout.metadata else {}
+        # the id list first, then the data check: one side of a split is not failed by the other side's
+        # files, and a listed file that cannot be cached is named with why, not as "no image"
+        listed, labels = keep_ids(paths + [p for p, _ in unusable], labels, ids, layout.images)
+        keep, listed = set(ids), set(listed)
+        paths = [p for p in paths if p in listed]
+        unusable = [(p, why) for p, why in unusable if p in listed]
+        duplicates = [(p, first) for p, first in duplicates if image_id_of(first) in keep]
+    if not paths:
+        raise InputError(f"{layout.images}: no usable image; the first: {unusable[0][1]}")
+    report.duplicate_ids = [f"{p.name} and {first.name}" for p, first in duplicates]
+    lesions = read_lesion_ids(layout.metadata, missing_ok=True) if layout.metadata else {}
+    if layout.metadata and not lesions and "lesion_id" not in _metadata_rows(layout.metadata)[0]:
+        report.notes.append(f"{layout.metadata} has no lesion_id column: manifest.csv leaves lesion_id blank")
     benign = read_benign_ids(layout.metadata) if layout.metadata else set()
     masks = find_masks(layout.masks) if layout.masks else {}
     image_ids = {image_id_of(p) for p in paths}
@@ -456,7 +525,28 @@ def build_cache(layout: Layout, out: Path, size: int = 256, fit: str = "squash",
 
 #: cache.json first: written last, it marks the others as complete.
 _CACHE_FILES = ("cache.json", "manifest.csv", "images.tif", "masks.tif")
-_TMP_FILES = ("images.tif.tmp", "masks.tif.tmp", "manifest.csv.tmp", "cache.json.tmp")
+_TMP_FILES = ("images.tif.tmp", "masks.tif.tmp", "manifest.csv.tmp", "cache.json.tmp",
+              "images.tif.compact.tmp", "masks.tif.compact.tmp")
+#: how many bytes of a stack `_truncate_stack` copies at a time: its memory, whatever the stack's size
+_COPY_BYTES = 64 * 2**20
+
+
+def _reserve(path: Path) -> None:
+    """Give the file tifffile.memmap just made at `path` its disk blocks now. The file is sparse:
+    a page of the memory map written later on a full disk kills the process with SIGBUS (no
+    message, temporary files left behind), while this fails with ENOSPC, an OSError the command
+    words as "the disk is full" after removing its temporary files. A file system that cannot
+    reserve (EINVAL, EOPNOTSUPP) is left as it was."""
+    if not hasattr(os, "posix_fallocate"):  # macOS, Windows
+        return
+    fd = os.open(path, os.O_RDWR)
+    try:
+        os.posix_fallocate(fd, 0, os.fstat(fd).st_size)
+    except OSError as exc:
+        if exc.errno not in (errno.EINVAL, errno.EOPNOTSUPP, errno.ENOSYS):
+            raise
+    finally:
+        os.close(fd)
 
 
 def _fill_stacks(layout: Layout, out: Path, paths: list[Path], masks: dict, labels: dict, report: CacheReport,
@@ -480,8 +570,11 @@ def _fill_stacks(layout: Layout, out: Path, paths: list[Path], masks: dict, labe
     if masks:
         claim(tmp_masks)
     img_stack = tifffile.memmap(tmp_images, shape=(n, in_size, in_size, 3), dtype=np.uint8, photometric="rgb")
+    _reserve(tmp_images)
     mask_stack = tifffile.memmap(tmp_masks, shape=(n, size, size), dtype=np.uint8,
                                   photometric="minisblack") if masks else None
+    if masks:
+        _reserve(tmp_masks)
     rows = []
     with ThreadPoolExecutor(max_workers=workers or min(8, os.cpu_count() or 1)) as pool:
         jobs = pool.map(lambda p: _process_one(p, masks.get(image_id_of(p)), size, fit, border, margin, chain),
@@ -546,8 +639,18 @@ def _write_manifest(out: Path, rows: list[dict]) -> None:
 
 
 def _truncate_stack(path: Path, k: int) -> None:
+    """Keep the first `k` images of the stack at `path` (failed files left unused slots at its end):
+    copied into a new stack `_COPY_BYTES` at a time, so memory stays bounded whatever its size."""
     import tifffile
 
-    data = np.array(tifffile.memmap(path, mode="r")[:k])
-    path.unlink()
-    tifffile.imwrite(path, data, photometric="rgb" if data.ndim == 4 else "minisblack")
+    old = tifffile.memmap(path, mode="r")
+    part = claim(path.with_suffix(".compact.tmp"))  # images.tif.tmp -> images.tif.compact.tmp
+    new = tifffile.memmap(part, shape=(k, *old.shape[1:]), dtype=old.dtype,
+                          photometric="rgb" if old.ndim == 4 else "minisblack")
+    _reserve(part)
+    step = max(1, _COPY_BYTES // max(1, old[0].nbytes))
+    for start in range(0, k, step):
+        new[start:start + step] = old[start:min(k, start + step)]
+    new.flush()
+    del new, old
+    part.replace(path)

@@ -61,42 +61,77 @@ def split_folder(data: Path, fraction: float, seed: int = 0, group: str = "lesio
     """(train ids, val ids, image_id -> group) of a labelled folder, split by lesion (or by
     another metadata.csv column: `group="patient_id"` keeps each patient on one side).
 
-    The folder is read as `dermtool preprocess` reads it (images/, labels.csv, metadata.csv);
-    without metadata.csv the group map is empty and each image is its own group. `log` gets
-    a note on what does not match: label rows without an image, images without a label, no
-    labels at all (the split is then not stratified by class).
-    """
-    from dermtool.data import find_images, image_id_of, read_lesion_ids, resolve_layout
-    from dermtool.errors import InputError
-    from dermtool.io import read_class_csv
+    The folder is read as `dermtool preprocess` reads it (images/, labels.csv, metadata.csv, or
+    all three side by side), and its images are those preprocess caches: a file preprocess would
+    skip (a name a spreadsheet would run as a formula, a link to nothing) is left out, and so is
+    an id that starts with '#', which an id list reads as a comment. Without metadata.csv the
+    group map is empty and each image is its own group. `log` gets a note on each of these and
+    on what does not match: images without a metadata row, label rows without an image, images
+    without a label, no labels at all (the split is then not stratified by class).
 
+    Raises:
+        InputError: no usable image; a metadata.csv none of whose image_ids is an image's id (a
+            split by image that split.json would call one by lesion).
+    """
+    from dermtool.data import image_id_of, resolve_layout, usable_images
+    from dermtool.errors import InputError
+    from dermtool.io import both_classes, first_few, read_class_csv
+
+    log = log or (lambda message: None)
     layout = resolve_layout(data)
-    ids = sorted({image_id_of(p) for p in find_images(layout.images)})
+    paths, _, unusable = usable_images(layout.images)  # preprocess's rule and words
+    for _, why in unusable:
+        log(f"skipped {why}")
+    comments = sorted(image_id_of(p) for p in paths if image_id_of(p).startswith("#"))
+    if comments:
+        log(f"note: {len(comments)} image(s) whose id starts with '#' ({first_few(comments)}) left out: an id list "
+            "(preprocess --ids, infer --ids) reads such a line as a comment; rename the file to split it")
+    ids = sorted({image_id_of(p) for p in paths} - set(comments))
     if not ids:
-        raise InputError(f"{layout.images}: no images in this folder.")
-    lesions = read_lesion_ids(layout.metadata, group) if layout.metadata else {}
+        raise InputError(f"{layout.images}: no usable image in this folder"
+                         + (f"; the first: {unusable[0][1]}" if unusable else "."))
+    lesions = _read_groups(layout.metadata, group, ids, log) if layout.metadata else {}
+    if not layout.metadata:
+        log(f"note: no metadata.csv in {layout.searched_in}; each image counts as its own group")
     # read as preprocess reads training labels (a soft label, a row of 0s: the data check's
     # business, not a refusal); a row naming melanoma and keratosis both is still refused here
     labels = read_class_csv(layout.labels, role="labels") if layout.labels else {}
-    from dermtool.io import both_classes
-
     for image_id, row in labels.items():
         if both_classes(row[0], row[1]):
             raise InputError(f"The labels CSV {layout.labels} names melanoma and seborrheic_keratosis for {image_id}; "
                              "a label row names one diagnosis, so set the other to 0.")
-    if log is not None:
-        from dermtool.io import first_few
-
-        ghosts = sorted(set(labels) - set(ids))
-        unlabelled = [i for i in ids if i not in labels]
-        if not labels:
-            log(f"note: no labels.csv in {data}: the split keeps groups together but cannot balance the classes")
-        elif unlabelled:
-            log(f"note: {len(unlabelled)} image(s) without a label row ({first_few(unlabelled)}): split as a class of their own")
-        if ghosts:
-            log(f"note: {len(ghosts)} label row(s) without an image ({first_few(ghosts)}): left out")
+    ghosts = sorted(set(labels) - set(ids))
+    unlabelled = [i for i in ids if i not in labels]
+    if not labels:
+        log(f"note: no labels.csv in {layout.searched_in}: the split keeps groups together but cannot balance "
+            "the classes")
+    elif unlabelled:
+        log(f"note: {len(unlabelled)} image(s) without a label row ({first_few(unlabelled)}): split as a class of their own")
+    if ghosts:
+        log(f"note: {len(ghosts)} label row(s) without an image ({first_few(ghosts)}): left out")
     train, val = split_by_group(ids, [lesions.get(i, "") for i in ids], class_names_of(ids, labels), fraction, seed)
     return train, val, lesions
+
+
+def _read_groups(metadata: Path, group: str, ids: list[str], log) -> dict[str, str]:
+    """image_id -> group of metadata.csv, checked against the images: ids that match none of them
+    (file names with their extension, another case) are refused, and images without a row noted."""
+    from dermtool.data import read_lesion_ids
+    from dermtool.errors import InputError
+    from dermtool.io import first_few
+
+    groups = read_lesion_ids(metadata, group)
+    if not groups:
+        raise InputError(f"{metadata}: the metadata CSV has no row with an image_id; each image would be its "
+                         f"own group, not one of its {group}.")
+    if not groups.keys() & set(ids):
+        raise InputError(f"{metadata}: none of its image_ids is the id of an image (e.g. {next(iter(groups))!r} in "
+                         f"the CSV, {ids[0]!r} from the files: an image's id is its file name without the "
+                         f"extension); the split would not keep a {group} together, so fix the image_id column.")
+    missing = [i for i in ids if i not in groups]
+    if missing:
+        log(f"note: {len(missing)} image(s) have no row in {metadata} ({first_few(missing)}): each is its own group")
+    return groups
 
 
 def write_split(out: Path, train: list[str], val: list[str], info: dict) -> None:

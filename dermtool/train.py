@@ -798,7 +798,10 @@ def check_cache_fingerprints(out_dir: Path, tcfg: TrainConfig, paths: list[Path]
 
 def check_cache_overlap(train_paths: list[Path], val_paths: list[Path], log) -> None:
     """Note a cache given twice, or as both training and validation data: the images then count
-    twice, or the epochs are chosen on images the model learns from."""
+    twice, or the epochs are chosen on images the model learns from. Caches at other paths are
+    compared by their manifests too: validation images (image_id) or lesions (lesion_id, where
+    recorded) that are also training's, as from two caches of one side of a split, or a split by
+    image. A note, not a refusal: a user may mean it."""
     seen = {}
     for role, paths in (("training", train_paths), ("validation", val_paths)):
         for path in paths:
@@ -809,6 +812,41 @@ def check_cache_overlap(train_paths: list[Path], val_paths: list[Path], log) -> 
                        else "the run is validated on images it learns from" if role != seen[key]
                        else "it is scored twice"))
             seen.setdefault(key, role)
+    train_keys = {str(Path(p).resolve()) for p in train_paths}
+    trained = [_manifest_ids(p) for p in train_paths]
+    train_images = {i for images, _ in trained for i in images}
+    train_lesions = {lesion for _, lesions in trained for lesion in lesions if lesion}
+    for path in val_paths:
+        if str(Path(path).resolve()) in train_keys:
+            continue  # noted above
+        images, lesions = _manifest_ids(path)
+        own_lesions = sorted({lesion for lesion in lesions if lesion})
+        both = [i for i in images if i in train_images]
+        both_lesions = [lesion for lesion in own_lesions if lesion in train_lesions]
+        parts = [f"{len(both)} of its {len(images)} images (e.g. {both[0]})"] if both else []
+        if both_lesions:
+            parts.append(f"{len(both_lesions)} of its {len(own_lesions)} lesions (e.g. {both_lesions[0]})")
+        if parts:
+            log(f"note: validation cache {path}: {' and '.join(parts)} are also in the training data, so the run "
+                "is validated on what it learns from")
+
+
+def _manifest_ids(cache: Path) -> tuple[list[str], list[str]]:
+    """(image ids, lesion ids) of a cache's manifest.csv, without opening its stacks; empty when it
+    cannot be read (loading the cache names that problem)."""
+    from dermtool.io import read_csv_rows
+
+    try:
+        table = read_csv_rows(Path(cache) / "manifest.csv", "cache manifest")
+    except InputError:
+        return [], []
+    header = table[0] if table else []
+    rows = [r for r in table[1:] if len(r) == len(header)]
+
+    def column(name: str) -> list[str]:
+        return [r[header.index(name)] for r in rows] if name in header else []
+
+    return column("image_id"), column("lesion_id")
 
 
 def check_resume_options(out_dir: Path, given: dict) -> None:

@@ -242,3 +242,83 @@ def test_options_that_do_nothing_or_too_much_are_refused(synthetic_dataset, tmp_
     result = run(synthetic_dataset, "--out", tmp_path / "cache", *args)
     assert result.exit_code == 2 and words in result.output, result.output
     assert not (tmp_path / "cache").exists()
+
+
+def test_a_disk_too_full_for_the_stacks_is_said_so_and_leaves_no_temp_files(synthetic_dataset, tmp_path,
+                                                                              monkeypatch, no_space):
+    """The stacks were sparse memory maps: a full disk killed preprocess with SIGBUS (exit 135, no
+    message) and left images.tif.tmp and masks.tif.tmp filling it."""
+    calls = []
+
+    def full(fd, offset, length):
+        calls.append(length)
+        raise no_space("")
+
+    monkeypatch.setattr(os, "posix_fallocate", full)
+    out = tmp_path / "cache"
+    result = run(synthetic_dataset, "--out", out, "--size", SIZE)
+    assert result.exit_code == 2, result.output
+    assert one_line_error(result) == f"error: {out}: cannot write the cache (the disk is full)."
+    assert calls and calls[0] >= 12 * 48 * 48 * 3  # the whole images stack is reserved
+    assert sorted(p.name for p in out.iterdir()) == []
+
+
+def _isic_root(synthetic_dataset, tmp_path):
+    root = tmp_path / "isic"
+    shutil.copytree(synthetic_dataset / "images", root / "ISIC-2017_Training_Data")
+    shutil.copytree(synthetic_dataset / "masks", root / "ISIC-2017_Training_Part1_GroundTruth")
+    shutil.copy(synthetic_dataset / "labels.csv", root / "ISIC-2017_Training_Part3_GroundTruth.csv")
+    return root
+
+
+def test_out_may_not_be_the_folder_given_and_a_caches_stacks_are_never_input(synthetic_dataset, tmp_path):
+    """preprocess ROOT --out ROOT was taken; every later run of ROOT then read images.tif and
+    masks.tif as its only two images."""
+    root = _isic_root(synthetic_dataset, tmp_path)
+    message = one_line_error(run(root, "--out", root, "--size", SIZE))
+    assert f"error: {root}: is the folder given as input" in message
+    assert not (root / "cache.json").exists() and not (root / "images.tif").exists()
+    # a cache an older dermtool wrote there: its stacks are not images, the layout is still found
+    assert run(root, "--out", tmp_path / "c1", "--size", SIZE).exit_code == 0
+    for name in ("images.tif", "masks.tif", "manifest.csv", "cache.json"):
+        shutil.copy(tmp_path / "c1" / name, root / name)
+    result = run(root, "--out", tmp_path / "c2", "--size", SIZE, "--strict")
+    assert result.exit_code == 0, result.output
+    rows = list(csv.DictReader(open(tmp_path / "c2" / "manifest.csv")))
+    assert [r["image_id"] for r in rows] == [f"SYN_{i:07d}" for i in range(12)]
+
+
+def test_metadata_without_lesion_id_is_read_and_said(synthetic_copy, tmp_path):
+    """ISIC 2020's metadata (patient_id, no lesion_id) made preprocess refuse the folder."""
+    with open(synthetic_copy / "metadata.csv", "w", newline="") as fh:
+        fh.write("image_id,patient_id,benign_malignant\n")
+        fh.writelines(f"SYN_{i:07d},P{i // 3},benign\n" for i in range(12))
+    out = tmp_path / "cache"
+    result = run(synthetic_copy, "--out", out, "--size", SIZE)
+    assert result.exit_code == 0, result.output
+    assert (f"note: {synthetic_copy / 'metadata.csv'} has no lesion_id column: manifest.csv leaves lesion_id "
+            "blank") in " ".join(result.stderr.split())
+    rows = list(csv.DictReader(open(out / "manifest.csv")))
+    assert len(rows) == 12 and all(r["lesion_id"] == "" for r in rows)
+
+
+def test_an_id_list_is_checked_alone(synthetic_copy, tmp_path):
+    """Files outside the id list failed its data check (and --strict); a listed file preprocess
+    cannot take was said to have "no image"."""
+    images = synthetic_copy / "images"
+    shutil.copy(images / "SYN_0000001.png", images / "SYN_0000001.jpg")  # a duplicate id, not listed
+    (images / "gone.jpg").symlink_to(tmp_path / "nowhere.jpg")  # a link to nothing, not listed
+    shutil.copy(images / "SYN_0000000.jpg", images / "=1.jpg")  # a name the manifest cannot hold
+    ids = tmp_path / "ids.txt"
+    ids.write_text("SYN_0000003\nSYN_0000004\n")
+    result = run(synthetic_copy, "--out", tmp_path / "a", "--size", SIZE, "--ids", ids, "--strict")
+    assert result.exit_code == 0, result.output
+    assert "gone.jpg" not in result.stderr and "=1.jpg" not in result.stderr
+    ids.write_text("SYN_0000003\n=1\n")
+    result = run(synthetic_copy, "--out", tmp_path / "b", "--size", SIZE, "--ids", ids)
+    assert result.exit_code == 1, result.output
+    assert "no image" not in result.stderr
+    assert f"skipped {images / '=1.jpg'}: its name starts with '='" in " ".join(result.stderr.split())
+    ids.write_text("=1\n")
+    message = one_line_error(run(synthetic_copy, "--out", tmp_path / "c", "--size", SIZE, "--ids", ids))
+    assert f"no usable image; the first: {images / '=1.jpg'}: its name starts with '='" in message

@@ -358,3 +358,46 @@ def test_a_damaged_cache_is_one_sentence_naming_the_file(synthetic_dataset, tmp_
     with pytest.raises(InputError) as err:
         load_cache(out)
     assert str(err.value).startswith(f"{out / name}: the cache")
+
+
+def test_a_flat_folders_own_csvs_come_before_its_parents(synthetic_dataset, tmp_path):
+    """A flat folder (images, labels.csv and metadata.csv side by side) was read from its parent."""
+    flat = tmp_path / "flat"
+    shutil.copytree(synthetic_dataset / "images", flat)
+    _write_labels(flat / "labels.csv", [["SYN_0000000", 1, 0]])
+    (flat / "metadata.csv").write_text("image_id,lesion_id\nSYN_0000000,L0\n")
+    _write_labels(tmp_path / "labels.csv", [["SYN_0000001", 1, 0]])  # the folder around it: second
+    layout = resolve_layout(flat)
+    assert (layout.images, layout.labels, layout.metadata) == (flat, flat / "labels.csv", flat / "metadata.csv")
+    assert layout.searched == (flat, tmp_path)
+    (flat / "labels.csv").unlink()
+    assert resolve_layout(flat).labels == tmp_path / "labels.csv"
+    # the development layout given by its root reads the root's files only
+    layout = resolve_layout(synthetic_dataset)
+    assert layout.labels == synthetic_dataset / "labels.csv" and layout.searched == (synthetic_dataset,)
+
+
+def test_a_shortened_stack_is_copied_in_bounded_chunks(tmp_path, monkeypatch):
+    """One unreadable file made preprocess load the whole images stack into memory to drop its slot."""
+    import tracemalloc
+
+    import tifffile
+
+    import dermtool.data
+
+    path = tmp_path / "images.tif.tmp"
+    stack = tifffile.memmap(path, shape=(120, 96, 96, 3), dtype=np.uint8, photometric="rgb")  # 3.3 MB
+    stack[:] = np.arange(120, dtype=np.uint8)[:, None, None, None]
+    stack.flush()
+    del stack
+    monkeypatch.setattr(dermtool.data, "_COPY_BYTES", 96 * 96 * 3 * 4, raising=False)  # 4 images a copy
+    tracemalloc.start()
+    try:
+        dermtool.data._truncate_stack(path, 100)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < 1_000_000, peak  # the 2.8 MB kept never held in memory at once
+    kept = tifffile.memmap(path, mode="r")
+    assert kept.shape == (100, 96, 96, 3) and (kept[:, 0, 0, 0] == np.arange(100)).all()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["images.tif.tmp"]
