@@ -10,8 +10,14 @@ Set DERMTOOL_TF_LOGS=1 to see them.
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import sys
+
+if not os.environ.get("DERMTOOL_TF_LOGS"):
+    # TensorFlow's Python warnings (a predict function traced again for a new batch shape, say)
+    # are about its internals, not the user's command; errors still show
+    logging.getLogger("tensorflow").setLevel(logging.ERROR)
 
 
 @contextlib.contextmanager

@@ -133,8 +133,9 @@ class Model:
         if _is_one_image(images):
             return next(self._stream([images], opts, 1))
         if isinstance(images, (list, tuple, np.ndarray)):
-            # a known number of images: never pad a batch beyond it, as infer does not
-            return list(self._stream(images, opts, max(1, min(batch_size, len(images)))))
+            # a known number of images: batches no larger than the next power of two above it (the
+            # last padded), so lists of any length reuse a few traced graphs, not one per length
+            return list(self._stream(images, opts, max(1, min(batch_size, 1 << max(0, len(images) - 1).bit_length()))))
         if isinstance(images, (str, bytes)) or not isinstance(images, Iterable):
             raise InputError(f"images must be an image, a path or an iterable of them, not {type(images).__name__}.")
         return self._stream(images, opts, batch_size)

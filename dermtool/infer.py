@@ -8,10 +8,12 @@ under a temporary name and renamed, so an interrupted run leaves whole files or 
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import errno
 import json
 import os
+import signal
 import time
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
@@ -342,10 +344,11 @@ def _device(engine: str) -> str:
 
 
 def predict_folder(images_dir: Path, out_dir: Path, model_dir: Path | None = None,
-                   opts: InferOptions = InferOptions(), progress: bool = True, log=print) -> InferSummary:
-    """Run a model over a folder; see the module docstring. Returns a summary."""
-    from tqdm import tqdm
+                   opts: InferOptions = InferOptions(), progress: bool | float = True, log=print) -> InferSummary:
+    """Run a model over a folder; see the module docstring. Returns a summary.
 
+    `progress`: True, a bar; False, none; a number of seconds, a line through `log` that often.
+    """
     started = time.perf_counter()
     if not isinstance(opts, InferOptions):
         raise InputError(f"opts must be an InferOptions, not {type(opts).__name__}.")
@@ -389,6 +392,8 @@ def predict_folder(images_dir: Path, out_dir: Path, model_dir: Path | None = Non
                                     else (cfg.calibration or {}).get("target_sensitivity"))
     record["sources_kept"] = True  # this run keeps the file key of every image it does (see sources_path)
     earlier = _check_resume(out_dir / record_name(opts.shard), record, out_dir) if opts.resume else {}
+    if earlier:  # this session's counts are its own; what the sessions before it did is kept beside them
+        record["earlier_sessions"] = _earlier_sessions(earlier)
     header = _csv_header(cfg)
     csv_path = out_dir / predictions_name(opts.shard)
     partial_path = out_dir / f".{csv_path.stem}.partial.csv"  # appended per image: survives a kill
@@ -461,13 +466,17 @@ def predict_folder(images_dir: Path, out_dir: Path, model_dir: Path | None = Non
     read_keys: dict[Path, tuple[str, str]] = {}  # taken before decoding: the version the outputs are of
 
     def done(path: Path, row: list) -> None:  # a row is in: kept in the partial CSV and its source's key
-        rows[row[0]] = row
-        partial_writer.writerow(row)
-        partial.flush()
-        sources[row[0]] = read_keys.get(path, ("", ""))
-        sources_writer.writerow([row[0], *sources[row[0]]])
-        sources_file.flush()
-    bar = tqdm(total=len(todo), unit="img", desc="infer", disable=not progress, leave=False)
+        # Ctrl-C or SIGTERM (a KeyboardInterrupt) held off meanwhile: landing between these lines it left
+        # a row on disk whose image was neither counted nor keyed, and --resume called it changed
+        with _signals_held():
+            rows[row[0]] = row
+            sources[row[0]] = read_keys.get(path, ("", ""))
+            summary.done += 1
+            partial_writer.writerow(row)
+            partial.flush()
+            sources_writer.writerow([row[0], *sources[row[0]]])
+            sources_file.flush()
+    bar = _Progress(len(todo), progress, log)
 
     def load(path: Path):
         read_keys[path] = _file_key(path)
@@ -551,9 +560,56 @@ def _collect(item, summary: InferSummary, done, bar) -> None:
     except Exception as exc:  # one image's post-processing or writing: named, and the rest go on
         summary.failed.append((str(path), unreadable(path, exc, "could not be processed")))
     else:
-        done(path, row)
-        summary.done += 1
+        done(path, row)  # counts it
     bar.update(1)
+
+
+@contextlib.contextmanager
+def _signals_held():
+    """SIGINT and SIGTERM wait (are delivered on leaving) while a few bookkeeping lines run whole."""
+    if not hasattr(signal, "pthread_sigmask"):  # Windows: no signal masks
+        yield
+        return
+    held = {signal.SIGINT, signal.SIGTERM}
+    before = signal.pthread_sigmask(signal.SIG_BLOCK, held)
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, before)
+
+
+class _Progress:
+    """The progress of a run: a tqdm bar on a terminal (`progress` True), nothing (False), or a
+    line through `log` every `progress` seconds (a number: a log file or a scheduler's output,
+    where a bar would be one line rewritten thousands of times)."""
+
+    def __init__(self, total: int, progress, log):
+        from tqdm import tqdm
+
+        self.total, self.log, self.count = total, log, 0
+        self.every = None if isinstance(progress, bool) or not progress else float(progress)
+        self.started = self.last = time.perf_counter()
+        self.bar = tqdm(total=total, unit="img", desc="infer", disable=progress is not True, leave=False)
+
+    def update(self, n: int) -> None:
+        self.bar.update(n)
+        self.count += n
+        now = time.perf_counter()
+        if self.every and now - self.last >= self.every and self.count < self.total:
+            self.last = now
+            rate = self.count / (now - self.started)
+            left = (self.total - self.count) / rate if rate else 0
+            self.log(f"infer: {self.count} of {self.total} images ({100 * self.count / self.total:.0f} %), "
+                     f"{rate:.1f} images/s, about {_duration(left)} left")
+
+    def close(self) -> None:
+        self.bar.close()
+
+
+def _duration(seconds: float) -> str:
+    minutes, secs = divmod(int(round(seconds)), 60)
+    hours, minutes = divmod(minutes, 60)
+    return f"{hours} h {minutes:02d} min" if hours else f"{minutes} min {secs:02d} s" if minutes else f"{secs} s"
 
 
 def _run_record(images_dir: Path, model_sha1: str, summary: InferSummary, cfg: ModelConfig,
@@ -594,6 +650,18 @@ def _check_resume(record_path: Path, record: dict, out_dir: Path) -> dict:
         raise InputError(f"{record_path}: --resume would mix two runs in {out_dir}, {'; '.join(diffs)}; "
                          "resume with the run's settings, or write to another --out.")
     return earlier if isinstance(earlier, dict) else {}
+
+
+def _earlier_sessions(earlier: dict) -> dict:
+    """The images done and seconds spent by the sessions before a --resume, from their record
+    (summed over every session; a value that is not a count is taken as 0)."""
+    def number(record: dict, key: str) -> float:
+        value = record.get(key, 0) if isinstance(record, dict) else 0
+        return value if isinstance(value, (int, float)) and not isinstance(value, bool) and value >= 0 else 0
+
+    before = earlier.get("earlier_sessions", {})
+    done = int(number(earlier, "done") + number(before, "done"))
+    return {"done": done, "seconds": round(number(earlier, "seconds") + number(before, "seconds"), 2)}
 
 
 def _write_run_json(path: Path, record: dict, summary: InferSummary, running: bool) -> None:

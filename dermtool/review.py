@@ -316,9 +316,14 @@ def _facts(run: dict, out_dir: Path, summary: ReportSummary, images_dir: Path | 
         steps.append("holes filled" if post.get("fill_holes") else "holes kept")
     tta = run.get("tta", 1)
     rate = run.get("images_per_second")
+    before = run.get("earlier_sessions") if isinstance(run.get("earlier_sessions"), dict) else {}
+    earlier_rate = (before.get("done", 0) / before["seconds"] if isinstance(before.get("seconds"), (int, float))
+                    and before.get("seconds", 0) > 0 and isinstance(before.get("done"), int) else 0)
     speed = (f"{rate:.1f} images/s on {run.get('device', '?')} ({run.get('seconds', 0):.1f} s after a "
              f"{run.get('model_load_seconds', 0):.1f} s model load)") if rate else (
-        f"{run.get('shards')} shards, {run.get('seconds', 0):.1f} s in all" if run.get("shards") else "not recorded")
+        f"{run.get('shards')} shards, {run.get('seconds', 0):.1f} s in all" if run.get("shards") else
+        f"{earlier_rate:.1f} images/s in the sessions before this --resume ({before['done']} images)"
+        if earlier_rate else "not recorded")
     notes = []
     if summary.missing_images:
         notes.append(f"{len(summary.missing_images)} image(s) not found in {images_dir or 'the images folder'}: "
