@@ -119,10 +119,12 @@ def main() -> None:
     missing = [path for path in (args.isic_val, args.ham) if not (path / "images").is_dir()]
     if args.isic2020_split and not (args.isic2020 / "images").is_dir():
         missing.append(args.isic2020)
-    if missing and given:  # the data named is not there: a script scoring on it must not go on quietly
-        sys.exit(f"error: {', '.join(map(str, missing))}: no images/ folder; the validation data given is absent.")
+    where = ", ".join(map(str, missing))
+    if missing and given:  # data was named: a script scoring on it must not go on quietly
+        sys.exit(f"error: no images/ folder in {where}: the validation data is absent there "
+                 "(--isic-val, --ham and --isic2020 name where it is).")
     if missing:
-        print("skipped: the ISIC 2017 or HAM10000 development copy is absent")
+        print(f"skipped: no validation data (no images/ folder in {where})")
         return
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     sets = {"ISIC 2017 val": args.isic_val, "HAM10000 holdout": ham_val_folder(args.ham, args.split, args.work)}

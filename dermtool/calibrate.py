@@ -325,7 +325,7 @@ def write_decision(model_dir: Path, temperature: float, threshold: float, proven
     try:
         for path, text in texts.items():
             try:
-                claim(temps[path]).write_text(text)
+                claim(temps[path]).write_bytes(text.encode())  # "\n" on every system: the sha1 is of these bytes
             except OSError as exc:  # named as the file of the user's model, not the temporary one
                 raise type(exc)(exc.errno, exc.strerror, str(path)) from None
         for path in texts:

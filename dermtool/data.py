@@ -171,17 +171,18 @@ def read_lesion_ids(path: Path, column: str = "lesion_id", *, missing_ok: bool =
             lesion_id into its manifest, and ISIC 2020's metadata has patient_id only).
 
     Raises:
-        InputError: naming the file: no image_id column (or no `column`), a value a spreadsheet
+        InputError: naming the file: no image_id (or isic_id) column, or no `column`; a value a spreadsheet
             would run as a formula, or one image_id with two different values (which row to
             believe would be a guess).
     """
     header, rows = _metadata_rows(path)
-    if "image_id" not in header or (column not in header and not missing_ok):
-        raise InputError(f"{path}: a metadata CSV needs image_id and {column} columns "
+    key = _id_column(header)
+    if (key is None or column not in header) and not missing_ok:
+        raise InputError(f"{path}: a metadata CSV needs an image_id (or isic_id) and a {column} column "
                          f"(found {', '.join(header) or 'none'}).")
-    if column not in header:
+    if key is None or column not in header:
         return {}
-    i, j = header.index("image_id"), header.index(column)
+    i, j = header.index(key), header.index(column)
     found: dict[str, str] = {}
     row_of: dict[str, int] = {}
     for line, r in enumerate(rows, start=2):
@@ -192,7 +193,7 @@ def read_lesion_ids(path: Path, column: str = "lesion_id", *, missing_ok: bool =
             continue
         image_id, value = r[i].strip(), r[j].strip()
         if found.setdefault(image_id, value) != value:
-            raise InputError(f"{path}: image_id {image_id} has the {column} {found[image_id]!r} at row "
+            raise InputError(f"{path}: {key} {image_id} has the {column} {found[image_id]!r} at row "
                              f"{row_of[image_id]} and {value!r} at row {line}; an image belongs to one, so fix "
                              "the metadata.")
         row_of.setdefault(image_id, line)
@@ -203,10 +204,17 @@ def read_benign_ids(path: Path) -> set[str]:
     """Image ids whose metadata.csv `benign_malignant` says benign (ISIC 2020 style); an empty set
     when the column is absent. Used for partial labels: benign means "not melanoma"."""
     header, rows = _metadata_rows(path)
-    if not {"image_id", "benign_malignant"} <= set(header):
+    key = _id_column(header)
+    if key is None or "benign_malignant" not in header:
         return set()
-    i, j = header.index("image_id"), header.index("benign_malignant")
-    return {r[i] for r in rows if len(r) > max(i, j) and r[j].strip().lower() == "benign"}
+    i, j = header.index(key), header.index("benign_malignant")
+    return {r[i].strip() for r in rows if len(r) > max(i, j) and r[j].strip().lower() == "benign"}
+
+
+def _id_column(header: list[str]) -> str | None:
+    """The column of a metadata.csv that holds the image ids: image_id (HAM10000, ISIC 2020's
+    challenge files), else isic_id (an ISIC Archive download); None when it has neither."""
+    return next((name for name in ("image_id", "isic_id") if name in header), None)
 
 
 def _metadata_rows(path: Path) -> tuple[list[str], list[list[str]]]:
@@ -472,8 +480,13 @@ def build_cache(layout: Layout, out: Path, size: int = 256, fit: str = "squash",
         raise InputError(f"{layout.images}: no usable image; the first: {unusable[0][1]}")
     report.duplicate_ids = [f"{p.name} and {first.name}" for p, first in duplicates]
     lesions = read_lesion_ids(layout.metadata, missing_ok=True) if layout.metadata else {}
-    if layout.metadata and not lesions and "lesion_id" not in _metadata_rows(layout.metadata)[0]:
-        report.notes.append(f"{layout.metadata} has no lesion_id column: manifest.csv leaves lesion_id blank")
+    if layout.metadata and not lesions:
+        header = _metadata_rows(layout.metadata)[0]
+        lacking = [name for name, there in (("image_id (or isic_id)", _id_column(header)),
+                                            ("lesion_id", "lesion_id" in header)) if not there]
+        if lacking:
+            report.notes.append(f"{layout.metadata} has no {' and no '.join(lacking)} column: manifest.csv leaves "
+                                "lesion_id blank")
     benign = read_benign_ids(layout.metadata) if layout.metadata else set()
     masks = find_masks(layout.masks) if layout.masks else {}
     image_ids = {image_id_of(p) for p in paths}

@@ -14,6 +14,7 @@ import errno
 import json
 import os
 import signal
+import threading
 import time
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
@@ -468,14 +469,16 @@ def predict_folder(images_dir: Path, out_dir: Path, model_dir: Path | None = Non
     def done(path: Path, row: list) -> None:  # a row is in: kept in the partial CSV and its source's key
         # Ctrl-C or SIGTERM (a KeyboardInterrupt) held off meanwhile: landing between these lines it left
         # a row on disk whose image was neither counted nor keyed, and --resume called it changed
+        # the key before the row, in memory and on disk: a key without a row (a SIGKILL between the two
+        # writes) only has the image done again
         with _signals_held():
-            rows[row[0]] = row
             sources[row[0]] = read_keys.get(path, ("", ""))
+            rows[row[0]] = row
             summary.done += 1
-            partial_writer.writerow(row)
-            partial.flush()
             sources_writer.writerow([row[0], *sources[row[0]]])
             sources_file.flush()
+            partial_writer.writerow(row)
+            partial.flush()
     bar = _Progress(len(todo), progress, log)
 
     def load(path: Path):
@@ -566,16 +569,30 @@ def _collect(item, summary: InferSummary, done, bar) -> None:
 
 @contextlib.contextmanager
 def _signals_held():
-    """SIGINT and SIGTERM wait (are delivered on leaving) while a few bookkeeping lines run whole."""
-    if not hasattr(signal, "pthread_sigmask"):  # Windows: no signal masks
+    """SIGINT and SIGTERM wait while a few bookkeeping lines run whole, then are delivered.
+
+    Python runs a signal's handler in the main thread between two bytecodes, whichever thread the
+    kernel gave the signal to (a thread mask would not do: the decode and write pools' threads
+    take it); so for the block the handlers only note the signal, and on leaving the block the
+    handlers are put back and the signal is sent again. Outside the main thread (the API run
+    from a thread), where no handler can be set, and where a handler was set outside Python, the
+    block runs as it is.
+    """
+    names = (signal.SIGINT, signal.SIGTERM)
+    before = {s: signal.getsignal(s) for s in names}
+    if threading.current_thread() is not threading.main_thread() or None in before.values():
         yield
         return
-    held = {signal.SIGINT, signal.SIGTERM}
-    before = signal.pthread_sigmask(signal.SIG_BLOCK, held)
+    caught = []
+    for s in names:
+        signal.signal(s, lambda signum, frame: caught.append(signum))
     try:
         yield
     finally:
-        signal.pthread_sigmask(signal.SIG_SETMASK, before)
+        for s, handler in before.items():
+            signal.signal(s, handler)
+        if caught:
+            os.kill(os.getpid(), caught[0])  # to the handler put back, as if it came now
 
 
 class _Progress:

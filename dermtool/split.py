@@ -80,8 +80,8 @@ def split_folder(data: Path, fraction: float, seed: int = 0, group: str = "lesio
     log = log or (lambda message: None)
     layout = resolve_layout(data)
     paths, _, unusable = usable_images(layout.images)  # preprocess's rule and words
-    for _, why in unusable:
-        log(f"skipped {why}")
+    for _, why in unusable:  # each reason ends "; skipped." or is a name preprocess refuses
+        log(why if why.rstrip().endswith("skipped.") else f"skipped {why}")
     comments = sorted(image_id_of(p) for p in paths if image_id_of(p).startswith("#"))
     if comments:
         log(f"note: {len(comments)} image(s) whose id starts with '#' ({first_few(comments)}) left out: an id list "

@@ -377,6 +377,36 @@ def test_a_flat_folders_own_csvs_come_before_its_parents(synthetic_dataset, tmp_
     assert layout.labels == synthetic_dataset / "labels.csv" and layout.searched == (synthetic_dataset,)
 
 
+def test_an_isic_archive_download_is_read_by_isic_id_and_other_metadata_is_passed_over(synthetic_dataset, tmp_path):
+    # an ISIC Archive download keeps a metadata.csv keyed by isic_id beside its images; once the
+    # images' own folder was searched, a metadata.csv without image_id stopped preprocess (exit 2)
+    from dermtool.data import read_benign_ids, read_lesion_ids
+
+    flat = tmp_path / "archive"
+    shutil.copytree(synthetic_dataset / "images", flat)
+    (flat / "metadata.csv").write_text("isic_id,attribution,lesion_id,benign_malignant\n"
+                                       "SYN_0000000,x,L0,benign\nSYN_0000001 ,x,L0,malignant\n")
+    assert read_lesion_ids(flat / "metadata.csv") == {"SYN_0000000": "L0", "SYN_0000001": "L0"}
+    assert read_benign_ids(flat / "metadata.csv") == {"SYN_0000000"}
+    report = build_cache(resolve_layout(flat), tmp_path / "cache", size=32, progress=False)
+    assert report.notes == []
+    lesions = {r["image_id"]: r["lesion_id"] for r in csv.DictReader(open(tmp_path / "cache" / "manifest.csv"))}
+    assert lesions["SYN_0000000"] == lesions["SYN_0000001"] == "L0"
+    (flat / "metadata.csv").write_text("id,attribution\nSYN_0000000,x\n")  # another tool's file
+    report = build_cache(resolve_layout(flat), tmp_path / "cache2", size=32, progress=False)
+    assert report.notes == [f"{flat / 'metadata.csv'} has no image_id (or isic_id) and no lesion_id column: "
+                            "manifest.csv leaves lesion_id blank"]
+    with pytest.raises(InputError, match=r"needs an image_id \(or isic_id\) and a lesion_id column"):
+        read_lesion_ids(flat / "metadata.csv")  # split, which groups by it, still refuses it
+
+
+def test_benign_ids_are_read_stripped_as_lesion_ids_are(tmp_path):
+    from dermtool.data import read_benign_ids
+
+    (tmp_path / "metadata.csv").write_text("image_id,benign_malignant\nISIC_1 ,benign\n ISIC_2,malignant\n")
+    assert read_benign_ids(tmp_path / "metadata.csv") == {"ISIC_1"}
+
+
 def test_a_shortened_stack_is_copied_in_bounded_chunks(tmp_path, monkeypatch):
     """One unreadable file made preprocess load the whole images stack into memory to drop its slot."""
     import tracemalloc
