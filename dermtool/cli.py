@@ -738,6 +738,11 @@ def merge_cli(
 
     if images is not None and not images.is_dir():
         fail(f"{images}: images folder not found.")
+    if (out.is_dir() and not any(out.glob("predictions.part-*-of-*.csv")) and (out / "predictions.csv").is_file()
+            and (out / "infer.json").is_file()):  # a one-part array (--array=0-0, --shard 1/1): already whole
+        console.print(escape(f"{out / 'predictions.csv'} is whole already: a run of one part (--shard 1/1) writes it "
+                             "itself, so there is nothing to merge."), highlight=False, soft_wrap=True)
+        return
     try:
         result = merge(out, images)
     except InputError as exc:

@@ -34,7 +34,8 @@ from dermtool.io import (claim, formula_name, encode_mask_png, first_few, open_a
 from dermtool.modelio import default_model_dir, load_engine, load_model, model_fingerprint  # noqa: F401  (load_model: re-exported)
 from dermtool.postprocess import PostprocessConfig, postprocess
 from dermtool.preprocess import IMAGE_EXTENSIONS, Transform, prepare, restore, restore_mask
-from dermtool.shards import check_prediction_row, differing_settings, predictions_name, record_name, shard_of
+from dermtool.shards import (check_prediction_row, check_record, differing_settings, predictions_name, record_name,
+                             shard_of)
 
 MASK_SUFFIX = "_segmentation.png"
 #: every file infer may write for one image, after its id
@@ -274,11 +275,12 @@ def _csv_header(cfg: ModelConfig) -> list[str]:
     return ["image_id"] + list(cfg.class_names) + ["label"] if cfg.has_cls else ["image_id"]
 
 
-def _read_rows(path: Path, header: list[str], partial: bool = False) -> dict[str, list]:
+def _read_rows(path: Path, header: list[str], partial: bool = False, run: dict | None = None) -> dict[str, list]:
     """Rows of an earlier (possibly interrupted) run, keyed by image id; broken lines dropped, and
     a row that is not one of dermtool's (an edited file) refused, as merge refuses it. In the
     partial file a kill may have cut the last line short: a row failing the check is dropped
-    there (its image is done again), not refused."""
+    there (its image is done again), not refused. `run`: the earlier run's record, so that the
+    probabilities must sum to 1 and the label be its decision, as merge checks them."""
     width = len(header)
     rows: dict[str, list] = {}
     if not path.exists():
@@ -288,7 +290,7 @@ def _read_rows(path: Path, header: list[str], partial: bool = False) -> dict[str
             continue
         if len(row) == width and row[0]:
             try:
-                check_prediction_row(path, i + 1, row, header)
+                check_prediction_row(path, i + 1, row, header, run)
             except InputError:
                 if not partial:
                     raise
@@ -386,6 +388,9 @@ def predict_folder(images_dir: Path, out_dir: Path, model_dir: Path | None = Non
                            failed=[(str(p), why) for p, why in unusable])
     record = _run_record(images_dir, model_fingerprint(model_dir), summary, cfg, opts)
     record["weights_sha1"] = model_fingerprint(model_dir, config=False)  # what calibrate checks
+    # the file the engine runs (an export: another file may carry the model's name), which merge
+    # and --resume compare
+    record["engine_sha1"] = _file_sha1(Path(model.path))
     # where the threshold came from, as it was then: the model may be recalibrated after the run
     record["melanoma_threshold_source"] = (None if opts.melanoma_threshold is None else
                                            "option" if threshold_given else "model")
@@ -404,8 +409,8 @@ def predict_folder(images_dir: Path, out_dir: Path, model_dir: Path | None = Non
         if os.path.lexists(own) and not own.is_symlink() and not own.is_file():
             raise InputError(f"{own}: is a folder or another special file where infer keeps its own file; remove "
                              "it, then run again.")
-    rows = _read_rows(csv_path, header) if opts.resume else {}
-    rows.update(_read_rows(partial_path, header, partial=True) if opts.resume else {})
+    rows = _read_rows(csv_path, header, run=earlier) if opts.resume else {}
+    rows.update(_read_rows(partial_path, header, partial=True, run=earlier) if opts.resume else {})
     try:
         sources = _read_sources(sources_path) if opts.resume else {}
     except InputError as exc:  # damaged: no image's key can be trusted, so every one counts as changed
@@ -652,7 +657,8 @@ def _check_resume(record_path: Path, record: dict, out_dir: Path) -> dict:
     if not record_path.exists():
         return {}  # no record (a run of an older dermtool): nothing to compare with
     try:
-        earlier = read_json(record_path, "record of the earlier run")
+        earlier = check_record(record_path, read_json(record_path, "record of the earlier run"),
+                               "record of the earlier run")
     except InputError as exc:  # damaged: resuming unchecked could mix two runs without a word
         raise InputError(f"{str(exc).rstrip('.')}; --resume cannot check that it continues the same run: "
                          "run without --resume to redo the folder, or delete the record to resume unchecked.") from None
@@ -667,6 +673,18 @@ def _check_resume(record_path: Path, record: dict, out_dir: Path) -> dict:
         raise InputError(f"{record_path}: --resume would mix two runs in {out_dir}, {'; '.join(diffs)}; "
                          "resume with the run's settings, or write to another --out.")
     return earlier if isinstance(earlier, dict) else {}
+
+
+def _file_sha1(path: Path) -> str:
+    """sha1 of a file, or of every file of a folder (a SavedModel) in name order."""
+    import hashlib
+
+    h = hashlib.sha1()
+    for part in sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]:
+        with open(part, "rb") as fh:
+            for chunk in iter(lambda: fh.read(1 << 20), b""):
+                h.update(chunk)
+    return h.hexdigest()
 
 
 def _earlier_sessions(earlier: dict) -> dict:

@@ -114,7 +114,12 @@ def read_text(path: Path, what: str, *, limit: int = MAX_TEXT_BYTES, empty_ok: b
         if size > limit:
             raise InputError(f"{path}: the {what} is {_size(size)}, more than the {_size(limit)} such a file "
                              "can be; is it the right file?")
-        with path.open("rb") as fh:
+        # opened without waiting: a FIFO planted where a file is read (a record in a shared folder)
+        # would block the open until some process wrote to it; read then, a FIFO nobody writes to
+        # reads as empty, while one that is written to (--ids <(...)) is read whole
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))
+        os.set_blocking(fd, True)
+        with os.fdopen(fd, "rb") as fh:
             data = fh.read(limit + 1)
     except FileNotFoundError:
         raise InputError(f"{path}: the {what} does not exist.") from None

@@ -439,6 +439,9 @@ def load_engine(path: Path | None = None, engine: str | None = None, log=None):
     cfg, _, raw = load_config(folder)
     if not file.exists():
         raise InputError(f"{file}: missing; its export folder {folder} is incomplete.")
+    if not (file.is_dir() if fmt == "savedmodel" else file.is_file()):  # a FIFO there would hang the engine's open
+        raise InputError(f"{file}: not a {'folder' if fmt == 'savedmodel' else 'regular file'}; its export folder "
+                         f"{folder} is damaged.")
     if engine == "litert":
         return LiteRTEngine(file, cfg, _classifier_file(folder, raw))
     return _ENGINE_CLASSES[engine](file, cfg)
@@ -749,7 +752,14 @@ def shipped_export(model_dir: Path, engine: str) -> Path | None:
         return None
     if _ENGINE_OF_FORMAT.get(export.get("format")) != engine or export.get("source_sha1") != model_fingerprint(model_dir):
         return None
-    return folder
+    # the same network's description, decision included (calibrate writes both): an export that says
+    # otherwise would run in the model's name with another temperature or threshold
+    try:
+        same = read_json(folder / "config.json", "config").get("model") == read_json(
+            Path(model_dir) / "config.json", "config").get("model")
+    except InputError:
+        return None
+    return folder if same else None
 
 
 def cached_export(model_dir: Path, engine: str, log=None) -> Path:

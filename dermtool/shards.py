@@ -25,7 +25,7 @@ from dermtool.errors import InputError
 from dermtool.io import FORMULA_STARTS, first_few, read_csv_rows, read_json, write_csv_atomic
 
 #: What must not differ between two runs writing one folder (keys of infer.json).
-SETTINGS = ("model_sha1", "engine", "task", "tta", "postprocess", "probabilities", "overlay",
+SETTINGS = ("model_sha1", "engine", "engine_sha1", "task", "tta", "postprocess", "probabilities", "overlay",
             "melanoma_threshold", "dicom_seg", "cls_views")
 _PART = re.compile(r"predictions\.part-([0-9]+)-of-([0-9]+)\.csv")  # ASCII digits: \d takes any script's
 #: the most parts a run may be split into: more parts than images only adds empty ones, and merge
@@ -282,18 +282,56 @@ def _read_records(out_dir: Path, n: int) -> tuple[dict[Path, dict], list[Path]]:
     return records, missing
 
 
-def _checked_record(path: Path, record) -> dict:
-    """A shard record whose values the row checks use are what infer writes: an object, a
-    melanoma threshold in (0, 1) or null, a positive temperature (an edited one is refused here,
-    not met as a TypeError in the middle of the rows)."""
+#: the kinds of value each key of an infer record holds, as infer writes them (a key an older
+#: dermtool did not write may be absent)
+_RECORD_KINDS = {
+    **{key: "text" for key in ("model", "engine", "engine_file", "model_sha1", "weights_sha1", "engine_sha1", "task",
+                               "images",
+                               "shard", "cls_views", "device", "melanoma_threshold_source")},
+    **{key: "flag" for key in ("probabilities", "overlay", "dicom_seg", "sources_kept", "running", "interrupted")},
+    **{key: "count" for key in ("tta", "done", "skipped")},
+    **{key: "seconds" for key in ("seconds", "model_load_seconds", "images_per_second")},
+    "failed": "texts", "duplicates": "texts", "postprocess": "object", "earlier_sessions": "object",
+}
+
+
+def check_record(path: Path, record, what: str = "infer record") -> dict:
+    """An infer record (infer.json, a shard's infer.shardKofN.json) whose values are of the kinds
+    infer writes, or InputError naming the file and the first key that is not: an edited or
+    damaged record is refused in one line here, not met as a TypeError in merge, --resume or
+    the report. Also the melanoma threshold in (0, 1) or null and a positive temperature."""
+    import math
+
     if not isinstance(record, dict):
-        raise InputError(f"{path}: the shard record is not a JSON object.")
+        raise InputError(f"{path}: the {what} is not a JSON object.")
+    number = lambda v: isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)  # noqa: E731
+    fits = {"text": lambda v: v is None or isinstance(v, str), "flag": lambda v: isinstance(v, bool),
+            "count": lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= 0,
+            "seconds": lambda v: number(v) and v >= 0, "object": lambda v: isinstance(v, dict),
+            "texts": lambda v: isinstance(v, list) and all(isinstance(i, str) for i in v)}
+    for key, kind in _RECORD_KINDS.items():
+        if key in record and not fits[kind](record[key]):  # (a text may be null: no threshold, no source)
+            raise InputError(f"{path}: {key} is {str(record[key])[:40]!r}, not what infer writes there; the {what} "
+                             "was edited or damaged.")
+    ids = record.get("ids")
+    if ids is not None and not (isinstance(ids, list) and all(isinstance(i, str) for i in ids)):
+        raise InputError(f"{path}: its ids are not a list of image ids (null or [\"ISIC_0000000\", ...]); the {what} "
+                         "was edited or damaged.")
+    for key, value in record.get("earlier_sessions", {}).items():
+        if key in ("done", "seconds") and not (number(value) and value >= 0):
+            raise InputError(f"{path}: earlier_sessions.{key} is {str(value)[:40]!r}, not a count; the {what} was "
+                             "edited or damaged.")
     if record.get("melanoma_threshold") is not None:
         check_threshold(record["melanoma_threshold"], f"{path}: melanoma_threshold")
     temperature = record.get("temperature", 1.0)
     if isinstance(temperature, bool) or not isinstance(temperature, (int, float)) or not temperature > 0:
         raise InputError(f"{path}: temperature must be a positive number, not {str(temperature)[:40]!r}.")
     return record
+
+
+def _checked_record(path: Path, record) -> dict:
+    """A shard record as infer writes it (`check_record`)."""
+    return check_record(path, record, "shard record")
 
 
 def _check_same_ids(records: dict[Path, dict], out_dir: Path) -> None:
@@ -330,6 +368,12 @@ def _read_parts(parts: dict[int, Path], runs: dict[int, dict]) -> tuple[list[str
         lines = read_csv_rows(path, "predictions part", empty_ok=True)
         if not lines or lines[0][:1] != ["image_id"]:
             raise InputError(f"{path}: not a predictions CSV (no image_id header).")
+        classes = lines[0][1:-1]
+        if lines[0] != ["image_id"] and not (lines[0][-1:] == ["label"] and classes and len(set(classes)) == len(classes)
+                                             and set(classes) <= set(CLASS_NAMES)):
+            raise InputError(f"{path}: its columns {','.join(lines[0])[:120]} are not the ones infer writes "
+                             f"(image_id, {', '.join(CLASS_NAMES)}, label); the file was edited: rerun that shard "
+                             "into a fresh --out.")
         if header is None:
             header = lines[0]
         elif lines[0] != header:

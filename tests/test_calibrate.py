@@ -308,3 +308,13 @@ def test_predictions_of_other_weights_or_settings_are_named(sets, model, tmp_pat
     # the renamed CSV's temperature is read from infer.json and undone
     plain = calibrate(model, [sets["a"]], write=False)
     assert own.temperature == pytest.approx(plain.temperature * 2.0, rel=0.03)  # not plain: T = 2 was read
+
+
+def test_a_carried_export_describing_another_decision_is_not_used_in_the_models_name(model):
+    # an export claiming the model's sha1 ran with its own temperature and threshold in the
+    # model's name; the two config.json must describe the same network and decision
+    assert shipped_export(model, "litert") == model / "litert"
+    raw = json.loads((model / "litert" / "config.json").read_text())
+    raw["model"]["temperature"] = 8.71
+    (model / "litert" / "config.json").write_text(json.dumps(raw))
+    assert shipped_export(model, "litert") is None

@@ -13,6 +13,7 @@ import csv
 import io as _io
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -1363,3 +1364,46 @@ def test_a_resume_with_nothing_left_keeps_what_the_earlier_session_did(models, f
     write_report(out, few_images)
     page = (out / "report.html").read_text()
     assert f"{3 / first['seconds']:.1f} images/s in the sessions before this --resume (3 images)" in page
+
+
+@pytest.mark.parametrize("edit, words", [('"model_sha1": 5', "model_sha1 is '5'"), ('"ids": 5', "its ids are not a list"),
+                                         ('"done": 1e400', "done is 'inf'")])
+def test_resume_refuses_a_record_edited_to_values_infer_never_writes(models, few_images, tmp_path, edit, words):
+    # each was a TypeError or OverflowError traceback
+    out = tmp_path / "out"
+    assert infer(few_images, "--out", out, "--model", models["joint"]).exit_code == 0
+    text = (out / "infer.json").read_text()
+    key = edit.split(":")[0]
+    (out / "infer.json").write_text(re.sub(rf'{key}: [^,\n]*', edit, text, count=1))
+    result = infer(few_images, "--out", out, "--model", models["joint"], "--resume")
+    assert result.exit_code == 2 and "Traceback" not in result.output, result.output
+    assert words in " ".join(result.output.split())
+
+
+def test_resume_refuses_a_row_whose_label_is_not_the_runs_decision(models, few_images, tmp_path):
+    out = tmp_path / "out"
+    assert infer(few_images, "--out", out, "--model", models["joint"]).exit_code == 0
+    rows = read_csv(out / "predictions.csv")
+    rows[1][1:] = ["0.9", "0.9", "0.9", "seborrheic_keratosis"]  # sums to 2.7: merge refused it, resume kept it
+    with open(out / "predictions.csv", "w", newline="") as fh:
+        csv.writer(fh).writerows(rows)
+    result = infer(few_images, "--out", out, "--model", models["joint"], "--resume")
+    assert result.exit_code == 2 and "sum to" in " ".join(result.output.split()), result.output
+
+
+def test_a_fifo_where_infer_reads_a_record_or_a_model_file_is_one_line(models, few_images, tmp_path):
+    out = tmp_path / "out"
+    assert infer(few_images, "--out", out, "--model", models["joint"]).exit_code == 0
+    (out / "infer.json").unlink()
+    os.mkfifo(out / "infer.json")
+    result = infer(few_images, "--out", out, "--model", models["joint"], "--resume")
+    assert result.exit_code == 2 and "infer.json" in result.output and "is empty" in result.output, result.output
+    from dermtool.config import load_config
+
+    export = tmp_path / "export"  # an export folder whose model file is a FIFO: LiteRT's open waited forever
+    export.mkdir()
+    cfg, _, _ = load_config(models["joint"])
+    save_config(export / "config.json", cfg, export={"format": "tflite", "file": "model.tflite"})
+    os.mkfifo(export / "model.tflite")
+    result = infer(few_images, "--out", tmp_path / "b", "--model", export)
+    assert result.exit_code == 2 and "not a regular file" in result.output, result.output

