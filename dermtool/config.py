@@ -130,6 +130,10 @@ class ModelConfig:
                             for v in w)):
                 raise InputError(f"member_weights must be {self.members} positive numbers, one per member of an "
                                  f"ensemble, not {str(w)[:60]}.")
+            total = sum(float(v) for v in w)  # as models._Mean adds them
+            if not 0 < total < float("inf"):  # each finite, their sum not: every share w / sum would be 0
+                raise InputError(f"member_weights must add up to a finite number (each member's share is its "
+                                 f"weight over the sum), not {str(w)[:60]}; scale them down, e.g. to 1, 2.")
             object.__setattr__(self, "member_weights", tuple(float(v) for v in w))
         object.__setattr__(self, "class_names", tuple(self.class_names))
         self._check_decision()
@@ -386,6 +390,14 @@ def _model_value_problem(key: str, value) -> str:
         return "" if value in _CHOICES[key] else f"must be one of {', '.join(_CHOICES[key])}"
     if key in ("pretrained", "batch_norm"):
         return "" if isinstance(value, bool) else "must be true or false"
+    if key == "calibration":  # read as an object by infer and the report (its target_sensitivity)
+        if value is None:
+            return ""
+        if not isinstance(value, dict):
+            return "must be null or a JSON object (how dermtool calibrate fitted the decision)"
+        target = value.get("target_sensitivity")
+        ok = target is None or (isinstance(target, (int, float)) and not isinstance(target, bool) and 0 < target <= 1)
+        return "" if ok else "must hold a target_sensitivity in (0, 1] or none"
     if key == "class_names":
         ok = isinstance(value, list) and tuple(value) == CLASS_NAMES
         return "" if ok else (f"must be {', '.join(CLASS_NAMES)} in this order (the order of the model's "

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import os
 import re
+import stat
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -21,7 +22,7 @@ import numpy as np
 
 from dermtool import CLASS_NAMES
 from dermtool.errors import InputError
-from dermtool.io import read_csv_rows, read_json, read_text, write_atomic
+from dermtool.io import _decode, read_csv_rows, read_json, write_atomic
 from dermtool.shards import check_prediction_row
 
 REPORT = "report.html"
@@ -99,8 +100,12 @@ def write_report(out_dir: Path, images_dir: Path | None = None, workers: int = 0
 
 
 def read_run(out_dir: Path) -> dict:
-    """infer.json of the folder ({} when absent); shard summaries are added up."""
-    runs = [read_json(p, "infer record") for p in _records(out_dir)]
+    """infer.json of the folder ({} when absent); shard summaries are added up.
+
+    Raises:
+        InputError: a record is damaged (`read_record`).
+    """
+    runs = [read_record(p) for p in _records(out_dir)]
     if not runs:
         return {}
     run = dict(runs[0])
@@ -112,6 +117,36 @@ def read_run(out_dir: Path) -> dict:
         run["images_per_second"] = None
         run["shards"] = len(runs)
     return run
+
+
+def read_record(path: Path) -> dict:
+    """One record of infer (infer.json or infer.shardKofN.json), its values of the kinds infer
+    writes: the checks of merge and --resume (`shards.check_record`), and the threshold and target
+    the page formats as numbers.
+
+    The rule for the report: a damaged record is refused in one line naming the file and the
+    field, never drawn from in part (a count or a speed left out would state the run wrongly).
+
+    Raises:
+        InputError: naming the file and the first value that is not what infer writes.
+    """
+    from dermtool.shards import check_record
+
+    try:
+        run = check_record(path, read_json(path, "infer record"))
+        for key in ("melanoma_threshold", "target_sensitivity"):  # check_record takes "0.5" as 0.5
+            value = run.get(key)
+            if value is not None and not _is_number(value):
+                raise InputError(f"{path}: {key} is {str(value)[:40]!r}, not what infer writes there; the infer "
+                                 "record was edited or damaged.")
+    except InputError as exc:
+        raise InputError(f"{str(exc).rstrip('.')}; restore it, or remove it to report without the run's "
+                         "facts.") from None
+    return run
+
+
+def _is_number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and np.isfinite(value)
 
 
 def _records(out_dir: Path) -> list[Path]:
@@ -148,16 +183,46 @@ def read_predictions(out_dir: Path) -> tuple[list[str], list[dict]]:
 
 
 def model_summary(model_dir: Path) -> str:
-    """The model card's one-line summary: the first sentence of MODEL_CARD.md's first paragraph."""
+    """The model card's one-line summary: the first sentence of MODEL_CARD.md's first paragraph.
+
+    "" when the folder has no card of its own: the card must be a regular file in the model
+    folder, not a link (a downloaded folder's MODEL_CARD.md -> ~/.aws/credentials would put that
+    file into the page), and only its first CARD_BYTES are read.
+    """
     card = Path(model_dir) / "MODEL_CARD.md"
-    if not card.is_file():
+    data = _read_card(card)
+    if data is None:
         return ""
-    for para in re.split(r"\n\s*\n", read_text(card, "model card", empty_ok=True)):
+    text = _decode(data, card, "model card")
+    for para in re.split(r"\n\s*\n", text):
         para = " ".join(para.split())
         if para and not para.startswith(("#", "|", "-", "*", "```", ">")):
             first = re.split(r"(?<=[.!?])\s", para, maxsplit=1)[0]
             return first.replace("`", "")
     return ""
+
+
+CARD_BYTES = 64 * 1024  # the summary is the card's first paragraph; a card is a few kB
+
+
+def _read_card(card: Path) -> bytes | None:
+    """The first CARD_BYTES of `card` if it is a regular file, not a link (None otherwise), cut
+    after its last whole line when longer (so no character is cut in two)."""
+    flags = os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_NONBLOCK", 0)  # a FIFO does not block
+    try:
+        if card.is_symlink():  # also where O_NOFOLLOW is missing (Windows)
+            return None
+        fd = os.open(card, flags)  # O_NOFOLLOW: a link put in its place since is refused, not followed
+    except (OSError, ValueError):  # none, a link, unreadable, a NUL in the path
+        return None
+    with os.fdopen(fd, "rb") as fh:
+        if not stat.S_ISREG(os.fstat(fh.fileno()).st_mode):  # a folder, a FIFO, a device
+            return None
+        data = fh.read(CARD_BYTES + 1)
+    if len(data) > CARD_BYTES:
+        data = data[:CARD_BYTES]
+        data = data[:data.rfind(b"\n") + 1]
+    return data
 
 
 def _find_sources(images_dir: Path | None) -> dict[str, Path]:
@@ -240,7 +305,7 @@ def _overlays_of_the_run(out_dir: Path, ids: list[str]) -> set[str]:
     starts: dict[tuple[int, int], float] = {}  # shard (k, n) -> the start of its run
     for path in _records(out_dir):
         match = re.fullmatch(r"infer(?:\.shard([0-9]+)of([0-9]+))?\.json", path.name)
-        run = read_json(path, "infer record")
+        run = read_record(path)
         times = [run.get("seconds", 0), run.get("model_load_seconds", 0)]
         if match is None or run.get("overlay") is not True or not all(
                 isinstance(t, (int, float)) and not isinstance(t, bool) for t in times):
@@ -287,7 +352,9 @@ def operating_point(run: dict) -> str:
         else:  # an older record: only the model as it is now can say, and only if it still holds that threshold
             stored = model_cfg is not None and model_cfg.melanoma_threshold == threshold
             given = "model" if stored else ""
-            target = (model_cfg.calibration or {}).get("target_sensitivity") if stored else None
+            calibration = model_cfg.calibration if stored and isinstance(model_cfg.calibration, dict) else {}
+            target = calibration.get("target_sensitivity")
+            target = target if _is_number(target) else None  # formatted below: a number or nothing
         source = (" (given with --melanoma-threshold)" if given == "option" else
                   f" (chosen on validation for melanoma sensitivity ≥ {target:g})" if given == "model" and target else
                   " (stored with the model)" if given == "model" else "")

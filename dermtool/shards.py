@@ -321,8 +321,12 @@ def check_record(path: Path, record, what: str = "infer record") -> dict:
         if key in ("done", "seconds") and not (number(value) and value >= 0):
             raise InputError(f"{path}: earlier_sessions.{key} is {str(value)[:40]!r}, not a count; the {what} was "
                              "edited or damaged.")
-    if record.get("melanoma_threshold") is not None:
-        check_threshold(record["melanoma_threshold"], f"{path}: melanoma_threshold")
+    threshold = record.get("melanoma_threshold")
+    if threshold is not None:  # a number, as infer writes it: check_threshold would read "0.5" too
+        if not number(threshold):
+            raise InputError(f"{path}: melanoma_threshold must be a number, not {str(threshold)[:40]!r}; the {what} "
+                             "was edited or damaged.")
+        check_threshold(threshold, f"{path}: melanoma_threshold")
     temperature = record.get("temperature", 1.0)
     if isinstance(temperature, bool) or not isinstance(temperature, (int, float)) or not temperature > 0:
         raise InputError(f"{path}: temperature must be a positive number, not {str(temperature)[:40]!r}.")

@@ -239,7 +239,10 @@ def test_weights_set_each_members_share_of_the_mean(models, tmp_path):
 
 @pytest.mark.parametrize("weights, words", [("2", ["member_weights must be 2 positive numbers", "(2.0,)"]),
                                             ("1,-1", ["member_weights must be 2 positive numbers", "(1.0, -1.0)"]),
-                                            ("2,x", ["--weights takes numbers joined by commas", "'2,x'"])])
+                                            ("2,x", ["--weights takes numbers joined by commas", "'2,x'"]),
+                                            # each finite, their sum not: every share w / sum was 0, so every output
+                                            ("1e308,1e308", ["member_weights must add up to a finite number",
+                                                             "(1e+308, 1e+308)"])])
 def test_bad_weights_are_refused_in_one_line(models, tmp_path, weights, words):
     out = tmp_path / "ens"
     _one_line_error(ensemble(out, models["a"], models["b"], "--weights", weights), *words)
@@ -256,3 +259,7 @@ def test_member_weights_that_do_not_fit_the_members_in_config_json_are_refused(m
         (tmp_path / "ens" / "config.json").write_text(json.dumps(raw))
         with pytest.raises(InputError, match="member_weights must be 2 positive numbers"):
             load_config(tmp_path / "ens")
+    raw["model"]["member_weights"] = [1e308, 1e308]  # a received folder: all outputs would be 0, silently
+    (tmp_path / "ens" / "config.json").write_text(json.dumps(raw))
+    with pytest.raises(InputError, match="member_weights must add up to a finite number"):
+        load_config(tmp_path / "ens")

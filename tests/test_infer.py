@@ -1360,10 +1360,12 @@ def test_a_resume_with_nothing_left_keeps_what_the_earlier_session_did(models, f
     assert (again["done"], again["skipped"]) == (0, 3)
     assert again["earlier_sessions"] == {"done": 3, "seconds": first["seconds"]}
     assert infer(few_images, "--out", out, "--model", models["joint"], "--resume").exit_code == 0
-    assert json.loads((out / "infer.json").read_text())["earlier_sessions"]["done"] == 3  # not counted twice
+    before = json.loads((out / "infer.json").read_text())["earlier_sessions"]
+    assert before["done"] == 3  # not counted twice
+    assert before["seconds"] == pytest.approx(first["seconds"] + again["seconds"], abs=0.011)
     write_report(out, few_images)
     page = (out / "report.html").read_text()
-    assert f"{3 / first['seconds']:.1f} images/s in the sessions before this --resume (3 images)" in page
+    assert f"{3 / before['seconds']:.1f} images/s in the sessions before this --resume (3 images)" in page
 
 
 @pytest.mark.parametrize("edit, words", [('"model_sha1": 5', "model_sha1 is '5'"), ('"ids": 5', "its ids are not a list"),

@@ -221,6 +221,10 @@ BAD_CONFIGS = {
     "class_names missing": (_drop("class_names"), "model.class_names"),
     "an unknown key": (_set("heads", 2), "model.heads"),
     "model not an object": (lambda raw: raw.update(model=[1, 2]), "model"),
+    # infer and the report read it as an object: "x" was an AttributeError in infer
+    "calibration a string": (_set("calibration", "x"), "model.calibration"),
+    "calibration a list": (_set("calibration", [1]), "model.calibration"),
+    "calibration's target a string": (_set("calibration", {"target_sensitivity": "x"}), "model.calibration"),
 }
 
 
@@ -245,9 +249,11 @@ def test_a_config_json_that_is_not_an_object_is_refused(tmp_path):
         load_config(tmp_path)
 
 
-@pytest.mark.parametrize("case", ["size too large", "classes reordered", "threshold above 1"])
+@pytest.mark.parametrize("case", ["size too large", "classes reordered", "threshold above 1", "calibration a string"])
 def test_infer_refuses_a_model_whose_config_json_is_out_of_range_with_one_line(tmp_path, tiny_model, case):
     edit, key = BAD_CONFIGS[case]
+    if case == "calibration a string":  # read for the target of the model's melanoma threshold
+        edit = lambda raw: (_set("calibration", "x")(raw), _set("melanoma_threshold", 0.3)(raw))  # noqa: E731
     folder = _edited_model(tiny_model, tmp_path / "model", edit)
     images = tmp_path / "images"
     images.mkdir()
@@ -286,6 +292,15 @@ def test_a_valid_config_json_still_loads(tiny_model):
 
     cfg, _, _ = load_config(tiny_model)
     assert cfg == preset_config("compact", "joint", size=32, base_filters=4, depth=2)
+
+
+def test_a_config_json_with_a_calibration_of_dermtool_calibrate_still_loads(tmp_path, tiny_model):
+    from dermtool.config import load_config
+
+    for calibration in (None, {}, {"target_sensitivity": 0.85, "sets": [], "temperature_rule": "..."}):
+        folder = _edited_model(tiny_model, tmp_path / f"model{len(str(calibration))}",
+                               _set("calibration", calibration))
+        assert load_config(folder)[0].calibration == calibration
 
 
 # --- weights of another architecture ------------------------------------------------------------

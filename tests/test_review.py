@@ -224,6 +224,67 @@ def test_model_summary_of_the_bundled_model_is_its_cards_first_sentence():
     assert model_summary(REPO_ROOT / "no-such-model") == ""
 
 
+@pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="needs links and FIFOs (POSIX)")
+def test_model_summary_reads_only_a_regular_card_of_the_folder_and_only_its_start(tmp_path):
+    """A downloaded model folder's MODEL_CARD.md -> ~/.aws/credentials put that file into the page."""
+    secret = tmp_path / "home" / "credentials"
+    secret.parent.mkdir()
+    secret.write_text("aws_secret_access_key = SECRET. More.\n")
+    out = make_infer_folder(tmp_path, 2, images=False)
+    card = tmp_path / "model" / "MODEL_CARD.md"
+    card.unlink()
+    card.symlink_to(secret)
+    assert model_summary(card.parent) == ""
+    result = runner.invoke(app, ["report", str(out)])
+    assert result.exit_code == 0, result.output
+    assert "SECRET" not in (out / "report.html").read_text()
+    card.unlink()
+    os.mkfifo(card)  # not a regular file either: not read (nor waited on)
+    assert model_summary(card.parent) == ""
+    card.unlink()
+    card.write_text("# Model card\n\n" * 10000 + "Beyond the part read.\n")  # 140 kB: only the start is read
+    assert model_summary(card.parent) == ""
+    card.write_text(CARD + "x" * 1_000_000)  # a long card: its first sentence is in the part read
+    assert model_summary(card.parent) == "A tiny test model: it knows nothing."
+
+
+DAMAGED_RECORDS = [  # (record, key, value): values infer never writes, each once a traceback of `report`
+    ("infer.json", "seconds", "x"), ("infer.json", "images_per_second", "x"),
+    ("infer.json", "model_load_seconds", "x"), ("infer.json", "temperature", "x"),
+    ("infer.json", "melanoma_threshold", "x"), ("infer.json", "melanoma_threshold", "0.5"),
+    ("infer.json", "target_sensitivity", "x"), ("infer.json", "failed", 5), ("infer.json", "failed", [1]),
+    ("infer.json", "postprocess", "x"), ("infer.json", "tta", "x"), ("infer.json", "model", 5),
+    ("infer.json", "images", 5), ("infer.json", "earlier_sessions", [1]),
+    ("infer.json", "earlier_sessions", {"done": "x"}),
+    ("infer.shard2of2.json", "done", "x"), ("infer.shard1of2.json", "failed", "abc"),
+]
+
+
+@pytest.mark.parametrize("record, key, value", DAMAGED_RECORDS)
+def test_report_refuses_a_damaged_record_in_one_line_naming_it_and_the_field(tmp_path, record, key, value):
+    """The report's rule, as merge's and --resume's: a record with a value infer does not write
+    is refused, naming the file and the field; none of its facts is shown in part."""
+    out = make_infer_folder(tmp_path, 2, images=False)
+    run = json.loads((out / "infer.json").read_text())
+    run.update(melanoma_threshold=0.3, melanoma_threshold_source="model", target_sensitivity=0.85)
+    if record != "infer.json":  # a sharded run: its records are added up
+        (out / "infer.json").unlink()
+        for k in (1, 2):
+            (out / f"infer.shard{k}of2.json").write_text(json.dumps(dict(run, shard=f"{k}/2")))
+        result = runner.invoke(app, ["report", str(out)])
+        assert result.exit_code == 0 and "2 shards" in (out / "report.html").read_text(), result.output
+        (out / "report.html").unlink()
+    run = json.loads((out / record).read_text()) if record != "infer.json" else run
+    run[key] = value
+    (out / record).write_text(json.dumps(run))
+    result = runner.invoke(app, ["report", str(out)])
+    assert result.exit_code == 2, result.output
+    assert result.stderr.count("\n") == 1 and "Traceback" not in result.output, result.output
+    message = " ".join(result.stderr.split())
+    assert f"{out / record}: {key}" in message and "error" in message, message
+    assert not (out / "report.html").exists()
+
+
 def test_report_without_images_or_classes_still_lists_every_image(tmp_path):
     out = make_infer_folder(tmp_path, 5, images=False)
     made = write_report(out)
