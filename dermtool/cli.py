@@ -89,10 +89,13 @@ def main(
     # command cleans up its temporary files and a run keeps its last whole epoch
     import threading
 
-    global _MAIN_PID
+    global _MAIN_PID, _STOP_ASKED
+    _STOP_ASKED = False  # a command run before in this process (a test's, a notebook's) asked it
     if threading.current_thread() is threading.main_thread():  # only there can Python set a handler
         _MAIN_PID = os.getpid()
         signal.signal(signal.SIGTERM, _terminated)
+        if signal.getsignal(signal.SIGINT) is signal.default_int_handler:
+            signal.signal(signal.SIGINT, _interrupted)
 
 
 _MAIN_PID = None
@@ -122,12 +125,26 @@ def entry() -> None:
     app(prog_name="dermtool")
 
 
+#: set when Ctrl-C or SIGTERM arrived: the KeyboardInterrupt raised for it inside TensorFlow's C
+#: code can come out as another exception (a SystemError, once in 70 SIGTERMed trainings)
+_STOP_ASKED = False
+
+
 def _terminated(signum, frame) -> None:
+    global _STOP_ASKED
     if os.getpid() != _MAIN_PID:  # a forked worker (train's batch processes): stopped as by default,
         signal.signal(signum, signal.SIG_DFL)  # or its pool could never stop it
         os.kill(os.getpid(), signum)
         return
+    _STOP_ASKED = True
     raise KeyboardInterrupt
+
+
+def _interrupted(signum, frame) -> None:
+    """Ctrl-C: Python's own handler, noting that a stop was asked."""
+    global _STOP_ASKED
+    _STOP_ASKED = True
+    signal.default_int_handler(signum, frame)
 
 
 @app.command("preprocess")
@@ -333,15 +350,26 @@ def train_cli(
     except InputError as exc:
         fail(str(exc))
     except OSError as exc:  # a full disk, a read-only --out, a file where a folder should be
-        fail(write_failure(exc, "the run", out))
+        if not _STOP_ASKED:
+            fail(write_failure(exc, "the run", out))
+        _stop_train(out)
     except KeyboardInterrupt:
-        message = _train_interrupted(out)
-        if _HARD_EXIT and not _has_children():  # the run is committed: leave without tearing tf.data down
-            console.print(f"[bold red]error:[/] {escape(message)}", highlight=False, soft_wrap=True)
-            sys.stdout.flush()
-            sys.stderr.flush()
-            os._exit(130)
-        fail(message, 130)
+        _stop_train(out)
+    except Exception:
+        if not _STOP_ASKED:  # a real failure: its traceback is the report
+            raise
+        _stop_train(out)  # the interrupt, come out of TensorFlow's C code as another exception
+
+
+def _stop_train(out: Path) -> None:
+    """Train's last line after Ctrl-C or SIGTERM (the run on disk is whole: see checkpoint.py)."""
+    message = _train_interrupted(out)
+    if _HARD_EXIT and not _has_children():  # the run is committed: leave without tearing tf.data down
+        console.print(f"[bold red]error:[/] {escape(message)}", highlight=False, soft_wrap=True)
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(130)
+    fail(message, 130)
 
 
 def _check_train_options(o: dict) -> None:

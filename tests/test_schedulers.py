@@ -582,3 +582,32 @@ def test_merge_of_a_one_part_run_has_nothing_to_do(models, reference, tmp_path):
     result = runner.invoke(app, ["merge", str(out)])
     assert result.exit_code == 0 and "nothing to merge" in result.output, result.output
     assert (out / "predictions.csv").read_bytes() == before
+
+
+def test_an_interrupt_that_comes_out_of_tensorflow_as_another_exception_is_still_a_stop(tmp_path, monkeypatch):
+    # a SIGTERM landing inside TensorFlow's C code came out as SystemError ("bad argument to
+    # internal function"): a traceback and exit 1 where the scheduler should see 130
+    import dermtool.cli as cli
+    import dermtool.train
+
+    def stopped_inside_tensorflow(*args, **kwargs):
+        monkeypatch.setattr(cli, "_STOP_ASKED", True)  # as the signal handler sets it
+        raise SystemError("Objects/listobject.c:338: bad argument to internal function")
+
+    from dermtool.data import build_cache, resolve_layout
+    from dermtool.synthetic import write_dataset
+
+    monkeypatch.setattr(dermtool.train, "train", stopped_inside_tensorflow)
+    cache = tmp_path / "cache"
+    build_cache(resolve_layout(write_dataset(tmp_path / "data", 4, rng_seed=1, sizes=[(40, 40)], formats=("png",))),
+                cache, size=32, progress=False)
+    result = runner.invoke(app, ["train", str(cache), "--out", str(tmp_path / "run"), "--epochs", "1"])
+    assert result.exit_code == 130, result.output
+    assert "interrupted" in result.output and "Traceback" not in result.output
+
+    def failing(*args, **kwargs):  # without a stop asked, a failure stays one, with its traceback
+        raise SystemError("a real failure")
+
+    monkeypatch.setattr(dermtool.train, "train", failing)
+    result = runner.invoke(app, ["train", str(cache), "--out", str(tmp_path / "run2"), "--epochs", "1"])
+    assert isinstance(result.exception, SystemError) and result.exit_code == 1
