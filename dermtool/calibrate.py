@@ -125,7 +125,7 @@ def run_records(pred_csv: Path) -> list[tuple[Path, dict]]:
         InputError: a damaged record (guessing would miscalibrate silently).
     """
     from dermtool.io import read_json
-    from dermtool.shards import _PART, record_name
+    from dermtool.shards import _PART, check_record, record_name
 
     folder = Path(pred_csv).parent
     part = _PART.fullmatch(Path(pred_csv).name)
@@ -135,10 +135,7 @@ def run_records(pred_csv: Path) -> list[tuple[Path, dict]]:
         paths = [folder / "infer.json"] if (folder / "infer.json").is_file() else sorted(folder.glob("infer.shard*of*.json"))
     records = []
     for path in paths:
-        record = read_json(path, "infer record")
-        if not isinstance(record, dict):
-            raise InputError(f"{path}: not an infer record (a JSON object); it is damaged.")
-        records.append((path, record))
+        records.append((path, check_record(path, read_json(path, "infer record"))))  # as merge and --resume read it
     return records
 
 

@@ -31,7 +31,7 @@ from dermtool.decision import apply_temperature, check_threshold, decide
 from dermtool.errors import InputError, disk_full, unreadable, write_failure
 from dermtool.io import (claim, formula_name, encode_mask_png, first_few, open_append, read_csv_rows, read_json,
                          remove_stale_temps, write_atomic, write_csv_atomic)
-from dermtool.modelio import default_model_dir, load_engine, load_model, model_fingerprint  # noqa: F401  (load_model: re-exported)
+from dermtool.modelio import default_model_dir, file_fingerprint, load_engine, load_model, model_fingerprint  # noqa: F401  (load_model: re-exported)
 from dermtool.postprocess import PostprocessConfig, postprocess
 from dermtool.preprocess import IMAGE_EXTENSIONS, Transform, prepare, restore, restore_mask
 from dermtool.shards import (check_prediction_row, check_record, differing_settings, predictions_name, record_name,
@@ -390,7 +390,8 @@ def predict_folder(images_dir: Path, out_dir: Path, model_dir: Path | None = Non
     record["weights_sha1"] = model_fingerprint(model_dir, config=False)  # what calibrate checks
     # the file the engine runs (an export: another file may carry the model's name), which merge
     # and --resume compare
-    record["engine_sha1"] = _file_sha1(Path(model.path))
+    record["engine_sha1"] = (record["weights_sha1"] if model.name == "keras"  # the same file, hashed once
+                             else file_fingerprint(Path(model.path)))
     # where the threshold came from, as it was then: the model may be recalibrated after the run
     record["melanoma_threshold_source"] = (None if opts.melanoma_threshold is None else
                                            "option" if threshold_given else "model")
@@ -675,28 +676,12 @@ def _check_resume(record_path: Path, record: dict, out_dir: Path) -> dict:
     return earlier if isinstance(earlier, dict) else {}
 
 
-def _file_sha1(path: Path) -> str:
-    """sha1 of a file, or of every file of a folder (a SavedModel) in name order."""
-    import hashlib
-
-    h = hashlib.sha1()
-    for part in sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]:
-        with open(part, "rb") as fh:
-            for chunk in iter(lambda: fh.read(1 << 20), b""):
-                h.update(chunk)
-    return h.hexdigest()
-
-
 def _earlier_sessions(earlier: dict) -> dict:
-    """The images done and seconds spent by the sessions before a --resume, from their record
-    (summed over every session; a value that is not a count is taken as 0)."""
-    def number(record: dict, key: str) -> float:
-        value = record.get(key, 0) if isinstance(record, dict) else 0
-        return value if isinstance(value, (int, float)) and not isinstance(value, bool) and value >= 0 else 0
-
+    """The images done and seconds spent by the sessions before a --resume, summed over every
+    session, from their record (checked by `shards.check_record`)."""
     before = earlier.get("earlier_sessions", {})
-    done = int(number(earlier, "done") + number(before, "done"))
-    return {"done": done, "seconds": round(number(earlier, "seconds") + number(before, "seconds"), 2)}
+    return {"done": int(earlier.get("done", 0) + before.get("done", 0)),
+            "seconds": round(earlier.get("seconds", 0) + before.get("seconds", 0), 2)}
 
 
 def _write_run_json(path: Path, record: dict, summary: InferSummary, running: bool) -> None:

@@ -724,18 +724,24 @@ def model_fingerprint(model: Path | None, config: bool = True, config_text: str 
     h = hashlib.sha1()
     if config_text is not None:
         h.update(config_text.encode())
-    files = [folder / "config.json"] if config and config_text is None else []
-    if fmt == "keras":
-        files.append(weights_file(folder))
-    elif file.is_dir():  # a SavedModel folder
-        files += sorted(p for p in file.rglob("*") if p.is_file())
-    else:
-        files.append(file)
-    for path in files:
-        with open(path, "rb") as fh:
-            for chunk in iter(lambda: fh.read(1 << 20), b""):
-                h.update(chunk)
+    if config and config_text is None:
+        _hash_file(h, folder / "config.json")
+    return file_fingerprint(weights_file(folder) if fmt == "keras" else file, h)
+
+
+def file_fingerprint(path: Path, h=None) -> str:
+    """sha1 of a model file, or of every file of a folder (a SavedModel) in name order; `h`: a
+    hash to continue."""
+    h = h or hashlib.sha1()
+    for part in sorted(p for p in Path(path).rglob("*") if p.is_file()) if Path(path).is_dir() else [Path(path)]:
+        _hash_file(h, part)
     return h.hexdigest()
+
+
+def _hash_file(h, path: Path) -> None:
+    with open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            h.update(chunk)
 
 
 def shipped_export(model_dir: Path, engine: str) -> Path | None:

@@ -121,8 +121,7 @@ def read_run(out_dir: Path) -> dict:
 
 def read_record(path: Path) -> dict:
     """One record of infer (infer.json or infer.shardKofN.json), its values of the kinds infer
-    writes: the checks of merge and --resume (`shards.check_record`), and the threshold and target
-    the page formats as numbers.
+    writes: the checks of merge and --resume (`shards.check_record`).
 
     The rule for the report: a damaged record is refused in one line naming the file and the
     field, never drawn from in part (a count or a speed left out would state the run wrongly).
@@ -134,11 +133,6 @@ def read_record(path: Path) -> dict:
 
     try:
         run = check_record(path, read_json(path, "infer record"))
-        for key in ("melanoma_threshold", "target_sensitivity"):  # check_record takes "0.5" as 0.5
-            value = run.get(key)
-            if value is not None and not _is_number(value):
-                raise InputError(f"{path}: {key} is {str(value)[:40]!r}, not what infer writes there; the infer "
-                                 "record was edited or damaged.")
     except InputError as exc:
         raise InputError(f"{str(exc).rstrip('.')}; restore it, or remove it to report without the run's "
                          "facts.") from None
@@ -383,13 +377,12 @@ def _facts(run: dict, out_dir: Path, summary: ReportSummary, images_dir: Path | 
         steps.append("holes filled" if post.get("fill_holes") else "holes kept")
     tta = run.get("tta", 1)
     rate = run.get("images_per_second")
-    before = run.get("earlier_sessions") if isinstance(run.get("earlier_sessions"), dict) else {}
-    earlier_rate = (before.get("done", 0) / before["seconds"] if isinstance(before.get("seconds"), (int, float))
-                    and before.get("seconds", 0) > 0 and isinstance(before.get("done"), int) else 0)
+    before = run.get("earlier_sessions", {})  # of the kinds infer writes (read_record)
+    earlier_rate = before.get("done", 0) / before["seconds"] if before.get("seconds", 0) > 0 else 0
     speed = (f"{rate:.1f} images/s on {run.get('device', '?')} ({run.get('seconds', 0):.1f} s after a "
              f"{run.get('model_load_seconds', 0):.1f} s model load)") if rate else (
         f"{run.get('shards')} shards, {run.get('seconds', 0):.1f} s in all" if run.get("shards") else
-        f"{earlier_rate:.1f} images/s in the sessions before this --resume ({before['done']} images)"
+        f"{earlier_rate:.1f} images/s in the sessions before this --resume ({before.get('done', 0)} images)"
         if earlier_rate else "not recorded")
     notes = []
     if summary.missing_images:

@@ -327,6 +327,10 @@ def check_record(path: Path, record, what: str = "infer record") -> dict:
             raise InputError(f"{path}: melanoma_threshold must be a number, not {str(threshold)[:40]!r}; the {what} "
                              "was edited or damaged.")
         check_threshold(threshold, f"{path}: melanoma_threshold")
+    target = record.get("target_sensitivity")
+    if target is not None and not (number(target) and 0 < target <= 1):
+        raise InputError(f"{path}: target_sensitivity is {str(target)[:40]!r}, not a sensitivity in (0, 1]; the "
+                         f"{what} was edited or damaged.")
     temperature = record.get("temperature", 1.0)
     if isinstance(temperature, bool) or not isinstance(temperature, (int, float)) or not temperature > 0:
         raise InputError(f"{path}: temperature must be a positive number, not {str(temperature)[:40]!r}.")

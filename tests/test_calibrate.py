@@ -318,3 +318,14 @@ def test_a_carried_export_describing_another_decision_is_not_used_in_the_models_
     raw["model"]["temperature"] = 8.71
     (model / "litert" / "config.json").write_text(json.dumps(raw))
     assert shipped_export(model, "litert") is None
+
+
+def test_a_record_edited_to_values_infer_never_writes_is_refused_in_one_line(sets, model, tmp_path):
+    # calibrate read infer.json's tta, cls_views and weights_sha1 unchecked, as merge once did
+    pred, truth = sets["a"]
+    run = tmp_path / "run"
+    run.mkdir()
+    shutil.copy(pred, run / "predictions.csv")
+    (run / "infer.json").write_text(json.dumps({"temperature": 1.0, "tta": "8"}))
+    result = calibrate_cli(model, (run / "predictions.csv", truth), extra=["--dry-run"])
+    assert result.exit_code == 2 and "tta is '8', not what infer writes there" in " ".join(result.output.split())
