@@ -235,6 +235,42 @@ def training_dataset(data, cfg: ModelConfig, tcfg: TrainConfig, first_epoch: int
     return ds.map(shape).prefetch(4), steps
 
 
+#: set while `fit` runs on a BatchSequence: a process forked then is one of its batch workers
+_FORKING_BATCH_WORKERS = False
+
+
+def _batch_worker_signals() -> None:
+    """In a process forked while `fit` runs (a batch worker), from its first Python line on:
+    Ctrl-C, sent to the whole process group, is the main process's to handle once; SIGTERM, with
+    which the pool stops its workers at each epoch's end, stops it at once. A Python handler
+    inherited from the training process (the CLI's) runs only in the worker's main thread:
+    when the kernel hands the signal to another of its threads (the feeder of Keras's worker-id
+    queue) while the main thread waits on the pool's task lock, or the main thread is blocked in
+    C, the handler never runs, the worker lives on, and the pool's join waits for it forever (the
+    suite hung there once, in a worker that had been given no batch: `__getitem__` sets the same)."""
+    if _FORKING_BATCH_WORKERS:
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_batch_worker_signals)
+
+
+@contextlib.contextmanager
+def _forking_batch_workers(batches):
+    """The block in which `fit` forks `batches`' workers (a BatchSequence; nothing else)."""
+    global _FORKING_BATCH_WORKERS
+    if not isinstance(batches, BatchSequence):
+        yield
+        return
+    _FORKING_BATCH_WORKERS = True
+    try:
+        yield
+    finally:
+        _FORKING_BATCH_WORKERS = False
+
+
 class BatchSequence(keras.utils.PyDataset):
     """Batches (epoch, step) of epochs first .. end - 1 in order, item i being step i % steps of
     epoch first + i // steps, filled by `workers` processes (threads for one).
@@ -257,6 +293,7 @@ class BatchSequence(keras.utils.PyDataset):
         if os.getpid() != self._owner:
             # a worker process: Ctrl-C (sent to the whole process group) is for the main process to
             # handle once, keeping the last whole epoch, not for every worker to print a traceback
+            # (set at the fork already when `fit` forked it: _batch_worker_signals)
             signal.signal(signal.SIGINT, signal.SIG_IGN)
             signal.signal(signal.SIGTERM, signal.SIG_DFL)  # the pool stops its workers with SIGTERM
         x, y = self.source.batch(self.first + i // self.steps, i % self.steps)
@@ -619,8 +656,9 @@ def _train(cfg: ModelConfig, tcfg: TrainConfig, train_cache, val_cache, out_dir:
                 log(f"epochs {max(first, state['epoch']) + 1}-{end}: {side} px squares, the model's own")
             batches, steps = training_dataset(data, cfg, tcfg, first_epoch=max(first, state["epoch"]), end_epoch=end,
                                               workers=workers, replicas=replicas)
-            fit_model.fit(batches, epochs=end, initial_epoch=max(first, state["epoch"]), steps_per_epoch=steps,
-                          shuffle=False, verbose=1 if progress else 0, callbacks=callbacks)
+            with _forking_batch_workers(batches):
+                fit_model.fit(batches, epochs=end, initial_epoch=max(first, state["epoch"]), steps_per_epoch=steps,
+                              shuffle=False, verbose=1 if progress else 0, callbacks=callbacks)
     except BaseException:
         if not resume and not _committed(out_dir):
             undo_start(out_dir, created, before)  # no epoch was committed: nothing of this start is kept

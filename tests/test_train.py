@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
 import csv
 from dataclasses import replace
 import json
 import os
 import re
 import shutil
+import signal
 from pathlib import Path
 
 import numpy as np
@@ -240,6 +242,61 @@ def test_batch_workers_leave_ctrl_c_to_the_main_process(caches):
     before = signal.getsignal(signal.SIGINT)
     seq[0]
     assert signal.getsignal(signal.SIGINT) is before
+
+
+@pytest.mark.skipif(not hasattr(signal, "pthread_kill"), reason="needs fork and pthread_kill")
+def test_a_batch_worker_stops_on_sigterm_whichever_of_its_threads_takes_it(caches):
+    """A worker forked while fit runs dies on the pool's SIGTERM even when the kernel hands the
+    signal to another of its threads while its main thread waits on a lock: a Python handler
+    inherited from the training process (the CLI's) never runs then, and the pool's join waited
+    for that worker forever (the suite hung there once)."""
+    import multiprocessing
+
+    from dermtool import train as train_module
+    from dermtool.dataset import TrainingSet
+
+    seq, _ = train_module.training_dataset(TrainingSet([load_cache(caches)], [False]), tiny("seg"),
+                                           TrainConfig(batch_size=4, epochs=1), workers=2)
+    ctx = multiprocessing.get_context("fork")
+    lock = ctx.Lock()
+    lock.acquire()  # held: the worker's main thread waits on it, as on the pool's task lock
+    before = signal.getsignal(signal.SIGTERM)
+    signal.signal(signal.SIGTERM, lambda signum, frame: None)  # a handler in Python, as the CLI's
+    try:
+        with train_module._forking_batch_workers(seq):
+            worker = ctx.Process(target=_sigterm_to_another_thread, args=(lock,))
+            worker.start()
+        worker.join(20)
+        stopped = not worker.is_alive()
+        if not stopped:
+            worker.kill()
+            worker.join()
+        queue, seen = ctx.Queue(), []
+        for inside in (True, False):  # only forks while fit runs are batch workers
+            with train_module._forking_batch_workers(seq) if inside else contextlib.nullcontext():
+                other = ctx.Process(target=_signals_of_a_fork, args=(queue,))
+                other.start()
+            other.join(20)
+            seen.append(queue.get(timeout=5))
+    finally:
+        signal.signal(signal.SIGTERM, before)
+        lock.release()
+    assert stopped and worker.exitcode == -signal.SIGTERM
+    assert not train_module._FORKING_BATCH_WORKERS
+    assert seen == [(True, True), (False, False)]
+
+
+def _sigterm_to_another_thread(lock):
+    import threading
+
+    threading.Thread(target=lambda: signal.pthread_kill(threading.get_ident(), signal.SIGTERM)).start()
+    lock.acquire()
+
+
+def _signals_of_a_fork(queue):
+    import signal
+
+    queue.put((signal.getsignal(signal.SIGINT) == signal.SIG_IGN, signal.getsignal(signal.SIGTERM) == signal.SIG_DFL))
 
 
 def test_training_with_batch_workers_ends_on_the_same_weights(caches, tmp_path):
