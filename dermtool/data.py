@@ -346,7 +346,7 @@ class ItemResult:
 
 def _process_one(path: Path, mask_path: Path | None, size: int, fit: str, border: float,
                  margin: int, chain: str = "direct") -> ItemResult:
-    from dermtool.io import binarise_mask, is_label_map, is_zero_one, read_mask_values
+    from dermtool.io import binarise_mask, is_label_map, read_mask_values, two_valued_lesion
     from dermtool.preprocess import fit_mask, prepare
 
     item = ItemResult(image_id_of(path), str(path))
@@ -360,7 +360,7 @@ def _process_one(path: Path, mask_path: Path | None, size: int, fit: str, border
                 return item
             if raw.shape[:2] != (t.orig_h, t.orig_w):
                 item.mask_problem = "size"
-            elif is_zero_one(raw):
+            elif two_valued_lesion(raw) is not None:  # 0/1, 0/128 ...: the value is the lesion
                 item.mask_problem = "zero_one"
             elif not np.isin(raw, (0, 255)).all():
                 item.mask_problem = "nonbinary"
@@ -393,7 +393,8 @@ def _fingerprint(paths: list[Path], params: dict) -> str:
 _CHECKS = ("failed", "no_mask", "no_label", "labels_without_image", "mask_size_mismatch", "mask_zero_one",
            "mask_nonbinary", "mask_empty", "mask_label_map", "both_labels", "no_class_labels", "duplicate_ids")
 #: Changes when the way a mask is read changes, so that caches built the old way are rebuilt.
-_MASK_RULE = "0/1 masks as 0/1, label maps (largest value 2-8) kept without a mask, else > 128"
+_MASK_RULE = ("0 and one value v as v = lesion (the ISIC scorer's rule), label maps (more values, largest 2-8) "
+              "kept without a mask, else > 128")
 #: Likewise for the labels: a row of 0s (beside a nevus column) was once the argmax's melanoma.
 _LABEL_RULE = "a row of 0s names no class"
 

@@ -400,7 +400,9 @@ def _parse_row(
             )
         values[name] = value
     if "nevus" not in values:
-        values["nevus"] = max(0.0, 1.0 - values["melanoma"] - values["seborrheic_keratosis"])
+        # rounded: 1 - 0.45 - 0.10 is 0.45000000000000007 in floating point, which would turn an
+        # exact tie with melanoma (the earlier class wins it) into a nevus
+        values["nevus"] = max(0.0, round(1.0 - values["melanoma"] - values["seborrheic_keratosis"], 12))
     return image_id, np.array([values[name] for name in CLASS_NAMES], dtype=np.float64)
 
 
@@ -437,10 +439,25 @@ def read_mask(path: Path) -> np.ndarray:
     return binarise_mask(read_mask_values(path))
 
 
+def two_valued_lesion(values: np.ndarray) -> float | None:
+    """The lesion value v of a mask holding only 0 and v (or v alone: a lesion filling the
+    frame), v not 255; None for any other mask. The ISIC scorer reads such a "binary image with
+    a high value other than 255" as v = lesion: 0/1 (a common export) and 0/128 alike, which
+    > 128 would read as empty."""
+    if values.size == 0:
+        return None
+    high = values.max()
+    if high == 0 or high == 255:
+        return None
+    if values.min() != high and np.any((values != 0) & (values != high)):
+        return None
+    return float(high)
+
+
 def is_zero_one(values: np.ndarray) -> bool:
     """True for a mask stored as 0/1 (a common export): a lesion of 1s on 0, no other value; a
     mask of 1s only is a lesion that fills the frame."""
-    return values.size > 0 and int(values.max()) == 1
+    return two_valued_lesion(values) == 1.0
 
 
 #: a mask whose largest value is 2 to this is a label map (small class numbers), not a lesion mask
@@ -448,16 +465,20 @@ LABEL_MAP_MAX = 8
 
 
 def is_label_map(values: np.ndarray) -> bool:
-    """True for a label map (largest value 2 to LABEL_MAP_MAX): class numbers, not a lesion mask.
-    Binarising it at > 128 would read it as empty, so `score` refuses it and `preprocess` keeps
-    its image without a mask."""
-    return values.size > 0 and 1 < float(values.max()) <= LABEL_MAP_MAX
+    """True for a label map: more than two values, the largest 2 to LABEL_MAP_MAX (class numbers,
+    not a lesion mask). Binarising it at > 128 would read it as empty, so `score` refuses it and
+    `preprocess` keeps its image without a mask. Two values 0 and v are a lesion mask
+    (`two_valued_lesion`), as the ISIC scorer reads them."""
+    return (values.size > 0 and 1 < float(values.max()) <= LABEL_MAP_MAX
+            and two_valued_lesion(values) is None)
 
 
 def binarise_mask(values: np.ndarray) -> np.ndarray:
-    """Mask values -> boolean foreground: value > 128 (the ISIC rule), except that a 0/1 mask
-    (see `is_zero_one`) has foreground = 1, because > 128 would silently read it as empty."""
-    return values == 1 if is_zero_one(values) else values > MASK_THRESHOLD
+    """Mask values -> boolean foreground, as the ISIC scorer reads a mask: a mask of 0 and one
+    other value v has foreground = v (`two_valued_lesion`); any other, value > 128 (the ISIC
+    threshold, which also reads a soft or JPEG-damaged mask)."""
+    lesion = two_valued_lesion(values)
+    return values == lesion if lesion is not None else values > MASK_THRESHOLD
 
 
 def check_pixel_limit(path: Path, width: int, height: int) -> None:

@@ -214,14 +214,51 @@ def roc_curve(y_true_binary: np.ndarray, scores: np.ndarray) -> tuple[np.ndarray
     y_true, scores, n_pos, n_neg = _binary_inputs(y_true_binary, scores)
     if n_pos == 0 or n_neg == 0:
         return np.empty(0), np.empty(0), np.empty(0)
-    order = np.argsort(-scores, kind="stable")
-    sorted_scores, sorted_true = scores[order], y_true[order]
-    last_of_tie = np.r_[np.diff(sorted_scores) != 0, True]  # the curve only turns between scores
-    tp = np.cumsum(sorted_true)[last_of_tie]
-    fp = np.cumsum(~sorted_true)[last_of_tie]
+    tp, fp = _counts_at_thresholds(y_true, scores)  # the curve only turns between scores
     fpr = np.r_[0.0, fp / n_neg]
     tpr = np.r_[0.0, tp / n_pos]
-    return fpr, tpr, np.r_[np.inf, sorted_scores[last_of_tie]]
+    return fpr, tpr, np.r_[np.inf, np.unique(scores)[::-1]]
+
+
+def _counts_at_thresholds(y_true: np.ndarray, scores: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(true positives, false positives) when every case scoring >= each distinct score is
+    called positive, the scores taken from the highest down."""
+    order = np.argsort(-scores, kind="stable")
+    sorted_scores, sorted_true = scores[order], y_true[order]
+    last_of_tie = np.r_[np.diff(sorted_scores) != 0, True]
+    return np.cumsum(sorted_true)[last_of_tie], np.cumsum(~sorted_true)[last_of_tie]
+
+
+def average_precision(y_true_binary: np.ndarray, scores: np.ndarray) -> float:
+    """Average precision, as the ISIC scorer computes it (scikit-learn's `average_precision_score`):
+    the sum over distinct scores, highest first, of (recall gained) x (precision there); no
+    interpolation. nan when there is no positive case."""
+    y_true, scores, n_pos, _ = _binary_inputs(y_true_binary, scores)
+    if n_pos == 0:
+        return float("nan")
+    tp, fp = _counts_at_thresholds(y_true, scores)
+    recall_gained = np.diff(np.r_[0, tp]) / n_pos
+    return float(np.sum(recall_gained * tp / (tp + fp)))
+
+
+#: the sensitivities at which the ISIC 2017 challenge reported each class's specificity
+CHALLENGE_SENSITIVITIES = (0.82, 0.89, 0.95)
+
+
+def specificity_at_sensitivity(y_true_binary: np.ndarray, scores: np.ndarray, sensitivity: float) -> float:
+    """Specificity at the first point of the ROC curve whose sensitivity reaches `sensitivity`,
+    as the ISIC 2017 scorer found it: on scikit-learn's `roc_curve` with its default
+    drop_intermediate, which leaves out a point lying on the straight line, in equal steps,
+    between its neighbours; 0.0 when no point reaches it. nan when only one class is present."""
+    y_true, scores, n_pos, n_neg = _binary_inputs(y_true_binary, scores)
+    if n_pos == 0 or n_neg == 0:
+        return float("nan")
+    tp, fp = _counts_at_thresholds(y_true, scores)
+    if len(tp) > 2:
+        kept = np.r_[True, (np.diff(fp, 2) != 0) | (np.diff(tp, 2) != 0), True]
+        tp, fp = tp[kept], fp[kept]
+    reached = np.flatnonzero(tp / n_pos >= sensitivity)
+    return float(1.0 - fp[reached[0]] / n_neg) if reached.size else 0.0
 
 
 #: Bins of the expected calibration error (equal width on [0, 1], as in Guo et al. 2017).

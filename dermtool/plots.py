@@ -317,7 +317,7 @@ def _tables(result: dict[str, Any]) -> dict[str, Any]:
             ("empty truth masks (no lesion)", str(seg.get("n_empty_truth", 0)), ""),
         ]
         if seg.get("n_zero_one_masks"):  # as the terminal table shows it
-            tables["seg"].append(("masks stored as 0/1 (read as 1 = lesion)", str(seg["n_zero_one_masks"]), ""))
+            tables["seg"].append(("masks stored as 0/v, e.g. 0/1 (read as v = lesion)", str(seg["n_zero_one_masks"]), ""))
     if cls is not None:
         auc_ci = cls.get("auc_ci95") or {}
         tables["cls"] = {
@@ -330,10 +330,25 @@ def _tables(result: dict[str, Any]) -> dict[str, Any]:
             "confusion": cls["confusion"],
             "ece": cls.get("ece_note") or f"{_fmt(cls.get('ece'))} ({cls.get('ece_bins')} equal-width bins of the "
                                            "top probability)",
+            "challenge": _challenge_table(cls.get("challenge")),
             "decision": _decision_table(cls.get("decision")),
             "decision_note": cls.get("decision_note"),  # why the label column was not scored
         }
     return tables
+
+
+def _challenge_table(challenge: dict[str, dict] | None) -> dict[str, Any] | None:
+    """The ISIC 2017 scorer's figures (score.challenge_scores) as the terminal shows them."""
+    if not challenge:
+        return None
+    from dermtool.metrics import CHALLENGE_SENSITIVITIES
+
+    keys = ["accuracy", "sensitivity", "specificity", "average_precision",
+            *(f"spec_at_sens_{round(t * 100)}" for t in CHALLENGE_SENSITIVITIES), "auc"]
+    header = ["class", "ACC", "SE", "SP", "AP", *(f"SP@{round(t * 100)}" for t in CHALLENGE_SENSITIVITIES), "AUC"]
+    return {"header": header,
+            "rows": [(DISPLAY_NAMES.get(name, name), *(_fmt(figures[k]) for k in keys))
+                     for name, figures in challenge.items()]}
 
 
 def _decision_table(decision: dict[str, Any] | None) -> dict[str, Any] | None:

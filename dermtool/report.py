@@ -18,10 +18,10 @@ CHECK_TITLES = {
     "no_label": "images without a label",
     "labels_without_image": "label ids without an image",
     "mask_size_mismatch": "mask size differs from its image (rescaled)",
-    "mask_zero_one": "mask stored as 0/1 (read as 1 = lesion)",
+    "mask_zero_one": "mask stored as 0 and one value v other than 255, e.g. 0/1 (read as v = lesion)",
     "mask_nonbinary": "mask not binary (binarised at > 128)",
     "mask_empty": "mask empty after binarising at > 128",
-    "mask_label_map": "mask is a label map (largest value 2-8; image kept without a mask)",
+    "mask_label_map": "mask is a label map (three values or more, largest 2-8; image kept without a mask)",
     "both_labels": "label rows with melanoma = seborrheic_keratosis = 1 (counted as melanoma)",
     "no_class_labels": "label rows with every class 0 beside a nevus column (left without a class)",
 }

@@ -43,7 +43,9 @@ def score(
 
     Returns:
         {"segmentation": dict | None, "classification": dict | None,
-         "mean_performance": (JAC + BACC) / 2 or None, "bootstrap": dict | None}.
+         "mean_performance": (JAC + BACC) / 2 or None (also None when the truth masks and the
+         truth CSV share no image), "mean_performance_note": why not, or that the two halves
+         cover different images, else None, "bootstrap": dict | None}.
 
     Raises:
         InputError: any bad input, with one sentence naming the file.
@@ -71,15 +73,25 @@ def score(
     segmentation = None
     if pred_masks is not None:
         segmentation = score_segmentation(pred_masks, truth_masks, bootstrap=bootstrap, seed=seed)
-    mean_performance = None
+    mean_performance, mean_note = None, None
     if classification is not None and segmentation is not None:
-        # Thesis eq. 11: one number for the joint task.
-        mean_performance = (segmentation["jac"] + classification["bacc"]) / 2.0
+        seg_ids, cls_ids = set(segmentation["per_image"]), set(classification["per_image"])
+        common = seg_ids & cls_ids
+        if not common:
+            mean_note = (f"no mean performance: the {len(seg_ids)} truth masks and the {len(cls_ids)} rows of the "
+                         "truth CSV name no image in common")
+        else:
+            # Thesis eq. 11: one number for the joint task.
+            mean_performance = (segmentation["jac"] + classification["bacc"]) / 2.0
+            if seg_ids != cls_ids:
+                mean_note = (f"the mean performance joins two image sets: JAC of {len(seg_ids)} images (truth masks), "
+                             f"BACC of {len(cls_ids)} (truth CSV), {len(common)} of them in both")
     return _plain(
         {
             "segmentation": segmentation,
             "classification": classification,
             "mean_performance": mean_performance,
+            "mean_performance_note": mean_note,
             "bootstrap": {"n_resamples": bootstrap, "seed": seed} if bootstrap else None,
         }
     )
@@ -129,6 +141,7 @@ def score_classification(
         "decision": None,
         "decision_note": None,
     }
+    result["challenge"] = challenge_scores(y_true, pred_probs)
     off = np.abs(pred_probs.sum(axis=1) - 1.0) > SUM_TOLERANCE
     if off.any():  # scores, not probabilities (ISIC accepts them): a calibration error means nothing
         result["ece_note"] = (f"ECE not computed: the three class values of {int(off.sum())} row(s) do not sum to 1 "
@@ -155,6 +168,47 @@ def score_classification(
             seed=seed,
         )
     return result
+
+
+#: the probability above which the ISIC 2017 scorer called an image a class, column by column
+CHALLENGE_CUT = 0.5
+
+
+def challenge_scores(y_true: np.ndarray, pred_probs: np.ndarray) -> dict[str, dict]:
+    """The ISIC 2017 Part 3 scorer's figures: melanoma and seborrheic keratosis each alone, on
+    its own probability column, and their mean.
+
+    Each class is called where its probability is > 0.5 (not the argmax, so an image may be
+    called both or neither): accuracy, sensitivity (None without a true case), specificity (None
+    when every case is true); then, from the probabilities, average precision, specificity at
+    sensitivity 0.82, 0.89 and 0.95 (`metrics.specificity_at_sensitivity`) and ROC AUC.
+    """
+    out: dict[str, dict] = {}
+    for k, name in enumerate(CLASS_NAMES[:2]):
+        truth, called = y_true == k, pred_probs[:, k] > CHALLENGE_CUT
+        tp, fn = int(np.sum(truth & called)), int(np.sum(truth & ~called))
+        fp, tn = int(np.sum(~truth & called)), int(np.sum(~truth & ~called))
+        figures = {
+            "accuracy": (tp + tn) / len(truth),
+            "sensitivity": tp / (tp + fn) if tp + fn else None,
+            "specificity": tn / (tn + fp) if tn + fp else None,
+            "average_precision": metrics.average_precision(truth, pred_probs[:, k]),
+        }
+        for target in metrics.CHALLENGE_SENSITIVITIES:
+            figures[f"spec_at_sens_{round(target * 100)}"] = metrics.specificity_at_sensitivity(
+                truth, pred_probs[:, k], target)
+        figures["auc"] = metrics.roc_auc(truth, pred_probs[:, k])
+        out[name] = figures
+    both = out.values()
+    out["mean"] = {key: _mean_or_none([figures[key] for figures in both]) for key in out[CLASS_NAMES[0]]}
+    return out
+
+
+def _mean_or_none(values: list) -> float | None:
+    """The mean of numbers, None when one of them is undefined (None or nan)."""
+    if any(v is None or math.isnan(v) for v in values):
+        return None
+    return float(np.mean(values))
 
 
 def decision_scores(pred_csv: Path, ids: list[str], y_true: np.ndarray, y_argmax: np.ndarray) -> dict | None:
@@ -203,9 +257,10 @@ def score_segmentation(
     truth masks with no lesion are counted in `n_empty_truth` (they score 1 only when the
     prediction is empty too, so many of them flatter or sink JAC: the count says which);
     a prediction of another size than its truth mask is an error (never a silent resize).
-    Masks stored as 0/1 are read with foreground = 1 (`io.binarise_mask`; 1s only: a lesion
-    filling the frame) and counted in `n_zero_one_masks`, truth and predictions together; a
-    label map (`io.is_label_map`) is refused.
+    Masks stored as 0 and one value v other than 255 (0/1, 0/128 ...) are read with foreground
+    = v, as the ISIC scorer reads them (`io.binarise_mask`; v only: a lesion filling the frame),
+    and counted in `n_zero_one_masks`, truth and predictions together; a label map
+    (`io.is_label_map`) is refused, and so is a predicted folder with no mask of a truth image.
     """
     for folder, role in ((pred_masks, "predicted"), (truth_masks, "truth")):
         if not Path(folder).is_dir():
@@ -215,6 +270,17 @@ def score_segmentation(
     if not truth_paths:
         raise InputError(
             f"The truth mask folder {truth_masks} has no files named <image_id>{io.MASK_SUFFIX}."
+        )
+    if not pred_paths:
+        raise InputError(
+            f"The predicted mask folder {pred_masks} has no files named <image_id>{io.MASK_SUFFIX} "
+            "(the names dermtool infer writes); is it the right folder?"
+        )
+    if not pred_paths.keys() & truth_paths.keys():
+        raise InputError(
+            f"None of the {len(pred_paths)} predicted masks in {pred_masks} names an image of the "
+            f"{len(truth_paths)} truth masks in {truth_masks} (e.g. {list(pred_paths)[0]} "
+            f"against {list(truth_paths)[0]}); is it the right folder?"
         )
     jacs, dices = [], []
     n_missing = n_empty_pred = n_empty_truth = n_zero_one = 0
@@ -270,13 +336,14 @@ def mask_ids_as_read(masks: dict[str, Path], folder: Path) -> dict[str, Path]:
 
 
 def _read_mask(path: Path) -> tuple[np.ndarray, bool]:
-    """A mask as booleans, and whether it was stored as 0/1."""
+    """A mask as booleans, and whether it was stored as 0 and one value v other than 255 (0/1,
+    0/128 ...: v = lesion, as the ISIC scorer reads it)."""
     values = io.read_mask_values(path)
     if io.is_label_map(values):
         found = ", ".join(f"{v:g}" for v in np.unique(values)[:6])
         raise InputError(f"The mask file {path} has the values {found}: a label map, not a lesion mask "
-                         "(0 and 255, or 0 and 1); > 128 would read it as empty.")
-    return io.binarise_mask(values), io.is_zero_one(values)
+                         "(0 and 255, or 0 and one other value); > 128 would read it as empty.")
+    return io.binarise_mask(values), io.two_valued_lesion(values) is not None
 
 
 def _check_same_size(pred: np.ndarray, truth: np.ndarray, pred_path: Path, truth_path: Path) -> None:
@@ -332,12 +399,14 @@ def render(result: dict[str, Any], console) -> None:
         table.add_row("empty predictions, lesion in truth", str(seg["n_empty_pred"]), "")
         table.add_row("empty truth masks (no lesion)", str(seg["n_empty_truth"]), "")
         if seg["n_zero_one_masks"]:
-            table.add_row("masks stored as 0/1 (read as 1 = lesion)", str(seg["n_zero_one_masks"]), "")
+            table.add_row("masks stored as 0/v, e.g. 0/1 (read as v = lesion)", str(seg["n_zero_one_masks"]), "")
         console.print(table)
     if cls is not None:
         _render_classification(cls, console)
     if result["mean_performance"] is not None:
         console.print(f"mean performance (JAC + BACC) / 2 = {_fmt(result['mean_performance'])}")
+    if result.get("mean_performance_note"):
+        console.print(f"note: {result['mean_performance_note']}", highlight=False, markup=False, soft_wrap=True)
 
 
 def _render_classification(cls: dict[str, Any], console) -> None:
@@ -360,6 +429,8 @@ def _render_classification(cls: dict[str, Any], console) -> None:
     for name, row in zip(cls["classes"], cls["confusion"]):
         confusion.add_row(_SHORT_NAMES.get(name, name), *map(str, row))
     console.print(confusion)
+    if cls.get("challenge"):
+        _render_challenge(cls["challenge"], console)
     if cls.get("ece_note"):
         console.print(cls["ece_note"], highlight=False, markup=False, soft_wrap=True)
     else:
@@ -370,6 +441,21 @@ def _render_classification(cls: dict[str, Any], console) -> None:
         _render_decision(decision, console)
     elif cls.get("decision_note"):
         console.print(f"note: {cls['decision_note']}", highlight=False, soft_wrap=True, markup=False)
+
+
+def _render_challenge(challenge: dict[str, dict], console) -> None:
+    """The ISIC 2017 scorer's figures (each class on its own column, called at > 0.5)."""
+    table = Table(title="ISIC 2017 challenge figures (each class alone, called at p > 0.5)", title_justify="left")
+    columns = {"ACC": "accuracy", "SE": "sensitivity", "SP": "specificity", "AP": "average_precision"}
+    columns.update({f"SP@{round(t * 100)}": f"spec_at_sens_{round(t * 100)}" for t in metrics.CHALLENGE_SENSITIVITIES})
+    columns["AUC"] = "auc"
+    table.add_column("class")
+    for column in columns:
+        table.add_column(column, justify="right")
+    for name, figures in challenge.items():
+        # three digits: nine columns in an 80-column terminal
+        table.add_row({"seborrheic_keratosis": "seb. ker."}.get(name, name), *(_fmt(figures[key], 3) for key in columns.values()))
+    console.print(table)
 
 
 def _render_decision(decision: dict[str, Any], console) -> None:

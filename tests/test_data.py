@@ -208,9 +208,14 @@ def messy(tmp_path_factory, synthetic_dataset):
     # 6: a 0/1-valued mask, which binarising at > 128 empties
     one = (np.asarray(Image.open(masks / "SYN_0000006_segmentation.png")) > 128).astype(np.uint8)
     Image.fromarray(one).save(masks / "SYN_0000006_segmentation.png")
-    # 7: a label map (class 2 on 0), which binarising at > 128 would read as empty
-    two = (np.asarray(Image.open(masks / "SYN_0000007_segmentation.png")) > 128).astype(np.uint8) * 2
-    Image.fromarray(two).save(masks / "SYN_0000007_segmentation.png")
+    # 7: a label map (classes 1 and 2 on 0), which binarising at > 128 would read as empty
+    lesion = np.asarray(Image.open(masks / "SYN_0000007_segmentation.png")) > 128
+    labels = lesion.astype(np.uint8) * 2
+    labels[:, ::2][lesion[:, ::2]] = 1
+    Image.fromarray(labels).save(masks / "SYN_0000007_segmentation.png")
+    # 10: a 0/128 mask, which the ISIC scorer reads as 128 = lesion and > 128 would empty
+    half = (np.asarray(Image.open(masks / "SYN_0000010_segmentation.png")) > 128).astype(np.uint8) * 128
+    Image.fromarray(half).save(masks / "SYN_0000010_segmentation.png")
     # 2: no mask; 3: no label row; 5: melanoma and seborrheic keratosis both 1
     (masks / "SYN_0000002_segmentation.png").unlink()
     rows = [r for r in csv.reader(open(root / "labels.csv"))][1:]
@@ -241,13 +246,15 @@ def test_check_non_binary_mask_is_binarised_above_128(messy):
 
 
 def test_check_zero_one_mask_is_read_as_binary_and_reported(messy):
+    """0/1 and 0/128 masks: two values, the other than 0 the lesion (the ISIC scorer's rule)."""
     root, out, report = messy
-    assert report.mask_zero_one == ["SYN_0000006"] and report.mask_empty == []
+    assert report.mask_zero_one == ["SYN_0000006", "SYN_0000010"] and report.mask_empty == []
     assert report.mask_nonbinary == ["SYN_0000001"]
-    ones = np.asarray(Image.open(root / "masks" / "SYN_0000006_segmentation.png")) == 1
     cache = load_cache(out)
-    i = cache_index(out, "SYN_0000006")
-    assert cache.masks[i].any() and np.array_equal(cache.masks[i], fit_mask(ones, cache.transforms[i]))
+    for image_id, value in (("SYN_0000006", 1), ("SYN_0000010", 128)):
+        lesion = np.asarray(Image.open(root / "masks" / f"{image_id}_segmentation.png")) == value
+        i = cache_index(out, image_id)
+        assert cache.masks[i].any() and np.array_equal(cache.masks[i], fit_mask(lesion, cache.transforms[i]))
 
 
 def test_check_label_map_mask_keeps_its_image_without_a_mask(messy):
@@ -292,7 +299,9 @@ def test_check_unreadable_files_are_skipped_and_the_rest_cached(messy):
     assert report.n_images == len(cache) == 10
     assert cache.ids == [i for i in _ids(12) if i not in ("SYN_0000008", "SYN_0000009")]
     assert cache.images.shape[0] == cache.masks.shape[0] == 10
-    assert report.problems == 11
+    # 2 unreadable, 1 each of size, grey levels, no mask, no label, both labels, label ids without
+    # an image, label map and duplicate id, and the two 0/v masks
+    assert report.problems == 12
 
 
 def test_entries_and_names_the_cache_cannot_take_are_named_not_passed_over(synthetic_copy, tmp_path):

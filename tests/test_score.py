@@ -603,3 +603,113 @@ def test_a_json_file_that_cannot_be_written_is_one_line(hand_case, case, monkeyp
     else:  # refused before any scoring
         assert message.startswith(f"error: {json_path}: is a folder; --json names the file to write")
     assert [p.name for p in hand_case["dir"].iterdir() if p.name.startswith(".")] == []
+
+
+# --- the ISIC 2017 scorer's own figures ------------------------------------------------------
+
+#: six images: truth classes and (melanoma, seborrheic_keratosis) predictions, worked by hand below
+CHALLENGE_TRUTH = ["melanoma", "melanoma", "seborrheic_keratosis", "nevus", "nevus", "nevus"]
+CHALLENGE_PRED = [(0.6, 0.1), (0.4, 0.45), (0.55, 0.3), (0.2, 0.7), (0.5, 0.0), (0.1, 0.2)]
+
+
+def test_challenge_figures_call_each_class_alone_above_one_half(tmp_path):
+    """ISIC 2017 Part 3: each class on its own column, called at p > 0.5 (0.5 itself is not).
+
+    melanoma: called A, C -> TP 1 FN 1 FP 1 TN 3: ACC 4/6, SE 1/2, SP 3/4. Ranked .6+ .55 .5 .4+
+    .2 .1: AP = 1/2 * 1 + 1/2 * 2/4 = 3/4; SE >= 0.82 first at .4 (2 of 4 negatives above):
+    SP 1/2 at 82, 89 and 95; AUC: .6 beats 4 negatives, .4 beats 2 -> 6/8.
+    seborrheic keratosis: called D only -> TP 0 FN 1 FP 1 TN 4: ACC 4/6, SE 0, SP 4/5. C (.3)
+    ranks third: AP 1/3, SP 3/5 at each sensitivity, AUC 3/5.
+    """
+    ids = [f"ISIC_{k:07d}" for k in range(6)]
+    truth = write_csv(tmp_path / "truth.csv", list(io.REQUIRED_COLUMNS),
+                      [[i, float(c == "melanoma"), float(c == "seborrheic_keratosis")] for i, c in zip(ids, CHALLENGE_TRUTH)])
+    pred = write_csv(tmp_path / "pred.csv", list(io.REQUIRED_COLUMNS), [[i, *p] for i, p in zip(ids, CHALLENGE_PRED)])
+    challenge = score(pred, truth)["classification"]["challenge"]
+    melanoma = {"accuracy": 4 / 6, "sensitivity": 1 / 2, "specificity": 3 / 4, "average_precision": 3 / 4,
+                "spec_at_sens_82": 1 / 2, "spec_at_sens_89": 1 / 2, "spec_at_sens_95": 1 / 2, "auc": 6 / 8}
+    keratosis = {"accuracy": 4 / 6, "sensitivity": 0.0, "specificity": 4 / 5, "average_precision": 1 / 3,
+                 "spec_at_sens_82": 3 / 5, "spec_at_sens_89": 3 / 5, "spec_at_sens_95": 3 / 5, "auc": 3 / 5}
+    assert challenge["melanoma"] == pytest.approx(melanoma)
+    assert challenge["seborrheic_keratosis"] == pytest.approx(keratosis)
+    assert challenge["mean"] == pytest.approx({k: (melanoma[k] + keratosis[k]) / 2 for k in melanoma})
+    shown = run_score({"pred": pred, "truth": truth}, masks=False)
+    assert shown.exit_code == 0, shown.output
+    assert "ISIC 2017 challenge figures" in shown.output and "0.7500" in shown.output
+
+
+def test_specificity_at_sensitivity_skips_points_in_equal_steps_as_the_isic_scorer():
+    """Each score holds one positive and one negative: (1,1), (2,2), (3,3) lie in equal steps, and
+    the scorer's ROC curve (drop_intermediate) keeps only the ends. Sensitivity 1/2 is first
+    reached at (3,3) there: specificity 0, where the middle point would have given 1/3."""
+    from dermtool import metrics
+
+    truth, scores = [1, 0, 1, 0, 1, 0], [1.0, 1.0, 0.5, 0.5, 0.0, 0.0]
+    assert metrics.specificity_at_sensitivity(truth, scores, 0.5) == 0.0
+    assert metrics.specificity_at_sensitivity(truth, scores, 0.3) == pytest.approx(2 / 3)
+    assert metrics.specificity_at_sensitivity([0, 0, 1], [0.1, 0.2, 0.3], 0.95) == 1.0
+    assert math.isnan(metrics.specificity_at_sensitivity([1, 1], [0.1, 0.2], 0.5))
+    # precision 1/2 at recall 1/3, 2/4 at 2/3, 3/6 at 1: AP 1/2
+    assert metrics.average_precision(truth, scores) == pytest.approx(1 / 2)
+
+
+def test_a_two_column_tie_goes_to_the_earlier_class_whatever_the_float_subtraction(tmp_path):
+    """Without a nevus column nevus = 1 - m - s: 1 - 0.45 - 0.10 is 0.45000000000000007 in floating
+    point, which once made the melanoma tie a nevus (and 1 - 0.18 - 0.41 beat keratosis)."""
+    ids = ["ISIC_0000000", "ISIC_0000001", "ISIC_0000002"]
+    truth = write_csv(tmp_path / "truth.csv", list(io.REQUIRED_COLUMNS),
+                      [[ids[0], 1.0, 0.0], [ids[1], 0.0, 1.0], [ids[2], 0.0, 0.0]])
+    pred = write_csv(tmp_path / "pred.csv", list(io.REQUIRED_COLUMNS),
+                     [[ids[0], "0.45", "0.10"], [ids[1], "0.18", "0.41"], [ids[2], "0.2", "0.3"]])
+    per_image = score(pred, truth)["classification"]["per_image"]
+    assert [per_image[i]["pred"] for i in ids] == ["melanoma", "seborrheic_keratosis", "nevus"]
+
+
+@pytest.mark.parametrize("value", [1, 2, 100, 128])
+def test_a_mask_of_zero_and_one_other_value_is_that_value_as_lesion(tmp_path, value):
+    """The ISIC scorer reads a "binary image with a high value other than 255" as that value =
+    lesion; > 128 once read 0/100 and 0/128 as empty (JAC 0, exit 0) and refused 0/2."""
+    truth_dir, pred_dir = tmp_path / "truth", tmp_path / "pred"
+    truth_dir.mkdir()
+    pred_dir.mkdir()
+    truth = np.zeros((4, 4), bool)
+    truth[:2] = True  # 8 pixels
+    pred = np.zeros((4, 4), np.uint8)
+    pred[1:3] = value  # 8 pixels, 4 shared: JAC 4 / 12
+    write_mask(truth_dir / "X_segmentation.png", truth)
+    Image.fromarray(pred).save(pred_dir / "X_segmentation.png")
+    seg = score(None, None, pred_dir, truth_dir)["segmentation"]
+    assert seg["per_image"] == {"X": pytest.approx(4 / 12)} and seg["n_zero_one_masks"] == 1
+    assert io.is_label_map(np.array([[0, 1], [2, 0]], np.uint8)) and not io.is_label_map(pred)
+
+
+def test_a_prediction_folder_naming_no_truth_image_is_refused(hand_case):
+    """An empty folder, or one of other names (the ISIC submission's _segmentation_prediction.png),
+    once scored JAC 0.0000 with exit 0: almost always the wrong folder."""
+    for mask in hand_case["pred_masks"].iterdir():
+        mask.rename(mask.with_name(mask.name.replace("_segmentation", "_segmentation_prediction")))
+    result = run_score(hand_case)
+    assert result.exit_code == 2 and "has no files named <image_id>_segmentation.png" in result.output
+    for mask in hand_case["pred_masks"].iterdir():
+        mask.rename(mask.with_name("OTHER" + mask.name.replace("_segmentation_prediction", "_segmentation")))
+    result = run_score(hand_case)
+    assert result.exit_code == 2 and "None of the 4 predicted masks" in result.output
+
+
+def test_mean_performance_needs_images_in_common_and_names_differing_sets(hand_case, tmp_path):
+    both = score(hand_case["pred"], hand_case["truth"], hand_case["pred_masks"], hand_case["truth_masks"])
+    seg, cls = both["segmentation"], both["classification"]
+    assert both["mean_performance"] == pytest.approx((seg["jac"] + cls["bacc"]) / 2)
+    assert both["mean_performance_note"] == (
+        f"the mean performance joins two image sets: JAC of 4 images (truth masks), BACC of {len(IDS)} "
+        "(truth CSV), 4 of them in both")
+    other = tmp_path / "other_truth_masks"
+    other.mkdir()
+    for name in ("pred_masks", "truth_masks"):  # masks of images the CSVs do not name
+        for mask in hand_case[name].glob("*_segmentation.png"):
+            mask.rename(mask.with_name("OTHER_" + mask.name))
+    apart = score(hand_case["pred"], hand_case["truth"], hand_case["pred_masks"], hand_case["truth_masks"])
+    assert apart["mean_performance"] is None and "name no image in common" in apart["mean_performance_note"]
+    result = run_score(hand_case)
+    assert result.exit_code == 0 and "mean performance (JAC" not in result.output
+    assert "name no image in common" in result.output
