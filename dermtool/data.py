@@ -43,12 +43,10 @@ def unique_ids(paths: list[Path]) -> tuple[list[Path], list[tuple[Path, Path]]]:
         differ only in Unicode normal form (é as one character or as e + accent, as macOS
         writes it): they look alike in every CSV and would be told apart by bytes only.
     """
-    import unicodedata
-
     by_id: dict[str, Path] = {}
     skipped = []
     for p in paths:
-        first = by_id.setdefault(unicodedata.normalize("NFC", image_id_of(p)), p)
+        first = by_id.setdefault(id_key(image_id_of(p)), p)
         if first is not p:
             skipped.append((p, first))
     return list(by_id.values()), skipped
@@ -439,14 +437,24 @@ class CacheReport:
             setattr(self, n, [tuple(i) if isinstance(i, list) else i for i in items])
 
 
+def id_key(image_id: str) -> str:
+    """An id as ids are compared: in Unicode's composed form (NFC), so that é typed as one
+    character and é as e + accent (as macOS writes names) are one id, as `unique_ids` counts them."""
+    import unicodedata
+
+    return unicodedata.normalize("NFC", image_id)
+
+
 def keep_ids(paths: list[Path], labels: dict, ids: list[str], folder: Path) -> tuple[list[Path], dict]:
-    """Only the images (and label rows) of an id list; an id with no image is an error."""
-    keep = set(ids)
-    missing = sorted(keep - {image_id_of(p) for p in paths})
+    """Only the images (and label rows) of an id list, matched by `id_key`; an id with no image
+    is an error."""
+    keep = {id_key(i) for i in ids}
+    missing = sorted(keep - {id_key(image_id_of(p)) for p in paths})
     if missing:
         raise InputError(f"{len(missing)} id(s) of the id list (--ids) have no image in {folder} "
                          f"(e.g. {', '.join(missing[:3])}).")
-    return [p for p in paths if image_id_of(p) in keep], {k: v for k, v in labels.items() if k in keep}
+    return ([p for p in paths if id_key(image_id_of(p)) in keep],
+            {k: v for k, v in labels.items() if id_key(k) in keep})
 
 
 def build_cache(layout: Layout, out: Path, size: int = 256, fit: str = "squash", border: float = 0.0,

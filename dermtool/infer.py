@@ -26,7 +26,7 @@ import numpy as np
 from dermtool import CLASS_NAMES
 from dermtool.augment import dihedral, undo_dihedral
 from dermtool.config import CLS_VIEWS, ModelConfig, check_cls_views
-from dermtool.data import find_images, image_id_of, keep_ids, not_files, unique_ids
+from dermtool.data import find_images, id_key, image_id_of, keep_ids, not_files, unique_ids
 from dermtool.decision import apply_temperature, check_threshold, decide
 from dermtool.errors import InputError, disk_full, unreadable, write_failure
 from dermtool.io import (claim, formula_name, encode_mask_png, first_few, open_append, read_csv_rows, read_json,
@@ -124,8 +124,9 @@ def unusable_entries(images_dir: Path, shard: tuple[int, int] = (1, 1), ids=None
     `images`: the folder's `find_images`, when the caller has listed it already."""
     named = [(p, formula_name(p, "predictions.csv")) for p in (find_images(images_dir) if images is None else images)]
     found = not_files(images_dir) + [(p, why) for p, why in named if why]
+    keys = None if ids is None else {id_key(i) for i in ids}
     return sorted(((p, why) for p, why in found
-                   if (ids is None or p.stem in ids) and shard_of(image_id_of(p), shard[1]) == shard[0]),
+                   if (keys is None or id_key(p.stem) in keys) and shard_of(image_id_of(p), shard[1]) == shard[0]),
                   key=lambda entry: entry[0].name)
 
 
@@ -352,6 +353,66 @@ def predict_folder(images_dir: Path, out_dir: Path, model_dir: Path | None = Non
 
     `progress`: True, a bar; False, none; a number of seconds, a line through `log` that often.
     """
+    held: list = []  # the run's lock on its folder (_lock_folder): let go when the run ends, however it ends
+    try:
+        return _predict_folder(images_dir, out_dir, model_dir, opts, progress, log, held)
+    finally:
+        for path, lock in held:  # removed while still held: a run that opens it then retries on a new one
+            with contextlib.suppress(OSError):
+                os.unlink(path)
+            lock.close()
+
+
+def _lock_folder(out_dir: Path, shard: tuple[int, int]):
+    """An exclusive lock on writing `out_dir` as this run (a shard locks only its own part): (its
+    path, the open file), the file removed at the run's end while still held. A second
+    run into the folder at once is refused, where it once mixed its masks with the first's and
+    deleted the first's partial CSV. The lock is the kernel's (flock), so a killed run holds none
+    (its file is left, and taken by the next run). None where the system or the file system has
+    no such locks."""
+    try:
+        import fcntl
+    except ImportError:  # Windows
+        return None
+    path = out_dir / f".{record_name(shard)}.lock"
+    for _ in range(3):
+        if path.is_symlink() or (path.exists() and not path.is_file()):
+            raise InputError(f"{path}: is a link, a folder or another special file where infer keeps its lock; remove "
+                             "it, then run again.")
+        lock = os.fdopen(os.open(path, os.O_RDWR | os.O_CREAT | getattr(os, "O_NOFOLLOW", 0), 0o644), "r+")
+        try:
+            fcntl.flock(lock.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            lock.close()
+            raise InputError(f"{out_dir}: another dermtool infer is writing this folder now (it holds {path.name}); "
+                             "wait for it to end, or write to another --out.") from None
+        except OSError:  # a file system without locks (some network mounts): the run goes on unlocked
+            lock.close()
+            return None
+        try:
+            if os.stat(path, follow_symlinks=False).st_ino == os.fstat(lock.fileno()).st_ino:
+                return path, lock
+        except FileNotFoundError:
+            pass
+        lock.close()  # the run that held it removed it as this one opened it: take the new one
+    raise InputError(f"{out_dir}: could not take the lock {path.name}; other runs keep writing this folder.")
+
+
+def _foreign_masks(out_dir: Path, paths: list[Path], shard: tuple[int, int]) -> list[str]:
+    """Masks in `out_dir` named like this run's outputs that no dermtool infer wrote: a folder
+    with no infer record and no predictions CSV of this run's part (a folder of truth masks,
+    say), which the run would silently replace."""
+    if not out_dir.is_dir() or any(os.path.lexists(out_dir / name) for name in
+                                   (record_name(shard), "infer.json", predictions_name(shard), "predictions.csv")):
+        return []
+    if any(out_dir.glob("infer.shard*of*.json")):  # another part's: a folder shards write together
+        return []
+    there = set(os.listdir(out_dir))  # listed once: a run may hold 100,000 images
+    return [name for name in (f"{image_id_of(p)}{MASK_SUFFIX}" for p in paths) if name in there]
+
+
+def _predict_folder(images_dir: Path, out_dir: Path, model_dir: Path | None, opts: InferOptions,
+                    progress: bool | float, log, held: list) -> InferSummary:
     started = time.perf_counter()
     if not isinstance(opts, InferOptions):
         raise InputError(f"opts must be an InferOptions, not {type(opts).__name__}.")
@@ -376,6 +437,11 @@ def predict_folder(images_dir: Path, out_dir: Path, model_dir: Path | None = Non
     unusable = unusable_entries(images_dir, opts.shard, None if opts.ids is None else set(opts.ids), listing)
     named = {p for p, _ in unusable}
     paths = [p for p in paths if p not in named]
+    foreign = _foreign_masks(out_dir, paths, opts.shard)
+    if foreign:
+        raise InputError(f"{out_dir}: holds {len(foreign)} mask(s) named as this run's outputs that no dermtool infer "
+                         f"wrote ({first_few(foreign)}), truth masks perhaps; the run would replace them, so write to "
+                         "another --out.")
     if opts.melanoma_threshold is not None:
         opts = replace(opts, melanoma_threshold=check_threshold(opts.melanoma_threshold))
     model = load_engine(model_dir, opts.engine, log=log)
@@ -428,7 +494,10 @@ def predict_folder(images_dir: Path, out_dir: Path, model_dir: Path | None = Non
     if changed:
         log(f"note: {len(changed)} image(s) changed since the earlier run ({first_few([p.name for p in changed])}); "
             "doing them again")
-        for p in changed:  # the old file's outputs go: a redo that fails must not leave them standing
+    if opts.resume:
+        # the earlier outputs of an image done again go (changed, or an output deleted): a redo that
+        # fails must not leave its old row, or any of its files, standing
+        for p in [p for p in todo if image_id_of(p) in rows or p in redo]:
             rows.pop(image_id_of(p), None)
             sources.pop(image_id_of(p), None)
             for suffix in OUTPUT_SUFFIXES:
@@ -455,6 +524,9 @@ def predict_folder(images_dir: Path, out_dir: Path, model_dir: Path | None = Non
             log(f"note: {out_dir} holds {len(left)} mask(s) of images not in this run ({first_few(left)}), left by an "
                 "earlier run; predictions.csv lists only this run's images, so write to a fresh --out to keep them apart")
     out_dir.mkdir(parents=True, exist_ok=True)
+    lock = _lock_folder(out_dir, opts.shard)
+    if lock is not None:
+        held.append(lock)
     # temporary files a killed run left, of the outputs this run writes again
     remove_stale_temps(out_dir, {f"{image_id_of(p)}{suffix}" for p in todo for suffix in OUTPUT_SUFFIXES}
                        | {csv_path.name, sources_path.name, record_name(opts.shard)})

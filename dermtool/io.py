@@ -18,6 +18,7 @@ import os
 import re
 import shutil
 import struct
+import unicodedata
 import warnings
 import zlib
 from contextlib import contextmanager
@@ -75,7 +76,7 @@ def formula_name(path: Path, csv_name: str) -> str:
     if path.stem != path.stem.strip():  # CSV readers strip it: " a" and "a" would be one image to score
         return (f"{str(path)!r}: its name starts or ends with a space, which CSV readers strip, so {csv_name} could not "
                 "tell it from the name without; rename the file.")
-    if any(ord(c) < 32 or ord(c) == 127 for c in path.stem):
+    if any(unicodedata.category(c) in ("Cc", "Zl", "Zp") for c in path.stem):  # every break splitlines() makes
         return (f"{str(path)!r}: its name holds a line break or another control character, which would break its row of "
                 f"{csv_name}; rename the file.")
     if size > MAX_ID_BYTES:

@@ -34,8 +34,10 @@ def render(template: str, **context) -> str:
 
 
 def write_page(path: Path, template: str, **context) -> Path:
-    """Render a template into `path`, written under a temporary name and renamed."""
+    """Render a template into `path`, written under a temporary name and renamed. A path shown on
+    the page whose name is not UTF-8 (a folder from a Latin-1 share) shows its odd bytes escaped
+    (\\udce9), where it once stopped the page with a traceback."""
     path = Path(path)
-    text = render(template, **context)
-    write_atomic(path, lambda tmp: tmp.write_text(text, encoding="utf-8"))
+    data = render(template, **context).encode("utf-8", "backslashreplace")
+    write_atomic(path, lambda tmp: tmp.write_bytes(data))
     return path

@@ -697,6 +697,41 @@ def test_names_that_differ_only_in_unicode_form_are_one_id(models, few_images, t
     assert sorted(ids) == ["gray", "mélanome", "tall", "wide"]
 
 
+def test_line_breaks_beyond_ascii_are_refused_as_control_characters_are(models, few_images, tmp_path):
+    """NEL (U+0085), U+2029 and a C1 control passed the check of codes below 32: the CSV held them,
+    and --ids (read by splitlines) could not select them, so the tool could not read its own ids."""
+    for name in ("a\x85b", "c\u2029d", "e\x9bf"):
+        shutil.copy(few_images / "wide.jpg", few_images / f"{name}.jpg")
+    out = tmp_path / "out"
+    result = infer(few_images, "--out", out, "--model", models["joint"])
+    assert_named_and_rest_done(result, out, ("its name holds a line break",) * 3)
+
+
+def test_ids_select_a_name_written_in_the_other_unicode_form(models, few_images, tmp_path):
+    """An id list in NFD (as macOS writes names) matched no NFC file: "no image ... (e.g. Müller_1)"
+    about a name that looks the same as the file beside it."""
+    import unicodedata
+
+    shutil.copy(few_images / "wide.jpg", few_images / (unicodedata.normalize("NFC", "Müller_1") + ".jpg"))
+    ids = tmp_path / "ids.txt"
+    ids.write_text(unicodedata.normalize("NFD", "Müller_1") + "\ngray\n", encoding="utf-8")
+    out = tmp_path / "out"
+    result = infer(few_images, "--out", out, "--model", models["joint"], "--ids", ids)
+    assert result.exit_code == 0, result.output
+    assert sorted(unicodedata.normalize("NFC", i) for i in rows_by_id(out / "predictions.csv")) == ["Müller_1", "gray"]
+
+
+def test_a_report_of_folders_whose_names_are_not_utf8_is_written(models, few_images, tmp_path):
+    """A Latin-1 folder name (surrogates to Python) stopped --report with a UnicodeEncodeError."""
+    images = Path(os.fsdecode(os.fsencode(tmp_path) + b"/img\xe9"))
+    shutil.copytree(few_images, images)
+    out = Path(os.fsdecode(os.fsencode(tmp_path) + b"/out\xe9"))
+    result = infer(images, "--out", out, "--model", models["joint"], "--report")
+    assert result.exit_code == 0, result.output
+    page = (out / "report.html").read_text(encoding="utf-8")
+    assert "img\\udce9" in page and "Traceback" not in result.output
+
+
 def test_a_decoder_error_fails_its_image_only(models, few_images, tmp_path):
     """zlib's error on a damaged TIFF escaped infer's decode: a traceback, the batch lost, and
     every --resume the same."""
@@ -1410,3 +1445,57 @@ def test_a_fifo_where_infer_reads_a_record_or_a_model_file_is_one_line(models, f
     os.mkfifo(export / "model.tflite")
     result = infer(few_images, "--out", tmp_path / "b", "--model", export)
     assert result.exit_code == 2 and "not a regular file" in result.output, result.output
+
+
+def test_out_holding_masks_no_run_wrote_is_refused_and_they_are_kept(models, few_images, tmp_path):
+    """`infer DIR/images --out DIR/masks` on the layout preprocess reads replaced the truth masks
+    with predictions, without a word and with exit 0 (a later score compared them with themselves)."""
+    truth = tmp_path / "masks"
+    truth.mkdir()
+    for image in few_images.iterdir():
+        Image.fromarray(np.full((4, 4), 255, np.uint8)).save(truth / f"{image.stem}_segmentation.png")
+    before = {p.name: p.read_bytes() for p in truth.iterdir()}
+    result = infer(few_images, "--out", truth, "--model", models["joint"])
+    assert result.exit_code == 2, result.output
+    assert "holds 3 mask(s) named as this run's outputs that no dermtool infer wrote" in " ".join(result.output.split())
+    assert {p.name: p.read_bytes() for p in truth.iterdir()} == before
+    out = tmp_path / "out"  # a folder infer wrote is its own to write again
+    assert infer(few_images, "--out", out, "--model", models["joint"]).exit_code == 0
+    assert infer(few_images, "--out", out, "--model", models["joint"]).exit_code == 0
+    assert_no_temp_files(out)
+
+
+def test_a_second_run_into_a_folder_being_written_is_refused(models, few_images, tmp_path):
+    """Two runs into one --out at once mixed their masks (one run's settings in infer.json, the
+    other's masks on disk) and both exited 0."""
+    from dermtool.infer import _lock_folder
+
+    out = tmp_path / "out"
+    out.mkdir()
+    path, lock = _lock_folder(out, (1, 1))  # as a run writing the folder holds it
+    try:
+        result = infer(few_images, "--out", out, "--model", models["joint"])
+        assert result.exit_code == 2, result.output
+        assert "another dermtool infer is writing this folder now" in " ".join(result.output.split())
+        assert not (out / "predictions.csv").exists()
+        part = infer(few_images, "--out", out, "--model", models["joint"], "--shard", "1/2")
+        assert part.exit_code == 0, part.output  # a shard writes its own part beside the others
+    finally:
+        lock.close()
+    assert infer(few_images, "--out", out, "--model", models["joint"]).exit_code == 0
+    assert not path.exists() and not (out / ".infer.shard1of2.json.lock").exists()
+
+
+def test_resume_drops_the_row_of_an_image_whose_redo_failed(models, few_images, tmp_path):
+    """An image done again for a deleted mask whose redo failed kept its old row: predictions.csv
+    listed an image with no mask, against "none of its outputs is kept"."""
+    out = tmp_path / "out"
+    assert infer(few_images, "--out", out, "--model", models["joint"]).exit_code == 0
+    (out / "wide_segmentation.png").unlink()
+    image = few_images / "wide.jpg"
+    stat = image.stat()
+    image.write_bytes(b"\0" * stat.st_size)  # unreadable now, same size and time: not "changed"
+    os.utime(image, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+    result = infer(few_images, "--out", out, "--model", models["joint"], "--resume")
+    assert result.exit_code == 1 and "wide.jpg" in result.output
+    assert sorted(rows_by_id(out / "predictions.csv")) == ["gray", "tall"]
