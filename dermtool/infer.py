@@ -424,6 +424,8 @@ def _predict_folder(images_dir: Path, out_dir: Path, model_dir: Path | None, opt
     if not images_dir.is_dir():
         raise InputError(f"{images_dir}: is a file; give the folder of images." if images_dir.exists()
                          else f"{images_dir}: images folder not found.")
+    if out_dir.is_symlink() and not out_dir.exists():  # mkdir would say only "File exists"
+        raise InputError(f"{out_dir}: is a link to nothing (or a loop of links); give a folder, or where to make one.")
     if out_dir.exists() and not out_dir.is_dir():
         raise InputError(f"{out_dir}: exists and is not a folder; out_dir is the folder infer writes.")
     if out_dir.exists() and out_dir.resolve() == images_dir.resolve():

@@ -80,8 +80,9 @@ def formula_name(path: Path, csv_name: str) -> str:
         return (f"{str(path)!r}: its name holds a line break or another control character, which would break its row of "
                 f"{csv_name}; rename the file.")
     if size > MAX_ID_BYTES:
-        return (f"{path.name[:60]}...: its name is {size} bytes long; its outputs' names (<id>_segmentation.png) "
-                f"would pass the file system's 255, so ids of at most {MAX_ID_BYTES} bytes are run; rename the file.")
+        return (f"{path.parent / path.name[:60]}...{path.suffix}: its name without the extension is {size} bytes "
+                "long; its outputs' names (<id>_segmentation.png) would pass the file system's 255, so ids of at most "
+                f"{MAX_ID_BYTES} bytes are run; rename the file.")
     return ""
 
 

@@ -680,7 +680,7 @@ def test_names_predictions_csv_cannot_hold_are_named_and_the_rest_done(models, f
     for resume in ((), ("--resume",)):
         assert_named_and_rest_done(infer(few_images, "--out", out, "--model", models["joint"], *resume), out,
                                    ("caf\\xe9.jpg': its name is not valid UTF-8", "its name holds a line break",
-                                    "its name is 240 bytes long", "its name starts or ends with a space"))
+                                    "its name without the extension is 240 bytes long", "its name starts or ends with a space"))
     assert_no_temp_files(out)
 
 
@@ -922,7 +922,7 @@ def test_an_id_list_naming_a_refused_file_names_it_and_does_the_rest(models, few
     out = tmp_path / "out"
     result = infer(few_images, "--out", out, "--model", models["joint"], "--ids", ids)
     assert result.exit_code == 1, result.output
-    assert "its name is 240 bytes long" in " ".join(result.output.split())
+    assert "its name without the extension is 240 bytes long" in " ".join(result.output.split())
     assert sorted(rows_by_id(out / "predictions.csv")) == ["wide"]
 
 
@@ -1499,3 +1499,16 @@ def test_resume_drops_the_row_of_an_image_whose_redo_failed(models, few_images, 
     result = infer(few_images, "--out", out, "--model", models["joint"], "--resume")
     assert result.exit_code == 1 and "wide.jpg" in result.output
     assert sorted(rows_by_id(out / "predictions.csv")) == ["gray", "tall"]
+
+
+@pytest.mark.parametrize("target", ["nowhere", "loop"])
+def test_an_out_that_is_a_link_to_nothing_says_so(models, few_images, tmp_path, target):
+    """A dangling or looping --out link said only "cannot write infer's output (File exists)"."""
+    out = tmp_path / "out"
+    if target == "loop":
+        (tmp_path / "other").symlink_to(out)
+        out.symlink_to(tmp_path / "other")
+    else:
+        out.symlink_to(tmp_path / "missing" / "x")
+    result = infer(few_images, "--out", out, "--model", models["joint"])
+    assert result.exit_code == 2 and "is a link to nothing (or a loop of links)" in " ".join(result.output.split())
