@@ -96,6 +96,18 @@ def _remove(path: Path) -> None:
 
 # -- reading --------------------------------------------------------------------------------
 
+#: a run's `best_by` when no validation set gave a metric: epochs kept by the lowest validation
+#: loss (stored negated in `best_metric`, which is always the higher the better)
+LOWEST_LOSS = "lowest val_loss"
+
+
+def best_measure(state: dict) -> str:
+    """What the kept epoch was chosen on, and its value, as a run's last line names them."""
+    value = state["best_metric"]
+    by = state.get("best_by", "score")
+    return f"{by} {-value if by == LOWEST_LOSS else value:.4f}"
+
+
 def read_state(run_dir: Path) -> dict | None:
     """The committed state (epoch, best epoch, learning rate ...), or None before the first epoch.
 

@@ -449,7 +449,8 @@ def _check_train_options(o: dict) -> None:
              f"not {o['progressive']}.")
     if o["seg_batch"] and o["task"] != "joint":
         fail(f"--seg-batch applies to --task joint only (the decoder's share of a joint batch), not {o['task']}.")
-    if o["seg_batch"] and o["batch_size"] is not None and not 0 < o["seg_batch"] <= o["batch_size"]:
+    # on --resume the run's own batch size holds, not the default: the resume check compares --seg-batch
+    if o["seg_batch"] and o["batch_size"] is not None and not o["resume"] and not 0 < o["seg_batch"] <= o["batch_size"]:
         fail(f"--seg-batch must be from 1 to the batch size ({o['batch_size']}), or 0 for all, not {o['seg_batch']}.")
     model = [(f"--{name.replace('_', '-')}", name, *MODEL_RANGES[name]) for name in ("size", "base_filters", "depth")]
     for option, name, low, high, reason in (
@@ -506,7 +507,7 @@ def _train_interrupted(out: Path) -> str:
     """What an interrupted train kept, and the command that continues it."""
     import shlex
 
-    from dermtool.checkpoint import read_state
+    from dermtool.checkpoint import best_measure, read_state
     from dermtool.config import load_config
 
     state = read_state(out) if out.is_dir() else None
@@ -517,7 +518,7 @@ def _train_interrupted(out: Path) -> str:
     if state.get("best_metric") is None:
         best = f"best epoch {state['best_epoch']} (the last: no --val to choose on)"
     else:
-        best = f"best epoch {state['best_epoch']} ({state.get('best_by', 'score')} {state['best_metric']:.4f})"
+        best = f"best epoch {state['best_epoch']} ({best_measure(state)})"
     return (f"interrupted: {out} keeps epoch {state['epoch']} of {total}, the last complete one "
             f"(last.weights.h5), and its {best} in best.weights.h5; continue with: "
             f"dermtool train --out {shlex.quote(str(out))} --resume")

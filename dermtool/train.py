@@ -239,16 +239,15 @@ def training_dataset(data, cfg: ModelConfig, tcfg: TrainConfig, first_epoch: int
 _FORKING_BATCH_WORKERS = False
 
 
-def _batch_worker_signals() -> None:
-    """In a process forked while `fit` runs (a batch worker), from its first Python line on:
-    Ctrl-C, sent to the whole process group, is the main process's to handle once; SIGTERM, with
-    which the pool stops its workers at each epoch's end, stops it at once. A Python handler
-    inherited from the training process (the CLI's) runs only in the worker's main thread:
-    when the kernel hands the signal to another of its threads (the feeder of Keras's worker-id
-    queue) while the main thread waits on the pool's task lock, or the main thread is blocked in
-    C, the handler never runs, the worker lives on, and the pool's join waits for it forever (the
-    suite hung there once, in a worker that had been given no batch: `__getitem__` sets the same)."""
-    if _FORKING_BATCH_WORKERS:
+def _batch_worker_signals(now: bool = False) -> None:
+    """In a batch worker (a process forked while `fit` runs, or `now`), from its first Python line
+    on: Ctrl-C, sent to the whole process group, is the main process's to handle once (keeping
+    the last whole epoch), not every worker's to print a traceback for; SIGTERM stops it at once.
+    A Python handler inherited from the training process (the CLI's) runs only in the worker's
+    main thread: when the kernel hands the signal to another of its threads while the main
+    thread waits on a lock, or the main thread is blocked in C, the handler never runs and the
+    worker lives on, and a pool joining it waits forever (the suite hung there once)."""
+    if _FORKING_BATCH_WORKERS or now:
         signal.signal(signal.SIGINT, signal.SIG_IGN)
         signal.signal(signal.SIGTERM, signal.SIG_DFL)
 
@@ -259,7 +258,8 @@ if hasattr(os, "register_at_fork"):
 
 @contextlib.contextmanager
 def _forking_batch_workers(batches):
-    """The block in which `fit` forks `batches`' workers (a BatchSequence; nothing else)."""
+    """The block in which `fit` runs on `batches` and forks their workers (a BatchSequence;
+    nothing else), which are stopped when it ends, however it ends."""
     global _FORKING_BATCH_WORKERS
     if not isinstance(batches, BatchSequence):
         yield
@@ -269,35 +269,82 @@ def _forking_batch_workers(batches):
         yield
     finally:
         _FORKING_BATCH_WORKERS = False
+        batches.close()
+
+
+#: a batch worker's sequence (set by `_start_batch_worker` in each worker process)
+_WORKER_SEQUENCE = None
+
+
+def _start_batch_worker(sequence) -> None:
+    global _WORKER_SEQUENCE
+    _batch_worker_signals(now=True)
+    _WORKER_SEQUENCE = sequence
+
+
+def _batch_of_worker(i: int):
+    return _WORKER_SEQUENCE.item(i)
 
 
 class BatchSequence(keras.utils.PyDataset):
     """Batches (epoch, step) of epochs first .. end - 1 in order, item i being step i % steps of
-    epoch first + i // steps, filled by `workers` processes (threads for one).
+    epoch first + i // steps, `processes` processes preparing the next ones (none for one).
 
     `BatchSource.batch` is a pure function of (seed, epoch, step), so each process computes its
-    items alone and the run is the same batch for batch as the tf.data stream's.
+    items alone and the run is the same batch for batch as the tf.data stream's. Keras reads the
+    items one after the other in one thread, across every epoch, and the sequence keeps the
+    next 2 x `processes` of them in the making in its own pool of forked processes: Keras's own
+    pool (its workers option) starts its items again from 0 at every epoch, so each epoch after
+    the first trained again on the first epoch's batches. `close` stops the pool.
     """
 
     def __init__(self, source: BatchSource, keys: list[str], first: int, end: int, steps: int, workers: int):
-        super().__init__(workers=workers, use_multiprocessing=workers > 1, max_queue_size=max(4, 2 * workers))
+        super().__init__(workers=1, use_multiprocessing=False)  # no enqueuer of Keras's: see above
         self.source, self.keys, self.first, self.end, self.steps = source, keys, first, end, steps
+        self.processes = workers
         self._owner = os.getpid()  # the training process; its workers are the other processes
+        self._pool = None
+        self._ahead: dict = {}  # item -> its future, in the making
 
     def __len__(self) -> int:
         return (self.end - self.first) * self.steps
 
+    def item(self, i: int):
+        """Item i, computed in this process."""
+        x, y = self.source.batch(self.first + i // self.steps, i % self.steps)
+        return x, {k: y[k] for k in self.keys}
+
     def __getitem__(self, i: int):
         if not 0 <= i < len(self):
             raise IndexError(i)
-        if os.getpid() != self._owner:
-            # a worker process: Ctrl-C (sent to the whole process group) is for the main process to
-            # handle once, keeping the last whole epoch, not for every worker to print a traceback
-            # (set at the fork already when `fit` forked it: _batch_worker_signals)
-            signal.signal(signal.SIGINT, signal.SIG_IGN)
-            signal.signal(signal.SIGTERM, signal.SIG_DFL)  # the pool stops its workers with SIGTERM
-        x, y = self.source.batch(self.first + i // self.steps, i % self.steps)
-        return x, {k: y[k] for k in self.keys}
+        if os.getpid() != self._owner:  # a process forked from the training one: a worker of its own
+            _batch_worker_signals(now=True)
+            return self.item(i)
+        if self.processes < 2:
+            return self.item(i)
+        if self._pool is None:
+            import multiprocessing
+            from concurrent.futures import ProcessPoolExecutor
+
+            # forked: the workers share the caches' memory maps rather than receive a pickled copy
+            self._pool = ProcessPoolExecutor(self.processes, mp_context=multiprocessing.get_context("fork"),
+                                             initializer=_start_batch_worker, initargs=(self,))
+        for j in [j for j in self._ahead if j < i]:  # asked again from the start (Keras's look at the first)
+            self._ahead.pop(j).cancel()
+        for j in range(i, min(i + 2 * self.processes, len(self))):
+            if j not in self._ahead:
+                self._ahead[j] = self._pool.submit(_batch_of_worker, j)
+        return self._ahead.pop(i).result()
+
+    def close(self) -> None:
+        """Stop the worker processes (each finishes the batch it is on)."""
+        pool, self._pool, self._ahead = self._pool, None, {}
+        if pool is not None:
+            pool.shutdown(wait=True, cancel_futures=True)
+
+
+#: what an epoch is chosen on, per task, on each validation set: the first of these the set gives
+FALLBACK_METRICS = {"seg": ("jac",), "cls": ("bacc", "mel_auc"), "joint": ("mean_performance", "jac", "mel_auc", "bacc")}
 
 
 MULTIWORKER_REMOVED = (
@@ -607,10 +654,6 @@ def _train(cfg: ModelConfig, tcfg: TrainConfig, train_cache, val_cache, out_dir:
     try:
         if not resume:
             checkpoint.start_fresh(out_dir)  # what an interrupted first epoch left
-        save_config(out_dir / "config.json", cfg, tcfg)
-        if command:
-            with open_append(out_dir / "command.txt") as fh:
-                fh.write(command + "\n")
         metric_name = selection_metric(cfg) if vals else None
         # the plateau schedule watches the validation loss, or without validation the training loss,
         # each under its own name
@@ -626,6 +669,12 @@ def _train(cfg: ModelConfig, tcfg: TrainConfig, train_cache, val_cache, out_dir:
                     swap_ema(model, model.optimizer)
             checkpoint.tidy(out_dir)  # links left stale by an interrupt
             log(f"resuming {out_dir} after epoch {state['epoch']} (lr {state['lr']:.3g})")
+        # after the load: a resume refused for a missing or damaged checkpoint leaves the run's record
+        # (its epochs, its commands) as it was
+        save_config(out_dir / "config.json", cfg, tcfg)
+        if command:
+            with open_append(out_dir / "command.txt") as fh:
+                fh.write(command + "\n")
         optimizer.learning_rate.assign(state["lr"])
         if state["epoch"] >= tcfg.epochs:
             log(f"{out_dir}: all {tcfg.epochs} epochs already done")
@@ -663,11 +712,12 @@ def _train(cfg: ModelConfig, tcfg: TrainConfig, train_cache, val_cache, out_dir:
         if not resume and not _committed(out_dir):
             undo_start(out_dir, created, before)  # no epoch was committed: nothing of this start is kept
         else:
-            with contextlib.suppress(InputError):  # a damaged state.json is the error being raised
+            # a damaged state.json or a checkpoint gone is the error being raised: the tidy must not hide it
+            with contextlib.suppress(InputError, OSError):
                 checkpoint.tidy(out_dir)  # RUN's files show the last committed epoch, whatever the cut
         raise
     if metric_name and state["best_metric"] is not None:
-        log(f"done: best epoch {state['best_epoch']} ({state['best_by']} {state['best_metric']:.4f}) "
+        log(f"done: best epoch {state['best_epoch']} ({checkpoint.best_measure(state)}) "
             f"-> {out_dir / 'best.weights.h5'}")
     else:
         log(f"done: {state['epoch']} epochs; without --val the last epoch is kept -> {out_dir / 'best.weights.h5'}")
@@ -794,6 +844,10 @@ def resume_caches(out_dir: Path, saved: TrainConfig, train_paths: list[Path], va
     for option, given, recorded in (("the training caches", train_paths, saved.train_caches),
                                     ("--val", val_paths, saved.val_caches)):
         recorded = [str(p) for p in recorded]
+        if option == "--val" and given and not recorded and saved.train_caches:
+            raise InputError(
+                f"{config}: this run trains without --val (its epochs are kept by the last, not chosen on a "
+                "validation set); resume it without --val, or start a new run with another --out.")
         if given and recorded and list(_resolved(given)) != recorded:
             raise InputError(
                 f"{config}: this run uses {option} {' '.join(recorded)}, not {' '.join(map(str, given))}; "
@@ -911,7 +965,12 @@ def check_resume_options(out_dir: Path, given: dict) -> None:
 
 
 def _shown(value) -> str:
-    return {True: "on", False: "off"}.get(value, str(value)) if isinstance(value, bool) else str(value)
+    """A setting as a message shows it: on/off, "none" for an empty list or no path."""
+    if isinstance(value, bool):
+        return "on" if value else "off"
+    if value is None or value == [] or value == ():
+        return "none"
+    return " ".join(map(str, value)) if isinstance(value, (list, tuple)) else str(value)
 
 
 def cosine_lr(base: float, epoch: int, epochs: int, warmup: int = 1) -> float:
@@ -962,15 +1021,16 @@ class EpochEnd(keras.callbacks.Callback):
                 row.update(validation_metrics(pred, truth, self.cfg, prefix))
                 row[prefix + "loss"] = self._val_loss(pred, truth)
                 val_losses.append(row[prefix + "loss"])
-                # the task's metric; a set that cannot give it (no masks or no full labels, as ISIC
-                # 2020's melanoma vs benign) still has its say with its melanoma AUC
-                for name in (self.metric_name[len("val_"):], "mel_auc"):
+                # the task's metric; a set that cannot give it has its say with what it can give: a
+                # joint run's set of masks alone its JAC, one of labels alone (or without full labels,
+                # as ISIC 2020's melanoma vs benign) its melanoma AUC
+                for name in FALLBACK_METRICS[self.cfg.task]:
                     if row.get(prefix + name) is not None:
                         scores.append(row[prefix + name])
                         used.append(prefix + name)
                         break
-            if used:  # what the kept epoch was chosen on, as the run's last line names it
-                st["best_by"] = used[0] if len(used) == 1 else f"mean of {', '.join(used)}"
+            # what the kept epoch was chosen on, as the run's last line names it
+            st["best_by"] = (used[0] if len(used) == 1 else f"mean of {', '.join(used)}") if used else checkpoint.LOWEST_LOSS
             monitored = float(np.mean(val_losses))
             # several validation sets: epochs are chosen on the mean of their selection metrics
             score = float(np.mean(scores)) if scores else -monitored

@@ -300,10 +300,13 @@ def _signals_of_a_fork(queue):
 
 
 def test_training_with_batch_workers_ends_on_the_same_weights(caches, tmp_path):
+    """Keras's own worker pool began its items again at every epoch: from the second epoch on,
+    --workers 2 trained on the first epoch's batches (the same over 2 epochs of 3 steps by chance,
+    not over 3)."""
     from dermtool.train import train
 
     cfg = tiny("joint")
-    tcfg = TrainConfig(epochs=2, batch_size=4, learning_rate=3e-3, seed=3, augment="flips")
+    tcfg = TrainConfig(epochs=3, batch_size=4, learning_rate=3e-3, seed=3, augment="flips")
     a = train(cfg, tcfg, caches, caches, tmp_path / "a", log=lambda m: None, progress=False)
     b = train(cfg, tcfg, caches, caches, tmp_path / "b", log=lambda m: None, progress=False, workers=2)
     assert_same_weights(cfg, a, b)
@@ -336,6 +339,27 @@ def test_a_cache_of_another_size_is_resized_on_the_fly(caches, tmp_path):
     cfg = tiny("seg", size=16)
     out = run(caches, tmp_path / "small", "seg", epochs=1, cfg=cfg)
     assert len(history(out)) == 1
+
+
+def test_a_joint_run_chooses_on_what_each_validation_set_can_give(caches, tmp_path):
+    """A validation set of masks without labels gave a joint run no metric: its epochs were chosen
+    on minus the validation loss while the run's last line called that val_mean_performance."""
+    from dermtool.checkpoint import best_measure, read_state
+    from dermtool.train import train
+
+    data = write_dataset(tmp_path / "d", 4, rng_seed=1, sizes=[(40, 40)], formats=("png",))
+    masks_only = tmp_path / "masks_only"
+    build_cache(Layout(data / "images", data / "masks", None), masks_only, size=SIZE, progress=False)
+    lines = []
+    tcfg = TrainConfig(epochs=2, batch_size=4, learning_rate=3e-3, seed=3, augment="none")
+    out = train(tiny("joint"), tcfg, caches, masks_only, tmp_path / "r", log=lines.append, progress=False)
+    state = read_state(out)
+    kept = history(out)[state["best_epoch"] - 1]
+    assert state["best_by"] == "val_jac" and state["best_metric"] == pytest.approx(float(kept["val_jac"]))
+    assert f"(val_jac {float(kept['val_jac']):.4f})" in lines[-1]
+    # a set that gives no metric at all: the lowest validation loss, named as such, with its value
+    state["best_by"], state["best_metric"] = "lowest val_loss", -0.3098
+    assert best_measure(state) == "lowest val_loss 0.3098"
 
 
 def test_a_cache_without_masks_cannot_train_segmentation(tmp_path):
@@ -512,6 +536,9 @@ def test_resume_refuses_options_that_contradict_the_run_and_takes_caches_from_co
     text = " ".join(refused.output.split())
     assert refused.exit_code == 2 and "this run has --dice on," in text and "drop --no-dice," in text, text
     assert cli("train", "--out", with_dice, "--resume", "--epochs", 2, "--dice").exit_code == 0  # the same: no contradiction
+    # a run without --val was resumed with one, its epochs then chosen on a set never recorded or checked
+    refused = cli("train", "--out", with_dice, "--resume", "--epochs", 3, "--val", caches)
+    assert refused.exit_code == 2 and "this run trains without --val" in " ".join(refused.output.split())
 
 
 class Trap:
@@ -1387,3 +1414,16 @@ def test_a_cut_start_in_a_folder_of_the_users_keeps_the_users_files(caches, tmp_
     assert sorted(p.name for p in out.iterdir()) == ["command.txt", "logs"]
     assert (out / "command.txt").read_text() == "an earlier line\n"
     assert [p.name for p in (out / "logs").iterdir()] == ["slurm-1.out"]
+
+
+def test_a_resume_refused_for_a_missing_checkpoint_says_so_and_changes_nothing(caches, tmp_path):
+    """The cleanup after the refusal failed on the missing folder and hid the refusal behind
+    "cannot write the run (No such file or directory)"; and the refused resume had already
+    rewritten config.json (its epochs) and added its line to command.txt."""
+    out = tmp_path / "run"
+    assert cli("train", caches, "--task", "seg", "--out", out, "--epochs", 1, *TINY_CLI).exit_code == 0
+    config, command = (out / "config.json").read_text(), (out / "command.txt").read_text()
+    shutil.rmtree(out / "checkpoints" / "epoch-001")
+    result = cli("train", "--out", out, "--resume", "--epochs", 3)
+    assert result.exit_code == 2 and "the checkpoint of epoch 1 is missing" in " ".join(result.output.split())
+    assert (out / "config.json").read_text() == config and (out / "command.txt").read_text() == command
