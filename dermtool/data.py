@@ -395,6 +395,8 @@ _MASK_RULE = ("0 and one value v as v = lesion (the ISIC scorer's rule), label m
               "kept without a mask, else > 128")
 #: Likewise for the labels: a row of 0s (beside a nevus column) was once the argmax's melanoma.
 _LABEL_RULE = "a row of 0s names no class"
+#: Likewise for the pixels: a JPEG decoded at reduced size was once resized with its last part block.
+_DECODE_RULE = "a reduced JPEG decode resized from the frame's box"
 
 
 @dataclass
@@ -502,6 +504,7 @@ def build_cache(layout: Layout, out: Path, size: int = 256, fit: str = "squash",
     report.labels_without_image = [i for i in labels if i not in image_ids]
     params = dict(size=size, fit=fit, border=border, margin=margin, chain=chain,
                   masks=str(layout.masks), labels=str(layout.labels), mask_rule=_MASK_RULE, label_rule=_LABEL_RULE,
+                  decode_rule=_DECODE_RULE,
                   metadata=str(layout.metadata), ids=len(ids) if ids is not None else None)
     fingerprint = _fingerprint(paths + sorted(masks.values()) + [p for p in (layout.labels, layout.metadata) if p],
                                params)

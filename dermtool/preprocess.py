@@ -203,13 +203,18 @@ def chain_size(orig_h: int, orig_w: int, fit: str) -> tuple[int, int]:
     return max(1, round(orig_h * scale)), max(1, round(orig_w * scale))
 
 
-def archive_copy(img: Image.Image, fit: str) -> Image.Image:
-    """The "jpeg256" chain: bicubic (antialiased) to `chain_size`, then a JPEG q75 round trip."""
+def archive_copy(img: Image.Image, fit: str, original: tuple[int, int] | None = None,
+                 box: tuple[float, float, float, float] | None = None) -> Image.Image:
+    """The "jpeg256" chain: bicubic (antialiased) to `chain_size`, then a JPEG q75 round trip.
+
+    `original` (height, width) and `box`: an image decoded at reduced size (`load_image`), the
+    copy sized for the original and resized from the part of it that is the original frame.
+    """
     import io
 
-    h, w = chain_size(img.height, img.width, fit)
-    if img.size != (w, h):
-        img = img.resize((w, h), Image.BICUBIC)
+    h, w = chain_size(*(original or (img.height, img.width)), fit)
+    if img.size != (w, h) or box is not None:
+        img = img.resize((w, h), Image.BICUBIC, box=box)
     buf = io.BytesIO()
     img.save(buf, format="JPEG", quality=CHAIN_QUALITY)
     buf.seek(0)
@@ -268,15 +273,23 @@ def load_image(path: Path, min_size: tuple[int, int] | None = None,
                 if chain == "jpeg256":
                     ch, cw = chain_size(orig_h, orig_w, fit)
                     draft = (CHAIN_DRAFT * ch, CHAIN_DRAFT * cw)
+                box = None  # the original frame in a reduced decode, when that is not all of it
                 if draft is not None and img.format == "JPEG":
-                    img.draft("RGB", (max(1, draft[1]), max(1, draft[0])))
+                    drafted = img.draft("RGB", (max(1, draft[1]), max(1, draft[0])))
+                    # decoded at 1/s: a side that is no multiple of 8 s ends in a part block, so the
+                    # decode is a little more than the frame (3001 px at 1/8: 376 px for 375.125);
+                    # resized whole, the image came out squeezed by up to 8 original pixels
+                    if drafted and drafted[1] and tuple(drafted[1][2:]) != img.size:
+                        box = tuple(float(v) for v in drafted[1])
                 img.load()
                 rgb = _to_rgb_image(img)
                 if chain == "jpeg256":
-                    rgb = archive_copy(rgb, fit)
-                if target is not None and rgb.size != (target[1], target[0]):
+                    rgb, box = archive_copy(rgb, fit, (orig_h, orig_w), box), None
+                if target is not None and (rgb.size != (target[1], target[0]) or box is not None):
                     # resized as a PIL image: skips two full-size array copies per file
-                    rgb = rgb.resize((target[1], target[0]), Image.BILINEAR)
+                    rgb = rgb.resize((target[1], target[0]), Image.BILINEAR, box=box)
+                elif box is not None:  # kept at the reduced size: the frame's whole pixels
+                    rgb = rgb.crop((0, 0, max(1, math.floor(box[2])), max(1, math.floor(box[3]))))
                 return np.asarray(rgb), (orig_h, orig_w)
     except InputError:
         raise

@@ -508,3 +508,28 @@ def test_a_cache_records_its_chain_and_train_refuses_another(tmp_path, synthetic
     assert check_cache(cache, ok, print) is False
     with pytest.raises(InputError, match="--chain jpeg256"):
         check_cache(cache, preset_config("compact", "joint", size=32, base_filters=4, depth=2), print)
+
+
+@pytest.mark.parametrize("chain", ["direct", "jpeg256"])
+@pytest.mark.parametrize("axis", [0, 1])
+def test_a_jpeg_decoded_at_reduced_size_is_not_squeezed(tmp_path, chain, axis):
+    """A JPEG decoded at 1/s whose side is no multiple of 8 s ends in a part block; the reduced
+    decode was resized whole, as if it were the frame, and the image came out squeezed towards
+    its top-left (0.6 model px at the far edge of a 1001 x 999 image, 8 original px at 3001)."""
+    from dermtool.preprocess import load_image
+
+    pixels = np.zeros((999, 1001, 3), np.uint8)
+    if axis == 1:
+        pixels[:, 800:] = 255  # a step edge at 0.8 of the width
+    else:
+        pixels[800:, :] = 255
+    Image.fromarray(pixels).save(tmp_path / "a.jpg", quality=100, subsampling=0)
+    Image.fromarray(pixels).save(tmp_path / "a.png")  # decoded whole: the reference
+
+    def edge(path):
+        x, original = load_image(path, resize_to=(192, 192), chain=chain)
+        assert original == (999, 1001)
+        line = (x[96, :, 0] if axis == 1 else x[:, 96, 0]).astype(float)
+        return np.interp(127.5, line, np.arange(192))  # where the step crosses half
+
+    assert abs(edge(tmp_path / "a.jpg") - edge(tmp_path / "a.png")) < 0.05
