@@ -322,8 +322,11 @@ def read_class_csv(path: Path, *, role: str = "truth") -> dict[str, np.ndarray]:
     """
     path = Path(path)
     what = f"{role} CSV {path}"
-    rows = read_csv_rows(path, f"{role} CSV", empty_ok=True)
-    rows = [row for row in rows if any(cell.strip() for cell in row)]
+    # numbered as the file's rows before blank ones are passed over, so a message names the row
+    # an editor shows
+    numbered = [(n, row) for n, row in enumerate(read_csv_rows(path, f"{role} CSV", empty_ok=True), start=1)
+                if any(cell.strip() for cell in row)]
+    rows = [row for _, row in numbered]
     if not rows:
         raise InputError(f"The {what} is empty; expected a header {','.join(REQUIRED_COLUMNS)}.")
     header = [cell.strip() for cell in rows[0]]
@@ -342,7 +345,7 @@ def read_class_csv(path: Path, *, role: str = "truth") -> dict[str, np.ndarray]:
     value_columns = [name for name in CLASS_NAMES if name in header]
     index = {name: header.index(name) for name in ("image_id", *value_columns)}
     result: dict[str, np.ndarray] = {}
-    for line, row in enumerate(rows[1:], start=2):
+    for line, row in numbered[1:]:
         result_id, values = _parse_row(row, index, value_columns, what, line)
         if result_id in result:
             raise InputError(f"The {what} repeats image_id {result_id} at row {line}.")

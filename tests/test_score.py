@@ -713,3 +713,11 @@ def test_mean_performance_needs_images_in_common_and_names_differing_sets(hand_c
     result = run_score(hand_case)
     assert result.exit_code == 0 and "mean performance (JAC" not in result.output
     assert "name no image in common" in result.output
+
+
+def test_a_bad_row_after_blank_lines_is_named_by_its_row_in_the_file(tmp_path):
+    """Blank lines were dropped before the rows were numbered: a bad value on row 6 was "row 4"."""
+    truth = tmp_path / "truth.csv"
+    truth.write_text("image_id,melanoma,seborrheic_keratosis\nISIC_0000000,1,0\n\n\nISIC_0000001,0,0\nISIC_0000002,x,0\n")
+    with pytest.raises(InputError, match="non-numeric melanoma value 'x' at row 6"):
+        io.read_class_csv(truth, role="truth")
