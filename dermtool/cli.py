@@ -104,9 +104,9 @@ _HARD_EXIT = False
 
 
 def _has_children() -> bool:
-    """Whether batch workers (--workers 2 or more: a multiprocessing pool) are running: os._exit
-    would orphan them, and their pool restarts any one stopped by hand, so such a run leaves by
-    the normal exit, whose handlers stop the pool (the tf.data hang was seen without workers)."""
+    """Whether batch workers (--workers 2 or more: a pool of processes) are running: os._exit
+    would orphan them, so such a run leaves by the normal exit, which stops the pool (the tf.data
+    hang was seen without workers)."""
     import multiprocessing
 
     return bool(multiprocessing.active_children())
@@ -292,7 +292,7 @@ def train_cli(
     resume: bool = typer.Option(False, "--resume", help="Continue the run in --out from its last completed epoch, with its own settings and caches (only --epochs may change)."),
     mixed_precision: bool = typer.Option(False, "--mixed-precision", help="float16 compute on a GPU under TensorFlow, bfloat16 under KERAS_BACKEND=jax (weights and outputs stay float32)."),
     strategy: str = typer.Option("default", "--strategy", help="default | mirrored (all GPUs of this machine; the batch is split across them)."),
-    workers: Optional[int] = typer.Option(None, "--workers", min=1, help="Processes that prepare the training batches. Default: one under TensorFlow (its tf.data stream), the CPU cores less one under KERAS_BACKEND=jax (training on a machine without TensorFlow). Batches are the same whatever the number: each is a function of (seed, epoch, step)."),
+    workers: Optional[int] = typer.Option(None, "--workers", min=1, help="Processes that prepare the training batches. Default: one under TensorFlow (its tf.data stream), the CPU cores less one under KERAS_BACKEND=jax (training on a machine without TensorFlow). Batches are the same whatever the number: each is a function of (seed, epoch, step). Forked processes on Linux, threads on macOS and Windows."),
 ) -> None:
     """Train a seg, cls or joint model; checkpoints every epoch, resumable with --resume.
 

@@ -110,7 +110,10 @@ def score_folder(model: Path, check_dir: Path, engine: str | None = None) -> dic
     layout = check_folder(check_dir, cfg)
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp)
-        predict_folder(layout.images, out, model, InferOptions(engine=engine), progress=False, log=lambda m: None)
+        run = predict_folder(layout.images, out, model, InferOptions(engine=engine), progress=False, log=lambda m: None)
+        if not run.done:  # scored, its empty temporary folder would be named as the wrong folder
+            why = f" ({run.failed[0][1]})" if run.failed else ""
+            raise InputError(f"{check_dir}: no image of the check folder could be run{why}.")
         use_cls, use_seg = cfg.has_cls and layout.labels, cfg.has_seg and layout.masks
         result = score(out / "predictions.csv" if use_cls else None, layout.labels if use_cls else None,
                        out if use_seg else None, layout.masks if use_seg else None)

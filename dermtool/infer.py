@@ -353,39 +353,71 @@ def predict_folder(images_dir: Path, out_dir: Path, model_dir: Path | None = Non
 
     `progress`: True, a bar; False, none; a number of seconds, a line through `log` that often.
     """
-    held: list = []  # the run's lock on its folder (_lock_folder): let go when the run ends, however it ends
+    held: list = []  # the run's locks on its folder (_lock_folder): let go when the run ends, however it ends
     try:
         return _predict_folder(images_dir, out_dir, model_dir, opts, progress, log, held)
     finally:
-        for path, lock in held:  # removed while still held: a run that opens it then retries on a new one
-            with contextlib.suppress(OSError):
-                os.unlink(path)
-            lock.close()
+        for path, lock in reversed(held):
+            _let_go(path, lock)
 
 
-def _lock_folder(out_dir: Path, shard: tuple[int, int]):
-    """An exclusive lock on writing `out_dir` as this run (a shard locks only its own part): (its
-    path, the open file), the file removed at the run's end while still held. A second
-    run into the folder at once is refused, where it once mixed its masks with the first's and
-    deleted the first's partial CSV. The lock is the kernel's (flock), so a killed run holds none
-    (its file is left, and taken by the next run). None where the system or the file system has
-    no such locks."""
+#: the lock of a whole folder: a run of all its images holds it alone, shard runs share it
+FOLDER_LOCK = ".infer.lock"
+
+
+def _lock_folder(out_dir: Path, shard: tuple[int, int]) -> list:
+    """Locks on writing `out_dir` as this run, as [(path, open file)], each let go (and its file
+    removed once no run holds it) when the run ends. A run of the whole folder holds FOLDER_LOCK
+    alone; a shard run shares it with the other parts of its N and holds its own part's lock
+    alone: so a second run of the same images at once is refused, where it once mixed its masks
+    with the first's and deleted the first's partial CSV, while the N parts still write one
+    folder together. The locks are the kernel's (flock): a killed run holds none. [] where the
+    system or the file system has no such locks."""
     try:
-        import fcntl
+        import fcntl  # noqa: F401
     except ImportError:  # Windows
-        return None
-    path = out_dir / f".{record_name(shard)}.lock"
+        return []
+    whole = shard == (1, 1)
+    busy = (f"{out_dir}: another dermtool infer is writing this folder now; wait for it to end, or write to another "
+            "--out.")
+    folder = _take_lock(out_dir / FOLDER_LOCK, exclusive=whole, busy=busy)
+    if folder is None:
+        return []
+    held = [folder]
+    try:
+        if not whole:
+            for other in out_dir.glob(".infer.shard*of*.json.lock"):  # parts of another N cover the same images
+                k, _, n = other.name[len(".infer.shard"):-len(".json.lock")].partition("of")
+                if n != str(shard[1]) and _is_held(other):
+                    raise InputError(f"{out_dir}: a run of other --shard parts (--shard {k}/{n}) is writing this "
+                                     f"folder now; the parts of one run share an N ({shard[1]} here).")
+            part = _take_lock(out_dir / f".{record_name(shard)}.lock", exclusive=True, busy=busy)
+            if part is not None:
+                held.append(part)
+    except BaseException:
+        for path, lock in reversed(held):
+            _let_go(path, lock)
+        raise
+    return held
+
+
+def _take_lock(path: Path, exclusive: bool, busy: str):
+    """(path, open file) holding an flock on `path` (created if missing), or None where the file
+    system has no locks; InputError `busy` when another run holds it in a way this one cannot
+    share. The file is never replaced (a new file would be another lock); a file removed by its
+    last holder as this run opened it is opened again."""
+    import fcntl
+
     for _ in range(3):
         if path.is_symlink() or (path.exists() and not path.is_file()):
             raise InputError(f"{path}: is a link, a folder or another special file where infer keeps its lock; remove "
                              "it, then run again.")
         lock = os.fdopen(os.open(path, os.O_RDWR | os.O_CREAT | getattr(os, "O_NOFOLLOW", 0), 0o644), "r+")
         try:
-            fcntl.flock(lock.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+            fcntl.flock(lock.fileno(), (fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH) | fcntl.LOCK_NB)
         except BlockingIOError:
             lock.close()
-            raise InputError(f"{out_dir}: another dermtool infer is writing this folder now (it holds {path.name}); "
-                             "wait for it to end, or write to another --out.") from None
+            raise InputError(busy) from None
         except OSError:  # a file system without locks (some network mounts): the run goes on unlocked
             lock.close()
             return None
@@ -394,8 +426,37 @@ def _lock_folder(out_dir: Path, shard: tuple[int, int]):
                 return path, lock
         except FileNotFoundError:
             pass
-        lock.close()  # the run that held it removed it as this one opened it: take the new one
-    raise InputError(f"{out_dir}: could not take the lock {path.name}; other runs keep writing this folder.")
+        lock.close()
+    raise InputError(f"{path.parent}: could not take the lock {path.name}; other runs keep writing this folder.")
+
+
+def _is_held(path: Path) -> bool:
+    """Whether a run holds the lock file `path` alone now."""
+    import fcntl
+
+    try:
+        with open(path, "rb") as fh:
+            try:
+                fcntl.flock(fh.fileno(), fcntl.LOCK_SH | fcntl.LOCK_NB)
+            except BlockingIOError:
+                return True
+            return False
+    except OSError:
+        return False
+
+
+def _let_go(path: Path, lock) -> None:
+    """Let go of a lock from `_take_lock`, removing its file when no other run holds it (the file
+    is removed while still held alone: a run that opened it meanwhile takes a new one)."""
+    import fcntl
+
+    try:
+        fcntl.flock(lock.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        os.unlink(path)
+    except OSError:  # BlockingIOError: another part still holds the folder's lock; it removes it
+        pass
+    finally:
+        lock.close()
 
 
 def _foreign_masks(out_dir: Path, paths: list[Path], shard: tuple[int, int]) -> list[str]:
@@ -439,15 +500,15 @@ def _predict_folder(images_dir: Path, out_dir: Path, model_dir: Path | None, opt
     unusable = unusable_entries(images_dir, opts.shard, None if opts.ids is None else set(opts.ids), listing)
     named = {p for p, _ in unusable}
     paths = [p for p in paths if p not in named]
-    foreign = _foreign_masks(out_dir, paths, opts.shard)
-    if foreign:
-        raise InputError(f"{out_dir}: holds {len(foreign)} mask(s) named as this run's outputs that no dermtool infer "
-                         f"wrote ({first_few(foreign)}), truth masks perhaps; the run would replace them, so write to "
-                         "another --out.")
     if opts.melanoma_threshold is not None:
         opts = replace(opts, melanoma_threshold=check_threshold(opts.melanoma_threshold))
     model = load_engine(model_dir, opts.engine, log=log)
     cfg = model.cfg
+    foreign = _foreign_masks(out_dir, paths, opts.shard) if cfg.has_seg else []  # a classifier writes no mask
+    if foreign:
+        raise InputError(f"{out_dir}: holds {len(foreign)} mask(s) named as this run's outputs that no dermtool infer "
+                         f"wrote ({first_few(foreign)}), truth masks perhaps; the run would replace them, so write to "
+                         "another --out.")
     threshold_given = opts.melanoma_threshold is not None
     opts = with_model_threshold(opts, cfg, model_dir)
     # the model as an absolute path: the report and calibrate read it later, from anywhere
@@ -466,6 +527,8 @@ def _predict_folder(images_dir: Path, out_dir: Path, model_dir: Path | None, opt
     record["target_sensitivity"] = (None if threshold_given or opts.melanoma_threshold is None
                                     else (cfg.calibration or {}).get("target_sensitivity"))
     record["sources_kept"] = True  # this run keeps the file key of every image it does (see sources_path)
+    if out_dir.is_dir():  # locked before anything of the folder is read or removed
+        held.extend(_lock_folder(out_dir, opts.shard))
     earlier = _check_resume(out_dir / record_name(opts.shard), record, out_dir) if opts.resume else {}
     if earlier:  # this session's counts are its own; what the sessions before it did is kept beside them
         record["earlier_sessions"] = _earlier_sessions(earlier)
@@ -526,9 +589,8 @@ def _predict_folder(images_dir: Path, out_dir: Path, model_dir: Path | None, opt
             log(f"note: {out_dir} holds {len(left)} mask(s) of images not in this run ({first_few(left)}), left by an "
                 "earlier run; predictions.csv lists only this run's images, so write to a fresh --out to keep them apart")
     out_dir.mkdir(parents=True, exist_ok=True)
-    lock = _lock_folder(out_dir, opts.shard)
-    if lock is not None:
-        held.append(lock)
+    if not held:  # a folder made just now
+        held.extend(_lock_folder(out_dir, opts.shard))
     # temporary files a killed run left, of the outputs this run writes again
     remove_stale_temps(out_dir, {f"{image_id_of(p)}{suffix}" for p in todo for suffix in OUTPUT_SUFFIXES}
                        | {csv_path.name, sources_path.name, record_name(opts.shard)})

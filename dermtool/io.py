@@ -363,13 +363,14 @@ def read_label_column(path: Path, *, role: str = "predictions") -> dict[str, str
         InputError: a label that is not one of the class names.
     """
     path = Path(path)
-    rows = [row for row in read_csv_rows(path, f"{role} CSV") if any(cell.strip() for cell in row)]
-    header = [cell.strip() for cell in rows[0]]
+    numbered = [(n, row) for n, row in enumerate(read_csv_rows(path, f"{role} CSV"), start=1)
+                if any(cell.strip() for cell in row)]  # numbered as the file's rows, as read_class_csv
+    header = [cell.strip() for cell in numbered[0][1]]
     if "label" not in header:
         return None
     at, key = header.index("label"), header.index("image_id")
     labels = {}
-    for line, row in enumerate(rows[1:], start=2):
+    for line, row in numbered[1:]:
         value = row[at].strip() if len(row) > at else ""
         if value not in CLASS_NAMES:
             raise InputError(f"The {role} CSV {path} has label {value!r} at row {line}; "
@@ -470,8 +471,8 @@ LABEL_MAP_MAX = 8
 
 
 def is_label_map(values: np.ndarray) -> bool:
-    """True for a label map: more than two values, the largest 2 to LABEL_MAP_MAX (class numbers,
-    not a lesion mask). Binarising it at > 128 would read it as empty, so `score` refuses it and
+    """True for a label map: largest value 2 to LABEL_MAP_MAX, and not a mask of 0 and that value
+    alone (0/1/2, 1/2: class numbers, not a lesion mask). Binarising it at > 128 would read it as empty, so `score` refuses it and
     `preprocess` keeps its image without a mask. Two values 0 and v are a lesion mask
     (`two_valued_lesion`), as the ISIC scorer reads them."""
     return (values.size > 0 and 1 < float(values.max()) <= LABEL_MAP_MAX

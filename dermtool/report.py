@@ -21,7 +21,7 @@ CHECK_TITLES = {
     "mask_zero_one": "mask stored as 0 and one value v other than 255, e.g. 0/1 (read as v = lesion)",
     "mask_nonbinary": "mask not binary (binarised at > 128)",
     "mask_empty": "mask empty after binarising at > 128",
-    "mask_label_map": "mask is a label map (three values or more, largest 2-8; image kept without a mask)",
+    "mask_label_map": "mask is a label map (largest value 2-8, not just 0 and it; image kept without a mask)",
     "both_labels": "label rows with melanoma = seborrheic_keratosis = 1 (counted as melanoma)",
     "no_class_labels": "label rows with every class 0 beside a nevus column (left without a class)",
 }

@@ -16,10 +16,12 @@
 from __future__ import annotations
 
 import contextlib
+import copy
 import json
 import math
 import os
 import signal
+import threading
 import time
 from dataclasses import replace
 from pathlib import Path
@@ -286,6 +288,16 @@ def _batch_of_worker(i: int):
     return _WORKER_SEQUENCE.item(i)
 
 
+def _forks_safely() -> bool:
+    """Whether batch workers are forked processes: on Linux. Windows cannot fork, and on macOS a
+    process that has loaded TensorFlow or JAX (many threads) is not safe to fork; there, threads
+    prepare the batches (numpy and Pillow let go of the interpreter for most of the work)."""
+    import multiprocessing
+    import sys
+
+    return sys.platform.startswith("linux") and "fork" in multiprocessing.get_all_start_methods()
+
+
 class BatchSequence(keras.utils.PyDataset):
     """Batches (epoch, step) of epochs first .. end - 1 in order, item i being step i % steps of
     epoch first + i // steps, `processes` processes preparing the next ones (none for one).
@@ -305,14 +317,22 @@ class BatchSequence(keras.utils.PyDataset):
         self._owner = os.getpid()  # the training process; its workers are the other processes
         self._pool = None
         self._ahead: dict = {}  # item -> its future, in the making
+        self._local = threading.local()  # a thread pool's: each thread its own BatchSource
+        self._closed = False  # after close: an item still asked for (a generator's last look) is made here
 
     def __len__(self) -> int:
         return (self.end - self.first) * self.steps
 
-    def item(self, i: int):
-        """Item i, computed in this process."""
-        x, y = self.source.batch(self.first + i // self.steps, i % self.steps)
+    def item(self, i: int, source: BatchSource | None = None):
+        """Item i, computed here (with `source`: that copy of the batch source)."""
+        x, y = (source or self.source).batch(self.first + i // self.steps, i % self.steps)
         return x, {k: y[k] for k in self.keys}
+
+    def _item_in_thread(self, i: int):
+        # BatchSource keeps the order of its last epoch: one copy a thread (the data itself shared)
+        if not hasattr(self._local, "source"):
+            self._local.source = copy.copy(self.source)
+        return self.item(i, self._local.source)
 
     def __getitem__(self, i: int):
         if not 0 <= i < len(self):
@@ -320,27 +340,42 @@ class BatchSequence(keras.utils.PyDataset):
         if os.getpid() != self._owner:  # a process forked from the training one: a worker of its own
             _batch_worker_signals(now=True)
             return self.item(i)
-        if self.processes < 2:
+        if self.processes < 2 or self._closed:
             return self.item(i)
         if self._pool is None:
             import multiprocessing
-            from concurrent.futures import ProcessPoolExecutor
+            from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
 
-            # forked: the workers share the caches' memory maps rather than receive a pickled copy
-            self._pool = ProcessPoolExecutor(self.processes, mp_context=multiprocessing.get_context("fork"),
-                                             initializer=_start_batch_worker, initargs=(self,))
+            if _forks_safely():
+                # forked: the workers share the caches' memory maps rather than receive a pickled copy
+                self._pool = ProcessPoolExecutor(self.processes, mp_context=multiprocessing.get_context("fork"),
+                                                 initializer=_start_batch_worker, initargs=(self,))
+                self._work = _batch_of_worker
+            else:
+                self._pool, self._work = ThreadPoolExecutor(self.processes), self._item_in_thread
         for j in [j for j in self._ahead if j < i]:  # asked again from the start (Keras's look at the first)
             self._ahead.pop(j).cancel()
         for j in range(i, min(i + 2 * self.processes, len(self))):
             if j not in self._ahead:
-                self._ahead[j] = self._pool.submit(_batch_of_worker, j)
+                self._ahead[j] = self._pool.submit(self._work, j)
         return self._ahead.pop(i).result()
 
     def close(self) -> None:
-        """Stop the worker processes (each finishes the batch it is on)."""
-        pool, self._pool, self._ahead = self._pool, None, {}
-        if pool is not None:
-            pool.shutdown(wait=True, cancel_futures=True)
+        """Stop the workers: those on a batch get a few seconds to finish it, then a forked one is
+        stopped by SIGTERM (its default action, see _batch_worker_signals), so that one hung in
+        its batch can never keep the run from ending."""
+        pool, self._pool, self._ahead, self._closed = self._pool, None, {}, True
+        if pool is None:
+            return
+        processes = list((getattr(pool, "_processes", None) or {}).values())
+        pool.shutdown(wait=False, cancel_futures=True)
+        for process in processes:
+            process.join(timeout=10)
+            if process.is_alive():
+                process.terminate()
+                process.join(timeout=10)
+        if not processes:  # threads: each ends with its batch
+            pool.shutdown(wait=True)
 
 
 #: what an epoch is chosen on, per task, on each validation set: the first of these the set gives
@@ -884,8 +919,9 @@ def check_cache_fingerprints(out_dir: Path, tcfg: TrainConfig, paths: list[Path]
     for path, recorded, now in zip(paths, tcfg.cache_fingerprints, fingerprints):
         if now != recorded:
             raise InputError(f"{path}: rebuilt from other data or settings since {out_dir} started (its images, "
-                             "labels or settings changed), and --resume continues the run on the data it began with; "
-                             "start a new run with another --out, or rebuild the cache as it was.")
+                             "labels or settings changed, or a newer dermtool rebuilt it: its rules for reading masks "
+                             "and images change the settings), and --resume continues the run on the data it began "
+                             "with; resume with the cache as it was, or start a new run with another --out.")
 
 
 def check_cache_overlap(train_paths: list[Path], val_paths: list[Path], log) -> None:
@@ -968,7 +1004,7 @@ def _shown(value) -> str:
     """A setting as a message shows it: on/off, "none" for an empty list or no path."""
     if isinstance(value, bool):
         return "on" if value else "off"
-    if value is None or value == [] or value == ():
+    if value is None or value == "" or value == [] or value == ():
         return "none"
     return " ".join(map(str, value)) if isinstance(value, (list, tuple)) else str(value)
 

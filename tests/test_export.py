@@ -777,3 +777,17 @@ def test_format_keras_of_a_run_keeps_the_network_not_the_optimizer(tiny, tmp_pat
     copy.load_weights(str(out / "model.weights.h5"))
     for a, b in zip(copy.get_weights(), model.get_weights()):
         np.testing.assert_array_equal(a, b)
+
+
+def test_a_check_folder_where_no_image_runs_is_one_sentence_naming_it(tmp_path):
+    """Every image failing gave score an empty temporary folder, refused as "the wrong folder"."""
+    from dermtool.errors import InputError
+    from dermtool.export import score_folder
+    from dermtool.modelio import default_model_dir
+    from dermtool.synthetic import write_dataset
+
+    check = write_dataset(tmp_path / "check", 2, rng_seed=1, sizes=[(40, 40)], formats=("png",))
+    for image in (check / "images").iterdir():
+        image.write_bytes(b"not an image")
+    with pytest.raises(InputError, match="no image of the check folder could be run"):
+        score_folder(default_model_dir(), check)

@@ -1467,23 +1467,41 @@ def test_out_holding_masks_no_run_wrote_is_refused_and_they_are_kept(models, few
 
 def test_a_second_run_into_a_folder_being_written_is_refused(models, few_images, tmp_path):
     """Two runs into one --out at once mixed their masks (one run's settings in infer.json, the
-    other's masks on disk) and both exited 0."""
-    from dermtool.infer import _lock_folder
+    other's masks on disk) and both exited 0. The parts of one sharded run still share a folder;
+    a whole run, or parts of another N, cover the same images and wait."""
+    from dermtool.infer import _let_go, _lock_folder
 
     out = tmp_path / "out"
     out.mkdir()
-    path, lock = _lock_folder(out, (1, 1))  # as a run writing the folder holds it
+
+    def run(*extra):
+        result = infer(few_images, "--out", out, "--model", models["joint"], *extra)
+        return result.exit_code, " ".join(result.output.split())
+
+    held = _lock_folder(out, (1, 1))  # as a run of the whole folder holds it
     try:
-        result = infer(few_images, "--out", out, "--model", models["joint"])
-        assert result.exit_code == 2, result.output
-        assert "another dermtool infer is writing this folder now" in " ".join(result.output.split())
+        for extra in ((), ("--shard", "1/2")):
+            code, text = run(*extra)
+            assert code == 2 and "another dermtool infer is writing this folder now" in text, text
         assert not (out / "predictions.csv").exists()
-        part = infer(few_images, "--out", out, "--model", models["joint"], "--shard", "1/2")
-        assert part.exit_code == 0, part.output  # a shard writes its own part beside the others
     finally:
-        lock.close()
-    assert infer(few_images, "--out", out, "--model", models["joint"]).exit_code == 0
-    assert not path.exists() and not (out / ".infer.shard1of2.json.lock").exists()
+        for path, lock in held:
+            _let_go(path, lock)
+    held = _lock_folder(out, (1, 2))  # as part 1 of 2 holds them
+    try:
+        code, text = run("--shard", "2/2")  # the other part of the same run
+        assert code == 0, text
+        code, text = run()
+        assert code == 2 and "another dermtool infer is writing this folder now" in text, text
+        code, text = run("--shard", "1/3")
+        assert code == 2 and "a run of other --shard parts (--shard 1/2) is writing this folder now" in text, text
+        code, text = run("--shard", "1/2")
+        assert code == 2 and "another dermtool infer is writing this folder now" in text, text
+    finally:
+        for path, lock in held:
+            _let_go(path, lock)
+    assert run()[0] == 0
+    assert not [p.name for p in out.iterdir() if p.name.endswith(".lock")]  # the last holder removes each
 
 
 def test_resume_drops_the_row_of_an_image_whose_redo_failed(models, few_images, tmp_path):

@@ -721,3 +721,11 @@ def test_a_bad_row_after_blank_lines_is_named_by_its_row_in_the_file(tmp_path):
     truth.write_text("image_id,melanoma,seborrheic_keratosis\nISIC_0000000,1,0\n\n\nISIC_0000001,0,0\nISIC_0000002,x,0\n")
     with pytest.raises(InputError, match="non-numeric melanoma value 'x' at row 6"):
         io.read_class_csv(truth, role="truth")
+
+
+def test_a_bad_label_after_blank_lines_is_named_by_its_row_in_the_file(tmp_path):
+    pred = tmp_path / "pred.csv"
+    pred.write_text("image_id,melanoma,seborrheic_keratosis,label\nA,0.6,0.1,melanoma\n\n\nB,0.2,0.1,nevus\n"
+                    "C,0.1,0.1,nevusX\n")
+    with pytest.raises(InputError, match="label 'nevusX' at row 6"):
+        io.read_label_column(pred)

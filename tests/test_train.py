@@ -1427,3 +1427,32 @@ def test_a_resume_refused_for_a_missing_checkpoint_says_so_and_changes_nothing(c
     result = cli("train", "--out", out, "--resume", "--epochs", 3)
     assert result.exit_code == 2 and "the checkpoint of epoch 1 is missing" in " ".join(result.output.split())
     assert (out / "config.json").read_text() == config and (out / "command.txt").read_text() == command
+
+
+def test_batch_workers_are_threads_where_forking_is_not_safe(caches, monkeypatch):
+    """On Windows (no fork) --workers 2 stopped with "cannot find context for 'fork'", and macOS
+    forked a process holding TensorFlow's threads; there the batches come from threads, the same
+    batches, each thread with its own copy of the batch source."""
+    from dermtool import train as train_module
+    from dermtool.dataset import TrainingSet
+
+    data = TrainingSet([load_cache(caches)], [False])
+    cfg, tcfg = tiny("seg"), TrainConfig(batch_size=4, epochs=2, augment="flips")
+    plain, _ = train_module.training_dataset(data, cfg, tcfg, workers=1)
+    monkeypatch.setattr(train_module, "_forks_safely", lambda: False)
+    threaded, _ = train_module.training_dataset(data, cfg, tcfg, workers=2)
+    try:
+        for i in range(len(plain)):
+            (x, y), (tx, ty) = plain[i], threaded[i]
+            np.testing.assert_array_equal(x, tx)
+            np.testing.assert_array_equal(y["seg"], ty["seg"])
+        assert not multiprocessing_children()
+    finally:
+        threaded.close()
+    assert threaded[0][0].shape == plain[0][0].shape  # asked after close: made in the caller's thread
+
+
+def multiprocessing_children():
+    import multiprocessing
+
+    return multiprocessing.active_children()
