@@ -14,6 +14,7 @@ import errno
 import json
 import os
 import signal
+import stat
 import threading
 import time
 from collections import deque
@@ -412,7 +413,8 @@ def _take_lock(path: Path, exclusive: bool, busy: str):
         if path.is_symlink() or (path.exists() and not path.is_file()):
             raise InputError(f"{path}: is a link, a folder or another special file where infer keeps its lock; remove "
                              "it, then run again.")
-        lock = os.fdopen(os.open(path, os.O_RDWR | os.O_CREAT | getattr(os, "O_NOFOLLOW", 0), 0o644), "r+")
+        flags = os.O_RDWR | os.O_CREAT | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_NONBLOCK", 0)
+        lock = os.fdopen(os.open(path, flags, 0o644), "r+")
         try:
             fcntl.flock(lock.fileno(), (fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH) | fcntl.LOCK_NB)
         except BlockingIOError:
@@ -434,15 +436,21 @@ def _is_held(path: Path) -> bool:
     """Whether a run holds the lock file `path` alone now."""
     import fcntl
 
-    try:
-        with open(path, "rb") as fh:
-            try:
-                fcntl.flock(fh.fileno(), fcntl.LOCK_SH | fcntl.LOCK_NB)
-            except BlockingIOError:
-                return True
-            return False
+    try:  # never through a link, and a FIFO planted there is not waited on
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_NONBLOCK", 0))
     except OSError:
         return False
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            return False
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        return False
+    except BlockingIOError:
+        return True
+    except OSError:
+        return False
+    finally:
+        os.close(fd)
 
 
 def _let_go(path: Path, lock) -> None:

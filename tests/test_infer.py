@@ -1530,3 +1530,15 @@ def test_an_out_that_is_a_link_to_nothing_says_so(models, few_images, tmp_path, 
         out.symlink_to(tmp_path / "missing" / "x")
     result = infer(few_images, "--out", out, "--model", models["joint"])
     assert result.exit_code == 2 and "is a link to nothing (or a loop of links)" in " ".join(result.output.split())
+
+
+@pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="needs FIFOs")
+def test_a_fifo_planted_as_a_lock_is_never_waited_on(models, few_images, tmp_path):
+    out = tmp_path / "out"
+    out.mkdir()
+    os.mkfifo(out / ".infer.shard1of3.json.lock")  # another N's part lock: looked at, not opened to wait
+    result = infer(few_images, "--out", out, "--model", models["joint"], "--shard", "1/2")
+    assert result.exit_code == 0, result.output
+    os.mkfifo(out / ".infer.lock")
+    result = infer(few_images, "--out", out, "--model", models["joint"])
+    assert result.exit_code == 2 and "another special file where infer keeps its lock" in " ".join(result.output.split())
