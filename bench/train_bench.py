@@ -71,6 +71,9 @@ PRESETS = {
     # name: (preprocess options, train options)
     "compact@160": (["--size", "160"], ["--preset", "compact", "--size", "160"]),
     "compact@256": (["--size", "256"], ["--preset", "compact", "--size", "256"]),
+    # the same steps with the batches from 2 worker processes (dermtool's own pool) instead of the
+    # one tf.data worker: time it beside compact@160 (--presets compact@160 "compact@160 workers 2")
+    "compact@160 workers 2": (["--size", "160"], ["--preset", "compact", "--size", "160", "--workers", "2"]),
     "thesis@572->388": (["--size", "388", "--fit", "pad", "--margin", "92"], ["--preset", "thesis"]),
 }
 
