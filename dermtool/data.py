@@ -20,7 +20,7 @@ import numpy as np
 
 from dermtool import CLASS_NAMES
 from dermtool.errors import InputError
-from dermtool.io import FORMULA_STARTS, claim, formula_name, read_csv_rows, read_json
+from dermtool.io import FORMULA_STARTS, claim, formula_name, id_key, read_csv_rows, read_json
 from dermtool.preprocess import IMAGE_EXTENSIONS, Transform
 
 # Files the ISIC downloads keep beside the images that are not images to segment.
@@ -437,14 +437,6 @@ class CacheReport:
         for n in _CHECKS:
             items = checks.get(n, [])
             setattr(self, n, [tuple(i) if isinstance(i, list) else i for i in items])
-
-
-def id_key(image_id: str) -> str:
-    """An id as ids are compared: in Unicode's composed form (NFC), so that é typed as one
-    character and é as e + accent (as macOS writes names) are one id, as `unique_ids` counts them."""
-    import unicodedata
-
-    return unicodedata.normalize("NFC", image_id)
 
 
 def keep_ids(paths: list[Path], labels: dict, ids: list[str], folder: Path) -> tuple[list[Path], dict]:

@@ -589,13 +589,18 @@ def _predict_folder(images_dir: Path, out_dir: Path, model_dir: Path | None, opt
     summary.load_seconds = time.perf_counter() - started
     started = time.perf_counter()  # images/s counts the pipeline, not the one-off model load
     summary.device, summary.skipped = _device(model.name), len(paths) - len(todo)
-    if opts.shard == (1, 1) and opts.ids is None and out_dir.is_dir():
+    if out_dir.is_dir():  # masks score would take for this run's predictions
         this_run = {image_id_of(p) for p in paths}
-        left = sorted(p.name[:-len(MASK_SUFFIX)] for p in out_dir.glob(f"*{MASK_SUFFIX}")
-                      if p.name[:-len(MASK_SUFFIX)] not in this_run)
-        if left:  # score would take them for predictions of those ids
+        masks = [p.name[:-len(MASK_SUFFIX)] for p in out_dir.glob(f"*{MASK_SUFFIX}")]
+        left = sorted(i for i in masks if i not in this_run) if opts.shard == (1, 1) else []  # parts share a folder
+        if left:
             log(f"note: {out_dir} holds {len(left)} mask(s) of images not in this run ({first_few(left)}), left by an "
                 "earlier run; predictions.csv lists only this run's images, so write to a fresh --out to keep them apart")
+        own = sorted(i for i in masks if i in this_run) if not cfg.has_seg else []
+        if own:
+            log(f"note: {out_dir} holds {len(own)} mask(s) of this run's images ({first_few(own)}) from an earlier run; "
+                "this model writes none, so score --pred-masks would take that run's masks for this one's: write to a "
+                "fresh --out to keep them apart")
     out_dir.mkdir(parents=True, exist_ok=True)
     if not held:  # a folder made just now
         held.extend(_lock_folder(out_dir, opts.shard))

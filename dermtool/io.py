@@ -86,6 +86,13 @@ def formula_name(path: Path, csv_name: str) -> str:
     return ""
 
 
+def id_key(image_id: str) -> str:
+    """An id as ids are compared: in Unicode's composed form (NFC), so that é typed as one
+    character and é as e + accent (as macOS writes names) are one id, as `data.unique_ids` counts
+    them, in --ids lists, merge's checks and score alike."""
+    return unicodedata.normalize("NFC", image_id)
+
+
 def first_few(ids: list[str]) -> str:
     """The first few ids, comma separated, with "..." when there are more."""
     shown = ", ".join(ids[:_IDS_SHOWN])

@@ -75,7 +75,8 @@ def score(
         segmentation = score_segmentation(pred_masks, truth_masks, bootstrap=bootstrap, seed=seed)
     mean_performance, mean_note = None, None
     if classification is not None and segmentation is not None:
-        seg_ids, cls_ids = set(segmentation["per_image"]), set(classification["per_image"])
+        seg_ids = {io.id_key(i) for i in segmentation["per_image"]}
+        cls_ids = {io.id_key(i) for i in classification["per_image"]}
         common = seg_ids & cls_ids
         if not common:
             mean_note = (f"no mean performance: the {len(seg_ids)} truth masks and the {len(cls_ids)} rows of the "
@@ -217,6 +218,7 @@ def decision_scores(pred_csv: Path, ids: list[str], y_true: np.ndarray, y_argmax
     labels = io.read_label_column(Path(pred_csv))
     if labels is None:
         return None
+    labels = _by_truth_id(labels, ids)
     y_pred = np.array([CLASS_NAMES.index(labels[image_id]) for image_id in ids], dtype=np.int64)
     cm = metrics.confusion_matrix(y_true, y_pred, n_classes=len(CLASS_NAMES))
     return {
@@ -229,6 +231,17 @@ def decision_scores(pred_csv: Path, ids: list[str], y_true: np.ndarray, y_argmax
     }
 
 
+def _by_truth_id(table: dict, truth_ids) -> dict:
+    """`table` (keyed by the predictions' ids) keyed by the truth's ids where the two name one image
+    in two Unicode forms (é as one character, or e + accent as macOS writes names)."""
+    keyed = {io.id_key(k): v for k, v in table.items()}
+    out = dict(table)
+    for image_id in truth_ids:
+        if image_id not in out and io.id_key(image_id) in keyed:
+            out[image_id] = keyed[io.id_key(image_id)]
+    return out
+
+
 def class_arrays(pred_csv: Path, truth_csv: Path) -> tuple[list[str], np.ndarray, np.ndarray]:
     """(truth ids in file order, true class indices, predicted probabilities (N, 3)) of two CSVs.
 
@@ -237,6 +250,7 @@ def class_arrays(pred_csv: Path, truth_csv: Path) -> tuple[list[str], np.ndarray
     truth = io.read_class_csv(Path(truth_csv), role="truth")
     pred = io.read_class_csv(Path(pred_csv), role="predictions")
     ids = list(truth)
+    pred = _by_truth_id(pred, ids)  # an id in the other Unicode form is the same image
     missing = [image_id for image_id in ids if image_id not in pred]
     if missing:
         raise InputError(
@@ -276,9 +290,10 @@ def score_segmentation(
             f"The predicted mask folder {pred_masks} has no files named <image_id>{io.MASK_SUFFIX} "
             "(the names dermtool infer writes); is it the right folder?"
         )
+    n_pred, pred_paths = len(pred_paths), _by_truth_id(pred_paths, truth_paths)
     if not pred_paths.keys() & truth_paths.keys():
         raise InputError(
-            f"None of the {len(pred_paths)} predicted masks in {pred_masks} names an image of the "
+            f"None of the {n_pred} predicted masks in {pred_masks} names an image of the "
             f"{len(truth_paths)} truth masks in {truth_masks} (e.g. {list(pred_paths)[0]} "
             f"against {list(truth_paths)[0]}); is it the right folder?"
         )

@@ -19,7 +19,7 @@ from typing import Mapping
 import numpy as np
 
 from dermtool import CLASS_NAMES
-from dermtool.data import find_images, image_id_of, unique_ids
+from dermtool.data import find_images, id_key, image_id_of, unique_ids
 from dermtool.decision import check_threshold, decide
 from dermtool.errors import InputError
 from dermtool.io import FORMULA_STARTS, first_few, read_csv_rows, read_json, write_csv_atomic
@@ -355,8 +355,12 @@ def _check_same_ids(records: dict[Path, dict], out_dir: Path) -> None:
     if not known:
         return
     first, ids = known[0]
+
+    def keys(listed):  # one id in either Unicode form, as infer --ids matches them
+        return None if listed is None else [id_key(i) for i in listed]
+
     for path, other in known[1:]:
-        if other != ids:
+        if keys(other) != keys(ids):
             raise InputError(f"{path}: this shard ran on {_selection(other)}, {first.name} on {_selection(ids)}; "
                              f"rerun the shards with one --ids list (or none) into a fresh --out, then merge again.")
 
@@ -462,24 +466,27 @@ def _check_complete(images_dir: Path | None, listed: list | None, rows: dict, so
     """Every image id the shards were to do has a row and no other id has: the ids of the folder
     (`images_dir`), of the run's --ids list (`listed`), or of both when both are known. Returns
     the files that failed in their shard (they have no row)."""
+    # compared by id_key: an --ids list in the other Unicode form names the same images, as infer
+    # matched them; the rows are named by their files' own ids
     failed = sorted({f for r in records.values() for f in r.get("failed", [])})
-    excused = {image_id_of(Path(f)) for f in failed}
-    wanted = None if listed is None else set(listed)
+    excused = {id_key(image_id_of(Path(f))) for f in failed}
+    row_of = {id_key(i): i for i in rows}
+    wanted = None if listed is None else {id_key(i) for i in listed}
     if images_dir is not None:
         kept, _ = unique_ids(find_images(images_dir))
-        in_folder = {image_id_of(p) for p in kept}
-        extra = sorted(set(rows) - in_folder)
+        in_folder = {id_key(image_id_of(p)) for p in kept}
+        extra = sorted(row_of[k] for k in set(row_of) - in_folder)
         if extra:
             raise InputError(f"{source[extra[0]]}: {len(extra)} row(s) are of images not in {images_dir} "
                              f"({first_few(extra)}): removed since the shards ran, or rows added to the part; remove "
                              f"those rows, or rerun the shards into a fresh --out, then merge again.")
         wanted = in_folder if wanted is None else wanted & in_folder
-    extra = sorted(set(rows) - wanted)
+    extra = sorted(row_of[k] for k in set(row_of) - wanted)
     if extra:  # in the folder, but not on the run's list
         raise InputError(f"{source[extra[0]]}: {len(extra)} row(s) are of images not on the shards' --ids list "
                          f"({first_few(extra)}); remove those rows, or rerun the shards into a fresh --out, then merge "
                          "again.")
-    missing = sorted(wanted - set(rows) - excused)
+    missing = sorted(wanted - set(row_of) - excused)
     if missing:
         where = images_dir if images_dir is not None else out_dir
         also = " --ids LIST (the shards' id list)" if listed is not None else ""

@@ -1542,3 +1542,29 @@ def test_a_fifo_planted_as_a_lock_is_never_waited_on(models, few_images, tmp_pat
     os.mkfifo(out / ".infer.lock")
     result = infer(few_images, "--out", out, "--model", models["joint"])
     assert result.exit_code == 2 and "another special file where infer keeps its lock" in " ".join(result.output.split())
+
+
+def test_merge_takes_shards_of_an_ids_list_in_the_other_unicode_form(models, few_images, tmp_path):
+    """infer --ids matched an NFD list to NFC files, and merge then refused its own parts: "rows
+    of images not on the shards' --ids list (café)"."""
+    import unicodedata
+
+    shutil.copy(few_images / "wide.jpg", few_images / (unicodedata.normalize("NFC", "café") + ".jpg"))
+    ids = tmp_path / "ids.txt"
+    ids.write_text(unicodedata.normalize("NFD", "café") + "\ngray\n", encoding="utf-8")
+    out = tmp_path / "out"
+    for k in (1, 2):
+        assert infer(few_images, "--out", out, "--model", models["joint"], "--ids", ids, "--shard", f"{k}/2").exit_code == 0
+    result = runner.invoke(app, ["merge", str(out)])
+    assert result.exit_code == 0, result.output
+    assert sorted(unicodedata.normalize("NFC", i) for i in rows_by_id(out / "predictions.csv")) == ["café", "gray"]
+
+
+def test_a_classifier_into_a_folder_of_earlier_masks_says_score_would_mix_them(models, few_images, tmp_path):
+    """A cls model run after a joint one into the same --out left the joint run's masks, and
+    score then joined that run's JAC with this one's BACC, without a word."""
+    out = tmp_path / "out"
+    assert infer(few_images, "--out", out, "--model", models["joint"]).exit_code == 0
+    result = infer(few_images, "--out", out, "--model", models["cls"])
+    assert result.exit_code == 0, result.output
+    assert "holds 3 mask(s) of this run's images (gray, tall, wide) from an earlier run" in " ".join(result.output.split())

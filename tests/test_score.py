@@ -729,3 +729,24 @@ def test_a_bad_label_after_blank_lines_is_named_by_its_row_in_the_file(tmp_path)
                     "C,0.1,0.1,nevusX\n")
     with pytest.raises(InputError, match="label 'nevusX' at row 6"):
         io.read_label_column(pred)
+
+
+def test_ids_in_the_other_unicode_form_are_the_same_image(tmp_path):
+    """A truth CSV written on macOS (é as e + accent) did not score against dermtool's own output
+    (é as one character): "has no row for 1 image(s) ... café"."""
+    import unicodedata
+
+    nfc, nfd = (unicodedata.normalize(form, "café") for form in ("NFC", "NFD"))
+    truth = write_csv(tmp_path / "truth.csv", list(io.REQUIRED_COLUMNS), [[nfd, 1.0, 0.0], ["b", 0.0, 0.0]])
+    pred = write_csv(tmp_path / "pred.csv", [*io.REQUIRED_COLUMNS, "label"],
+                     [[nfc, 0.8, 0.1, "melanoma"], ["b", 0.1, 0.1, "nevus"]])
+    truth_dir, pred_dir = tmp_path / "tm", tmp_path / "pm"
+    truth_dir.mkdir()
+    pred_dir.mkdir()
+    write_mask(truth_dir / f"{nfd}_segmentation.png", np.ones((4, 4), bool))
+    write_mask(pred_dir / f"{nfc}_segmentation.png", np.ones((4, 4), bool))
+    result = score(pred, truth, pred_dir, truth_dir)
+    assert result["classification"]["per_image"][nfd] == {"true": "melanoma", "pred": "melanoma"}
+    assert result["classification"]["decision"]["bacc"] == 1.0
+    assert result["segmentation"]["per_image"] == {nfd: 1.0}
+    assert result["mean_performance_note"].endswith("1 of them in both")  # café in both, by either form
