@@ -305,7 +305,8 @@ class BatchSequence(keras.utils.PyDataset):
     `BatchSource.batch` is a pure function of (seed, epoch, step), so each process computes its
     items alone and the run is the same batch for batch as the tf.data stream's. Keras reads the
     items one after the other in one thread, across every epoch, and the sequence keeps the
-    next 2 x `processes` of them in the making in its own pool of forked processes: Keras's own
+    next 2 x `processes` of them in the making in its own pool of forked processes (threads where
+    forking is not safe, `_forks_safely`): Keras's own
     pool (its workers option) starts its items again from 0 at every epoch, so each epoch after
     the first trained again on the first epoch's batches. `close` stops the pool.
     """
