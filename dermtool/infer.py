@@ -409,7 +409,8 @@ def _take_lock(path: Path, exclusive: bool, busy: str):
     last holder as this run opened it is opened again."""
     import fcntl
 
-    for _ in range(3):
+    waits = 0 if exclusive else 10  # a part ending lets go through a brief exclusive hold (_let_go)
+    for _ in range(3 + waits):
         if path.is_symlink() or (path.exists() and not path.is_file()):
             raise InputError(f"{path}: is a link, a folder or another special file where infer keeps its lock; remove "
                              "it, then run again.")
@@ -419,6 +420,10 @@ def _take_lock(path: Path, exclusive: bool, busy: str):
             fcntl.flock(lock.fileno(), (fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH) | fcntl.LOCK_NB)
         except BlockingIOError:
             lock.close()
+            if waits:
+                waits -= 1
+                time.sleep(0.1)
+                continue
             raise InputError(busy) from None
         except OSError:  # a file system without locks (some network mounts): the run goes on unlocked
             lock.close()
