@@ -353,16 +353,17 @@ def _process_one(path: Path, mask_path: Path | None, size: int, fit: str, border
         if mask_path is not None:
             raw = read_mask_values(mask_path)
             t = item.transform
-            if is_label_map(raw):  # class numbers, not a lesion: kept without a mask (score refuses it)
+            lesion = two_valued_lesion(raw)  # one scan of the mask for the three questions below
+            if is_label_map(raw, lesion):  # class numbers, not a lesion: kept without a mask (score refuses it)
                 item.mask_problem = "label_map"
                 return item
             if raw.shape[:2] != (t.orig_h, t.orig_w):
                 item.mask_problem = "size"
-            elif two_valued_lesion(raw) is not None:  # 0/1, 0/128 ...: the value is the lesion
+            elif lesion is not None:  # 0/1, 0/128 ...: the value is the lesion
                 item.mask_problem = "zero_one"
             elif not np.isin(raw, (0, 255)).all():
                 item.mask_problem = "nonbinary"
-            mask = binarise_mask(raw)
+            mask = binarise_mask(raw, lesion)
             if raw.any() and not mask.any():  # e.g. grey levels all at 128 or below
                 item.mask_problem = "empty"
             if mask.shape != (t.orig_h, t.orig_w):  # still usable: scale it onto the image's grid

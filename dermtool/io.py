@@ -477,20 +477,22 @@ def is_zero_one(values: np.ndarray) -> bool:
 LABEL_MAP_MAX = 8
 
 
-def is_label_map(values: np.ndarray) -> bool:
+def is_label_map(values: np.ndarray, lesion: float | None | str = "find") -> bool:
     """True for a label map: largest value 2 to LABEL_MAP_MAX, and not a mask of 0 and that value
     alone (0/1/2, 1/2: class numbers, not a lesion mask). Binarising it at > 128 would read it as empty, so `score` refuses it and
     `preprocess` keeps its image without a mask. Two values 0 and v are a lesion mask
     (`two_valued_lesion`), as the ISIC scorer reads them."""
-    return (values.size > 0 and 1 < float(values.max()) <= LABEL_MAP_MAX
-            and two_valued_lesion(values) is None)
+    if not (values.size > 0 and 1 < float(values.max()) <= LABEL_MAP_MAX):
+        return False
+    return (two_valued_lesion(values) if lesion == "find" else lesion) is None
 
 
-def binarise_mask(values: np.ndarray) -> np.ndarray:
+def binarise_mask(values: np.ndarray, lesion: float | None | str = "find") -> np.ndarray:
     """Mask values -> boolean foreground, as the ISIC scorer reads a mask: a mask of 0 and one
     other value v has foreground = v (`two_valued_lesion`); any other, value > 128 (the ISIC
-    threshold, which also reads a soft or JPEG-damaged mask)."""
-    lesion = two_valued_lesion(values)
+    threshold, which also reads a soft or JPEG-damaged mask). `lesion`: `two_valued_lesion(values)`
+    when the caller has it already (one scan of the mask, not one a question)."""
+    lesion = two_valued_lesion(values) if lesion == "find" else lesion
     return values == lesion if lesion is not None else values > MASK_THRESHOLD
 
 

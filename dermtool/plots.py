@@ -341,13 +341,10 @@ def _challenge_table(challenge: dict[str, dict] | None) -> dict[str, Any] | None
     """The ISIC 2017 scorer's figures (score.challenge_scores) as the terminal shows them."""
     if not challenge:
         return None
-    from dermtool.metrics import CHALLENGE_SENSITIVITIES
+    from dermtool.score import CHALLENGE_COLUMNS
 
-    keys = ["accuracy", "sensitivity", "specificity", "average_precision",
-            *(f"spec_at_sens_{round(t * 100)}" for t in CHALLENGE_SENSITIVITIES), "auc"]
-    header = ["class", "ACC", "SE", "SP", "AP", *(f"SP@{round(t * 100)}" for t in CHALLENGE_SENSITIVITIES), "AUC"]
-    return {"header": header,
-            "rows": [(DISPLAY_NAMES.get(name, name), *(_fmt(figures[k]) for k in keys))
+    return {"header": ["class", *CHALLENGE_COLUMNS],
+            "rows": [(DISPLAY_NAMES.get(name, name), *(_fmt(figures[k]) for k in CHALLENGE_COLUMNS.values()))
                      for name, figures in challenge.items()]}
 
 

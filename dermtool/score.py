@@ -175,6 +175,12 @@ def score_classification(
 CHALLENGE_CUT = 0.5
 
 
+#: the challenge table's columns, as the terminal and the score page show them: header -> figure
+CHALLENGE_COLUMNS = {"ACC": "accuracy", "SE": "sensitivity", "SP": "specificity", "AP": "average_precision",
+                     **{f"SP@{round(t * 100)}": f"spec_at_sens_{round(t * 100)}" for t in metrics.CHALLENGE_SENSITIVITIES},
+                     "AUC": "auc"}
+
+
 def challenge_scores(y_true: np.ndarray, pred_probs: np.ndarray) -> dict[str, dict]:
     """The ISIC 2017 Part 3 scorer's figures: melanoma and seborrheic keratosis each alone, on
     its own probability column, and their mean.
@@ -354,11 +360,12 @@ def _read_mask(path: Path) -> tuple[np.ndarray, bool]:
     """A mask as booleans, and whether it was stored as 0 and one value v other than 255 (0/1,
     0/128 ...: v = lesion, as the ISIC scorer reads it)."""
     values = io.read_mask_values(path)
-    if io.is_label_map(values):
+    lesion = io.two_valued_lesion(values)
+    if io.is_label_map(values, lesion):
         found = ", ".join(f"{v:g}" for v in np.unique(values)[:6])
         raise InputError(f"The mask file {path} has the values {found}: a label map, not a lesion mask "
                          "(0 and 255, or 0 and one other value); > 128 would read it as empty.")
-    return io.binarise_mask(values), io.two_valued_lesion(values) is not None
+    return io.binarise_mask(values, lesion), lesion is not None
 
 
 def _check_same_size(pred: np.ndarray, truth: np.ndarray, pred_path: Path, truth_path: Path) -> None:
@@ -461,15 +468,13 @@ def _render_classification(cls: dict[str, Any], console) -> None:
 def _render_challenge(challenge: dict[str, dict], console) -> None:
     """The ISIC 2017 scorer's figures (each class on its own column, called at > 0.5)."""
     table = Table(title="ISIC 2017 challenge figures (each class alone, called at p > 0.5)", title_justify="left")
-    columns = {"ACC": "accuracy", "SE": "sensitivity", "SP": "specificity", "AP": "average_precision"}
-    columns.update({f"SP@{round(t * 100)}": f"spec_at_sens_{round(t * 100)}" for t in metrics.CHALLENGE_SENSITIVITIES})
-    columns["AUC"] = "auc"
     table.add_column("class")
-    for column in columns:
+    for column in CHALLENGE_COLUMNS:
         table.add_column(column, justify="right")
     for name, figures in challenge.items():
         # three digits: nine columns in an 80-column terminal
-        table.add_row({"seborrheic_keratosis": "seb. ker."}.get(name, name), *(_fmt(figures[key], 3) for key in columns.values()))
+        table.add_row({"seborrheic_keratosis": "seb. ker."}.get(name, name),
+                      *(_fmt(figures[key], 3) for key in CHALLENGE_COLUMNS.values()))
     console.print(table)
 
 

@@ -40,7 +40,7 @@ from dermtool.dataset import targets
 from dermtool.errors import InputError
 from dermtool.io import open_append, read_json
 from dermtool.modelio import load_model
-from dermtool.validation import predict_cache, selection_metric, validation_metrics, validation_targets
+from dermtool.validation import FALLBACK_METRICS, predict_cache, selection_metric, validation_metrics, validation_targets
 
 
 def check_cache(cache: Cache, cfg: ModelConfig, log) -> bool:
@@ -379,8 +379,6 @@ class BatchSequence(keras.utils.PyDataset):
             pool.shutdown(wait=True)
 
 
-#: what an epoch is chosen on, per task, on each validation set: the first of these the set gives
-FALLBACK_METRICS = {"seg": ("jac",), "cls": ("bacc", "mel_auc"), "joint": ("mean_performance", "jac", "mel_auc", "bacc")}
 
 
 MULTIWORKER_REMOVED = (

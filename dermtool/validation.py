@@ -76,5 +76,10 @@ def validation_metrics(pred: dict, truth: dict, cfg: ModelConfig, prefix: str = 
     return result
 
 
+#: what an epoch is chosen on, per task, on each validation set: the first of these the set gives
+#: (a joint run's set of masks alone its JAC, of labels alone or without full labels its melanoma AUC)
+FALLBACK_METRICS = {"seg": ("jac",), "cls": ("bacc", "mel_auc"), "joint": ("mean_performance", "jac", "mel_auc", "bacc")}
+
+
 def selection_metric(cfg: ModelConfig) -> str:
-    return {"seg": "val_jac", "cls": "val_bacc", "joint": "val_mean_performance"}[cfg.task]
+    return "val_" + FALLBACK_METRICS[cfg.task][0]

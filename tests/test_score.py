@@ -633,9 +633,14 @@ def test_challenge_figures_call_each_class_alone_above_one_half(tmp_path):
     assert challenge["melanoma"] == pytest.approx(melanoma)
     assert challenge["seborrheic_keratosis"] == pytest.approx(keratosis)
     assert challenge["mean"] == pytest.approx({k: (melanoma[k] + keratosis[k]) / 2 for k in melanoma})
-    shown = run_score({"pred": pred, "truth": truth}, masks=False)
+    shown = run_score({"pred": pred, "truth": truth}, "--plots", str(tmp_path / "plots"), masks=False)
     assert shown.exit_code == 0, shown.output
-    assert "ISIC 2017 challenge figures" in shown.output and "0.7500" in shown.output
+    assert "ISIC 2017 challenge figures" in shown.output
+    # the terminal and the page: melanoma's row, ACC SE SP AP SP@82 SP@89 SP@95 AUC, three digits
+    assert "│ melanoma │ 0.667 │ 0.500 │ 0.750 │ 0.750 │ 0.500 │ 0.500 │ 0.500 │ 0.750 │" in " ".join(shown.output.split())
+    page = " ".join((tmp_path / "plots" / "score.html").read_text().split())
+    assert ("<tr><td>melanoma</td><td>0.667</td><td>0.500</td><td>0.750</td><td>0.750</td><td>0.500</td>"
+            "<td>0.500</td><td>0.500</td><td>0.750</td></tr>") in page
 
 
 def test_specificity_at_sensitivity_skips_points_in_equal_steps_as_the_isic_scorer():
