@@ -10,11 +10,11 @@ from pathlib import Path
 from typing import Optional
 
 import typer
-from rich.console import Console
 from rich.markup import escape
 
 from dermtool import __version__
 from dermtool.errors import InputError, write_failure
+from dermtool.terminal import Console
 
 app = typer.Typer(
     name="dermtool",
@@ -690,7 +690,6 @@ def calibrate_cli(
     Example: dermtool calibrate runs/joint --preds val/isic/predictions.csv --truth isic_val.csv
     --preds val/ham/predictions.csv --truth ham_val.csv --sensitivity 0.85
     """
-    from rich.console import Console
 
     from dermtool.calibrate import calibrate, render
 
@@ -941,7 +940,6 @@ def score_cli(
     ),
 ) -> None:
     """Score predictions against ground truth with the ISIC 2017 conventions."""
-    from rich.console import Console
     from dermtool.score import render, score, write_json
 
     # Paths are checked in score() rather than by typer's exists=True, so that a missing file

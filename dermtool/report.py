@@ -4,9 +4,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
+
+from dermtool.terminal import Console
 
 console = Console(stderr=True)
 

@@ -199,3 +199,19 @@ def test_a_config_json_that_nests_too_deeply_is_one_line(model, images, tmp_path
     (folder / "config.json").write_text("[" * 200000)
     result = cli("infer", images, "--out", tmp_path / "o", "--model", folder)
     assert result.exit_code == 2 and "nests too deeply" in result.output and "Traceback" not in result.output
+
+
+def test_control_characters_from_a_csv_reach_the_terminal_as_escapes(tmp_path):
+    """An id holding escape sequences (clear the screen, retitle the window) and a bidi override
+    is named in the error as visible escapes, not sent to the terminal to obey."""
+    from dermtool.terminal import printable
+
+    bad = "ba\x1b]0;title\x07d\x1b[2J\u202ex\x9b2J"
+    (tmp_path / "p.csv").write_text(f"image_id,melanoma,seborrheic_keratosis\nok,0.1,0.2\n{bad},0.1,0.2\n{bad},0.1,0.2\n")
+    (tmp_path / "t.csv").write_text("image_id,melanoma,seborrheic_keratosis\nok,0,0\n")
+    result = cli("score", tmp_path / "p.csv", tmp_path / "t.csv")
+    assert result.exit_code == 2
+    said = " ".join(result.output.split())
+    assert "repeats image_id ba\\x1b]0;title\\x07d\\x1b[2J\\u202ex\\x9b2J at row 4" in said
+    assert not any(c in result.output for c in "\x1b\x07\x9b\u202e")
+    assert printable("a\tb\nc\u2028\x7f") == "a\tb\nc\\u2028\\x7f"

@@ -1,0 +1,34 @@
+"""What dermtool prints to a terminal: text from files made visible, never obeyed.
+
+Messages repeat names and values read from files (an id in a CSV row, a folder's name). A
+terminal obeys the control characters among them: an escape sequence in a hand-edited CSV
+could clear the screen, retitle the window or hide the rest of the line, and a bidi override
+would show the text in another order. rich drops a few of them (BEL, BS, VT, FF, CR) and passes
+the rest (ESC, C1's CSI) through, so every console of the CLI is a `Console` that writes them
+as the escapes Python's repr uses instead.
+"""
+
+from __future__ import annotations
+
+import re
+
+from rich.console import Console as _RichConsole
+
+#: every character of Unicode's categories Cc (C0, DEL, C1), Zl and Zp but newline and tab, and
+#: the bidi embedding, override and isolate marks (category Cf), which reorder what follows
+_HIDDEN = re.compile(r"[\x00-\x08\x0b-\x1f\x7f-\x9f\u2028\u2029\u061c\u200e\u200f\u202a-\u202e\u2066-\u2069]")
+
+
+def printable(text: str) -> str:
+    """`text` with every control character but newline and tab, every line or paragraph
+    separator and every bidi mark written as its escape (ESC as \\x1b, U+202E as \\u202e)."""
+    return _HIDDEN.sub(lambda m: m.group().encode("unicode_escape").decode("ascii"), text)
+
+
+class Console(_RichConsole):
+    """rich's Console, with the text it is given made `printable` before markup is read (the
+    escapes hold no "[", so escaped markup stays escaped); tables and other renderables hold
+    dermtool's own words and pass as they are."""
+
+    def print(self, *objects, **kwargs) -> None:
+        super().print(*(printable(o) if isinstance(o, str) else o for o in objects), **kwargs)
