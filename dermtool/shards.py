@@ -472,9 +472,11 @@ def _check_complete(images_dir: Path | None, listed: list | None, rows: dict, so
     excused = {id_key(image_id_of(Path(f))) for f in failed}
     row_of = {id_key(i): i for i in rows}
     wanted = None if listed is None else {id_key(i) for i in listed}
+    own = {}  # id_key -> the file's own id, which infer hashed to choose its shard
     if images_dir is not None:
         kept, _ = unique_ids(find_images(images_dir))
-        in_folder = {id_key(image_id_of(p)) for p in kept}
+        own = {id_key(image_id_of(p)): image_id_of(p) for p in kept}
+        in_folder = set(own)
         extra = sorted(row_of[k] for k in set(row_of) - in_folder)
         if extra:
             raise InputError(f"{source[extra[0]]}: {len(extra)} row(s) are of images not in {images_dir} "
@@ -486,7 +488,7 @@ def _check_complete(images_dir: Path | None, listed: list | None, rows: dict, so
         raise InputError(f"{source[extra[0]]}: {len(extra)} row(s) are of images not on the shards' --ids list "
                          f"({first_few(extra)}); remove those rows, or rerun the shards into a fresh --out, then merge "
                          "again.")
-    missing = sorted(wanted - set(row_of) - excused)
+    missing = sorted(own.get(k, k) for k in wanted - set(row_of) - excused)
     if missing:
         where = images_dir if images_dir is not None else out_dir
         also = " --ids LIST (the shards' id list)" if listed is not None else ""

@@ -429,6 +429,24 @@ def test_a_file_added_since_with_a_name_that_is_not_utf8_is_one_line(plain, refe
     assert "1 image(s) are in no part (caf" in " ".join(result.output.split())
 
 
+def test_the_rerun_hint_names_the_shard_of_the_files_own_name(plain, reference, tmp_path):
+    """A file added since under an NFD name ('Müller' as macOS writes it): infer would give it
+    shard 2 (the hash of its own name), but merge named shard 1, the hash of the NFC form."""
+    import unicodedata
+
+    from dermtool.shards import shard_of
+
+    out = Path(shutil.copytree(plain, tmp_path / "out"))
+    images = Path(shutil.copytree(reference["images"], tmp_path / "images"))
+    name = unicodedata.normalize("NFD", "Müller")
+    assert shard_of(name, 2) != shard_of(unicodedata.normalize("NFC", name), 2)
+    shutil.copy(next(images.iterdir()), images / f"{name}.png")
+    result = runner.invoke(app, ["merge", str(out), "--images", str(images)])
+    said = " ".join(result.output.split())
+    assert result.exit_code == 2 and f"1 image(s) are in no part ({name})" in said, result.output
+    assert f"with --shard {shard_of(name, 2)}/2 --resume, then" in said
+
+
 @pytest.mark.parametrize("edit, words", [({"melanoma_threshold": "x"}, "melanoma_threshold must be a number"),
                                          ({"temperature": "hot"}, "temperature must be a positive number"),
                                          # each of these was a TypeError or AttributeError traceback
