@@ -347,7 +347,9 @@ def _process_one(path: Path, mask_path: Path | None, size: int, fit: str, border
     from dermtool.io import binarise_mask, is_label_map, read_mask_values, two_valued_lesion
     from dermtool.preprocess import fit_mask, prepare
 
-    item = ItemResult(image_id_of(path), str(path))
+    # the manifest is UTF-8: a folder name that is not (a share from a Latin-1 system) is kept
+    # with its odd bytes written as escapes (\xe9), as pages write it
+    item = ItemResult(image_id_of(path), os.fsencode(path).decode("utf-8", "backslashreplace"))
     try:
         item.image, item.transform = prepare(path, size, fit, border, margin, chain)
         if mask_path is not None:
@@ -462,7 +464,7 @@ def build_cache(layout: Layout, out: Path, size: int = 256, fit: str = "squash",
     """
     import time
 
-    from dermtool.io import find_masks, read_class_csv
+    from dermtool.io import by_own_ids, find_masks, read_class_csv
 
     started = time.perf_counter()
     out = Path(out)
@@ -476,10 +478,10 @@ def build_cache(layout: Layout, out: Path, size: int = 256, fit: str = "squash",
         # the id list first, then the data check: one side of a split is not failed by the other side's
         # files, and a listed file that cannot be cached is named with why, not as "no image"
         listed, labels = keep_ids(paths + [p for p, _ in unusable], labels, ids, layout.images)
-        keep, listed = set(ids), set(listed)
+        listed = set(listed)
         paths = [p for p in paths if p in listed]
         unusable = [(p, why) for p, why in unusable if p in listed]
-        duplicates = [(p, first) for p, first in duplicates if image_id_of(first) in keep]
+        duplicates = [(p, first) for p, first in duplicates if first in listed]
     if not paths:
         raise InputError(f"{layout.images}: no usable image; the first: {unusable[0][1]}")
     report.duplicate_ids = [f"{p.name} and {first.name}" for p, first in duplicates]
@@ -491,15 +493,20 @@ def build_cache(layout: Layout, out: Path, size: int = 256, fit: str = "squash",
         if lacking:
             report.notes.append(f"{layout.metadata} has no {' and no '.join(lacking)} column: manifest.csv leaves "
                                 "lesion_id blank")
-    benign = read_benign_ids(layout.metadata) if layout.metadata else set()
-    masks = find_masks(layout.masks) if layout.masks else {}
-    image_ids = {image_id_of(p) for p in paths}
-    report.labels_without_image = [i for i in labels if i not in image_ids]
+    # a CSV row or a mask names its image in either Unicode form (NFC in a CSV, NFD in names
+    # macOS wrote): all are looked up by the images' own ids
+    own = [image_id_of(p) for p in paths]
+    keys = {id_key(i) for i in own}
+    report.labels_without_image = [i for i in labels if id_key(i) not in keys]
+    labels, lesions = by_own_ids(labels, own), by_own_ids(lesions, own)
+    benign = {id_key(i) for i in read_benign_ids(layout.metadata)} if layout.metadata else set()
+    benign = {i for i in own if id_key(i) in benign}
+    masks = by_own_ids(find_masks(layout.masks), own) if layout.masks else {}
     params = dict(size=size, fit=fit, border=border, margin=margin, chain=chain,
                   masks=str(layout.masks), labels=str(layout.labels), mask_rule=_MASK_RULE, label_rule=_LABEL_RULE,
                   decode_rule=_DECODE_RULE,
                   metadata=str(layout.metadata), ids=len(ids) if ids is not None else None)
-    fingerprint = _fingerprint(paths + sorted(masks.values()) + [p for p in (layout.labels, layout.metadata) if p],
+    fingerprint = _fingerprint(paths + sorted(set(masks.values())) + [p for p in (layout.labels, layout.metadata) if p],
                                params)
     meta_path = out / "cache.json"
     try:
@@ -649,7 +656,7 @@ def _fill_stacks(layout: Layout, out: Path, paths: list[Path], masks: dict, labe
 
 
 def _write_manifest(out: Path, rows: list[dict]) -> None:
-    with open(claim(out / "manifest.csv.tmp"), "w", newline="") as fh:
+    with open(claim(out / "manifest.csv.tmp"), "w", newline="", encoding="utf-8") as fh:
         writer = csv.DictWriter(fh, fieldnames=MANIFEST_FIELDS)
         writer.writeheader()
         writer.writerows(rows)

@@ -93,6 +93,22 @@ def id_key(image_id: str) -> str:
     return unicodedata.normalize("NFC", image_id)
 
 
+def by_own_ids(table: dict, image_ids) -> dict:
+    """`table` (keyed by the ids a CSV or a mask folder names) also keyed by `image_ids` (the ids
+    it is looked up by: the images' own, or the truth's in `score`) where the two name one image in two Unicode forms (é as one
+    character, or e + accent as macOS writes names). An exact match always wins; the entries
+    under the table's own ids stay, so `[k for k in table if id_key(k) not in ...]` still finds
+    the rows of no image."""
+    keyed = {}
+    for k, v in table.items():
+        keyed.setdefault(id_key(k), v)
+    out = dict(table)
+    for image_id in image_ids:
+        if image_id not in out and id_key(image_id) in keyed:
+            out[image_id] = keyed[id_key(image_id)]
+    return out
+
+
 def first_few(ids: list[str]) -> str:
     """The first few ids, comma separated, with "..." when there are more."""
     shown = ", ".join(ids[:_IDS_SHOWN])

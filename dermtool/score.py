@@ -224,7 +224,7 @@ def decision_scores(pred_csv: Path, ids: list[str], y_true: np.ndarray, y_argmax
     labels = io.read_label_column(Path(pred_csv))
     if labels is None:
         return None
-    labels = _by_truth_id(labels, ids)
+    labels = io.by_own_ids(labels, ids)
     y_pred = np.array([CLASS_NAMES.index(labels[image_id]) for image_id in ids], dtype=np.int64)
     cm = metrics.confusion_matrix(y_true, y_pred, n_classes=len(CLASS_NAMES))
     return {
@@ -237,17 +237,6 @@ def decision_scores(pred_csv: Path, ids: list[str], y_true: np.ndarray, y_argmax
     }
 
 
-def _by_truth_id(table: dict, truth_ids) -> dict:
-    """`table` (keyed by the predictions' ids) keyed by the truth's ids where the two name one image
-    in two Unicode forms (é as one character, or e + accent as macOS writes names)."""
-    keyed = {io.id_key(k): v for k, v in table.items()}
-    out = dict(table)
-    for image_id in truth_ids:
-        if image_id not in out and io.id_key(image_id) in keyed:
-            out[image_id] = keyed[io.id_key(image_id)]
-    return out
-
-
 def class_arrays(pred_csv: Path, truth_csv: Path) -> tuple[list[str], np.ndarray, np.ndarray]:
     """(truth ids in file order, true class indices, predicted probabilities (N, 3)) of two CSVs.
 
@@ -256,7 +245,7 @@ def class_arrays(pred_csv: Path, truth_csv: Path) -> tuple[list[str], np.ndarray
     truth = io.read_class_csv(Path(truth_csv), role="truth")
     pred = io.read_class_csv(Path(pred_csv), role="predictions")
     ids = list(truth)
-    pred = _by_truth_id(pred, ids)  # an id in the other Unicode form is the same image
+    pred = io.by_own_ids(pred, ids)  # an id in the other Unicode form is the same image
     missing = [image_id for image_id in ids if image_id not in pred]
     if missing:
         raise InputError(
@@ -296,7 +285,7 @@ def score_segmentation(
             f"The predicted mask folder {pred_masks} has no files named <image_id>{io.MASK_SUFFIX} "
             "(the names dermtool infer writes); is it the right folder?"
         )
-    n_pred, pred_paths = len(pred_paths), _by_truth_id(pred_paths, truth_paths)
+    n_pred, pred_paths = len(pred_paths), io.by_own_ids(pred_paths, truth_paths)
     if not pred_paths.keys() & truth_paths.keys():
         raise InputError(
             f"None of the {n_pred} predicted masks in {pred_masks} names an image of the "

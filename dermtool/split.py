@@ -75,7 +75,7 @@ def split_folder(data: Path, fraction: float, seed: int = 0, group: str = "lesio
     """
     from dermtool.data import image_id_of, resolve_layout, usable_images
     from dermtool.errors import InputError
-    from dermtool.io import both_classes, first_few, read_class_csv
+    from dermtool.io import both_classes, by_own_ids, first_few, id_key, read_class_csv
 
     log = log or (lambda message: None)
     layout = resolve_layout(data)
@@ -95,12 +95,14 @@ def split_folder(data: Path, fraction: float, seed: int = 0, group: str = "lesio
         log(f"note: no metadata.csv in {layout.searched_in}; each image counts as its own group")
     # read as preprocess reads training labels (a soft label, a row of 0s: the data check's
     # business, not a refusal); a row naming melanoma and keratosis both is still refused here
-    labels = read_class_csv(layout.labels, role="labels") if layout.labels else {}
-    for image_id, row in labels.items():
+    rows = read_class_csv(layout.labels, role="labels") if layout.labels else {}
+    for image_id, row in rows.items():
         if both_classes(row[0], row[1]):
             raise InputError(f"The labels CSV {layout.labels} names melanoma and seborrheic_keratosis for {image_id}; "
                              "a label row names one diagnosis, so set the other to 0.")
-    ghosts = sorted(set(labels) - set(ids))
+    labels = by_own_ids(rows, ids)  # a row names its image in either Unicode form, as in preprocess
+    keys = {id_key(i) for i in ids}
+    ghosts = sorted(i for i in rows if id_key(i) not in keys)
     unlabelled = [i for i in ids if i not in labels]
     if not labels:
         log(f"note: no labels.csv in {layout.searched_in}: the split keeps groups together but cannot balance "
@@ -118,14 +120,18 @@ def _read_groups(metadata: Path, group: str, ids: list[str], log) -> dict[str, s
     (file names with their extension, another case) are refused, and images without a row noted."""
     from dermtool.data import read_lesion_ids
     from dermtool.errors import InputError
-    from dermtool.io import first_few
+    from dermtool.io import by_own_ids, first_few
 
-    groups = read_lesion_ids(metadata, group)
-    if not groups:
+    rows = read_lesion_ids(metadata, group)
+    if not rows:
         raise InputError(f"{metadata}: the metadata CSV has no row with an image_id; each image would be its "
                          f"own group, not one of its {group}.")
-    if not groups.keys() & set(ids):
-        raise InputError(f"{metadata}: none of its image_ids is the id of an image (e.g. {next(iter(groups))!r} in "
+    # by the images' own ids: a row names its image in either Unicode form (NFC in the CSV, NFD
+    # from macOS's files), and an image of a lesion missed here would be a group of its own
+    wanted = set(ids)
+    groups = {i: g for i, g in by_own_ids(rows, ids).items() if i in wanted}
+    if not groups:
+        raise InputError(f"{metadata}: none of its image_ids is the id of an image (e.g. {next(iter(rows))!r} in "
                          f"the CSV, {ids[0]!r} from the files: an image's id is its file name without the "
                          f"extension); the split would not keep a {group} together, so fix the image_id column.")
     missing = [i for i in ids if i not in groups]

@@ -322,3 +322,20 @@ def test_an_id_list_is_checked_alone(synthetic_copy, tmp_path):
     ids.write_text("=1\n")
     message = one_line_error(run(synthetic_copy, "--out", tmp_path / "c", "--size", SIZE, "--ids", ids))
     assert f"no usable image; the first: {images / '=1.jpg'}: its name starts with '='" in message
+
+
+def test_a_folder_whose_name_is_not_utf8_is_cached_and_its_manifest_reads_back(synthetic_dataset, tmp_path):
+    """A Latin-1 folder name (a share from another system) stopped preprocess with a
+    UnicodeEncodeError traceback while writing manifest.csv."""
+    from pathlib import Path
+
+    from dermtool.data import load_cache
+
+    data = Path(os.fsdecode(os.fsencode(tmp_path) + b"/caf\xe9"))
+    shutil.copytree(synthetic_dataset, data)
+    out = tmp_path / "cache"
+    result = run(data, "--out", out, "--size", SIZE)
+    assert result.exit_code == 0 and "Traceback" not in result.output, result.output
+    rows = list(csv.DictReader(open(out / "manifest.csv", encoding="utf-8")))
+    assert len(rows) == 12 and rows[0]["source"].endswith("caf\\xe9/images/SYN_0000000.jpg")
+    assert len(load_cache(out)) == 12

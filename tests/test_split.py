@@ -190,3 +190,55 @@ def test_train_notes_validation_images_and_lesions_that_are_also_training_data(d
     assert notes == [f"note: validation cache {tmp_path / 'val'}: 1 of its 7 images (e.g. SYN_0000005) and "
                      "1 of its 4 lesions (e.g. HAM_0002) are also in the training data, so the run is validated "
                      "on what it learns from"]
+
+
+def _renamed_nfd(data: Path) -> list[str]:
+    """The images (and masks) of `data` renamed 'lés_K', every odd one in NFD as macOS writes
+    names, with labels.csv rewritten in NFC; returns the ids as the CSVs write them (NFC)."""
+    import unicodedata
+
+    nfc = []
+    rows = list(csv.reader(open(data / "labels.csv")))
+    for row in rows[1:]:
+        k = int(row[0][4:])
+        row[0] = f"l\u00e9s_{k:02d}"
+        on_disk = unicodedata.normalize("NFD", row[0]) if k % 2 else row[0]
+        (data / "images" / f"SYN_{k:07d}.jpg").rename(data / "images" / f"{on_disk}.jpg")
+        (data / "masks" / f"SYN_{k:07d}_segmentation.png").rename(data / "masks" / f"{on_disk}_segmentation.png")
+        nfc.append(row[0])
+    with open(data / "labels.csv", "w", newline="") as fh:
+        csv.writer(fh).writerows(rows)
+    return nfc
+
+
+def test_a_lesion_whose_files_are_named_in_nfd_stays_on_one_side(data, tmp_path):
+    """Files named in NFD (macOS) and metadata in NFC: split read the odd images as lesions of
+    their own and without a label, and lesions landed on both sides."""
+    import unicodedata
+
+    ids = _renamed_nfd(data)
+    lesion = {i: f"L{int(i[-2:]) // 2}" for i in ids}  # each lesion one NFC and one NFD file
+    write_metadata(data / "metadata.csv", [[lesion[i], i] for i in ids])
+    for seed in range(3):
+        out = tmp_path / f"s{seed}"
+        result = split(data, "--out", out, "--fraction", "0.5", "--seed", seed)
+        assert result.exit_code == 0, result.output
+        assert "without" not in text_of(result) and "no row" not in text_of(result), result.output
+        train, val = (sorted(unicodedata.normalize("NFC", i) for i in side) for side in sides(out))
+        assert sorted(train + val) == sorted(ids)
+        assert not {lesion[i] for i in train} & {lesion[i] for i in val}
+        assert f"({len({lesion[i] for i in val})} groups by lesion_id)" in text_of(result)
+
+
+def test_preprocess_finds_the_label_mask_and_lesion_of_a_file_named_in_nfd(data, tmp_path):
+    import numpy as np
+
+    from dermtool.data import build_cache, load_cache, resolve_layout
+
+    ids = _renamed_nfd(data)
+    write_metadata(data / "metadata.csv", [[f"L{int(i[-2:]) // 2}", i] for i in ids])
+    report = build_cache(resolve_layout(data), tmp_path / "cache", size=32, progress=False)
+    assert not (report.no_label or report.no_mask or report.labels_without_image), report
+    rows = list(csv.DictReader(open(tmp_path / "cache" / "manifest.csv", encoding="utf-8")))
+    assert len(rows) == 12 and all(r["label"] and r["has_mask"] == "1" and r["lesion_id"] for r in rows)
+    assert np.asarray(load_cache(tmp_path / "cache").masks).reshape(12, -1).any(axis=1).all()
