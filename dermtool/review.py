@@ -10,6 +10,7 @@ DOM). Nothing is fetched from a network; the folder can be zipped and opened any
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import stat
@@ -21,7 +22,7 @@ from pathlib import Path
 import numpy as np
 
 from dermtool import CLASS_NAMES
-from dermtool.errors import InputError
+from dermtool.errors import InputError, unreadable
 from dermtool.io import _decode, read_csv_rows, read_json, write_atomic
 from dermtool.shards import check_prediction_row
 
@@ -79,13 +80,15 @@ def write_report(out_dir: Path, images_dir: Path | None = None, workers: int = 0
         else:
             jobs.append((row, source))
     workers = workers or min(8, os.cpu_count() or 1)
+    has_masks = run.get("task") in ("seg", "joint")  # every row of such a run has its mask file
     with ThreadPoolExecutor(workers) as pool:  # Pillow decodes and encodes without the GIL
-        drawn = list(pool.map(lambda job: _thumbnail(job[0], job[1], out_dir, files, class_cols, thumb_side),
-                              jobs))
+        drawn = list(pool.map(lambda job: _thumbnail(job[0], job[1], out_dir, files, class_cols, thumb_side,
+                                                     has_masks), jobs))
     summary.thumbnails = sum(1 for d, _ in drawn if d == "drawn")
     summary.failed = [(row["image_id"], problem) for (row, _), (_, problem) in zip(jobs, drawn) if problem]
-    has_thumb = {row["image_id"] for (row, _), (d, _) in zip(jobs, drawn) if d}
-    payload = _payload(rows, class_cols, has_thumb, out_dir)
+    # the page's thumbnail flag: 1 drawn, 2 none because of a problem named in the notes, 0 (absent) no image
+    thumbs = {row["image_id"]: 1 if d else 2 for (row, _), (d, problem) in zip(jobs, drawn) if d or problem}
+    payload = _payload(rows, class_cols, thumbs, out_dir)
     from dermtool.pages import write_page
 
     # counted from the payload's class index, the one the gallery's filter shows (`_label_index`:
@@ -231,49 +234,81 @@ def _find_sources(images_dir: Path | None) -> dict[str, Path]:
 
 
 def _thumbnail(row: dict, source: Path, out_dir: Path, files: Path, class_cols: list[str],
-               side: int) -> tuple[str, str]:
+               side: int, has_masks: bool) -> tuple[str, str]:
     """Draw one thumbnail; returns ("drawn" | "kept" (already fresh) | "" (none), the problem
-    when its mask could not be read, else "")."""
+    to name, else ""): an image that cannot be decoded, a mask that cannot be read, or a mask
+    missing from a run whose model segments (`has_masks`; drawn without a contour)."""
     from dermtool.overlay import class_label, draw_overlay, read_mask_at, thumbnail_size
     from dermtool.preprocess import load_image
 
     image_id = row["image_id"]
     target = files / f"{image_id}.jpg"
     mask_path = out_dir / f"{image_id}{MASK_SUFFIX}"
-    newest = max(source.stat().st_mtime, mask_path.stat().st_mtime if mask_path.is_file() else 0.0)
-    if target.is_file() and mask_path.is_file() and target.stat().st_mtime >= newest:
-        return "kept", ""  # `infer --resume --report`: only the images redone get new thumbnails
-    try:  # the size from the file's header, so any format load_image reads (DICOM too) works
-        pixels, _ = load_image(source, resize_to=lambda height, width: thumbnail_size(height, width, side))
-    except (OSError, InputError):  # load_image words a decompression bomb as an InputError
-        return "", ""
-    size = pixels.shape[:2]
-    try:
-        mask = read_mask_at(mask_path, size) if mask_path.is_file() else None
-    except InputError as exc:  # one damaged mask: the others are still drawn, this one is named
-        return "", str(exc)
+    has_mask = mask_path.is_file()
+    missing = f"{mask_path}: the run's mask is missing (removed since?); drawn without a contour." if (
+        has_masks and not has_mask) else ""
     label, colour = ("", (0, 0, 0))
     if class_cols:
         label, colour = class_label(np.array([row[c] for c in class_cols]), class_cols, _label_index(row, class_cols))
+    signature = _signature(source, mask_path if has_mask else None, label, side)
+    if _signature_of(target) == signature:
+        return "kept", missing  # `infer --resume --report`: only the images redone get new thumbnails
+    try:  # the size from the file's header, so any format load_image reads (DICOM too) works
+        pixels, _ = load_image(source, resize_to=lambda height, width: thumbnail_size(height, width, side))
+    except (OSError, InputError) as exc:  # load_image words a decompression bomb as an InputError
+        return "", str(exc) if isinstance(exc, InputError) else unreadable(source, exc)
+    try:
+        mask = read_mask_at(mask_path, pixels.shape[:2]) if has_mask else None
+    except InputError as exc:  # one damaged mask: the others are still drawn, this one is named
+        return "", str(exc)
     img = draw_overlay(pixels, mask, label, colour)
-    write_atomic(target, lambda tmp: img.save(tmp, format="JPEG", quality=85))
-    return "drawn", ""
+    write_atomic(target, lambda tmp: img.save(tmp, format="JPEG", quality=85, comment=signature))
+    return "drawn", missing
 
 
-def _payload(rows: list[dict], class_cols: list[str], has_thumb: set, out_dir: Path) -> dict:
+def _signature(source: Path, mask_path: Path | None, label: str, side: int) -> str:
+    """What a thumbnail shows, as the JPEG comment it is saved with: the image (path, size, file
+    time), the mask's (or none) and the label drawn on it. A thumbnail is reused only when all
+    match, so another images folder, an edited CSV or a mask redone or removed redraws it."""
+    import hashlib
+
+    def state(path: Path) -> list:
+        st = path.stat()
+        return [os.fsencode(path.resolve()).hex(), st.st_size, st.st_mtime_ns]
+
+    what = [state(source), state(mask_path) if mask_path else None, label, side]
+    return "dermtool-thumbnail " + hashlib.sha1(json.dumps(what).encode()).hexdigest()
+
+
+def _signature_of(thumbnail: Path) -> str:
+    """The JPEG comment of an earlier thumbnail ("" when there is none or it cannot be read)."""
+    from PIL import Image
+
+    if not thumbnail.is_file() or thumbnail.is_symlink():
+        return ""
+    try:
+        with Image.open(thumbnail) as im:
+            comment = im.info.get("comment", b"")
+    except Exception:  # a damaged or foreign file: drawn again
+        return ""
+    return comment.decode("ascii", "replace") if isinstance(comment, bytes) else str(comment)
+
+
+def _payload(rows: list[dict], class_cols: list[str], thumbs: dict, out_dir: Path) -> dict:
     """The page's data: one short list per image, so 10,000 images stay about a megabyte."""
     overlays = _overlays_of_the_run(out_dir, [row["image_id"] for row in rows])
     packed = []
     for row in rows:
         probs = [row[c] for c in class_cols]  # as written in the CSV: rounding would reorder ties
         k = _label_index(row, class_cols) if probs else -1
-        packed.append([row["image_id"], k, *probs, int(row["image_id"] in has_thumb),
+        packed.append([row["image_id"], k, *probs, thumbs.get(row["image_id"], 0),
                        int(row["image_id"] in overlays)])
     from dermtool.overlay import SHORT_NAMES
 
     return {"classes": class_cols, "display": [_display(c) for c in class_cols],
             "short": [SHORT_NAMES.get(c, c) for c in class_cols], "rows": packed,
-            "files": FILES, "page_size": PAGE_SIZE, "no_thumbnail": "no thumbnail (image not found)"}
+            "files": FILES, "page_size": PAGE_SIZE,
+            "no_thumbnail": ["no thumbnail (image not found)", "", "no thumbnail (it could not be drawn: see the notes)"]}
 
 
 def _overlays_of_the_run(out_dir: Path, ids: list[str]) -> set[str]:
@@ -370,7 +405,10 @@ def _facts(run: dict, out_dir: Path, summary: ReportSummary, images_dir: Path | 
     """The run's facts at the top of the page, as short sentences."""
     model = run.get("model", "")
     post = run.get("postprocess") or {}
-    steps = [f"threshold {post.get('threshold')}" if post else "unknown (no infer.json)"]
+    if run.get("task") == "cls":  # infer records its settings, but a classifier makes no mask
+        post, steps = {}, ["none: the model makes no mask"]
+    else:
+        steps = [f"threshold {post.get('threshold')}" if post else "unknown (no infer.json)"]
     if post:
         steps.append(f"closing radius {post['closing_radius']}" if post.get("closing_radius") else "no closing")
         steps.append("largest component" if post.get("largest_component") else "all components")
@@ -388,6 +426,10 @@ def _facts(run: dict, out_dir: Path, summary: ReportSummary, images_dir: Path | 
     if summary.missing_images:
         notes.append(f"{len(summary.missing_images)} image(s) not found in {images_dir or 'the images folder'}: "
                      "shown without a thumbnail")
+    if summary.failed:
+        shown = "; ".join(problem for _, problem in summary.failed[:3])
+        notes.append(f"{len(summary.failed)} thumbnail(s) with a problem: {shown}"
+                     + ("; ..." if len(summary.failed) > 3 else ""))
     if run.get("interrupted"):
         notes.append("the run was interrupted: only the images finished are listed")
     return {

@@ -309,6 +309,58 @@ def test_report_command_redraws_only_changed_thumbnails(tmp_path):
     assert "1 thumbnails drawn" in runner.invoke(app, ["report", str(out)]).stderr
 
 
+def test_a_thumbnail_is_redrawn_when_what_it_shows_changed(tmp_path):
+    """A thumbnail newer than its image and mask was kept: one of another --images folder, or one
+    labelled by a since-edited CSV, showed what the page no longer says."""
+    out = make_infer_folder(tmp_path, 3)
+    assert "3 thumbnails drawn" in runner.invoke(app, ["report", str(out)]).stderr
+    other = Path(shutil.copytree(tmp_path / "images", tmp_path / "other"))
+    for path in other.iterdir():  # older than the thumbnails, as an archive unpacked with its times
+        os.utime(path, (0, 0))
+    before = (out / FILES / "IMG_00000.jpg").read_bytes()
+    assert "3 thumbnails drawn" in runner.invoke(app, ["report", str(out), "--images", str(other)]).stderr
+    rows = list(csv.reader(open(out / "predictions.csv")))
+    rows[1][1:] = ["0.920000", "0.030000", "0.050000", "melanoma"]
+    with open(out / "predictions.csv", "w", newline="") as fh:
+        csv.writer(fh).writerows(rows)
+    assert "1 thumbnails drawn" in runner.invoke(app, ["report", str(out), "--images", str(other)]).stderr
+    assert (out / FILES / "IMG_00000.jpg").read_bytes() != before
+    assert "0 thumbnails drawn" in runner.invoke(app, ["report", str(out), "--images", str(other)]).stderr
+
+
+def test_an_unreadable_image_and_a_removed_mask_are_named_on_the_command_line_and_the_page(tmp_path):
+    """A truncated image left the card saying "image not found" and the command silent; a
+    mask removed from a joint run's folder was drawn without a contour, unsaid."""
+    out = make_infer_folder(tmp_path, 3)
+    image = tmp_path / "images" / "IMG_00001.jpg"
+    image.write_bytes(image.read_bytes()[:300])
+    (out / "IMG_00002_segmentation.png").unlink()
+    result = runner.invoke(app, ["report", str(out)])
+    said = " ".join(result.stderr.split())
+    assert result.exit_code == 1, result.output
+    assert f"failed IMG_00001: {image}: not a readable image" in said
+    assert f"failed IMG_00002: {out / 'IMG_00002_segmentation.png'}: the run's mask is missing" in said
+    data = payload(out)
+    nc = len(data["classes"])
+    assert {row[0]: row[2 + nc] for row in data["rows"]} == {"IMG_00000": 1, "IMG_00001": 2, "IMG_00002": 1}
+    assert data["no_thumbnail"][2].startswith("no thumbnail (it could not be drawn")
+    html = " ".join((out / "report.html").read_text().split())
+    assert "2 thumbnail(s) with a problem" in html
+
+
+def test_a_classifier_run_states_no_mask_steps_and_keeps_its_thumbnails(tmp_path):
+    out = make_infer_folder(tmp_path, 3)
+    for mask in out.glob("*_segmentation.png"):
+        mask.unlink()
+    run = json.loads((out / "infer.json").read_text())
+    (out / "infer.json").write_text(json.dumps({**run, "task": "cls"}))
+    first = runner.invoke(app, ["report", str(out)])
+    assert first.exit_code == 0 and "3 thumbnails drawn" in first.stderr, first.output
+    assert "0 thumbnails drawn" in runner.invoke(app, ["report", str(out)]).stderr
+    html = " ".join((out / "report.html").read_text().split())
+    assert "none: the model makes no mask" in html and "closing radius" not in html
+
+
 def test_a_damaged_mask_is_named_and_the_other_thumbnails_are_drawn(tmp_path):
     """One unreadable mask once stopped the whole report."""
     out = make_infer_folder(tmp_path, 3)
