@@ -17,10 +17,9 @@ and options.
 from __future__ import annotations
 
 import os
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from functools import cached_property
-from itertools import islice
 from pathlib import Path
 from typing import TYPE_CHECKING, Iterable, Iterator, Union
 
@@ -28,8 +27,7 @@ import numpy as np
 
 from dermtool.config import ModelConfig
 from dermtool.data import image_id_of
-from dermtool.errors import InputError
-from dermtool.decision import check_threshold
+from dermtool.errors import InputError, unreadable
 from dermtool.infer import InferOptions, finish_image, predict_batch, with_model_threshold
 from dermtool.postprocess import PostprocessConfig
 from dermtool.preprocess import Transform, _to_rgb_image, prepare, prepare_pixels, restore
@@ -125,8 +123,6 @@ class Model:
         """
         # PostprocessConfig and InferOptions check every option as dermtool infer does
         post = PostprocessConfig(threshold, closing_radius, largest_component, fill_holes)
-        if melanoma_threshold is not None:
-            melanoma_threshold = check_threshold(melanoma_threshold)
         opts = with_model_threshold(InferOptions(batch_size=batch_size, tta=tta, post=post, workers=workers,
                                                  melanoma_threshold=melanoma_threshold, cls_views=cls_views),
                                     self.config)
@@ -135,23 +131,57 @@ class Model:
         if isinstance(images, (list, tuple, np.ndarray)):
             # a known number of images: batches no larger than the next power of two above it (the
             # last padded), so lists of any length reuse a few traced graphs, not one per length
-            return list(self._stream(images, opts, max(1, min(batch_size, 1 << max(0, len(images) - 1).bit_length()))))
+            return list(self._stream(images, opts, max(1, min(batch_size, 1 << max(0, len(images) - 1).bit_length())),
+                                     held=True))
         if isinstance(images, (str, bytes)) or not isinstance(images, Iterable):
             raise InputError(f"images must be an image, a path or an iterable of them, not {type(images).__name__}.")
         return self._stream(images, opts, batch_size)
 
-    def _stream(self, images: Iterable, opts: InferOptions, batch_size: int) -> Iterator[Prediction]:
+    def _stream(self, images: Iterable, opts: InferOptions, batch_size: int, held: bool = False) -> Iterator[Prediction]:
+        """Predictions of `images` in order, a batch at a time. Paths and arrays are fitted on the
+        thread pool, arrays copied as they are taken (a generator may refill one buffer); a PIL
+        image is fitted as it is taken unless the caller holds them all (`held`: a list), since a
+        generator may close it (`with Image.open(f) as im: yield im`). One PIL object listed
+        twice is fitted once: two threads decoding one file object corrupt each other. A bad
+        image, or an error of the source, is raised after the predictions of the images before it."""
         workers = opts.workers or min(8, max(2, os.cpu_count() or 1))
         items = iter(images)
         with ThreadPoolExecutor(workers) as pool:
             while True:
-                batch = list(islice(items, batch_size))
-                if not batch:
+                pending, seen, problem = [], {}, None
+                while len(pending) < batch_size:
+                    try:
+                        image = next(items)
+                    except StopIteration:
+                        break
+                    except Exception as exc:  # the caller's generator failed: what came before is still given
+                        problem = exc
+                        break
+                    if isinstance(image, np.ndarray):
+                        image = image.copy()
+                    if isinstance(image, (str, os.PathLike, np.ndarray)) or not _is_one_image(image):
+                        pending.append(pool.submit(self._prepare, image))
+                    elif id(image) in seen and seen[id(image)][0] is image:
+                        pending.append(seen[id(image)][1])
+                    else:
+                        job = pool.submit(self._prepare, image) if held else _done(self._prepare, image)
+                        seen[id(image)] = (image, job)  # holding the image keeps its id from being reused
+                        pending.append(job)
+                loaded = []
+                for job in pending:
+                    try:
+                        loaded.append(job.result())
+                    except Exception as exc:
+                        problem = exc
+                        break
+                if loaded:
+                    outputs = predict_batch(self._engine, [x for x, _, _ in loaded], opts.tta, batch_size,
+                                            self.config.temperature, opts.cls_views == "frame+lesion")
+                    yield from pool.map(lambda a: self._finish(*a, opts), zip(loaded, outputs))
+                if problem is not None:
+                    raise problem
+                if len(pending) < batch_size:
                     return
-                loaded = list(pool.map(self._prepare, batch))
-                outputs = predict_batch(self._engine, [x for x, _, _ in loaded], opts.tta, batch_size,
-                                        self.config.temperature, opts.cls_views == "frame+lesion")
-                yield from pool.map(lambda a: self._finish(*a, opts), zip(loaded, outputs))
 
     def _prepare(self, image: ImageLike) -> tuple[np.ndarray, Transform, str | None]:
         cfg = self.config
@@ -172,7 +202,15 @@ class Model:
                 x, t = prepare(source, cfg.size, cfg.fit, cfg.border, cfg.margin, cfg.input_chain)
                 if (t.orig_w, t.orig_h) == image.size:
                     return x, t, image_id
-            image = np.asarray(_to_rgb_image(image))
+            try:  # Pillow's own errors for a truncated file, a closed one, a mode it cannot convert
+                image = np.asarray(_to_rgb_image(image))
+            except (OSError, ValueError, SyntaxError, AssertionError, EOFError) as exc:
+                name = filename or f"a PIL image ({image.mode}, {image.size[0]} x {image.size[1]})"
+                if "closed" in str(exc) or isinstance(exc, AssertionError) and getattr(image, "fp", 0) is None:
+                    raise InputError(f"{name}: the PIL image was closed before dermtool read its pixels (a `with "
+                                     "Image.open(...)` block that ended?); call .load() inside it, or pass the "
+                                     "path.") from None
+                raise InputError(unreadable(name, exc, "not a readable PIL image")) from None
         _check_pixels(image)
         x, t = prepare_pixels(image, cfg.size, cfg.fit, cfg.border, cfg.margin, cfg.input_chain)
         return x, t, image_id
@@ -182,6 +220,16 @@ class Model:
         mask, label = finish_image(seg, cls, t, opts.post, opts.melanoma_threshold)
         probabilities = None if cls is None else {n: float(p) for n, p in zip(self.config.class_names, cls)}
         return Prediction(image_id, mask, probabilities, label or None, t, seg)
+
+
+def _done(fn, *args) -> Future:
+    """`fn(*args)` run now, as a finished Future (its result or its exception)."""
+    job = Future()
+    try:
+        job.set_result(fn(*args))
+    except Exception as exc:
+        job.set_exception(exc)
+    return job
 
 
 def _is_one_image(images) -> bool:

@@ -598,6 +598,7 @@ def infer_cli(
     other settings or another images folder; --out may not be the images folder.
     """
     from dermtool.data import read_id_list
+    from dermtool.decision import check_threshold
     from dermtool.infer import InferOptions, predict_folder
     from dermtool.postprocess import PostprocessConfig
 
@@ -630,6 +631,8 @@ def infer_cli(
                 "model's 192 px square: it no longer tidies an edge, it merges separate lesions")
     check_range("--workers", workers, 0, 64, "threads, each holding decoded images; more only add memory")
     try:
+        if melanoma_threshold is not None:  # in the option's own words, before InferOptions's
+            check_threshold(melanoma_threshold)
         opts = InferOptions(
             batch_size=batch_size, tta=tta, probabilities=probabilities, overlay=overlay, resume=resume,
             shard=k_n, workers=workers, engine=engine, melanoma_threshold=melanoma_threshold, dicom_seg=dicom_seg,

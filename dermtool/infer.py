@@ -35,8 +35,8 @@ from dermtool.io import (claim, formula_name, encode_mask_png, first_few, open_a
 from dermtool.modelio import default_model_dir, file_fingerprint, load_engine, load_model, model_fingerprint  # noqa: F401  (load_model: re-exported)
 from dermtool.postprocess import PostprocessConfig, postprocess
 from dermtool.preprocess import IMAGE_EXTENSIONS, Transform, prepare, restore, restore_mask
-from dermtool.shards import (check_prediction_row, check_record, differing_settings, predictions_name, record_name,
-                             shard_of)
+from dermtool.shards import (SHARDS_MAX, check_prediction_row, check_record, differing_settings, predictions_name,
+                             record_name, shard_of)
 
 MASK_SUFFIX = "_segmentation.png"
 #: every file infer may write for one image, after its id
@@ -67,7 +67,7 @@ class InferOptions:
 
         if not whole(self.batch_size, 1, 1024):
             raise InputError(f"batch_size must be a whole number from 1 to 1024, not {self.batch_size!r}.")
-        if self.tta not in (1, 4, 8) or isinstance(self.tta, bool):
+        if not whole(self.tta, 1, 8) or self.tta not in (1, 4, 8):
             raise InputError(f"tta must be 1, 4 or 8, not {self.tta!r}.")
         if not isinstance(self.post, PostprocessConfig):
             raise InputError(f"post must be a PostprocessConfig, not {type(self.post).__name__}.")
@@ -76,6 +76,22 @@ class InferOptions:
         if self.cls_views is not None and self.cls_views not in CLS_VIEWS:
             raise InputError(f"cls_views must be one of {', '.join(CLS_VIEWS)} (or None: the model's), "
                              f"not {self.cls_views!r}.")
+        for name in ("probabilities", "overlay", "resume", "dicom_seg"):  # "false" would count as true
+            if not isinstance(getattr(self, name), (bool, np.bool_)):
+                raise InputError(f"{name} must be True or False, not {getattr(self, name)!r}.")
+        shard = self.shard
+        if not (isinstance(shard, tuple) and len(shard) == 2 and whole(shard[1], 1, SHARDS_MAX)
+                and whole(shard[0], 1, shard[1])):
+            raise InputError(f"shard must be a tuple (K, N) of whole numbers with 1 <= K <= N (as --shard K/N; "
+                             f"shards.parse_shard reads \"K/N\"), not {shard!r}.")
+        if self.melanoma_threshold is not None:
+            if isinstance(self.melanoma_threshold, (str, bytes, bool)):  # "0.5" once passed as 0.5
+                raise InputError(f"melanoma_threshold must be a number between 0 and 1, not "
+                                 f"{self.melanoma_threshold!r}.")
+            self.melanoma_threshold = check_threshold(self.melanoma_threshold, "melanoma_threshold")
+        if self.ids is not None and (isinstance(self.ids, (str, bytes))
+                                     or not all(isinstance(i, str) for i in self.ids)):
+            raise InputError(f"ids must be a list or tuple of image ids (strings), not {self.ids!r:.60}.")
 
 
 @dataclass

@@ -146,6 +146,67 @@ def test_one_image_in_one_prediction_out_and_a_generator_is_streamed(models, ima
     assert [p.mask.shape[0] for p in rest] == list(range(41, 47)) and len(pulled) == 7
 
 
+def test_generators_that_close_or_refill_what_they_yield_get_each_images_answer(models, images):  # noqa: F811
+    """The stream took a whole batch from the generator before fitting any of it: images the
+    generator had closed by then failed with Pillow's bare AssertionError, and a buffer it
+    refilled gave every image of the batch the last one's answer."""
+    model = dermtool.load_model(models["joint"])
+    paths = sorted(p for p in images.iterdir() if p.suffix != ".tif")
+    want = [p.probabilities for p in model.predict(paths, batch_size=4)]
+
+    def opened():
+        for path in paths:
+            with Image.open(path) as im:
+                yield im
+
+    assert [p.probabilities for p in model.predict(opened(), batch_size=4)] == want
+    pixels = [np.asarray(Image.open(path).convert("RGB")) for path in paths]
+    buffer = np.zeros((200, 200, 3), np.uint8)
+
+    def refilled():
+        for rgb in pixels:
+            view = buffer[:rgb.shape[0], :rgb.shape[1]]
+            view[:] = rgb
+            yield view
+
+    got = [p.probabilities for p in model.predict(refilled(), batch_size=4)]
+    assert got == [p.probabilities for p in model.predict(pixels, batch_size=4)] and got[0] != got[-1]
+
+
+def test_a_stream_gives_the_predictions_before_a_bad_image_then_raises(models, images, tmp_path):  # noqa: F811
+    model = dermtool.load_model(models["joint"])
+    paths = sorted(images.iterdir())
+    got = []
+    with pytest.raises(InputError, match="nope.jpg: file not found"):
+        for p in model.predict(iter([paths[0], paths[1], tmp_path / "nope.jpg", paths[2]]), batch_size=4):
+            got.append(p.image_id)
+    assert got == [paths[0].stem, paths[1].stem]
+
+    def broken():
+        yield paths[0]
+        raise RuntimeError("the source broke")
+
+    got = []
+    with pytest.raises(RuntimeError, match="the source broke"):
+        for p in model.predict(broken(), batch_size=4):
+            got.append(p.image_id)
+    assert got == [paths[0].stem]
+
+
+def test_one_pil_image_listed_twice_and_a_closed_one(models, tmp_path):  # noqa: F811
+    """Two threads decoded one unread PIL image at once: Pillow's errors, or wrong pixels."""
+    model = dermtool.load_model(models["joint"])
+    path = tmp_path / "big.png"
+    Image.fromarray(make_lesion(900, 1200, np.random.default_rng(5))[0]).save(path)
+    want = model.predict(path).probabilities
+    im = Image.open(path)
+    assert [p.probabilities for p in model.predict([im, im], workers=4)] == [want, want]
+    with Image.open(path) as closed:
+        pass
+    with pytest.raises(InputError, match="big.png: the PIL image was closed before dermtool read its pixels"):
+        model.predict(closed)
+
+
 def test_a_cls_only_model_has_no_mask(models):  # noqa: F811
     p = dermtool.load_model(models["cls"]).predict(make_lesion(60, 60, np.random.default_rng(0))[0])
     assert p.mask is None and p.probability_map is None
@@ -174,10 +235,25 @@ def test_bad_input_raises_one_sentence(models, bad, words):  # noqa: F811
     ({"closing_radius": 1000}, "closing_radius must be"),
     ({"batch_size": "2"}, "batch_size must be a whole number from 1 to 1024"),
     ({"workers": -1}, "workers must be a whole number from 0"),
+    ({"tta": 4.0}, "tta must be 1, 4 or 8"),  # each of these three was taken
+    ({"melanoma_threshold": "0.5"}, "melanoma_threshold must be a number between 0 and 1"),
+    ({"melanoma_threshold": 1.0}, "melanoma_threshold must lie strictly between 0 and 1"),
 ])
 def test_bad_options_are_refused_as_the_cli_refuses_them(models, options, words):  # noqa: F811
     with pytest.raises(InputError, match=words):
         dermtool.load_model(models["seg"]).predict(np.zeros((8, 8, 3), np.uint8), **options)
+
+
+@pytest.mark.parametrize("options, words", [
+    ({"shard": "1/2"}, "shard must be a tuple \\(K, N\\)"),  # a ValueError traceback in select_images
+    ({"shard": (3, 2)}, "shard must be a tuple"),
+    ({"ids": "abc"}, "ids must be a list or tuple of image ids"),  # read as the ids a, b, c
+    ({"resume": "false"}, "resume must be True or False, not 'false'"),  # counted as true
+    ({"probabilities": 1}, "probabilities must be True or False"),
+])
+def test_infer_options_check_their_types(options, words):
+    with pytest.raises(InputError, match=words):
+        dermtool.InferOptions(**options)
 
 
 def test_bad_models_paths_and_folder_options_are_refused(models, images, tmp_path):  # noqa: F811
