@@ -303,7 +303,7 @@ def write_decision(model_dir: Path, temperature: float, threshold: float, proven
     """
     import os
 
-    from dermtool.io import claim, temp_prefix
+    from dermtool.io import claim, temp_prefix, write_atomic
     from dermtool.modelio import model_fingerprint, shipped_export
 
     model_dir = Path(model_dir)
@@ -319,17 +319,37 @@ def write_decision(model_dir: Path, temperature: float, threshold: float, proven
         notes.append(f"{stale}: not updated, it was exported from another state of {model_dir} (its weights or "
                      "config.json changed since)")
     temps = {path: path.with_name(f"{temp_prefix(path.name)}{os.getpid()}.tmp") for path in texts}
+    before = {path: (path.read_bytes(), path.stat().st_mode & 0o7777) for path in texts}
+    done = []
     try:
         for path, text in texts.items():
             try:
                 claim(temps[path]).write_bytes(text.encode())  # "\n" on every system: the sha1 is of these bytes
+                os.chmod(temps[path], before[path][1])  # a private config.json stays private
             except OSError as exc:  # named as the file of the user's model, not the temporary one
                 raise type(exc)(exc.errno, exc.strerror, str(path)) from None
         for path in texts:
-            os.replace(temps[path], path)
+            try:
+                os.replace(temps[path], path)
+            except OSError as exc:
+                raise type(exc)(exc.errno, exc.strerror, str(path)) from None
+            done.append(path)
+    except BaseException:
+        # the second rename failed (or Ctrl-C between them): the first file gets its old text back,
+        # so the model and its carried export never hold two decisions
+        for path in done:
+            try:
+                old, mode = before[path]
+                write_atomic(path, lambda tmp: (tmp.write_bytes(old), os.chmod(tmp, mode)))
+            except OSError:
+                pass
+        raise
     finally:
         for tmp in temps.values():
-            tmp.unlink(missing_ok=True)
+            try:
+                tmp.unlink(missing_ok=True)
+            except OSError:  # a read-only folder: the error above, naming config.json, is the one to tell
+                pass
     return list(texts), notes
 
 

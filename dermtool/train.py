@@ -703,6 +703,13 @@ def _train(cfg: ModelConfig, tcfg: TrainConfig, train_cache, val_cache, out_dir:
                     swap_ema(model, model.optimizer)
             checkpoint.tidy(out_dir)  # links left stale by an interrupt
             log(f"resuming {out_dir} after epoch {state['epoch']} (lr {state['lr']:.3g})")
+        if resume and state["epoch"] < tcfg.epochs and (cfg.temperature != 1.0 or cfg.melanoma_threshold is not None
+                                                         or cfg.calibration):
+            # fitted by dermtool calibrate to the weights this resume goes on to change
+            cfg = replace(cfg, temperature=1.0, melanoma_threshold=None, calibration=None)
+            log(f"note: {out_dir} was calibrated (temperature, melanoma threshold) for its weights after epoch "
+                f"{state['epoch']}; training changes them, so the calibration is removed: run dermtool calibrate "
+                "again on the new weights' validation predictions")
         # after the load: a resume refused for a missing or damaged checkpoint leaves the run's record
         # (its epochs, its commands) as it was
         save_config(out_dir / "config.json", cfg, tcfg)

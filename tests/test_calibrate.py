@@ -286,6 +286,32 @@ def test_a_failed_second_write_leaves_the_model_and_its_export_as_they_were(sets
     assert not [p for p in model.rglob("*") if p.name.startswith(".")]
 
 
+def test_a_failed_second_rename_restores_the_first_and_names_config_json(sets, model, monkeypatch):
+    """The second rename failing (a busy or read-only file) left config.json calibrated and the
+    carried export not: two decisions in one model folder. A private config.json came out 0644."""
+    import os
+
+    (model / "config.json").chmod(0o640)
+    before = {p: p.read_bytes() for p in (model / "config.json", model / "litert" / "config.json")}
+    real = os.replace
+
+    def busy_export(src, dst):
+        if Path(dst).parent.name == "litert":
+            raise OSError(16, "Device or resource busy")
+        return real(src, dst)
+
+    monkeypatch.setattr(os, "replace", busy_export)
+    result = calibrate_cli(model, sets["a"])
+    assert result.exit_code == 2, result.output
+    said = " ".join(result.output.split())
+    assert f"{model / 'litert' / 'config.json'}: cannot write" in said and ".tmp" not in said, said
+    assert {p: p.read_bytes() for p in before} == before
+    assert not [p for p in model.rglob("*") if p.name.startswith(".")]
+    monkeypatch.setattr(os, "replace", real)
+    assert calibrate_cli(model, sets["a"]).exit_code == 0
+    assert (model / "config.json").stat().st_mode & 0o777 == 0o640
+
+
 def test_predictions_of_other_weights_or_settings_are_named(sets, model, tmp_path):
     pred, truth = sets["a"]
     run = tmp_path / "run"

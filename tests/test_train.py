@@ -99,6 +99,26 @@ def test_resume_carries_the_dropout_streams_so_a_joint_run_matches_exactly(cache
     assert_same_weights(cfg, straight, resumed)
 
 
+def test_resume_removes_a_calibration_fitted_to_the_earlier_weights(caches, tmp_path):
+    """A run calibrated after epoch 1 and resumed kept its temperature and threshold, and infer
+    applied them to the new weights without a word."""
+    from dermtool.calibrate import write_decision
+
+    out = run(caches, tmp_path / "r", "cls", epochs=1)
+    write_decision(out, 2.5, 0.3, {"target_sensitivity": 0.85})
+    assert load_config(out)[0].temperature == 2.5
+    said = []
+    from dermtool.train import train
+
+    tcfg = TrainConfig(epochs=1, batch_size=4, learning_rate=3e-3, seed=3, augment="none")
+    train(tiny("cls"), tcfg, caches, caches, out, resume=True, log=said.append, progress=False)  # nothing left to do
+    assert load_config(out)[0].temperature == 2.5
+    train(tiny("cls"), replace(tcfg, epochs=2), caches, caches, out, resume=True, log=said.append, progress=False)
+    cfg = load_config(out)[0]
+    assert (cfg.temperature, cfg.melanoma_threshold, cfg.calibration) == (1.0, None, None)
+    assert any("the calibration is removed" in m for m in said)
+
+
 def test_a_second_run_into_the_same_folder_needs_resume(caches, tmp_path):
     from dermtool.errors import InputError
 
