@@ -9,7 +9,8 @@ LiteRT engine and the Python API run it as one model, at N forward passes of the
 
 The members must share the architecture and the input preparation: their config.json model
 sections may differ only in what is fitted per network (temperature, operating point, mask
-threshold) and the lesion view. The ensemble keeps the first member's lesion view and mask
+threshold), the lesion view, and how the network was trained (`pretrained`, `dropout`); keys an
+older config.json leaves out count as their defaults. The ensemble keeps the first member's lesion view and mask
 threshold; its temperature is reset to 1 and its melanoma threshold removed, since those were
 fitted for one network: run `dermtool calibrate` on its validation predictions before using its
 labels. config.json's `ensemble_of` names the members by absolute path.
@@ -29,7 +30,9 @@ from dermtool.io import publish, staging_folder
 
 #: fitted per network, or an inference setting (infer --cls-views, the mask threshold that infer
 #: --threshold overrides): not the architecture. The ensemble keeps the first member's.
-NOT_ARCHITECTURE = {"temperature", "melanoma_threshold", "calibration", "cls_views", "threshold"}
+NOT_ARCHITECTURE = {"temperature", "melanoma_threshold", "calibration", "cls_views", "threshold",
+                    # how a network was trained, not what it computes: its start, and dropout (off in inference)
+                    "pretrained", "dropout"}
 #: room beyond the weights for config.json and the file system's own blocks
 DISK_MARGIN = 1 << 20
 
@@ -44,8 +47,9 @@ def check_members(models: list[Path]) -> None:
             raise InputError(f"{model}: an export folder; give the Keras model folder it was exported from.")
         if cfg.members > 1:
             raise InputError(f"{model}: already an ensemble of {cfg.members} networks; give its members instead.")
-    sections = [{k: v for k, v in raw["model"].items() if k not in NOT_ARCHITECTURE | {"members", "member_weights"}}
-                for _, _, raw in configs]
+    # the loaded configs, with the defaults an older config.json leaves out filled in
+    sections = [{k: v for k, v in dataclasses.asdict(cfg).items() if k not in NOT_ARCHITECTURE | {"members", "member_weights"}}
+                for cfg, _, _ in configs]
     for model, section in zip(models[1:], sections[1:]):
         if section != sections[0]:
             keys = sorted(k for k in section.keys() | sections[0].keys() if section.get(k) != sections[0].get(k))
@@ -64,6 +68,9 @@ def make_ensemble(out: Path, models: list[Path], float16: bool = False, weights=
     """
     given, models = Path(out), [Path(m) for m in models]
     out = Path(os.path.abspath(given))  # "." has a name once absolute
+    if out.is_dir() and not out.is_symlink():
+        for stale in out.glob(f".{out.name}.partial-*"):  # of an ensemble into it that was killed (-9)
+            shutil.rmtree(stale, ignore_errors=True)
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         # an old weights file or litert/ export there would be taken for the ensemble's
         raise InputError(f"{given}: already exists and is not an empty folder; name a new one for the ensemble.")

@@ -368,10 +368,15 @@ def read_class_csv(path: Path, *, role: str = "truth") -> dict[str, np.ndarray]:
     value_columns = [name for name in CLASS_NAMES if name in header]
     index = {name: header.index(name) for name in ("image_id", *value_columns)}
     result: dict[str, np.ndarray] = {}
+    keys: dict[str, str] = {}  # id_key -> the id as first written: é and e + accent are one image
     for line, row in numbered[1:]:
         result_id, values = _parse_row(row, index, value_columns, what, line)
         if result_id in result:
             raise InputError(f"The {what} repeats image_id {result_id} at row {line}.")
+        first = keys.setdefault(id_key(result_id), result_id)
+        if first != result_id:
+            raise InputError(f"The {what} repeats image_id {result_id} at row {line}, written in another Unicode form "
+                             f"({first!a} and {result_id!a}: one image, as dermtool matches ids).")
         if role == "truth":
             _check_truth_row(values, header, what, line, result_id)
         result[result_id] = values

@@ -194,6 +194,32 @@ def test_a_folder_named_like_the_staging_one_is_never_touched(models, tmp_path, 
     assert sorted(p.name for p in tmp_path.iterdir()) == ["b", "b.partial", "ens", "ens.partial"]
 
 
+def test_members_of_one_architecture_are_joined_whatever_their_start_or_an_older_config(models, tmp_path):
+    """An older config.json without keys that have defaults, and a member trained from another
+    start (pretrained, dropout), were refused as "differs ... in border, pretrained"."""
+    import shutil
+
+    older = Path(shutil.copytree(models["b"], tmp_path / "older"))
+    raw = json.loads((older / "config.json").read_text())
+    for key in ("border", "cls_pool_size", "cls_dense_units"):
+        raw["model"].pop(key, None)
+    raw["model"]["dropout"] = 0.3
+    (older / "config.json").write_text(json.dumps(raw))
+    result = ensemble(tmp_path / "ens", models["c"], older)
+    assert result.exit_code == 0, result.output
+    assert load_config(tmp_path / "ens")[0].members == 2
+
+
+def test_an_ensemble_killed_in_an_empty_folder_can_be_made_there_again(models, tmp_path):
+    """kill -9 left OUT/.OUT.partial-*, and every later run called OUT "not an empty folder"."""
+    out = tmp_path / "ens"
+    (out / ".ens.partial-0badc0de").mkdir(parents=True)
+    (out / ".ens.partial-0badc0de" / "model.weights.h5").write_bytes(b"half")
+    result = ensemble(out, models["b"], models["c"])
+    assert result.exit_code == 0, result.output
+    assert sorted(p.name for p in out.iterdir()) == ["config.json", "model.weights.h5"]
+
+
 def test_a_disk_without_room_is_named_before_any_write(models, tmp_path, monkeypatch):
     import shutil
     from collections import namedtuple

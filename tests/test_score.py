@@ -376,6 +376,10 @@ BAD_INPUTS = {
         lambda c: _bad_truth_rows(c, [[IDS[0], 1.0, 0.0], [IDS[1], 0.0, 0.0], [IDS[0], 0, 1]]),
         "repeats image_id ISIC_0000000 at row 4",
     ),
+    "one id in two Unicode forms": (  # both were scored, as two images of opposite classes
+        lambda c: _bad_truth_rows(c, [["M\u00fcller", 1.0, 0.0], [IDS[1], 0.0, 0.0], ["Mu\u0308ller", 0, 0]]),
+        "repeats image_id Mu\u0308ller at row 4, written in another Unicode form",
+    ),
     "nan value": (
         lambda c: _bad_truth_rows(c, [[IDS[0], 1.0, 0.0], [IDS[1], "nan", 0.0]]),
         "melanoma = nan at row 3",
