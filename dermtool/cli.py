@@ -854,7 +854,7 @@ def export_cli(
 
     Example: dermtool export runs/joint --out models/joint-f16 --format keras --quantize float16
     """
-    from dermtool.export import export
+    from dermtool.export import beyond_tolerance, export
     from dermtool.modelio import CLASSIFIER_FILE
 
     for p, what in ((calibration, "--calibration folder"), (check, "--check folder")):
@@ -863,10 +863,11 @@ def export_cli(
     try:
         report = export(model, out, fmt, quantize, calibration, check,
                         log=lambda m: console.print(escape(m), highlight=False, soft_wrap=True))
-    except InputError as exc:
-        fail(str(exc))
-    except OSError as exc:
-        fail(write_failure(exc, "the export", out))
+    except (InputError, OSError, KeyboardInterrupt) as exc:
+        if _STOP_ASKED or isinstance(exc, KeyboardInterrupt):  # the converter may word the interrupt as its failure
+            fail(f"interrupted: {out} is as it was (an export is moved in only when whole); run the same command "
+                 "again to export.", 130)
+        fail(str(exc) if isinstance(exc, InputError) else write_failure(exc, "the export", out))
     diff = report.difference
     parts = [f"{k} {diff[k]:.2g}" for k in ("seg", "cls") if k in diff]
     if "mask_pixels_changed" in diff:
@@ -884,6 +885,10 @@ def export_cli(
             a, b = keras_scores[name], export_scores[name]
             if a is not None:
                 typer.echo(f"{name:<24} {a:8.4f} {b:8.4f} {b - a:+8.4f}")
+        strayed = beyond_tolerance(report.check)
+        if strayed:
+            fail(f"--check: on {check} the export strays from the Keras model: {', '.join(strayed)}; it was written to "
+                 f"{out}, but try a milder --quantize (mixed, dynamic, float16) before relying on it.", 1)
 
 
 _SCORE_HELP = (

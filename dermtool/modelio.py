@@ -428,8 +428,14 @@ def load_engine(path: Path | None = None, engine: str | None = None, log=None):
             raise InputError(f"{file}: a {fmt} export runs on the {own} engine, not {engine}.")
         shipped = shipped_export(folder, engine)
         if shipped is None and (folder / engine / "config.json").is_file() and log:
-            log(f"not using {folder / engine}: it was exported from another state of {folder} (its weights or "
-                "config.json changed since); using a conversion of the model instead")
+            try:
+                held = read_json(folder / engine / "config.json", "config").get("export", {}).get("format")
+            except (InputError, AttributeError):
+                held = None
+            why = (f"it holds a {held} export, not one the {engine} engine runs" if isinstance(held, str)
+                   and held in _ENGINE_OF_FORMAT and _ENGINE_OF_FORMAT[held] != engine else
+                   f"it was exported from another state of {folder} (its weights or config.json changed since)")
+            log(f"not using {folder / engine}: {why}; using a conversion of the model instead")
         if engine == "savedmodel" and shipped is not None and not savedmodel_trusted(shipped / FORMATS["savedmodel"]):
             if log:  # the weights are data; the SavedModel beside them is a program from wherever the folder came
                 log(f"not running {shipped}: a SavedModel dermtool did not write (set {TRUST_SAVEDMODEL_ENV}=1 to "
@@ -778,8 +784,15 @@ def cached_export(model_dir: Path, engine: str, log=None) -> Path:
         return target
     if log:
         log(f"converting {model_dir} for the {engine} engine ({fmt}, quantize {quantize}); once, kept in {target}")
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=".tmp-"))
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=".tmp-"))
+    except OSError as exc:  # not infer's --out: the cache, which the user may move elsewhere
+        from dermtool.errors import disk_full
+
+        why = "the disk is full" if disk_full(exc) else exc.strerror or type(exc).__name__
+        raise InputError(f"{target.parent}: cannot write the engine cache, where the {engine} conversion of "
+                         f"{model_dir} is kept ({why}); set DERMTOOL_CACHE_DIR to a folder you can write.") from None
     try:
         write_export(model_dir, tmp, fmt, quantize)
         try:

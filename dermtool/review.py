@@ -395,6 +395,14 @@ def operating_point(run: dict) -> str:
     return "; ".join(parts)
 
 
+def _engine(run: dict) -> str:
+    """The engine that ran, and the file it ran when that was not the model's own weights."""
+    engine, file = run.get("engine") or "", run.get("engine_file") or ""
+    if not engine:
+        return ""
+    return f"{engine} ({Path(file).name})" if file and engine != "keras" else engine
+
+
 def _display(name: str) -> str:
     from dermtool.overlay import DISPLAY_NAMES
 
@@ -439,4 +447,5 @@ def _facts(run: dict, out_dir: Path, summary: ReportSummary, images_dir: Path | 
         "failed": [Path(f).name for f in run.get("failed", [])], "images": str(images_dir or ""),
         "postprocess": " → ".join(steps) + (f"; test-time augmentation over {tta} views" if tta and tta > 1 else ""),
         "speed": speed, "note": "; ".join(notes), "operating_point": operating_point(run),
+        "engine": _engine(run),
     }

@@ -499,6 +499,27 @@ def test_check_scores_both_models_through_infer_and_score(tiny, images, tmp_path
     assert rows["JAC"][0] == rows["JAC"][1]  # float32: the same masks, the same score
 
 
+@litert
+def test_check_fails_when_the_export_strays_from_keras_beyond_the_tolerance(tiny, images, tmp_path, monkeypatch):
+    """--check printed JAC +0.015 and melanoma AUC -0.25 for an int8 export and exited 0."""
+    import dermtool.export
+
+    real = dermtool.export.score_folder
+
+    def strayed(model, check_dir, engine=None):
+        scores = real(model, check_dir, engine)
+        if engine is None:  # the export's scores: its JAC 0.02 lower, as a poor quantisation gives
+            scores = {**scores, "JAC": scores["JAC"] - 0.02}
+        return scores
+
+    monkeypatch.setattr(dermtool.export, "score_folder", strayed)
+    result = export(tiny, "--out", tmp_path / "ex", "--format", "tflite", "--check", images)
+    said = " ".join(result.output.split())
+    assert result.exit_code == 1, result.output
+    assert "error: --check: on" in said and "the export strays from the Keras model: JAC -0.0200 (more than 0.01)" in said
+    assert (tmp_path / "ex" / "model.tflite").is_file()
+
+
 @pytest.mark.parametrize("quantize", ["none", "float16"])
 def test_format_keras_writes_a_model_folder_again_with_float16_weights_if_asked(quantize, tiny, images, tmp_path):
     import h5py
@@ -750,6 +771,82 @@ def test_an_export_that_cannot_be_written_is_one_line_and_leaves_nothing(case, t
     result = export(tiny, "--out", out, "--format", "savedmodel")
     _one_line_error(result, "cannot write the export", UNWRITABLE[case])
     assert not out.exists()
+
+
+@pytest.mark.parametrize("fmt, name", [("tflite", "model.tflite"), ("onnx", "model.onnx"), ("tflite", "classifier.tflite"),
+                                       ("savedmodel", "saved_model")])
+def test_a_users_folder_where_the_export_writes_its_file_is_refused_first(fmt, name, model_copy, tmp_path, monkeypatch):
+    """A folder OUT/model.tflite/ of the user's (in a folder holding no export) was removed
+    with its files, and the export written in its place."""
+    _no_export_work(monkeypatch)
+    out = tmp_path / "mine"
+    (out / name).mkdir(parents=True)
+    (out / name / "keep.txt").write_text("mine")
+    _one_line_error(export(model_copy, "--out", out, "--format", fmt), f"{out / name}: already there")
+    assert (out / name / "keep.txt").read_text() == "mine"
+
+
+def test_an_out_where_no_folder_can_be_made_is_named_as_given(model_copy, tmp_path, monkeypatch):
+    """A read-only --out was named by the hidden staging folder that could not be made in it."""
+    import dermtool.export
+
+    out = tmp_path / "ro"
+    out.mkdir()
+
+    def denied(final):
+        raise PermissionError(13, "Permission denied", str(final / f".{final.name}.partial-1234abcd"))
+
+    monkeypatch.setattr(dermtool.export, "staging_folder", denied)
+    result = export(model_copy, "--out", out, "--format", "onnx")
+    _one_line_error(result, f"{out}: cannot write the export (Permission denied)")
+    assert ".partial" not in result.output
+
+
+def test_an_engine_cache_that_cannot_be_written_is_named_as_the_cache(tiny, images, tmp_path, monkeypatch):
+    """It was reported as "cannot write infer's output", naming the cache, while --out was fine."""
+    (tmp_path / "file").write_text("a file where the cache folder should be")
+    monkeypatch.setenv("DERMTOOL_CACHE_DIR", str(tmp_path / "file"))
+    result = infer(images / "images", "--out", tmp_path / "o", "--model", tiny, "--engine", "litert")
+    said = " ".join(result.output.split())
+    assert result.exit_code == 2 and "Traceback" not in said, result.output
+    assert f"error: {tmp_path / 'file' / 'engines'}: cannot write the engine cache" in said
+    assert "set DERMTOOL_CACHE_DIR to a folder you can write" in said and "infer's output" not in said
+
+
+def test_a_carried_folder_of_another_format_is_named_for_what_it_holds(model_copy, monkeypatch):
+    """MODEL/onnx/ holding a tflite export was said to be "exported from another state"."""
+    from dermtool import modelio
+
+    (model_copy / "onnx").mkdir()
+    raw = json.loads((model_copy / "config.json").read_text())
+    (model_copy / "onnx" / "config.json").write_text(json.dumps({**raw, "export": {"format": "tflite"}}))
+
+    def stop(*args, **kwargs):
+        raise RuntimeError("no conversion in this test")
+
+    monkeypatch.setattr(modelio, "cached_export", stop)
+    said = []
+    with pytest.raises(RuntimeError, match="no conversion"):
+        modelio.load_engine(model_copy, "onnx", log=said.append)
+    assert said == [f"not using {model_copy / 'onnx'}: it holds a tflite export, not one the onnx engine runs; "
+                    "using a conversion of the model instead"]
+
+
+def test_a_stop_asked_during_the_conversion_is_an_interruption_not_a_failed_export(model_copy, tmp_path,
+                                                                                      monkeypatch):
+    """SIGTERM inside TensorFlow's converter came out as its RuntimeError, and the export was
+    reported as failed (exit 2) rather than interrupted."""
+    import dermtool.cli
+    import dermtool.export
+
+    def terminated(*args, **kwargs):
+        dermtool.cli._STOP_ASKED = True  # as the SIGTERM handler sets it
+        raise RuntimeError("Exiting device scope without proper scope nesting")
+
+    monkeypatch.setattr(dermtool.export, "write_export", terminated)
+    result = export(model_copy, "--out", tmp_path / "kt", "--format", "onnx")
+    assert result.exit_code == 130 and "interrupted:" in result.output and "failed" not in result.output, result.output
+    assert not (tmp_path / "kt").exists()
 
 
 def test_format_keras_of_a_run_keeps_the_network_not_the_optimizer(tiny, tmp_path):

@@ -348,6 +348,15 @@ def test_an_unreadable_image_and_a_removed_mask_are_named_on_the_command_line_an
     assert "2 thumbnail(s) with a problem" in html
 
 
+def test_the_page_names_the_engine_that_ran(tmp_path):
+    """A LiteRT run's page looked like a Keras run's: infer.json said litert, the page did not."""
+    out = make_infer_folder(tmp_path, 2)
+    run = json.loads((out / "infer.json").read_text())
+    (out / "infer.json").write_text(json.dumps({**run, "engine": "litert", "engine_file": "/m/litert/model.tflite"}))
+    write_report(out)
+    assert "<th>engine</th><td>litert (model.tflite)</td>" in (out / "report.html").read_text()
+
+
 def test_a_classifier_run_states_no_mask_steps_and_keeps_its_thumbnails(tmp_path):
     out = make_infer_folder(tmp_path, 3)
     for mask in out.glob("*_segmentation.png"):
