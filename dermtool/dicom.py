@@ -49,6 +49,9 @@ def read_dicom_rgb(path: Path) -> np.ndarray:
     if excess:
         raise InputError(f"{path}: {excess}; the Rows and Columns do not describe the pixel data, so the "
                          "image would be read scrambled or cut; skipped.")
+    cut = _cut_jpeg_frame(ds)
+    if cut:
+        raise InputError(f"{path}: {cut}; skipped.")
     try:
         pixels = ds.pixel_array  # pydicom 3 converts YCbCr to RGB (its as_rgb default)
     except Exception as exc:  # a missing decoder plugin raises RuntimeError, damaged data anything
@@ -63,6 +66,33 @@ def read_dicom_rgb(path: Path) -> np.ndarray:
         shift = max(0, int(ds.get("BitsStored", 8)) - 8)
         pixels = np.clip(pixels >> shift, 0, 255).astype(np.uint8)  # in its own dtype: no int64 copy
     return np.ascontiguousarray(pixels)
+
+
+#: the transfer syntaxes whose frame is one JPEG-family stream, which ends with the marker FF D9
+#: (EOI; JPEG 2000's EOC): baseline, extended, lossless, JPEG-LS and JPEG 2000
+_JPEG_FAMILY = ("1.2.840.10008.1.2.4.50", "1.2.840.10008.1.2.4.51", "1.2.840.10008.1.2.4.57",
+                "1.2.840.10008.1.2.4.70", "1.2.840.10008.1.2.4.80", "1.2.840.10008.1.2.4.81",
+                "1.2.840.10008.1.2.4.90", "1.2.840.10008.1.2.4.91")
+
+
+def _cut_jpeg_frame(ds) -> str:
+    """Why a JPEG-family frame is cut short ("" when it is whole or not JPEG): pylibjpeg decodes a
+    truncated stream without a word, filling the rest with whatever it had, so a file cut in a
+    transfer would be diagnosed from pixels it does not hold."""
+    uid = getattr(getattr(ds, "file_meta", None), "TransferSyntaxUID", None)
+    if str(uid) not in _JPEG_FAMILY or "PixelData" not in ds:
+        return ""
+    from pydicom.encaps import generate_frames
+
+    try:
+        frame = next(generate_frames(ds.PixelData, number_of_frames=1))
+    except Exception as exc:  # a damaged encapsulation: the decoder names it below
+        return f"its encapsulated pixel data cannot be read ({_short(exc)})"
+    if not frame.rstrip(b"\x00").endswith(b"\xff\xd9"):  # a frame may be padded to an even length
+        return (f"its pixel data ({getattr(uid, 'name', 'JPEG')}) ends "
+                "without the end-of-image marker: the file was cut short, and would be decoded with the rest "
+                "of the image made up")
+    return ""
 
 
 def _excess_pixel_data(ds) -> str:
