@@ -96,7 +96,10 @@ def _to_rgb_image(img: Image.Image) -> Image.Image:
         return img
     if img.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
         arr = np.asarray(img)
-        top = _full_scale(arr) if img.mode == "F" else 65535.0  # Pillow's I modes here are 16-bit files
+        # Pillow's I modes are 16-bit files (a PNG's "I" too), but a TIFF in mode "I" is 32-bit
+        # grey, which the path reads (tifffile) by its values, as floats: the same rule here
+        wide = img.mode == "F" or img.mode == "I" and getattr(img, "format", None) == "TIFF"
+        top = _full_scale(arr) if wide else 65535.0
         return Image.fromarray(np.repeat(_scaled_to_uint8(arr, top)[..., None], 3, axis=2))
     if img.mode in ("RGBA", "LA", "PA") or (img.mode == "P" and "transparency" in img.info):
         img = img.convert("RGBA")
@@ -175,13 +178,21 @@ def _tiff_to_rgb(path: Path) -> np.ndarray:
         quiet.setLevel(level)
     if axes.endswith("SYX"):  # planar (C, H, W) storage; the tags say so, the shape cannot
         arr = np.moveaxis(arr, -3, -1)
+    alpha = None
+    if colormap is not None and arr.ndim == 3 and arr.shape[-1] == 2:  # palette + alpha: indices, then alpha
+        arr, alpha = arr[..., 0], arr[..., 1]
     if colormap is not None and arr.ndim == 2:  # indices into a colour map of 16-bit (3, N) entries
         cmap = np.asarray(colormap).astype(np.uint16)
         if int(arr.max(initial=0)) >= cmap.shape[-1]:
             raise InputError(f"{path}: a palette index beyond its colour map of {cmap.shape[-1]} colours.")
         # the high byte, as libtiff reads it (a map with no value above 255 was written with 8-bit values)
         cmap = (cmap >> 8 if int(cmap.max()) > 255 else cmap).astype(np.uint8)
-        return np.ascontiguousarray(np.moveaxis(cmap[:, arr], 0, -1))
+        rgb = np.ascontiguousarray(np.moveaxis(cmap[:, arr], 0, -1))
+        if alpha is None:
+            return rgb
+        rgba = np.concatenate([rgb, _scaled_to_uint8(alpha, _full_scale(alpha))[..., None]
+                               if alpha.dtype != np.uint8 else alpha[..., None]], axis=-1)
+        return np.asarray(_to_rgb_image(Image.fromarray(rgba, "RGBA")))  # on black, as a PIL image is
     if arr.dtype != np.uint8:
         arr = _scaled_to_uint8(arr, 1.0 if arr.dtype == bool else _full_scale(arr))
     if photometric == "MINISWHITE":

@@ -342,6 +342,24 @@ def test_palette_tiff_gives_its_colour_map(tmp_path):
     _check(tmp_path / "p.tif", _RGB)
 
 
+def test_a_pil_image_of_a_32bit_or_palette_alpha_tiff_gives_what_its_path_gives(tmp_path):
+    """A 32-bit grey TIFF opened with PIL (mode I) was scaled by 65535 (near black) where its path
+    is read by its values; a palette TIFF with alpha (PA) lost its colours on the path route."""
+    from dermtool.preprocess import _to_rgb_image
+    from dermtool.synthetic import make_lesion
+
+    rgb = make_lesion(40, 50, np.random.default_rng(1))[0]
+    tifffile.imwrite(tmp_path / "i32.tif", rgb[..., 0].astype(np.int32))
+    Image.fromarray(rgb).quantize(16).convert("PA").save(tmp_path / "pa.tif", format="TIFF")
+    for name, mode in (("i32.tif", "I"), ("pa.tif", "PA")):
+        with Image.open(tmp_path / name) as im:
+            assert im.mode == mode
+            via_pil = np.asarray(_to_rgb_image(im))
+        np.testing.assert_array_equal(load_image(tmp_path / name)[0], via_pil)
+    np.testing.assert_array_equal(load_image(tmp_path / "i32.tif")[0][..., 0], rgb[..., 0])
+    assert len(np.unique(load_image(tmp_path / "pa.tif")[0].reshape(-1, 3), axis=0)) > 2  # colours, not grey
+
+
 def test_white_is_zero_tiff_is_inverted(tmp_path):
     tifffile.imwrite(tmp_path / "w.tif", 255 - _RGB[..., 0], photometric="miniswhite")
     _check(tmp_path / "w.tif", np.repeat(_RGB[..., :1], 3, axis=2))
