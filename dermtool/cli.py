@@ -742,7 +742,8 @@ def ensemble_cli(
     try:
         made = make_ensemble(out, models, float16=float16, weights=shares)
     except InputError as exc:
-        fail(str(exc))
+        # the option as typed, not the config.json key that checked it
+        fail(str(exc).replace("member_weights must", "--weights must", 1) if shares is not None else str(exc))
     except OSError as exc:
         fail(write_failure(exc, "the ensemble", out))
     console.print(escape(f"{made}: the ensemble of {len(models)} models; calibrate it (dermtool calibrate) before "

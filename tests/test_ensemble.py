@@ -263,11 +263,11 @@ def test_weights_set_each_members_share_of_the_mean(models, tmp_path):
     assert cfg.member_weights == (2.0, 1.0)
 
 
-@pytest.mark.parametrize("weights, words", [("2", ["member_weights must be 2 positive numbers", "(2.0,)"]),
-                                            ("1,-1", ["member_weights must be 2 positive numbers", "(1.0, -1.0)"]),
+@pytest.mark.parametrize("weights, words", [("2", ["--weights must be 2 positive numbers", "(2.0,)"]),
+                                            ("1,-1", ["--weights must be 2 positive numbers", "(1.0, -1.0)"]),
                                             ("2,x", ["--weights takes numbers joined by commas", "'2,x'"]),
                                             # each finite, their sum not: every share w / sum was 0, so every output
-                                            ("1e308,1e308", ["member_weights must add up to a finite number",
+                                            ("1e308,1e308", ["--weights must add up to a finite number",
                                                              "(1e+308, 1e+308)"])])
 def test_bad_weights_are_refused_in_one_line(models, tmp_path, weights, words):
     out = tmp_path / "ens"
