@@ -141,8 +141,9 @@ class Model:
         """Predictions of `images` in order, a batch at a time. Paths and arrays are fitted on the
         thread pool, arrays copied as they are taken (a generator may refill one buffer); a PIL
         image is fitted as it is taken unless the caller holds them all (`held`: a list), since a
-        generator may close it (`with Image.open(f) as im: yield im`). One PIL object listed
-        twice is fitted once: two threads decoding one file object corrupt each other. A bad
+        generator may close it (`with Image.open(f) as im: yield im`) or paste the next frame into
+        it. One PIL object listed twice in a list is fitted once: two threads decoding one file
+        object corrupt each other. A bad
         image, or an error of the source, is raised after the predictions of the images before it."""
         workers = opts.workers or min(8, max(2, os.cpu_count() or 1))
         items = iter(images)
@@ -161,10 +162,12 @@ class Model:
                         image = image.copy()
                     if isinstance(image, (str, os.PathLike, np.ndarray)) or not _is_one_image(image):
                         pending.append(pool.submit(self._prepare, image))
+                    elif not held:  # fitted now: the generator may close it, or paste the next frame into it
+                        pending.append(_done(self._prepare, image))
                     elif id(image) in seen and seen[id(image)][0] is image:
                         pending.append(seen[id(image)][1])
                     else:
-                        job = pool.submit(self._prepare, image) if held else _done(self._prepare, image)
+                        job = pool.submit(self._prepare, image)
                         seen[id(image)] = (image, job)  # holding the image keeps its id from being reused
                         pending.append(job)
                 loaded = []

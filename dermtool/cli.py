@@ -270,7 +270,7 @@ def train_cli(
     epochs: Optional[int] = typer.Option(None, "--epochs", help="Total epochs \\[default: 50; with --resume: the run's own, or the new total to reach]."),
     batch_size: int = typer.Option(16, "--batch-size", help="Images per training step (1-1024)."),
     learning_rate: float = typer.Option(1e-3, "--learning-rate", help="Adam learning rate, above 0 and at most 1 (the peak, with --schedule cosine)."),
-    schedule: str = typer.Option("plateau", "--schedule", help="plateau: learning rate x0.8 after 5 epochs without a better validation loss; cosine: one warm-up epoch, then cosine decay to 0 at the last epoch."),
+    schedule: str = typer.Option("plateau", "--schedule", help="plateau: learning rate x0.8 after 5 epochs without a better validation loss; cosine: one rate per epoch, the first at half the peak, then a cosine decay from the peak that would reach 0 one epoch after the last."),
     sampler: str = typer.Option("proportional", "--sampler", help="proportional: every image once per epoch (class-weighted loss); balanced: draw melanoma, keratosis and nevus equally often (unweighted loss)."),
     steps_per_epoch: int = typer.Option(0, "--steps-per-epoch", help="Batches per epoch (0: one pass over the training images); keeps epochs short when the data grows."),
     alpha: float = typer.Option(0.5, "--alpha", help="Joint loss alpha * L_seg + (1 - alpha) * L_cls."),
@@ -784,6 +784,10 @@ def merge_cli(
     for record in result.unchecked:
         console.print(escape(f"not checked: {record} is missing, so that shard's model and settings could not be "
                              "compared with the others'"), highlight=False, soft_wrap=True)
+    if result.stale_record:
+        console.print(escape(f"removed {out / 'infer.json'}: the record of an earlier whole run into {out}, whose "
+                             "predictions.csv the merge replaced; the shards' records now describe it"),
+                      highlight=False, soft_wrap=True)
     for source in result.failed:
         console.print(escape(f"no row for {source}: it failed in its shard"), highlight=False, soft_wrap=True)
     but = " but those that failed" if result.failed else ""

@@ -88,7 +88,9 @@ def _cut_jpeg_frame(ds) -> str:
         frame = next(generate_frames(ds.PixelData, number_of_frames=1))
     except Exception as exc:  # a damaged encapsulation: the decoder names it below
         return f"its encapsulated pixel data cannot be read ({_short(exc)})"
-    if not frame.rstrip(b"\x00").endswith(b"\xff\xd9"):  # a frame may be padded to an even length
+    # a frame may be padded to an even length, or carry a few bytes of fill or a vendor's trailer;
+    # in the coded data FF is always followed by 00 or a restart marker, so FF D9 is the end
+    if b"\xff\xd9" not in frame[-16:]:
         return (f"its pixel data ({getattr(uid, 'name', 'JPEG')}) ends "
                 "without the end-of-image marker: the file was cut short, and would be decoded with the rest "
                 "of the image made up")

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import dataclasses
 import errno
+import glob
 import os
 import shutil
 from pathlib import Path
@@ -69,7 +70,7 @@ def make_ensemble(out: Path, models: list[Path], float16: bool = False, weights=
     given, models = Path(out), [Path(m) for m in models]
     out = Path(os.path.abspath(given))  # "." has a name once absolute
     if out.is_dir() and not out.is_symlink():
-        for stale in out.glob(f".{out.name}.partial-*"):  # of an ensemble into it that was killed (-9)
+        for stale in out.glob(f".{glob.escape(out.name)}.partial-*"):  # of an ensemble into it that was killed (-9)
             shutil.rmtree(stale, ignore_errors=True)
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         # an old weights file or litert/ export there would be taken for the ensemble's

@@ -178,13 +178,14 @@ def check_target(folder: Path, out_dir: Path, fmt: str = "tflite") -> None:
             raise InputError(f"{config}: --out holds a model folder's config.json, which the export would replace; "
                              "write the export into a folder of its own.")
     elif out_dir.is_dir():  # a folder of the user's: what stands where the export's files go is theirs
-        names = [FORMATS[fmt]] if fmt != "keras" else []
-        for name in names + ([CLASSIFIER_FILE] if fmt == "tflite" else []):
+        # the export's file or folder, and classifier.tflite, which commit_export removes as stale
+        # whatever the format: a folder there (or anything where a SavedModel goes) is the user's
+        for name in ([FORMATS[fmt]] if fmt != "keras" else []) + [CLASSIFIER_FILE]:
             there = out_dir / name
-            if there.is_dir() and not there.is_symlink() or fmt == "savedmodel" and there.exists():
-                raise InputError(f"{there}: already there, where the export writes its "
-                                 f"{'folder' if fmt == 'savedmodel' else 'file'}, in a folder that holds no export "
-                                 "(no config.json); move it away or name another --out.")
+            if there.is_dir() and not there.is_symlink() or name == FORMATS.get(fmt) == "saved_model" and there.exists():
+                raise InputError(f"{there}: already there, where the export writes or replaces a "
+                                 f"{'folder' if name == 'saved_model' else 'file'}, in a folder that holds no "
+                                 "export (no config.json); move it away or name another --out.")
 
 
 def export(model_dir: Path, out_dir: Path, fmt: str, quantize: str = "none", calibration: Path | None = None,
@@ -288,7 +289,8 @@ def commit_export(staging: Path, final: Path) -> None:
         if name in new or not (target.exists() or target.is_symlink()):
             continue
         if target.is_dir() and not target.is_symlink():
-            shutil.rmtree(target)
+            if earlier:  # an earlier export's own saved_model/; a folder of the user's is never removed
+                shutil.rmtree(target)
         else:
             target.unlink()
     publish(staging, final)  # config.json last

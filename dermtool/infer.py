@@ -18,6 +18,7 @@ import stat
 import threading
 import time
 from collections import deque
+from collections.abc import Iterable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -89,9 +90,12 @@ class InferOptions:
                 raise InputError(f"melanoma_threshold must be a number between 0 and 1, not "
                                  f"{self.melanoma_threshold!r}.")
             self.melanoma_threshold = check_threshold(self.melanoma_threshold, "melanoma_threshold")
-        if self.ids is not None and (isinstance(self.ids, (str, bytes))
-                                     or not all(isinstance(i, str) for i in self.ids)):
-            raise InputError(f"ids must be a list or tuple of image ids (strings), not {self.ids!r:.60}.")
+        if self.ids is not None:
+            if isinstance(self.ids, (str, bytes)) or not isinstance(self.ids, Iterable):
+                raise InputError(f"ids must be a list or tuple of image ids (strings), not {self.ids!r:.60}.")
+            self.ids = tuple(self.ids)  # a generator is read once, here
+            if not all(isinstance(i, str) for i in self.ids):
+                raise InputError(f"ids must be a list or tuple of image ids (strings), not {self.ids!r:.60}.")
 
 
 @dataclass
@@ -284,6 +288,13 @@ def _finish_one(image_id: str, source: Path, t: Transform, seg, cls, cfg: ModelC
             for path in written:
                 path.unlink(missing_ok=True)
             raise
+        # an earlier run's overlay or probability map of this image, which this run did not ask
+        # for, would sit beside this run's mask showing another model's answer
+        written.append(out_dir / f"{image_id}{MASK_SUFFIX}")
+        for suffix in OUTPUT_SUFFIXES:
+            stale = out_dir / f"{image_id}{suffix}"
+            if stale not in written:
+                stale.unlink(missing_ok=True)
     if cls is None:
         return [image_id]
     return [image_id] + [f"{p:.6f}" for p in cls] + [label]

@@ -389,6 +389,8 @@ def resolve_model(path: Path | None) -> tuple[Path, Path | None, str]:
         if not (path.parent / "config.json").is_file():
             raise InputError(f"{path}: no config.json beside it; write exports with dermtool export.")
         return path.parent, path, fmt
+    if not path.exists() and not path.is_symlink():
+        raise InputError(f"{path}: no such model folder or file.")
     if not (path / "config.json").is_file():
         raise InputError(f"{path}: not a model folder (no config.json).")
     _, _, raw = load_config(path)

@@ -187,6 +187,7 @@ class MergeResult:
     images: Path | None = None  # the folder every id was checked against; None: not checked
     unchecked: list = field(default_factory=list)  # shard records missing: their settings were not compared
     ids: int | None = None  # the run's --ids list, this many ids, every one checked; None: no list
+    stale_record: bool = False  # an earlier whole run's infer.json was removed: it described another CSV
 
 
 def merge(out_dir: Path, images_dir: Path | None = None) -> MergeResult:
@@ -225,6 +226,12 @@ def merge(out_dir: Path, images_dir: Path | None = None) -> MergeResult:
         result.failed = _check_complete(result.images, listed, rows, source, records, out_dir, n)
         result.ids = None if listed is None else len(listed)
     write_csv_atomic(out_dir / predictions_name((1, 1)), header, [rows[i] for i in sorted(rows)])
+    # an infer.json beside the parts is a whole run's, of the predictions.csv just replaced: left, it
+    # would be read as this CSV's record (report's model, calibrate's temperature) instead of the shards'
+    whole = out_dir / record_name((1, 1))
+    if whole.is_file() and not whole.is_symlink():
+        whole.unlink()
+        result.stale_record = True
     return result
 
 
@@ -472,7 +479,8 @@ def _check_complete(images_dir: Path | None, listed: list | None, rows: dict, so
     excused = {id_key(image_id_of(Path(f))) for f in failed}
     row_of = {id_key(i): i for i in rows}
     wanted = None if listed is None else {id_key(i) for i in listed}
-    own = {}  # id_key -> the file's own id, which infer hashed to choose its shard
+    # id_key -> the id as infer hashed it to choose its shard: the file's own, else the list's
+    own = {id_key(i): i for i in listed or []}
     if images_dir is not None:
         kept, _ = unique_ids(find_images(images_dir))
         own = {id_key(image_id_of(p)): image_id_of(p) for p in kept}

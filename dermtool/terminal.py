@@ -26,9 +26,9 @@ def printable(text: str) -> str:
 
 
 class Console(_RichConsole):
-    """rich's Console, with the text it is given made `printable` before markup is read (the
-    escapes hold no "[", so escaped markup stays escaped); tables and other renderables hold
-    dermtool's own words and pass as they are."""
+    """rich's Console, with every string it renders made `printable` before markup is read: a
+    printed message and a table's cells and titles alike (rich turns each through render_str).
+    The escapes hold no "[", so escaped markup stays escaped."""
 
-    def print(self, *objects, **kwargs) -> None:
-        super().print(*(printable(o) if isinstance(o, str) else o for o in objects), **kwargs)
+    def render_str(self, text: str, **kwargs):
+        return super().render_str(printable(text), **kwargs)

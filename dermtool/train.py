@@ -1016,7 +1016,8 @@ def _shown(value) -> str:
 
 
 def cosine_lr(base: float, epoch: int, epochs: int, warmup: int = 1) -> float:
-    """Learning rate of `epoch` (0-based): linear warm-up over `warmup` epochs, then cosine to 0."""
+    """Learning rate of `epoch` (0-based): linear warm-up over `warmup` epochs, then a cosine from
+    `base` that reaches 0 at epoch `epochs` (one past the last: the last epoch still learns)."""
     if epoch < warmup:
         return base * (epoch + 1) / (warmup + 1)
     t = (epoch - warmup) / max(1, epochs - warmup)

@@ -172,6 +172,16 @@ def test_generators_that_close_or_refill_what_they_yield_get_each_images_answer(
     got = [p.probabilities for p in model.predict(refilled(), batch_size=4)]
     assert got == [p.probabilities for p in model.predict(pixels, batch_size=4)] and got[0] != got[-1]
 
+    def pasted():  # one PIL image, each frame pasted into it (a reviewer's case: all got the first's answer)
+        canvas = Image.new("RGB", (200, 200))
+        for rgb in pixels:
+            canvas.paste(Image.fromarray(np.pad(rgb, ((0, 200 - rgb.shape[0]), (0, 200 - rgb.shape[1]), (0, 0)))))
+            yield canvas
+
+    padded = [np.pad(rgb, ((0, 200 - rgb.shape[0]), (0, 200 - rgb.shape[1]), (0, 0))) for rgb in pixels]
+    got = [p.probabilities for p in model.predict(pasted(), batch_size=4)]
+    assert got == [p.probabilities for p in model.predict(padded, batch_size=4)] and got[0] != got[-1]
+
 
 def test_a_stream_gives_the_predictions_before_a_bad_image_then_raises(models, images, tmp_path):  # noqa: F811
     model = dermtool.load_model(models["joint"])
@@ -256,9 +266,16 @@ def test_infer_options_check_their_types(options, words):
         dermtool.InferOptions(**options)
 
 
+def test_infer_options_read_an_id_generator_once():
+    """The type check read a generator of ids to its end, and the run then did no image."""
+    assert dermtool.InferOptions(ids=(i for i in ["a", "b"])).ids == ("a", "b")
+
+
 def test_bad_models_paths_and_folder_options_are_refused(models, images, tmp_path):  # noqa: F811
     with pytest.raises(InputError, match="no config.json"):
         dermtool.load_model(tmp_path)
+    with pytest.raises(InputError, match="exported/model.tflite: no such model folder or file"):
+        dermtool.load_model(tmp_path / "exported" / "model.tflite")  # once "not a model folder (no config.json)"
     with pytest.raises(InputError, match="path must be a model folder or file path"):
         dermtool.load_model(5)
     with pytest.raises(InputError, match="images_dir must be a path, not int"):

@@ -318,6 +318,9 @@ def test_a_jpeg_frame_cut_short_is_refused_not_decoded_with_made_up_pixels(tmp_p
     ds = dcmread(path)
     frame = next(generate_frames(ds.PixelData, number_of_frames=1))
     assert read_dicom_rgb(path).shape == (96, 128, 3)  # whole: read
+    ds.PixelData = encapsulate([frame + b"\xff\xff"])  # fill after the end marker, as some writers leave
+    ds.save_as(path, enforce_file_format=True)
+    assert read_dicom_rgb(path).shape == (96, 128, 3)
     ds.PixelData = encapsulate([frame[:len(frame) // 3]])
     ds.save_as(path, enforce_file_format=True)
     with pytest.raises(InputError, match="ends without the end-of-image marker: the file was cut short"):

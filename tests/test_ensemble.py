@@ -210,11 +210,12 @@ def test_members_of_one_architecture_are_joined_whatever_their_start_or_an_older
     assert load_config(tmp_path / "ens")[0].members == 2
 
 
-def test_an_ensemble_killed_in_an_empty_folder_can_be_made_there_again(models, tmp_path):
+@pytest.mark.parametrize("name", ["ens", "run[1]"])
+def test_an_ensemble_killed_in_an_empty_folder_can_be_made_there_again(models, tmp_path, name):
     """kill -9 left OUT/.OUT.partial-*, and every later run called OUT "not an empty folder"."""
-    out = tmp_path / "ens"
-    (out / ".ens.partial-0badc0de").mkdir(parents=True)
-    (out / ".ens.partial-0badc0de" / "model.weights.h5").write_bytes(b"half")
+    out = tmp_path / name
+    (out / f".{name}.partial-0badc0de").mkdir(parents=True)
+    (out / f".{name}.partial-0badc0de" / "model.weights.h5").write_bytes(b"half")
     result = ensemble(out, models["b"], models["c"])
     assert result.exit_code == 0, result.output
     assert sorted(p.name for p in out.iterdir()) == ["config.json", "model.weights.h5"]

@@ -774,7 +774,8 @@ def test_an_export_that_cannot_be_written_is_one_line_and_leaves_nothing(case, t
 
 
 @pytest.mark.parametrize("fmt, name", [("tflite", "model.tflite"), ("onnx", "model.onnx"), ("tflite", "classifier.tflite"),
-                                       ("savedmodel", "saved_model")])
+                                       ("savedmodel", "saved_model"), ("savedmodel", "classifier.tflite"),
+                                       ("onnx", "classifier.tflite")])
 def test_a_users_folder_where_the_export_writes_its_file_is_refused_first(fmt, name, model_copy, tmp_path, monkeypatch):
     """A folder OUT/model.tflite/ of the user's (in a folder holding no export) was removed
     with its files, and the export written in its place."""

@@ -769,6 +769,18 @@ def test_a_failure_while_writing_removes_that_images_other_outputs(models, few_i
     assert not list(out.glob("tall*")) and len(list(out.glob("wide*"))) == 3
 
 
+def test_a_run_into_an_earlier_runs_folder_leaves_no_overlay_or_map_of_the_earlier_model(models, few_images, tmp_path):
+    """A second run without --overlay --probabilities left the first run's overlays (another
+    model's label drawn on them) and probability maps beside its own masks."""
+    out = tmp_path / "out"
+    assert infer(few_images, "--out", out, "--model", models["joint"], "--overlay", "--probabilities").exit_code == 0
+    assert len(list(out.glob("*_overlay.jpg"))) == len(list(out.glob("*_probability.tif"))) == 3
+    result = infer(few_images, "--out", out, "--model", models["seg"])
+    assert result.exit_code == 0, result.output
+    assert sorted(p.name for p in out.iterdir() if not p.name.startswith(".")) == sorted(
+        ["infer.json", "predictions.csv"] + [f"{i}{io.MASK_SUFFIX}" for i in ("gray", "tall", "wide")])
+
+
 def test_temporary_files_a_killed_run_left_are_removed_when_their_image_is_done_again(models, few_images,
                                                                                    tmp_path):
     out = tmp_path / "out"

@@ -447,6 +447,32 @@ def test_the_rerun_hint_names_the_shard_of_the_files_own_name(plain, reference, 
     assert f"with --shard {shard_of(name, 2)}/2 --resume, then" in said
 
 
+def test_merge_removes_an_earlier_whole_runs_record_that_no_longer_describes_the_csv(plain, reference, tmp_path):
+    """A whole run, then shards into the same folder, then merge: the whole run's infer.json
+    stayed, and report named its model and calibrate undid its temperature for the shards' CSV."""
+    from dermtool.review import read_run
+
+    out = Path(shutil.copytree(plain, tmp_path / "out"))
+    whole = json.loads((reference["out"] / "infer.json").read_text())
+    (out / "infer.json").write_text(json.dumps({**whole, "model": "/elsewhere/other-model", "temperature": 0.25}))
+    result = runner.invoke(app, ["merge", str(out)])
+    assert result.exit_code == 0, result.output
+    assert "removed" in result.output and not (out / "infer.json").exists()
+    assert read_run(out)["model"] == json.loads((out / "infer.shard1of2.json").read_text())["model"]
+
+
+def test_the_rerun_hint_without_the_folder_names_the_shard_of_the_listed_name(tmp_path):
+    """Without the images folder, an --ids list written in NFD got the shard of the NFC form."""
+    import unicodedata
+
+    from dermtool.errors import InputError
+    from dermtool.shards import _check_complete, shard_of
+
+    name = unicodedata.normalize("NFD", "Müller")
+    with pytest.raises(InputError, match=f"with --shard {shard_of(name, 2)}/2 --resume"):
+        _check_complete(None, [name], {}, {}, {}, tmp_path, 2)
+
+
 @pytest.mark.parametrize("edit, words", [({"melanoma_threshold": "x"}, "melanoma_threshold must be a number"),
                                          ({"temperature": "hot"}, "temperature must be a positive number"),
                                          # each of these was a TypeError or AttributeError traceback

@@ -215,3 +215,13 @@ def test_control_characters_from_a_csv_reach_the_terminal_as_escapes(tmp_path):
     assert "repeats image_id ba\\x1b]0;title\\x07d\\x1b[2J\\u202ex\\x9b2J at row 4" in said
     assert not any(c in result.output for c in "\x1b\x07\x9b\u202e")
     assert printable("a\tb\nc\u2028\x7f") == "a\tb\nc\\u2028\\x7f"
+
+
+def test_control_characters_in_the_data_check_table_reach_the_terminal_as_escapes(images, tmp_path):
+    """The preprocess table of label rows without an image printed a CSV's id raw: the escape
+    escaped only whole messages, not a table's cells."""
+    (images.parent / "labels.csv").write_text("image_id,melanoma,seborrheic_keratosis\nimg0,1,0\n"
+                                              "\x1b[2Jevil\u202e,0,0\n", encoding="utf-8")
+    result = cli("preprocess", images.parent, "--out", tmp_path / "cache", "--size", 32)
+    assert result.exit_code in (0, 1), result.output
+    assert "\\x1b[2Jevil\\u202e" in result.output and not any(c in result.output for c in "\x1b\u202e")
