@@ -28,6 +28,7 @@ import io
 import json
 import os
 import shutil
+import zipfile
 import warnings
 from pathlib import Path
 
@@ -39,6 +40,7 @@ from dermtool.io import claim, read_csv_rows, read_json
 LAST, BEST, OPTIMIZER, HISTORY, STATE = "last.weights.h5", "best.weights.h5", "optimizer.npz", "history.csv", "state.json"
 FOLDER = "checkpoints"
 EPOCHS, MODEL_WEIGHTS, CONFIG = "epochs", "model.weights.h5", "config.json"
+LOGS = "logs"  # TensorBoard's event files
 WRITERS = ("_make_dir", "_save_weights", "_save_optimizer", "_link", "_write_text", "_rename", "_remove")
 
 
@@ -126,10 +128,10 @@ def read_state(run_dir: Path) -> dict | None:
     if "checkpoint" in state and state["checkpoint"] != f"{FOLDER}/epoch-{epoch:03d}":
         raise InputError(f"{path}: checkpoint {str(state['checkpoint'])[:80]!r} is not {FOLDER}/epoch-{epoch:03d}, the "
                          "folder of its epoch inside the run; the run's state is damaged or was edited.")
-    for name in (FOLDER, EPOCHS):
+    for name in (FOLDER, EPOCHS, LOGS):
         if (run_dir / name).is_symlink():
             raise InputError(f"{run_dir / name}: a link, where a run keeps a folder of its own; dermtool removes "
-                             "old checkpoints there, so it does not follow a link out of the run.")
+                             "old checkpoints and writes its logs there, so it does not follow a link out of the run.")
     return state
 
 
@@ -180,12 +182,28 @@ def load(run_dir: Path, model, optimizer) -> dict:
                          f"({' '.join(str(exc).split())[:100]}); the run cannot resume.") from None
     if len([k for k in saved.files if k.startswith("v")]) != len(optimizer.variables):
         raise InputError(f"{folder / OPTIMIZER}: optimizer state does not match this model; cannot resume.")
-    for i, v in enumerate(optimizer.variables):
-        v.assign(saved[f"v{i}"])
-    for i, v in enumerate(_seed_states(model)):  # absent from an older dermtool's checkpoint
-        if f"seed{i}" in saved.files:
-            v.assign(saved[f"seed{i}"])
+    seeds = [(f"seed{i}", v) for i, v in enumerate(_seed_states(model)) if f"seed{i}" in saved.files]  # absent
+    pairs = [(f"v{i}", v) for i, v in enumerate(optimizer.variables)] + seeds  # from an older dermtool's checkpoint
+    try:
+        for key, v in pairs:  # each array's header first: a declared shape is never allocated unchecked
+            shape, dtype = _npz_header(saved, key)
+            if shape != tuple(v.shape) or dtype.kind not in "fiub":
+                raise ValueError(f"{key} is {shape} {dtype}, where this model's is {tuple(v.shape)}")
+        for key, v in pairs:
+            v.assign(saved[key])
+    except (OSError, ValueError, KeyError, zipfile.BadZipFile) as exc:
+        raise InputError(f"{folder / OPTIMIZER}: optimizer state does not match this model or is damaged "
+                         f"({' '.join(str(exc).split())[:100]}); cannot resume.") from None
     return state
+
+
+def _npz_header(saved, key: str) -> tuple[tuple, np.dtype]:
+    """(shape, dtype) of one array of an open .npz, from its .npy header alone."""
+    with saved.zip.open(f"{key}.npy") as fh:
+        version = np.lib.format.read_magic(fh)
+        read = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+        shape, _, dtype = read(fh)
+    return tuple(shape), np.dtype(dtype)
 
 
 # -- writing --------------------------------------------------------------------------------

@@ -314,14 +314,37 @@ def load_cache(folder: Path) -> Cache:
     images, masks = stacks
     if images.shape[0] != len(rows):
         raise InputError(f"{folder}: images.tif holds {images.shape[0]} images but manifest.csv {len(rows)} rows.")
+    # a cache edited or put together from two: its stacks must be of the sizes cache.json records
+    damaged = "; the cache is damaged or was edited: run dermtool preprocess again to rebuild it."
+    try:
+        size, side = int(meta["size"]), int(meta.get("input_size", int(meta["size"]) + 2 * int(meta.get("margin", 0))))
+    except (KeyError, TypeError, ValueError):
+        raise InputError(f"{meta_path}: no whole-number size{damaged}") from None
+    if images.ndim != 4 or images.shape[1:] != (side, side, 3) or images.dtype != np.uint8:
+        raise InputError(f"{folder / 'images.tif'}: a stack of {images.shape} {images.dtype}, not of {side} x {side} "
+                         f"RGB images as cache.json says{damaged}")
+    if masks is not None and (masks.ndim != 3 or masks.shape != (len(rows), size, size) or masks.dtype != np.uint8):
+        raise InputError(f"{folder / 'masks.tif'}: a stack of {masks.shape} {masks.dtype}, not of {len(rows)} "
+                         f"{size} x {size} masks as cache.json says{damaged}")
+    try:
+        labels = np.array([int(r["class_index"]) for r in rows], dtype=np.int64)
+        transforms = [Transform.from_dict(r) for r in rows]
+    except (KeyError, TypeError, ValueError) as exc:
+        raise InputError(f"{folder / 'manifest.csv'}: a class_index or geometry value that is not a whole number "
+                         f"({' '.join(str(exc).split())[:80]}){damaged}") from None
+    if not np.isin(labels, [-1, 0, 1, 2, NOT_MELANOMA]).all():
+        raise InputError(f"{folder / 'manifest.csv'}: a class_index outside -1 to {NOT_MELANOMA}{damaged}")
+    if any(min(t.inner_h, t.inner_w, t.orig_h, t.orig_w) < 1 or t.top < 0 or t.left < 0
+           or t.top + t.inner_h > t.size or t.left + t.inner_w > t.size for t in transforms):
+        raise InputError(f"{folder / 'manifest.csv'}: an image's geometry does not fit its square{damaged}")
     return Cache(
         folder=folder,
         images=images,
         masks=masks,
         ids=[r["image_id"] for r in rows],
-        labels=np.array([int(r["class_index"]) for r in rows], dtype=np.int64),
+        labels=labels,
         has_mask=np.array([r["has_mask"] == "1" for r in rows]),
-        transforms=[Transform.from_dict(r) for r in rows],
+        transforms=transforms,
         meta=meta,
         lesion_ids=[r.get("lesion_id", "") for r in rows],
     )

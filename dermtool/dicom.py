@@ -34,6 +34,10 @@ def read_dicom_rgb(path: Path) -> np.ndarray:
     from pydicom.errors import InvalidDicomError
 
     path = Path(path)
+    if _deflated(path):
+        raise InputError(f"{path}: a DICOM file of the Deflated Explicit VR Little Endian transfer syntax, whose whole "
+                         "body is unpacked in memory before anything can be checked (a small file can hold gigabytes); "
+                         "not read, so skipped. Re-save it uncompressed or with JPEG.")
     try:
         ds = pydicom.dcmread(path)
     except (InvalidDicomError, OSError, ValueError, EOFError) as exc:
@@ -66,6 +70,18 @@ def read_dicom_rgb(path: Path) -> np.ndarray:
         shift = max(0, int(ds.get("BitsStored", 8)) - 8)
         pixels = np.clip(pixels >> shift, 0, 255).astype(np.uint8)  # in its own dtype: no int64 copy
     return np.ascontiguousarray(pixels)
+
+
+def _deflated(path: Path) -> bool:
+    """Whether the file's meta header (group 0002, read alone: never deflated) names the
+    Deflated Explicit VR Little Endian transfer syntax; False for a file without one."""
+    from pydicom.filereader import read_file_meta_info
+
+    try:
+        meta = read_file_meta_info(path)
+    except Exception:  # no meta header, or not DICOM: dcmread words it
+        return False
+    return str(meta.get("TransferSyntaxUID", "")) == "1.2.840.10008.1.2.1.99"
 
 
 #: the transfer syntaxes whose frame is one JPEG-family stream, which ends with the marker FF D9

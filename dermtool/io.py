@@ -280,8 +280,13 @@ def claim(path: Path) -> Path:
 
 def open_append(path: Path, **kwargs):
     """`open(path, "a")` that never appends through a link (O_NOFOLLOW): a command.txt or a
-    partial CSV planted as a link to a file outside the folder is refused (ELOOP)."""
+    partial CSV planted as a link to a file outside the folder is refused (ELOOP), and so is a
+    hard link (a file of more than one name: the same file under another name elsewhere)."""
     fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | getattr(os, "O_NOFOLLOW", 0), 0o666)
+    if os.fstat(fd).st_nlink > 1:
+        os.close(fd)
+        raise InputError(f"{path}: a file with another name too (a hard link), where dermtool keeps a file of its "
+                         "own; it does not append to a file that may be someone else's: remove it and run again.")
     return os.fdopen(fd, "a", **kwargs)
 
 

@@ -729,7 +729,12 @@ def _train(cfg: ModelConfig, tcfg: TrainConfig, train_cache, val_cache, out_dir:
 
             if _tf.backend() != "tensorflow":  # Keras writes them through tf.summary
                 raise ImportError
-            callbacks.append(keras.callbacks.TensorBoard(str(out_dir / "logs"), write_graph=False, update_freq="epoch"))
+            if (out_dir / "logs").is_symlink():  # a run folder from elsewhere: never written through
+                log(f"note: {out_dir / 'logs'} is a link, so no TensorBoard logs are written through it; "
+                    "history.csv has every number")
+            else:
+                callbacks.append(keras.callbacks.TensorBoard(str(out_dir / "logs"), write_graph=False,
+                                                             update_freq="epoch"))
         except ImportError:
             log("note: no TensorBoard logs (they need tensorboard and TensorFlow); history.csv has every number")
         for side, first, end in progressive_phases(cfg, tcfg):

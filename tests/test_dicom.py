@@ -325,3 +325,18 @@ def test_a_jpeg_frame_cut_short_is_refused_not_decoded_with_made_up_pixels(tmp_p
     ds.save_as(path, enforce_file_format=True)
     with pytest.raises(InputError, match="ends without the end-of-image marker: the file was cut short"):
         read_dicom_rgb(path)
+
+
+def test_a_deflated_dicom_is_refused_before_it_is_unpacked(tmp_path):
+    """The deflated transfer syntax unpacks the whole body in memory first: a 1.5 MB file of
+    zeros in a private element took 3.8 GB before any check."""
+    from pydicom.uid import DeflatedExplicitVRLittleEndian
+
+    rgb = make_lesion(16, 16, np.random.default_rng(7))[0]
+    ds = _dataset(VLPhotographicImageStorage, 16, 16, "RGB", 3)
+    ds.PixelData = rgb.tobytes()
+    ds.file_meta.TransferSyntaxUID = DeflatedExplicitVRLittleEndian
+    path = tmp_path / "deflated.dcm"
+    ds.save_as(path, enforce_file_format=True)
+    with pytest.raises(InputError, match="Deflated Explicit VR Little Endian transfer syntax.*not read"):
+        read_dicom_rgb(path)

@@ -8,6 +8,7 @@ runs) and asserts that nothing outside the folder is read, written or removed.
 from __future__ import annotations
 
 import csv
+import io
 import json
 import os
 import shutil
@@ -225,3 +226,82 @@ def test_control_characters_in_the_data_check_table_reach_the_terminal_as_escape
     result = cli("preprocess", images.parent, "--out", tmp_path / "cache", "--size", 32)
     assert result.exit_code in (0, 1), result.output
     assert "\\x1b[2Jevil\\u202e" in result.output and not any(c in result.output for c in "\x1b\u202e")
+
+
+def test_a_run_folder_from_elsewhere_cannot_make_resume_write_or_allocate_outside_it(tmp_path):
+    """A logs/ link took TensorBoard's event files out of the run; a command.txt hard-linked to
+    a file elsewhere was appended to; an optimizer.npz declaring a huge array was allocated,
+    and one of the wrong shape ended in a Keras traceback."""
+    import zipfile
+
+    run = _toy_run(tmp_path)
+    state = json.loads((run / "state.json").read_text())
+    victim_dir = tmp_path / "victim_dir"
+    victim_dir.mkdir()
+    shutil.rmtree(run / "logs", ignore_errors=True)
+    (run / "logs").symlink_to(victim_dir)
+    result = cli("train", "--out", run, "--resume", "--epochs", 2)
+    assert result.exit_code == 2 and "logs: a link" in " ".join(result.output.split()), result.output
+    assert not any(victim_dir.iterdir())
+    (run / "logs").unlink()
+
+    victim = tmp_path / "victim.txt"
+    victim.write_text("the user's own file\n")
+    (run / "command.txt").unlink(missing_ok=True)
+    os.link(victim, run / "command.txt")
+    result = cli("train", "--out", run, "--resume", "--epochs", 2)
+    assert result.exit_code == 2 and "a hard link" in " ".join(result.output.split()), result.output
+    assert victim.read_text() == "the user's own file\n"
+    (run / "command.txt").unlink()
+
+    npz = run / state["checkpoint"] / "optimizer.npz"
+    with np.load(npz) as saved:
+        arrays = {k: saved[k] for k in saved.files}
+    for bad in ("wrong_shape", "huge"):
+        with zipfile.ZipFile(npz, "w") as zf:
+            for key, value in arrays.items():
+                if key == "v1":
+                    header = {"descr": "<f4", "fortran_order": False,
+                              "shape": (3_000_000_000,) if bad == "huge" else (7, 7)}
+                    buf = io.BytesIO()
+                    np.lib.format.write_array_header_1_0(buf, header)
+                    if bad == "wrong_shape":
+                        buf.write(np.zeros((7, 7), "<f4").tobytes())
+                    zf.writestr(f"{key}.npy", buf.getvalue())
+                else:
+                    buf = io.BytesIO()
+                    np.save(buf, value)
+                    zf.writestr(f"{key}.npy", buf.getvalue())
+        result = cli("train", "--out", run, "--resume", "--epochs", 2)
+        said = " ".join(result.output.split())
+        assert result.exit_code == 2 and "optimizer state does not match this model or is damaged" in said, said
+        assert "Traceback" not in result.output
+
+
+@pytest.mark.parametrize("edit, words", [
+    ("class_index=x", "a class_index or geometry value that is not a whole number"),  # a ValueError traceback
+    ("class_index=9", "a class_index outside -1 to 3"),  # taken silently
+    ("inner_h=-5", "an image's geometry does not fit its square"),  # taken silently
+    ("stack", "not of 32 x 32 RGB images as cache.json says"),  # a traceback mid-training
+])
+def test_a_tampered_cache_is_one_line_before_training(tmp_path, edit, words):
+    import tifffile
+
+    from dermtool.data import build_cache, load_cache, resolve_layout
+    from dermtool.synthetic import write_dataset
+
+    data = write_dataset(tmp_path / "data", 4, rng_seed=3, sizes=[(40, 48)], formats=("png",))
+    cache = tmp_path / "cache"
+    build_cache(resolve_layout(data), cache, size=32, fit="squash", progress=False)
+    if edit == "stack":
+        tifffile.imwrite(cache / "images.tif", np.zeros((4, 8, 8, 3), np.uint8), photometric="rgb")
+    else:
+        column, value = edit.split("=")
+        rows = list(csv.DictReader(open(cache / "manifest.csv")))
+        rows[1][column] = value
+        with open(cache / "manifest.csv", "w", newline="") as fh:
+            writer = csv.DictWriter(fh, fieldnames=list(rows[0]))
+            writer.writeheader()
+            writer.writerows(rows)
+    with pytest.raises(InputError, match=words):
+        load_cache(cache)
