@@ -837,6 +837,12 @@ def _check_resume(record_path: Path, record: dict, out_dir: Path) -> dict:
     would fill the rest of the folder with different outputs under one infer.json. Returns the
     earlier record ({} when there is none)."""
     if not record_path.exists():
+        parts = sorted(out_dir.glob("infer.shard*of*.json")) if record_path.name == record_name((1, 1)) else []
+        if parts:  # a sharded run's folder, merged or not: its rows would be trusted unchecked
+            raise InputError(f"{out_dir}: holds the records of a sharded run ({parts[0].name}"
+                             f"{', ...' if len(parts) > 1 else ''}), which a whole-run --resume cannot check its rows "
+                             "against: resume each part with --shard K/N --resume and merge again, or run into a "
+                             "fresh --out.")
         return {}  # no record (a run of an older dermtool): nothing to compare with
     try:
         earlier = check_record(record_path, read_json(record_path, "record of the earlier run"),

@@ -461,6 +461,19 @@ def test_merge_removes_an_earlier_whole_runs_record_that_no_longer_describes_the
     assert read_run(out)["model"] == json.loads((out / "infer.shard1of2.json").read_text())["model"]
 
 
+def test_a_whole_run_resume_into_a_merged_folder_is_refused(plain, reference, models, tmp_path):  # noqa: F811
+    """infer --resume (no --shard) into a merged folder trusted every merged row, did not redo a
+    changed image, and wrote an infer.json naming its own model and settings over the rows."""
+    out = Path(shutil.copytree(plain, tmp_path / "out"))
+    assert runner.invoke(app, ["merge", str(out)]).exit_code == 0
+    before = (out / "predictions.csv").read_bytes()
+    result = runner.invoke(app, ["infer", str(reference["images"]), "--out", str(out), "--model",
+                                 str(models["seg"]), "--resume", "--tta", "4"])
+    said = " ".join(result.output.split())
+    assert result.exit_code == 2 and "holds the records of a sharded run (infer.shard1of2.json, ...)" in said, said
+    assert not (out / "infer.json").exists() and (out / "predictions.csv").read_bytes() == before
+
+
 def test_the_rerun_hint_without_the_folder_names_the_shard_of_the_listed_name(tmp_path):
     """Without the images folder, an --ids list written in NFD got the shard of the NFC form."""
     import unicodedata
