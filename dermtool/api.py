@@ -143,8 +143,8 @@ class Model:
         image is fitted as it is taken unless the caller holds them all (`held`: a list), since a
         generator may close it (`with Image.open(f) as im: yield im`) or paste the next frame into
         it. One PIL object listed twice in a list is fitted once: two threads decoding one file
-        object corrupt each other. A bad
-        image, or an error of the source, is raised after the predictions of the images before it."""
+        object corrupt each other. A bad image, or an error of the source, is raised after the
+        predictions of the images before it."""
         workers = opts.workers or min(8, max(2, os.cpu_count() or 1))
         items = iter(images)
         with ThreadPoolExecutor(workers) as pool:

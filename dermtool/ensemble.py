@@ -9,10 +9,10 @@ LiteRT engine and the Python API run it as one model, at N forward passes of the
 
 The members must share the architecture and the input preparation: their config.json model
 sections may differ only in what is fitted per network (temperature, operating point, mask
-threshold), the lesion view, and how the network was trained (`pretrained`, `dropout`); keys an
-older config.json leaves out count as their defaults. The ensemble keeps the first member's lesion view and mask
-threshold; its temperature is reset to 1 and its melanoma threshold removed, since those were
-fitted for one network: run `dermtool calibrate` on its validation predictions before using its
+threshold), the lesion view, and how the network was trained (`pretrained`, `dropout`); keys
+an older config.json leaves out count as their defaults. The ensemble keeps the first member's
+lesion view and mask threshold; its temperature is reset to 1 and its melanoma threshold
+removed, since those were fitted for one network: run `dermtool calibrate` on its validation predictions before using its
 labels. config.json's `ensemble_of` names the members by absolute path.
 """
 

@@ -91,10 +91,9 @@ class InferOptions:
                                  f"{self.melanoma_threshold!r}.")
             self.melanoma_threshold = check_threshold(self.melanoma_threshold, "melanoma_threshold")
         if self.ids is not None:
-            if isinstance(self.ids, (str, bytes)) or not isinstance(self.ids, Iterable):
-                raise InputError(f"ids must be a list or tuple of image ids (strings), not {self.ids!r:.60}.")
-            self.ids = tuple(self.ids)  # a generator is read once, here
-            if not all(isinstance(i, str) for i in self.ids):
+            if isinstance(self.ids, Iterable) and not isinstance(self.ids, (str, bytes)):
+                self.ids = tuple(self.ids)  # a generator is read once, here
+            if not isinstance(self.ids, tuple) or not all(isinstance(i, str) for i in self.ids):
                 raise InputError(f"ids must be a list or tuple of image ids (strings), not {self.ids!r:.60}.")
 
 

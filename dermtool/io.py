@@ -95,10 +95,10 @@ def id_key(image_id: str) -> str:
 
 def by_own_ids(table: dict, image_ids) -> dict:
     """`table` (keyed by the ids a CSV or a mask folder names) also keyed by `image_ids` (the ids
-    it is looked up by: the images' own, or the truth's in `score`) where the two name one image in two Unicode forms (é as one
-    character, or e + accent as macOS writes names). An exact match always wins; the entries
-    under the table's own ids stay, so `[k for k in table if id_key(k) not in ...]` still finds
-    the rows of no image."""
+    it is looked up by: the images' own, or the truth's in `score`) where the two name one image
+    in two Unicode forms (é as one character, or e + accent as macOS writes names). An exact
+    match always wins; the entries under the table's own ids stay, so `[k for k in table if
+    id_key(k) not in ...]` still finds the rows of no image."""
     keyed = {}
     for k, v in table.items():
         keyed.setdefault(id_key(k), v)

@@ -790,11 +790,11 @@ def cached_export(model_dir: Path, engine: str, log=None) -> Path:
         target.parent.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=".tmp-"))
     except OSError as exc:  # not infer's --out: the cache, which the user may move elsewhere
-        from dermtool.errors import disk_full
+        from dermtool.errors import write_failure
 
-        why = "the disk is full" if disk_full(exc) else exc.strerror or type(exc).__name__
-        raise InputError(f"{target.parent}: cannot write the engine cache, where the {engine} conversion of "
-                         f"{model_dir} is kept ({why}); set DERMTOOL_CACHE_DIR to a folder you can write.") from None
+        said = write_failure(exc, f"the engine cache, where the {engine} conversion of {model_dir} is kept",
+                             target.parent)
+        raise InputError(f"{said.rstrip('.')}; set DERMTOOL_CACHE_DIR to a folder you can write.") from None
     try:
         write_export(model_dir, tmp, fmt, quantize)
         try:

@@ -229,7 +229,7 @@ def merge(out_dir: Path, images_dir: Path | None = None) -> MergeResult:
     # an infer.json beside the parts is a whole run's, of the predictions.csv just replaced: left, it
     # would be read as this CSV's record (report's model, calibrate's temperature) instead of the shards'
     whole = out_dir / record_name((1, 1))
-    if whole.is_file() and not whole.is_symlink():
+    if whole.is_file() or whole.is_symlink():  # a link goes, never what it points to
         whole.unlink()
         result.stale_record = True
     return result
